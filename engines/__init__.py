@@ -1,0 +1,1 @@
+"""Model weights, export to ONNX, the on-disk model repository and the inference runtimes."""

@@ -1,0 +1,1 @@
+"""Model definitions used at export time (they import torch; the server never imports this package)."""

@@ -1,0 +1,1 @@
+"""Inference runtimes behind one interface: ONNX Runtime (CPU default, CUDA provider where installed)."""

@@ -1,0 +1,109 @@
+"""Obtain the pretrained weights: from a local directory or the pinned upstream commits, sha256-checked.
+
+Weights are data, never part of the repository. A local directory (``FACEGATE_WEIGHTS_DIR``, laid out like
+``shared/models``) is used in place; otherwise each file is downloaded once into a cache directory. Either way
+every file's sha256 is checked before anything loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR_ENV = "FACEGATE_WEIGHTS_DIR"
+
+_SILENT_FACE = "https://github.com/minivision-ai/Silent-Face-Anti-Spoofing/raw/b6d5f04ad78778917853b25c778acef6d5626d15"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    relpath: str  # path inside the weights directory, e.g. "silent-face/deploy.prototxt"
+    url: str
+    sha256: str
+    size: int
+
+
+MANIFEST: tuple[WeightFile, ...] = (
+    WeightFile("silent-face/2.7_80x80_MiniFASNetV2.pth",
+               f"{_SILENT_FACE}/resources/anti_spoof_models/2.7_80x80_MiniFASNetV2.pth",
+               "a5eb02e1843f19b5386b953cc4c9f011c3f985d0ee2bb9819eea9a142099bec0", 1849453),
+    WeightFile("silent-face/4_0_0_80x80_MiniFASNetV1SE.pth",
+               f"{_SILENT_FACE}/resources/anti_spoof_models/4_0_0_80x80_MiniFASNetV1SE.pth",
+               "84ee1d37d96894d5e82de5a57df044ef80a58be2b218b5ed7cdfd875ec2f5990", 1856130),
+    WeightFile("silent-face/Widerface-RetinaFace.caffemodel",
+               f"{_SILENT_FACE}/resources/detection_model/Widerface-RetinaFace.caffemodel",
+               "d08338a2c207df16a9c566f767fea67fb43ba6fff76ce11e938fe3fabefb9402", 1866013),
+    WeightFile("silent-face/deploy.prototxt",
+               f"{_SILENT_FACE}/resources/detection_model/deploy.prototxt",
+               "9fe2f141b4baee039ed9442da2833e216af40a6ff3e639e7b39258812bcda808", 40787),
+)
+
+
+class WeightsError(RuntimeError):
+    """A weight file is missing, corrupt or could not be downloaded; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path, spec: WeightFile) -> None:
+    if not path.is_file():
+        raise WeightsError(f"weight file {spec.relpath} is missing (looked for {path})")
+    digest = sha256_file(path)
+    if digest != spec.sha256:
+        raise WeightsError(
+            f"weight file {spec.relpath} at {path} is corrupt: sha256 {digest}, expected {spec.sha256}"
+        )
+
+
+def _download(spec: WeightFile, dest: Path, timeout_s: float) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s", spec.url)
+    # Write to a temporary file and rename only after the hash checks out: no half-written weights.
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=timeout_s) as resp:  # noqa: S310
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+        verify(tmp, spec)
+        tmp.replace(dest)
+    except OSError as exc:
+        raise WeightsError(f"could not download weight file {spec.relpath} from {spec.url}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def obtain(source_dir: Path | None, cache_dir: Path, files: Iterable[WeightFile] = MANIFEST,
+           timeout_s: float = 60.0) -> dict[str, Path]:
+    """Return verified local paths for every weight file, keyed by relpath.
+
+    With ``source_dir`` the files are read from there and never downloaded (a missing file is an error);
+    without it they are downloaded into ``cache_dir`` unless a verified copy is already there.
+    """
+    paths: dict[str, Path] = {}
+    for spec in files:
+        if source_dir is not None:
+            path = source_dir / spec.relpath
+            verify(path, spec)
+        else:
+            path = cache_dir / spec.relpath
+            try:
+                verify(path, spec)
+            except WeightsError:
+                _download(spec, path, timeout_s)
+        paths[spec.relpath] = path
+    return paths

@@ -1,0 +1,1 @@
+"""The facegate gRPC server: servicers, pipelines, dynamic batching and the gallery."""

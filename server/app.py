@@ -1,0 +1,111 @@
+"""Assemble and run the gRPC server: servicers, health, reflection, limits, warm-up and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engines.repository import ModelRepository
+from engines.specs import DETECTOR, LIVENESS_SPECS
+from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc, models_pb2, models_pb2_grpc
+from server.config import ServerConfig
+from server.models import ModelRegistry
+from server.pipelines.liveness import LivenessPipeline
+from server.servicers.liveness import LivenessServicer
+from server.servicers.models import ModelServicer, model_version
+from server.servicers.status import ErrorMappingInterceptor
+
+log = logging.getLogger(__name__)
+
+LIVENESS_SERVICE = liveness_pb2.DESCRIPTOR.services_by_name["LivenessService"].full_name
+MODEL_SERVICE = models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+
+
+class FacegateServer:
+    """Lifecycle: ``start()`` binds and answers health (NOT_SERVING); ``load()`` loads and warms the models and
+    flips health to SERVING; ``stop()`` drains."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = ModelRegistry(ModelRepository(config.model_repository), config)
+        self.cpu_pool = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="cpu")
+        self.health = health.aio.HealthServicer()
+        self.liveness: LivenessPipeline | None = None
+        self._versions: list[common_pb2.ModelVersion] = []
+        self.server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor(on_unrecoverable=self._unrecoverable)],
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        liveness_pb2_grpc.add_LivenessServiceServicer_to_server(
+            LivenessServicer(lambda: self.liveness, lambda: self._versions), self.server)
+        models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (LIVENESS_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        for service in ("", LIVENESS_SERVICE, MODEL_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("listening on %s:%d (NOT_SERVING until models are warm)", self.config.host, self.port)
+        return self.port
+
+    async def load(self) -> None:
+        names = [DETECTOR, *(s.name for s in LIVENESS_SPECS)]
+        await self.registry.load(names)
+        await self.registry.warmup()
+        self._versions = [model_version(self.registry.models[n]) for n in names]
+        self.liveness = LivenessPipeline(
+            self.registry.batcher(DETECTOR),
+            [(spec, self.registry.batcher(spec.name)) for spec in LIVENESS_SPECS],
+            self.config.liveness, self.cpu_pool,
+        )
+        for service in ("", LIVENESS_SERVICE, MODEL_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("models warm; SERVING")
+
+    def _unrecoverable(self) -> None:
+        log.error("a model is broken (%s); health -> NOT_SERVING", ", ".join(self.registry.broken))
+        asyncio.get_running_loop().create_task(self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new RPCs, let those in flight finish, then release models."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.drain_grace_s if grace_s is None else grace_s)
+        await self.registry.stop()
+        self.cpu_pool.shutdown(wait=True)
+
+
+async def serve(config: ServerConfig) -> None:
+    server = FacegateServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    load_task = asyncio.create_task(server.load())
+    stop_task = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if load_task in done and load_task.exception() is not None:
+        await server.stop(0)
+        raise load_task.exception()  # type: ignore[misc]
+    await stop.wait()
+    log.info("signal received: draining for up to %.1f s", config.drain_grace_s)
+    load_task.cancel()
+    await server.stop()
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""Dynamic batching with Triton's semantics, one batcher per model."""

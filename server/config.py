@@ -1,0 +1,99 @@
+"""Server configuration: typed, validated dataclasses; read from an optional TOML file plus command-line flags.
+
+Nothing here reads the environment or argv at import time; ``server.__main__`` does that once.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from engines.specs import DETECTOR, LIVENESS_V1SE, LIVENESS_V2
+from server.batching.config import BatcherConfig
+from server.imaging import ImageLimits
+from server.pipelines.liveness import LivenessConfig
+from server.pipelines.quality import QualityConfig
+
+# Defaults per model, measured on 2 CPU cores (benchmarks/results): the classifiers are tiny, so large
+# batches amortise the per-call overhead; the detector is heavier and gains less beyond 8.
+DEFAULT_BATCHING: dict[str, BatcherConfig] = {
+    DETECTOR: BatcherConfig(max_batch_size=16, max_queue_delay_us=1000, max_queue_size=1024, instances=2),
+    LIVENESS_V2: BatcherConfig(max_batch_size=32, max_queue_delay_us=1000, max_queue_size=1024, instances=1),
+    LIVENESS_V1SE: BatcherConfig(max_batch_size=32, max_queue_delay_us=1000, max_queue_size=1024, instances=1),
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address to listen on (loopback by default: exposing biometrics is a deliberate choice)."""
+    port: int = 50051
+    model_repository: Path = Path("model_repository")
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest request accepted by gRPC; larger ones get RESOURCE_EXHAUSTED from the transport."""
+    max_concurrent_rpcs: int = 4096
+    """RPCs in flight beyond this are refused with RESOURCE_EXHAUSTED before any work is done."""
+    drain_grace_s: float = 10.0
+    """On SIGTERM: stop accepting, let RPCs in flight finish for this long, then cancel the rest."""
+    cpu_workers: int = max(2, min(8, (os.cpu_count() or 2) * 2))
+    """Threads for decoding and resizing (these release the GIL)."""
+    intra_op_threads: int = 1
+    """ONNX Runtime threads per session; parallelism comes from instances and batching."""
+    prefer_gpu: bool = True
+    """Use a GPU runtime when one is installed and a GPU is present (ONNX Runtime's CUDA provider for now)."""
+    batching_enabled: bool = True
+    """False runs every request alone (the no-batching baseline of the benchmarks)."""
+    batching: dict[str, BatcherConfig] = field(default_factory=lambda: dict(DEFAULT_BATCHING))
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must lie in [0, 65535], got {self.port}")
+        if self.max_message_bytes < self.liveness.image.max_bytes:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) must be at least liveness.image.max_bytes "
+                f"({self.liveness.image.max_bytes}), or valid images could never arrive"
+            )
+        if self.cpu_workers < 1:
+            raise ValueError(f"cpu_workers must be >= 1, got {self.cpu_workers}")
+
+    def batcher_for(self, model: str) -> BatcherConfig:
+        cfg = self.batching.get(model, BatcherConfig())
+        return cfg if self.batching_enabled else cfg.unbatched()
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
+def load_config(path: Path | None, **overrides: Any) -> ServerConfig:
+    """Read a TOML file (sections: [server], [liveness], [liveness.image], [liveness.quality],
+    [batching.<model>]) and apply keyword overrides (from the command line) on top."""
+    data: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
+    server = dict(data.get("server", {}))
+    if "model_repository" in server:
+        server["model_repository"] = Path(server["model_repository"])
+    live = dict(data.get("liveness", {}))
+    image = _build(ImageLimits, live.pop("image", {}), "[liveness.image]")
+    quality = _build(QualityConfig, live.pop("quality", {}), "[liveness.quality]")
+    liveness = _build(LivenessConfig, {**live, "image": image, "quality": quality}, "[liveness]")
+    batching = dict(DEFAULT_BATCHING)
+    for model, section in data.get("batching", {}).items():
+        section = dict(section)
+        if "preferred_batch_sizes" in section:
+            section["preferred_batch_sizes"] = tuple(section["preferred_batch_sizes"])
+        base = batching.get(model, BatcherConfig())
+        batching[model] = _build(BatcherConfig, {**_asdict(base), **section}, f"[batching.{model}]")
+    cfg = _build(ServerConfig, {**server, "batching": batching, "liveness": liveness}, "[server]")
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _asdict(cfg: BatcherConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}

@@ -1,0 +1,50 @@
+"""Typed domain errors. Raised below the servicers; mapped to gRPC status codes in one place
+(``server.servicers.status``), so nothing below the servicers imports grpc."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str  # the request field, dotted (e.g. "image.data", "threshold")
+    description: str
+
+
+class FacegateError(Exception):
+    """Base of every error a client may see. The message is safe to show: no paths, no biometric data."""
+
+
+class InvalidArgumentError(FacegateError):
+    def __init__(self, violations: list[FieldViolation] | FieldViolation) -> None:
+        self.violations = [violations] if isinstance(violations, FieldViolation) else list(violations)
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+
+class ResourceExhaustedError(FacegateError):
+    """A bounded queue is full; the client should back off and retry."""
+
+
+class DeadlineExceededError(FacegateError):
+    """The request's deadline passed before its work could run."""
+
+
+class NotFoundError(FacegateError):
+    pass
+
+
+class FailedPreconditionError(FacegateError):
+    pass
+
+
+class UnavailableError(FacegateError):
+    """Not ready yet, or draining for shutdown."""
+
+
+class InternalError(FacegateError):
+    """Something failed on our side; the client sees a generic message, the log has the details."""
+
+
+class UnrecoverableError(FacegateError):
+    """The server cannot serve any more (an engine broke); health flips to NOT_SERVING."""

@@ -1,0 +1,1 @@
+"""Request pipelines: decode -> detect -> crop -> classify -> decide (liveness); clips (identification)."""

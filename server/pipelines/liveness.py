@@ -1,0 +1,169 @@
+"""The liveness pipeline: decode -> detect -> two crops -> two classifiers (batched across requests) -> decide.
+
+Transport-agnostic: takes a ``LivenessRequest`` and returns a ``LivenessResult``; CPU-heavy steps (decoding,
+resizing) run on a thread pool so the event loop only schedules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engines.specs import DETECTOR_SPEC, DetectorSpec, LivenessSpec
+from server.batching.scheduler import DynamicBatcher
+from server.errors import FieldViolation, InvalidArgumentError
+from server.imaging import DecodedImage, ImageLimits, decode_image
+from server.pipelines.crop import crop_for_model
+from server.pipelines.detection import Detection, DetectorInput, decode, prepare_input
+from server.pipelines.quality import QualityConfig, QualityIssue, assess_face
+
+
+class Decision(enum.Enum):
+    UNSPECIFIED = "unspecified"
+    LIVE = "live"
+    SPOOF = "spoof"
+    UNCERTAIN = "uncertain"
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    threshold: float = 0.5
+    """Default decision threshold on live_score (mean live-class probability)."""
+    uncertainty_margin: float = 0.05
+    """live_score within +- this of the threshold is UNCERTAIN."""
+    face_score_threshold: float = 0.6
+    """Detections below this score do not count as faces."""
+    image: ImageLimits = field(default_factory=ImageLimits)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"liveness threshold must lie in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.uncertainty_margin < 0.5:
+            raise ValueError(f"uncertainty_margin must lie in [0, 0.5), got {self.uncertainty_margin}")
+        if not 0.0 < self.face_score_threshold < 1.0:
+            raise ValueError(f"face_score_threshold must lie in (0, 1), got {self.face_score_threshold}")
+
+
+@dataclass(frozen=True)
+class LivenessRequest:
+    image: bytes
+    threshold: float | None = None
+    deadline: float | None = None  # event-loop clock seconds
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    box: tuple[int, int, int, int]  # x, y, w, h in upright-image pixels
+    normalized: tuple[float, float, float, float]
+    score: float
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    model: str
+    probabilities: tuple[float, ...]
+    live_probability: float
+
+
+@dataclass
+class LivenessResult:
+    decision: Decision
+    live_score: float
+    threshold: float
+    uncertainty_margin: float
+    face: FaceResult | None
+    quality_issues: list[QualityIssue]
+    model_scores: list[ModelScore]
+    image: DecodedImage
+    timings_ms: dict[str, float]
+
+
+def decide(live_score: float, threshold: float, margin: float) -> Decision:
+    if live_score >= threshold + margin:
+        return Decision.LIVE
+    if live_score < threshold - margin:
+        return Decision.SPOOF
+    return Decision.UNCERTAIN
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def validate_threshold(threshold: float | None) -> None:
+    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise InvalidArgumentError(FieldViolation("threshold", f"must lie in [0, 1], got {threshold}"))
+
+
+class LivenessPipeline:
+    def __init__(self, detector: DynamicBatcher, classifiers: list[tuple[LivenessSpec, DynamicBatcher]],
+                 config: LivenessConfig, executor: Executor, detector_spec: DetectorSpec = DETECTOR_SPEC) -> None:
+        self.detector = detector
+        self.classifiers = classifiers
+        self.config = config
+        self.executor = executor
+        self.detector_spec = detector_spec
+
+    def _decode_and_prepare(self, data: bytes) -> tuple[DecodedImage, DetectorInput]:
+        image = decode_image(data, self.config.image)
+        return image, prepare_input(image.bgr, self.detector_spec)
+
+    def _crops_and_quality(self, image: DecodedImage, box: tuple[int, int, int, int]
+                           ) -> tuple[list[np.ndarray], list[QualityIssue]]:
+        crops = [crop_for_model(image.bgr, box, spec.scale, spec.width, spec.height)
+                 for spec, _ in self.classifiers]
+        return crops, assess_face(image.bgr, box, self.config.quality)
+
+    async def detect(self, image_input: DetectorInput, deadline: float | None) -> list[Detection]:
+        out = await self.detector.infer({"input": image_input.tensor}, deadline)
+        return decode(out["loc"], out["conf"], image_input, self.detector_spec)
+
+    async def check(self, req: LivenessRequest) -> LivenessResult:
+        validate_threshold(req.threshold)
+        threshold = self.config.threshold if req.threshold is None else float(req.threshold)
+        margin = self.config.uncertainty_margin
+        loop = asyncio.get_running_loop()
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        image, det_input = await loop.run_in_executor(self.executor, self._decode_and_prepare, req.image)
+        t1 = time.perf_counter()
+        timings["decode"] = (t1 - t0) * 1e3
+        detections = await self.detect(det_input, req.deadline)
+        t2 = time.perf_counter()
+        timings["detect"] = (t2 - t1) * 1e3
+        faces = [d for d in detections if d.score >= self.config.face_score_threshold]
+        if not faces:
+            timings["total"] = (t2 - t0) * 1e3
+            return LivenessResult(Decision.UNSPECIFIED, 0.0, threshold, margin, None,
+                                  [QualityIssue.FACE_NOT_FOUND], [], image, timings)
+        best = faces[0]
+        box = best.pixel_box(image.width, image.height)
+        crops, issues = await loop.run_in_executor(self.executor, self._crops_and_quality, image, box)
+        if len(faces) > 1:
+            issues.insert(0, QualityIssue.MULTIPLE_FACES)
+        t3 = time.perf_counter()
+        timings["crop"] = (t3 - t2) * 1e3
+        outputs = await asyncio.gather(*[
+            batcher.infer({"input": crop}, req.deadline)
+            for (_, batcher), crop in zip(self.classifiers, crops, strict=True)
+        ])
+        t4 = time.perf_counter()
+        timings["classify"] = (t4 - t3) * 1e3
+        scores = []
+        for (spec, batcher), out in zip(self.classifiers, outputs, strict=True):
+            probs = _softmax(out["logits"].astype(np.float64))
+            scores.append(ModelScore(batcher.name, tuple(float(p) for p in probs), float(probs[spec.live_class])))
+        live_score = float(np.mean([s.live_probability for s in scores]))
+        timings["total"] = (t4 - t0) * 1e3
+        x, y, w, h = box
+        face = FaceResult(box, (x / image.width, y / image.height, w / image.width, h / image.height), best.score)
+        return LivenessResult(decide(live_score, threshold, margin), live_score, threshold, margin, face, issues,
+                              scores, image, timings)

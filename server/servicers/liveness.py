@@ -1,0 +1,99 @@
+"""LivenessService: CheckLivenessRequest -> LivenessRequest -> pipeline -> CheckLivenessResponse."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import grpc
+
+from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+from server.errors import FieldViolation, InvalidArgumentError, UnavailableError
+from server.pipelines.liveness import Decision, LivenessPipeline, LivenessRequest, LivenessResult
+from server.pipelines.quality import QualityIssue
+from server.servicers.status import CURRENT_REQUEST_ID
+
+_DECISIONS = {
+    Decision.UNSPECIFIED: liveness_pb2.DECISION_UNSPECIFIED,
+    Decision.LIVE: liveness_pb2.DECISION_LIVE,
+    Decision.SPOOF: liveness_pb2.DECISION_SPOOF,
+    Decision.UNCERTAIN: liveness_pb2.DECISION_UNCERTAIN,
+}
+_ISSUES = {issue: liveness_pb2.QualityIssue.Value(f"QUALITY_ISSUE_{issue.name}") for issue in QualityIssue}
+_MAX_REQUEST_ID = 128
+
+
+def request_id_from(explicit: str, context: grpc.aio.ServicerContext) -> str:
+    """The caller's id (field, else x-request-id metadata) after validation, else a fresh one."""
+    rid = explicit
+    if not rid:
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id":
+                rid = str(value)
+    if not rid:
+        return uuid.uuid4().hex
+    if len(rid) > _MAX_REQUEST_ID or not rid.isascii() or not rid.isprintable():
+        raise InvalidArgumentError(FieldViolation(
+            "request_id", f"must be at most {_MAX_REQUEST_ID} printable ASCII characters"))
+    return rid
+
+
+def deadline_from(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
+
+
+def to_proto(result: LivenessResult, request_id: str) -> liveness_pb2.CheckLivenessResponse:
+    resp = liveness_pb2.CheckLivenessResponse(
+        request_id=request_id,
+        decision=_DECISIONS[result.decision],
+        live_score=result.live_score,
+        threshold=result.threshold,
+        uncertainty_margin=result.uncertainty_margin,
+        quality_issues=[_ISSUES[i] for i in result.quality_issues],
+        image=common_pb2.ImageInfo(width=result.image.width, height=result.image.height,
+                                   format=result.image.format, exif_orientation=result.image.exif_orientation),
+    )
+    if result.face is not None:
+        x, y, w, h = result.face.box
+        nx, ny, nw, nh = result.face.normalized
+        resp.face.box.CopyFrom(common_pb2.PixelBox(x=x, y=y, width=w, height=h))
+        resp.face.normalized_box.CopyFrom(common_pb2.NormalizedBox(x=nx, y=ny, width=nw, height=nh))
+        resp.face.detection_score = result.face.score
+    for s in result.model_scores:
+        resp.model_scores.add(model=s.model, probabilities=s.probabilities, live_probability=s.live_probability)
+    t = result.timings_ms
+    resp.timings.CopyFrom(liveness_pb2.StageTimings(
+        decode_ms=t.get("decode", 0.0), detect_ms=t.get("detect", 0.0), crop_ms=t.get("crop", 0.0),
+        classify_ms=t.get("classify", 0.0), total_ms=t.get("total", 0.0)))
+    return resp
+
+
+class LivenessServicer(liveness_pb2_grpc.LivenessServiceServicer):
+    def __init__(self, pipeline: Callable[[], LivenessPipeline | None],
+                 versions: Callable[[], list[common_pb2.ModelVersion]]) -> None:
+        # Callables, because the pipeline appears only once the models are loaded and warm.
+        self._pipeline = pipeline
+        self._versions = versions
+
+    async def CheckLiveness(  # noqa: N802 - gRPC method name
+        self, request: liveness_pb2.CheckLivenessRequest, context: grpc.aio.ServicerContext
+    ) -> liveness_pb2.CheckLivenessResponse:
+        rid = request_id_from(request.request_id, context)
+        CURRENT_REQUEST_ID.set(rid)
+        pipeline = self._pipeline()
+        if pipeline is None:
+            raise UnavailableError("models are still loading; retry shortly")
+        req = LivenessRequest(
+            image=request.image.data,
+            threshold=request.threshold if request.HasField("threshold") else None,
+            deadline=deadline_from(context),
+        )
+        result = await pipeline.check(req)
+        resp = to_proto(result, rid)
+        resp.models.extend(self._versions())
+        await context.send_initial_metadata((("x-request-id", rid),))
+        return resp

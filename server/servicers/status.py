@@ -1,0 +1,119 @@
+"""One place that turns domain errors into gRPC statuses, with google.rpc error details.
+
+Installed as a server interceptor, so servicers just raise. Unexpected exceptions become INTERNAL with a
+generic message and the request id; the traceback goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.errors import (
+    DeadlineExceededError,
+    FacegateError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    UnrecoverableError,
+)
+
+log = logging.getLogger(__name__)
+
+_CODES: list[tuple[type[FacegateError], int]] = [
+    (InvalidArgumentError, code_pb2.INVALID_ARGUMENT),
+    (ResourceExhaustedError, code_pb2.RESOURCE_EXHAUSTED),
+    (DeadlineExceededError, code_pb2.DEADLINE_EXCEEDED),
+    (NotFoundError, code_pb2.NOT_FOUND),
+    (FailedPreconditionError, code_pb2.FAILED_PRECONDITION),
+    (UnavailableError, code_pb2.UNAVAILABLE),
+    (UnrecoverableError, code_pb2.UNAVAILABLE),
+    (InternalError, code_pb2.INTERNAL),
+]
+
+
+def status_for(err: FacegateError, request_id: str | None = None) -> grpc.Status:
+    code = next((c for cls, c in _CODES if isinstance(err, cls)), code_pb2.INTERNAL)
+    details: list[any_pb2.Any] = []
+    if isinstance(err, InvalidArgumentError):
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in err.violations
+        ])
+        details.append(_pack(bad))
+    if isinstance(err, ResourceExhaustedError | UnavailableError):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(100)
+        details.append(_pack(retry))
+    if request_id:
+        details.append(_pack(error_details_pb2.RequestInfo(request_id=request_id)))
+    message = str(err) if not isinstance(err, InternalError) else f"internal error: {err}"
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
+
+
+def _pack(msg: Any) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+# Set by the servicer once it knows the request id (its own or the client's), read when mapping an error:
+# the handler runs in the interceptor's task, so the value is visible here after the handler raises.
+CURRENT_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str | None:
+    rid = CURRENT_REQUEST_ID.get()
+    if rid:
+        return rid
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return str(value)
+    return None
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, on_unrecoverable: Callable[[], None] | None = None) -> None:
+        self._on_unrecoverable = on_unrecoverable
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except FacegateError as err:
+                if isinstance(err, UnrecoverableError) and self._on_unrecoverable is not None:
+                    self._on_unrecoverable()
+                await context.abort_with_status(status_for(err, _request_id(context)))
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception:
+                rid = _request_id(context)
+                log.exception("unhandled error in %s (request id %s)", method, rid)
+                await context.abort_with_status(status_for(InternalError("unexpected failure"), rid))
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
