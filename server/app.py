@@ -83,9 +83,13 @@ class FacegateServer:
         log.error("a model is broken (%s); health -> NOT_SERVING", ", ".join(self.registry.broken))
         asyncio.get_running_loop().create_task(self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING))
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new RPCs, let those in flight finish, then release models."""
+    async def stop(self, grace_s: float | None = None, delay_s: float | None = None) -> None:
+        """Drain: health NOT_SERVING while still accepting for ``drain_delay_s``, then refuse new RPCs and let
+        those in flight finish within ``drain_grace_s``, then release the models."""
         await self.health.enter_graceful_shutdown()
+        delay = self.config.drain_delay_s if delay_s is None else delay_s
+        if delay > 0:
+            await asyncio.sleep(delay)
         await self.server.stop(self.config.drain_grace_s if grace_s is None else grace_s)
         await self.registry.stop()
         self.cpu_pool.shutdown(wait=True)
@@ -102,10 +106,11 @@ async def serve(config: ServerConfig) -> None:
     stop_task = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     if load_task in done and load_task.exception() is not None:
-        await server.stop(0)
+        await server.stop(0, 0)
         raise load_task.exception()  # type: ignore[misc]
     await stop.wait()
-    log.info("signal received: draining for up to %.1f s", config.drain_grace_s)
+    log.info("signal received: draining (%.1f s accepting, then up to %.1f s for calls in flight)",
+             config.drain_delay_s, config.drain_grace_s)
     load_task.cancel()
     await server.stop()
     log.info("stopped")

@@ -36,8 +36,11 @@ class ServerConfig:
     """Largest request accepted by gRPC; larger ones get RESOURCE_EXHAUSTED from the transport."""
     max_concurrent_rpcs: int = 4096
     """RPCs in flight beyond this are refused with RESOURCE_EXHAUSTED before any work is done."""
+    drain_delay_s: float = 1.0
+    """On SIGTERM: health turns NOT_SERVING at once but RPCs are still accepted for this long, so load balancers
+    stop routing here and calls already on the wire are taken in (grpc cancels calls not yet accepted)."""
     drain_grace_s: float = 10.0
-    """On SIGTERM: stop accepting, let RPCs in flight finish for this long, then cancel the rest."""
+    """Then: refuse new RPCs, let those in flight finish for up to this long, and cancel the rest."""
     cpu_workers: int = max(2, min(8, (os.cpu_count() or 2) * 2))
     """Threads for decoding and resizing (these release the GIL)."""
     intra_op_threads: int = 1

@@ -1,0 +1,45 @@
+"""Server configuration: TOML loading, overrides and cross-field validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import ServerConfig, load_config
+
+
+def test_toml_sections_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "facegate.toml"
+    path.write_text(
+        "[server]\nport = 6000\n"
+        "[liveness]\nthreshold = 0.7\n[liveness.image]\nmax_pixels = 1000000\n"
+        "[batching.minifasnet_v2]\nmax_batch_size = 8\npreferred_batch_sizes = [4, 8]\n"
+    )
+    cfg = load_config(path, port=7000)
+    assert cfg.port == 7000
+    assert cfg.liveness.threshold == 0.7 and cfg.liveness.image.max_pixels == 1_000_000
+    b = cfg.batcher_for("minifasnet_v2")
+    assert b.max_batch_size == 8 and b.preferred_batch_sizes == (4, 8)
+    assert cfg.batcher_for("retinaface").max_batch_size == 16  # untouched default
+
+
+def test_unknown_setting_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[liveness]\ntreshold = 0.7\n")
+    with pytest.raises(ValueError, match=r"\[liveness\]: unknown setting\(s\) \['treshold'\]"):
+        load_config(path)
+
+
+def test_cross_field_check_names_both_values() -> None:
+    from server.imaging import ImageLimits
+    from server.pipelines.liveness import LivenessConfig
+
+    with pytest.raises(ValueError, match=r"max_message_bytes \(1000\).*max_bytes \(8388608\)"):
+        ServerConfig(max_message_bytes=1000, liveness=LivenessConfig(image=ImageLimits()))
+
+
+def test_no_batching_turns_every_model_to_batch_one() -> None:
+    cfg = ServerConfig(batching_enabled=False)
+    assert cfg.batcher_for("retinaface").max_batch_size == 1
+    assert cfg.batcher_for("retinaface").max_queue_delay_us == 0

@@ -1,0 +1,75 @@
+"""Decoding untrusted bytes: formats, EXIF orientation, and every kind of bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.errors import InvalidArgumentError
+from server.imaging import ImageLimits, decode_image
+from tests.images import encode, gradient, png_declaring
+
+LIMITS = ImageLimits()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_lossless_formats_round_trip(fmt: str) -> None:
+    img = gradient()
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    out = decode_image(encode(img, fmt, **kw), LIMITS)
+    assert out.format == fmt.lower()
+    np.testing.assert_array_equal(out.bgr, img)
+
+
+def test_jpeg_decodes_to_bgr() -> None:
+    out = decode_image(encode(gradient(), "JPEG", quality=95), LIMITS)
+    assert out.format == "jpeg" and out.bgr.shape == (48, 64, 3)
+    assert out.bgr[5, 5].tolist()[0] > 200  # blue corner stays in channel 0 (BGR)
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = gradient()
+    # Orientation 6 means "rotate 90 degrees clockwise to display": the stored image is the upright one
+    # rotated counter-clockwise.
+    stored = np.ascontiguousarray(np.rot90(img, k=1))
+    out = decode_image(encode(stored, "PNG", exif_orientation=6), LIMITS)
+    assert out.exif_orientation == 6
+    np.testing.assert_array_equal(out.bgr, img)
+
+
+def violation(data: bytes, limits: ImageLimits = LIMITS) -> str:
+    with pytest.raises(InvalidArgumentError) as info:
+        decode_image(data, limits)
+    (v,) = info.value.violations
+    assert v.field == "image.data"
+    return v.description
+
+
+def test_empty() -> None:
+    assert "empty" in violation(b"")
+
+
+def test_random_bytes() -> None:
+    assert "not a decodable" in violation(np.random.default_rng(0).bytes(1000))
+
+
+def test_truncated_jpeg() -> None:
+    data = encode(gradient(256, 256), "JPEG")
+    assert "corrupt or truncated" in violation(data[: len(data) // 2])
+
+
+def test_tiny_image() -> None:
+    assert "at least 32 px" in violation(encode(np.zeros((1, 1, 3), np.uint8), "PNG"))
+
+
+def test_pixel_bomb_is_refused_from_the_header() -> None:
+    msg = violation(png_declaring(30000, 30000))
+    assert "pixels" in msg
+
+
+def test_too_many_bytes() -> None:
+    assert "over the limit" in violation(b"x" * 2000, ImageLimits(max_bytes=1000))
+
+
+def test_unsupported_format() -> None:
+    assert "unsupported format" in violation(encode(gradient(), "BMP"))

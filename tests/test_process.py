@@ -1,0 +1,86 @@
+"""The server as a user runs it: a separate process, the command-line client, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.weights, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(address: str, timeout_s: float = 90) -> None:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server at {address} never became SERVING")
+
+
+@pytest.fixture
+def server_process(repository_dir: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", str(port), "--model-repository", str(repository_dir)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ},
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_serving(address)
+        yield proc, address
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_cli_prints_one_line_per_image(server_process, samples: Path) -> None:  # type: ignore[no-untyped-def]
+    _, address = server_process
+    images = [samples / n for n in ("image_F1.jpg", "image_F2.jpg", "image_T1.jpg")]
+    out = subprocess.run(
+        [sys.executable, "-m", "facegate_client.cli", "--target", address, *map(str, images)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()
+    assert len(out) == 3
+    assert out[0].split("\t")[1:3] == ["SPOOF", "live_score=0.0723"]
+    assert out[1].split("\t")[1] == "SPOOF" and out[2].split("\t")[1] == "LIVE"
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(server_process, samples: Path) -> None:  # type: ignore[no-untyped-def]
+    proc, address = server_process
+    stub = liveness_pb2_grpc.LivenessServiceStub(grpc.insecure_channel(address))
+    req = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=(samples / "image_T1.jpg").read_bytes()))
+    in_flight = [stub.CheckLiveness.future(req, timeout=30) for _ in range(40)]
+    time.sleep(0.2)  # all 40 have reached the server; most are still queued or running (~15 ms each)
+    assert sum(f.done() for f in in_flight) < 40
+    proc.send_signal(signal.SIGTERM)
+    assert [f.result().decision for f in in_flight] == [liveness_pb2.DECISION_LIVE] * 40
+    assert proc.wait(30) == 0
+    with pytest.raises(grpc.RpcError) as info:  # and nothing is accepted after the drain
+        stub.CheckLiveness(req, timeout=2)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    log = proc.stdout.read() if proc.stdout else ""
+    assert "draining" in log and "stopped" in log

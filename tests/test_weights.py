@@ -1,0 +1,52 @@
+"""Weight acquisition: sha256 checks and errors that name the file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from engines.weights import MANIFEST, WeightFile, WeightsError, obtain
+
+
+def spec_for(content: bytes, relpath: str = "m/w.bin") -> WeightFile:
+    return WeightFile(relpath, "http://127.0.0.1:9/unreachable", hashlib.sha256(content).hexdigest(), len(content))
+
+
+def test_local_directory_is_used_in_place(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "w.bin").write_bytes(b"weights")
+    paths = obtain(tmp_path, tmp_path / "cache", [spec_for(b"weights")])
+    assert paths["m/w.bin"] == tmp_path / "m" / "w.bin"
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match=r"m/w\.bin is missing"):
+        obtain(tmp_path, tmp_path / "cache", [spec_for(b"weights")])
+
+
+def test_corrupt_file_names_the_file_and_both_hashes(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "w.bin").write_bytes(b"tampered")
+    spec = spec_for(b"weights")
+    with pytest.raises(WeightsError, match=rf"m/w\.bin .* is corrupt: sha256 \w+, expected {spec.sha256}"):
+        obtain(tmp_path, tmp_path / "cache", [spec])
+
+
+def test_failed_download_is_a_clear_error_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match=r"could not download weight file m/w\.bin"):
+        obtain(None, tmp_path / "cache", [spec_for(b"weights")], timeout_s=2)
+    assert not any((tmp_path / "cache").rglob("*.part"))
+
+
+def test_manifest_pins_commits_and_hashes() -> None:
+    for spec in MANIFEST:
+        assert len(spec.sha256) == 64
+        assert "b6d5f04ad78778917853b25c778acef6d5626d15" in spec.url
+
+
+@pytest.mark.weights
+def test_shared_weights_match_the_manifest(weights_dir: Path) -> None:
+    paths = obtain(weights_dir, weights_dir, MANIFEST)
+    assert all(p.stat().st_size == s.size for s, p in zip(MANIFEST, paths.values(), strict=True))
