@@ -1,0 +1,208 @@
+"""``make bench-liveness``: liveness numbers, written to JSON and Markdown.
+
+1. In-process pipeline (no gRPC): latency at concurrency 1 and throughput at saturation.
+2. Raw engine throughput per model and batch size (one instance, ONNX Runtime).
+3. End to end over gRPC, the load generator in its own process: p50/p95/p99 and throughput at concurrency
+   1, 8 and 32, with batching on and off, plus the server's achieved average batch per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchmarks.machine import machine_info
+from benchmarks.server_process import facegate_server
+from benchmarks.stats import summarize
+from engines.repository import ModelRepository
+from engines.specs import DETECTOR, LIVENESS_SPECS
+from facegate.v1 import models_pb2, models_pb2_grpc
+from server.config import ServerConfig
+from server.models import ModelRegistry, warmup_item
+from server.pipelines.liveness import LivenessPipeline, LivenessRequest
+
+MODELS = [DETECTOR, *(s.name for s in LIVENESS_SPECS)]
+
+
+def progress(msg: str) -> None:
+    print(f"[bench-liveness] {msg}", file=sys.stderr, flush=True)
+
+
+async def in_process(repository: Path, images: list[bytes], n_latency: int, duration_s: float,
+                     concurrency: int) -> dict[str, Any]:
+    config = ServerConfig(model_repository=repository)
+    registry = ModelRegistry(ModelRepository(repository), config)
+    await registry.load(MODELS)
+    await registry.warmup()
+    pool = ThreadPoolExecutor(config.cpu_workers)
+    pipeline = LivenessPipeline(registry.batcher(DETECTOR),
+                                [(s, registry.batcher(s.name)) for s in LIVENESS_SPECS], config.liveness, pool)
+    lat: list[float] = []
+    for i in range(n_latency):
+        t0 = time.perf_counter()
+        await pipeline.check(LivenessRequest(images[i % len(images)]))
+        lat.append(time.perf_counter() - t0)
+    done: list[float] = []
+    end = time.perf_counter() + duration_s
+
+    async def worker(i: int) -> None:
+        k = i
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            await pipeline.check(LivenessRequest(images[k % len(images)]))
+            done.append(time.perf_counter() - t0)
+            k += concurrency
+
+    t_start = time.perf_counter()
+    await asyncio.gather(*[worker(i) for i in range(concurrency)])
+    wall = time.perf_counter() - t_start
+    await registry.stop()
+    pool.shutdown()
+    return {"latency_c1": summarize(lat, sum(lat)), f"saturation_c{concurrency}": summarize(done, wall)}
+
+
+def engine_throughput(repository: Path, batch_sizes: list[int], seconds_per_point: float) -> dict[str, Any]:
+    from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
+
+    repo = ModelRepository(repository)
+    out: dict[str, Any] = {}
+    for name in MODELS:
+        meta = repo.load(name)
+        engine = OnnxRuntimeModel(repo.onnx_path(name), meta, ["CPUExecutionProvider"], intra_op_threads=1)
+        inst = engine.new_instance()
+        item = warmup_item(meta)
+        rows = {}
+        for bs in batch_sizes:
+            batch = {k: __import__("numpy").stack([v] * bs) for k, v in item.items()}
+            inst.infer(batch)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds_per_point:
+                inst.infer(batch)
+                n += 1
+            dt = time.perf_counter() - t0
+            rows[bs] = {"items_per_s": n * bs / dt, "ms_per_batch": dt / n * 1e3}
+        out[name] = rows
+        progress(f"engine {name}: " + ", ".join(f"b{b}={r['items_per_s']:.0f}/s" for b, r in rows.items()))
+    return out
+
+
+def server_stats(address: str) -> dict[str, tuple[int, int]]:
+    with grpc.insecure_channel(address) as ch:
+        resp = models_pb2_grpc.ModelServiceStub(ch).GetModelStatistics(models_pb2.GetModelStatisticsRequest(),
+                                                                       timeout=10)
+    return {m.model: (m.inference_count, m.execution_count) for m in resp.models}
+
+
+def end_to_end(repository: Path, image_paths: list[Path], concurrencies: list[int], warmup_s: float,
+               duration_s: float, out_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for mode, args in (("batching_on", []), ("batching_off", ["--no-batching"])):
+        with facegate_server(repository, args, out_dir / f"server-{mode}.log") as address:
+            rows = {}
+            for c in concurrencies:
+                before = server_stats(address)
+                cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, "--concurrency", str(c),
+                       "--warmup", str(warmup_s), "--duration", str(duration_s), *map(str, image_paths)]
+                res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+                after = server_stats(address)
+                res["avg_batch"] = {
+                    m: (after[m][0] - before[m][0]) / max(1, after[m][1] - before[m][1]) for m in after
+                }
+                rows[c] = res
+                progress(f"{mode} c={c}: {res['throughput_rps']:.1f} req/s p50 {res['p50_ms']:.1f} ms "
+                         f"p99 {res['p99_ms']:.1f} ms errors {res['errors']}")
+            results[mode] = rows
+    return results
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [f"# Liveness benchmark ({m['date']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, ONNX Runtime {m['onnxruntime']}.",
+             "Client and server share these cores; compare numbers within this file only.", "",
+             "## In-process pipeline (no gRPC)", ""]
+    ip = r["in_process"]
+    c1 = ip["latency_c1"]
+    sat_key = next(k for k in ip if k.startswith("saturation"))
+    sat = ip[sat_key]
+    lines += ["| measure | p50 ms | p95 ms | p99 ms | throughput req/s |", "|---|---|---|---|---|",
+              f"| latency, concurrency 1 | {c1['p50_ms']:.2f} | {c1['p95_ms']:.2f} | {c1['p99_ms']:.2f} | "
+              f"{c1['throughput_rps']:.1f} |",
+              f"| {sat_key.replace('_', ', concurrency ').replace('c', '', 1)} | {sat['p50_ms']:.2f} | "
+              f"{sat['p95_ms']:.2f} | {sat['p99_ms']:.2f} | {sat['throughput_rps']:.1f} |", "",
+              "## Raw engine throughput (items/s, one instance, 1 intra-op thread)", ""]
+    sizes = list(next(iter(r["engines"].values())).keys())
+    lines += ["| model | " + " | ".join(f"b={s}" for s in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for name, rows in r["engines"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{rows[s]['items_per_s']:.0f}" for s in sizes) + " |")
+    lines += ["", "## End to end over gRPC (load generator in its own process)", "",
+              "| batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | avg batch (det / v2 / v1se) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for mode, rows in r["end_to_end"].items():
+        for c, x in rows.items():
+            ab = x["avg_batch"]
+            lines.append(f"| {mode.split('_')[1]} | {c} | {x['throughput_rps']:.1f} | {x['p50_ms']:.2f} | "
+                         f"{x['p95_ms']:.2f} | {x['p99_ms']:.2f} | {sum(x['errors'].values())} | "
+                         f"{ab.get('retinaface', 0):.1f} / {ab.get('minifasnet_v2', 0):.1f} / "
+                         f"{ab.get('minifasnet_v1se', 0):.1f} |")
+    t = r["targets"]
+    lines += ["", "## Targets", "",
+              f"- Server throughput at saturation / in-process: **{t['saturation_ratio']:.2f}** (target >= 0.90)",
+              f"- Server p50 latency at concurrency 1 / in-process: **{t['latency_ratio_c1']:.2f}** "
+              "(target <= 1.20)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--images", type=Path, nargs="*", help="default: ../shared/samples/liveness/*.jpg")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    args = p.parse_args(argv)
+    image_paths = args.images or sorted(Path("../shared/samples/liveness").glob("*.jpg"))
+    if not image_paths:
+        raise SystemExit("no images: pass --images or put the samples in ../shared/samples/liveness")
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = [pth.read_bytes() for pth in image_paths]
+    sat_c = max(args.concurrency)
+    progress("in-process pipeline")
+    ip = asyncio.run(in_process(args.repository, images, 150, args.duration, sat_c))
+    progress(f"in-process: c1 p50 {ip['latency_c1']['p50_ms']:.2f} ms; "
+             f"c{sat_c} {ip[f'saturation_c{sat_c}']['throughput_rps']:.1f} req/s")
+    progress("raw engines")
+    eng = engine_throughput(args.repository, args.batch_sizes, 1.5)
+    progress("end to end")
+    e2e = end_to_end(args.repository, image_paths, args.concurrency, args.warmup, args.duration, args.out)
+    best = max(x["throughput_rps"] for x in e2e["batching_on"].values())
+    result = {
+        "machine": machine_info(),
+        "in_process": ip,
+        "engines": eng,
+        "end_to_end": e2e,
+        "targets": {
+            "saturation_ratio": best / ip[f"saturation_c{sat_c}"]["throughput_rps"],
+            "latency_ratio_c1": e2e["batching_on"][1]["p50_ms"] / ip["latency_c1"]["p50_ms"]
+            if 1 in e2e["batching_on"] else float("nan"),
+        },
+    }
+    (args.out / "liveness.json").write_text(json.dumps(result, indent=2))
+    (args.out / "liveness.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Load generator for CheckLiveness over gRPC: closed loop (fixed concurrency) or open loop (Poisson arrivals).
+
+Runs in its own process (``python -m benchmarks.loadgen``), so the client's CPU is not the server's. Bounded:
+a warm-up, then a measured window of fixed length, and at most ``max_requests`` requests; loopback only.
+Prints one JSON object: throughput, latency percentiles, and errors by status code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from benchmarks.stats import summarize
+from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+
+
+@dataclass
+class Recorder:
+    measure_from: float
+    measure_until: float
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    sent: int = 0
+
+    def record(self, start: float, end: float, error: str | None) -> None:
+        if not self.measure_from <= start < self.measure_until:
+            return  # warm-up or tail: not measured
+        if error is None:
+            self.latencies.append(end - start)
+        else:
+            self.errors[error] += 1
+
+
+def check_loopback(target: str) -> None:
+    host = target.rsplit(":", 1)[0].strip("[]")
+    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+        raise SystemExit(f"refusing to load {target}: benchmarks target loopback addresses only")
+
+
+async def _one(stub: liveness_pb2_grpc.LivenessServiceStub, req: liveness_pb2.CheckLivenessRequest,
+               rec: Recorder, timeout_s: float) -> None:
+    start = time.perf_counter()
+    error = None
+    try:
+        await stub.CheckLiveness(req, timeout=timeout_s)
+    except grpc.aio.AioRpcError as err:
+        error = err.code().name
+    rec.record(start, time.perf_counter(), error)
+
+
+async def closed_loop(target: str, requests: list[liveness_pb2.CheckLivenessRequest], concurrency: int,
+                      warmup_s: float, duration_s: float, max_requests: int, timeout_s: float) -> Recorder:
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 32 << 20)]) as ch:
+        stub = liveness_pb2_grpc.LivenessServiceStub(ch)
+        t0 = time.perf_counter()
+        rec = Recorder(t0 + warmup_s, t0 + warmup_s + duration_s)
+
+        async def worker(i: int) -> None:
+            k = i
+            while time.perf_counter() < rec.measure_until and rec.sent < max_requests:
+                rec.sent += 1
+                await _one(stub, requests[k % len(requests)], rec, timeout_s)
+                k += concurrency
+
+        await asyncio.gather(*[worker(i) for i in range(concurrency)])
+    return rec
+
+
+async def open_loop(target: str, requests: list[liveness_pb2.CheckLivenessRequest], rate_rps: float,
+                    warmup_s: float, duration_s: float, max_requests: int, timeout_s: float,
+                    seed: int = 0) -> Recorder:
+    rng = random.Random(seed)
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 32 << 20)]) as ch:
+        stub = liveness_pb2_grpc.LivenessServiceStub(ch)
+        t0 = time.perf_counter()
+        rec = Recorder(t0 + warmup_s, t0 + warmup_s + duration_s)
+        tasks: set[asyncio.Task[None]] = set()
+        next_at = t0
+        k = 0
+        while next_at < rec.measure_until and rec.sent < max_requests:
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            rec.sent += 1
+            task = asyncio.create_task(_one(stub, requests[k % len(requests)], rec, timeout_s))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            k += 1
+            next_at += rng.expovariate(rate_rps)
+        if tasks:
+            await asyncio.gather(*tasks)
+    return rec
+
+
+def load_requests(images: list[Path]) -> list[liveness_pb2.CheckLivenessRequest]:
+    return [liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=p.read_bytes())) for p in images]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--target", default="127.0.0.1:50051")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--concurrency", type=int, default=1)
+    g.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    p.add_argument("--max-requests", type=int, default=200_000)
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline per request")
+    args = p.parse_args(argv)
+    check_loopback(args.target)
+    requests = load_requests(args.images)
+    if args.rate:
+        rec = asyncio.run(open_loop(args.target, requests, args.rate, args.warmup, args.duration,
+                                    args.max_requests, args.timeout))
+        mode = {"mode": "open", "rate_rps": args.rate}
+    else:
+        rec = asyncio.run(closed_loop(args.target, requests, args.concurrency, args.warmup, args.duration,
+                                      args.max_requests, args.timeout))
+        mode = {"mode": "closed", "concurrency": args.concurrency}
+    out = {**mode, **summarize(rec.latencies, args.duration), "errors": dict(rec.errors)}
+    json.dump(out, sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

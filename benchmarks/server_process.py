@@ -1,0 +1,62 @@
+"""Start a facegate server in its own process for a benchmark, and stop it cleanly."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(address: str, timeout_s: float = 120) -> None:
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"server at {address} did not become SERVING within {timeout_s}s")
+
+
+@contextmanager
+def facegate_server(repository: Path, extra_args: list[str] | None = None,
+                    log_path: Path | None = None) -> Iterator[str]:
+    """Yield the address of a SERVING facegate server on 127.0.0.1; SIGTERM it afterwards."""
+    port = free_port()
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", str(port), "--model-repository", str(repository),
+         "--log-level", "WARNING", *(extra_args or [])],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_serving(address)
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()  # type: ignore[union-attr]
