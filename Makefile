@@ -5,8 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 REPOSITORY ?= model_repository
-# Local weights folder laid out like shared/models; empty = download from the pinned upstream commits.
-FACEGATE_WEIGHTS_DIR ?=
+# Local weights folder laid out like shared/models. Unset: ../shared/models if that exists, else download from
+# the pinned upstream commits (sha256-checked either way).
+FACEGATE_WEIGHTS_DIR ?= $(if $(wildcard ../shared/models/silent-face),$(abspath ../shared/models),)
 export FACEGATE_WEIGHTS_DIR
 HOST ?= 127.0.0.1
 PORT ?= 50051

@@ -137,7 +137,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["| measure | p50 ms | p95 ms | p99 ms | throughput req/s |", "|---|---|---|---|---|",
               f"| latency, concurrency 1 | {c1['p50_ms']:.2f} | {c1['p95_ms']:.2f} | {c1['p99_ms']:.2f} | "
               f"{c1['throughput_rps']:.1f} |",
-              f"| {sat_key.replace('_', ', concurrency ').replace('c', '', 1)} | {sat['p50_ms']:.2f} | "
+              f"| saturation, concurrency {sat_key.removeprefix('saturation_c')} | {sat['p50_ms']:.2f} | "
               f"{sat['p95_ms']:.2f} | {sat['p99_ms']:.2f} | {sat['throughput_rps']:.1f} |", "",
               "## Raw engine throughput (items/s, one instance, 1 intra-op thread)", ""]
     sizes = list(next(iter(r["engines"].values())).keys())

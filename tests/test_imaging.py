@@ -37,6 +37,25 @@ def test_exif_orientation_is_applied() -> None:
     np.testing.assert_array_equal(out.bgr, img)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(orientation: int) -> None:
+    from io import BytesIO
+
+    from PIL import Image, ImageOps
+
+    stored = gradient(64, 48)
+    data = encode(stored, "PNG", exif_orientation=orientation)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(BytesIO(data))).convert("RGB"))[:, :, ::-1]
+    np.testing.assert_array_equal(decode_image(data, LIMITS).bgr, expected)
+
+
+def test_truncated_jpeg_with_complete_thumbnail_markers_is_refused() -> None:
+    data = encode(gradient(256, 256), "JPEG")
+    cut = data[: len(data) - 200]
+    assert b"\xff\xd9" not in cut[-2:]
+    assert "corrupt or truncated" in violation(cut)
+
+
 def violation(data: bytes, limits: ImageLimits = LIMITS) -> str:
     with pytest.raises(InvalidArgumentError) as info:
         decode_image(data, limits)
