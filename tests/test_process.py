@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,31 +12,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.server_process import free_port, wait_serving
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_serving(address: str, timeout_s: float = 90) -> None:
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server at {address} never became SERVING")
 
 
 @pytest.fixture
