@@ -14,13 +14,23 @@ PORT ?= 50051
 SERVE_ARGS ?=
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: help install stubs models serve test test-fast lint typecheck bench-liveness clean
+# Identification: no SlowFast weights or micro-expression data exist here, so the CPU ensemble is trained on
+# synthetic clips generated from a face photo (motion-only: every identity looks the same).
+SYNTH_DIR ?= .cache/synthetic/motion
+BASE_IMAGE ?= $(firstword $(wildcard ../shared/samples/liveness/image_T1.jpg))
+ENSEMBLE ?= slowfast_cpu
+IDENTIFY_EPOCHS ?= 12
+ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
+
+.PHONY: help install stubs models identify-models serve test test-fast lint typecheck bench-liveness clean
 
 help:
 	@echo "make serve          set up everything and start the server on $(HOST):$(PORT) (CPU default)"
 	@echo "make test           set up everything and run the test suite"
 	@echo "make lint           ruff + mypy"
+	@echo "make identify-models train the CPU identification ensemble on synthetic clips (cached)"
 	@echo "make bench-liveness liveness benchmarks (numbers in benchmarks/results/)"
+	@echo "make bench-identify identification benchmarks (numbers in benchmarks/results/)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,13 +55,24 @@ stubs: $(VENV)/.stubs
 models: $(VENV)/.stubs
 	$(PY) -m engines.prepare --repository $(REPOSITORY)
 
-serve: models
+$(SYNTH_DIR)/CASME2-coding.csv: | models
+	@test -n "$(BASE_IMAGE)" || { echo "set BASE_IMAGE=<a face photo> to generate the synthetic clips"; exit 2; }
+	$(PY) -m engines.identify.synthetic $(SYNTH_DIR) --identities 24 --sessions 2 --clips-per-session 8 \
+		--base-image $(BASE_IMAGE) --detector $(REPOSITORY)/retinaface/model.onnx
+
+$(ENSEMBLE_FILE): $(SYNTH_DIR)/CASME2-coding.csv
+	$(PY) -m engines.identify.train --root $(SYNTH_DIR) --unknown 4 --epochs $(IDENTIFY_EPOCHS) \
+		--ensemble $(ENSEMBLE) --out $(REPOSITORY) --report $(REPOSITORY)/reports/$(ENSEMBLE).json
+
+identify-models: models $(ENSEMBLE_FILE)
+
+serve: models identify-models
 	$(PY) -m server --host $(HOST) --port $(PORT) --model-repository $(REPOSITORY) $(SERVE_ARGS)
 
-test: models lint
+test: models identify-models lint
 	$(PY) -m pytest -q -ra
 
-test-fast: models
+test-fast: models identify-models
 	$(PY) -m pytest -q -ra -m "not slow"
 
 lint: $(VENV)/.stubs

@@ -13,10 +13,21 @@ from grpc_reflection.v1alpha import reflection
 
 from engines.repository import ModelRepository
 from engines.specs import DETECTOR, LIVENESS_SPECS
-from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc, models_pb2, models_pb2_grpc
+from facegate.v1 import (
+    common_pb2,
+    identification_pb2,
+    identification_pb2_grpc,
+    liveness_pb2,
+    liveness_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 from server.config import ServerConfig
-from server.models import ModelRegistry
+from server.gallery.store import GalleryStore
+from server.models import ModelRegistry, find_ensemble
+from server.pipelines.clip import ClipPipeline
 from server.pipelines.liveness import LivenessPipeline
+from server.servicers.identification import IdentificationRuntime, IdentificationServicer
 from server.servicers.liveness import LivenessServicer
 from server.servicers.models import ModelServicer, model_version
 from server.servicers.status import ErrorMappingInterceptor
@@ -25,6 +36,8 @@ log = logging.getLogger(__name__)
 
 LIVENESS_SERVICE = liveness_pb2.DESCRIPTOR.services_by_name["LivenessService"].full_name
 MODEL_SERVICE = models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+IDENTIFICATION_SERVICE = identification_pb2.DESCRIPTOR.services_by_name["IdentificationService"].full_name
+SERVICES = ("", LIVENESS_SERVICE, MODEL_SERVICE, IDENTIFICATION_SERVICE)
 
 
 class FacegateServer:
@@ -37,6 +50,9 @@ class FacegateServer:
         self.cpu_pool = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="cpu")
         self.health = health.aio.HealthServicer()
         self.liveness: LivenessPipeline | None = None
+        self.identification: IdentificationRuntime | None = None
+        self._loading = True
+        self.db_pool = ThreadPoolExecutor(1, thread_name_prefix="gallery-db")
         self._versions: list[common_pb2.ModelVersion] = []
         self.server = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor(on_unrecoverable=self._unrecoverable)],
@@ -50,16 +66,18 @@ class FacegateServer:
         liveness_pb2_grpc.add_LivenessServiceServicer_to_server(
             LivenessServicer(lambda: self.liveness, lambda: self._versions), self.server)
         models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self.server)
+        identification_pb2_grpc.add_IdentificationServiceServicer_to_server(
+            IdentificationServicer(lambda: self.identification, lambda: self._loading), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (LIVENESS_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (*SERVICES[1:], health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
 
     async def start(self) -> int:
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
-        for service in ("", LIVENESS_SERVICE, MODEL_SERVICE):
+        for service in SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening on %s:%d (NOT_SERVING until models are warm)", self.config.host, self.port)
@@ -68,16 +86,37 @@ class FacegateServer:
     async def load(self) -> None:
         names = [DETECTOR, *(s.name for s in LIVENESS_SPECS)]
         await self.registry.load(names)
-        await self.registry.warmup()
+        await self.registry.warmup(names)
         self._versions = [model_version(self.registry.models[n]) for n in names]
         self.liveness = LivenessPipeline(
             self.registry.batcher(DETECTOR),
             [(spec, self.registry.batcher(spec.name)) for spec in LIVENESS_SPECS],
             self.config.liveness, self.cpu_pool,
         )
-        for service in ("", LIVENESS_SERVICE, MODEL_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._load_identification()
+        self._loading = False
+        for service in SERVICES:
+            if service != IDENTIFICATION_SERVICE or self.identification is not None:
+                await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("models warm; SERVING")
+
+    async def _load_identification(self) -> None:
+        ensemble = find_ensemble(self.config.model_repository, self.config.identification_ensemble)
+        if ensemble is None:
+            log.warning("no identification ensemble in %s/ensembles: IdentificationService answers "
+                        "FAILED_PRECONDITION (run `make identify-models`)", self.config.model_repository)
+            return
+        members = list(ensemble.members)
+        await self.registry.load(members, self.config.clip_batching)
+        await self.registry.warmup(members, rounds=1)
+        loop = asyncio.get_running_loop()
+        store = await loop.run_in_executor(self.db_pool, GalleryStore, self.config.gallery_path)
+        clips = ClipPipeline(self.registry.batcher(DETECTOR), [self.registry.batcher(m) for m in members],
+                             ensemble, self.cpu_pool, self.config.clip_limits)
+        versions = [model_version(self.registry.models[n]) for n in (DETECTOR, *members)]
+        self.identification = IdentificationRuntime(clips, store, self.db_pool, self.liveness, versions)
+        log.info("identification: ensemble %s v%s (%d members), gallery %s", ensemble.name, ensemble.version,
+                 len(members), self.config.gallery_path)
 
     def _unrecoverable(self) -> None:
         log.error("a model is broken (%s); health -> NOT_SERVING", ", ".join(self.registry.broken))
@@ -92,6 +131,9 @@ class FacegateServer:
             await asyncio.sleep(delay)
         await self.server.stop(self.config.drain_grace_s if grace_s is None else grace_s)
         await self.registry.stop()
+        if self.identification is not None:
+            await asyncio.get_running_loop().run_in_executor(self.db_pool, self.identification.store.close)
+        self.db_pool.shutdown(wait=True)
         self.cpu_pool.shutdown(wait=True)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from engines.specs import DETECTOR, LIVENESS_V1SE, LIVENESS_V2
 from server.batching.config import BatcherConfig
 from server.imaging import ImageLimits
+from server.pipelines.clip import ClipLimits
 from server.pipelines.liveness import LivenessConfig
 from server.pipelines.quality import QualityConfig
 
@@ -51,6 +52,14 @@ class ServerConfig:
     """False runs every request alone (the no-batching baseline of the benchmarks)."""
     batching: dict[str, BatcherConfig] = field(default_factory=lambda: dict(DEFAULT_BATCHING))
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    gallery_path: Path = Path("data/gallery.sqlite")
+    """SQLite file of the enrolment gallery (created on first start)."""
+    identification_ensemble: str = ""
+    """Ensemble manifest under <model_repository>/ensembles/ to serve; empty = the only (or first) one."""
+    clip_batching: BatcherConfig = field(default_factory=lambda: BatcherConfig(
+        max_batch_size=8, max_queue_delay_us=2000, max_queue_size=256, instances=1))
+    """Batcher settings of every SlowFast ensemble member (unless [batching.<member>] overrides)."""
+    clip_limits: ClipLimits = field(default_factory=ClipLimits)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -63,8 +72,8 @@ class ServerConfig:
         if self.cpu_workers < 1:
             raise ValueError(f"cpu_workers must be >= 1, got {self.cpu_workers}")
 
-    def batcher_for(self, model: str) -> BatcherConfig:
-        cfg = self.batching.get(model, BatcherConfig())
+    def batcher_for(self, model: str, default: BatcherConfig | None = None) -> BatcherConfig:
+        cfg = self.batching.get(model, default or BatcherConfig())
         return cfg if self.batching_enabled else cfg.unbatched()
 
 
@@ -81,8 +90,9 @@ def load_config(path: Path | None, **overrides: Any) -> ServerConfig:
     [batching.<model>]) and apply keyword overrides (from the command line) on top."""
     data: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
     server = dict(data.get("server", {}))
-    if "model_repository" in server:
-        server["model_repository"] = Path(server["model_repository"])
+    for key in ("model_repository", "gallery_path"):
+        if key in server:
+            server[key] = Path(server[key])
     live = dict(data.get("liveness", {}))
     image = _build(ImageLimits, live.pop("image", {}), "[liveness.image]")
     quality = _build(QualityConfig, live.pop("quality", {}), "[liveness.quality]")

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from engines.repository import ModelMetadata, ModelRepository
+from engines.repository import ModelMetadata, ModelNotFoundError, ModelRepository
 from engines.runtime.base import Model
 from engines.runtime.onnxruntime_engine import OnnxRuntimeModel, choose_providers
 from engines.specs import DETECTOR, DETECTOR_SPEC
+from server.batching.config import BatcherConfig
 from server.batching.scheduler import DynamicBatcher
 from server.config import ServerConfig
+from server.pipelines.clip import Ensemble
+from server.pipelines.clip_window import ClipSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +54,19 @@ class ModelRegistry:
                                   intra_op_threads=self.config.intra_op_threads)
         return meta, engine
 
-    async def load(self, names: list[str]) -> None:
+    async def load(self, names: list[str], default: BatcherConfig | None = None) -> None:
         loop = asyncio.get_running_loop()
         for name in names:
             # Session creation takes a while and holds no event-loop state: do it off the loop.
             meta, engine = await loop.run_in_executor(None, self._load_engine, name)
-            batcher = DynamicBatcher(engine, self.config.batcher_for(name))
+            batcher = DynamicBatcher(engine, self.config.batcher_for(name, default))
             await batcher.start()
             self.models[name] = ServedModel(meta, engine, batcher)
             log.info("loaded %s v%s on %s (%s)", name, meta.version, engine.runtime, batcher.config)
 
-    async def warmup(self, rounds: int = 2) -> None:
+    async def warmup(self, names: list[str] | None = None, rounds: int = 2) -> None:
         """Run single requests and a full batch through every batcher, so first clients see warm latency."""
-        for served in self.models.values():
+        for served in (self.models[n] for n in names or list(self.models)):
             item = warmup_item(served.meta)
             for _ in range(rounds):
                 await served.batcher.infer(item)
@@ -79,3 +84,19 @@ class ModelRegistry:
         for served in self.models.values():
             await served.batcher.stop()
             served.engine.close()
+
+
+def find_ensemble(repository: Path, name: str = "") -> Ensemble | None:
+    """The identification ensemble manifest to serve (``<repository>/ensembles/<name>.json``), if any."""
+    folder = repository / "ensembles"
+    paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if name:
+        paths = [p for p in paths if p.stem == name]
+        if not paths:
+            raise ModelNotFoundError(f"no identification ensemble {name!r} in {folder}")
+    if not paths:
+        return None
+    m = json.loads(paths[0].read_text())
+    return Ensemble(name=m["name"], version=m["version"], members=tuple(m["members"]),
+                    threshold=float(m["threshold"]), margin=float(m["margin"]), spec=ClipSpec(**m["clip"]),
+                    embedding_dim=int(m["slowfast"]["embed_dim"]))

@@ -18,7 +18,15 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc, models_pb2, models_pb2_grpc
+from facegate.v1 import (
+    common_pb2,
+    identification_pb2,
+    identification_pb2_grpc,
+    liveness_pb2,
+    liveness_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 
 T = TypeVar("T")
 
@@ -52,6 +60,32 @@ class LivenessAnswer:
         return cls(DECISION_NAMES.get(r.decision, str(r.decision)), r.live_score, r.threshold, issues, r)
 
 
+MATCH_NAMES = {
+    identification_pb2.MATCH_DECISION_UNSPECIFIED: "UNSPECIFIED",
+    identification_pb2.MATCH_DECISION_MATCH: "MATCH",
+    identification_pb2.MATCH_DECISION_NO_MATCH: "NO_MATCH",
+    identification_pb2.MATCH_DECISION_UNCERTAIN: "UNCERTAIN",
+}
+_FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def clip_from_folder(folder: Path, fps: float, apex_frame: int | None = None) -> identification_pb2.Clip:
+    """A clip from a folder of frame images, ordered by the last number in each file name."""
+    import re
+
+    files = [p for p in folder.iterdir() if p.suffix.lower() in _FRAME_SUFFIXES]
+
+    def number(p: Path) -> tuple[int, str]:
+        nums = re.findall(r"\d+", p.stem)
+        return (int(nums[-1]) if nums else -1, p.name)
+
+    clip = identification_pb2.Clip(fps=fps,
+                                   frames=[common_pb2.Image(data=p.read_bytes()) for p in sorted(files, key=number)])
+    if apex_frame is not None:
+        clip.apex_frame = apex_frame
+    return clip
+
+
 def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
     """The google.rpc.BadRequest field violations carried by an INVALID_ARGUMENT error, if any."""
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
@@ -76,6 +110,7 @@ class FacegateClient:
                          else grpc.insecure_channel(target, options))
         self._liveness = liveness_pb2_grpc.LivenessServiceStub(self._channel)
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
+        self._ident = identification_pb2_grpc.IdentificationServiceStub(self._channel)
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
 
@@ -109,6 +144,44 @@ class FacegateClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         resp = self._call(lambda: self._liveness.CheckLiveness(req, timeout=timeout))
         return LivenessAnswer.from_proto(resp)
+
+    def create_collection(self, collection: str) -> identification_pb2.CreateCollectionResponse:
+        req = identification_pb2.CreateCollectionRequest(collection=collection)
+        return self._call(lambda: self._ident.CreateCollection(req, timeout=self.timeout_s))
+
+    def enroll(self, collection: str, person_id: str, clips: Sequence[identification_pb2.Clip],
+               display_name: str = "", timeout_s: float | None = None) -> identification_pb2.EnrollFromClipResponse:
+        req = identification_pb2.EnrollFromClipRequest(collection=collection, person_id=person_id,
+                                                       display_name=display_name, clips=clips)
+        timeout = self.timeout_s * 3 if timeout_s is None else timeout_s
+        return self._call(lambda: self._ident.EnrollFromClip(req, timeout=timeout))
+
+    def identify(self, collection: str, clip: identification_pb2.Clip, top_k: int = 5,
+                 threshold: float | None = None, check_liveness: bool = False,
+                 timeout_s: float | None = None) -> identification_pb2.IdentifyFromClipResponse:
+        req = identification_pb2.IdentifyFromClipRequest(collection=collection, clip=clip, top_k=top_k,
+                                                         check_liveness=check_liveness)
+        if threshold is not None:
+            req.threshold = threshold
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        return self._call(lambda: self._ident.IdentifyFromClip(req, timeout=timeout))
+
+    def delete_person(self, collection: str, person_id: str) -> None:
+        req = identification_pb2.DeletePersonRequest(collection=collection, person_id=person_id)
+        self._call(lambda: self._ident.DeletePerson(req, timeout=self.timeout_s))
+
+    def list_persons(self, collection: str, page_size: int = 100) -> list[identification_pb2.PersonInfo]:
+        """Every person of a collection (follows the pages)."""
+        out: list[identification_pb2.PersonInfo] = []
+        token = ""
+        while True:
+            req = identification_pb2.ListPersonsRequest(collection=collection, page_size=page_size,
+                                                        page_token=token)
+            resp = self._call(lambda: self._ident.ListPersons(req, timeout=self.timeout_s))  # noqa: B023
+            out.extend(resp.persons)
+            token = resp.next_page_token
+            if not token:
+                return out
 
     def model_statistics(self, model: str = "") -> Sequence[models_pb2.ModelStatistics]:
         req = models_pb2.GetModelStatisticsRequest(model=model)

@@ -1,0 +1,1 @@
+"""Person identification from face clips: synthetic data, dataset readers, training and evaluation."""

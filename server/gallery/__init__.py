@@ -1,0 +1,1 @@
+"""The enrolment gallery: collections -> persons -> templates, and how probes are matched against it."""

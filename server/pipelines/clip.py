@@ -1,0 +1,191 @@
+"""The clip pipeline: frames -> face track -> crops -> fps resampling -> apex window -> SlowFast ensemble
+(batched across requests) -> embeddings; then gallery search and ensemble voting for identification.
+
+Transport-agnostic, like the liveness pipeline; CPU-heavy steps run on the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engines.specs import DETECTOR_SPEC
+from server.batching.scheduler import DynamicBatcher
+from server.errors import FieldViolation, InvalidArgumentError
+from server.gallery.matching import Candidate, MatchDecision, MemberVote, decide, person_scores, rank
+from server.imaging import ImageLimits, decode_image
+from server.pipelines.clip_window import (
+    ClipSpec,
+    detection_frames,
+    grey_thumbnail,
+    model_input,
+    spot_apex,
+    square_crop_box,
+    stable_box,
+)
+from server.pipelines.detection import DetectorInput, decode, prepare_input
+
+
+@dataclass(frozen=True)
+class ClipLimits:
+    min_frames: int = 2
+    max_frames: int = 400
+    """More frames than this are refused (2 s at 200 fps)."""
+    max_total_bytes: int = 64 * 1024 * 1024
+    frame: ImageLimits = field(default_factory=lambda: ImageLimits(max_bytes=4 * 1024 * 1024,
+                                                                   max_pixels=4_000_000))
+
+
+@dataclass(frozen=True)
+class ClipInput:
+    frames: Sequence[bytes]
+    fps: float
+    apex_hint: int | None = None
+
+
+@dataclass(frozen=True)
+class ClipDiagnostics:
+    frames_received: int
+    frames_used: int
+    padded_frames: int
+    track_coverage: float
+    apex_index: int
+    apex_from_hint: bool
+    capture_fps: float
+    model_fps: float
+    face_box: tuple[int, int, int, int] | None
+
+    @property
+    def resample_step(self) -> float:
+        return self.capture_fps / self.model_fps
+
+
+@dataclass(frozen=True)
+class ClipEmbedding:
+    embeddings: dict[str, np.ndarray] | None  # member model -> embedding; None when no face was found
+    diagnostics: ClipDiagnostics
+    apex_frame: bytes  # the encoded apex frame, for the liveness check on the same capture
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    name: str
+    version: str
+    members: tuple[str, ...]
+    threshold: float
+    margin: float
+    spec: ClipSpec
+    embedding_dim: int
+
+
+@dataclass(frozen=True)
+class Identification:
+    decision: MatchDecision
+    threshold: float
+    candidates: list[Candidate]
+    votes: list[MemberVote]
+
+
+def validate_clip(clip: ClipInput, limits: ClipLimits, field: str = "clip") -> None:
+    violations = []
+    if not (isinstance(clip.fps, float | int) and math.isfinite(clip.fps) and clip.fps > 0):
+        violations.append(FieldViolation(f"{field}.fps", f"must be the capture frame rate (> 0), got {clip.fps}"))
+    n = len(clip.frames)
+    if n < limits.min_frames:
+        violations.append(FieldViolation(f"{field}.frames", f"has {n} frame(s); at least {limits.min_frames} needed"))
+    elif n > limits.max_frames:
+        violations.append(FieldViolation(f"{field}.frames", f"has {n} frames, over the limit of {limits.max_frames}"))
+    total = sum(len(f) for f in clip.frames)
+    if total > limits.max_total_bytes:
+        violations.append(FieldViolation(f"{field}.frames", f"total {total} bytes, over {limits.max_total_bytes}"))
+    if clip.apex_hint is not None and not 0 <= clip.apex_hint < max(n, 1):
+        violations.append(FieldViolation(f"{field}.apex_frame", f"must index a frame (0..{n - 1})"))
+    if violations:
+        raise InvalidArgumentError(violations)
+
+
+class ClipPipeline:
+    def __init__(self, detector: DynamicBatcher, members: Sequence[DynamicBatcher], ensemble: Ensemble,
+                 executor: Executor, limits: ClipLimits | None = None) -> None:
+        self.detector = detector
+        self.members = list(members)
+        self.ensemble = ensemble
+        self.executor = executor
+        self.limits = limits or ClipLimits()
+
+    def _decode_chunk(self, frames: Sequence[bytes], start: int, field: str) -> list[np.ndarray]:
+        return [decode_image(data, self.limits.frame, f"{field}.frames[{start + i}].data").bgr
+                for i, data in enumerate(frames)]
+
+    async def _decode_all(self, clip: ClipInput, field: str) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        chunk = max(8, math.ceil(len(clip.frames) / 4))
+        parts = await asyncio.gather(*[
+            loop.run_in_executor(self.executor, self._decode_chunk, clip.frames[i:i + chunk], i, field)
+            for i in range(0, len(clip.frames), chunk)
+        ])
+        frames = [f for part in parts for f in part]
+        h, w = frames[0].shape[:2]
+        for i, f in enumerate(frames):
+            if f.shape[:2] != (h, w):
+                raise InvalidArgumentError(FieldViolation(
+                    f"{field}.frames[{i}]", f"is {f.shape[1]}x{f.shape[0]}; frame 0 is {w}x{h} (all must match)"))
+        return frames
+
+    async def _detect(self, frame: np.ndarray, deadline: float | None) -> tuple[int, int, int, int] | None:
+        loop = asyncio.get_running_loop()
+        inp: DetectorInput = await loop.run_in_executor(self.executor, prepare_input, frame, DETECTOR_SPEC)
+        out = await self.detector.infer({"input": inp.tensor}, deadline)
+        dets = [d for d in decode(out["loc"], out["conf"], inp, DETECTOR_SPEC)
+                if d.score >= self.ensemble.spec.face_score]
+        return dets[0].pixel_box(frame.shape[1], frame.shape[0]) if dets else None
+
+    async def embed(self, clip: ClipInput, deadline: float | None, field: str = "clip") -> ClipEmbedding:
+        validate_clip(clip, self.limits, field)
+        spec = self.ensemble.spec
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        frames = await self._decode_all(clip, field)
+        t1 = time.perf_counter()
+        sampled = detection_frames(len(frames), spec.detect_frames)
+        boxes = await asyncio.gather(*[self._detect(frames[i], deadline) for i in sampled])
+        box, coverage = stable_box(list(boxes))
+        t2 = time.perf_counter()
+        timings = {"decode": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3}
+        apex = clip.apex_hint if clip.apex_hint is not None else len(frames) // 2
+        if box is None:
+            diag = ClipDiagnostics(len(frames), 0, 0, 0.0, apex, clip.apex_hint is not None, float(clip.fps),
+                                   spec.fps, None)
+            return ClipEmbedding(None, diag, clip.frames[apex], timings)
+        h, w = frames[0].shape[:2]
+        crop = square_crop_box(box, w, h, spec.crop_scale)
+        if clip.apex_hint is None:
+            greys = await loop.run_in_executor(self.executor, lambda: [grey_thumbnail(f, crop) for f in frames])
+            apex = spot_apex(greys, float(clip.fps))
+        tensor, win = await loop.run_in_executor(self.executor, model_input, frames, crop, apex, float(clip.fps),
+                                                 spec)
+        t3 = time.perf_counter()
+        outs = await asyncio.gather(*[m.infer({"clip": tensor}, deadline) for m in self.members])
+        timings.update(window=(t3 - t2) * 1e3, embed=(time.perf_counter() - t3) * 1e3)
+        diag = ClipDiagnostics(len(frames), len(set(win.indices)), win.padded, coverage, apex,
+                               clip.apex_hint is not None, float(clip.fps), spec.fps, box)
+        embeddings = {m.name: o["embedding"].astype(np.float32) for m, o in zip(self.members, outs, strict=True)}
+        return ClipEmbedding(embeddings, diag, clip.frames[apex], timings)
+
+    def identify(self, embedding: dict[str, np.ndarray], gallery: dict[str, tuple[np.ndarray, Sequence[str]]],
+                 top_k: int, threshold: float | None) -> Identification:
+        names = list(self.ensemble.members)
+        scores = [person_scores(embedding[n], gallery[n][0], gallery[n][1]) for n in names]
+        cands, votes = rank(scores, names)
+        t = self.ensemble.threshold if threshold is None else threshold
+        decision = decide(cands[0] if cands else None, len(names), t, self.ensemble.margin)
+        return Identification(decision, t, cands[:top_k], votes)
+
+

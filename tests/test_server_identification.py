@@ -1,0 +1,194 @@
+"""IdentifyFromClip through a real server, with the trained CPU ensemble and the synthetic clips it was
+trained on (``make identify-models``). Results must match the offline evaluation of the same models."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2
+from facegate_client.client import clip_from_folder, field_violations
+from server.gallery.store import GalleryStore
+from tests.conftest import ROOT, RunningServer, _need, start_server, stop_server
+from tests.images import encode, gradient
+
+pytestmark = [pytest.mark.weights, pytest.mark.slow]
+
+FPS = 200.0
+
+
+@pytest.fixture(scope="module")
+def trained(repository_dir: Path) -> dict:
+    reports = sorted((repository_dir / "reports").glob("*.json"))
+    if not reports or not (repository_dir / "ensembles").is_dir():
+        _need(f"a trained identification ensemble in {repository_dir} (make identify-models)")
+    report = json.loads(reports[0].read_text())
+    synth = Path(os.environ.get("FACEGATE_SYNTHETIC_DIR") or ROOT / ".cache" / "synthetic" / "motion")
+    if not (synth / "CASME2-coding.csv").is_file():
+        _need(f"the synthetic clips in {synth} (make identify-models)")
+    report["synthetic_dir"] = synth
+    return report
+
+
+def clip_dir(report: dict, key: str) -> Path:
+    _, subject, clip = key.split("/")
+    return Path(report["synthetic_dir"]) / "CASME2_RAW" / subject / clip
+
+
+@pytest.fixture(scope="module")
+def server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    gallery = tmp_path_factory.mktemp("gallery") / "gallery.sqlite"
+    running, thread = start_server(repository_dir, gallery_path=gallery)
+    yield running
+    stop_server(running, thread)
+
+
+@pytest.fixture(scope="module")
+def stub(server: RunningServer) -> identification_pb2_grpc.IdentificationServiceStub:
+    return identification_pb2_grpc.IdentificationServiceStub(server.channel())
+
+
+@pytest.fixture(scope="module")
+def enrolled(stub, trained: dict) -> str:  # type: ignore[no-untyped-def]
+    """Every known identity enrolled from the same 2 clips the offline evaluation enrolled."""
+    stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection="synthetic"), timeout=10)
+    by_subject: dict[str, list[str]] = {}
+    for key in trained["enrol2_gallery"]:
+        by_subject.setdefault(key.split("/")[1], []).append(key)
+    for subject, keys in by_subject.items():
+        req = identification_pb2.EnrollFromClipRequest(
+            collection="synthetic", person_id=subject, display_name=f"Person {subject}",
+            clips=[clip_from_folder(clip_dir(trained, k), FPS) for k in keys])
+        resp = stub.EnrollFromClip(req, timeout=120)
+        assert resp.clips_accepted == len(keys) == 2, [c.reason for c in resp.clips]
+    return "synthetic"
+
+
+def identify(stub, collection: str, folder: Path, **kw: object) -> identification_pb2.IdentifyFromClipResponse:  # type: ignore[no-untyped-def]
+    req = identification_pb2.IdentifyFromClipRequest(collection=collection, clip=clip_from_folder(folder, FPS),
+                                                     top_k=3, **kw)  # type: ignore[arg-type]
+    return stub.IdentifyFromClip(req, timeout=120)
+
+
+def test_rank1_through_the_server_matches_the_offline_evaluation(stub, enrolled: str, trained: dict) -> None:  # type: ignore[no-untyped-def]
+    probes = trained["test_probes"]
+    futures = [(k, stub.IdentifyFromClip.future(identification_pb2.IdentifyFromClipRequest(
+        collection=enrolled, clip=clip_from_folder(clip_dir(trained, k), FPS), top_k=3), timeout=300))
+        for k in probes]
+    hits = 0
+    for key, fut in futures:
+        r = fut.result()
+        assert r.diagnostics.frames_received > 0 and r.diagnostics.track_coverage == 1.0
+        assert r.diagnostics.model_fps == 50 and r.diagnostics.resample_step == 4
+        assert len(r.votes) == len(trained["manifest"]["members"])
+        hits += bool(r.candidates) and r.candidates[0].person_id == key.split("/")[1]
+    server_rank1 = hits / len(probes)
+    offline = trained["summary"]["enrol2_rank1"]
+    assert abs(server_rank1 - offline) <= 0.02, f"server {server_rank1:.3f} vs offline {offline:.3f}"
+    assert server_rank1 >= 0.9
+
+
+def test_unknown_people_get_no_match(stub, enrolled: str, trained: dict) -> None:  # type: ignore[no-untyped-def]
+    decisions = [identify(stub, enrolled, clip_dir(trained, k)).decision for k in trained["unknown_probes"]]
+    assert identification_pb2.MATCH_DECISION_MATCH not in decisions
+    assert decisions.count(identification_pb2.MATCH_DECISION_NO_MATCH) >= 0.8 * len(decisions)
+
+
+def test_identify_can_check_liveness_on_the_same_capture(stub, enrolled: str, trained: dict) -> None:  # type: ignore[no-untyped-def]
+    r = identify(stub, enrolled, clip_dir(trained, trained["test_probes"][0]), check_liveness=True)
+    assert r.HasField("liveness") and r.liveness.face.detection_score > 0.6
+    assert r.liveness.decision != liveness_pb2.DECISION_UNSPECIFIED
+
+
+def test_list_and_delete_persons(stub, enrolled: str, trained: dict) -> None:  # type: ignore[no-untyped-def]
+    listed = stub.ListPersons(identification_pb2.ListPersonsRequest(collection=enrolled, page_size=5), timeout=10)
+    assert len(listed.persons) == 5 and listed.next_page_token
+    assert all(p.clips == 2 for p in listed.persons)
+    stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection="scratch"), timeout=10)
+    folder = clip_dir(trained, trained["test_probes"][0])
+    stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+        collection="scratch", person_id="temp", clips=[clip_from_folder(folder, FPS)]), timeout=60)
+    stub.DeletePerson(identification_pb2.DeletePersonRequest(collection="scratch", person_id="temp"), timeout=10)
+    assert not stub.ListPersons(identification_pb2.ListPersonsRequest(collection="scratch"), timeout=10).persons
+    r = identify(stub, "scratch", folder)
+    assert r.decision == identification_pb2.MATCH_DECISION_NO_MATCH and not r.candidates
+
+
+def frames_of(folder: Path) -> list[common_pb2.Image]:
+    return list(clip_from_folder(folder, FPS).frames)
+
+
+def bad_clip(case: str, frames: list[common_pb2.Image]) -> identification_pb2.Clip:
+    if case == "no_frames":
+        return identification_pb2.Clip(fps=FPS)
+    if case == "one_frame":
+        return identification_pb2.Clip(fps=FPS, frames=frames[:1])
+    if case == "mixed_sizes":
+        return identification_pb2.Clip(fps=FPS, frames=[*frames[:10], common_pb2.Image(data=encode(gradient(), "PNG"))])
+    if case == "undecodable_frame":
+        return identification_pb2.Clip(fps=FPS, frames=[*frames[:5], common_pb2.Image(data=b"not an image")])
+    if case == "fps_missing":
+        return identification_pb2.Clip(frames=frames[:10])
+    if case == "fps_negative":
+        return identification_pb2.Clip(fps=-30, frames=frames[:10])
+    if case == "too_many_frames":
+        return identification_pb2.Clip(fps=FPS, frames=(frames * 10)[:401])
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(("case", "field"), [
+    ("no_frames", "clip.frames"), ("one_frame", "clip.frames"), ("mixed_sizes", "clip.frames[10]"),
+    ("undecodable_frame", "clip.frames[5].data"), ("fps_missing", "clip.fps"), ("fps_negative", "clip.fps"),
+    ("too_many_frames", "clip.frames"),
+])
+def test_bad_clips_are_invalid_argument(case: str, field: str, stub, enrolled: str, trained: dict) -> None:  # type: ignore[no-untyped-def]
+    frames = frames_of(clip_dir(trained, trained["test_probes"][0]))
+    req = identification_pb2.IdentifyFromClipRequest(collection=enrolled, clip=bad_clip(case, frames))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.IdentifyFromClip(req, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in [f for f, _ in field_violations(info.value)]
+    # Still serving.
+    assert identify(stub, enrolled, clip_dir(trained, trained["test_probes"][1])).candidates
+
+
+def test_unknown_collection_is_not_found(stub, trained: dict) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        identify(stub, "nope", clip_dir(trained, trained["test_probes"][0]))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_collection_of_another_model_version_is_refused(server: RunningServer, stub, trained: dict) -> None:  # type: ignore[no-untyped-def]
+    store = GalleryStore(server.server.config.gallery_path)  # type: ignore[attr-defined]
+    members = tuple(trained["manifest"]["members"])
+    store.create_collection("legacy", "old", "0000000000000000", members, 64)
+    store.close()
+    req = identification_pb2.EnrollFromClipRequest(
+        collection="legacy", person_id="x", clips=[clip_from_folder(clip_dir(trained, trained["test_probes"][0]), FPS)])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.EnrollFromClip(req, timeout=60)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "model version 0000000000000000" in info.value.details()
+
+
+def test_gallery_survives_a_restart(repository_dir: Path, server: RunningServer, stub, enrolled: str,  # type: ignore[no-untyped-def]
+                                    trained: dict) -> None:
+    before = stub.ListPersons(identification_pb2.ListPersonsRequest(collection=enrolled, page_size=1000), timeout=10)
+    gallery = server.server.config.gallery_path  # type: ignore[attr-defined]
+    again, thread = start_server(repository_dir, gallery_path=gallery)
+    try:
+        other = identification_pb2_grpc.IdentificationServiceStub(again.channel())
+        after = other.ListPersons(identification_pb2.ListPersonsRequest(collection=enrolled, page_size=1000),
+                                  timeout=10)
+        assert [(p.person_id, p.clips) for p in after.persons] == [(p.person_id, p.clips) for p in before.persons]
+        key = trained["test_probes"][0]
+        r = identify(other, enrolled, clip_dir(trained, key))
+        assert r.candidates[0].person_id == key.split("/")[1] or np.isfinite(r.candidates[0].score)
+    finally:
+        stop_server(again, thread)
