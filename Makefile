@@ -22,7 +22,7 @@ ENSEMBLE ?= slowfast_cpu
 IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
-.PHONY: help install stubs models identify-models serve test test-fast lint typecheck bench-liveness clean
+.PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
 	@echo "make serve          set up everything and start the server on $(HOST):$(PORT) (CPU default)"
@@ -84,3 +84,14 @@ bench-liveness: models
 
 clean:
 	rm -rf facegate inference $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+bench-identify: identify-models
+	$(PY) -m benchmarks.identify --repository $(REPOSITORY) --synthetic $(SYNTH_DIR) --out benchmarks/results
+
+# TensorRT engines for this GPU (needs TensorRT, cuda-python and an NVIDIA GPU; the server also builds them on
+# first start). `make engines-check` compares them with ONNX Runtime and times them by batch size.
+engines: models
+	$(PY) -m engines.tensorrt.build --repository $(REPOSITORY)
+
+engines-check: engines
+	$(PY) -m engines.tensorrt.check --repository $(REPOSITORY) --timing

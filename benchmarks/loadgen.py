@@ -1,4 +1,6 @@
-"""Load generator for CheckLiveness over gRPC: closed loop (fixed concurrency) or open loop (Poisson arrivals).
+"""Load generator over gRPC: closed loop (fixed concurrency) or open loop (Poisson arrivals).
+
+Drives CheckLiveness (image files) or IdentifyFromClip (``--collection`` with clip folders and ``--fps``).
 
 Runs in its own process (``python -m benchmarks.loadgen``), so the client's CPU is not the server's. Bounded:
 a warm-up, then a measured window of fixed length, and at most ``max_requests`` requests; loopback only.
@@ -21,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from benchmarks.stats import summarize
-from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 
 
 @dataclass
@@ -47,21 +49,32 @@ def check_loopback(target: str) -> None:
         raise SystemExit(f"refusing to load {target}: benchmarks target loopback addresses only")
 
 
-async def _one(stub: liveness_pb2_grpc.LivenessServiceStub, req: liveness_pb2.CheckLivenessRequest,
-               rec: Recorder, timeout_s: float) -> None:
+Request = liveness_pb2.CheckLivenessRequest | identification_pb2.IdentifyFromClipRequest
+
+
+def _method(channel: grpc.aio.Channel, req: Request):  # type: ignore[no-untyped-def]
+    if isinstance(req, identification_pb2.IdentifyFromClipRequest):
+        return identification_pb2_grpc.IdentificationServiceStub(channel).IdentifyFromClip
+    return liveness_pb2_grpc.LivenessServiceStub(channel).CheckLiveness
+
+
+async def _one(call, req: Request, rec: Recorder, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     error = None
     try:
-        await stub.CheckLiveness(req, timeout=timeout_s)
+        await call(req, timeout=timeout_s)
     except grpc.aio.AioRpcError as err:
         error = err.code().name
     rec.record(start, time.perf_counter(), error)
 
 
-async def closed_loop(target: str, requests: list[liveness_pb2.CheckLivenessRequest], concurrency: int,
+_OPTIONS = [("grpc.max_send_message_length", 64 << 20)]
+
+
+async def closed_loop(target: str, requests: list[Request], concurrency: int,
                       warmup_s: float, duration_s: float, max_requests: int, timeout_s: float) -> Recorder:
-    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 32 << 20)]) as ch:
-        stub = liveness_pb2_grpc.LivenessServiceStub(ch)
+    async with grpc.aio.insecure_channel(target, options=_OPTIONS) as ch:
+        stub = _method(ch, requests[0])
         t0 = time.perf_counter()
         rec = Recorder(t0 + warmup_s, t0 + warmup_s + duration_s)
 
@@ -76,12 +89,12 @@ async def closed_loop(target: str, requests: list[liveness_pb2.CheckLivenessRequ
     return rec
 
 
-async def open_loop(target: str, requests: list[liveness_pb2.CheckLivenessRequest], rate_rps: float,
+async def open_loop(target: str, requests: list[Request], rate_rps: float,
                     warmup_s: float, duration_s: float, max_requests: int, timeout_s: float,
                     seed: int = 0) -> Recorder:
     rng = random.Random(seed)
-    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 32 << 20)]) as ch:
-        stub = liveness_pb2_grpc.LivenessServiceStub(ch)
+    async with grpc.aio.insecure_channel(target, options=_OPTIONS) as ch:
+        stub = _method(ch, requests[0])
         t0 = time.perf_counter()
         rec = Recorder(t0 + warmup_s, t0 + warmup_s + duration_s)
         tasks: set[asyncio.Task[None]] = set()
@@ -102,13 +115,20 @@ async def open_loop(target: str, requests: list[liveness_pb2.CheckLivenessReques
     return rec
 
 
-def load_requests(images: list[Path]) -> list[liveness_pb2.CheckLivenessRequest]:
-    return [liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=p.read_bytes())) for p in images]
+def load_requests(paths: list[Path], collection: str = "", fps: float = 0.0) -> list[Request]:
+    if collection:
+        from facegate_client.client import clip_from_folder
+
+        return [identification_pb2.IdentifyFromClipRequest(collection=collection, clip=clip_from_folder(p, fps))
+                for p in paths]
+    return [liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=p.read_bytes())) for p in paths]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("inputs", nargs="+", type=Path, help="image files, or clip folders with --collection")
+    p.add_argument("--collection", help="drive IdentifyFromClip against this collection")
+    p.add_argument("--fps", type=float, default=200.0, help="capture fps of the clip folders")
     p.add_argument("--target", default="127.0.0.1:50051")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--concurrency", type=int, default=1)
@@ -119,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request")
     args = p.parse_args(argv)
     check_loopback(args.target)
-    requests = load_requests(args.images)
+    requests = load_requests(args.inputs, args.collection or "", args.fps)
     if args.rate:
         rec = asyncio.run(open_loop(args.target, requests, args.rate, args.warmup, args.duration,
                                     args.max_requests, args.timeout))

@@ -111,7 +111,8 @@ def stop_server(running: RunningServer, thread: threading.Thread) -> None:
 
 
 @pytest.fixture(scope="session")
-def live_server(repository_dir: Path) -> Iterator[RunningServer]:
-    running, thread = start_server(repository_dir)
+def live_server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    gallery = tmp_path_factory.mktemp("live-gallery") / "gallery.sqlite"
+    running, thread = start_server(repository_dir, gallery_path=gallery)
     yield running
     stop_server(running, thread)
