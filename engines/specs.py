@@ -18,7 +18,7 @@ class DetectorSpec:
     # 166x221 input is 7x6, so padding reaches every cell), so the input keeps dynamic height and width and
     # the batcher only batches requests of equal size (all 4:3 images resize to the same 166x221 or 221x166).
     target_side: int = 192
-    max_side: int = 1280  # small images (< 192^2 px) are not resized upstream; bound them anyway
+    max_side: int = 640  # small images (< 192^2 px) are not resized upstream; bound them (and the TensorRT profile)
     export_size: tuple[int, int] = (221, 166)  # (height, width) used for export and warm-up: a 3:4 portrait
     bgr_mean: tuple[float, float, float] = (104.0, 117.0, 123.0)
     # PriorBox heads: (step, min sizes); order matches the concatenation in the network.

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.specs import DETECTOR, LIVENESS_V1SE, LIVENESS_V2
+from engines.tensorrt.cache import BuilderSettings
 from server.batching.config import BatcherConfig
 from server.imaging import ImageLimits
 from server.pipelines.clip import ClipLimits
@@ -48,6 +49,11 @@ class ServerConfig:
     """ONNX Runtime threads per session; parallelism comes from instances and batching."""
     prefer_gpu: bool = True
     """Use a GPU runtime when one is installed and a GPU is present (ONNX Runtime's CUDA provider for now)."""
+    tensorrt_precision: str = "fp16"
+    """Engine precision on GPUs: "fp16" (an FP16 ONNX variant with FP32 I/O) or "fp32"."""
+    tensorrt_builder: BuilderSettings = field(default_factory=BuilderSettings)
+    cuda_graphs: bool = True
+    """Replay CUDA graphs per batch bucket on TensorRT (falls back to plain execution if capture fails)."""
     batching_enabled: bool = True
     """False runs every request alone (the no-batching baseline of the benchmarks)."""
     batching: dict[str, BatcherConfig] = field(default_factory=lambda: dict(DEFAULT_BATCHING))
@@ -69,6 +75,8 @@ class ServerConfig:
                 f"max_message_bytes ({self.max_message_bytes}) must be at least liveness.image.max_bytes "
                 f"({self.liveness.image.max_bytes}), or valid images could never arrive"
             )
+        if self.tensorrt_precision not in ("fp16", "fp32"):
+            raise ValueError(f"tensorrt_precision must be fp16 or fp32, got {self.tensorrt_precision!r}")
         if self.cpu_workers < 1:
             raise ValueError(f"cpu_workers must be >= 1, got {self.cpu_workers}")
 

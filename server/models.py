@@ -13,6 +13,7 @@ import numpy as np
 from engines.repository import ModelMetadata, ModelNotFoundError, ModelRepository
 from engines.runtime.base import Model
 from engines.runtime.onnxruntime_engine import OnnxRuntimeModel, choose_providers
+from engines.runtime.select import Availability, availability, choose
 from engines.specs import DETECTOR, DETECTOR_SPEC
 from server.batching.config import BatcherConfig
 from server.batching.scheduler import DynamicBatcher
@@ -28,6 +29,7 @@ class ServedModel:
     meta: ModelMetadata
     engine: Model
     batcher: DynamicBatcher
+    runtime_reason: str = ""
 
 
 def warmup_item(meta: ModelMetadata) -> dict[str, np.ndarray]:
@@ -42,27 +44,55 @@ def warmup_item(meta: ModelMetadata) -> dict[str, np.ndarray]:
 
 
 class ModelRegistry:
-    def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
+    def __init__(self, repository: ModelRepository, config: ServerConfig,
+                 avail: Availability | None = None) -> None:
         self.repository = repository
         self.config = config
         self.models: dict[str, ServedModel] = {}
+        # Probed once (lazily imports tensorrt / cuda-python, never at module import time).
+        self.availability = avail or (availability() if config.prefer_gpu else
+                                      Availability(None, False, 0, "GPU runtimes disabled"))
 
-    def _load_engine(self, name: str) -> tuple[ModelMetadata, Model]:
+    def _load_engine(self, name: str, batching: BatcherConfig) -> tuple[ModelMetadata, Model, str]:
         meta = self.repository.load(name)
-        providers = choose_providers(self.config.prefer_gpu)
-        engine = OnnxRuntimeModel(self.repository.onnx_path(name), meta, providers,
-                                  intra_op_threads=self.config.intra_op_threads)
-        return meta, engine
+        plan: list[Path] = []
+
+        def tensorrt_engine() -> str | None:
+            from engines.tensorrt.build import EngineRequest, ensure_engine
+
+            try:
+                req = EngineRequest(name, batching.max_batch_size, batching.preferred_batch_sizes,
+                                    self.config.tensorrt_precision)
+                plan.append(ensure_engine(self.repository, req, self.config.tensorrt_builder))
+            except Exception as exc:  # any build/load failure falls back to ONNX Runtime for this model
+                log.exception("%s: TensorRT engine unavailable", name)
+                return str(exc)
+            return None
+
+        runtime, reason = choose(self.config.prefer_gpu, self.availability, tensorrt_engine)
+        engine: Model
+        if runtime == "tensorrt":
+            from engines.runtime.tensorrt_engine import TensorRTModel
+            from engines.tensorrt.profiles import batch_buckets
+
+            buckets = batch_buckets(batching.max_batch_size, batching.preferred_batch_sizes)
+            engine = TensorRTModel(plan[0], meta, buckets, self.config.cuda_graphs, batching.max_batch_size)
+        else:
+            providers = choose_providers(self.config.prefer_gpu)
+            engine = OnnxRuntimeModel(self.repository.onnx_path(name), meta, providers,
+                                      intra_op_threads=self.config.intra_op_threads)
+        return meta, engine, reason
 
     async def load(self, names: list[str], default: BatcherConfig | None = None) -> None:
         loop = asyncio.get_running_loop()
         for name in names:
-            # Session creation takes a while and holds no event-loop state: do it off the loop.
-            meta, engine = await loop.run_in_executor(None, self._load_engine, name)
-            batcher = DynamicBatcher(engine, self.config.batcher_for(name, default))
+            batching = self.config.batcher_for(name, default)
+            # Engine creation (and a TensorRT build) takes a while and holds no event-loop state: off the loop.
+            meta, engine, reason = await loop.run_in_executor(None, self._load_engine, name, batching)
+            batcher = DynamicBatcher(engine, batching)
             await batcher.start()
-            self.models[name] = ServedModel(meta, engine, batcher)
-            log.info("loaded %s v%s on %s (%s)", name, meta.version, engine.runtime, batcher.config)
+            self.models[name] = ServedModel(meta, engine, batcher, reason)
+            log.info("loaded %s v%s on %s [%s] (%s)", name, meta.version, engine.runtime, reason, batcher.config)
 
     async def warmup(self, names: list[str] | None = None, rounds: int = 2) -> None:
         """Run single requests and a full batch through every batcher, so first clients see warm latency."""

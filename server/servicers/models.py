@@ -50,6 +50,7 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
                     max_queue_delay_us=c.max_queue_delay_us, max_queue_size=c.max_queue_size,
                     instances=c.instances),
                 ready=not served.batcher.broken,
+                runtime_reason=served.runtime_reason,
             )
         return resp
 

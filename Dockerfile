@@ -1,0 +1,25 @@
+# facegate on an NVIDIA GPU: TensorRT base image; engines are built on first start (they are tied to the GPU and
+# the TensorRT version, so they cannot be built into the image) and cached in the model volume.
+#   docker build -t facegate .
+#   docker run --gpus all -p 50051:50051 -v facegate-models:/app/model_repository \
+#       -v /path/to/weights:/weights -e FACEGATE_WEIGHTS_DIR=/weights facegate
+# Pick a base whose TensorRT matches what you want to run (NGC tags are YY.MM; 25.xx ships TensorRT 10.x).
+ARG BASE=nvcr.io/nvidia/tensorrt:25.10-py3
+FROM ${BASE}
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 FACEGATE_WEIGHTS_DIR=/weights
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY proto proto
+COPY server server
+COPY engines engines
+COPY clients/python clients/python
+COPY benchmarks benchmarks
+# torch (pinned) is only used to export ONNX on first start; cuda-python drives the TensorRT runtime; the base
+# image already provides tensorrt.
+RUN python3 -m pip install -e '.[export]' "cuda-python>=12.6" \
+ && python3 -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(find proto -name '*.proto') \
+ && python3 -m pip install --no-deps -e .
+COPY docker/entrypoint.sh /entrypoint.sh
+EXPOSE 50051
+ENTRYPOINT ["/entrypoint.sh"]
