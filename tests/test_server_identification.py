@@ -192,3 +192,28 @@ def test_gallery_survives_a_restart(repository_dir: Path, server: RunningServer,
         assert r.candidates[0].person_id == key.split("/")[1] or np.isfinite(r.candidates[0].score)
     finally:
         stop_server(again, thread)
+
+
+def test_a_video_container_identifies_like_its_frames(stub, enrolled: str, trained: dict, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import cv2
+
+    key = trained["test_probes"][2]
+    folder = clip_dir(trained, key)
+    frames = [cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR) for f in frames_of(folder)]
+    path = tmp_path / "clip.avi"
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (w, h))  # playback rate, not capture
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    req = identification_pb2.IdentifyFromClipRequest(
+        collection=enrolled, clip=identification_pb2.Clip(video=path.read_bytes(), fps=FPS), top_k=1)
+    r = stub.IdentifyFromClip(req, timeout=120)
+    assert r.diagnostics.frames_received == len(frames)
+    assert r.candidates[0].person_id == key.split("/")[1]
+    bad = identification_pb2.IdentifyFromClipRequest(
+        collection=enrolled, clip=identification_pb2.Clip(video=b"not a video at all", fps=FPS))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.IdentifyFromClip(bad, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(info.value)[0][0] == "clip.video"

@@ -47,6 +47,7 @@ class ClipInput:
     frames: Sequence[bytes]
     fps: float
     apex_hint: int | None = None
+    video: bytes = b""  # an encoded container instead of frames
 
 
 @dataclass(frozen=True)
@@ -93,22 +94,63 @@ class Identification:
     votes: list[MemberVote]
 
 
+def frame_count_violation(n: int, limits: ClipLimits, where: str) -> FieldViolation | None:
+    if n < limits.min_frames:
+        return FieldViolation(where, f"has {n} frame(s); at least {limits.min_frames} needed")
+    if n > limits.max_frames:
+        return FieldViolation(where, f"has {n} frames, over the limit of {limits.max_frames}")
+    return None
+
+
 def validate_clip(clip: ClipInput, limits: ClipLimits, field: str = "clip") -> None:
     violations = []
     if not (isinstance(clip.fps, float | int) and math.isfinite(clip.fps) and clip.fps > 0):
         violations.append(FieldViolation(f"{field}.fps", f"must be the capture frame rate (> 0), got {clip.fps}"))
+    if clip.video and clip.frames:
+        violations.append(FieldViolation(f"{field}.video", "send either frames or a video, not both"))
     n = len(clip.frames)
-    if n < limits.min_frames:
-        violations.append(FieldViolation(f"{field}.frames", f"has {n} frame(s); at least {limits.min_frames} needed"))
-    elif n > limits.max_frames:
-        violations.append(FieldViolation(f"{field}.frames", f"has {n} frames, over the limit of {limits.max_frames}"))
-    total = sum(len(f) for f in clip.frames)
+    if not clip.video:
+        bad_count = frame_count_violation(n, limits, f"{field}.frames")
+        if bad_count:
+            violations.append(bad_count)
+    total = len(clip.video) + sum(len(f) for f in clip.frames)
     if total > limits.max_total_bytes:
         violations.append(FieldViolation(f"{field}.frames", f"total {total} bytes, over {limits.max_total_bytes}"))
-    if clip.apex_hint is not None and not 0 <= clip.apex_hint < max(n, 1):
-        violations.append(FieldViolation(f"{field}.apex_frame", f"must index a frame (0..{n - 1})"))
+    if clip.apex_hint is not None and (clip.apex_hint < 0 or (not clip.video and clip.apex_hint >= n)):
+        violations.append(FieldViolation(f"{field}.apex_frame", f"must index a frame (0..{max(n, 1) - 1})"))
     if violations:
         raise InvalidArgumentError(violations)
+
+
+def decode_video(data: bytes, limits: ClipLimits, field: str) -> list[np.ndarray]:
+    """Frames of an encoded video, decoded in-process (OpenCV reads containers from files, so through a private
+    temporary file that is deleted on close)."""
+    import tempfile
+
+    import cv2
+
+    with tempfile.NamedTemporaryFile(suffix=".video") as f:
+        f.write(data)
+        f.flush()
+        cap = cv2.VideoCapture(f.name)
+        try:
+            if not cap.isOpened():
+                raise InvalidArgumentError(FieldViolation(f"{field}.video", "is not a decodable video container"))
+            frames: list[np.ndarray] = []
+            while len(frames) <= limits.max_frames:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                frames.append(frame)
+        finally:
+            cap.release()
+    bad = frame_count_violation(len(frames), limits, f"{field}.video")
+    if bad:
+        raise InvalidArgumentError(bad)
+    h, w = frames[0].shape[:2]
+    if w * h > limits.frame.max_pixels or min(w, h) < limits.frame.min_side:
+        raise InvalidArgumentError(FieldViolation(f"{field}.video", f"frames are {w}x{h}, outside the size limits"))
+    return frames
 
 
 class ClipPipeline:
@@ -126,6 +168,12 @@ class ClipPipeline:
 
     async def _decode_all(self, clip: ClipInput, field: str) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
+        if clip.video:
+            frames = await loop.run_in_executor(self.executor, decode_video, clip.video, self.limits, field)
+            if clip.apex_hint is not None and clip.apex_hint >= len(frames):
+                raise InvalidArgumentError(FieldViolation(f"{field}.apex_frame",
+                                                          f"must index a frame (0..{len(frames) - 1})"))
+            return frames
         chunk = max(8, math.ceil(len(clip.frames) / 4))
         parts = await asyncio.gather(*[
             loop.run_in_executor(self.executor, self._decode_chunk, clip.frames[i:i + chunk], i, field)
@@ -163,7 +211,7 @@ class ClipPipeline:
         if box is None:
             diag = ClipDiagnostics(len(frames), 0, 0, 0.0, apex, clip.apex_hint is not None, float(clip.fps),
                                    spec.fps, None)
-            return ClipEmbedding(None, diag, clip.frames[apex], timings)
+            return ClipEmbedding(None, diag, self._encoded(clip, frames, apex), timings)
         h, w = frames[0].shape[:2]
         crop = square_crop_box(box, w, h, spec.crop_scale)
         if clip.apex_hint is None:
@@ -177,7 +225,17 @@ class ClipPipeline:
         diag = ClipDiagnostics(len(frames), len(set(win.indices)), win.padded, coverage, apex,
                                clip.apex_hint is not None, float(clip.fps), spec.fps, box)
         embeddings = {m.name: o["embedding"].astype(np.float32) for m, o in zip(self.members, outs, strict=True)}
-        return ClipEmbedding(embeddings, diag, clip.frames[apex], timings)
+        return ClipEmbedding(embeddings, diag, self._encoded(clip, frames, apex), timings)
+
+    @staticmethod
+    def _encoded(clip: ClipInput, frames: Sequence[np.ndarray], index: int) -> bytes:
+        """The encoded frame for the liveness check: the client's own bytes, or a lossless PNG of a video frame."""
+        if clip.frames:
+            return clip.frames[index]
+        import cv2
+
+        ok, buf = cv2.imencode(".png", frames[index])
+        return buf.tobytes() if ok else b""
 
     def identify(self, embedding: dict[str, np.ndarray], gallery: dict[str, tuple[np.ndarray, Sequence[str]]],
                  top_k: int, threshold: float | None) -> Identification:

@@ -46,7 +46,7 @@ class IdentificationRuntime:
 
 def clip_from_proto(clip: identification_pb2.Clip) -> ClipInput:
     return ClipInput(frames=[f.data for f in clip.frames], fps=clip.fps,
-                     apex_hint=clip.apex_frame if clip.HasField("apex_frame") else None)
+                     apex_hint=clip.apex_frame if clip.HasField("apex_frame") else None, video=clip.video)
 
 
 def diagnostics_to_proto(d: ClipDiagnostics) -> identification_pb2.ClipDiagnostics:
