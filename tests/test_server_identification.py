@@ -199,10 +199,12 @@ def test_a_video_container_identifies_like_its_frames(stub, enrolled: str, train
 
     key = trained["test_probes"][2]
     folder = clip_dir(trained, key)
-    frames = [cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR) for f in frames_of(folder)]
+    decoded = [cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR) for f in frames_of(folder)]
+    frames = [f for f in decoded if f is not None]
     path = tmp_path / "clip.avi"
     h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (w, h))  # playback rate, not capture
+    fourcc = cv2.VideoWriter.fourcc(*"MJPG")
+    writer = cv2.VideoWriter(str(path), fourcc, 30.0, (w, h))  # a playback rate, not the capture rate
     for f in frames:
         writer.write(f)
     writer.release()
