@@ -22,6 +22,8 @@ ENSEMBLE ?= slowfast_cpu
 IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
+
+.PHONY: bench-env
 .PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -69,7 +71,19 @@ identify-models: models $(ENSEMBLE_FILE)
 serve: models identify-models
 	$(PY) -m server --host $(HOST) --port $(PORT) --model-repository $(REPOSITORY) $(SERVE_ARGS)
 
-test: models identify-models lint
+# Peers and load tools in their own virtualenv (they pin numpy<2 and protobuf<7): Triton's clients with the
+# perf_analyzer 2.51 binary (needs libb64 from Debian and the CUDA runtime library from PyPI, even on CPU).
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12 matplotlib
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libb64-0d; } \
+		|| echo "note: apt libb64-0d is needed by perf_analyzer"
+	touch $@
+
+bench-env: $(BENCH_VENV)/.installed
+
+test: models identify-models bench-env lint
 	$(PY) -m pytest -q -ra
 
 test-fast: models identify-models

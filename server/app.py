@@ -22,12 +22,14 @@ from facegate.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
+from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.config import ServerConfig
 from server.gallery.store import GalleryStore
 from server.models import ModelRegistry, find_ensemble
 from server.pipelines.clip import ClipPipeline
 from server.pipelines.liveness import LivenessPipeline
 from server.servicers.identification import IdentificationRuntime, IdentificationServicer
+from server.servicers.inference import InferenceServicer
 from server.servicers.liveness import LivenessServicer
 from server.servicers.models import ModelServicer, model_version
 from server.servicers.status import ErrorMappingInterceptor
@@ -37,7 +39,8 @@ log = logging.getLogger(__name__)
 LIVENESS_SERVICE = liveness_pb2.DESCRIPTOR.services_by_name["LivenessService"].full_name
 MODEL_SERVICE = models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 IDENTIFICATION_SERVICE = identification_pb2.DESCRIPTOR.services_by_name["IdentificationService"].full_name
-SERVICES = ("", LIVENESS_SERVICE, MODEL_SERVICE, IDENTIFICATION_SERVICE)
+INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVICES = ("", LIVENESS_SERVICE, MODEL_SERVICE, IDENTIFICATION_SERVICE, INFERENCE_SERVICE)
 
 
 class FacegateServer:
@@ -68,6 +71,8 @@ class FacegateServer:
         models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self.server)
         identification_pb2_grpc.add_IdentificationServiceServicer_to_server(
             IdentificationServicer(lambda: self.identification, lambda: self._loading), self.server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.registry, lambda: not self._loading), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICES[1:], health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
