@@ -38,7 +38,8 @@ def test_server_and_model_metadata(stub) -> None:  # type: ignore[no-untyped-def
     md = stub.ModelMetadata(pb.ModelMetadataRequest(name="retinaface"))
     assert md.platform == "onnxruntime_onnx" and list(md.inputs[0].shape) == [-1, 3, -1, -1]
     cfg = stub.ModelConfig(pb.ModelConfigRequest(name="minifasnet_v2")).config
-    assert cfg.max_batch_size == 32 and list(cfg.input[0].dims) == [3, 80, 80] and cfg.input[0].data_type == pb.TYPE_FP32
+    assert cfg.max_batch_size == 32 and list(cfg.input[0].dims) == [3, 80, 80]
+    assert cfg.input[0].data_type == pb.TYPE_FP32
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 1000
     assert stub.ModelReady(pb.ModelReadyRequest(name="minifasnet_v1se")).ready
     assert not stub.ModelReady(pb.ModelReadyRequest(name="nope")).ready
