@@ -23,7 +23,7 @@ IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
-.PHONY: bench-env
+.PHONY: bench-env bench bench-compare
 .PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -109,3 +109,9 @@ engines: models
 
 engines-check: engines
 	$(PY) -m engines.tensorrt.check --repository $(REPOSITORY) --timing
+
+bench-compare: models bench-env
+	$(PY) -m benchmarks.compare --repository $(REPOSITORY) --bench-venv $(BENCH_VENV) --out benchmarks/results
+
+# The whole suite, bounded (about 15 minutes on two cores once models are prepared).
+bench: bench-liveness bench-identify bench-compare

@@ -1,6 +1,9 @@
 """Load generator over gRPC: closed loop (fixed concurrency) or open loop (Poisson arrivals).
 
-Drives CheckLiveness (image files) or IdentifyFromClip (``--collection`` with clip folders and ``--fps``).
+Drives CheckLiveness (image files), IdentifyFromClip (``--collection`` with clip folders and ``--fps``) or raw
+model inference over the Open Inference Protocol (``--model NAME``, random tensors of the model's input shape).
+Reports the server-side split too (queue, compute, achieved batch size per model), from the difference of the
+server's statistics before and after the run.
 
 Runs in its own process (``python -m benchmarks.loadgen``), so the client's CPU is not the server's. Bounded:
 a warm-up, then a measured window of fixed length, and at most ``max_requests`` requests; loopback only.
@@ -23,7 +26,17 @@ from pathlib import Path
 import grpc
 
 from benchmarks.stats import summarize
-from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
+from facegate.v1 import (
+    common_pb2,
+    identification_pb2,
+    identification_pb2_grpc,
+    liveness_pb2,
+    liveness_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
+from inference import grpc_service_pb2 as oip
+from inference import grpc_service_pb2_grpc as oip_grpc
 
 
 @dataclass
@@ -49,13 +62,58 @@ def check_loopback(target: str) -> None:
         raise SystemExit(f"refusing to load {target}: benchmarks target loopback addresses only")
 
 
-Request = liveness_pb2.CheckLivenessRequest | identification_pb2.IdentifyFromClipRequest
+Request = liveness_pb2.CheckLivenessRequest | identification_pb2.IdentifyFromClipRequest | oip.ModelInferRequest
 
 
 def _method(channel: grpc.aio.Channel, req: Request):  # type: ignore[no-untyped-def]
     if isinstance(req, identification_pb2.IdentifyFromClipRequest):
         return identification_pb2_grpc.IdentificationServiceStub(channel).IdentifyFromClip
+    if isinstance(req, oip.ModelInferRequest):
+        return oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer
     return liveness_pb2_grpc.LivenessServiceStub(channel).CheckLiveness
+
+
+def model_requests(target: str, model: str, batch: int, count: int = 8) -> list[oip.ModelInferRequest]:
+    """Random tensors of the model's input shape (dynamic spatial axes: a 3:4 portrait detector input)."""
+    import numpy as np
+
+    with grpc.insecure_channel(target) as ch:
+        md = oip_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(oip.ModelMetadataRequest(name=model), timeout=10)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        req = oip.ModelInferRequest(model_name=model)
+        for t in md.inputs:
+            dims = [batch] + [({2: 221, 3: 166}.get(k, 1) if d < 0 else int(d)) for k, d in enumerate(t.shape) if k]
+            req.inputs.add(name=t.name, datatype=t.datatype, shape=dims)
+            req.raw_input_contents.append(rng.uniform(0, 255, dims).astype(np.float32).tobytes())
+        out.append(req)
+    return out
+
+
+def server_stats(target: str) -> dict[str, tuple[int, int, int, int]]:
+    """Per model: (requests, executions, queue ns, compute ns), cumulative; empty if unavailable."""
+    try:
+        with grpc.insecure_channel(target) as ch:
+            resp = models_pb2_grpc.ModelServiceStub(ch).GetModelStatistics(models_pb2.GetModelStatisticsRequest(),
+                                                                           timeout=10)
+    except grpc.RpcError:
+        return {}
+    return {m.model: (m.inference_count, m.execution_count, m.queue.total_ns,
+                      m.compute_input.total_ns + m.compute_infer.total_ns + m.compute_output.total_ns)
+            for m in resp.models}
+
+
+def server_split(before: dict[str, tuple[int, int, int, int]], after: dict[str, tuple[int, int, int, int]]
+                 ) -> dict[str, dict[str, float]]:
+    out = {}
+    for model, (req, ex, q, c) in after.items():
+        r0, e0, q0, c0 = before.get(model, (0, 0, 0, 0))
+        dr, de = req - r0, ex - e0
+        if dr > 0:
+            out[model] = {"requests": dr, "executions": de, "avg_batch": dr / max(1, de),
+                          "queue_ms": (q - q0) / dr / 1e6, "compute_ms": (c - c0) / dr / 1e6}
+    return out
 
 
 async def _one(call, req: Request, rec: Recorder, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
@@ -116,6 +174,7 @@ async def open_loop(target: str, requests: list[Request], rate_rps: float,
 
 
 def load_requests(paths: list[Path], collection: str = "", fps: float = 0.0) -> list[Request]:
+    """CheckLiveness requests from image files, or IdentifyFromClip requests from clip folders."""
     if collection:
         from facegate_client.client import clip_from_folder
 
@@ -126,8 +185,10 @@ def load_requests(paths: list[Path], collection: str = "", fps: float = 0.0) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("inputs", nargs="+", type=Path, help="image files, or clip folders with --collection")
+    p.add_argument("inputs", nargs="*", type=Path, help="image files, or clip folders with --collection")
     p.add_argument("--collection", help="drive IdentifyFromClip against this collection")
+    p.add_argument("--model", help="drive raw ModelInfer on this model (inputs are then ignored)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of each raw ModelInfer request")
     p.add_argument("--fps", type=float, default=200.0, help="capture fps of the clip folders")
     p.add_argument("--target", default="127.0.0.1:50051")
     g = p.add_mutually_exclusive_group()
@@ -139,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request")
     args = p.parse_args(argv)
     check_loopback(args.target)
-    requests = load_requests(args.inputs, args.collection or "", args.fps)
+    if args.model:
+        requests: list[Request] = list(model_requests(args.target, args.model, args.batch))
+    elif args.inputs:
+        requests = load_requests(args.inputs, args.collection or "", args.fps)
+    else:
+        p.error("give image files, clip folders with --collection, or --model")
+    before = server_stats(args.target)
     if args.rate:
         rec = asyncio.run(open_loop(args.target, requests, args.rate, args.warmup, args.duration,
                                     args.max_requests, args.timeout))
@@ -148,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         rec = asyncio.run(closed_loop(args.target, requests, args.concurrency, args.warmup, args.duration,
                                       args.max_requests, args.timeout))
         mode = {"mode": "closed", "concurrency": args.concurrency}
-    out = {**mode, **summarize(rec.latencies, args.duration), "errors": dict(rec.errors)}
+    out = {**mode, **summarize(rec.latencies, args.duration), "errors": dict(rec.errors),
+           "server": server_split(before, server_stats(args.target))}
     json.dump(out, sys.stdout)
     print()
     return 0

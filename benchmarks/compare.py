@@ -1,0 +1,250 @@
+"""``make bench-compare``: the same liveness ONNX model served by facegate and by NVIDIA Triton (PyTriton), both
+driven by perf_analyzer over gRPC at the same concurrency sweep, plus facegate with batching off; one run.
+
+Writes ``compare.json``, ``compare.md`` and plots (``compare-throughput-latency.png``,
+``compare-percentiles.png``, ``compare-batch-sizes.png``) under --out. Everything binds to 127.0.0.1; each
+perf_analyzer run is bounded by its measurement windows and a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchmarks.machine import machine_info
+from benchmarks.server_process import facegate_server, free_port
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def progress(msg: str) -> None:
+    print(f"[bench-compare] {msg}", file=sys.stderr, flush=True)
+
+
+def bench_env(venv: Path) -> dict[str, str]:
+    """perf_analyzer needs the CUDA runtime library on the path even on CPU; Triton's Python-backend stub needs
+    the interpreter's libpython when Python is not the system one."""
+    env = dict(os.environ)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    libs = [str(site / "nvidia" / "cuda_runtime" / "lib"), str(Path(sys.base_prefix) / "lib")]
+    env["LD_LIBRARY_PATH"] = ":".join([*libs, env.get("LD_LIBRARY_PATH", "")])
+    return env
+
+
+def wait_ready(address: str, model: str, timeout_s: float = 120) -> None:
+    end = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        while time.monotonic() < end:
+            try:
+                if stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=1).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise TimeoutError(f"{address} never had {model} ready")
+
+
+@contextmanager
+def triton_server(venv: Path, onnx: Path, model: str, max_batch: int, delay_us: int, log: Path) -> Iterator[str]:
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(venv / "bin" / "python"), "-m", "benchmarks.triton_peer", "--onnx", str(onnx), "--model", model,
+             "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue-delay-us", str(delay_us)],
+            cwd=ROOT, env=bench_env(venv), stdout=out, stderr=subprocess.STDOUT)
+        address = f"127.0.0.1:{port}"
+        try:
+            wait_ready(address, model)
+            yield address
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def perf_analyzer(venv: Path, address: str, model: str, concurrency: list[int], interval_ms: int,
+                  out_csv: Path) -> dict[int, dict[str, float]]:
+    """One sweep; per concurrency: throughput, client p50/p90/p95/p99 (ms), server queue/compute (ms) and the
+    achieved average batch (inference count / execution count)."""
+    rows: dict[int, dict[str, float]] = {}
+    for c in concurrency:
+        csv_path = out_csv.with_name(f"{out_csv.stem}-c{c}.csv")
+        cmd = [str(venv / "bin" / "perf_analyzer"), "-m", model, "-i", "grpc", "-u", address,
+               "--concurrency-range", str(c), "--measurement-interval", str(interval_ms),
+               "--stability-percentage", "50", "--max-trials", "6", "-f", str(csv_path)]
+        res = subprocess.run(cmd, env=bench_env(venv), capture_output=True, text=True, timeout=300)
+        if res.returncode != 0 or not csv_path.is_file():
+            raise RuntimeError(f"perf_analyzer failed at concurrency {c}: {res.stdout[-800:]} {res.stderr[-400:]}")
+        row = next(csv.DictReader(io.StringIO(csv_path.read_text())))
+        inf = re.search(r"Inference count: (\d+)\s+Execution count: (\d+)", res.stdout)
+        rows[c] = {
+            "throughput": float(row["Inferences/Second"]),
+            "p50_ms": float(row["p50 latency"]) / 1e3, "p90_ms": float(row["p90 latency"]) / 1e3,
+            "p95_ms": float(row["p95 latency"]) / 1e3, "p99_ms": float(row["p99 latency"]) / 1e3,
+            "server_queue_ms": float(row["Server Queue"]) / 1e3,
+            "server_compute_ms": (float(row["Server Compute Input"]) + float(row["Server Compute Infer"])
+                                  + float(row["Server Compute Output"])) / 1e3,
+            "avg_batch": int(inf.group(1)) / max(1, int(inf.group(2))) if inf else float("nan"),
+        }
+        progress(f"{address} c={c}: {rows[c]['throughput']:.1f} infer/s p50 {rows[c]['p50_ms']:.1f} ms "
+                 f"p99 {rows[c]['p99_ms']:.1f} ms avg batch {rows[c]['avg_batch']:.1f}")
+    return rows
+
+
+def plots(result: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in runs.items():
+        xs = [rows[c]["throughput"] for c in sorted(rows, key=int)]
+        ys = [rows[c]["p99_ms"] for c in sorted(rows, key=int)]
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("throughput (infer/s)")
+    ax.set_ylabel("p99 latency (ms)")
+    ax.set_title(f"{result['model']}: latency vs throughput (concurrency sweep)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "compare-throughput-latency.png", dpi=110)
+    names.append("compare-throughput-latency.png")
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.5), sharey=True)
+    for ax, (label, rows) in zip(axes, runs.items(), strict=True):
+        cs = sorted(rows, key=int)
+        for q in ("p50_ms", "p90_ms", "p95_ms", "p99_ms"):
+            ax.plot([int(c) for c in cs], [rows[c][q] for c in cs], marker="o", label=q.split("_")[0])
+        ax.set_title(label)
+        ax.set_xlabel("concurrency")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("latency (ms)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "compare-percentiles.png", dpi=110)
+    names.append("compare-percentiles.png")
+    hist = result.get("facegate_batch_histogram", {})
+    if hist:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        sizes = sorted(hist, key=int)
+        ax.bar([str(s) for s in sizes], [hist[s] for s in sizes])
+        ax.set_xlabel("executed batch size")
+        ax.set_ylabel("executions")
+        ax.set_title("facegate (batching on): batch sizes over the sweep")
+        fig.tight_layout()
+        fig.savefig(out / "compare-batch-sizes.png", dpi=110)
+        names.append("compare-batch-sizes.png")
+    plt.close("all")
+    return names
+
+
+def batch_histogram(address: str, model: str) -> dict[int, int]:
+    with grpc.insecure_channel(address) as ch:
+        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name=model),
+                                                                     timeout=10)
+    s = stats.model_stats[0]
+    hist = {}
+    for b in s.batch_stats:
+        hist[int(b.batch_size)] = int(b.compute_infer.count)
+    return hist
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [f"# facegate vs Triton ({m['date']})", "",
+             f"Model `{r['model']}` (the same ONNX file), CPU only: {m['cpu']}, {m['cores']} cores shared by client "
+             "and servers. perf_analyzer 2.51 over gRPC, batch 1 requests, closed loop. Both servers: ONNX Runtime "
+             "with one intra-op thread, one model instance, dynamic batching with max batch "
+             f"{r['max_batch_size']} and a {r['max_queue_delay_us']} us queue delay; Triton runs the model in its "
+             "Python backend (PyTriton).", "",
+             "| concurrency | facegate infer/s | p50 ms | p99 ms | Triton infer/s | p50 ms | p99 ms | "
+             "facegate no batching infer/s | p99 ms | throughput facegate/Triton | p99 facegate/Triton |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    f, t, nb = r["runs"]["facegate"], r["runs"]["triton"], r["runs"]["facegate-no-batching"]
+    for c in sorted(f, key=int):
+        lines.append(
+            f"| {c} | {f[c]['throughput']:.1f} | {f[c]['p50_ms']:.1f} | {f[c]['p99_ms']:.1f} | "
+            f"{t[c]['throughput']:.1f} | {t[c]['p50_ms']:.1f} | {t[c]['p99_ms']:.1f} | {nb[c]['throughput']:.1f} | "
+            f"{nb[c]['p99_ms']:.1f} | **{f[c]['throughput'] / t[c]['throughput']:.2f}** | "
+            f"{f[c]['p99_ms'] / t[c]['p99_ms']:.2f} |")
+    lines += ["", "Server-side split (ms per request, from perf_analyzer's server section):", "",
+              "| concurrency | facegate queue | facegate compute | facegate avg batch | Triton queue | "
+              "Triton compute | Triton avg batch |", "|---|---|---|---|---|---|---|"]
+    for c in sorted(f, key=int):
+        lines.append(f"| {c} | {f[c]['server_queue_ms']:.1f} | {f[c]['server_compute_ms']:.1f} | "
+                     f"{f[c]['avg_batch']:.1f} | {t[c]['server_queue_ms']:.1f} | {t[c]['server_compute_ms']:.1f} | "
+                     f"{t[c]['avg_batch']:.1f} |")
+    lines += ["", *[f"![{p}]({p})" for p in r.get("plots", [])], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--model", default="minifasnet_v2")
+    p.add_argument("--bench-venv", type=Path, default=Path(".venv-bench"))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--interval-ms", type=int, default=3000)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    a = p.parse_args(argv)
+    if not (a.bench_venv / "bin" / "perf_analyzer").exists():
+        raise SystemExit(f"no perf_analyzer in {a.bench_venv}: run `make bench-env`")
+    a.out.mkdir(parents=True, exist_ok=True)
+    from server.config import ServerConfig
+
+    batching = ServerConfig().batcher_for(a.model)
+    runs: dict[str, Any] = {}
+    hist: dict[int, int] = {}
+    for label, extra in (("facegate", []), ("facegate-no-batching", ["--no-batching"])):
+        progress(f"{label}: starting")
+        with facegate_server(a.repository, extra, a.out / f"server-{label}.log") as address:
+            runs[label] = perf_analyzer(a.bench_venv, address, a.model, a.concurrency, a.interval_ms,
+                                        a.out / f"pa-{label}.csv")
+            if label == "facegate":
+                hist = batch_histogram(address, a.model)
+    progress("triton: starting")
+    with triton_server(a.bench_venv, a.repository / a.model / "model.onnx", a.model, batching.max_batch_size,
+                       batching.max_queue_delay_us, a.out / "server-triton.log") as address:
+        runs["triton"] = perf_analyzer(a.bench_venv, address, a.model, a.concurrency, a.interval_ms,
+                                       a.out / "pa-triton.csv")
+    result: dict[str, Any] = {
+        "machine": machine_info(), "model": a.model, "max_batch_size": batching.max_batch_size,
+        "max_queue_delay_us": batching.max_queue_delay_us,
+        "runs": {k: {str(c): v for c, v in rows.items()} for k, rows in runs.items()},
+        "facegate_batch_histogram": {str(k): v for k, v in sorted(hist.items())},
+    }
+    result["plots"] = plots(result, a.out)
+    result["ratios"] = {c: {"throughput": result["runs"]["facegate"][c]["throughput"]
+                            / result["runs"]["triton"][c]["throughput"],
+                            "p99": result["runs"]["facegate"][c]["p99_ms"] / result["runs"]["triton"][c]["p99_ms"]}
+                        for c in result["runs"]["facegate"]}
+    (a.out / "compare.json").write_text(json.dumps(result, indent=2))
+    (a.out / "compare.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
