@@ -23,7 +23,7 @@ IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
-.PHONY: bench-env bench bench-compare
+.PHONY: bench-env bench bench-compare client-deps clients test-clients proto-check
 .PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -52,7 +52,42 @@ $(VENV)/.stubs: $(VENV)/.deps $(PROTOS)
 	touch $@
 
 install: $(VENV)/.stubs
-stubs: $(VENV)/.stubs
+
+# Client code for every language, generated into clients/<language>/ build folders (git-ignored): Python (above),
+# C++, Go, Java, and TypeScript types for Node (which loads the .proto files at run time).
+stubs: $(VENV)/.stubs client-deps
+	$(MAKE) -C clients/cpp gen-only
+	$(MAKE) -C clients/go gen-only
+	$(MAKE) -C clients/java build/gen/.stamp
+	cd clients/node && npm install --silent --no-audit --no-fund && npm run -s types
+
+# Toolchains for the example clients, from Debian and npm (root on this machine; skipped when present).
+CLIENT_DEBS := protobuf-compiler protobuf-compiler-grpc libgrpc++-dev pkg-config golang-go golang-google-grpc-dev \
+	golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc libgrpc-java \
+	protobuf-compiler-grpc-java-plugin libprotobuf-java libnetty-java libperfmark-java
+client-deps:
+	@missing=$$(for p in $(CLIENT_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+clients: stubs
+	$(MAKE) -C clients/cpp
+	$(MAKE) -C clients/go
+	$(MAKE) -C clients/java
+
+# The example clients against a real server, compared with the Python client (a separate target; CI runs it).
+test-clients: models identify-models clients
+	$(PY) -m pytest -q -ra tests/clients
+
+# Proto hygiene: buf lint (style guide) and the breaking-change check against the released API (proto/api.lock.json).
+BUF := .tools/node_modules/.bin/buf
+$(BUF):
+	mkdir -p .tools && cd .tools && npm install --silent --no-audit --no-fund @bufbuild/buf@1.75.0
+
+proto-check: $(BUF) $(VENV)/.stubs
+	cd proto && ../$(BUF) lint
+	$(PY) proto/compat.py check
 
 models: $(VENV)/.stubs
 	$(PY) -m engines.prepare --repository $(REPOSITORY)
@@ -83,11 +118,11 @@ $(BENCH_VENV)/.installed:
 
 bench-env: $(BENCH_VENV)/.installed
 
-test: models identify-models bench-env lint
-	$(PY) -m pytest -q -ra
+test: models identify-models bench-env lint proto-check
+	$(PY) -m pytest -q -ra --ignore=tests/clients
 
 test-fast: models identify-models
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow" --ignore=tests/clients
 
 lint: $(VENV)/.stubs
 	$(BIN)/ruff check .

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int)
     p.add_argument("--model-repository", type=Path)
     p.add_argument("--no-batching", action="store_true", help="run every request alone (baseline)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--cpu-only", action="store_true", help="never use a GPU runtime")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(
             args.config, host=args.host, port=args.port, model_repository=args.model_repository,
             batching_enabled=False if args.no_batching else None, prefer_gpu=False if args.cpu_only else None,
+            tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
     except (ValueError, OSError) as exc:
         logging.getLogger("server").error("bad configuration: %s", exc)

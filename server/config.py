@@ -34,6 +34,9 @@ class ServerConfig:
     """Address to listen on (loopback by default: exposing biometrics is a deliberate choice)."""
     port: int = 50051
     model_repository: Path = Path("model_repository")
+    tls_cert: Path | None = None
+    """PEM certificate chain: with tls_key, the server listens with TLS instead of plaintext."""
+    tls_key: Path | None = None
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest request accepted by gRPC; larger ones get RESOURCE_EXHAUSTED from the transport."""
     max_concurrent_rpcs: int = 4096
@@ -75,6 +78,8 @@ class ServerConfig:
                 f"max_message_bytes ({self.max_message_bytes}) must be at least liveness.image.max_bytes "
                 f"({self.liveness.image.max_bytes}), or valid images could never arrive"
             )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"tls_cert ({self.tls_cert}) and tls_key ({self.tls_key}) must be given together")
         if self.tensorrt_precision not in ("fp16", "fp32"):
             raise ValueError(f"tensorrt_precision must be fp16 or fp32, got {self.tensorrt_precision!r}")
         if self.cpu_workers < 1:
@@ -98,7 +103,7 @@ def load_config(path: Path | None, **overrides: Any) -> ServerConfig:
     [batching.<model>]) and apply keyword overrides (from the command line) on top."""
     data: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
     server = dict(data.get("server", {}))
-    for key in ("model_repository", "gallery_path"):
+    for key in ("model_repository", "gallery_path", "tls_cert", "tls_key"):
         if key in server:
             server[key] = Path(server[key])
     live = dict(data.get("liveness", {}))
