@@ -61,3 +61,20 @@ def test_smic_reader_takes_the_apex_from_onset_and_offset(tmp_path: Path) -> Non
         csv.writer(f).writerows([["Filename", "OnsetF", "OffsetF"], ["s3_po_05", "5", "15"]])
     (r,) = read_smic(tmp_path)
     assert r.subject == "s3" and r.fps == 100 and r.apex == (4 + 14) // 2
+
+
+def test_casme2_coding_sheet_as_xlsx_with_a_slash_apex(tmp_path: Path) -> None:
+    from openpyxl import Workbook
+
+    _frames(tmp_path / "CASME2_RAW" / "sub01" / "EP02_01f", [f"img{n}.jpg" for n in range(46, 60)])
+    _frames(tmp_path / "CASME2_RAW" / "sub01" / "EP03_02", [f"img{n}.jpg" for n in range(10, 20)])
+    wb = Workbook()
+    ws = wb.active
+    ws.append(["Subject", "Filename", "", "OnsetFrame", "ApexFrame", "OffsetFrame", "", "Action Units",
+               "Estimated Emotion"])
+    ws.append([1, "EP02_01f", None, 46, 52, 58, None, "4", "disgust"])
+    ws.append([1, "EP03_02", None, 10, "/", 19, None, "12", "happiness"])
+    wb.save(tmp_path / "CASME2-coding-20140508.xlsx")
+    records = read_casme2(tmp_path)
+    assert [(r.clip, r.session, r.apex, r.onset) for r in records] == [
+        ("EP02_01f", "02", 6, 0), ("EP03_02", "03", None, 0)]  # "/" as apex: spotted from motion instead
