@@ -23,7 +23,7 @@ IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
-.PHONY: bench-env bench bench-compare client-deps clients test-clients proto-check
+.PHONY: bench-env bench bench-compare client-deps clients test-clients proto-check identify-controls
 .PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -147,6 +147,20 @@ engines-check: engines
 
 bench-compare: models bench-env
 	$(PY) -m benchmarks.compare --repository $(REPOSITORY) --bench-venv $(BENCH_VENV) --out benchmarks/results
+	$(PY) -m benchmarks.compare --repository $(REPOSITORY) --bench-venv $(BENCH_VENV) --out benchmarks/results \
+		--intra-op-threads 2
 
 # The whole suite, bounded (about 15 minutes on two cores once models are prepared).
 bench: bench-liveness bench-identify bench-compare
+
+# The controls reported beside the motion-only result: an appearance-only set (identities differ in appearance,
+# motion carries no identity) and the stricter session protocol on the motion-only set. One member each; reports
+# in benchmarks/results/.
+identify-controls: identify-models
+	test -f .cache/synthetic/appearance/CASME2-coding.csv || $(PY) -m engines.identify.synthetic \
+		.cache/synthetic/appearance --kind appearance --identities 24 --sessions 2 --clips-per-session 8 \
+		--base-image $(BASE_IMAGE) --detector $(REPOSITORY)/retinaface/model.onnx
+	$(PY) -m engines.identify.train --root .cache/synthetic/appearance --unknown 4 --epochs $(IDENTIFY_EPOCHS) \
+		--members 1 --out $(REPOSITORY) --report benchmarks/results/identify-control-appearance.json
+	$(PY) -m engines.identify.train --root $(SYNTH_DIR) --protocol sessions --unknown 4 --epochs $(IDENTIFY_EPOCHS) \
+		--members 1 --out $(REPOSITORY) --report benchmarks/results/identify-control-sessions.json

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import grpc
 
 from benchmarks.machine import machine_info
-from benchmarks.server_process import facegate_server, free_port
+from benchmarks.server_process import facegate_server, free_port, terminate
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -62,24 +61,21 @@ def wait_ready(address: str, model: str, timeout_s: float = 120) -> None:
 
 
 @contextmanager
-def triton_server(venv: Path, onnx: Path, model: str, max_batch: int, delay_us: int, log: Path) -> Iterator[str]:
+def triton_server(venv: Path, onnx: Path, model: str, max_batch: int, delay_us: int, threads: int,
+                  log: Path) -> Iterator[str]:
     port = free_port()
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(venv / "bin" / "python"), "-m", "benchmarks.triton_peer", "--onnx", str(onnx), "--model", model,
-             "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue-delay-us", str(delay_us)],
+             "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue-delay-us", str(delay_us),
+             "--intra-op-threads", str(threads)],
             cwd=ROOT, env=bench_env(venv), stdout=out, stderr=subprocess.STDOUT)
         address = f"127.0.0.1:{port}"
         try:
             wait_ready(address, model)
             yield address
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc)
 
 
 def perf_analyzer(venv: Path, address: str, model: str, concurrency: list[int], interval_ms: int,
@@ -111,7 +107,7 @@ def perf_analyzer(venv: Path, address: str, model: str, concurrency: list[int], 
     return rows
 
 
-def plots(result: dict[str, Any], out: Path) -> list[str]:
+def plots(result: dict[str, Any], out: Path, tag: str = "") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,8 +126,8 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "compare-throughput-latency.png", dpi=110)
-    names.append("compare-throughput-latency.png")
+    fig.savefig(out / f"compare-throughput-latency{tag}.png", dpi=110)
+    names.append(f"compare-throughput-latency{tag}.png")
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.5), sharey=True)
     for ax, (label, rows) in zip(axes, runs.items(), strict=True):
         cs = sorted(rows, key=int)
@@ -143,8 +139,8 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
     axes[0].set_ylabel("latency (ms)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(out / "compare-percentiles.png", dpi=110)
-    names.append("compare-percentiles.png")
+    fig.savefig(out / f"compare-percentiles{tag}.png", dpi=110)
+    names.append(f"compare-percentiles{tag}.png")
     hist = result.get("facegate_batch_histogram", {})
     if hist:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -154,8 +150,8 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel("executions")
         ax.set_title("facegate (batching on): batch sizes over the sweep")
         fig.tight_layout()
-        fig.savefig(out / "compare-batch-sizes.png", dpi=110)
-        names.append("compare-batch-sizes.png")
+        fig.savefig(out / f"compare-batch-sizes{tag}.png", dpi=110)
+        names.append(f"compare-batch-sizes{tag}.png")
     plt.close("all")
     return names
 
@@ -176,7 +172,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# facegate vs Triton ({m['date']})", "",
              f"Model `{r['model']}` (the same ONNX file), CPU only: {m['cpu']}, {m['cores']} cores shared by client "
              "and servers. perf_analyzer 2.51 over gRPC, batch 1 requests, closed loop. Both servers: ONNX Runtime "
-             "with one intra-op thread, one model instance, dynamic batching with max batch "
+             f"with {r['intra_op_threads']} intra-op thread(s), one model instance, dynamic batching with max batch "
              f"{r['max_batch_size']} and a {r['max_queue_delay_us']} us queue delay; Triton runs the model in its "
              "Python backend (PyTriton).", "",
              "| concurrency | facegate infer/s | p50 ms | p99 ms | Triton infer/s | p50 ms | p99 ms | "
@@ -208,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--interval-ms", type=int, default=3000)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads, the same for both servers")
     a = p.parse_args(argv)
     if not (a.bench_venv / "bin" / "perf_analyzer").exists():
         raise SystemExit(f"no perf_analyzer in {a.bench_venv}: run `make bench-env`")
@@ -217,31 +214,34 @@ def main(argv: list[str] | None = None) -> int:
     batching = ServerConfig().batcher_for(a.model)
     runs: dict[str, Any] = {}
     hist: dict[int, int] = {}
+    cfg = a.out / f"facegate-threads{a.intra_op_threads}.toml"
+    cfg.write_text(f"[server]\nintra_op_threads = {a.intra_op_threads}\n")
+    tag = f"-t{a.intra_op_threads}" if a.intra_op_threads != 1 else ""
     for label, extra in (("facegate", []), ("facegate-no-batching", ["--no-batching"])):
         progress(f"{label}: starting")
-        with facegate_server(a.repository, extra, a.out / f"server-{label}.log") as address:
+        with facegate_server(a.repository, ["--config", str(cfg), *extra], a.out / f"server-{label}.log") as address:
             runs[label] = perf_analyzer(a.bench_venv, address, a.model, a.concurrency, a.interval_ms,
                                         a.out / f"pa-{label}.csv")
             if label == "facegate":
                 hist = batch_histogram(address, a.model)
     progress("triton: starting")
     with triton_server(a.bench_venv, a.repository / a.model / "model.onnx", a.model, batching.max_batch_size,
-                       batching.max_queue_delay_us, a.out / "server-triton.log") as address:
+                       batching.max_queue_delay_us, a.intra_op_threads, a.out / "server-triton.log") as address:
         runs["triton"] = perf_analyzer(a.bench_venv, address, a.model, a.concurrency, a.interval_ms,
                                        a.out / "pa-triton.csv")
     result: dict[str, Any] = {
         "machine": machine_info(), "model": a.model, "max_batch_size": batching.max_batch_size,
-        "max_queue_delay_us": batching.max_queue_delay_us,
+        "max_queue_delay_us": batching.max_queue_delay_us, "intra_op_threads": a.intra_op_threads,
         "runs": {k: {str(c): v for c, v in rows.items()} for k, rows in runs.items()},
         "facegate_batch_histogram": {str(k): v for k, v in sorted(hist.items())},
     }
-    result["plots"] = plots(result, a.out)
+    result["plots"] = plots(result, a.out, tag)
     result["ratios"] = {c: {"throughput": result["runs"]["facegate"][c]["throughput"]
                             / result["runs"]["triton"][c]["throughput"],
                             "p99": result["runs"]["facegate"][c]["p99_ms"] / result["runs"]["triton"][c]["p99_ms"]}
                         for c in result["runs"]["facegate"]}
-    (a.out / "compare.json").write_text(json.dumps(result, indent=2))
-    (a.out / "compare.md").write_text(markdown(result))
+    (a.out / f"compare{tag}.json").write_text(json.dumps(result, indent=2))
+    (a.out / f"compare{tag}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

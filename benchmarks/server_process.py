@@ -36,6 +36,16 @@ def wait_serving(address: str, timeout_s: float = 120) -> None:
     raise TimeoutError(f"server at {address} did not become SERVING within {timeout_s}s")
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    """SIGTERM (servers drain on it), then SIGKILL if the process outlives the timeout."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def facegate_server(repository: Path, extra_args: list[str] | None = None,
                     log_path: Path | None = None) -> Iterator[str]:
@@ -52,11 +62,6 @@ def facegate_server(repository: Path, extra_args: list[str] | None = None,
         wait_serving(address)
         yield address
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         if log is not subprocess.DEVNULL:
             log.close()  # type: ignore[union-attr]

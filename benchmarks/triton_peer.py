@@ -26,10 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True, help="gRPC port; HTTP and metrics use the next two")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-us", type=int, default=1000)
+    p.add_argument("--intra-op-threads", type=int, default=1)
     a = p.parse_args(argv)
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+    opts.intra_op_num_threads = a.intra_op_threads
     opts.inter_op_num_threads = 1
     session = ort.InferenceSession(a.onnx, opts, providers=["CPUExecutionProvider"])
     inp, out = session.get_inputs()[0], session.get_outputs()[0]
