@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info
 from benchmarks.server_process import facegate_server
-from engines.repository import ModelRepository
 from facegate_client.client import FacegateClient, clip_from_folder
-from server.models import find_ensemble, warmup_item
+from server.models import find_ensemble
 
 
 def progress(msg: str) -> None:
@@ -31,23 +31,9 @@ def progress(msg: str) -> None:
 
 
 def engine_throughput(repository: Path, member: str, batch_sizes: list[int], seconds: float) -> dict[int, Any]:
-    from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
-
-    repo = ModelRepository(repository)
-    meta = repo.load(member)
-    inst = OnnxRuntimeModel(repo.onnx_path(member), meta, ["CPUExecutionProvider"]).new_instance()
-    item = warmup_item(meta)
-    rows = {}
-    for bs in batch_sizes:
-        batch = {k: np.stack([v] * bs) for k, v in item.items()}
-        inst.infer(batch)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            inst.infer(batch)
-            n += 1
-        dt = time.perf_counter() - t0
-        rows[bs] = {"clips_per_s": n * bs / dt, "ms_per_batch": dt / n * 1e3}
-        progress(f"engine {member} b{bs}: {rows[bs]['clips_per_s']:.0f} clips/s")
+    rows = onnxruntime_throughput(repository, member, batch_sizes, seconds, unit="clips")
+    for bs, r in rows.items():
+        progress(f"engine {member} b{bs}: {r['clips_per_s']:.0f} clips/s")
     return rows
 
 

@@ -18,16 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
-
+from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info
 from benchmarks.server_process import facegate_server
 from benchmarks.stats import summarize
 from engines.repository import ModelRepository
 from engines.specs import DETECTOR, LIVENESS_SPECS
-from facegate.v1 import models_pb2, models_pb2_grpc
 from server.config import ServerConfig
-from server.models import ModelRegistry, warmup_item
+from server.models import ModelRegistry
 from server.pipelines.liveness import LivenessPipeline, LivenessRequest
 
 MODELS = [DETECTOR, *(s.name for s in LIVENESS_SPECS)]
@@ -71,35 +69,12 @@ async def in_process(repository: Path, images: list[bytes], n_latency: int, dura
 
 
 def engine_throughput(repository: Path, batch_sizes: list[int], seconds_per_point: float) -> dict[str, Any]:
-    from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
-
-    repo = ModelRepository(repository)
     out: dict[str, Any] = {}
     for name in MODELS:
-        meta = repo.load(name)
-        engine = OnnxRuntimeModel(repo.onnx_path(name), meta, ["CPUExecutionProvider"], intra_op_threads=1)
-        inst = engine.new_instance()
-        item = warmup_item(meta)
-        rows = {}
-        for bs in batch_sizes:
-            batch = {k: __import__("numpy").stack([v] * bs) for k, v in item.items()}
-            inst.infer(batch)
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds_per_point:
-                inst.infer(batch)
-                n += 1
-            dt = time.perf_counter() - t0
-            rows[bs] = {"items_per_s": n * bs / dt, "ms_per_batch": dt / n * 1e3}
+        rows = onnxruntime_throughput(repository, name, batch_sizes, seconds_per_point)
         out[name] = rows
         progress(f"engine {name}: " + ", ".join(f"b{b}={r['items_per_s']:.0f}/s" for b, r in rows.items()))
     return out
-
-
-def server_stats(address: str) -> dict[str, tuple[int, int]]:
-    with grpc.insecure_channel(address) as ch:
-        resp = models_pb2_grpc.ModelServiceStub(ch).GetModelStatistics(models_pb2.GetModelStatisticsRequest(),
-                                                                       timeout=10)
-    return {m.model: (m.inference_count, m.execution_count) for m in resp.models}
 
 
 def end_to_end(repository: Path, image_paths: list[Path], concurrencies: list[int], warmup_s: float,
@@ -109,14 +84,10 @@ def end_to_end(repository: Path, image_paths: list[Path], concurrencies: list[in
         with facegate_server(repository, args, out_dir / f"server-{mode}.log") as address:
             rows = {}
             for c in concurrencies:
-                before = server_stats(address)
                 cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, "--concurrency", str(c),
                        "--warmup", str(warmup_s), "--duration", str(duration_s), *map(str, image_paths)]
                 res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-                after = server_stats(address)
-                res["avg_batch"] = {
-                    m: (after[m][0] - before[m][0]) / max(1, after[m][1] - before[m][1]) for m in after
-                }
+                res["avg_batch"] = {m: x["avg_batch"] for m, x in res["server"].items()}
                 rows[c] = res
                 progress(f"{mode} c={c}: {res['throughput_rps']:.1f} req/s p50 {res['p50_ms']:.1f} ms "
                          f"p99 {res['p99_ms']:.1f} ms errors {res['errors']}")

@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from benchmarks.stats import summarize
+from engines.specs import DETECTOR_SPEC
 from facegate.v1 import (
     common_pb2,
     identification_pb2,
@@ -84,7 +85,8 @@ def model_requests(target: str, model: str, batch: int, count: int = 8) -> list[
     for _ in range(count):
         req = oip.ModelInferRequest(model_name=model)
         for t in md.inputs:
-            dims = [batch] + [({2: 221, 3: 166}.get(k, 1) if d < 0 else int(d)) for k, d in enumerate(t.shape) if k]
+            spatial = dict(zip((2, 3), DETECTOR_SPEC.export_size, strict=True))
+            dims = [batch] + [(spatial.get(k, 1) if d < 0 else int(d)) for k, d in enumerate(t.shape) if k]
             req.inputs.add(name=t.name, datatype=t.datatype, shape=dims)
             req.raw_input_contents.append(rng.uniform(0, 255, dims).astype(np.float32).tobytes())
         out.append(req)

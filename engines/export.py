@@ -82,9 +82,3 @@ def verify_onnx(model: torch.nn.Module, path: Path, sample: np.ndarray,
         for r, o in zip(refs, outs, strict=True):
             worst = max(worst, float(np.abs(r.numpy() - o).max()))
     return VerifyReport(worst, tuple(batch_sizes))
-
-
-def file_sha256(path: Path) -> str:
-    from engines.weights import sha256_file
-
-    return sha256_file(path)

@@ -105,7 +105,7 @@ def test_buffers_are_sized_from_the_engine_profile() -> None:
           TensorIO("logits", False, np.dtype(np.float32), (32, 3)),
           TensorIO("mask", False, np.dtype(np.float16), (32, 10))]
     assert plan_buffers(io) == {"input": 32 * 3 * 80 * 80 * 4, "logits": 32 * 3 * 4, "mask": 32 * 10 * 2}
-    assert output_shape_for("logits", 5, io[1]) == (5, 3)
+    assert output_shape_for(5, io[1]) == (5, 3)
     with pytest.raises(EngineError, match="unbounded"):
         plan_buffers([TensorIO("x", True, np.dtype(np.float32), (-1, 3))])
 

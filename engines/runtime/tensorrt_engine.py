@@ -50,7 +50,7 @@ def plan_buffers(tensors: Sequence[TensorIO]) -> dict[str, int]:
     return plan
 
 
-def output_shape_for(name: str, batch: int, out: TensorIO) -> tuple[int, ...]:
+def output_shape_for(batch: int, out: TensorIO) -> tuple[int, ...]:
     """Outputs scale with the batch along axis 0 (the engines here are batch-major)."""
     return (batch, *out.max_shape[1:])
 
@@ -210,7 +210,7 @@ class TensorRTInstance(EngineInstance):
         t2 = time.perf_counter_ns()
         views = {}
         for t in self.outputs:
-            shape = output_shape_for(t.name, size, t)
+            shape = output_shape_for(size, t)
             view = self.host[t.name].view(t.dtype, shape)
             self.stream.d2h(self.host[t.name].ptr, self.device[t.name].ptr, view.nbytes)
             views[t.name] = view
@@ -231,7 +231,7 @@ class TensorRTInstance(EngineInstance):
             ex = self._graph_for(shapes)
         self.plain.set_shapes(shapes)
         nbytes = {t.name: int(np.prod(shapes[t.name])) * t.dtype.itemsize for t in self.inputs}
-        out_bytes = {t.name: int(np.prod(output_shape_for(t.name, next(iter(shapes.values()))[0], t)))
+        out_bytes = {t.name: int(np.prod(output_shape_for(next(iter(shapes.values()))[0], t)))
                      * t.dtype.itemsize for t in self.outputs}
         self.stream.synchronize()
         t0 = time.perf_counter()
