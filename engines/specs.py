@@ -19,6 +19,7 @@ class DetectorSpec:
     # the batcher only batches requests of equal size (all 4:3 images resize to the same 166x221 or 221x166).
     target_side: int = 192
     max_side: int = 640  # small images (< 192^2 px) are not resized upstream; bound them (and the TensorRT profile)
+    min_side: int = 32
     export_size: tuple[int, int] = (221, 166)  # (height, width) used for export and warm-up: a 3:4 portrait
     bgr_mean: tuple[float, float, float] = (104.0, 117.0, 123.0)
     # PriorBox heads: (step, min sizes); order matches the concatenation in the network.
@@ -28,6 +29,11 @@ class DetectorSpec:
     nms_threshold: float = 0.3
     nms_top_k: int = 400
     keep_top_k: int = 200
+
+    def dynamic_axes(self) -> dict[int, tuple[int, int]]:
+        """(min, max) of the input's dynamic height (axis 2) and width (axis 3): what every runtime must accept,
+        so the TensorRT profile is built from it and requests outside it are refused before they reach an engine."""
+        return {2: (self.min_side, self.max_side), 3: (self.min_side, self.max_side)}
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class LivenessSpec:
 
 
 DETECTOR_SPEC = DetectorSpec()
+# Bounds of dynamic non-batch axes per model (models not listed have none).
+DYNAMIC_AXES: dict[str, dict[int, tuple[int, int]]] = {DETECTOR: DETECTOR_SPEC.dynamic_axes()}
 LIVENESS_SPECS: tuple[LivenessSpec, ...] = (
     LivenessSpec(LIVENESS_V2, "silent-face/2.7_80x80_MiniFASNetV2.pth", "v2", 2.7),
     LivenessSpec(LIVENESS_V1SE, "silent-face/4_0_0_80x80_MiniFASNetV1SE.pth", "v1se", 4.0),

@@ -10,6 +10,7 @@ def test_resize_follows_the_upstream_rule() -> None:
     assert resized_size(480, 640, DETECTOR_SPEC) == (166, 221)
     assert resized_size(640, 480, DETECTOR_SPEC) == (221, 166)
     assert resized_size(100, 120, DETECTOR_SPEC) == (100, 120)  # under 192^2 px: kept
+    assert min(resized_size(4000, 100, DETECTOR_SPEC)) >= DETECTOR_SPEC.min_side  # never below what engines accept
 
 
 def test_prior_count_and_order_match_caffe() -> None:

@@ -78,6 +78,8 @@ BAD = {
         model_name="minifasnet_v2", inputs=[pb.ModelInferRequest.InferInputTensor(
             name="input", datatype="FP32", shape=x.shape)], raw_input_contents=[x.tobytes()[:-4]]),
         grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents[0]"),
+    "detector_input_too_small": (lambda x: request("retinaface", np.zeros((1, 3, 8, 8), np.float32)),
+                                 grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].shape"),
     "batch_too_large": (lambda x: request("minifasnet_v2", np.repeat(x, 33, axis=0)), grpc.StatusCode.INVALID_ARGUMENT,
                         "inputs[0].shape"),
 }

@@ -44,10 +44,10 @@ class EngineRequest:
 
 
 def detector_range() -> SpatialRange:
-    """Height and width range of the detector input: upstream's resize keeps ~192^2 px, so the long side is at
-    most ``max_side`` (640); opt is the 3:4 portrait every phone photo becomes."""
-    h, w = DETECTOR_SPEC.export_size
-    return SpatialRange({2: (32, h, DETECTOR_SPEC.max_side), 3: (32, w, DETECTOR_SPEC.max_side)})
+    """Height and width range of the detector input (``DetectorSpec.dynamic_axes``); opt is the 3:4 portrait every
+    phone photo becomes."""
+    opt = dict(zip((2, 3), DETECTOR_SPEC.export_size, strict=True))
+    return SpatialRange({axis: (lo, opt[axis], hi) for axis, (lo, hi) in DETECTOR_SPEC.dynamic_axes().items()})
 
 
 def profile_for(meta: ModelMetadata, req: EngineRequest) -> Profile:

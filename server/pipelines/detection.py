@@ -48,7 +48,8 @@ def resized_size(width: int, height: int, spec: DetectorSpec) -> tuple[int, int]
     if max(w, h) > spec.max_side:  # only reachable with extreme aspect ratios
         f = spec.max_side / max(w, h)
         w, h = max(1, int(w * f)), max(1, int(h * f))
-    return max(w, 1), max(h, 1)
+    # Extreme aspect ratios could leave one side below what the engines accept: keep it at the minimum.
+    return max(w, spec.min_side), max(h, spec.min_side)
 
 
 def prepare_input(bgr: np.ndarray, spec: DetectorSpec) -> DetectorInput:

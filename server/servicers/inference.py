@@ -8,12 +8,13 @@ content length is INVALID_ARGUMENT with the offending field named.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 import numpy as np
 
 from engines.runtime.base import TensorSpec
+from engines.specs import DYNAMIC_AXES
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from server.batching.stats import Duration
@@ -50,8 +51,10 @@ def _field(i: int, name: str) -> str:
     return f"inputs[{i}]" + (f".{name}" if name else "")
 
 
-def decode_inputs(req: pb.ModelInferRequest, specs: Sequence[TensorSpec], max_batch: int) -> dict[str, np.ndarray]:
-    """Validate the request's tensors against the model and return them as arrays (batch axis first)."""
+def decode_inputs(req: pb.ModelInferRequest, specs: Sequence[TensorSpec], max_batch: int,
+                  bounds: Mapping[int, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Validate the request's tensors against the model (and the bounds of its dynamic axes) and return them as
+    arrays (batch axis first)."""
     by_name = {s.name: s for s in specs}
     if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
         raise InvalidArgumentError(FieldViolation(
@@ -75,6 +78,10 @@ def decode_inputs(req: pb.ModelInferRequest, specs: Sequence[TensorSpec], max_ba
                 s >= 0 and d != s for d, s in zip(shape[1:], spec.shape[1:], strict=True)):
             raise InvalidArgumentError(FieldViolation(
                 _field(i, "shape"), f"is {list(shape)}; {t.name} takes {list(spec.shape)} (-1: any size)"))
+        for axis, (lo, hi) in (bounds or {}).items():
+            if not lo <= shape[axis] <= hi:
+                raise InvalidArgumentError(FieldViolation(
+                    _field(i, "shape"), f"dimension {axis} is {shape[axis]}; {t.name} accepts {lo}..{hi}"))
         if not 1 <= shape[0] <= max_batch:
             raise InvalidArgumentError(FieldViolation(_field(i, "shape"),
                                                       f"batch {shape[0]} outside [1, {max_batch}]"))
@@ -187,7 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise NotFoundError(f"model {request.model_name!r} has no version {request.model_version!r}; "
                                 f"served: {served.engine.version}")
         e = served.engine
-        inputs = decode_inputs(request, e.inputs, served.batcher.config.max_batch_size)
+        inputs = decode_inputs(request, e.inputs, served.batcher.config.max_batch_size, DYNAMIC_AXES.get(e.name))
         wanted = [o.name for o in request.outputs] or [t.name for t in e.outputs]
         known = {t.name: t for t in e.outputs}
         for i, name in enumerate(wanted):
