@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import re
 import subprocess
@@ -24,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server, free_port, terminate
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Any] = {}
     hist: dict[int, int] = {}
     cfg = a.out / f"facegate-threads{a.intra_op_threads}.toml"
-    cfg.write_text(f"[server]\nintra_op_threads = {a.intra_op_threads}\n")
+    cfg.write_text(f"[runtime]\nintra_op_threads = {a.intra_op_threads}\n")
     tag = f"-t{a.intra_op_threads}" if a.intra_op_threads != 1 else ""
     for label, extra in (("facegate", []), ("facegate-no-batching", ["--no-batching"])):
         progress(f"{label}: starting")
@@ -240,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                             / result["runs"]["triton"][c]["throughput"],
                             "p99": result["runs"]["facegate"][c]["p99_ms"] / result["runs"]["triton"][c]["p99_ms"]}
                         for c in result["runs"]["facegate"]}
-    (a.out / f"compare{tag}.json").write_text(json.dumps(result, indent=2))
-    (a.out / f"compare{tag}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(a.out, f"compare{tag}", result, markdown)
     return 0
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.declarations import declaration_for
 from engines.repository import ModelRepository
 from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
-from server.models import warmup_item
 
 
 def onnxruntime_throughput(repository: Path, model: str, batch_sizes: list[int], seconds_per_point: float,
@@ -18,7 +18,7 @@ def onnxruntime_throughput(repository: Path, model: str, batch_sizes: list[int],
     repo = ModelRepository(repository)
     meta = repo.load(model)
     inst = OnnxRuntimeModel(repo.onnx_path(model), meta, ["CPUExecutionProvider"], intra_op_threads=1).new_instance()
-    item = warmup_item(meta)
+    item = declaration_for(meta).warmup_item()
     rows: dict[int, dict[str, float]] = {}
     for bs in batch_sizes:
         batch = {k: np.stack([v] * bs) for k, v in item.items()}

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks.engine_timing import onnxruntime_throughput
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
+from engines.identify.ensemble import find_ensemble
 from facegate_client.client import FacegateClient, clip_from_folder
-from server.models import find_ensemble
 
 
 def progress(msg: str) -> None:
@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "members": list(ensemble.members)},
               "frames_per_clip": len(first.frames), "frame_size": "180x240 JPEG",
               "engine": engine, "end_to_end": e2e, "stages_ms": {k: float(np.mean(v)) for k, v in stages.items()}}
-    (args.out / "identify.json").write_text(json.dumps(result, indent=2))
-    (args.out / "identify.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, "identify", result, markdown)
     return 0
 
 

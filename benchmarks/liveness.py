@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.engine_timing import onnxruntime_throughput
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
 from benchmarks.stats import summarize
 from engines.repository import ModelRepository
 from engines.specs import DETECTOR, LIVENESS_SPECS
 from server.config import ServerConfig
-from server.models import ModelRegistry
+from server.model_registry import ModelRegistry
 from server.pipelines.liveness import LivenessPipeline, LivenessRequest
 
 MODELS = [DETECTOR, *(s.name for s in LIVENESS_SPECS)]
@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             if 1 in e2e["batching_on"] else float("nan"),
         },
     }
-    (args.out / "liveness.json").write_text(json.dumps(result, indent=2))
-    (args.out / "liveness.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, "liveness", result, markdown)
     return 0
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 
@@ -28,3 +31,12 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "platform": platform.platform(),
     }
+
+
+def write_report(out: Path, stem: str, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """``<stem>.json`` (the numbers) and ``<stem>.md`` (the table) under ``out``; the table also to stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(result)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(text)
+    print(text)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.repository import ModelMetadata, ModelRepository, TensorMeta
+from engines.declarations import DECLARATIONS
+from engines.repository import ModelMetadata, ModelRepository
 from engines.specs import DETECTOR, DETECTOR_SPEC, LIVENESS_SPECS, LivenessSpec
 from engines.weights import MANIFEST, WEIGHTS_DIR_ENV, WeightsError, obtain, sha256_file
 
@@ -57,12 +58,11 @@ def _prepare_liveness(repo: ModelRepository, spec: LivenessSpec, paths: dict[str
     sample.flat[1] = 255.0
     report = verify_onnx(model, path, sample)
     _check(spec.name, report.max_abs_diff)
+    decl = DECLARATIONS[spec.name]
     repo.save(ModelMetadata(
-        name=spec.name, version=MODEL_VERSION,
-        inputs=(TensorMeta("input", "float32", (-1, 3, spec.height, spec.width)),),
-        outputs=(TensorMeta("logits", "float32", (-1, 3)),),
+        name=spec.name, version=MODEL_VERSION, inputs=decl.inputs, outputs=decl.outputs,
         onnx_sha256=sha256_file(path), source_weights=weights,
-        preprocessing={"recipe": RECIPE, "kind": "minifasnet_crop", "scale": spec.scale, "color": "bgr",
+        preprocessing={"recipe": RECIPE, "kind": decl.kind, "scale": spec.scale, "color": "bgr",
                        "value_range": "0-255", "live_class": spec.live_class,
                        "verified_max_abs_diff": report.max_abs_diff},
     ))
@@ -90,12 +90,11 @@ def _prepare_detector(repo: ModelRepository, paths: dict[str, Path], force: bool
         report = verify_onnx(model, path, sample, batch_sizes=(1, 3))
         worst = max(worst, report.max_abs_diff)
     _check(DETECTOR, worst)
+    decl = DECLARATIONS[DETECTOR]
     repo.save(ModelMetadata(
-        name=DETECTOR, version=MODEL_VERSION,
-        inputs=(TensorMeta("input", "float32", (-1, 3, -1, -1)),),
-        outputs=(TensorMeta("loc", "float32", (-1, -1, 4)), TensorMeta("conf", "float32", (-1, -1, 2))),
+        name=DETECTOR, version=MODEL_VERSION, inputs=decl.inputs, outputs=decl.outputs,
         onnx_sha256=sha256_file(path), source_weights=weights,
-        preprocessing={"recipe": RECIPE, "kind": "retinaface_upstream_resize", **asdict(DETECTOR_SPEC),
+        preprocessing={"recipe": RECIPE, "kind": decl.kind, **asdict(DETECTOR_SPEC),
                        "verified_max_abs_diff": worst},
     ))
     log.info("%s: exported, max abs diff vs torch %.2e", DETECTOR, worst)

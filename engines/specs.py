@@ -50,8 +50,6 @@ class LivenessSpec:
 
 
 DETECTOR_SPEC = DetectorSpec()
-# Bounds of dynamic non-batch axes per model (models not listed have none).
-DYNAMIC_AXES: dict[str, dict[int, tuple[int, int]]] = {DETECTOR: DETECTOR_SPEC.dynamic_axes()}
 LIVENESS_SPECS: tuple[LivenessSpec, ...] = (
     LivenessSpec(LIVENESS_V2, "silent-face/2.7_80x80_MiniFASNetV2.pth", "v2", 2.7),
     LivenessSpec(LIVENESS_V1SE, "silent-face/4_0_0_80x80_MiniFASNetV1SE.pth", "v1se", 4.0),

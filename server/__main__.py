@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from engines.repository import ModelNotFoundError
@@ -29,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(
             args.config, host=args.host, port=args.port, model_repository=args.model_repository,
-            batching_enabled=False if args.no_batching else None, prefer_gpu=False if args.cpu_only else None,
-            tls_cert=args.tls_cert, tls_key=args.tls_key,
+            batching_enabled=False if args.no_batching else None, tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
+        if args.cpu_only:
+            config = replace(config, runtime=replace(config.runtime, prefer_gpu=False))
     except (ValueError, OSError) as exc:
         logging.getLogger("server").error("bad configuration: %s", exc)
         return 2

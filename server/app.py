@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engines.identify.ensemble import find_ensemble
 from engines.repository import ModelRepository
 from engines.specs import DETECTOR, LIVENESS_SPECS
 from facegate.v1 import (
@@ -25,14 +26,15 @@ from facegate.v1 import (
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.config import ServerConfig
 from server.gallery.store import GalleryStore
-from server.models import ModelRegistry, find_ensemble
-from server.pipelines.clip import ClipPipeline
+from server.model_registry import ModelRegistry
+from server.pipelines.identification import ClipPipeline
 from server.pipelines.liveness import LivenessPipeline
-from server.servicers.identification import IdentificationRuntime, IdentificationServicer
+from server.servicers.error_interceptor import ErrorMappingInterceptor
+from server.servicers.identification import IdentificationServicer
 from server.servicers.inference import InferenceServicer
 from server.servicers.liveness import LivenessServicer
 from server.servicers.models import ModelServicer, model_version
-from server.servicers.status import ErrorMappingInterceptor
+from server.services.identification import IdentificationService
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,11 @@ class FacegateServer:
         self.cpu_pool = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="cpu")
         self.health = health.aio.HealthServicer()
         self.liveness: LivenessPipeline | None = None
-        self.identification: IdentificationRuntime | None = None
+        self.identification: IdentificationService | None = None
         self._loading = True
         self.db_pool = ThreadPoolExecutor(1, thread_name_prefix="gallery-db")
         self._versions: list[common_pb2.ModelVersion] = []
+        self._identify_versions: list[common_pb2.ModelVersion] = []
         self.server = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor(on_unrecoverable=self._unrecoverable)],
             options=[
@@ -70,7 +73,8 @@ class FacegateServer:
             LivenessServicer(lambda: self.liveness, lambda: self._versions), self.server)
         models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self.server)
         identification_pb2_grpc.add_IdentificationServiceServicer_to_server(
-            IdentificationServicer(lambda: self.identification, lambda: self._loading), self.server)
+            IdentificationServicer(lambda: self.identification, lambda: self._loading,
+                                   lambda: self._identify_versions), self.server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.registry, lambda: not self._loading), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -117,14 +121,14 @@ class FacegateServer:
                         "FAILED_PRECONDITION (run `make identify-models`)", self.config.model_repository)
             return
         members = list(ensemble.members)
-        await self.registry.load(members, self.config.clip_batching)
+        await self.registry.load(members)
         await self.registry.warmup(members, rounds=1)
         loop = asyncio.get_running_loop()
         store = await loop.run_in_executor(self.db_pool, GalleryStore, self.config.gallery_path)
         clips = ClipPipeline(self.registry.batcher(DETECTOR), [self.registry.batcher(m) for m in members],
                              ensemble, self.cpu_pool, self.config.clip_limits)
-        versions = [model_version(self.registry.models[n]) for n in (DETECTOR, *members)]
-        self.identification = IdentificationRuntime(clips, store, self.db_pool, self.liveness, versions)
+        self._identify_versions = [model_version(self.registry.models[n]) for n in (DETECTOR, *members)]
+        self.identification = IdentificationService(clips, store, self.db_pool, self.liveness)
         log.info("identification: ensemble %s v%s (%d members), gallery %s", ensemble.name, ensemble.version,
                  len(members), self.config.gallery_path)
 
@@ -142,7 +146,7 @@ class FacegateServer:
         await self.server.stop(self.config.drain_grace_s if grace_s is None else grace_s)
         await self.registry.stop()
         if self.identification is not None:
-            await asyncio.get_running_loop().run_in_executor(self.db_pool, self.identification.store.close)
+            await self.identification.close()
         self.db_pool.shutdown(wait=True)
         self.cpu_pool.shutdown(wait=True)
 

@@ -11,21 +11,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from engines.specs import DETECTOR, LIVENESS_V1SE, LIVENESS_V2
+from engines.batching import BatcherConfig
+from engines.declarations import DECLARATIONS
+from engines.runtime.factory import RuntimeSettings
 from engines.tensorrt.cache import BuilderSettings
-from server.batching.config import BatcherConfig
-from server.imaging import ImageLimits
-from server.pipelines.clip import ClipLimits
+from engines.vision.imaging import ImageLimits
+from server.pipelines.identification import ClipLimits
 from server.pipelines.liveness import LivenessConfig
 from server.pipelines.quality import QualityConfig
-
-# Defaults per model, measured on 2 CPU cores (benchmarks/results): the classifiers are tiny, so large
-# batches amortise the per-call overhead; the detector is heavier and gains less beyond 8.
-DEFAULT_BATCHING: dict[str, BatcherConfig] = {
-    DETECTOR: BatcherConfig(max_batch_size=16, max_queue_delay_us=1000, max_queue_size=1024, instances=2),
-    LIVENESS_V2: BatcherConfig(max_batch_size=32, max_queue_delay_us=1000, max_queue_size=1024, instances=1),
-    LIVENESS_V1SE: BatcherConfig(max_batch_size=32, max_queue_delay_us=1000, max_queue_size=1024, instances=1),
-}
 
 
 @dataclass(frozen=True)
@@ -48,26 +41,17 @@ class ServerConfig:
     """Then: refuse new RPCs, let those in flight finish for up to this long, and cancel the rest."""
     cpu_workers: int = max(2, min(8, (os.cpu_count() or 2) * 2))
     """Threads for decoding and resizing (these release the GIL)."""
-    intra_op_threads: int = 1
-    """ONNX Runtime threads per session; parallelism comes from instances and batching."""
-    prefer_gpu: bool = True
-    """Use a GPU runtime when one is installed and a GPU is present (ONNX Runtime's CUDA provider for now)."""
-    tensorrt_precision: str = "fp16"
-    """Engine precision on GPUs: "fp16" (an FP16 ONNX variant with FP32 I/O) or "fp32"."""
-    tensorrt_builder: BuilderSettings = field(default_factory=BuilderSettings)
-    cuda_graphs: bool = True
-    """Replay CUDA graphs per batch bucket on TensorRT (falls back to plain execution if capture fails)."""
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    """Which runtime serves the models and how ([runtime] in TOML)."""
     batching_enabled: bool = True
     """False runs every request alone (the no-batching baseline of the benchmarks)."""
-    batching: dict[str, BatcherConfig] = field(default_factory=lambda: dict(DEFAULT_BATCHING))
+    batching: dict[str, BatcherConfig] = field(default_factory=dict)
+    """Per-model overrides of the batcher defaults in each model's declaration ([batching.<model>])."""
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     gallery_path: Path = Path("data/gallery.sqlite")
     """SQLite file of the enrolment gallery (created on first start)."""
     identification_ensemble: str = ""
     """Ensemble manifest under <model_repository>/ensembles/ to serve; empty = the only (or first) one."""
-    clip_batching: BatcherConfig = field(default_factory=lambda: BatcherConfig(
-        max_batch_size=8, max_queue_delay_us=2000, max_queue_size=256, instances=1))
-    """Batcher settings of every SlowFast ensemble member (unless [batching.<member>] overrides)."""
     clip_limits: ClipLimits = field(default_factory=ClipLimits)
 
     def __post_init__(self) -> None:
@@ -80,14 +64,21 @@ class ServerConfig:
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(f"tls_cert ({self.tls_cert}) and tls_key ({self.tls_key}) must be given together")
-        if self.tensorrt_precision not in ("fp16", "fp32"):
-            raise ValueError(f"tensorrt_precision must be fp16 or fp32, got {self.tensorrt_precision!r}")
+        if self.runtime.tensorrt_precision not in ("fp16", "fp32"):
+            raise ValueError(f"tensorrt_precision must be fp16 or fp32, got {self.runtime.tensorrt_precision!r}")
         if self.cpu_workers < 1:
             raise ValueError(f"cpu_workers must be >= 1, got {self.cpu_workers}")
 
-    def batcher_for(self, model: str, default: BatcherConfig | None = None) -> BatcherConfig:
-        cfg = self.batching.get(model, default or BatcherConfig())
+    def batcher_for(self, model: str, declared: BatcherConfig | None = None) -> BatcherConfig:
+        """The override for ``model`` if configured, else its declared defaults (``declared`` for models only the
+        repository knows, such as trained ensemble members)."""
+        cfg = self.batching.get(model) or declared or _declared_batching(model)
         return cfg if self.batching_enabled else cfg.unbatched()
+
+
+def _declared_batching(model: str) -> BatcherConfig:
+    decl = DECLARATIONS.get(model)
+    return decl.batching if decl is not None else BatcherConfig()
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -99,8 +90,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 def load_config(path: Path | None, **overrides: Any) -> ServerConfig:
-    """Read a TOML file (sections: [server], [liveness], [liveness.image], [liveness.quality],
-    [batching.<model>]) and apply keyword overrides (from the command line) on top."""
+    """Read a TOML file (sections: [server], [runtime], [runtime.tensorrt_builder], [liveness], [liveness.image],
+    [liveness.quality], [batching.<model>]) and apply keyword overrides (from the command line) on top."""
     data: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
     server = dict(data.get("server", {}))
     for key in ("model_repository", "gallery_path", "tls_cert", "tls_key"):
@@ -110,14 +101,18 @@ def load_config(path: Path | None, **overrides: Any) -> ServerConfig:
     image = _build(ImageLimits, live.pop("image", {}), "[liveness.image]")
     quality = _build(QualityConfig, live.pop("quality", {}), "[liveness.quality]")
     liveness = _build(LivenessConfig, {**live, "image": image, "quality": quality}, "[liveness]")
-    batching = dict(DEFAULT_BATCHING)
+    rt = dict(data.get("runtime", {}))
+    builder = _build(BuilderSettings, rt.pop("tensorrt_builder", {}), "[runtime.tensorrt_builder]")
+    runtime = _build(RuntimeSettings, {**rt, "tensorrt_builder": builder}, "[runtime]")
+    batching: dict[str, BatcherConfig] = {}
     for model, section in data.get("batching", {}).items():
         section = dict(section)
         if "preferred_batch_sizes" in section:
             section["preferred_batch_sizes"] = tuple(section["preferred_batch_sizes"])
-        base = batching.get(model, BatcherConfig())
+        base = _declared_batching(model)
         batching[model] = _build(BatcherConfig, {**_asdict(base), **section}, f"[batching.{model}]")
-    cfg = _build(ServerConfig, {**server, "batching": batching, "liveness": liveness}, "[server]")
+    cfg = _build(ServerConfig, {**server, "batching": batching, "liveness": liveness, "runtime": runtime},
+                 "[server]")
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 

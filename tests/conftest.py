@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 SAMPLES = SHARED / "samples" / "liveness"
 
-# Reference results of the upstream pipeline (shared/models/README.md, docs/models.md).
+# Reference results of the upstream pipeline (the weights folder's README, e.g. ../shared/models/README.md).
 REFERENCE = {
     "image_F1.jpg": ("SPOOF", 0.072, (178, 136, 223, 225), 0.9924),
     "image_F2.jpg": ("SPOOF", 0.18, (120, 252, 252, 256), 0.9913),

@@ -1,5 +1,5 @@
-"""Test doubles for ``tensorrt`` and ``cuda.bindings.runtime``: just enough of both APIs (as docs/tensorrt.md
-describes them) to execute facegate's TensorRT code paths on a CPU. Never used outside tests.
+"""Test doubles for ``tensorrt`` and ``cuda.bindings.runtime``: just enough of both APIs (as NVIDIA's
+Python API documents them) to execute facegate's TensorRT code paths on a CPU. Never used outside tests.
 
 The fake engine computes ``output = input * 2`` (per item, flattened to the output's width) from fake device
 memory; a stream that is capturing records enqueued work into a graph instead of running it.

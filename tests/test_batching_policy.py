@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.batching.config import BatcherConfig
+from engines.batching import BatcherConfig
 from server.batching.policy import QueueState, decide
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from server.pipelines.clip_window import (
+from engines.vision.clip_window import (
     ClipSpec,
     detection_frames,
     model_input,

@@ -32,7 +32,7 @@ def test_unknown_setting_is_named(tmp_path: Path) -> None:
 
 
 def test_cross_field_check_names_both_values() -> None:
-    from server.imaging import ImageLimits
+    from engines.vision.imaging import ImageLimits
     from server.pipelines.liveness import LivenessConfig
 
     with pytest.raises(ValueError, match=r"max_message_bytes \(1000\).*max_bytes \(8388608\)"):

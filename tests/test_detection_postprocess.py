@@ -3,7 +3,7 @@
 import numpy as np
 
 from engines.specs import DETECTOR_SPEC
-from server.pipelines.detection import DetectorInput, decode, prepare_input, priors, resized_size
+from engines.vision.detection import DetectorInput, decode_detections, prepare_input, priors, resized_size
 
 
 def test_resize_follows_the_upstream_rule() -> None:
@@ -34,7 +34,7 @@ def test_zero_regression_decodes_to_the_prior_and_low_scores_are_dropped() -> No
     conf[:, 0] = 1.0
     k = 2 * (21 * 10 + 8) + 1  # row 10, col 8, size 32
     conf[k] = [0.1, 0.9]
-    dets = decode(loc, conf, inp, DETECTOR_SPEC)
+    dets = decode_detections(loc, conf, inp, DETECTOR_SPEC)
     assert len(dets) == 1 and abs(dets[0].score - 0.9) < 1e-6
     cx, cy, w, h = p[k]
     np.testing.assert_allclose(
@@ -51,7 +51,7 @@ def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
     conf[base + 1] = [0.2, 0.8]  # size-32 prior at (10, 8)
     conf[base + 3] = [0.1, 0.9]  # size-32 prior one column right: IoU 0.6 > 0.3
     conf[2 * (21 * 25 + 2)] = [0.3, 0.7]  # far away
-    dets = decode(loc, conf, inp, DETECTOR_SPEC)
+    dets = decode_detections(loc, conf, inp, DETECTOR_SPEC)
     assert [round(d.score, 2) for d in dets] == [0.9, 0.7]
 
 
@@ -60,7 +60,7 @@ def test_pixel_box_uses_the_upstream_rounding() -> None:
     p = priors(DETECTOR_SPEC, 166, 221)
     conf = np.zeros((p.shape[0], 2), np.float32)
     conf[0] = [0, 1]
-    det = decode(np.zeros((p.shape[0], 4), np.float32), conf, inp, DETECTOR_SPEC)[0]
+    det = decode_detections(np.zeros((p.shape[0], 4), np.float32), conf, inp, DETECTOR_SPEC)[0]
     x, y, w, _ = det.pixel_box(480, 640)
     assert (x, y) == (int(det.x1 * 480), int(det.y1 * 640))
     assert w == int(det.x2 * 480 - det.x1 * 480 + 1)

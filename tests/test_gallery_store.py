@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from engines.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from server.gallery.store import GalleryStore
 from tests.conftest import ROOT
 

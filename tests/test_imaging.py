@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.errors import InvalidArgumentError
-from server.imaging import ImageLimits, decode_image
+from engines.errors import InvalidArgumentError
+from engines.vision.imaging import ImageLimits, decode_image
 from tests.images import encode, gradient, png_declaring
 
 LIMITS = ImageLimits()

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from server.gallery.matching import MatchDecision, choose_threshold, decide, person_scores, rank
+from engines.identify.matching import MatchDecision, choose_threshold, decide, person_scores, rank
 
 
 def unit(*v: float) -> np.ndarray:

@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 
 from engines.specs import DETECTOR_SPEC, LIVENESS_SPECS
-from server.imaging import ImageLimits, decode_image
+from engines.vision.detection import decode_detections, prepare_input
+from engines.vision.imaging import ImageLimits, decode_image
 from server.pipelines.crop import crop_for_model
-from server.pipelines.detection import decode, prepare_input
 from tests.conftest import REFERENCE
 
 pytestmark = pytest.mark.weights
@@ -66,7 +66,7 @@ def test_detector_boxes_and_scores_match_the_reference(name: str, samples: Path,
     inp = prepare_input(image.bgr, DETECTOR_SPEC)
     det = ort.InferenceSession(str(repository_dir / "retinaface" / "model.onnx"))
     loc, conf = det.run(None, {"input": inp.tensor[None]})
-    best = decode(loc[0], conf[0], inp, DETECTOR_SPEC)[0]
+    best = decode_detections(loc[0], conf[0], inp, DETECTOR_SPEC)[0]
     box = best.pixel_box(image.width, image.height)
     assert max(abs(a - b) for a, b in zip(box, box_ref, strict=True)) <= 2
     assert best.score == pytest.approx(conf_ref, abs=1e-3)

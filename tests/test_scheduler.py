@@ -8,15 +8,15 @@ import time
 import numpy as np
 import pytest
 
-from server.batching.config import BatcherConfig
-from server.batching.scheduler import DynamicBatcher
-from server.errors import (
+from engines.batching import BatcherConfig
+from engines.errors import (
     DeadlineExceededError,
     InternalError,
     ResourceExhaustedError,
     UnavailableError,
     UnrecoverableError,
 )
+from server.batching.scheduler import DynamicBatcher
 from tests.fakes import FakeModel
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from engines.runtime.base import EngineError
-from engines.runtime.select import Availability, availability, choose
+from engines.runtime.factory import choose
 from engines.runtime.tensorrt_engine import TensorIO, output_shape_for, plan_buffers
+from engines.tensorrt.availability import Availability, availability
 from engines.tensorrt.buckets import bucket_for, pad_batch, unpad
 from engines.tensorrt.cache import BuilderSettings, BuildKey, Device, EngineCache
 from engines.tensorrt.profiles import SpatialRange, batch_buckets, derive_profile, fits
@@ -132,7 +133,7 @@ def test_this_machine_falls_back_to_onnxruntime_with_a_reason() -> None:
 
 
 def test_the_cpu_path_imports_neither_tensorrt_nor_cuda() -> None:
-    code = ("import sys, server.app, server.models, engines.runtime.tensorrt_engine, engines.tensorrt.build; "
+    code = ("import sys, server.app, server.model_registry, engines.runtime.tensorrt_engine, engines.tensorrt.build; "
             "print(sorted(m for m in sys.modules if m == 'tensorrt' or m.split('.')[0] == 'cuda'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -115,12 +115,13 @@ def test_teardown_frees_every_buffer_and_the_stream(fake_gpu: FakeCuda, repo: Mo
 
 
 def test_the_registry_serves_a_model_on_tensorrt_when_it_is_usable(fake_gpu: FakeCuda, repo: ModelRepository) -> None:
-    from engines.runtime.select import Availability
-    from server.batching.config import BatcherConfig
+    from engines.batching import BatcherConfig
+    from engines.runtime.factory import RuntimeSettings
+    from engines.tensorrt.availability import Availability
     from server.config import ServerConfig
-    from server.models import ModelRegistry
+    from server.model_registry import ModelRegistry
 
-    config = replace(ServerConfig(model_repository=repo.root), tensorrt_precision="fp32",
+    config = replace(ServerConfig(model_repository=repo.root), runtime=RuntimeSettings(tensorrt_precision="fp32"),
                      batching={"m": BatcherConfig(max_batch_size=8, max_queue_delay_us=0)})
     registry = ModelRegistry(repo, config, Availability("10.16.1", True, 1, "TensorRT 10.16.1 with 1 GPU(s)"))
 

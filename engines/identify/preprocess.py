@@ -1,7 +1,7 @@
 """Turn dataset clips into model inputs with the server's own preprocessing, and cache them.
 
 Detection runs on a few frames per clip (ONNX Runtime, the served detector), then the shared functions of
-``server.pipelines.clip_window`` build the crop box, the apex and the window: training sees exactly what the
+``engines.vision.clip_window`` build the crop box, the apex and the window: training sees exactly what the
 server will feed the model.
 """
 
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 from engines.identify.datasets import ClipRecord
-from engines.specs import DETECTOR_SPEC
-from server.pipelines.clip_window import (
+from engines.repository import ModelRepository
+from engines.runtime.base import EngineInstance
+from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
+from engines.vision.clip_window import (
     ClipSpec,
     crop_frames,
     detection_frames,
@@ -28,7 +29,7 @@ from server.pipelines.clip_window import (
     square_crop_box,
     stable_box,
 )
-from server.pipelines.detection import decode, prepare_input
+from engines.vision.detection import Box, FaceDetector
 
 
 @dataclass
@@ -41,16 +42,15 @@ class PreparedClip:
 
 
 class OnnxDetector:
-    def __init__(self, onnx_path: Path) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    """The served detector on ONNX Runtime (two threads: training preprocessing has the machine to itself)."""
 
-    def best_box(self, bgr: np.ndarray, min_score: float) -> tuple[int, int, int, int] | None:
-        inp = prepare_input(bgr, DETECTOR_SPEC)
-        loc, conf = self.session.run(None, {"input": inp.tensor[None]})
-        dets = [d for d in decode(loc[0], conf[0], inp, DETECTOR_SPEC) if d.score >= min_score]
-        return dets[0].pixel_box(bgr.shape[1], bgr.shape[0]) if dets else None
+    def __init__(self, onnx_path: Path) -> None:
+        meta = ModelRepository(onnx_path.parent.parent).load(onnx_path.parent.name)
+        self._engine: EngineInstance = OnnxRuntimeModel(onnx_path, meta, ["CPUExecutionProvider"],
+                                                        intra_op_threads=2).new_instance()
+
+    def best_box(self, bgr: np.ndarray, min_score: float) -> Box | None:
+        return FaceDetector(min_score).detect_box(bgr, lambda batch: self._engine.infer(batch)[0])
 
 
 def prepare_clip(record: ClipRecord, detector: OnnxDetector, spec: ClipSpec) -> PreparedClip | None:

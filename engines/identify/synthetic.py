@@ -143,7 +143,7 @@ def load_base(path: Path | None, width: int, height: int, face_box: tuple[int, i
               ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     if path is None:
         return drawn_face(width, height)
-    from server.imaging import ImageLimits, decode_image
+    from engines.vision.imaging import ImageLimits, decode_image
 
     img = decode_image(path.read_bytes(), ImageLimits()).bgr
     sy, sx = height / img.shape[0], width / img.shape[1]
@@ -223,7 +223,7 @@ def _render_identity(args: tuple[Path, SyntheticConfig, np.ndarray, tuple[int, i
 def detect_face_box(image: Path, detector_onnx: Path) -> tuple[int, int, int, int]:
     """The face box of a photo, found with the served detector (so no box needs to be typed in)."""
     from engines.identify.preprocess import OnnxDetector
-    from server.imaging import ImageLimits, decode_image
+    from engines.vision.imaging import ImageLimits, decode_image
 
     box = OnnxDetector(detector_onnx).best_box(decode_image(image.read_bytes(), ImageLimits()).bgr, 0.6)
     if box is None:

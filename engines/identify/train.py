@@ -28,13 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engines.declarations import slowfast_member
 from engines.identify.datasets import READERS
+from engines.identify.matching import choose_threshold, person_scores, rank
 from engines.identify.preprocess import PreparedClip, prepare_all
 from engines.models.slowfast import PRESETS, SlowFast, SlowFastConfig
-from engines.repository import ModelMetadata, ModelRepository, TensorMeta
+from engines.repository import ModelMetadata, ModelRepository
+from engines.vision.clip_window import ClipSpec
 from engines.weights import sha256_file
-from server.gallery.matching import choose_threshold, person_scores, rank
-from server.pipelines.clip_window import ClipSpec
 
 log = logging.getLogger("engines.identify.train")
 
@@ -221,11 +222,10 @@ def export_members(models: dict[str, SlowFast], cfg: SlowFastConfig, spec: ClipS
         diff = verify_onnx(serving, path, sample, batch_sizes=(1, 3)).max_abs_diff
         if diff > 1e-4:
             raise RuntimeError(f"{name}: ONNX differs from torch by {diff:.2e}")
+        decl = slowfast_member(name, cfg.clip_len, cfg.size, cfg.embed_dim)
         repo.save(ModelMetadata(
-            name=name, version="1",
-            inputs=(TensorMeta("clip", "float32", (-1, 3, cfg.clip_len, cfg.size, cfg.size)),),
-            outputs=(TensorMeta("embedding", "float32", (-1, cfg.embed_dim)),),
-            onnx_sha256=sha256_file(path), preprocessing={"kind": "slowfast_clip", "slowfast": cfg.to_dict(),
+            name=name, version="1", inputs=decl.inputs, outputs=decl.outputs,
+            onnx_sha256=sha256_file(path), preprocessing={"kind": decl.kind, "slowfast": cfg.to_dict(),
                                                           "clip": asdict(spec), "verified_max_abs_diff": diff},
             max_batch_size=64,
         ))

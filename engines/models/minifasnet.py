@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Expand widths of the residual units per stage (facts from the release; see docs/models.md).
+# Expand widths of the residual units per stage (facts from the Silent-Face-Anti-Spoofing release).
 _WIDTHS: dict[str, dict[str, list[int]]] = {
     "v2": {"conv_3": [13, 13, 13, 13], "conv_4": [231, 52, 26, 77, 26, 26], "conv_5": [26, 26]},
     "v1se": {"conv_3": [13, 26, 13, 52], "conv_4": [154, 52, 26, 52, 26, 26], "conv_5": [26, 26]},

@@ -3,7 +3,7 @@
 The network is interpreted layer by layer from the prototxt (so the structure is the released one, not a
 transcription), with the weights read from the caffemodel. Only the part that is a plain tensor program is
 built: the prior boxes and DetectionOutput (decode + NMS) run outside the network, in
-``server.pipelines.detection``, so the ONNX graph stays free of custom ops and keeps a dynamic batch axis.
+``engines.vision.detection``, so the ONNX graph stays free of custom ops and keeps a dynamic batch axis.
 
 Outputs: ``loc`` [N, P, 4] (box regression against the priors) and ``conf`` [N, P, 2] (softmax, class 1 =
 face), P = priors for the input size, in the order Caffe's PriorBox layers produce them.

@@ -1,6 +1,7 @@
 """SlowFast video network with a normalised embedding head, for person identification from face clips.
 
-Re-implemented from the published architecture facts (docs/models.md): two pathways over the same clip, the
+Re-implemented from the published architecture facts (Feichtenhofer et al., SlowFast Networks for Video
+Recognition, 2019): two pathways over the same clip, the
 slow one seeing every alpha-th frame with many channels, the fast one every frame with 1/beta of the channels;
 lateral fusions (time-strided 3D convs) from fast into slow after the stem, res2, res3 and res4; bottleneck
 residual stages with the temporal kernels of the original (slow: 1,1,3,3; fast: 3 everywhere); adaptive

@@ -54,14 +54,6 @@ class Model(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model."""
 
-    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        """Zeros of the right shapes, for warm-up and for engine benchmarks."""
-        out: dict[str, np.ndarray] = {}
-        for spec in self.inputs:
-            shape = (batch_size, *[1 if d < 0 else d for d in spec.shape[1:]])
-            out[spec.name] = np.zeros(shape, dtype=spec.dtype)
-        return out
-
 
 class EngineError(RuntimeError):
     """An engine failed to execute a batch."""

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engines.repository import ModelMetadata, ModelRepository
-from engines.specs import DETECTOR, DETECTOR_SPEC
+from engines.declarations import ModelDeclaration, declaration_for
+from engines.repository import ModelRepository
 from engines.tensorrt.cache import BuilderSettings, BuildKey, Device, EngineCache
+from engines.tensorrt.cli import engine_cli
 from engines.tensorrt.fp16 import FP16_FILE, convert_fp16
-from engines.tensorrt.profiles import Profile, SpatialRange, batch_buckets, derive_profile
+from engines.tensorrt.profiles import InputProfile, Profile, SpatialRange, batch_buckets, derive_profile
 from engines.weights import sha256_file
 
 log = logging.getLogger("engines.tensorrt.build")
@@ -43,17 +44,13 @@ class EngineRequest:
     precision: str = "fp16"
 
 
-def detector_range() -> SpatialRange:
-    """Height and width range of the detector input (``DetectorSpec.dynamic_axes``); opt is the 3:4 portrait every
-    phone photo becomes."""
-    opt = dict(zip((2, 3), DETECTOR_SPEC.export_size, strict=True))
-    return SpatialRange({axis: (lo, opt[axis], hi) for axis, (lo, hi) in DETECTOR_SPEC.dynamic_axes().items()})
-
-
-def profile_for(meta: ModelMetadata, req: EngineRequest) -> Profile:
-    inputs = [(t.name, t.shape) for t in meta.inputs]
-    spatial = detector_range() if meta.name == DETECTOR else None
-    return derive_profile(inputs, req.max_batch_size, req.preferred, spatial)
+def profile_for(decl: ModelDeclaration, req: EngineRequest) -> Profile:
+    """Batch 1..max from the batcher settings; each dynamic non-batch axis over its declared (min, opt, max)."""
+    inputs: list[InputProfile] = []
+    for t in decl.inputs:
+        spatial = SpatialRange(dict(decl.dynamic_axes.get(t.name, {})))
+        inputs.extend(derive_profile([(t.name, t.shape)], req.max_batch_size, req.preferred, spatial).inputs)
+    return Profile(tuple(inputs))
 
 
 def onnx_for(repo: ModelRepository, name: str, precision: str) -> Path:
@@ -70,9 +67,9 @@ def onnx_for(repo: ModelRepository, name: str, precision: str) -> Path:
 
 def build_key(repo: ModelRepository, req: EngineRequest, settings: BuilderSettings, trt_version: str,
               device: Device) -> tuple[BuildKey, Path]:
-    meta = repo.load(req.name)
+    decl = declaration_for(repo.load(req.name))
     onnx_path = onnx_for(repo, req.name, req.precision)
-    key = BuildKey(sha256_file(onnx_path), trt_version, device, (profile_for(meta, req),), req.precision, settings)
+    key = BuildKey(sha256_file(onnx_path), trt_version, device, (profile_for(decl, req),), req.precision, settings)
     return key, onnx_path
 
 
@@ -83,7 +80,7 @@ def _hardware_level(trt: Any, level: str) -> Any:
 
 
 def build_plan(onnx_path: Path, key: BuildKey, timing_cache: Path) -> tuple[bytes, list[str]]:
-    """ONNX -> serialised engine with TensorRT (10.x or 11.x API; see docs/tensorrt.md)."""
+    """ONNX -> serialised engine with TensorRT (the 10.x and 11.x Python API)."""
     import tensorrt as trt
 
     from engines.runtime.tensorrt_engine import trt_logger
@@ -164,38 +161,27 @@ def ensure_engine(repo: ModelRepository, req: EngineRequest, settings: BuilderSe
     return path
 
 
-def requests_from_config(models: list[str], precision: str) -> list[EngineRequest]:
-    from server.config import ServerConfig
-
-    cfg = ServerConfig()
+def engine_requests(repo: ModelRepository, models: list[str], precision: str) -> list[EngineRequest]:
+    """What to build per model: the batch range its declared batcher defaults can form."""
     out = []
     for m in models:
-        b = cfg.batcher_for(m, cfg.clip_batching if m.startswith("slowfast") else None)
+        b = declaration_for(repo.load(m)).batching
         out.append(EngineRequest(m, b.max_batch_size, b.preferred_batch_sizes, precision))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--models", nargs="*", help="default: every model in the repository")
-    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--workspace-mib", type=int, default=4096)
     p.add_argument("--optimization-level", type=int, default=3)
     p.add_argument("--hardware-compatibility", choices=["none", "ampere_plus", "same_compute_capability"],
                    default="none")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from engines.runtime.select import availability
-
-    avail = availability()
-    if not avail.tensorrt_usable:
-        log.error("cannot build TensorRT engines here: %s", avail.reason)
+    run = engine_cli(p, argv, "build TensorRT engines")
+    if run is None:
         return 2
-    repo = ModelRepository(a.repository)
-    settings = BuilderSettings(a.workspace_mib, a.optimization_level, a.hardware_compatibility)
-    for req in requests_from_config(a.models or repo.names(), a.precision):
-        ensure_engine(repo, req, settings)
+    settings = BuilderSettings(run.args.workspace_mib, run.args.optimization_level, run.args.hardware_compatibility)
+    for req in engine_requests(run.repo, run.models, run.args.precision):
+        ensure_engine(run.repo, req, settings)
         log.info("%s: buckets for CUDA graphs %s", req.name, batch_buckets(req.max_batch_size, req.preferred))
     return 0
 

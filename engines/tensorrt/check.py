@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from engines.repository import ModelRepository
+from engines.declarations import declaration_for
 from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
-from engines.tensorrt.build import requests_from_config
+from engines.tensorrt.build import engine_requests
 from engines.tensorrt.cache import BuilderSettings
+from engines.tensorrt.cli import engine_cli
 from engines.tensorrt.profiles import batch_buckets
 
 log = logging.getLogger("engines.tensorrt.check")
@@ -39,33 +40,24 @@ def errors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, floa
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--models", nargs="*")
-    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--timing", action="store_true")
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/tensorrt-check.json"))
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from engines.runtime.select import availability
-
-    avail = availability()
-    if not avail.tensorrt_usable:
-        log.error("TensorRT check needs TensorRT and a GPU: %s", avail.reason)
+    run = engine_cli(p, argv, "check TensorRT engines")
+    if run is None:
         return 2
     from engines.runtime.tensorrt_engine import TensorRTModel
     from engines.tensorrt.build import ensure_engine
-    from server.models import warmup_item
 
-    repo = ModelRepository(a.repository)
-    report: dict[str, Any] = {"availability": avail.reason, "precision": a.precision, "models": {}}
-    for req in requests_from_config(a.models or repo.names(), a.precision):
+    a, repo = run.args, run.repo
+    report: dict[str, Any] = {"availability": run.availability.reason, "precision": a.precision, "models": {}}
+    for req in engine_requests(repo, run.models, a.precision):
         meta = repo.load(req.name)
         plan = ensure_engine(repo, req, BuilderSettings())
         buckets = batch_buckets(req.max_batch_size, req.preferred)
         trt_inst = TensorRTModel(plan, meta, buckets, cuda_graphs=True).new_instance()
         ort_inst = OnnxRuntimeModel(repo.onnx_path(req.name), meta, ["CPUExecutionProvider"]).new_instance()
-        item = warmup_item(meta)
+        item = declaration_for(meta).warmup_item()
         entry: dict[str, Any] = {"accuracy": {}, "timing": {}}
         for n in sorted({1, min(3, req.max_batch_size), req.max_batch_size}):
             batch = random_batch(item, n, seed=n)

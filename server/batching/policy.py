@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.batching.config import BatcherConfig
+from engines.batching import BatcherConfig
 
 
 @dataclass(frozen=True)

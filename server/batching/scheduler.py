@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.runtime.base import EngineInstance, InferTimings, Model
-from server.batching.config import BatcherConfig
-from server.batching.policy import QueueState, decide
-from server.batching.stats import ModelStats
-from server.errors import (
+from engines.batching import BatcherConfig
+from engines.errors import (
     DeadlineExceededError,
     InternalError,
     ResourceExhaustedError,
     UnavailableError,
     UnrecoverableError,
 )
+from engines.runtime.base import EngineInstance, InferTimings, Model
+from server.batching.policy import QueueState, decide
+from server.batching.stats import ModelStats
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, NotFoundError
+from engines.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, NotFoundError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (

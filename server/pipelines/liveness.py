@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engines.errors import FieldViolation, InvalidArgumentError
 from engines.specs import DETECTOR_SPEC, DetectorSpec, LivenessSpec
+from engines.vision.detection import DetectorInput, FaceDetector
+from engines.vision.imaging import DecodedImage, ImageLimits, decode_image
 from server.batching.scheduler import DynamicBatcher
-from server.errors import FieldViolation, InvalidArgumentError
-from server.imaging import DecodedImage, ImageLimits, decode_image
 from server.pipelines.crop import crop_for_model
-from server.pipelines.detection import Detection, DetectorInput, decode, prepare_input
+from server.pipelines.face_detection import BatchedFaceDetector
 from server.pipelines.quality import QualityConfig, QualityIssue, assess_face
 
 
@@ -106,25 +107,20 @@ def validate_threshold(threshold: float | None) -> None:
 class LivenessPipeline:
     def __init__(self, detector: DynamicBatcher, classifiers: list[tuple[LivenessSpec, DynamicBatcher]],
                  config: LivenessConfig, executor: Executor, detector_spec: DetectorSpec = DETECTOR_SPEC) -> None:
-        self.detector = detector
+        self.detector = BatchedFaceDetector(detector, FaceDetector(config.face_score_threshold, detector_spec))
         self.classifiers = classifiers
         self.config = config
         self.executor = executor
-        self.detector_spec = detector_spec
 
     def _decode_and_prepare(self, data: bytes) -> tuple[DecodedImage, DetectorInput]:
         image = decode_image(data, self.config.image)
-        return image, prepare_input(image.bgr, self.detector_spec)
+        return image, self.detector.detector.prepare(image.bgr)
 
     def _crops_and_quality(self, image: DecodedImage, box: tuple[int, int, int, int]
                            ) -> tuple[list[np.ndarray], list[QualityIssue]]:
         crops = [crop_for_model(image.bgr, box, spec.scale, spec.width, spec.height)
                  for spec, _ in self.classifiers]
         return crops, assess_face(image.bgr, box, self.config.quality)
-
-    async def detect(self, image_input: DetectorInput, deadline: float | None) -> list[Detection]:
-        out = await self.detector.infer({"input": image_input.tensor}, deadline)
-        return decode(out["loc"], out["conf"], image_input, self.detector_spec)
 
     async def check(self, req: LivenessRequest) -> LivenessResult:
         validate_threshold(req.threshold)
@@ -136,10 +132,9 @@ class LivenessPipeline:
         image, det_input = await loop.run_in_executor(self.executor, self._decode_and_prepare, req.image)
         t1 = time.perf_counter()
         timings["decode"] = (t1 - t0) * 1e3
-        detections = await self.detect(det_input, req.deadline)
+        faces = await self.detector.faces(det_input, req.deadline)
         t2 = time.perf_counter()
         timings["detect"] = (t2 - t1) * 1e3
-        faces = [d for d in detections if d.score >= self.config.face_score_threshold]
         if not faces:
             timings["total"] = (t2 - t0) * 1e3
             return LivenessResult(Decision.UNSPECIFIED, 0.0, threshold, margin, None,

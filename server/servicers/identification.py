@@ -1,27 +1,18 @@
-"""IdentificationService: clips in, gallery operations and identification out."""
+"""IdentificationService over gRPC: protos to ``server.services.identification`` calls and back, nothing else."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import grpc
 
-from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2
-from server.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, UnavailableError
-from server.gallery.matching import MatchDecision
-from server.gallery.store import GalleryStore, validate_id
-from server.pipelines.clip import ClipDiagnostics, ClipInput, ClipPipeline
-from server.pipelines.liveness import LivenessPipeline, LivenessRequest
-from server.pipelines.quality import QualityIssue
-from server.servicers.liveness import deadline_from, request_id_from, to_proto
-from server.servicers.status import CURRENT_REQUEST_ID
-
-T = TypeVar("T")
+from engines.errors import FailedPreconditionError, UnavailableError
+from engines.identify.matching import MatchDecision
+from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc
+from server.pipelines.identification import ClipDiagnostics, ClipInput
+from server.servicers.call_context import deadline_from, request_id_from
+from server.servicers.liveness import ISSUES, to_proto
+from server.services.identification import IdentificationService, IdentifyRequest, IdentifyResult
 
 _DECISIONS = {
     MatchDecision.UNSPECIFIED: identification_pb2.MATCH_DECISION_UNSPECIFIED,
@@ -29,19 +20,6 @@ _DECISIONS = {
     MatchDecision.NO_MATCH: identification_pb2.MATCH_DECISION_NO_MATCH,
     MatchDecision.UNCERTAIN: identification_pb2.MATCH_DECISION_UNCERTAIN,
 }
-_MAX_TOP_K = 100
-_MIN_COVERAGE = 0.5
-
-
-@dataclass
-class IdentificationRuntime:
-    """What the servicer needs once models are loaded."""
-
-    clips: ClipPipeline
-    store: GalleryStore
-    db: ThreadPoolExecutor  # SQLite work runs on this single thread
-    liveness: LivenessPipeline | None
-    versions: list[common_pb2.ModelVersion]
 
 
 def clip_from_proto(clip: identification_pb2.Clip) -> ClipInput:
@@ -60,151 +38,89 @@ def diagnostics_to_proto(d: ClipDiagnostics) -> identification_pb2.ClipDiagnosti
     return msg
 
 
-class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServicer):
-    def __init__(self, runtime: Callable[[], IdentificationRuntime | None], loading: Callable[[], bool]) -> None:
-        self._runtime = runtime
-        self._loading = loading
+def identify_to_proto(r: IdentifyResult, request_id: str) -> identification_pb2.IdentifyFromClipResponse:
+    resp = identification_pb2.IdentifyFromClipResponse(
+        request_id=request_id, model_version=r.model_version, margin=r.margin, threshold=r.threshold,
+        diagnostics=diagnostics_to_proto(r.diagnostics), decision=_DECISIONS[r.decision],
+        quality_issues=[ISSUES[i] for i in r.quality_issues])
+    for c in r.candidates:
+        resp.candidates.add(person_id=c.person_id, display_name=c.display_name, score=c.score, votes=c.votes)
+    for v in r.votes:
+        resp.votes.add(model=v.model, person_id=v.person_id, score=v.score)
+    if r.liveness is not None:
+        resp.liveness.CopyFrom(to_proto(r.liveness, request_id))
+    t = r.timings_ms
+    resp.timings.CopyFrom(identification_pb2.IdentifyTimings(
+        decode_ms=t.get("decode", 0.0), detect_ms=t.get("detect", 0.0), window_ms=t.get("window", 0.0),
+        embed_ms=t.get("embed", 0.0), match_ms=t.get("match", 0.0), liveness_ms=t.get("liveness", 0.0),
+        total_ms=t.get("total", 0.0)))
+    return resp
 
-    def _rt(self) -> IdentificationRuntime:
-        rt = self._runtime()
-        if rt is None:
+
+class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServicer):
+    def __init__(self, service: Callable[[], IdentificationService | None], loading: Callable[[], bool],
+                 versions: Callable[[], list[common_pb2.ModelVersion]]) -> None:
+        # Callables, because the service appears only once the models are loaded and warm.
+        self._service = service
+        self._loading = loading
+        self._versions = versions
+
+    def _svc(self) -> IdentificationService:
+        svc = self._service()
+        if svc is None:
             if self._loading():
                 raise UnavailableError("models are still loading; retry shortly")
             raise FailedPreconditionError(
                 "no identification models are installed on this server (run `make identify-models`)")
-        return rt
-
-    async def _db(self, rt: IdentificationRuntime, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(rt.db, fn, *args)
-
-    async def _bound_collection(self, rt: IdentificationRuntime, name: str) -> None:
-        validate_id(name, "collection")
-        coll = await self._db(rt, rt.store.collection, name)
-        ens = rt.clips.ensemble
-        if coll.model_version != ens.version:
-            raise FailedPreconditionError(
-                f"collection {name!r} holds embeddings of model version {coll.model_version}; this server runs "
-                f"{ens.name} version {ens.version}: re-enrol into a new collection")
+        return svc
 
     async def CreateCollection(  # noqa: N802 - gRPC method name
         self, request: identification_pb2.CreateCollectionRequest, context: grpc.aio.ServicerContext
     ) -> identification_pb2.CreateCollectionResponse:
-        rt = self._rt()
-        ens = rt.clips.ensemble
-        coll, created = await self._db(rt, rt.store.create_collection, request.collection, ens.name, ens.version,
-                                       ens.members, ens.embedding_dim)
-        return identification_pb2.CreateCollectionResponse(collection=coll.name, model_version=coll.model_version,
-                                                          created=created)
+        info = await self._svc().create_collection(request.collection)
+        return identification_pb2.CreateCollectionResponse(collection=info.name, model_version=info.model_version,
+                                                          created=info.created)
 
     async def EnrollFromClip(  # noqa: N802 - gRPC method name
         self, request: identification_pb2.EnrollFromClipRequest, context: grpc.aio.ServicerContext
     ) -> identification_pb2.EnrollFromClipResponse:
         rid = request_id_from("", context)
-        CURRENT_REQUEST_ID.set(rid)
-        rt = self._rt()
-        validate_id(request.person_id, "person_id")
-        if not request.clips:
-            raise InvalidArgumentError(FieldViolation("clips", "at least one clip is needed"))
-        await self._bound_collection(rt, request.collection)
-        deadline = deadline_from(context)
-        results = await asyncio.gather(*[
-            rt.clips.embed(clip_from_proto(c), deadline, field=f"clips[{i}]") for i, c in enumerate(request.clips)
-        ])
-        resp = identification_pb2.EnrollFromClipResponse(person_id=request.person_id,
-                                                         model_version=rt.clips.ensemble.version)
-        accepted = []
-        for i, r in enumerate(results):
-            reason = ""
-            if r.embeddings is None:
-                reason = "no face found in the sampled frames"
-            elif r.diagnostics.track_coverage < _MIN_COVERAGE:
-                reason = (f"face found in only {r.diagnostics.track_coverage:.0%} of the sampled frames "
-                          f"(need {_MIN_COVERAGE:.0%})")
-            else:
-                accepted.append((f"{rid}:{i}", r.embeddings))
-            resp.clips.add(index=i, accepted=not reason, reason=reason,
-                           diagnostics=diagnostics_to_proto(r.diagnostics))
-        resp.clips_accepted = len(accepted)
-        if accepted:  # nothing is written unless at least one clip is usable: no empty persons
-            resp.total_clips = await self._db(rt, rt.store.enroll, request.collection, request.person_id,
-                                              request.display_name, accepted)
+        svc = self._svc()
+        result = await svc.enroll(request.collection, request.person_id, request.display_name,
+                                  [clip_from_proto(c) for c in request.clips], deadline_from(context), rid)
+        resp = identification_pb2.EnrollFromClipResponse(
+            person_id=result.person_id, model_version=result.model_version, clips_accepted=result.clips_accepted,
+            total_clips=result.total_clips)
+        for v in result.clips:
+            resp.clips.add(index=v.index, accepted=v.accepted, reason=v.reason,
+                           diagnostics=diagnostics_to_proto(v.diagnostics))
         return resp
 
     async def IdentifyFromClip(  # noqa: N802 - gRPC method name
         self, request: identification_pb2.IdentifyFromClipRequest, context: grpc.aio.ServicerContext
     ) -> identification_pb2.IdentifyFromClipResponse:
-        t0 = time.perf_counter()
         rid = request_id_from(request.request_id, context)
-        CURRENT_REQUEST_ID.set(rid)
-        rt = self._rt()
-        top_k = request.top_k or 5
-        if not 1 <= top_k <= _MAX_TOP_K:
-            raise InvalidArgumentError(FieldViolation("top_k", f"must lie in [1, {_MAX_TOP_K}]"))
-        threshold = request.threshold if request.HasField("threshold") else None
-        if threshold is not None and not -1.0 <= threshold <= 1.0:
-            raise InvalidArgumentError(FieldViolation("threshold", "must lie in [-1, 1] (cosine similarity)"))
-        if not request.HasField("clip"):
-            raise InvalidArgumentError(FieldViolation("clip", "is required"))
-        await self._bound_collection(rt, request.collection)
-        deadline = deadline_from(context)
-        result = await rt.clips.embed(clip_from_proto(request.clip), deadline)
-        ens = rt.clips.ensemble
-        resp = identification_pb2.IdentifyFromClipResponse(
-            request_id=rid, model_version=ens.version, margin=ens.margin,
-            threshold=ens.threshold if threshold is None else threshold,
-            diagnostics=diagnostics_to_proto(result.diagnostics))
-        resp.models.extend(rt.versions)
-        t_match = time.perf_counter()
-        if result.embeddings is None:
-            resp.decision = identification_pb2.MATCH_DECISION_UNSPECIFIED
-            resp.quality_issues.append(liveness_pb2.QUALITY_ISSUE_FACE_NOT_FOUND)
-        else:
-            gallery = await self._db(rt, rt.store.matrices, request.collection)
-            ident = rt.clips.identify(result.embeddings,
-                                      {m: (g.embeddings, g.owners) for m, g in gallery.items()}, top_k, threshold)
-            names = await self._db(rt, rt.store.display_names, request.collection,
-                                   [c.person for c in ident.candidates])
-            resp.decision = _DECISIONS[ident.decision]
-            for c in ident.candidates:
-                resp.candidates.add(person_id=c.person, display_name=names.get(c.person, ""), score=c.score,
-                                    votes=c.votes)
-            for v in ident.votes:
-                resp.votes.add(model=v.member, person_id=v.person or "", score=v.score)
-        t_live = time.perf_counter()
-        if request.check_liveness and rt.liveness is not None:
-            live = await rt.liveness.check(LivenessRequest(result.apex_frame, deadline=deadline))
-            resp.liveness.CopyFrom(to_proto(live, rid))
-            if QualityIssue.FACE_NOT_FOUND in live.quality_issues and result.embeddings is not None:
-                resp.quality_issues.append(liveness_pb2.QUALITY_ISSUE_FACE_NOT_FOUND)
-        end = time.perf_counter()
-        t = result.timings_ms
-        resp.timings.CopyFrom(identification_pb2.IdentifyTimings(
-            decode_ms=t.get("decode", 0.0), detect_ms=t.get("detect", 0.0), window_ms=t.get("window", 0.0),
-            embed_ms=t.get("embed", 0.0), match_ms=(t_live - t_match) * 1e3, liveness_ms=(end - t_live) * 1e3,
-            total_ms=(end - t0) * 1e3))
+        svc = self._svc()
+        result = await svc.identify(IdentifyRequest(
+            collection=request.collection,
+            clip=clip_from_proto(request.clip) if request.HasField("clip") else None,
+            top_k=request.top_k, threshold=request.threshold if request.HasField("threshold") else None,
+            check_liveness=request.check_liveness, deadline=deadline_from(context)))
+        resp = identify_to_proto(result, rid)
+        resp.models.extend(self._versions())
         return resp
 
     async def DeletePerson(  # noqa: N802 - gRPC method name
         self, request: identification_pb2.DeletePersonRequest, context: grpc.aio.ServicerContext
     ) -> identification_pb2.DeletePersonResponse:
-        rt = self._rt()
-        validate_id(request.collection, "collection")
-        validate_id(request.person_id, "person_id")
-        await self._db(rt, rt.store.delete_person, request.collection, request.person_id)
+        await self._svc().delete_person(request.collection, request.person_id)
         return identification_pb2.DeletePersonResponse()
 
     async def ListPersons(  # noqa: N802 - gRPC method name
         self, request: identification_pb2.ListPersonsRequest, context: grpc.aio.ServicerContext
     ) -> identification_pb2.ListPersonsResponse:
-        rt = self._rt()
-        validate_id(request.collection, "collection")
-        size = request.page_size or 100
-        if not 1 <= size <= 1000:
-            raise InvalidArgumentError(FieldViolation("page_size", "must lie in [1, 1000]"))
-        persons = await self._db(rt, rt.store.persons, request.collection, size + 1, request.page_token)
-        resp = identification_pb2.ListPersonsResponse()
-        for p in persons[:size]:
+        persons, token = await self._svc().list_persons(request.collection, request.page_size, request.page_token)
+        resp = identification_pb2.ListPersonsResponse(next_page_token=token)
+        for p in persons:
             resp.persons.add(person_id=p.person_id, display_name=p.display_name, clips=p.templates)
-        if len(persons) > size:
-            resp.next_page_token = persons[size - 1].person_id
         return resp

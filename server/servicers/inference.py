@@ -13,13 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 import grpc
 import numpy as np
 
+from engines.errors import FieldViolation, InvalidArgumentError, NotFoundError
 from engines.runtime.base import TensorSpec
-from engines.specs import DYNAMIC_AXES
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from server.batching.stats import Duration
-from server.errors import FieldViolation, InvalidArgumentError, NotFoundError
-from server.models import ModelRegistry, ServedModel
+from server.model_registry import ModelRegistry, ServedModel
 
 SERVER_NAME = "facegate"
 SERVER_VERSION = "0.1.0"
@@ -194,7 +193,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise NotFoundError(f"model {request.model_name!r} has no version {request.model_version!r}; "
                                 f"served: {served.engine.version}")
         e = served.engine
-        inputs = decode_inputs(request, e.inputs, served.batcher.config.max_batch_size, DYNAMIC_AXES.get(e.name))
+        inputs = decode_inputs(request, e.inputs, served.batcher.config.max_batch_size,
+                               served.declaration.input_bounds(e.inputs[0].name))
         wanted = [o.name for o in request.outputs] or [t.name for t in e.outputs]
         known = {t.name: t for t in e.outputs}
         for i, name in enumerate(wanted):

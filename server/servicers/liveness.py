@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from collections.abc import Callable
 
 import grpc
 
+from engines.errors import UnavailableError
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
-from server.errors import FieldViolation, InvalidArgumentError, UnavailableError
 from server.pipelines.liveness import Decision, LivenessPipeline, LivenessRequest, LivenessResult
 from server.pipelines.quality import QualityIssue
-from server.servicers.status import CURRENT_REQUEST_ID
+from server.servicers.call_context import deadline_from, request_id_from
 
 _DECISIONS = {
     Decision.UNSPECIFIED: liveness_pb2.DECISION_UNSPECIFIED,
@@ -20,30 +18,7 @@ _DECISIONS = {
     Decision.SPOOF: liveness_pb2.DECISION_SPOOF,
     Decision.UNCERTAIN: liveness_pb2.DECISION_UNCERTAIN,
 }
-_ISSUES = {issue: liveness_pb2.QualityIssue.Value(f"QUALITY_ISSUE_{issue.name}") for issue in QualityIssue}
-_MAX_REQUEST_ID = 128
-
-
-def request_id_from(explicit: str, context: grpc.aio.ServicerContext) -> str:
-    """The caller's id (field, else x-request-id metadata) after validation, else a fresh one."""
-    rid = explicit
-    if not rid:
-        for key, value in context.invocation_metadata() or ():
-            if key == "x-request-id":
-                rid = str(value)
-    if not rid:
-        return uuid.uuid4().hex
-    if len(rid) > _MAX_REQUEST_ID or not rid.isascii() or not rid.isprintable():
-        raise InvalidArgumentError(FieldViolation(
-            "request_id", f"must be at most {_MAX_REQUEST_ID} printable ASCII characters"))
-    return rid
-
-
-def deadline_from(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    if remaining is None:
-        return None
-    return asyncio.get_running_loop().time() + remaining
+ISSUES = {issue: liveness_pb2.QualityIssue.Value(f"QUALITY_ISSUE_{issue.name}") for issue in QualityIssue}
 
 
 def to_proto(result: LivenessResult, request_id: str) -> liveness_pb2.CheckLivenessResponse:
@@ -53,7 +28,7 @@ def to_proto(result: LivenessResult, request_id: str) -> liveness_pb2.CheckLiven
         live_score=result.live_score,
         threshold=result.threshold,
         uncertainty_margin=result.uncertainty_margin,
-        quality_issues=[_ISSUES[i] for i in result.quality_issues],
+        quality_issues=[ISSUES[i] for i in result.quality_issues],
         image=common_pb2.ImageInfo(width=result.image.width, height=result.image.height,
                                    format=result.image.format, exif_orientation=result.image.exif_orientation),
     )
@@ -83,7 +58,6 @@ class LivenessServicer(liveness_pb2_grpc.LivenessServiceServicer):
         self, request: liveness_pb2.CheckLivenessRequest, context: grpc.aio.ServicerContext
     ) -> liveness_pb2.CheckLivenessResponse:
         rid = request_id_from(request.request_id, context)
-        CURRENT_REQUEST_ID.set(rid)
         pipeline = self._pipeline()
         if pipeline is None:
             raise UnavailableError("models are still loading; retry shortly")

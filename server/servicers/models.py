@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
+from engines.errors import NotFoundError
 from facegate.v1 import common_pb2, models_pb2, models_pb2_grpc
 from server.batching.stats import Duration, ModelStats
-from server.errors import NotFoundError
-from server.models import ModelRegistry, ServedModel
+from server.model_registry import ModelRegistry, ServedModel
 
 
 def model_version(served: ServedModel) -> common_pb2.ModelVersion:

@@ -1,7 +1,7 @@
-"""Choosing a runtime per model: TensorRT when TensorRT, cuda-python and a GPU are all present, else ONNX Runtime.
+"""Is TensorRT usable here? Probes for TensorRT, cuda-python and a GPU.
 
 The probes import lazily and never raise, so the CPU path starts on machines with neither library; tests
-inject fake probes to check every branch.
+inject fake probes to check every branch. The tensorrt and cuda imports stay inside this package.
 """
 
 from __future__ import annotations
@@ -64,17 +64,3 @@ def availability(tensorrt_probe: Callable[[], str | None] = probe_tensorrt,
     else:
         reason = f"TensorRT {version} with {gpus} GPU(s)"
     return Availability(version, has_cuda, gpus, reason)
-
-
-def choose(prefer_gpu: bool, avail: Availability, engine_ok: Callable[[], str | None] | None = None) -> tuple[str, str]:
-    """(runtime, reason): "tensorrt" or "onnxruntime". ``engine_ok`` builds or loads the engine and returns an
-    error message on failure, in which case the model falls back to ONNX Runtime."""
-    if not prefer_gpu:
-        return "onnxruntime", "GPU runtimes disabled (--cpu-only)"
-    if not avail.tensorrt_usable:
-        return "onnxruntime", avail.reason
-    if engine_ok is not None:
-        error = engine_ok()
-        if error:
-            return "onnxruntime", f"TensorRT engine unavailable ({error}); using ONNX Runtime"
-    return "tensorrt", avail.reason

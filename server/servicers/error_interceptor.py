@@ -7,7 +7,6 @@ generic message and the request id; the traceback goes to the log, never to the 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,7 +16,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.errors import (
+from engines.errors import (
     DeadlineExceededError,
     FacegateError,
     FailedPreconditionError,
@@ -28,6 +27,7 @@ from server.errors import (
     UnavailableError,
     UnrecoverableError,
 )
+from server.servicers.call_context import CURRENT_REQUEST_ID, metadata_request_id
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,8 @@ def _pack(msg: Any) -> any_pb2.Any:
     return a
 
 
-# Set by the servicer once it knows the request id (its own or the client's), read when mapping an error:
-# the handler runs in the interceptor's task, so the value is visible here after the handler raises.
-CURRENT_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-
-
 def _request_id(context: grpc.aio.ServicerContext) -> str | None:
-    rid = CURRENT_REQUEST_ID.get()
-    if rid:
-        return rid
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id":
-            return str(value)
-    return None
+    return CURRENT_REQUEST_ID.get() or metadata_request_id(context)
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from server.errors import FieldViolation, InvalidArgumentError
+from engines.errors import FieldViolation, InvalidArgumentError
 
 _FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 _EXIF_ORIENTATION = 0x0112

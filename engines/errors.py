@@ -1,5 +1,5 @@
 """Typed domain errors. Raised below the servicers; mapped to gRPC status codes in one place
-(``server.servicers.status``), so nothing below the servicers imports grpc."""
+(``server.servicers.error_interceptor``), so nothing below the servicers imports grpc."""
 
 from __future__ import annotations
 

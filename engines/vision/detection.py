@@ -7,13 +7,14 @@ layers, in numpy, so the exported graph stays a plain tensor program.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
 import cv2
 import numpy as np
 
-from engines.specs import DetectorSpec
+from engines.specs import DETECTOR_SPEC, DetectorSpec
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
     return keep
 
 
-def decode(loc: np.ndarray, conf: np.ndarray, inp: DetectorInput, spec: DetectorSpec) -> list[Detection]:
+def decode_detections(loc: np.ndarray, conf: np.ndarray, inp: DetectorInput, spec: DetectorSpec
+                      ) -> list[Detection]:
     """Caffe DetectionOutput (CENTER_SIZE, shared location, one class): faces sorted by score, best first."""
     pri = priors(spec, inp.resized_w, inp.resized_h)
     if loc.shape[0] != pri.shape[0]:
@@ -125,3 +127,40 @@ def decode(loc: np.ndarray, conf: np.ndarray, inp: DetectorInput, spec: Detector
     keep = _nms(boxes, scores[idx].astype(np.float64), spec.nms_threshold)[: spec.keep_top_k]
     return [Detection(float(boxes[k, 0]), float(boxes[k, 1]), float(boxes[k, 2]), float(boxes[k, 3]),
                       float(scores[idx[k]])) for k in keep]
+
+
+Box = tuple[int, int, int, int]  # x, y, w, h in pixels
+
+
+@dataclass(frozen=True)
+class FaceDetector:
+    """Everything around the detector network, in one place: ``prepare`` an image, let an engine run ``feed(inp)``
+    (a dynamic batcher in the server, an engine instance in training), then ``faces`` decodes and filters the
+    outputs. The pipelines and the training preprocessing all call the network through this."""
+
+    min_score: float
+    spec: DetectorSpec = DETECTOR_SPEC
+
+    def prepare(self, bgr: np.ndarray) -> DetectorInput:
+        return prepare_input(bgr, self.spec)
+
+    @staticmethod
+    def feed(inp: DetectorInput) -> dict[str, np.ndarray]:
+        """The network's inputs for one image (no batch axis)."""
+        return {"input": inp.tensor}
+
+    def faces(self, outputs: Mapping[str, np.ndarray], inp: DetectorInput) -> list[Detection]:
+        """Detections at or above ``min_score``, best first, from one image's outputs (no batch axis)."""
+        return [d for d in decode_detections(outputs["loc"], outputs["conf"], inp, self.spec)
+                if d.score >= self.min_score]
+
+    def best_box(self, outputs: Mapping[str, np.ndarray], inp: DetectorInput, width: int, height: int) -> Box | None:
+        faces = self.faces(outputs, inp)
+        return faces[0].pixel_box(width, height) if faces else None
+
+    def detect_box(self, bgr: np.ndarray,
+                   run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]) -> Box | None:
+        """Synchronous: ``run`` takes a batch of one and returns batched outputs (an engine instance's infer)."""
+        inp = self.prepare(bgr)
+        out = run({k: v[None] for k, v in self.feed(inp).items()})
+        return self.best_box({k: v[0] for k, v in out.items()}, inp, bgr.shape[1], bgr.shape[0])

@@ -1,5 +1,6 @@
-"""The clip pipeline: frames -> face track -> crops -> fps resampling -> apex window -> SlowFast ensemble
-(batched across requests) -> embeddings; then gallery search and ensemble voting for identification.
+"""The identification pipeline: frames -> face track -> crops -> fps resampling -> apex window -> SlowFast
+ensemble (batched across requests) -> one embedding per member. Gallery search and the rules of enrolment and
+identification live in ``server.services.identification``.
 
 Transport-agnostic, like the liveness pipeline; CPU-heavy steps run on the thread pool.
 """
@@ -15,13 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines.specs import DETECTOR_SPEC
-from server.batching.scheduler import DynamicBatcher
-from server.errors import FieldViolation, InvalidArgumentError
-from server.gallery.matching import Candidate, MatchDecision, MemberVote, decide, person_scores, rank
-from server.imaging import ImageLimits, decode_image
-from server.pipelines.clip_window import (
-    ClipSpec,
+from engines.errors import FieldViolation, InvalidArgumentError
+from engines.identify.ensemble import Ensemble
+from engines.vision.clip_window import (
     detection_frames,
     grey_thumbnail,
     model_input,
@@ -29,7 +26,10 @@ from server.pipelines.clip_window import (
     square_crop_box,
     stable_box,
 )
-from server.pipelines.detection import DetectorInput, decode, prepare_input
+from engines.vision.detection import Box, FaceDetector
+from engines.vision.imaging import ImageLimits, decode_image
+from server.batching.scheduler import DynamicBatcher
+from server.pipelines.face_detection import BatchedFaceDetector
 
 
 @dataclass(frozen=True)
@@ -73,25 +73,6 @@ class ClipEmbedding:
     diagnostics: ClipDiagnostics
     apex_frame: bytes  # the encoded apex frame, for the liveness check on the same capture
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Ensemble:
-    name: str
-    version: str
-    members: tuple[str, ...]
-    threshold: float
-    margin: float
-    spec: ClipSpec
-    embedding_dim: int
-
-
-@dataclass(frozen=True)
-class Identification:
-    decision: MatchDecision
-    threshold: float
-    candidates: list[Candidate]
-    votes: list[MemberVote]
 
 
 def frame_count_violation(n: int, limits: ClipLimits, where: str) -> FieldViolation | None:
@@ -156,7 +137,7 @@ def decode_video(data: bytes, limits: ClipLimits, field: str) -> list[np.ndarray
 class ClipPipeline:
     def __init__(self, detector: DynamicBatcher, members: Sequence[DynamicBatcher], ensemble: Ensemble,
                  executor: Executor, limits: ClipLimits | None = None) -> None:
-        self.detector = detector
+        self.detector = BatchedFaceDetector(detector, FaceDetector(ensemble.spec.face_score))
         self.members = list(members)
         self.ensemble = ensemble
         self.executor = executor
@@ -187,13 +168,11 @@ class ClipPipeline:
                     f"{field}.frames[{i}]", f"is {f.shape[1]}x{f.shape[0]}; frame 0 is {w}x{h} (all must match)"))
         return frames
 
-    async def _detect(self, frame: np.ndarray, deadline: float | None) -> tuple[int, int, int, int] | None:
+    async def _detect(self, frame: np.ndarray, deadline: float | None) -> Box | None:
         loop = asyncio.get_running_loop()
-        inp: DetectorInput = await loop.run_in_executor(self.executor, prepare_input, frame, DETECTOR_SPEC)
-        out = await self.detector.infer({"input": inp.tensor}, deadline)
-        dets = [d for d in decode(out["loc"], out["conf"], inp, DETECTOR_SPEC)
-                if d.score >= self.ensemble.spec.face_score]
-        return dets[0].pixel_box(frame.shape[1], frame.shape[0]) if dets else None
+        inp = await loop.run_in_executor(self.executor, self.detector.detector.prepare, frame)
+        faces = await self.detector.faces(inp, deadline)
+        return faces[0].pixel_box(frame.shape[1], frame.shape[0]) if faces else None
 
     async def embed(self, clip: ClipInput, deadline: float | None, field: str = "clip") -> ClipEmbedding:
         validate_clip(clip, self.limits, field)
@@ -236,14 +215,3 @@ class ClipPipeline:
 
         ok, buf = cv2.imencode(".png", frames[index])
         return buf.tobytes() if ok else b""
-
-    def identify(self, embedding: dict[str, np.ndarray], gallery: dict[str, tuple[np.ndarray, Sequence[str]]],
-                 top_k: int, threshold: float | None) -> Identification:
-        names = list(self.ensemble.members)
-        scores = [person_scores(embedding[n], gallery[n][0], gallery[n][1]) for n in names]
-        cands, votes = rank(scores, names)
-        t = self.ensemble.threshold if threshold is None else threshold
-        decision = decide(cands[0] if cands else None, len(names), t, self.ensemble.margin)
-        return Identification(decision, t, cands[:top_k], votes)
-
-

@@ -1,0 +1,65 @@
+"""An identification ensemble: its manifest in the repository and how its members' searches become one answer.
+
+``<repository>/ensembles/<name>.json`` is written by training (``engines.identify.train``) and read by the
+server; ``identify`` is the same per-member search, voting and open-set decision the offline evaluation reports.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engines.identify.matching import Candidate, MatchDecision, MemberVote, decide, person_scores, rank
+from engines.repository import ModelNotFoundError
+from engines.vision.clip_window import ClipSpec
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    name: str
+    version: str
+    members: tuple[str, ...]
+    threshold: float
+    margin: float
+    spec: ClipSpec
+    embedding_dim: int
+
+
+@dataclass(frozen=True)
+class Identification:
+    decision: MatchDecision
+    threshold: float
+    candidates: list[Candidate]
+    votes: list[MemberVote]
+
+
+def find_ensemble(repository: Path, name: str = "") -> Ensemble | None:
+    """The identification ensemble manifest to serve (``<repository>/ensembles/<name>.json``), if any."""
+    folder = repository / "ensembles"
+    paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if name:
+        paths = [p for p in paths if p.stem == name]
+        if not paths:
+            raise ModelNotFoundError(f"no identification ensemble {name!r} in {folder}")
+    if not paths:
+        return None
+    m = json.loads(paths[0].read_text())
+    return Ensemble(name=m["name"], version=m["version"], members=tuple(m["members"]),
+                    threshold=float(m["threshold"]), margin=float(m["margin"]), spec=ClipSpec(**m["clip"]),
+                    embedding_dim=int(m["slowfast"]["embed_dim"]))
+
+
+def identify(ensemble: Ensemble, embedding: Mapping[str, np.ndarray],
+             gallery: Mapping[str, tuple[np.ndarray, Sequence[str]]], top_k: int,
+             threshold: float | None) -> Identification:
+    """Search each member's gallery matrix, vote, and decide MATCH / NO_MATCH / UNCERTAIN."""
+    names = list(ensemble.members)
+    scores = [person_scores(embedding[n], gallery[n][0], gallery[n][1]) for n in names]
+    cands, votes = rank(scores, names)
+    t = ensemble.threshold if threshold is None else threshold
+    decision = decide(cands[0] if cands else None, len(names), t, ensemble.margin)
+    return Identification(decision, t, cands[:top_k], votes)

@@ -1,0 +1,93 @@
+"""The runtime choice, in one place: given a model's declaration and batcher settings, an engine behind the
+runtime interface (``Model``) and the reason it runs where it runs.
+
+TensorRT when its declaration allows it and TensorRT, cuda-python and a GPU are all present and the engine builds
+or loads; else ONNX Runtime (CUDA provider where installed, else the CPU). The tensorrt and cuda imports stay
+inside the TensorRT modules, imported only on that branch, so a CPU server never loads them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engines.batching import BatcherConfig
+from engines.declarations import ONNXRUNTIME, TENSORRT, ModelDeclaration
+from engines.repository import ModelRepository
+from engines.runtime.base import Model
+from engines.runtime.onnxruntime_engine import OnnxRuntimeModel, choose_providers
+from engines.tensorrt.availability import Availability, availability
+from engines.tensorrt.cache import BuilderSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    prefer_gpu: bool = True
+    """Use a GPU runtime when one is installed and a GPU is present."""
+    intra_op_threads: int = 1
+    """ONNX Runtime threads per session; parallelism comes from instances and batching."""
+    tensorrt_precision: str = "fp16"
+    """Engine precision on GPUs: "fp16" (an FP16 ONNX variant with FP32 I/O) or "fp32"."""
+    tensorrt_builder: BuilderSettings = field(default_factory=BuilderSettings)
+    cuda_graphs: bool = True
+    """Replay CUDA graphs per batch bucket on TensorRT (falls back to plain execution if capture fails)."""
+
+
+def choose(prefer_gpu: bool, avail: Availability, engine_ok: Callable[[], str | None] | None = None,
+           allowed: tuple[str, ...] = (ONNXRUNTIME, TENSORRT)) -> tuple[str, str]:
+    """(runtime, reason): "tensorrt" or "onnxruntime". ``engine_ok`` builds or loads the engine and returns an
+    error message on failure, in which case the model falls back to ONNX Runtime."""
+    if not prefer_gpu:
+        return ONNXRUNTIME, "GPU runtimes disabled (--cpu-only)"
+    if TENSORRT not in allowed:
+        return ONNXRUNTIME, "the model's declaration does not allow TensorRT"
+    if not avail.tensorrt_usable:
+        return ONNXRUNTIME, avail.reason
+    if engine_ok is not None:
+        error = engine_ok()
+        if error:
+            return ONNXRUNTIME, f"TensorRT engine unavailable ({error}); using ONNX Runtime"
+    return TENSORRT, avail.reason
+
+
+class EngineFactory:
+    """Creates the engine of each model; probes TensorRT once (lazily, never at import time)."""
+
+    def __init__(self, repository: ModelRepository, settings: RuntimeSettings,
+                 avail: Availability | None = None) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.availability = avail or (availability() if settings.prefer_gpu else
+                                      Availability(None, False, 0, "GPU runtimes disabled"))
+
+    def create(self, decl: ModelDeclaration, batching: BatcherConfig) -> tuple[Model, str]:
+        """(engine, reason). Slow (may build a TensorRT engine): call it off the event loop."""
+        meta = self.repository.load(decl.name)
+        plan = []
+
+        def tensorrt_engine() -> str | None:
+            from engines.tensorrt.build import EngineRequest, ensure_engine
+
+            try:
+                req = EngineRequest(decl.name, batching.max_batch_size, batching.preferred_batch_sizes,
+                                    self.settings.tensorrt_precision)
+                plan.append(ensure_engine(self.repository, req, self.settings.tensorrt_builder))
+            except Exception as exc:  # any build/load failure falls back to ONNX Runtime for this model
+                log.exception("%s: TensorRT engine unavailable", decl.name)
+                return str(exc)
+            return None
+
+        runtime, reason = choose(self.settings.prefer_gpu, self.availability, tensorrt_engine, decl.runtimes)
+        if runtime == TENSORRT:
+            from engines.runtime.tensorrt_engine import TensorRTModel
+            from engines.tensorrt.profiles import batch_buckets
+
+            buckets = batch_buckets(batching.max_batch_size, batching.preferred_batch_sizes)
+            return TensorRTModel(plan[0], meta, buckets, self.settings.cuda_graphs, batching.max_batch_size), reason
+        providers = choose_providers(self.settings.prefer_gpu)
+        engine = OnnxRuntimeModel(self.repository.onnx_path(decl.name), meta, providers,
+                                  intra_op_threads=self.settings.intra_op_threads)
+        return engine, reason

@@ -1,0 +1,46 @@
+"""Per-call helpers every servicer shares: the request id (validated, or made) and the call's deadline on the
+event-loop clock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import uuid
+
+import grpc
+
+from engines.errors import FieldViolation, InvalidArgumentError
+
+_MAX_REQUEST_ID = 128
+REQUEST_ID_METADATA = "x-request-id"
+
+# Set by the servicer once it knows the request id (its own or the client's), read by the error interceptor: the
+# handler runs in the interceptor's task, so the value is visible there after the handler raises.
+CURRENT_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA:
+            return str(value)
+    return None
+
+
+def request_id_from(explicit: str, context: grpc.aio.ServicerContext) -> str:
+    """The caller's id (field, else x-request-id metadata) after validation, else a fresh one; remembered for
+    error details."""
+    rid = explicit or metadata_request_id(context) or ""
+    if not rid:
+        rid = uuid.uuid4().hex
+    elif len(rid) > _MAX_REQUEST_ID or not rid.isascii() or not rid.isprintable():
+        raise InvalidArgumentError(FieldViolation(
+            "request_id", f"must be at most {_MAX_REQUEST_ID} printable ASCII characters"))
+    CURRENT_REQUEST_ID.set(rid)
+    return rid
+
+
+def deadline_from(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
