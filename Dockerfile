@@ -1,8 +1,11 @@
 # facegate on an NVIDIA GPU: TensorRT base image; engines are built on first start (they are tied to the GPU and
 # the TensorRT version, so they cannot be built into the image) and cached in the model volume.
 #   docker build -t facegate .
+#   facegate token new    # on a trusted machine: keep the token secret, give it to the calling service
 #   docker run --gpus all -p 50051:50051 -v facegate-models:/app/model_repository \
-#       -v /path/to/weights:/weights -e FACEGATE_WEIGHTS_DIR=/weights facegate
+#       -v /path/to/weights:/weights -e FACEGATE_WEIGHTS_DIR=/weights \
+#       -v /path/to/token:/run/secrets/facegate_token:ro facegate
+# The entrypoint always starts with authentication (a token secret, caller config and/or mutual TLS; see it).
 # Pick a base whose TensorRT matches what you want to run (NGC tags are YY.MM; 25.xx ships TensorRT 10.x).
 ARG BASE=nvcr.io/nvidia/tensorrt:25.10-py3
 FROM ${BASE}

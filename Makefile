@@ -23,7 +23,7 @@ IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
-.PHONY: bench-env bench bench-compare client-deps clients test-clients proto-check identify-controls
+.PHONY: bench-env bench bench-compare bench-security client-deps clients test-clients proto-check identify-controls
 .PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -33,6 +33,7 @@ help:
 	@echo "make identify-models train the CPU identification ensemble on synthetic clips (cached)"
 	@echo "make bench-liveness liveness benchmarks (numbers in benchmarks/results/)"
 	@echo "make bench-identify identification benchmarks (numbers in benchmarks/results/)"
+	@echo "make bench-security authentication overhead and overload shedding (numbers in benchmarks/results/)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -137,6 +138,10 @@ clean:
 bench-identify: identify-models
 	$(PY) -m benchmarks.identify --repository $(REPOSITORY) --synthetic $(SYNTH_DIR) --out benchmarks/results
 
+# Authentication overhead (CheckLiveness p50, token vs none) and 10x overload shedding (about 2 minutes).
+bench-security: models
+	$(PY) -m benchmarks.security --repository $(REPOSITORY) --out benchmarks/results
+
 # TensorRT engines for this GPU (needs TensorRT, cuda-python and an NVIDIA GPU; the server also builds them on
 # first start). `make engines-check` compares them with ONNX Runtime and times them by batch size.
 engines: models
@@ -151,7 +156,7 @@ bench-compare: models bench-env
 		--intra-op-threads 2
 
 # The whole suite, bounded (about 15 minutes on two cores once models are prepared).
-bench: bench-liveness bench-identify bench-compare
+bench: bench-liveness bench-identify bench-compare bench-security
 
 # The controls reported beside the motion-only result: an appearance-only set (identities differ in appearance,
 # motion carries no identity) and the stricter session protocol on the motion-only set. One member each; reports

@@ -48,6 +48,8 @@ class Recorder:
     errors: Counter[str] = field(default_factory=Counter)
     sent: int = 0
 
+    wrong: int = 0  # answers that differ from the reference answer for the same request
+
     def record(self, start: float, end: float, error: str | None) -> None:
         if not self.measure_from <= start < self.measure_until:
             return  # warm-up or tail: not measured
@@ -93,12 +95,13 @@ def model_requests(target: str, model: str, batch: int, count: int = 8) -> list[
     return out
 
 
-def server_stats(target: str) -> dict[str, tuple[int, int, int, int]]:
-    """Per model: (requests, executions, queue ns, compute ns), cumulative; empty if unavailable."""
+def server_stats(target: str, metadata: Metadata = ()) -> dict[str, tuple[int, int, int, int]]:
+    """Per model: (requests, executions, queue ns, compute ns), cumulative; empty if unavailable (or the caller
+    lacks the operator scope)."""
     try:
         with grpc.insecure_channel(target) as ch:
             resp = models_pb2_grpc.ModelServiceStub(ch).GetModelStatistics(models_pb2.GetModelStatisticsRequest(),
-                                                                           timeout=10)
+                                                                           timeout=10, metadata=metadata)
     except grpc.RpcError:
         return {}
     return {m.model: (m.inference_count, m.execution_count, m.queue.total_ns,
@@ -118,23 +121,45 @@ def server_split(before: dict[str, tuple[int, int, int, int]], after: dict[str, 
     return out
 
 
-async def _one(call, req: Request, rec: Recorder, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+Metadata = tuple[tuple[str, str], ...]
+
+
+def answer_of(resp: object) -> object:
+    """What must not change from one call of the same request to the next (the decision, the top candidate)."""
+    if isinstance(resp, liveness_pb2.CheckLivenessResponse):
+        return resp.decision, round(resp.live_score, 4)
+    if isinstance(resp, identification_pb2.IdentifyFromClipResponse):
+        return resp.decision, resp.candidates[0].person_id if resp.candidates else ""
+    return None
+
+
+async def _one(call, req: Request, rec: Recorder, timeout_s: float, metadata: Metadata,  # type: ignore[no-untyped-def]
+               expected: object = None) -> None:
     start = time.perf_counter()
     error = None
     try:
-        await call(req, timeout=timeout_s)
+        resp = await call(req, timeout=timeout_s, metadata=metadata)
+        if expected is not None and answer_of(resp) != expected:
+            rec.wrong += 1
     except grpc.aio.AioRpcError as err:
         error = err.code().name
     rec.record(start, time.perf_counter(), error)
+
+
+async def reference_answers(call, requests: list[Request], metadata: Metadata) -> list[object]:  # type: ignore[no-untyped-def]
+    """One answer per distinct request, before the load: what every later answer must equal."""
+    return [answer_of(await call(r, timeout=60, metadata=metadata)) for r in requests]
 
 
 _OPTIONS = [("grpc.max_send_message_length", 64 << 20)]
 
 
 async def closed_loop(target: str, requests: list[Request], concurrency: int,
-                      warmup_s: float, duration_s: float, max_requests: int, timeout_s: float) -> Recorder:
+                      warmup_s: float, duration_s: float, max_requests: int, timeout_s: float,
+                      metadata: Metadata = ()) -> Recorder:
     async with grpc.aio.insecure_channel(target, options=_OPTIONS) as ch:
         stub = _method(ch, requests[0])
+        refs = await reference_answers(stub, requests, metadata)
         t0 = time.perf_counter()
         rec = Recorder(t0 + warmup_s, t0 + warmup_s + duration_s)
 
@@ -142,7 +167,7 @@ async def closed_loop(target: str, requests: list[Request], concurrency: int,
             k = i
             while time.perf_counter() < rec.measure_until and rec.sent < max_requests:
                 rec.sent += 1
-                await _one(stub, requests[k % len(requests)], rec, timeout_s)
+                await _one(stub, requests[k % len(requests)], rec, timeout_s, metadata, refs[k % len(requests)])
                 k += concurrency
 
         await asyncio.gather(*[worker(i) for i in range(concurrency)])
@@ -151,10 +176,11 @@ async def closed_loop(target: str, requests: list[Request], concurrency: int,
 
 async def open_loop(target: str, requests: list[Request], rate_rps: float,
                     warmup_s: float, duration_s: float, max_requests: int, timeout_s: float,
-                    seed: int = 0) -> Recorder:
+                    seed: int = 0, metadata: Metadata = ()) -> Recorder:
     rng = random.Random(seed)
     async with grpc.aio.insecure_channel(target, options=_OPTIONS) as ch:
         stub = _method(ch, requests[0])
+        refs = await reference_answers(stub, requests, metadata)
         t0 = time.perf_counter()
         rec = Recorder(t0 + warmup_s, t0 + warmup_s + duration_s)
         tasks: set[asyncio.Task[None]] = set()
@@ -165,7 +191,8 @@ async def open_loop(target: str, requests: list[Request], rate_rps: float,
             if delay > 0:
                 await asyncio.sleep(delay)
             rec.sent += 1
-            task = asyncio.create_task(_one(stub, requests[k % len(requests)], rec, timeout_s))
+            i = k % len(requests)
+            task = asyncio.create_task(_one(stub, requests[i], rec, timeout_s, metadata, refs[i]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             k += 1
@@ -200,25 +227,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     p.add_argument("--max-requests", type=int, default=200_000)
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request")
+    p.add_argument("--token-file", type=Path, help="bearer token sent with every request")
     args = p.parse_args(argv)
     check_loopback(args.target)
+    md: Metadata = ()
+    if args.token_file:
+        md = (("authorization", f"Bearer {args.token_file.read_text().strip()}"),)
     if args.model:
         requests: list[Request] = list(model_requests(args.target, args.model, args.batch))
     elif args.inputs:
         requests = load_requests(args.inputs, args.collection or "", args.fps)
     else:
         p.error("give image files, clip folders with --collection, or --model")
-    before = server_stats(args.target)
+    before = server_stats(args.target, md)
     if args.rate:
         rec = asyncio.run(open_loop(args.target, requests, args.rate, args.warmup, args.duration,
-                                    args.max_requests, args.timeout))
+                                    args.max_requests, args.timeout, metadata=md))
         mode = {"mode": "open", "rate_rps": args.rate}
     else:
         rec = asyncio.run(closed_loop(args.target, requests, args.concurrency, args.warmup, args.duration,
-                                      args.max_requests, args.timeout))
+                                      args.max_requests, args.timeout, metadata=md))
         mode = {"mode": "closed", "concurrency": args.concurrency}
-    out = {**mode, **summarize(rec.latencies, args.duration), "errors": dict(rec.errors),
-           "server": server_split(before, server_stats(args.target))}
+    out = {**mode, **summarize(rec.latencies, args.duration), "errors": dict(rec.errors), "wrong_answers": rec.wrong,
+           "sent": rec.sent, "server": server_split(before, server_stats(args.target, md))}
     json.dump(out, sys.stdout)
     print()
     return 0

@@ -50,6 +50,14 @@ def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
 def facegate_server(repository: Path, extra_args: list[str] | None = None,
                     log_path: Path | None = None) -> Iterator[str]:
     """Yield the address of a SERVING facegate server on 127.0.0.1; SIGTERM it afterwards."""
+    with facegate_process(repository, extra_args, log_path) as (address, _):
+        yield address
+
+
+@contextmanager
+def facegate_process(repository: Path, extra_args: list[str] | None = None, log_path: Path | None = None
+                     ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Like ``facegate_server``, also yielding the process (for its pid: memory, signals)."""
     port = free_port()
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -60,7 +68,7 @@ def facegate_server(repository: Path, extra_args: list[str] | None = None,
     address = f"127.0.0.1:{port}"
     try:
         wait_serving(address)
-        yield address
+        yield address, proc
     finally:
         terminate(proc)
         if log is not subprocess.DEVNULL:

@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
 # First start: export ONNX from the weights (sha256-checked), then build the TensorRT engines for this GPU.
 # Later starts find both cached in /app/model_repository and start at once.
+#
+# Authentication is always on (the server refuses a public address without it):
+#   FACEGATE_TOKEN_FILE   a mounted secret holding one bearer token (default /run/secrets/facegate_token);
+#                         its caller gets FACEGATE_TOKEN_SCOPES (default: all scopes)
+#   FACEGATE_CONFIG       a TOML file with [[auth.callers]] (token hashes, scopes), e.g. from a mounted Secret
+#   FACEGATE_TLS_CERT / FACEGATE_TLS_KEY, and FACEGATE_CLIENT_CA for mutual TLS
+# FACEGATE_PREPARE=0 skips the export and engine build (models already in the volume).
 set -euo pipefail
-python3 -m engines.prepare --repository model_repository
-python3 -m engines.tensorrt.build --repository model_repository --precision "${FACEGATE_PRECISION:-fp16}"
-exec python3 -m server --host 0.0.0.0 --port "${PORT:-50051}" --model-repository model_repository "$@"
+if [ "${FACEGATE_PREPARE:-1}" != 0 ]; then
+  python3 -m engines.prepare --repository model_repository
+  python3 -m engines.tensorrt.build --repository model_repository --precision "${FACEGATE_PRECISION:-fp16}" \
+    || echo "entrypoint: no TensorRT engines built (see above); the server falls back to ONNX Runtime" >&2
+fi
+args=(--host 0.0.0.0 --port "${PORT:-50051}" --model-repository model_repository --audit-log "${FACEGATE_AUDIT_LOG:--}")
+token_file="${FACEGATE_TOKEN_FILE:-/run/secrets/facegate_token}"
+if [ -f "$token_file" ]; then
+  args+=(--token-file "$token_file" --token-scopes "${FACEGATE_TOKEN_SCOPES:-liveness,identify,enrol,operator}")
+fi
+[ -n "${FACEGATE_CONFIG:-}" ] && args+=(--config "$FACEGATE_CONFIG")
+[ -n "${FACEGATE_TLS_CERT:-}" ] && args+=(--tls-cert "$FACEGATE_TLS_CERT" --tls-key "${FACEGATE_TLS_KEY:?FACEGATE_TLS_KEY}")
+[ -n "${FACEGATE_CLIENT_CA:-}" ] && args+=(--client-ca "$FACEGATE_CLIENT_CA")
+exec python3 -m server "${args[@]}" "$@"

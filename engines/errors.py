@@ -48,3 +48,15 @@ class InternalError(FacegateError):
 
 class UnrecoverableError(FacegateError):
     """The server cannot serve any more (an engine broke); health flips to NOT_SERVING."""
+
+
+class AlreadyExistsError(FacegateError):
+    """What the request would create exists already (e.g. a person id on an enrolment that creates)."""
+
+
+class UnauthenticatedError(FacegateError):
+    """No valid caller identity (no credential, or one that matches no configured caller)."""
+
+
+class PermissionDeniedError(FacegateError):
+    """The caller is known but lacks the scope the call needs."""

@@ -24,16 +24,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--cpu-only", action="store_true", help="never use a GPU runtime")
+    p.add_argument("--client-ca", type=Path, help="PEM CA: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--token-file", type=Path,
+                   help="file holding one bearer token (a mounted secret); its caller gets --token-scopes")
+    p.add_argument("--token-scopes", help="comma-separated scopes of the --token-file caller (default: all)")
+    p.add_argument("--insecure-public", action="store_true",
+                   help="allow a non-loopback address without authentication (never do this on a shared network)")
+    p.add_argument("--audit-log", help="audit log file (JSON lines, rotated); '-' for stderr")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        auth = {"client_ca": args.client_ca, "token_file": args.token_file,
+                "token_file_scopes": tuple(args.token_scopes.split(",")) if args.token_scopes else None,
+                "insecure_public": True if args.insecure_public else None}
         config = load_config(
-            args.config, host=args.host, port=args.port, model_repository=args.model_repository,
+            args.config, auth, host=args.host, port=args.port, model_repository=args.model_repository,
             batching_enabled=False if args.no_batching else None, tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
         if args.cpu_only:
             config = replace(config, runtime=replace(config.runtime, prefer_gpu=False))
+        if args.audit_log:
+            config = replace(config, audit=replace(config.audit,
+                                                   path=None if args.audit_log == "-" else Path(args.audit_log)))
     except (ValueError, OSError) as exc:
         logging.getLogger("server").error("bad configuration: %s", exc)
         return 2

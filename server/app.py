@@ -24,6 +24,10 @@ from facegate.v1 import (
     models_pb2_grpc,
 )
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
+from server.admission import Budget
+from server.audit import AuditLog
+from server.auth.callers import Authenticator
+from server.auth.interceptor import AuthInterceptor
 from server.config import ServerConfig
 from server.gallery.store import GalleryStore
 from server.model_registry import ModelRegistry
@@ -60,11 +64,17 @@ class FacegateServer:
         self.db_pool = ThreadPoolExecutor(1, thread_name_prefix="gallery-db")
         self._versions: list[common_pb2.ModelVersion] = []
         self._identify_versions: list[common_pb2.ModelVersion] = []
+        self.audit = AuditLog(config.audit)
+        self.request_bytes = Budget("in-flight request bytes", config.max_inflight_request_bytes, "bytes")
+        self.pixels = Budget("decoded pixels", config.max_inflight_pixels, "pixels")
+        self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes)
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(on_unrecoverable=self._unrecoverable)],
+            # Errors are mapped outermost, so refusals from the auth interceptor get the same status details.
+            interceptors=[ErrorMappingInterceptor(on_unrecoverable=self._unrecoverable), self.auth],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -85,7 +95,10 @@ class FacegateServer:
     async def start(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
         if self.config.tls_cert is not None and self.config.tls_key is not None:
-            creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())])
+            ca = self.config.auth.client_ca
+            creds = grpc.ssl_server_credentials(
+                [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())],
+                root_certificates=ca.read_bytes() if ca is not None else None, require_client_auth=ca is not None)
             self.port = self.server.add_secure_port(address, creds)
         else:
             self.port = self.server.add_insecure_port(address)
@@ -94,7 +107,11 @@ class FacegateServer:
         for service in SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log.info("listening on %s:%d (NOT_SERVING until models are warm)", self.config.host, self.port)
+        auth = self.config.auth
+        log.info("listening on %s:%d (%s; authentication %s; NOT_SERVING until models are warm)", self.config.host,
+                 self.port, "mutual TLS" if auth.client_ca else "TLS" if self.config.tls_cert else "plaintext",
+                 "on" if auth.enabled else "OFF (loopback only)" if not auth.insecure_public else
+                 "OFF on a public address (--insecure-public)")
         return self.port
 
     async def load(self) -> None:
@@ -105,7 +122,7 @@ class FacegateServer:
         self.liveness = LivenessPipeline(
             self.registry.batcher(DETECTOR),
             [(spec, self.registry.batcher(spec.name)) for spec in LIVENESS_SPECS],
-            self.config.liveness, self.cpu_pool,
+            self.config.liveness, self.cpu_pool, pixels=self.pixels,
         )
         await self._load_identification()
         self._loading = False
@@ -126,9 +143,9 @@ class FacegateServer:
         loop = asyncio.get_running_loop()
         store = await loop.run_in_executor(self.db_pool, GalleryStore, self.config.gallery_path)
         clips = ClipPipeline(self.registry.batcher(DETECTOR), [self.registry.batcher(m) for m in members],
-                             ensemble, self.cpu_pool, self.config.clip_limits)
+                             ensemble, self.cpu_pool, self.config.clip_limits, self.pixels)
         self._identify_versions = [model_version(self.registry.models[n]) for n in (DETECTOR, *members)]
-        self.identification = IdentificationService(clips, store, self.db_pool, self.liveness)
+        self.identification = IdentificationService(clips, store, self.db_pool, self.liveness, self.audit)
         log.info("identification: ensemble %s v%s (%d members), gallery %s", ensemble.name, ensemble.version,
                  len(members), self.config.gallery_path)
 
@@ -149,6 +166,7 @@ class FacegateServer:
             await self.identification.close()
         self.db_pool.shutdown(wait=True)
         self.cpu_pool.shutdown(wait=True)
+        self.audit.close()
 
 
 async def serve(config: ServerConfig) -> None:

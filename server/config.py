@@ -5,9 +5,10 @@ Nothing here reads the environment or argv at import time; ``server.__main__`` d
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from engines.declarations import DECLARATIONS
 from engines.runtime.factory import RuntimeSettings
 from engines.tensorrt.cache import BuilderSettings
 from engines.vision.imaging import ImageLimits
+from server.audit import AuditConfig
+from server.auth.callers import AuthConfig, CallerConfig
 from server.pipelines.identification import ClipLimits
 from server.pipelines.liveness import LivenessConfig
 from server.pipelines.quality import QualityConfig
@@ -32,8 +35,22 @@ class ServerConfig:
     tls_key: Path | None = None
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest request accepted by gRPC; larger ones get RESOURCE_EXHAUSTED from the transport."""
-    max_concurrent_rpcs: int = 4096
+    max_concurrent_rpcs: int = 256
     """RPCs in flight beyond this are refused with RESOURCE_EXHAUSTED before any work is done."""
+    max_concurrent_streams: int = 256
+    """HTTP/2 streams one connection may have open (grpc.max_concurrent_streams; gRPC's own default is unbounded).
+    Streams over it are refused with REFUSED_STREAM, which gRPC clients may not retry: keep it >= the largest
+    concurrency one client channel is expected to use."""
+    max_inflight_request_bytes: int = 256 * 1024 * 1024
+    """Encoded request bytes all calls in flight may hold together; over it -> RESOURCE_EXHAUSTED (RetryInfo)."""
+    max_inflight_pixels: int = 250_000_000
+    """Decoded pixels all calls in flight may hold together (3 bytes each); over it -> RESOURCE_EXHAUSTED."""
+    default_deadline_s: float = 30.0
+    """Deadline applied to calls that set none, so no request holds resources forever."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """Caller identity and scopes ([auth], [[auth.callers]]). Off is allowed only on a loopback address."""
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    """Where the audit log goes ([audit])."""
     drain_delay_s: float = 1.0
     """On SIGTERM: health turns NOT_SERVING at once but RPCs are still accepted for this long, so load balancers
     stop routing here and calls already on the wire are taken in (grpc cancels calls not yet accepted)."""
@@ -68,12 +85,31 @@ class ServerConfig:
             raise ValueError(f"tensorrt_precision must be fp16 or fp32, got {self.runtime.tensorrt_precision!r}")
         if self.cpu_workers < 1:
             raise ValueError(f"cpu_workers must be >= 1, got {self.cpu_workers}")
+        if not self.auth.enabled and not is_loopback(self.host) and not self.auth.insecure_public:
+            raise ValueError(
+                f"refusing to serve biometric RPCs on {self.host} without authentication: configure callers "
+                f"([[auth.callers]] with token hashes, --token-file, or --client-ca for mutual TLS), bind a "
+                f"loopback address, or pass --insecure-public if the network itself is trusted")
+        if self.auth.client_ca is not None and self.tls_cert is None:
+            raise ValueError(f"client_ca ({self.auth.client_ca}) needs tls_cert and tls_key: mutual TLS is TLS")
+        if self.max_inflight_pixels < self.clip_limits.max_request_pixels:
+            raise ValueError(f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least "
+                             f"clip_limits.max_request_pixels ({self.clip_limits.max_request_pixels})")
 
     def batcher_for(self, model: str, declared: BatcherConfig | None = None) -> BatcherConfig:
         """The override for ``model`` if configured, else its declared defaults (``declared`` for models only the
         repository knows, such as trained ensemble members)."""
         cfg = self.batching.get(model) or declared or _declared_batching(model)
         return cfg if self.batching_enabled else cfg.unbatched()
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _declared_batching(model: str) -> BatcherConfig:
@@ -89,7 +125,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**data)
 
 
-def load_config(path: Path | None, **overrides: Any) -> ServerConfig:
+def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None, **overrides: Any) -> ServerConfig:
     """Read a TOML file (sections: [server], [runtime], [runtime.tensorrt_builder], [liveness], [liveness.image],
     [liveness.quality], [batching.<model>]) and apply keyword overrides (from the command line) on top."""
     data: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
@@ -97,6 +133,20 @@ def load_config(path: Path | None, **overrides: Any) -> ServerConfig:
     for key in ("model_repository", "gallery_path", "tls_cert", "tls_key"):
         if key in server:
             server[key] = Path(server[key])
+    auth_section = dict(data.get("auth", {}))
+    callers = tuple(_build(CallerConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()},
+                           "[[auth.callers]]") for c in auth_section.pop("callers", []))
+    for key in ("client_ca", "token_file"):
+        if key in auth_section:
+            auth_section[key] = Path(auth_section[key])
+    if "token_file_scopes" in auth_section:
+        auth_section["token_file_scopes"] = tuple(auth_section["token_file_scopes"])
+    auth_section.update({k: v for k, v in (auth_overrides or {}).items() if v is not None})
+    auth = _build(AuthConfig, {**auth_section, "callers": callers}, "[auth]")
+    audit_section = dict(data.get("audit", {}))
+    if "path" in audit_section:
+        audit_section["path"] = Path(audit_section["path"]) if audit_section["path"] != "-" else None
+    audit = _build(AuditConfig, audit_section, "[audit]")
     live = dict(data.get("liveness", {}))
     image = _build(ImageLimits, live.pop("image", {}), "[liveness.image]")
     quality = _build(QualityConfig, live.pop("quality", {}), "[liveness.quality]")
@@ -111,9 +161,9 @@ def load_config(path: Path | None, **overrides: Any) -> ServerConfig:
             section["preferred_batch_sizes"] = tuple(section["preferred_batch_sizes"])
         base = _declared_batching(model)
         batching[model] = _build(BatcherConfig, {**_asdict(base), **section}, f"[batching.{model}]")
-    cfg = _build(ServerConfig, {**server, "batching": batching, "liveness": liveness, "runtime": runtime},
-                 "[server]")
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return _build(ServerConfig, {**server, "batching": batching, "liveness": liveness, "runtime": runtime,
+                                 "auth": auth, "audit": audit, **given}, "[server]")
 
 
 def _asdict(cfg: BatcherConfig) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -68,8 +69,10 @@ class RunningServer:
 def start_server(repository: Path, **overrides: Any) -> tuple[RunningServer, threading.Thread]:
     """Start a FacegateServer on an event loop in a background thread; return once it is SERVING."""
     from server.app import FacegateServer
+    from server.audit import AuditConfig
     from server.config import ServerConfig
 
+    overrides.setdefault("audit", AuditConfig(path=Path(tempfile.mkdtemp(prefix="facegate-audit-")) / "audit.jsonl"))
     config = replace(ServerConfig(port=0, model_repository=repository, drain_grace_s=1.0), **overrides)
     loop = asyncio.new_event_loop()
     holder: list[FacegateServer] = []

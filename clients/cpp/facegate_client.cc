@@ -3,6 +3,9 @@
 //   facegate_client [--target HOST:PORT] [--deadline-ms N] [--tls-ca FILE] liveness IMAGE...
 //   facegate_client [--target HOST:PORT] [--deadline-ms N] [--tls-ca FILE] identify COLLECTION DIR --fps F
 //
+// Caller identity: --token-file FILE sends "authorization: Bearer <token>" on every call; --tls-cert FILE and
+// --tls-key FILE (with --tls-ca) present a client certificate for mutual TLS.
+//
 // One tab-separated line per answer; exit status 1 if any call failed.
 #include <grpcpp/grpcpp.h>
 
@@ -59,7 +62,7 @@ std::string Error(const grpc::Status& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string target = "127.0.0.1:50051", ca_file;
+  std::string target = "127.0.0.1:50051", ca_file, token_file, cert_file, key_file;
   int deadline_ms = 10000;
   double fps = 0;
   std::vector<std::string> args;
@@ -68,11 +71,15 @@ int main(int argc, char** argv) {
     if (a == "--target" && i + 1 < argc) target = argv[++i];
     else if (a == "--deadline-ms" && i + 1 < argc) deadline_ms = std::stoi(argv[++i]);
     else if (a == "--tls-ca" && i + 1 < argc) ca_file = argv[++i];
+    else if (a == "--token-file" && i + 1 < argc) token_file = argv[++i];
+    else if (a == "--tls-cert" && i + 1 < argc) cert_file = argv[++i];
+    else if (a == "--tls-key" && i + 1 < argc) key_file = argv[++i];
     else if (a == "--fps" && i + 1 < argc) fps = std::stod(argv[++i]);
     else args.push_back(a);
   }
   if (args.empty()) {
-    std::cerr << "usage: facegate_client [--target H:P] [--deadline-ms N] [--tls-ca F] liveness IMAGE... | "
+    std::cerr << "usage: facegate_client [--target H:P] [--deadline-ms N] [--tls-ca F] [--tls-cert F --tls-key F] "
+                 "[--token-file F] liveness IMAGE... | "
                  "identify COLLECTION DIR --fps F\n";
     return 2;
   }
@@ -80,12 +87,25 @@ int main(int argc, char** argv) {
   if (!ca_file.empty()) {
     grpc::SslCredentialsOptions opts;
     opts.pem_root_certs = ReadFile(ca_file);
+    if (!cert_file.empty()) {  // mutual TLS: the client certificate identifies the caller
+      opts.pem_cert_chain = ReadFile(cert_file);
+      opts.pem_private_key = ReadFile(key_file);
+    }
     creds = grpc::SslCredentials(opts);
   }
+  std::string token;
+  if (!token_file.empty()) {
+    token = ReadFile(token_file);
+    token.erase(token.find_last_not_of(" \r\n\t") + 1);
+  }
+  // Every call: its deadline, and the bearer token when one is given.
+  auto prepare = [&](grpc::ClientContext& ctx) {
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
+    if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+  };
   grpc::ChannelArguments ch_args;
   ch_args.SetMaxSendMessageSize(64 << 20);
   auto channel = grpc::CreateCustomChannel(target, creds, ch_args);
-  auto deadline = [&] { return std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms); };
   int failures = 0;
 
   if (args[0] == "liveness") {
@@ -95,7 +115,7 @@ int main(int argc, char** argv) {
       req.mutable_image()->set_data(ReadFile(args[i]));
       v1::CheckLivenessResponse resp;
       grpc::ClientContext ctx;
-      ctx.set_deadline(deadline());
+      prepare(ctx);
       grpc::Status s = stub->CheckLiveness(&ctx, req, &resp);
       if (!s.ok()) {
         std::cout << args[i] << "\t" << Error(s) << "\n";
@@ -114,7 +134,7 @@ int main(int argc, char** argv) {
     for (const auto& f : FramesOf(args[2])) req.mutable_clip()->add_frames()->set_data(ReadFile(f));
     v1::IdentifyFromClipResponse resp;
     grpc::ClientContext ctx;
-    ctx.set_deadline(deadline());
+    prepare(ctx);
     grpc::Status s = stub->IdentifyFromClip(&ctx, req, &resp);
     if (!s.ok()) {
       std::cout << args[2] << "\t" << Error(s) << "\n";

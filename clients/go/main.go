@@ -2,10 +2,15 @@
 //
 //	facegate-client [-target HOST:PORT] [-deadline 10s] [-tls-ca FILE] liveness IMAGE...
 //	facegate-client [-target HOST:PORT] [-deadline 10s] [-tls-ca FILE] -fps F identify COLLECTION DIR
+//
+// Caller identity: -token-file FILE sends "authorization: Bearer <token>" on every call; -tls-cert FILE and
+// -tls-key FILE (with -tls-ca) present a client certificate for mutual TLS.
 package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
 	"os"
@@ -20,6 +25,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 )
 
 var digits = regexp.MustCompile(`\d+`)
@@ -63,6 +69,9 @@ func main() {
 	target := flag.String("target", "127.0.0.1:50051", "server address")
 	deadline := flag.Duration("deadline", 10*time.Second, "deadline per call")
 	caFile := flag.String("tls-ca", "", "PEM file of the CA that signed the server certificate (enables TLS)")
+	certFile := flag.String("tls-cert", "", "client certificate (PEM) for mutual TLS, with -tls-key")
+	keyFile := flag.String("tls-key", "", "client private key (PEM) for mutual TLS")
+	tokenFile := flag.String("token-file", "", "file holding a bearer token, sent on every call")
 	fps := flag.Float64("fps", 0, "capture frame rate of the clip (identify)")
 	flag.Parse()
 	args := flag.Args()
@@ -72,12 +81,39 @@ func main() {
 	}
 	creds := grpc.WithInsecure()
 	if *caFile != "" {
-		tc, err := credentials.NewClientTLSFromFile(*caFile, "")
+		pem, err := os.ReadFile(*caFile)
+		pool := x509.NewCertPool()
+		if err != nil || !pool.AppendCertsFromPEM(pem) {
+			fmt.Fprintln(os.Stderr, "cannot read the CA file", *caFile, err)
+			os.Exit(2)
+		}
+		cfg := &tls.Config{RootCAs: pool}
+		if *certFile != "" { // mutual TLS: the client certificate identifies the caller
+			pair, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(2)
+			}
+			cfg.Certificates = []tls.Certificate{pair}
+		}
+		creds = grpc.WithTransportCredentials(credentials.NewTLS(cfg))
+	}
+	token := ""
+	if *tokenFile != "" {
+		data, err := os.ReadFile(*tokenFile)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(2)
 		}
-		creds = grpc.WithTransportCredentials(tc)
+		token = strings.TrimSpace(string(data))
+	}
+	// Every call: its deadline, and the bearer token when one is given.
+	callContext := func() (context.Context, context.CancelFunc) {
+		ctx, cancel := context.WithTimeout(context.Background(), *deadline)
+		if token != "" {
+			ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+		}
+		return ctx, cancel
 	}
 	conn, err := grpc.Dial(*target, creds, grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(64<<20)))
 	if err != nil {
@@ -96,7 +132,7 @@ func main() {
 				failures++
 				continue
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), *deadline)
+			ctx, cancel := callContext()
 			resp, err := client.CheckLiveness(ctx, &pb.CheckLivenessRequest{Image: &pb.Image{Data: data}})
 			cancel()
 			if err != nil {
@@ -126,7 +162,7 @@ func main() {
 			}
 			clip.Frames = append(clip.Frames, &pb.Image{Data: data})
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), *deadline)
+		ctx, cancel := callContext()
 		defer cancel()
 		resp, err := pb.NewIdentificationServiceClient(conn).IdentifyFromClip(ctx,
 			&pb.IdentifyFromClipRequest{Collection: args[1], Clip: clip, TopK: 3})

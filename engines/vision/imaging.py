@@ -68,12 +68,32 @@ def _jpeg_is_truncated(data: bytes) -> bool:
     return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
 
 
-def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> DecodedImage:
-    """Decode JPEG / PNG / WebP bytes; every problem is an InvalidArgumentError naming ``field``.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header declares, read without decoding a pixel."""
 
-    Pillow reads only the header (format, declared size, EXIF orientation) so limits are checked before any
-    pixel is decoded; OpenCV then decodes (BGR directly, the decoder the liveness models were used with).
-    """
+    format: str  # "jpeg" | "png" | "webp"
+    stored_width: int
+    stored_height: int
+    orientation: int  # EXIF orientation 1..8
+
+    @property
+    def width(self) -> int:
+        """Upright width (orientations 5..8 swap the sides)."""
+        return self.stored_height if self.orientation >= 5 else self.stored_width
+
+    @property
+    def height(self) -> int:
+        return self.stored_width if self.orientation >= 5 else self.stored_height
+
+    @property
+    def pixels(self) -> int:
+        return self.stored_width * self.stored_height
+
+
+def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> ImageHeader:
+    """Every check that needs no pixels: size in bytes, format, declared pixels (decompression bombs), a
+    truncated JPEG. Pillow reads only the header. Problems are InvalidArgumentErrors naming ``field``."""
 
     def bad(description: str) -> InvalidArgumentError:
         return InvalidArgumentError(FieldViolation(field, description))
@@ -97,13 +117,23 @@ def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data") ->
     width, height = im.size
     if width * height > limits.max_pixels:
         raise bad(f"declares {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
+    if min(width, height) < limits.min_side:
+        raise bad(f"is {width}x{height} px; each side must be at least {limits.min_side} px")
     if fmt == "jpeg" and _jpeg_is_truncated(data):
         raise bad("is corrupt or truncated and could not be decoded")
+    return ImageHeader(fmt, width, height, orientation if 1 <= orientation <= 8 else 1)
+
+
+def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data",
+                 header: ImageHeader | None = None) -> DecodedImage:
+    """Decode JPEG / PNG / WebP bytes; every problem is an InvalidArgumentError naming ``field``.
+
+    The header is checked first (``probe_image``, or the one given) so limits hold before any pixel is decoded;
+    OpenCV then decodes (BGR directly, the decoder the liveness models were used with).
+    """
+    header = header or probe_image(data, limits, field)
     stored = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if stored is None or stored.shape[:2] != (height, width):
-        raise bad("is corrupt or truncated and could not be decoded")
-    orientation = orientation if 1 <= orientation <= 8 else 1
-    bgr = apply_orientation(stored, orientation)
-    if min(bgr.shape[:2]) < limits.min_side:
-        raise bad(f"is {bgr.shape[1]}x{bgr.shape[0]} px; each side must be at least {limits.min_side} px")
-    return DecodedImage(bgr=np.ascontiguousarray(bgr), format=fmt, exif_orientation=orientation)
+    if stored is None or stored.shape[:2] != (header.stored_height, header.stored_width):
+        raise InvalidArgumentError(FieldViolation(field, "is corrupt or truncated and could not be decoded"))
+    bgr = apply_orientation(stored, header.orientation)
+    return DecodedImage(bgr=np.ascontiguousarray(bgr), format=header.format, exif_orientation=header.orientation)

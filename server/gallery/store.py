@@ -10,6 +10,7 @@ Synchronous by design (SQLite calls block): the server runs it on one dedicated 
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 import threading
 import time
@@ -20,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, NotFoundError
+from engines.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -48,7 +55,27 @@ CREATE TABLE IF NOT EXISTS templates (
     FOREIGN KEY (collection, person_id) REFERENCES persons(collection, person_id) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS templates_by_person ON templates(collection, person_id);
+CREATE TABLE IF NOT EXISTS enrol_requests (   -- idempotency: a retried enrolment is not stored twice
+    collection TEXT NOT NULL,
+    request_key TEXT NOT NULL,
+    person_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (collection, request_key)
+);
 """
+# Columns added after the first release, for galleries created before them.
+_ADDED_COLUMNS = (("templates", "added_by", "TEXT NOT NULL DEFAULT ''"),)
+
+
+class EnrollMode(enum.Enum):
+    CREATE = "create"  # a new person; an existing id is ALREADY_EXISTS
+    APPEND = "append"  # more templates for an existing person; a missing id is NOT_FOUND
+
+
+@dataclass(frozen=True)
+class EnrollOutcome:
+    total_clips: int  # the person's clips after the call
+    replayed: bool  # the request key was seen before: nothing was written this time
 
 _MAX_ID = 128
 
@@ -88,7 +115,12 @@ class GalleryStore:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
+        db = self._conn()
+        db.executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         # Search matrices per (collection, member), rebuilt after any change to that collection.
         self._cache: dict[str, dict[str, GalleryMatrix]] = {}
 
@@ -99,6 +131,8 @@ class GalleryStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # Deleted templates are overwritten with zeros, not left readable in free pages.
+            conn.execute("PRAGMA secure_delete=ON")
             self._local.conn = conn
         return conn
 
@@ -154,17 +188,30 @@ class GalleryStore:
     # --- persons -------------------------------------------------------------------------------------------
 
     def enroll(self, collection: str, person_id: str, display_name: str,
-               templates: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> int:
-        """Add a person (or more templates to one) atomically. ``templates``: (clip id, member -> embedding).
-
-        Returns the person's total number of clips enrolled."""
+               templates: Sequence[tuple[str, Mapping[str, np.ndarray]]], mode: EnrollMode = EnrollMode.CREATE,
+               added_by: str = "", request_key: str = "") -> EnrollOutcome:
+        """Create a person (CREATE) or add templates to one (APPEND), atomically. ``templates``: (clip id,
+        member -> embedding). A ``request_key`` seen before for this collection writes nothing (a retry)."""
         validate_id(person_id, "person_id")
         coll = self.collection(collection)
         with self._tx() as db:
-            db.execute("INSERT INTO persons (collection, person_id, display_name, created_at) VALUES (?, ?, ?, ?) "
-                       "ON CONFLICT (collection, person_id) DO UPDATE SET display_name = "
-                       "CASE WHEN excluded.display_name != '' THEN excluded.display_name ELSE display_name END",
-                       (collection, person_id, display_name, time.time()))
+            if request_key and db.execute("SELECT 1 FROM enrol_requests WHERE collection = ? AND request_key = ?",
+                                          (collection, request_key)).fetchone():
+                return EnrollOutcome(self._clip_count(db, collection, person_id), True)
+            exists = db.execute("SELECT 1 FROM persons WHERE collection = ? AND person_id = ?",
+                                (collection, person_id)).fetchone() is not None
+            if mode is EnrollMode.CREATE:
+                if exists:
+                    raise AlreadyExistsError(f"person {person_id!r} already exists in collection {collection!r}; "
+                                             f"adding templates to them is an explicit APPEND")
+                db.execute("INSERT INTO persons (collection, person_id, display_name, created_at) "
+                           "VALUES (?, ?, ?, ?)", (collection, person_id, display_name, time.time()))
+            else:
+                if not exists:
+                    raise NotFoundError(f"no person {person_id!r} in collection {collection!r} to append to")
+                if display_name:
+                    db.execute("UPDATE persons SET display_name = ? WHERE collection = ? AND person_id = ?",
+                               (display_name, collection, person_id))
             for clip, by_member in templates:
                 for member in coll.members:
                     emb = np.asarray(by_member[member], np.float32).reshape(-1)
@@ -172,12 +219,26 @@ class GalleryStore:
                         raise FailedPreconditionError(
                             f"embedding of {member} has {emb.shape[0]} values; collection {collection!r} "
                             f"holds {coll.embedding_dim}")
-                    db.execute("INSERT INTO templates (collection, person_id, member, clip, embedding) "
-                               "VALUES (?, ?, ?, ?, ?)", (collection, person_id, member, clip, emb.tobytes()))
-            total = db.execute("SELECT COUNT(DISTINCT clip) FROM templates WHERE collection = ? AND person_id = ?",
-                               (collection, person_id)).fetchone()[0]
+                    db.execute("INSERT INTO templates (collection, person_id, member, clip, embedding, added_by) "
+                               "VALUES (?, ?, ?, ?, ?, ?)",
+                               (collection, person_id, member, clip, emb.tobytes(), added_by))
+            if request_key:
+                db.execute("INSERT INTO enrol_requests VALUES (?, ?, ?, ?)",
+                           (collection, request_key, person_id, time.time()))
+            total = self._clip_count(db, collection, person_id)
         self._cache.pop(collection, None)
-        return int(total)
+        return EnrollOutcome(total, False)
+
+    @staticmethod
+    def _clip_count(db: sqlite3.Connection, collection: str, person_id: str) -> int:
+        return int(db.execute("SELECT COUNT(DISTINCT clip) FROM templates WHERE collection = ? AND person_id = ?",
+                              (collection, person_id)).fetchone()[0])
+
+    def template_authors(self, collection: str, person_id: str) -> list[str]:
+        """Who added each of a person's clips (in order), for audits."""
+        rows = self._conn().execute("SELECT added_by FROM templates WHERE collection = ? AND person_id = ? "
+                                    "GROUP BY clip ORDER BY MIN(id)", (collection, person_id)).fetchall()
+        return [r[0] for r in rows]
 
     def delete_person(self, collection: str, person_id: str) -> None:
         self.collection(collection)
@@ -185,6 +246,8 @@ class GalleryStore:
             cur = db.execute("DELETE FROM persons WHERE collection = ? AND person_id = ?", (collection, person_id))
             if cur.rowcount == 0:
                 raise NotFoundError(f"no person {person_id!r} in collection {collection!r}")
+            # A later enrolment of the same person must not be taken for a retry of the deleted one.
+            db.execute("DELETE FROM enrol_requests WHERE collection = ? AND person_id = ?", (collection, person_id))
         self._cache.pop(collection, None)
 
     def persons(self, collection: str, limit: int = 100, after: str = "") -> list[Person]:

@@ -27,7 +27,9 @@ from engines.vision.clip_window import (
     stable_box,
 )
 from engines.vision.detection import Box, FaceDetector
-from engines.vision.imaging import ImageLimits, decode_image
+from engines.vision.imaging import ImageHeader, ImageLimits, decode_image, probe_image
+from engines.vision.video import VideoLimits, decode_video
+from server.admission import Budget
 from server.batching.scheduler import DynamicBatcher
 from server.pipelines.face_detection import BatchedFaceDetector
 
@@ -38,8 +40,20 @@ class ClipLimits:
     max_frames: int = 400
     """More frames than this are refused (2 s at 200 fps)."""
     max_total_bytes: int = 64 * 1024 * 1024
+    max_fps: float = 1000.0
+    """Capture rates above this are refused (fps drives the apex-spotting kernel and the resampling)."""
+    max_request_pixels: int = 400 * 640 * 480
+    """Decoded pixels one request may need, over all its frames (and clips): 400 frames of 640x480."""
+    max_clips: int = 16
+    """Clips one enrolment request may carry."""
+    video_timeout_s: float = 10.0
+    """Wall-clock limit of decoding one video container (in a worker process, killed after it)."""
     frame: ImageLimits = field(default_factory=lambda: ImageLimits(max_bytes=4 * 1024 * 1024,
                                                                    max_pixels=4_000_000))
+
+    def video(self) -> VideoLimits:
+        return VideoLimits(self.max_frames, self.frame.max_pixels, self.frame.min_side, self.max_request_pixels,
+                           self.video_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,16 @@ class ClipDiagnostics:
 
 
 @dataclass(frozen=True)
+class ProbedClip:
+    """A clip whose frame headers passed every limit: what decoding it will cost, known before it starts."""
+
+    clip: ClipInput
+    field: str
+    headers: tuple[ImageHeader, ...]  # empty for a video
+    pixels: int  # decoded pixels it may need (a video: the request budget)
+
+
+@dataclass(frozen=True)
 class ClipEmbedding:
     embeddings: dict[str, np.ndarray] | None  # member model -> embedding; None when no face was found
     diagnostics: ClipDiagnostics
@@ -85,8 +109,9 @@ def frame_count_violation(n: int, limits: ClipLimits, where: str) -> FieldViolat
 
 def validate_clip(clip: ClipInput, limits: ClipLimits, field: str = "clip") -> None:
     violations = []
-    if not (isinstance(clip.fps, float | int) and math.isfinite(clip.fps) and clip.fps > 0):
-        violations.append(FieldViolation(f"{field}.fps", f"must be the capture frame rate (> 0), got {clip.fps}"))
+    if not (isinstance(clip.fps, float | int) and math.isfinite(clip.fps) and 0 < clip.fps <= limits.max_fps):
+        violations.append(FieldViolation(
+            f"{field}.fps", f"must be the capture frame rate in (0, {limits.max_fps:g}], got {clip.fps}"))
     if clip.video and clip.frames:
         violations.append(FieldViolation(f"{field}.video", "send either frames or a video, not both"))
     n = len(clip.frames)
@@ -103,70 +128,60 @@ def validate_clip(clip: ClipInput, limits: ClipLimits, field: str = "clip") -> N
         raise InvalidArgumentError(violations)
 
 
-def decode_video(data: bytes, limits: ClipLimits, field: str) -> list[np.ndarray]:
-    """Frames of an encoded video, decoded in-process (OpenCV reads containers from files, so through a private
-    temporary file that is deleted on close)."""
-    import tempfile
-
-    import cv2
-
-    with tempfile.NamedTemporaryFile(suffix=".video") as f:
-        f.write(data)
-        f.flush()
-        cap = cv2.VideoCapture(f.name)
-        try:
-            if not cap.isOpened():
-                raise InvalidArgumentError(FieldViolation(f"{field}.video", "is not a decodable video container"))
-            frames: list[np.ndarray] = []
-            while len(frames) <= limits.max_frames:
-                ok, frame = cap.read()
-                if not ok:
-                    break
-                frames.append(frame)
-        finally:
-            cap.release()
-    bad = frame_count_violation(len(frames), limits, f"{field}.video")
-    if bad:
-        raise InvalidArgumentError(bad)
-    h, w = frames[0].shape[:2]
-    if w * h > limits.frame.max_pixels or min(w, h) < limits.frame.min_side:
-        raise InvalidArgumentError(FieldViolation(f"{field}.video", f"frames are {w}x{h}, outside the size limits"))
-    return frames
+def probe_frames(clip: ClipInput, limits: ClipLimits, field: str) -> ProbedClip:
+    """Read every frame's header (no pixels): each within the frame limits, all of one upright size, and the
+    whole clip within the request's pixel budget. Blocking: run it on the thread pool."""
+    if clip.video:
+        return ProbedClip(clip, field, (), limits.max_request_pixels)
+    headers = tuple(probe_image(data, limits.frame, f"{field}.frames[{i}].data")
+                    for i, data in enumerate(clip.frames))
+    w, h = headers[0].width, headers[0].height
+    for i, hd in enumerate(headers):
+        if (hd.width, hd.height) != (w, h):
+            raise InvalidArgumentError(FieldViolation(
+                f"{field}.frames[{i}]", f"is {hd.width}x{hd.height}; frame 0 is {w}x{h} (all must match)"))
+    pixels = sum(hd.pixels for hd in headers)
+    if pixels > limits.max_request_pixels:
+        raise InvalidArgumentError(FieldViolation(
+            f"{field}.frames", f"decode to {pixels} pixels, over the request budget of {limits.max_request_pixels}"))
+    return ProbedClip(clip, field, headers, pixels)
 
 
 class ClipPipeline:
     def __init__(self, detector: DynamicBatcher, members: Sequence[DynamicBatcher], ensemble: Ensemble,
-                 executor: Executor, limits: ClipLimits | None = None) -> None:
+                 executor: Executor, limits: ClipLimits | None = None, pixels: Budget | None = None) -> None:
         self.detector = BatchedFaceDetector(detector, FaceDetector(ensemble.spec.face_score))
         self.members = list(members)
         self.ensemble = ensemble
         self.executor = executor
         self.limits = limits or ClipLimits()
+        # Decoded pixels all requests in flight may hold (shared with the liveness pipeline).
+        self.pixels = pixels or Budget("decoded pixels", max(self.limits.max_request_pixels, 1), "pixels")
 
-    def _decode_chunk(self, frames: Sequence[bytes], start: int, field: str) -> list[np.ndarray]:
-        return [decode_image(data, self.limits.frame, f"{field}.frames[{start + i}].data").bgr
-                for i, data in enumerate(frames)]
+    def _decode_chunk(self, frames: Sequence[bytes], headers: Sequence[ImageHeader], start: int, field: str
+                      ) -> list[np.ndarray]:
+        return [decode_image(data, self.limits.frame, f"{field}.frames[{start + i}].data", header).bgr
+                for i, (data, header) in enumerate(zip(frames, headers, strict=True))]
 
-    async def _decode_all(self, clip: ClipInput, field: str) -> list[np.ndarray]:
+    async def _decode_all(self, probed: ProbedClip) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
+        clip, field = probed.clip, probed.field
         if clip.video:
-            frames = await loop.run_in_executor(self.executor, decode_video, clip.video, self.limits, field)
+            frames = await loop.run_in_executor(self.executor, decode_video, clip.video, self.limits.video(), field)
+            bad = frame_count_violation(len(frames), self.limits, f"{field}.video")
+            if bad:
+                raise InvalidArgumentError(bad)
             if clip.apex_hint is not None and clip.apex_hint >= len(frames):
                 raise InvalidArgumentError(FieldViolation(f"{field}.apex_frame",
                                                           f"must index a frame (0..{len(frames) - 1})"))
             return frames
         chunk = max(8, math.ceil(len(clip.frames) / 4))
         parts = await asyncio.gather(*[
-            loop.run_in_executor(self.executor, self._decode_chunk, clip.frames[i:i + chunk], i, field)
+            loop.run_in_executor(self.executor, self._decode_chunk, clip.frames[i:i + chunk],
+                                 probed.headers[i:i + chunk], i, field)
             for i in range(0, len(clip.frames), chunk)
         ])
-        frames = [f for part in parts for f in part]
-        h, w = frames[0].shape[:2]
-        for i, f in enumerate(frames):
-            if f.shape[:2] != (h, w):
-                raise InvalidArgumentError(FieldViolation(
-                    f"{field}.frames[{i}]", f"is {f.shape[1]}x{f.shape[0]}; frame 0 is {w}x{h} (all must match)"))
-        return frames
+        return [f for part in parts for f in part]
 
     async def _detect(self, frame: np.ndarray, deadline: float | None) -> Box | None:
         loop = asyncio.get_running_loop()
@@ -174,12 +189,23 @@ class ClipPipeline:
         faces = await self.detector.faces(inp, deadline)
         return faces[0].pixel_box(frame.shape[1], frame.shape[0]) if faces else None
 
-    async def embed(self, clip: ClipInput, deadline: float | None, field: str = "clip") -> ClipEmbedding:
+    async def probe(self, clip: ClipInput, field: str = "clip") -> ProbedClip:
+        """Every check that needs no pixels (counts, fps, sizes from the frame headers, the pixel budget)."""
         validate_clip(clip, self.limits, field)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, probe_frames, clip, self.limits, field)
+
+    async def embed(self, clip: ClipInput | ProbedClip, deadline: float | None, field: str = "clip"
+                    ) -> ClipEmbedding:
+        probed = clip if isinstance(clip, ProbedClip) else await self.probe(clip, field)
+        async with self.pixels.hold(probed.pixels):
+            return await self._embed(probed, deadline)
+
+    async def _embed(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
+        clip = probed.clip
         spec = self.ensemble.spec
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        frames = await self._decode_all(clip, field)
+        frames = await self._decode_all(probed)
         t1 = time.perf_counter()
         sampled = detection_frames(len(frames), spec.detect_frames)
         boxes = await asyncio.gather(*[self._detect(frames[i], deadline) for i in sampled])
@@ -194,8 +220,9 @@ class ClipPipeline:
         h, w = frames[0].shape[:2]
         crop = square_crop_box(box, w, h, spec.crop_scale)
         if clip.apex_hint is None:
-            greys = await loop.run_in_executor(self.executor, lambda: [grey_thumbnail(f, crop) for f in frames])
-            apex = spot_apex(greys, float(clip.fps))
+            # Thumbnails and the motion spotting both run on the pool: neither may hold the event loop.
+            apex = await loop.run_in_executor(
+                self.executor, lambda: spot_apex([grey_thumbnail(f, crop) for f in frames], float(clip.fps)))
         tensor, win = await loop.run_in_executor(self.executor, model_input, frames, crop, apex, float(clip.fps),
                                                  spec)
         t3 = time.perf_counter()

@@ -18,7 +18,8 @@ import numpy as np
 from engines.errors import FieldViolation, InvalidArgumentError
 from engines.specs import DETECTOR_SPEC, DetectorSpec, LivenessSpec
 from engines.vision.detection import DetectorInput, FaceDetector
-from engines.vision.imaging import DecodedImage, ImageLimits, decode_image
+from engines.vision.imaging import DecodedImage, ImageHeader, ImageLimits, decode_image, probe_image
+from server.admission import Budget
 from server.batching.scheduler import DynamicBatcher
 from server.pipelines.crop import crop_for_model
 from server.pipelines.face_detection import BatchedFaceDetector
@@ -106,14 +107,17 @@ def validate_threshold(threshold: float | None) -> None:
 
 class LivenessPipeline:
     def __init__(self, detector: DynamicBatcher, classifiers: list[tuple[LivenessSpec, DynamicBatcher]],
-                 config: LivenessConfig, executor: Executor, detector_spec: DetectorSpec = DETECTOR_SPEC) -> None:
+                 config: LivenessConfig, executor: Executor, detector_spec: DetectorSpec = DETECTOR_SPEC,
+                 pixels: Budget | None = None) -> None:
         self.detector = BatchedFaceDetector(detector, FaceDetector(config.face_score_threshold, detector_spec))
         self.classifiers = classifiers
         self.config = config
         self.executor = executor
+        # Decoded pixels all requests in flight may hold (shared with the identification pipeline).
+        self.pixels = pixels or Budget("decoded pixels", config.image.max_pixels, "pixels")
 
-    def _decode_and_prepare(self, data: bytes) -> tuple[DecodedImage, DetectorInput]:
-        image = decode_image(data, self.config.image)
+    def _decode_and_prepare(self, data: bytes, header: ImageHeader) -> tuple[DecodedImage, DetectorInput]:
+        image = decode_image(data, self.config.image, header=header)
         return image, self.detector.detector.prepare(image.bgr)
 
     def _crops_and_quality(self, image: DecodedImage, box: tuple[int, int, int, int]
@@ -124,12 +128,19 @@ class LivenessPipeline:
 
     async def check(self, req: LivenessRequest) -> LivenessResult:
         validate_threshold(req.threshold)
+        loop = asyncio.get_running_loop()
+        # The header first (no pixels): the decoded size is then held from the server's pixel budget.
+        header = await loop.run_in_executor(self.executor, probe_image, req.image, self.config.image)
+        async with self.pixels.hold(header.pixels):
+            return await self._check(req, header)
+
+    async def _check(self, req: LivenessRequest, header: ImageHeader) -> LivenessResult:
         threshold = self.config.threshold if req.threshold is None else float(req.threshold)
         margin = self.config.uncertainty_margin
         loop = asyncio.get_running_loop()
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        image, det_input = await loop.run_in_executor(self.executor, self._decode_and_prepare, req.image)
+        image, det_input = await loop.run_in_executor(self.executor, self._decode_and_prepare, req.image, header)
         t1 = time.perf_counter()
         timings["decode"] = (t1 - t0) * 1e3
         faces = await self.detector.faces(det_input, req.deadline)

@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 
 from engines.errors import FieldViolation, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from server.auth.callers import Caller
 
 _MAX_REQUEST_ID = 128
 REQUEST_ID_METADATA = "x-request-id"
@@ -17,6 +21,15 @@ REQUEST_ID_METADATA = "x-request-id"
 # Set by the servicer once it knows the request id (its own or the client's), read by the error interceptor: the
 # handler runs in the interceptor's task, so the value is visible there after the handler raises.
 CURRENT_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# Set by the auth interceptor once the caller is identified and authorised; read by servicers that record who
+# changed what.
+CURRENT_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+DEFAULT_DEADLINE_S = 30.0
+
+
+def caller_name() -> str:
+    caller = CURRENT_CALLER.get()
+    return caller.name if caller is not None else ""
 
 
 def metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
@@ -39,8 +52,10 @@ def request_id_from(explicit: str, context: grpc.aio.ServicerContext) -> str:
     return rid
 
 
-def deadline_from(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_from(context: grpc.aio.ServicerContext, default_s: float = DEFAULT_DEADLINE_S) -> float:
+    """The call's deadline on the event-loop clock; ``default_s`` from now when the caller set none, so no
+    request can hold the server's resources forever."""
     remaining = context.time_remaining()
-    if remaining is None:
-        return None
+    if remaining is None or remaining > 1e9:  # grpc reports "no deadline" as None or a huge value
+        remaining = default_s
     return asyncio.get_running_loop().time() + remaining

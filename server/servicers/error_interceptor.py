@@ -17,13 +17,16 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from engines.errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
     FacegateError,
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
     UnrecoverableError,
 )
@@ -36,6 +39,9 @@ _CODES: list[tuple[type[FacegateError], int]] = [
     (ResourceExhaustedError, code_pb2.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, code_pb2.DEADLINE_EXCEEDED),
     (NotFoundError, code_pb2.NOT_FOUND),
+    (AlreadyExistsError, code_pb2.ALREADY_EXISTS),
+    (UnauthenticatedError, code_pb2.UNAUTHENTICATED),
+    (PermissionDeniedError, code_pb2.PERMISSION_DENIED),
     (FailedPreconditionError, code_pb2.FAILED_PRECONDITION),
     (UnavailableError, code_pb2.UNAVAILABLE),
     (UnrecoverableError, code_pb2.UNAVAILABLE),

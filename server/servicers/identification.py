@@ -6,14 +6,20 @@ from collections.abc import Callable
 
 import grpc
 
-from engines.errors import FailedPreconditionError, UnavailableError
+from engines.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, UnavailableError
 from engines.identify.matching import MatchDecision
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc
+from server.gallery.store import EnrollMode
 from server.pipelines.identification import ClipDiagnostics, ClipInput
-from server.servicers.call_context import deadline_from, request_id_from
+from server.servicers.call_context import caller_name, deadline_from, request_id_from
 from server.servicers.liveness import ISSUES, to_proto
-from server.services.identification import IdentificationService, IdentifyRequest, IdentifyResult
+from server.services.identification import EnrollRequest, IdentificationService, IdentifyRequest, IdentifyResult
 
+_MODES = {
+    identification_pb2.ENROLL_MODE_UNSPECIFIED: EnrollMode.CREATE,
+    identification_pb2.ENROLL_MODE_CREATE: EnrollMode.CREATE,
+    identification_pb2.ENROLL_MODE_APPEND: EnrollMode.APPEND,
+}
 _DECISIONS = {
     MatchDecision.UNSPECIFIED: identification_pb2.MATCH_DECISION_UNSPECIFIED,
     MatchDecision.MATCH: identification_pb2.MATCH_DECISION_MATCH,
@@ -77,7 +83,8 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
     async def CreateCollection(  # noqa: N802 - gRPC method name
         self, request: identification_pb2.CreateCollectionRequest, context: grpc.aio.ServicerContext
     ) -> identification_pb2.CreateCollectionResponse:
-        info = await self._svc().create_collection(request.collection)
+        rid = request_id_from("", context)
+        info = await self._svc().create_collection(request.collection, caller_name(), rid)
         return identification_pb2.CreateCollectionResponse(collection=info.name, model_version=info.model_version,
                                                           created=info.created)
 
@@ -86,11 +93,15 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
     ) -> identification_pb2.EnrollFromClipResponse:
         rid = request_id_from("", context)
         svc = self._svc()
-        result = await svc.enroll(request.collection, request.person_id, request.display_name,
-                                  [clip_from_proto(c) for c in request.clips], deadline_from(context), rid)
+        if request.mode not in _MODES:
+            raise InvalidArgumentError(FieldViolation("mode", f"unknown enrolment mode {request.mode}"))
+        result = await svc.enroll(EnrollRequest(
+            collection=request.collection, person_id=request.person_id, display_name=request.display_name,
+            clips=[clip_from_proto(c) for c in request.clips], mode=_MODES[request.mode],
+            request_key=request.request_key, deadline=deadline_from(context), request_id=rid, caller=caller_name()))
         resp = identification_pb2.EnrollFromClipResponse(
             person_id=result.person_id, model_version=result.model_version, clips_accepted=result.clips_accepted,
-            total_clips=result.total_clips)
+            total_clips=result.total_clips, replayed=result.replayed)
         for v in result.clips:
             resp.clips.add(index=v.index, accepted=v.accepted, reason=v.reason,
                            diagnostics=diagnostics_to_proto(v.diagnostics))
@@ -113,7 +124,8 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
     async def DeletePerson(  # noqa: N802 - gRPC method name
         self, request: identification_pb2.DeletePersonRequest, context: grpc.aio.ServicerContext
     ) -> identification_pb2.DeletePersonResponse:
-        await self._svc().delete_person(request.collection, request.person_id)
+        rid = request_id_from("", context)
+        await self._svc().delete_person(request.collection, request.person_id, caller_name(), rid)
         return identification_pb2.DeletePersonResponse()
 
     async def ListPersons(  # noqa: N802 - gRPC method name

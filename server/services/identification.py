@@ -9,6 +9,7 @@ and nothing is written unless at least one clip is usable. The gRPC servicer onl
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -16,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from engines.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError
+from engines.errors import FacegateError, FailedPreconditionError, FieldViolation, InvalidArgumentError
 from engines.identify.ensemble import Ensemble, identify
 from engines.identify.matching import MatchDecision
-from server.gallery.store import GalleryStore, Person, validate_id
+from server.audit import AuditLog
+from server.gallery.store import EnrollMode, EnrollOutcome, GalleryStore, Person, validate_id
 from server.pipelines.identification import ClipDiagnostics, ClipInput, ClipPipeline
 from server.pipelines.liveness import LivenessPipeline, LivenessRequest, LivenessResult
 from server.pipelines.quality import QualityIssue
@@ -32,6 +34,8 @@ MIN_COVERAGE = 0.5
 """Share of the sampled frames in which a face must be found for a clip to be enrolled."""
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+MAX_DISPLAY_NAME = 256
+MAX_REQUEST_KEY = 128
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,40 @@ class Enrolment:
     clips: list[ClipVerdict]
     clips_accepted: int
     total_clips: int  # the person's clips in the gallery after this call (0 when nothing was written)
+    replayed: bool = False  # a retry of an enrolment already stored: nothing was written
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    collection: str
+    person_id: str
+    display_name: str
+    clips: list[ClipInput]
+    mode: EnrollMode = EnrollMode.CREATE
+    request_key: str = ""  # "": derived from the request's content
+    deadline: float | None = None
+    request_id: str = ""
+    caller: str = ""
+
+
+def validate_display_name(name: str) -> None:
+    if len(name) > MAX_DISPLAY_NAME or not name.isprintable():
+        raise InvalidArgumentError(FieldViolation(
+            "display_name", f"must be at most {MAX_DISPLAY_NAME} printable characters (got {len(name)})"))
+
+
+def derive_request_key(req: EnrollRequest) -> str:
+    """A retry of the same call (same caller, target, mode and clips) gets the same key. Blocking (hashes up to
+    the message size): run it on the thread pool."""
+    h = hashlib.sha256()
+    for part in (req.caller, req.collection, req.person_id, req.mode.value):
+        h.update(part.encode() + b"\0")
+    for clip in req.clips:
+        h.update(f"{clip.fps!r}:{clip.apex_hint}:{len(clip.frames)}".encode())
+        h.update(hashlib.sha256(clip.video).digest())
+        for f in clip.frames:
+            h.update(hashlib.sha256(f).digest())
+    return "derived:" + h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -99,11 +137,12 @@ class IdentifyResult:
 
 class IdentificationService:
     def __init__(self, clips: ClipPipeline, store: GalleryStore, db: ThreadPoolExecutor,
-                 liveness: LivenessPipeline | None) -> None:
+                 liveness: LivenessPipeline | None, audit: AuditLog | None = None) -> None:
         self.clips = clips
         self.store = store
         self.db = db  # SQLite work runs on this single thread
         self.liveness = liveness
+        self.audit = audit
 
     @property
     def ensemble(self) -> Ensemble:
@@ -121,21 +160,37 @@ class IdentificationService:
                 f"collection {name!r} holds embeddings of model version {coll.model_version}; this server runs "
                 f"{ens.name} version {ens.version}: re-enrol into a new collection")
 
-    async def create_collection(self, name: str) -> CollectionInfo:
+    async def create_collection(self, name: str, caller: str = "", request_id: str = "") -> CollectionInfo:
         ens = self.ensemble
         coll, created = await self._db(self.store.create_collection, name, ens.name, ens.version, ens.members,
                                        ens.embedding_dim)
+        if created and self.audit is not None:
+            self.audit.record(rpc="CreateCollection", caller=caller, outcome="created", collection=name,
+                              request_id=request_id)
         return CollectionInfo(coll.name, coll.model_version, created)
 
-    async def enroll(self, collection: str, person_id: str, display_name: str, clips: list[ClipInput],
-                     deadline: float | None, request_id: str) -> Enrolment:
-        validate_id(person_id, "person_id")
-        if not clips:
+    async def enroll(self, req: EnrollRequest) -> Enrolment:
+        validate_id(req.person_id, "person_id")
+        validate_display_name(req.display_name)
+        if not req.clips:
             raise InvalidArgumentError(FieldViolation("clips", "at least one clip is needed"))
-        await self._bound_collection(collection)
-        results = await asyncio.gather(*[
-            self.clips.embed(c, deadline, field=f"clips[{i}]") for i, c in enumerate(clips)
-        ])
+        limits = self.clips.limits
+        if len(req.clips) > limits.max_clips:
+            raise InvalidArgumentError(FieldViolation(
+                "clips", f"has {len(req.clips)} clips, over the limit of {limits.max_clips} per request"))
+        if len(req.request_key) > MAX_REQUEST_KEY or not req.request_key.isprintable():
+            raise InvalidArgumentError(FieldViolation(
+                "request_key", f"must be at most {MAX_REQUEST_KEY} printable characters"))
+        await self._bound_collection(req.collection)
+        # Every clip's headers are checked, and the request's total pixels bounded, before any frame is decoded.
+        probed = [await self.clips.probe(c, f"clips[{i}]") for i, c in enumerate(req.clips)]
+        pixels = sum(p.pixels for p in probed)
+        if pixels > limits.max_request_pixels:
+            raise InvalidArgumentError(FieldViolation(
+                "clips", f"decode to {pixels} pixels, over the request budget of {limits.max_request_pixels}"))
+        loop = asyncio.get_running_loop()
+        key = req.request_key or await loop.run_in_executor(self.clips.executor, derive_request_key, req)
+        results = await asyncio.gather(*[self.clips.embed(p, req.deadline) for p in probed])
         verdicts: list[ClipVerdict] = []
         accepted = []
         for i, r in enumerate(results):
@@ -146,12 +201,26 @@ class IdentificationService:
                 reason = (f"face found in only {r.diagnostics.track_coverage:.0%} of the sampled frames "
                           f"(need {MIN_COVERAGE:.0%})")
             else:
-                accepted.append((f"{request_id}:{i}", r.embeddings))
+                accepted.append((f"{req.request_id}:{i}", r.embeddings))
             verdicts.append(ClipVerdict(i, not reason, reason, r.diagnostics))
-        total = 0
+        outcome = EnrollOutcome(0, False)
         if accepted:  # nothing is written unless at least one clip is usable: no empty persons
-            total = await self._db(self.store.enroll, collection, person_id, display_name, accepted)
-        return Enrolment(person_id, self.ensemble.version, verdicts, len(accepted), total)
+            try:
+                outcome = await self._db(self.store.enroll, req.collection, req.person_id, req.display_name,
+                                         accepted, req.mode, req.caller, key)
+            except FacegateError as err:
+                self._audit(req, type(err).__name__)
+                raise
+            self._audit(req, "replayed" if outcome.replayed else f"enrolled {len(accepted)} clip(s)")
+        else:
+            self._audit(req, "no clip accepted")
+        return Enrolment(req.person_id, self.ensemble.version, verdicts, len(accepted), outcome.total_clips,
+                         outcome.replayed)
+
+    def _audit(self, req: EnrollRequest, outcome: str) -> None:
+        if self.audit is not None:
+            self.audit.record(rpc=f"EnrollFromClip/{req.mode.value}", caller=req.caller, outcome=outcome,
+                              collection=req.collection, person_id=req.person_id, request_id=req.request_id)
 
     async def identify(self, req: IdentifyRequest) -> IdentifyResult:
         t0 = time.perf_counter()
@@ -172,8 +241,10 @@ class IdentificationService:
             out.quality_issues.append(QualityIssue.FACE_NOT_FOUND)
         else:
             gallery = await self._db(self.store.matrices, req.collection)
-            ident = identify(ens, result.embeddings, {m: (g.embeddings, g.owners) for m, g in gallery.items()},
-                             top_k, req.threshold)
+            # Matching is CPU work proportional to the gallery: on the pool, never on the event loop.
+            ident = await asyncio.get_running_loop().run_in_executor(
+                self.clips.executor, identify, ens, result.embeddings,
+                {m: (g.embeddings, g.owners) for m, g in gallery.items()}, top_k, req.threshold)
             names = await self._db(self.store.display_names, req.collection, [c.person for c in ident.candidates])
             out.decision = ident.decision
             out.candidates = [RankedCandidate(c.person, names.get(c.person, ""), c.score, c.votes)
@@ -190,10 +261,19 @@ class IdentificationService:
                           "total": (end - t0) * 1e3}
         return out
 
-    async def delete_person(self, collection: str, person_id: str) -> None:
+    async def delete_person(self, collection: str, person_id: str, caller: str = "", request_id: str = "") -> None:
         validate_id(collection, "collection")
         validate_id(person_id, "person_id")
-        await self._db(self.store.delete_person, collection, person_id)
+        outcome = "deleted"
+        try:
+            await self._db(self.store.delete_person, collection, person_id)
+        except FacegateError as err:
+            outcome = type(err).__name__
+            raise
+        finally:
+            if self.audit is not None:
+                self.audit.record(rpc="DeletePerson", caller=caller, collection=collection, person_id=person_id,
+                                  request_id=request_id, outcome=outcome)
 
     async def list_persons(self, collection: str, page_size: int, page_token: str) -> tuple[list[Person], str]:
         """One page of persons and the token of the next page ("" on the last)."""

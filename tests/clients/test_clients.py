@@ -64,11 +64,14 @@ def clip_setup(server: RunningServer, repository_dir: Path) -> tuple[str, Path]:
         _need("the trained identification ensemble and its synthetic clips (make identify-models)")
     report = json.loads(reports[0].read_text())
     keys = report["enrol2_gallery"][:6]  # three persons, two clips each
+    by_subject: dict[str, list[str]] = {}
+    for k in keys:
+        subject, clip = k.split("/")[1:]
+        by_subject.setdefault(subject, []).append(clip)
     with FacegateClient(server.address, timeout_s=120) as c:
         c.create_collection("clients")
-        for k in keys:
-            subject, clip = k.split("/")[1:]
-            c.enroll("clients", subject, [clip_from_folder(synth / subject / clip, 200.0)])
+        for subject, clips in by_subject.items():  # one enrolment creates a person with all their clips
+            c.enroll("clients", subject, [clip_from_folder(synth / subject / clip, 200.0) for clip in clips])
     probe = next(k for k in report["test_probes"] if k.split("/")[1] == keys[0].split("/")[1])
     return "clients", synth / probe.split("/")[1] / probe.split("/")[2]
 
@@ -128,6 +131,66 @@ def test_tls(lang: str, tls_server: tuple[RunningServer, Path], samples: Path) -
     server, ca = tls_server
     target = server.address.replace("127.0.0.1", "localhost")
     flags = ["-target", target, "-tls-ca", str(ca)] if lang == "go" else ["--target", target, "--tls-ca", str(ca)]
+    out = subprocess.run([*COMMANDS[lang](), *flags, "liveness", str(samples / "image_T1.jpg")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "FACEGATE_PROTO_ROOT": str(ROOT / "proto")})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split("\t")[1] == "LIVE"
+
+
+@pytest.fixture(scope="module")
+def auth_server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
+    """Bearer tokens on loopback, plus mutual TLS on a second server (the test's own CA and client certificate)."""
+    from server.auth.callers import AuthConfig, CallerConfig
+    from server.auth.tokens import hash_token, new_token
+
+    d = tmp_path_factory.mktemp("auth")
+    token = new_token()
+    (d / "token").write_text(token + "\n")
+    caller = CallerConfig("example-client", ("liveness",), (hash_token(token),))
+    running, thread = start_server(repository_dir, gallery_path=d / "g.sqlite", auth=AuthConfig(callers=(caller,)))
+    yield running, d / "token"
+    stop_server(running, thread)
+
+
+@pytest.mark.parametrize("lang", sorted(COMMANDS))
+def test_bearer_token(lang: str, auth_server: tuple[RunningServer, Path], samples: Path) -> None:
+    server, token = auth_server
+    image = str(samples / "image_T1.jpg")
+    (line,) = run(lang, server.address, "-token-file" if lang == "go" else "--token-file", str(token), "liveness",
+                  image)
+    assert line[1] == "LIVE"
+    flags = ["-target" if lang == "go" else "--target", server.address]
+    out = subprocess.run([*COMMANDS[lang](), *flags, "liveness", image], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "FACEGATE_PROTO_ROOT": str(ROOT / "proto")})
+    assert out.returncode == 1 and "ERROR" in out.stdout
+    assert "UNAUTHENTICATED" in out.stdout.upper() or "\t16\t" in out.stdout or "code = 16" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def mtls_server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
+    from server.auth.callers import AuthConfig, CallerConfig
+    from tests.certs import CertAuthority
+
+    d = tmp_path_factory.mktemp("mtls")
+    ca = CertAuthority(d)
+    pem = ca.server_cert()
+    ca.client_cert("client", "spiffe://facegate.test/example-client")
+    caller = CallerConfig("spiffe://facegate.test/example-client", ("liveness",))
+    running, thread = start_server(repository_dir, gallery_path=d / "g.sqlite", tls_cert=pem.cert, tls_key=pem.key,
+                                   auth=AuthConfig(client_ca=ca.pem.cert, callers=(caller,)))
+    yield running, d
+    stop_server(running, thread)
+
+
+@pytest.mark.parametrize("lang", sorted(COMMANDS))
+def test_client_certificate(lang: str, mtls_server: tuple[RunningServer, Path], samples: Path) -> None:
+    if lang == "java":
+        pytest.skip("Debian's grpc-java 1.41 with Netty 4.1.48 cannot negotiate ALPN on JDK 17 (see test_tls)")
+    server, d = mtls_server
+    target = server.address.replace("127.0.0.1", "localhost")
+    dash = "-" if lang == "go" else "--"
+    flags = [f"{dash}target", target, f"{dash}tls-ca", str(d / "facegate_test_CA.crt"),
+             f"{dash}tls-cert", str(d / "client.crt"), f"{dash}tls-key", str(d / "client.key")]
     out = subprocess.run([*COMMANDS[lang](), *flags, "liveness", str(samples / "image_T1.jpg")], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "FACEGATE_PROTO_ROOT": str(ROOT / "proto")})
     assert out.returncode == 0, out.stdout + out.stderr

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import grpc
 
-from facegate_client.client import FacegateClient, field_violations
+from facegate_client.client import field_violations
+from facegate_client.connection import add_connection_args, client_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="check-liveness", description=__doc__)
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--target", default="127.0.0.1:50051", help="server address (default %(default)s)")
     p.add_argument("--threshold", type=float, help="override the server's decision threshold, in [0, 1]")
-    p.add_argument("--timeout", type=float, default=10.0, help="deadline per call in seconds")
+    add_connection_args(p, timeout_s=10.0)
     args = p.parse_args(argv)
     failures = 0
-    with FacegateClient(args.target, timeout_s=args.timeout) as client:
+    with client_from_args(args) as client:
         for path in args.images:
             try:
                 a = client.check_liveness(path, threshold=args.threshold)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,14 +101,40 @@ def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
     return out
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call (plaintext channels included: the server accepts
+    those only on loopback or behind TLS termination the operator trusts)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        metadata = [*(client_call_details.metadata or ()), self._header]
+        return continuation(client_call_details._replace(metadata=metadata), request)
+
+
+def tls_credentials(ca: Path | None = None, cert: Path | None = None,
+                    key: Path | None = None) -> grpc.ChannelCredentials:
+    """TLS to the server (``ca``: its CA, else the system roots); with ``cert`` and ``key``, a client certificate
+    for mutual TLS."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both cert and key")
+    return grpc.ssl_channel_credentials(root_certificates=ca.read_bytes() if ca else None,
+                                        private_key=key.read_bytes() if key else None,
+                                        certificate_chain=cert.read_bytes() if cert else None)
+
+
 class FacegateClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout_s: float = 10.0,
                  retry: RetryPolicy | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 max_message_bytes: int = 16 * 1024 * 1024) -> None:
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
-        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
-                         else grpc.insecure_channel(target, options))
+                 token: str | None = None, max_message_bytes: int = 16 * 1024 * 1024,
+                 options: Sequence[tuple[str, object]] = ()) -> None:
+        """``credentials`` (see ``tls_credentials``) for TLS / mutual TLS; ``token`` for bearer authentication."""
+        opts = [("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes), *options]
+        channel = (grpc.secure_channel(target, credentials, opts) if credentials
+                   else grpc.insecure_channel(target, opts))
+        self._channel = grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
         self._liveness = liveness_pb2_grpc.LivenessServiceStub(self._channel)
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._ident = identification_pb2_grpc.IdentificationServiceStub(self._channel)
@@ -150,9 +177,14 @@ class FacegateClient:
         return self._call(lambda: self._ident.CreateCollection(req, timeout=self.timeout_s))
 
     def enroll(self, collection: str, person_id: str, clips: Sequence[identification_pb2.Clip],
-               display_name: str = "", timeout_s: float | None = None) -> identification_pb2.EnrollFromClipResponse:
+               display_name: str = "", timeout_s: float | None = None, append: bool = False,
+               request_key: str | None = None) -> identification_pb2.EnrollFromClipResponse:
+        """Create a person (``append=True``: add clips to an existing one). One request key for the call and its
+        retries, so a retry after a lost reply stores nothing twice."""
+        mode = identification_pb2.ENROLL_MODE_APPEND if append else identification_pb2.ENROLL_MODE_CREATE
         req = identification_pb2.EnrollFromClipRequest(collection=collection, person_id=person_id,
-                                                       display_name=display_name, clips=clips)
+                                                       display_name=display_name, clips=clips, mode=mode,
+                                                       request_key=request_key or uuid.uuid4().hex)
         timeout = self.timeout_s * 3 if timeout_s is None else timeout_s
         return self._call(lambda: self._ident.EnrollFromClip(req, timeout=timeout))
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import grpc
 
-from facegate_client.client import MATCH_NAMES, FacegateClient, clip_from_folder, field_violations
+from facegate_client.client import MATCH_NAMES, clip_from_folder, field_violations
+from facegate_client.connection import add_connection_args, client_from_args
 
 
 def _error(err: grpc.RpcError) -> str:
@@ -26,12 +27,12 @@ def enroll_main(argv: list[str] | None = None) -> int:
     p.add_argument("root", type=Path, help="ROOT/<person id>/<clip folder>/<frame images>")
     p.add_argument("--fps", type=float, required=True, help="capture frame rate of the clips")
     p.add_argument("--max-clips", type=int, default=0, help="enrol at most this many clips per person")
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--append", action="store_true", help="add the clips to persons that exist already")
+    add_connection_args(p, timeout_s=60.0)
     a = p.parse_args(argv)
     people = sorted(d for d in a.root.iterdir() if d.is_dir())
     failures = 0
-    with FacegateClient(a.target, timeout_s=a.timeout) as client:
+    with client_from_args(a) as client:
         coll = client.create_collection(a.collection)
         print(f"collection {coll.collection} (model {coll.model_version}, {'created' if coll.created else 'exists'})",
               file=sys.stderr)
@@ -40,7 +41,8 @@ def enroll_main(argv: list[str] | None = None) -> int:
             if a.max_clips:
                 folders = folders[: a.max_clips]
             try:
-                resp = client.enroll(a.collection, person.name, [clip_from_folder(f, a.fps) for f in folders])
+                resp = client.enroll(a.collection, person.name, [clip_from_folder(f, a.fps) for f in folders],
+                                     append=a.append)
             except grpc.RpcError as err:
                 failures += 1
                 print(f"[{n}/{len(people)}] {person.name}: ERROR {_error(err)}", file=sys.stderr)
@@ -61,11 +63,10 @@ def identify_main(argv: list[str] | None = None) -> int:
     p.add_argument("--apex", type=int, help="apex frame index, if known")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--liveness", action="store_true", help="also check liveness on the clip's apex frame")
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--timeout", type=float, default=30.0)
+    add_connection_args(p, timeout_s=30.0)
     a = p.parse_args(argv)
     failures = 0
-    with FacegateClient(a.target, timeout_s=a.timeout) as client:
+    with client_from_args(a) as client:
         for folder in a.clips:
             try:
                 r = client.identify(a.collection, clip_from_folder(folder, a.fps, a.apex), a.top_k,

@@ -9,10 +9,15 @@ import dev.facegate.v1.IdentifyFromClipRequest;
 import dev.facegate.v1.IdentifyFromClipResponse;
 import dev.facegate.v1.Image;
 import dev.facegate.v1.LivenessServiceGrpc;
+import io.grpc.Channel;
+import io.grpc.ClientInterceptors;
 import io.grpc.ManagedChannel;
+import io.grpc.Metadata;
 import io.grpc.StatusRuntimeException;
 import io.grpc.netty.GrpcSslContexts;
 import io.grpc.netty.NettyChannelBuilder;
+import io.grpc.stub.MetadataUtils;
+import io.netty.handler.ssl.SslContextBuilder;
 import java.io.File;
 import java.io.IOException;
 import java.nio.file.Files;
@@ -34,6 +39,9 @@ import java.util.stream.Stream;
  * FacegateClient [--target HOST:PORT] [--deadline-ms N] [--tls-ca FILE] liveness IMAGE...
  * FacegateClient [--target HOST:PORT] [--deadline-ms N] [--tls-ca FILE] identify COLLECTION DIR --fps F
  * </pre>
+ *
+ * <p>Caller identity: {@code --token-file FILE} sends {@code authorization: Bearer <token>} on every call;
+ * {@code --tls-cert FILE --tls-key FILE} (with {@code --tls-ca}) present a client certificate for mutual TLS.
  */
 public final class FacegateClient {
   private static final Pattern DIGITS = Pattern.compile("\\d+");
@@ -63,6 +71,9 @@ public final class FacegateClient {
   public static void main(String[] argv) throws Exception {
     String target = "127.0.0.1:50051";
     String caFile = null;
+    String certFile = null;
+    String keyFile = null;
+    String tokenFile = null;
     long deadlineMs = 10000;
     double fps = 0;
     List<String> args = new ArrayList<>();
@@ -71,6 +82,9 @@ public final class FacegateClient {
         case "--target": target = argv[++i]; break;
         case "--deadline-ms": deadlineMs = Long.parseLong(argv[++i]); break;
         case "--tls-ca": caFile = argv[++i]; break;
+        case "--tls-cert": certFile = argv[++i]; break;
+        case "--tls-key": keyFile = argv[++i]; break;
+        case "--token-file": tokenFile = argv[++i]; break;
         case "--fps": fps = Double.parseDouble(argv[++i]); break;
         default: args.add(argv[i]);
       }
@@ -81,11 +95,22 @@ public final class FacegateClient {
     }
     NettyChannelBuilder builder = NettyChannelBuilder.forTarget(target).maxInboundMessageSize(64 << 20);
     if (caFile != null) {
-      builder.sslContext(GrpcSslContexts.forClient().trustManager(new File(caFile)).build());
+      SslContextBuilder ssl = GrpcSslContexts.forClient().trustManager(new File(caFile));
+      if (certFile != null) {  // mutual TLS: the client certificate identifies the caller
+        ssl.keyManager(new File(certFile), new File(keyFile));
+      }
+      builder.sslContext(ssl.build());
     } else {
       builder.usePlaintext();
     }
-    ManagedChannel channel = builder.build();
+    ManagedChannel managed = builder.build();
+    Channel channel = managed;
+    if (tokenFile != null) {  // every call carries the bearer token
+      Metadata headers = new Metadata();
+      String token = new String(Files.readAllBytes(Paths.get(tokenFile)), "UTF-8").trim();
+      headers.put(Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER), "Bearer " + token);
+      channel = ClientInterceptors.intercept(managed, MetadataUtils.newAttachHeadersInterceptor(headers));
+    }
     int failures = 0;
     try {
       if (args.get(0).equals("liveness")) {
@@ -128,7 +153,7 @@ public final class FacegateClient {
         System.exit(2);
       }
     } finally {
-      channel.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
+      managed.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
     }
     System.exit(failures > 0 ? 1 : 0);
   }

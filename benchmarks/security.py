@@ -1,0 +1,130 @@
+"""What security costs, and overload: ``make bench-security``.
+
+1. Authentication overhead: CheckLiveness p50 at concurrency 1 with authentication off and with a bearer token,
+   servers started alternately (off, on, off, on), the load generator in its own process.
+2. Overload: the token server's capacity (closed loop, concurrency 32), then an open loop at 10x that rate:
+   requests answered, refused with RESOURCE_EXHAUSTED, other errors, wrong answers (each answer compared with a
+   reference answer for the same image), and the server's resident memory sampled every 0.2 s.
+
+Writes benchmarks/results/security.json and .md. Loopback only, bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import machine_info, write_report
+from benchmarks.server_process import facegate_process
+from server.auth.tokens import hash_token, new_token
+
+
+def loadgen(address: str, images: list[Path], token: Path | None, *mode: str, duration: float = 10.0,
+            timeout: float = 30.0) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, *mode, "--warmup", "2",
+           "--duration", str(duration), "--timeout", str(timeout), *(str(p) for p in images)]
+    if token is not None:
+        cmd += ["--token-file", str(token)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def rss_sampler(pid: int, stop: threading.Event, samples: list[int]) -> None:
+    while not stop.is_set():
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    samples.append(int(line.split()[1]) * 1024)
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    a, o = r["auth"], r["overload"]
+    m = r["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['time']}. CheckLiveness on the three samples.", "",
+             "| authentication | run | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|"]
+    for row in a["runs"]:
+        lines.append(f"| {row['auth']} | {row['round']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+                     f"{row['throughput_rps']:.1f} |")
+    lines += ["", f"- Token authentication / none, p50 at concurrency 1 (median of runs): **{a['p50_ratio']:.3f}** "
+              f"(target <= 1.05)", "",
+              f"Overload: capacity {o['capacity_rps']:.1f} req/s (closed loop, concurrency 32); open loop offered "
+              f"{o['target_rate_rps']:.0f} req/s (10x), sent {o['sent']} in {o['duration_s']:.0f} s.", "",
+              "| answered OK | RESOURCE_EXHAUSTED | other errors | wrong answers | OK p50 / p99 ms | "
+              "server RSS before / peak MiB |", "|---|---|---|---|---|---|",
+              f"| {o['ok']} | {o['resource_exhausted']} | {o['other_errors']} | {o['wrong_answers']} | "
+              f"{o['p50_ms']:.1f} / {o['p99_ms']:.1f} | {o['rss_before_mib']:.0f} / {o['rss_peak_mib']:.0f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--images", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--duration", type=float, default=10.0)
+    a = p.parse_args(argv)
+    images = a.images or sorted(Path("../shared/samples/liveness").glob("*.jpg"))
+    if not images:
+        raise SystemExit("no images: pass --images or put the samples in ../shared/samples/liveness")
+    work = a.out / "security-work"
+    work.mkdir(parents=True, exist_ok=True)
+    token = new_token()
+    token_file = work / "token"
+    token_file.write_text(token)
+    config = work / "auth.toml"
+    config.write_text(f'[[auth.callers]]\nname = "bench"\nscopes = ["liveness", "operator"]\n'
+                      f'token_hashes = ["{hash_token(token)}"]\n[audit]\npath = "{work / "audit.jsonl"}"\n')
+    plain = work / "plain.toml"
+    plain.write_text(f'[audit]\npath = "{work / "audit-plain.jsonl"}"\n')
+    runs = []
+    for rnd in range(1, a.rounds + 1):
+        for auth in ("none", "token"):
+            cfg, tok = (config, token_file) if auth == "token" else (plain, None)
+            with facegate_process(a.repository, ["--config", str(cfg)], work / f"server-{auth}.log") as (addr, _):
+                r = loadgen(addr, images, tok, "--concurrency", "1", duration=a.duration)
+            runs.append({"auth": auth, "round": rnd, **{k: r[k] for k in ("p50_ms", "p99_ms", "throughput_rps")},
+                         "errors": r["errors"]})
+            print(f"[bench-security] auth={auth} round {rnd}: p50 {r['p50_ms']:.2f} ms", file=sys.stderr)
+    med = {k: statistics.median(r["p50_ms"] for r in runs if r["auth"] == k) for k in ("none", "token")}
+    with facegate_process(a.repository, ["--config", str(config)], work / "server-overload.log") as (addr, proc):
+        cap = loadgen(addr, images, token_file, "--concurrency", "32", duration=a.duration)
+        rate = 10 * cap["throughput_rps"]
+        samples: list[int] = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=rss_sampler, args=(proc.pid, stop, samples), daemon=True)
+        rss_before = Path(f"/proc/{proc.pid}/status").read_text()
+        sampler.start()
+        over = loadgen(addr, images, token_file, "--rate", f"{rate:.1f}", "--max-requests",
+                       str(int(rate * (a.duration + 2) * 1.2)), duration=a.duration, timeout=5.0)
+        stop.set()
+        sampler.join()
+    before = next(int(ln.split()[1]) * 1024 for ln in rss_before.splitlines() if ln.startswith("VmRSS:"))
+    errors = dict(over["errors"])
+    exhausted = errors.pop("RESOURCE_EXHAUSTED", 0)
+    result = {
+        "machine": machine_info(),
+        "auth": {"runs": runs, "p50_median_ms": med, "p50_ratio": med["token"] / med["none"]},
+        "overload": {"capacity_rps": cap["throughput_rps"], "target_rate_rps": rate, "duration_s": a.duration,
+                     "sent": over["sent"], "ok": over["count"], "resource_exhausted": exhausted,
+                     "other_errors": sum(errors.values()), "errors": errors, "wrong_answers": over["wrong_answers"],
+                     "p50_ms": over.get("p50_ms", float("nan")), "p99_ms": over.get("p99_ms", float("nan")),
+                     "rss_before_mib": before / 2**20,
+                     "rss_peak_mib": max(samples, default=before) / 2**20},
+    }
+    write_report(a.out, "security", result, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Who may call: the configured callers, and how a call's credentials map to one of them.
+
+A call identifies its caller by a bearer token (``authorization: Bearer <token>`` metadata), else by its client
+certificate (mutual TLS; the identity is the certificate's first SAN URI, else a SAN DNS name, else the CN,
+matched against the callers' names). With no callers configured, authentication is off: the server then
+accepts calls only on loopback (refused at start-up elsewhere unless ``insecure_public``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.auth.scopes import SCOPES, Scope
+from server.auth.tokens import hash_token, matches, parse_hash
+
+
+@dataclass(frozen=True)
+class CallerConfig:
+    name: str
+    """The caller's identity: the name a token stands for, and what a client certificate's SAN URI / SAN DNS / CN
+    must equal. It appears in the audit log."""
+    scopes: tuple[str, ...] = ()
+    """liveness, identify, enrol, operator; identify and enrol may be limited to one collection (enrol:staff)."""
+    token_hashes: tuple[str, ...] = ()
+    """Salted hashes of the caller's bearer tokens (``facegate token hash``); never the tokens themselves."""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.isprintable() or len(self.name) > 256:
+            raise ValueError(f"caller name must be 1 to 256 printable characters, got {self.name!r}")
+        for s in self.scopes:
+            Scope.parse(s)
+        for h in self.token_hashes:
+            parse_hash(h)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    client_ca: Path | None = None
+    """PEM CA bundle: clients must present a certificate signed by it (mutual TLS; needs tls_cert and tls_key)."""
+    callers: tuple[CallerConfig, ...] = ()
+    token_file: Path | None = None
+    """A file holding one bearer token (a mounted secret); hashed at start-up for caller ``token_file_caller``."""
+    token_file_caller: str = "default"  # noqa: S105 - a caller name, not a secret
+    token_file_scopes: tuple[str, ...] = SCOPES
+    insecure_public: bool = False
+    """Allow serving a non-loopback address without authentication (never the default)."""
+
+    def __post_init__(self) -> None:
+        for s in self.token_file_scopes:
+            Scope.parse(s)
+        names = [c.name for c in self.callers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"caller names must be unique, got {names}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.callers or self.token_file or self.client_ca)
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    scopes: tuple[Scope, ...]
+    via: str  # "token", "mtls" or "loopback" (authentication off)
+
+
+@dataclass
+class _Entry:
+    caller: Caller
+    hashes: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig) -> None:
+        self.enabled = config.enabled
+        self._entries: dict[str, _Entry] = {}
+        callers = list(config.callers)
+        if config.token_file is not None:
+            token = config.token_file.read_text().strip()
+            callers.append(CallerConfig(config.token_file_caller, config.token_file_scopes, (hash_token(token),)))
+        for c in callers:
+            scopes = tuple(Scope.parse(s) for s in c.scopes)
+            entry = self._entries.setdefault(c.name, _Entry(Caller(c.name, scopes, "token")))
+            entry.hashes.extend(parse_hash(h) for h in c.token_hashes)
+        self._anonymous = Caller("anonymous (loopback, authentication off)", tuple(Scope(s) for s in SCOPES),
+                                 "loopback")
+
+    def from_token(self, token: str) -> Caller | None:
+        # Every entry is checked (no early exit) so the time taken does not tell which caller came close.
+        found = None
+        for entry in self._entries.values():
+            for h in entry.hashes:
+                if matches(token, h) and found is None:
+                    found = entry.caller
+        return found
+
+    def from_certificate(self, identities: Sequence[str]) -> Caller | None:
+        for ident in identities:
+            entry = self._entries.get(ident)
+            if entry is not None:
+                return Caller(entry.caller.name, entry.caller.scopes, "mtls")
+        return None
+
+    def anonymous(self) -> Caller:
+        return self._anonymous
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+def certificate_identities(auth_context: Mapping[str, Sequence[bytes]]) -> list[str]:
+    """A verified client certificate's identities, most specific first: SAN URIs, SAN DNS names, then the CN."""
+    out: list[str] = []
+    for key in ("peer_uri", "peer_dns", "x509_common_name"):
+        out.extend(v.decode(errors="replace") for v in auth_context.get(key, ()))
+    return out

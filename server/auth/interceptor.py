@@ -1,0 +1,139 @@
+"""Authentication, authorisation and request-bytes admission for every RPC, before anything is decoded.
+
+The interceptor swaps the method's request deserializer for the identity, so the handler receives raw bytes:
+the caller is identified and its scope checked first, the request's size is taken from the server's bytes
+budget, and only then is the message parsed and handed to the servicer. Collection-limited scopes are checked
+right after parsing (the collection is a request field). Every refusal goes to the audit log. Health is open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from engines.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
+from server.admission import Budget
+from server.audit import AuditLog
+from server.auth.callers import Authenticator, Caller, bearer_token, certificate_identities
+from server.auth.scopes import COLLECTION_SCOPES, grants, required_scope
+from server.servicers.call_context import CURRENT_CALLER, metadata_request_id
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator, audit: AuditLog, request_bytes: Budget) -> None:
+        self._auth = authenticator
+        self._audit = audit
+        self._bytes = request_bytes
+
+    def _refuse(self, err: Exception, method: str, context: grpc.aio.ServicerContext, caller: str,
+                collection: str = "") -> Exception:
+        outcome = "unauthenticated" if isinstance(err, UnauthenticatedError) else "permission_denied"
+        self._audit.record(rpc=method, caller=caller, outcome=outcome, collection=collection,
+                           request_id=metadata_request_id(context) or "", reason=str(err))
+        return err
+
+    def identify(self, context: grpc.aio.ServicerContext, method: str, scope: str) -> Caller:
+        if not self._auth.enabled:
+            return self._auth.anonymous()
+        token = bearer_token(context.invocation_metadata())
+        caller: Caller | None = None
+        claimed = ""
+        if token is not None:
+            caller = self._auth.from_token(token)
+            claimed = "(bearer token)"
+        else:
+            identities = certificate_identities(context.auth_context() or {})
+            caller = self._auth.from_certificate(identities) if identities else None
+            claimed = identities[0] if identities else ""
+        if caller is None:
+            why = ("the bearer token matches no configured caller" if token is not None else
+                   f"client certificate {claimed!r} matches no configured caller" if claimed else
+                   "no credential: send 'authorization: Bearer <token>' metadata or a client certificate")
+            raise self._refuse(UnauthenticatedError(why), method, context, claimed)
+        if not grants(caller.scopes, scope):
+            raise self._refuse(PermissionDeniedError(f"caller {caller.name!r} lacks the {scope!r} scope"),
+                               method, context, caller.name)
+        return caller
+
+    def check_collection(self, caller: Caller, scope: str, request: Any, method: str,
+                         context: grpc.aio.ServicerContext) -> None:
+        collection = getattr(request, "collection", None)
+        if scope in COLLECTION_SCOPES and isinstance(collection, str) and not grants(caller.scopes, scope,
+                                                                                      collection):
+            raise self._refuse(PermissionDeniedError(
+                f"caller {caller.name!r} lacks the {scope!r} scope on collection {collection!r}"),
+                method, context, caller.name, collection)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        scope = required_scope(method)
+        if handler is None or scope is None:
+            return handler
+        if handler.unary_unary is not None:
+            return self._unary(handler, method, scope)
+        return self._streaming(handler, method, scope)
+
+    def _unary(self, handler: grpc.RpcMethodHandler, method: str, scope: str) -> grpc.RpcMethodHandler:
+        inner = handler.unary_unary
+        parse = handler.request_deserializer
+
+        async def guarded(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            caller = self.identify(context, method, scope)
+            request: Any = None
+            try:
+                async with self._bytes.hold(len(raw)):
+                    request = parse(raw) if parse is not None else raw
+                    self.check_collection(caller, scope, request, method, context)
+                    CURRENT_CALLER.set(caller)
+                    return await inner(request, context)
+            except ResourceExhaustedError as err:  # shed load is a refused call too
+                self._audit.record(rpc=method, caller=caller.name, outcome="resource_exhausted",
+                                   collection=str(getattr(request, "collection", "") or ""),
+                                   request_id=metadata_request_id(context) or "", reason=str(err))
+                raise
+
+        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
+                                                   response_serializer=handler.response_serializer)
+
+    def _streaming(self, handler: grpc.RpcMethodHandler, method: str, scope: str) -> grpc.RpcMethodHandler:
+        # Reflection and health watches: identity and scope checked when the stream opens.
+        if handler.stream_stream is not None:
+            inner_ss = handler.stream_stream
+
+            async def guarded_ss(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    CURRENT_CALLER.set(self.identify(context, method, scope))
+                except (UnauthenticatedError, PermissionDeniedError) as err:
+                    await _abort(context, err)
+                async for item in inner_ss(requests, context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(guarded_ss, handler.request_deserializer,
+                                                         handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def guarded_us(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    CURRENT_CALLER.set(self.identify(context, method, scope))
+                except (UnauthenticatedError, PermissionDeniedError) as err:
+                    await _abort(context, err)
+                async for item in inner_us(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(guarded_us, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
+    code = grpc.StatusCode.UNAUTHENTICATED if isinstance(err, UnauthenticatedError) else \
+        grpc.StatusCode.PERMISSION_DENIED
+    await context.abort(code, str(err))

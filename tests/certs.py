@@ -1,0 +1,64 @@
+"""Test certificates made on the fly: a CA, a server certificate for 127.0.0.1/localhost, client certificates
+(identity in a SAN URI), and a second CA the server does not trust."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+@dataclass(frozen=True)
+class Pem:
+    cert: Path
+    key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Pem:
+    c, k = folder / f"{stem}.crt", folder / f"{stem}.key"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return Pem(c, k)
+
+
+class CertAuthority:
+    def __init__(self, folder: Path, name: str = "facegate test CA") -> None:
+        self.folder = folder
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        self.cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.pem = _write(folder, name.replace(" ", "_"), self.cert, self.key)
+
+    def issue(self, stem: str, cn: str, sans: list[x509.GeneralName], server: bool = False) -> Pem:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        usage = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
+        cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(self.cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        return _write(self.folder, stem, cert, key)
+
+    def server_cert(self) -> Pem:
+        return self.issue("server", "localhost", [x509.DNSName("localhost"),
+                                                  x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], server=True)
+
+    def client_cert(self, stem: str, uri: str) -> Pem:
+        return self.issue(stem, stem, [x509.UniformResourceIdentifier(uri)])

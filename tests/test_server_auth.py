@@ -1,0 +1,251 @@
+"""Caller identity, scopes, no identity takeover and the audit log, through real servers: one with bearer tokens,
+one with mutual TLS (certificates made by the test)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facegate.v1 import (
+    common_pb2,
+    identification_pb2,
+    identification_pb2_grpc,
+    liveness_pb2,
+    liveness_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
+from facegate_client.client import FacegateClient, clip_from_folder, tls_credentials
+from server.audit import AuditConfig
+from server.auth.callers import AuthConfig, CallerConfig
+from server.auth.tokens import hash_token, new_token
+from server.config import load_config
+from tests.certs import CertAuthority
+from tests.conftest import ROOT, RunningServer, start_server, stop_server
+
+TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops")}
+SCOPES = {"live": ("liveness",), "enrol": ("enrol", "identify", "liveness"), "staff": ("enrol:staff", "identify:staff"),
+          "ops": ("operator",)}
+SYNTH = Path(os.environ.get("FACEGATE_SYNTHETIC_DIR") or ROOT / ".cache" / "synthetic" / "motion") / "CASME2_RAW"
+
+
+def clip_folder(subject: int = 1, index: int = 0) -> Path:
+    folders = sorted((SYNTH / f"sub{subject:02d}").iterdir())
+    return folders[index]
+
+
+@pytest.fixture(scope="module")
+def audit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("audit") / "audit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def token_server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory, audit_path: Path
+                 ) -> Iterator[RunningServer]:
+    if not SYNTH.is_dir():
+        pytest.fail(f"the synthetic clips are missing in {SYNTH} (make identify-models)")
+    callers = tuple(CallerConfig(f"svc-{n}", SCOPES[n], (hash_token(t),)) for n, t in TOKENS.items())
+    running, thread = start_server(repository_dir, gallery_path=tmp_path_factory.mktemp("g") / "g.sqlite",
+                                   auth=AuthConfig(callers=callers), audit=AuditConfig(path=audit_path))
+    yield running
+    stop_server(running, thread)
+
+
+def as_caller(name: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {TOKENS[name]}"),) if name else ()
+
+
+def check(server: RunningServer, image: bytes, who: str | None) -> liveness_pb2.CheckLivenessResponse:
+    stub = liveness_pb2_grpc.LivenessServiceStub(server.channel())
+    return stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=image)),
+                              metadata=as_caller(who), timeout=30)
+
+
+def code_of(fn) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code()  # type: ignore[no-any-return]
+
+
+def test_tokens_identify_callers_and_scopes_gate_each_rpc(token_server: RunningServer, samples: Path) -> None:
+    live = (samples / "image_T1.jpg").read_bytes()
+    assert code_of(lambda: check(token_server, live, None)) == grpc.StatusCode.UNAUTHENTICATED
+    wrong = (("authorization", "Bearer " + new_token()),)
+    stub = liveness_pb2_grpc.LivenessServiceStub(token_server.channel())
+    req = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=live))
+    assert code_of(lambda: stub.CheckLiveness(req, metadata=wrong, timeout=30)) == grpc.StatusCode.UNAUTHENTICATED
+    assert check(token_server, live, "live").decision == liveness_pb2.DECISION_LIVE
+    assert code_of(lambda: check(token_server, live, "ops")) == grpc.StatusCode.PERMISSION_DENIED
+    models = models_pb2_grpc.ModelServiceStub(token_server.channel())
+    assert code_of(lambda: models.ListModels(models_pb2.ListModelsRequest(), metadata=as_caller("live"),
+                                             timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+    assert models.ListModels(models_pb2.ListModelsRequest(), metadata=as_caller("ops"), timeout=10).models
+    # Health stays open for probes.
+    health = health_pb2_grpc.HealthStub(token_server.channel())
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_enrolment_needs_the_enrol_scope_and_never_takes_over_a_person(token_server: RunningServer,
+                                                                     audit_path: Path) -> None:
+    ident = identification_pb2_grpc.IdentificationServiceStub(token_server.channel())
+    coll = identification_pb2.CreateCollectionRequest(collection="people")
+    assert code_of(lambda: ident.CreateCollection(coll, metadata=as_caller("live"), timeout=10)) == \
+        grpc.StatusCode.PERMISSION_DENIED
+    ident.CreateCollection(coll, metadata=as_caller("enrol"), timeout=10)
+    clip = clip_from_folder(clip_folder(1, 0), 200.0)
+    enrol = identification_pb2.EnrollFromClipRequest(collection="people", person_id="alice", clips=[clip])
+    assert code_of(lambda: ident.EnrollFromClip(enrol, metadata=as_caller("live"), timeout=60)) == \
+        grpc.StatusCode.PERMISSION_DENIED
+    first = ident.EnrollFromClip(enrol, metadata=as_caller("enrol"), timeout=60)
+    assert first.total_clips == 1 and not first.replayed
+    # A retry of the same call (lost reply) stores nothing twice.
+    retry = ident.EnrollFromClip(enrol, metadata=as_caller("enrol"), timeout=60)
+    assert retry.replayed and retry.total_clips == 1
+    # Someone else's face under alice's id: a CREATE of an existing person is refused.
+    mallory = identification_pb2.EnrollFromClipRequest(collection="people", person_id="alice",
+                                                       clips=[clip_from_folder(clip_folder(2, 0), 200.0)])
+    assert code_of(lambda: ident.EnrollFromClip(mallory, metadata=as_caller("enrol"), timeout=60)) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    append = identification_pb2.EnrollFromClipRequest(collection="people", person_id="alice",
+                                                      clips=[clip_from_folder(clip_folder(1, 1), 200.0)],
+                                                      mode=identification_pb2.ENROLL_MODE_APPEND)
+    assert ident.EnrollFromClip(append, metadata=as_caller("enrol"), timeout=60).total_clips == 2
+    from server.gallery.store import GalleryStore
+
+    store = GalleryStore(token_server.server.config.gallery_path)  # type: ignore[attr-defined]
+    assert store.template_authors("people", "alice") == ["svc-enrol", "svc-enrol"]
+    store.close()
+    lines = audit_path.read_text().splitlines()
+    assert any('"outcome": "permission_denied"' in ln and '"caller": "svc-live"' in ln and "EnrollFromClip" in ln
+               for ln in lines)
+    assert any('"person_id": "alice"' in ln and "enrolled 1 clip" in ln for ln in lines)
+    assert any('"outcome": "AlreadyExistsError"' in ln for ln in lines)
+
+
+def test_collection_scopes_limit_a_caller_to_its_collection(token_server: RunningServer) -> None:
+    ident = identification_pb2_grpc.IdentificationServiceStub(token_server.channel())
+    ident.CreateCollection(identification_pb2.CreateCollectionRequest(collection="staff"),
+                           metadata=as_caller("staff"), timeout=10)
+    assert code_of(lambda: ident.CreateCollection(identification_pb2.CreateCollectionRequest(collection="other"),
+                                                  metadata=as_caller("staff"), timeout=10)) == \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: ident.ListPersons(identification_pb2.ListPersonsRequest(collection="people"),
+                                             metadata=as_caller("staff"), timeout=10)) == \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert not ident.ListPersons(identification_pb2.ListPersonsRequest(collection="staff"),
+                                 metadata=as_caller("staff"), timeout=10).persons
+
+
+def test_no_log_holds_anything_biometric(token_server: RunningServer, audit_path: Path, samples: Path,
+                                         capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    image = (samples / "image_T1.jpg").read_bytes()
+    answer = check(token_server, image, "live")
+    client = FacegateClient(token_server.address, token=TOKENS["enrol"])
+    ident = client.identify("people", clip_from_folder(clip_folder(1, 2), 200.0), top_k=3)
+    client.close()
+    logs = audit_path.read_bytes() + capfd.readouterr().err.encode() + caplog.text.encode()
+    assert logs, "expected some log output"
+    assert image[600:640] not in logs  # a run of the image's own bytes
+    for score in (answer.live_score, *answer.model_scores[0].probabilities,
+                  *(c.score for c in ident.candidates)):
+        assert f"{score:.6f}".encode() not in logs and repr(score).encode() not in logs
+    emb = np.frombuffer(clip_from_folder(clip_folder(1, 2), 200.0).frames[0].data[:64], np.uint8)
+    assert emb.tobytes() not in logs
+
+
+def test_a_public_address_without_authentication_is_refused_at_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="without authentication"):
+        load_config(None, host="0.0.0.0")
+    assert load_config(None, {"insecure_public": True}, host="0.0.0.0").auth.insecure_public
+    token = tmp_path / "token"
+    token.write_text(new_token())
+    assert load_config(None, {"token_file": token}, host="0.0.0.0").auth.enabled
+    proc = subprocess.run([sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "refusing to serve biometric RPCs on 0.0.0.0" in proc.stderr
+
+
+def test_the_docker_entrypoint_starts_with_authentication(tmp_path: Path, repository_dir: Path) -> None:
+    """The entrypoint as the image runs it (python3 = this interpreter), minus the export and engine build."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "python3"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    work = tmp_path / "app"
+    work.mkdir()
+    (work / "model_repository").symlink_to(repository_dir)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FACEGATE_PREPARE": "0", "PORT": "0",
+           "PYTHONPATH": str(ROOT), "FACEGATE_TOKEN_FILE": str(tmp_path / "missing")}
+    refused = subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh")], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "without authentication" in refused.stderr
+    token = tmp_path / "token"
+    token.write_text(new_token())
+    env["FACEGATE_TOKEN_FILE"] = str(token)
+    proc = subprocess.Popen(["bash", str(ROOT / "docker" / "entrypoint.sh")], cwd=work, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for _ in range(200):
+            line = proc.stderr.readline()
+            if "listening on" in line or not line:
+                break
+        assert "authentication on" in line, line
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+# --- mutual TLS ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mtls(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
+    folder = tmp_path_factory.mktemp("pki")
+    ca = CertAuthority(folder)
+    server_pem = ca.server_cert()
+    ca.client_cert("svc-a", "spiffe://facegate.test/svc-a")
+    ca.client_cert("svc-b", "spiffe://facegate.test/svc-b")
+    ca.client_cert("stranger", "spiffe://facegate.test/stranger")
+    CertAuthority(folder / "..", "untrusted CA").client_cert("rogue", "spiffe://facegate.test/svc-a")
+    callers = (CallerConfig("spiffe://facegate.test/svc-a", ("liveness",)),
+               CallerConfig("spiffe://facegate.test/svc-b", ("identify",)))
+    running, thread = start_server(repository_dir, tls_cert=server_pem.cert, tls_key=server_pem.key,
+                                   auth=AuthConfig(client_ca=ca.pem.cert, callers=callers))
+    yield running, folder
+    stop_server(running, thread)
+
+
+def mtls_check(server: RunningServer, folder: Path, who: str | None, image: bytes
+               ) -> liveness_pb2.CheckLivenessResponse:
+    base = folder if who != "rogue" else folder / ".."
+    creds = tls_credentials(folder / "facegate_test_CA.crt", base / f"{who}.crt" if who else None,
+                            base / f"{who}.key" if who else None)
+    channel = grpc.secure_channel(f"localhost:{server.address.rsplit(':', 1)[1]}", creds)
+    try:
+        return liveness_pb2_grpc.LivenessServiceStub(channel).CheckLiveness(
+            liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=image)), timeout=30)
+    finally:
+        channel.close()
+
+
+def test_mutual_tls_identifies_callers_by_certificate(mtls: tuple[RunningServer, Path], samples: Path) -> None:
+    server, folder = mtls
+    image = (samples / "image_F1.jpg").read_bytes()
+    assert mtls_check(server, folder, "svc-a", image).decision == liveness_pb2.DECISION_SPOOF
+    assert code_of(lambda: mtls_check(server, folder, "svc-b", image)) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: mtls_check(server, folder, "stranger", image)) == grpc.StatusCode.UNAUTHENTICATED
+    # No certificate, or one from a CA the server does not trust: refused in the TLS handshake, before any RPC.
+    assert code_of(lambda: mtls_check(server, folder, None, image)) == grpc.StatusCode.UNAVAILABLE
+    assert code_of(lambda: mtls_check(server, folder, "rogue", image)) == grpc.StatusCode.UNAVAILABLE
+    # The server still serves after the refusals.
+    assert mtls_check(server, folder, "svc-a", image).decision == liveness_pb2.DECISION_SPOOF
