@@ -67,7 +67,8 @@ class FacegateServer:
         self.audit = AuditLog(config.audit)
         self.request_bytes = Budget("in-flight request bytes", config.max_inflight_request_bytes, "bytes")
         self.pixels = Budget("decoded pixels", config.max_inflight_pixels, "pixels")
-        self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes)
+        self.calls = Budget("calls in flight", config.max_inflight_calls, "calls")
+        self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls)
         self.server = grpc.aio.server(
             # Errors are mapped outermost, so refusals from the auth interceptor get the same status details.
             interceptors=[ErrorMappingInterceptor(on_unrecoverable=self._unrecoverable), self.auth],

@@ -35,12 +35,15 @@ class ServerConfig:
     tls_key: Path | None = None
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest request accepted by gRPC; larger ones get RESOURCE_EXHAUSTED from the transport."""
-    max_concurrent_rpcs: int = 256
-    """RPCs in flight beyond this are refused with RESOURCE_EXHAUSTED before any work is done."""
-    max_concurrent_streams: int = 256
+    max_inflight_calls: int = 256
+    """Calls (all but health) being served at once; more are refused at once with RESOURCE_EXHAUSTED and
+    RetryInfo, so overload is shed instead of queued past every deadline."""
+    max_concurrent_rpcs: int = 512
+    """gRPC's own limit (a backstop above max_inflight_calls): beyond it RESOURCE_EXHAUSTED before any work."""
+    max_concurrent_streams: int = 1024
     """HTTP/2 streams one connection may have open (grpc.max_concurrent_streams; gRPC's own default is unbounded).
-    Streams over it are refused with REFUSED_STREAM, which gRPC clients may not retry: keep it >= the largest
-    concurrency one client channel is expected to use."""
+    Kept above the call limits: a stream over it is refused with REFUSED_STREAM, which clients see as UNAVAILABLE
+    instead of a clean RESOURCE_EXHAUSTED."""
     max_inflight_request_bytes: int = 256 * 1024 * 1024
     """Encoded request bytes all calls in flight may hold together; over it -> RESOURCE_EXHAUSTED (RetryInfo)."""
     max_inflight_pixels: int = 250_000_000

@@ -22,10 +22,12 @@ from server.servicers.call_context import CURRENT_CALLER, metadata_request_id
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator, audit: AuditLog, request_bytes: Budget) -> None:
+    def __init__(self, authenticator: Authenticator, audit: AuditLog, request_bytes: Budget,
+                 calls: Budget | None = None) -> None:
         self._auth = authenticator
         self._audit = audit
         self._bytes = request_bytes
+        self._calls = calls or Budget("calls in flight", 1 << 30, "calls")
 
     def _refuse(self, err: Exception, method: str, context: grpc.aio.ServicerContext, caller: str,
                 collection: str = "") -> Exception:
@@ -88,7 +90,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             caller = self.identify(context, method, scope)
             request: Any = None
             try:
-                async with self._bytes.hold(len(raw)):
+                async with self._calls.hold(1), self._bytes.hold(len(raw)):
                     request = parse(raw) if parse is not None else raw
                     self.check_collection(caller, scope, request, method, context)
                     CURRENT_CALLER.set(caller)
