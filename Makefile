@@ -23,7 +23,7 @@ IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
-.PHONY: bench-env bench bench-compare bench-security client-deps clients test-clients proto-check identify-controls
+.PHONY: pg-deps bench-env bench bench-compare bench-security bench-gallery client-deps clients test-clients proto-check identify-controls
 .PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -72,6 +72,11 @@ client-deps:
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
+# PostgreSQL for the replica tests and the gallery benchmark (a throwaway cluster per run; from Debian).
+pg-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+
 clients: stubs
 	$(MAKE) -C clients/cpp
 	$(MAKE) -C clients/go
@@ -119,7 +124,7 @@ $(BENCH_VENV)/.installed:
 
 bench-env: $(BENCH_VENV)/.installed
 
-test: models identify-models bench-env lint proto-check
+test: models identify-models bench-env pg-deps lint proto-check
 	$(PY) -m pytest -q -ra --ignore=tests/clients
 
 test-fast: models identify-models
@@ -137,6 +142,11 @@ clean:
 
 bench-identify: identify-models
 	$(PY) -m benchmarks.identify --repository $(REPOSITORY) --synthetic $(SYNTH_DIR) --out benchmarks/results
+
+# Gallery scale: matching at 1k..1M templates (numpy vs FAISS), enrolment time vs gallery size on SQLite and
+# PostgreSQL, propagation between replicas, the event loop during matching (a few minutes).
+bench-gallery: models identify-models pg-deps
+	$(PY) -m benchmarks.gallery --repository $(REPOSITORY) --out benchmarks/results
 
 # Authentication overhead (CheckLiveness p50, token vs none) and 10x overload shedding (about 2 minutes).
 bench-security: models
@@ -156,7 +166,7 @@ bench-compare: models bench-env
 		--intra-op-threads 2
 
 # The whole suite, bounded (about 15 minutes on two cores once models are prepared).
-bench: bench-liveness bench-identify bench-compare bench-security
+bench: bench-liveness bench-identify bench-compare bench-security bench-gallery
 
 # The controls reported beside the motion-only result: an appearance-only set (identities differ in appearance,
 # motion carries no identity) and the stricter session protocol on the motion-only set. One member each; reports

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from engines.repository import ModelNotFoundError
 from server.app import serve
 from server.config import load_config
+from server.gallery.migrations import SchemaError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--insecure-public", action="store_true",
                    help="allow a non-loopback address without authentication (never do this on a shared network)")
     p.add_argument("--audit-log", help="audit log file (JSON lines, rotated); '-' for stderr")
+    p.add_argument("--gallery-url", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: "
+                   "$FACEGATE_GALLERY_URL, else the configured SQLite file)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -39,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                 "token_file_scopes": tuple(args.token_scopes.split(",")) if args.token_scopes else None,
                 "insecure_public": True if args.insecure_public else None}
         config = load_config(
-            args.config, auth, host=args.host, port=args.port, model_repository=args.model_repository,
+            args.config, auth, gallery_url=args.gallery_url or os.environ.get("FACEGATE_GALLERY_URL") or None,
+            host=args.host, port=args.port, model_repository=args.model_repository,
             batching_enabled=False if args.no_batching else None, tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
         if args.cpu_only:
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(serve(config))
-    except ModelNotFoundError as exc:
+    except (ModelNotFoundError, ConnectionError, SchemaError) as exc:  # named, with the URL minus its password
         logging.getLogger("server").error("%s", exc)
         return 2
     return 0

@@ -61,7 +61,8 @@ class FacegateServer:
         self.liveness: LivenessPipeline | None = None
         self.identification: IdentificationService | None = None
         self._loading = True
-        self.db_pool = ThreadPoolExecutor(1, thread_name_prefix="gallery-db")
+        # Gallery reads and writes (each thread has its own SQLite connection; PostgreSQL uses a pool of 4).
+        self.db_pool = ThreadPoolExecutor(4, thread_name_prefix="gallery-db")
         self._versions: list[common_pb2.ModelVersion] = []
         self._identify_versions: list[common_pb2.ModelVersion] = []
         self.audit = AuditLog(config.audit)
@@ -142,13 +143,13 @@ class FacegateServer:
         await self.registry.load(members)
         await self.registry.warmup(members, rounds=1)
         loop = asyncio.get_running_loop()
-        store = await loop.run_in_executor(self.db_pool, GalleryStore, self.config.gallery_path)
+        store = await loop.run_in_executor(self.db_pool, GalleryStore, self.config.gallery_target())
         clips = ClipPipeline(self.registry.batcher(DETECTOR), [self.registry.batcher(m) for m in members],
                              ensemble, self.cpu_pool, self.config.clip_limits, self.pixels)
         self._identify_versions = [model_version(self.registry.models[n]) for n in (DETECTOR, *members)]
         self.identification = IdentificationService(clips, store, self.db_pool, self.liveness, self.audit)
         log.info("identification: ensemble %s v%s (%d members), gallery %s", ensemble.name, ensemble.version,
-                 len(members), self.config.gallery_path)
+                 len(members), store.url)
 
     def _unrecoverable(self) -> None:
         log.error("a model is broken (%s); health -> NOT_SERVING", ", ".join(self.registry.broken))

@@ -68,8 +68,12 @@ class ServerConfig:
     batching: dict[str, BatcherConfig] = field(default_factory=dict)
     """Per-model overrides of the batcher defaults in each model's declaration ([batching.<model>])."""
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    gallery_url: str = ""
+    """Where the gallery lives: ``sqlite:///data/gallery.sqlite`` (embedded) or
+    ``postgresql://user@host:5432/facegate`` (shared by replicas; ``?host=/socket/dir`` for a Unix socket).
+    Empty: the SQLite file gallery_path. Also --gallery-url and FACEGATE_GALLERY_URL."""
     gallery_path: Path = Path("data/gallery.sqlite")
-    """SQLite file of the enrolment gallery (created on first start)."""
+    """SQLite file of the gallery when gallery_url is empty (created on first start)."""
     identification_ensemble: str = ""
     """Ensemble manifest under <model_repository>/ensembles/ to serve; empty = the only (or first) one."""
     clip_limits: ClipLimits = field(default_factory=ClipLimits)
@@ -98,6 +102,10 @@ class ServerConfig:
         if self.max_inflight_pixels < self.clip_limits.max_request_pixels:
             raise ValueError(f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least "
                              f"clip_limits.max_request_pixels ({self.clip_limits.max_request_pixels})")
+
+    def gallery_target(self) -> Path | str:
+        """The gallery's database: a SQLite path, or a URL."""
+        return self.gallery_url or self.gallery_path
 
     def batcher_for(self, model: str, declared: BatcherConfig | None = None) -> BatcherConfig:
         """The override for ``model`` if configured, else its declared defaults (``declared`` for models only the

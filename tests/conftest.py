@@ -119,3 +119,13 @@ def live_server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     running, thread = start_server(repository_dir, gallery_path=gallery)
     yield running
     stop_server(running, thread)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL for the session (benchmarks/pg_cluster.py)."""
+    from benchmarks.pg_cluster import PgCluster
+
+    cluster = PgCluster()
+    yield cluster
+    cluster.remove()

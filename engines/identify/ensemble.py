@@ -57,9 +57,15 @@ def identify(ensemble: Ensemble, embedding: Mapping[str, np.ndarray],
              gallery: Mapping[str, tuple[np.ndarray, Sequence[str]]], top_k: int,
              threshold: float | None) -> Identification:
     """Search each member's gallery matrix, vote, and decide MATCH / NO_MATCH / UNCERTAIN."""
+    scores = {n: person_scores(embedding[n], gallery[n][0], gallery[n][1]) for n in ensemble.members}
+    return combine(ensemble, scores, top_k, threshold)
+
+
+def combine(ensemble: Ensemble, member_scores: Mapping[str, Mapping[str, float]], top_k: int,
+            threshold: float | None) -> Identification:
+    """Per-member person scores (best template similarity) -> ranked candidates, votes and the decision."""
     names = list(ensemble.members)
-    scores = [person_scores(embedding[n], gallery[n][0], gallery[n][1]) for n in names]
-    cands, votes = rank(scores, names)
+    cands, votes = rank([dict(member_scores.get(n, {})) for n in names], names)
     t = ensemble.threshold if threshold is None else threshold
     decision = decide(cands[0] if cands else None, len(names), t, ensemble.margin)
     return Identification(decision, t, cands[:top_k], votes)

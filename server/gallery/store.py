@@ -1,23 +1,23 @@
-"""The gallery in SQLite: collections -> persons -> templates (one embedding per clip per ensemble member).
+"""The gallery: collections -> persons -> templates (one embedding per clip per ensemble member), in SQLite
+(embedded default) or PostgreSQL (several replicas), with a change log replicas follow.
 
-Durable by design: WAL journal with synchronous=FULL (a committed enrolment survives power loss), and a person
-is written in one transaction with all of their templates, so a process killed mid-enrolment leaves either the
-whole person or nothing. Each collection is bound to the ensemble version whose embeddings it holds; templates
-from one version are meaningless to another.
+Durable by design: a person is written in one transaction with all of their templates and the collection's
+sequence bump, so a process killed mid-enrolment leaves either the whole person or nothing, and every replica
+sees either the whole change or none of it. Each collection is bound to the ensemble version whose embeddings it
+holds; templates from one version are meaningless to another. Schema versions: ``server.gallery.migrations``.
 
-Synchronous by design (SQLite calls block): the server runs it on one dedicated thread.
+Blocking by design (database calls): the server runs it on worker threads.
 """
 
 from __future__ import annotations
 
 import enum
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,43 +28,8 @@ from engines.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS collections (
-    name TEXT PRIMARY KEY,
-    ensemble TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    members TEXT NOT NULL,            -- member model names, comma-separated, in ensemble order
-    embedding_dim INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS persons (
-    collection TEXT NOT NULL REFERENCES collections(name) ON DELETE CASCADE,
-    person_id TEXT NOT NULL,
-    display_name TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    PRIMARY KEY (collection, person_id)
-);
-CREATE TABLE IF NOT EXISTS templates (
-    id INTEGER PRIMARY KEY,
-    collection TEXT NOT NULL,
-    person_id TEXT NOT NULL,
-    member TEXT NOT NULL,
-    clip TEXT NOT NULL,
-    embedding BLOB NOT NULL,          -- float32, L2-normalised
-    FOREIGN KEY (collection, person_id) REFERENCES persons(collection, person_id) ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS templates_by_person ON templates(collection, person_id);
-CREATE TABLE IF NOT EXISTS enrol_requests (   -- idempotency: a retried enrolment is not stored twice
-    collection TEXT NOT NULL,
-    request_key TEXT NOT NULL,
-    person_id TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (collection, request_key)
-);
-"""
-# Columns added after the first release, for galleries created before them.
-_ADDED_COLUMNS = (("templates", "added_by", "TEXT NOT NULL DEFAULT ''"),)
+from server.gallery.dialects import Dialect, SqliteDialect, Tx, open_dialect, redact
+from server.gallery.migrations import migrate
 
 
 class EnrollMode(enum.Enum):
@@ -110,48 +75,57 @@ def validate_id(value: str, field: str) -> None:
         raise InvalidArgumentError(FieldViolation(field, f"must be 1 to {_MAX_ID} printable characters"))
 
 
+@dataclass(frozen=True)
+class CollectionState:
+    """What a replica checks before every search: one indexed read."""
+
+    generation: str  # changes when the collection is deleted and created again
+    seq: int  # bumped by every change, in the change's own transaction
+
+
+@dataclass(frozen=True)
+class CollectionSummary:
+    name: str
+    model_version: str
+    persons: int
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed in a collection after a sequence number, in sequence order."""
+
+    seq: int  # the collection's sequence these changes bring a replica to
+    added: list[tuple[int, str, str, bytes]]  # (seq, person_id, member, float32 embedding bytes)
+    deleted: list[tuple[int, str]]  # (seq, person_id)
+
+
+def _collection(row: Sequence[Any], name: str) -> Collection:
+    return Collection(name, row[0], row[1], tuple(row[2].split(",")), int(row[3]))
+
+
 class GalleryStore:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        db = self._conn()
-        db.executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
-        for table, column, decl in _ADDED_COLUMNS:
-            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-        # Search matrices per (collection, member), rebuilt after any change to that collection.
-        self._cache: dict[str, dict[str, GalleryMatrix]] = {}
+    """The gallery in SQLite or PostgreSQL (``GalleryStore(path)`` or ``GalleryStore("postgresql://...")``).
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            # Deleted templates are overwritten with zeros, not left readable in free pages.
-            conn.execute("PRAGMA secure_delete=ON")
-            self._local.conn = conn
-        return conn
+    A person and all their templates are written in one transaction, and so is the change-log entry (the
+    collection's sequence bump) that tells every replica about it. Blocking: call it from worker threads.
+    """
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
+    def __init__(self, target: Path | str) -> None:
+        self.dialect: Dialect = SqliteDialect(target) if isinstance(target, Path) else open_dialect(target)
+        self.url = redact(self.dialect.url)
         try:
-            yield db
+            migrate(self.dialect)
         except BaseException:
-            db.execute("ROLLBACK")
+            self.dialect.close()
             raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self.dialect.close()
+
+    @staticmethod
+    def _bump(tx: Tx, collection: str) -> int:
+        return int(tx.execute("UPDATE collections SET seq = seq + 1 WHERE name = ? RETURNING seq",
+                              (collection,)).fetchone()[0])
 
     # --- collections ---------------------------------------------------------------------------------------
 
@@ -159,59 +133,100 @@ class GalleryStore:
                           embedding_dim: int) -> tuple[Collection, bool]:
         """Create, or return the existing one if it is bound to the same version. Returns (collection, created)."""
         validate_id(name, "collection")
-        with self._tx() as db:
-            row = db.execute("SELECT ensemble, model_version, members, embedding_dim FROM collections "
+        with self.dialect.write() as tx:
+            row = tx.execute("SELECT ensemble, model_version, members, embedding_dim FROM collections "
                              "WHERE name = ?", (name,)).fetchone()
             if row is not None:
-                existing = Collection(name, row[0], row[1], tuple(row[2].split(",")), row[3])
+                existing = _collection(row, name)
                 if existing.model_version != model_version:
                     raise FailedPreconditionError(
                         f"collection {name!r} exists, bound to model version {existing.model_version}; "
                         f"the server runs {model_version}")
                 return existing, False
-            db.execute("INSERT INTO collections VALUES (?, ?, ?, ?, ?, ?)",
-                       (name, ensemble, model_version, ",".join(members), embedding_dim, time.time()))
+            tx.execute("INSERT INTO collections (name, ensemble, model_version, members, embedding_dim, created_at, "
+                       "seq, generation) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                       (name, ensemble, model_version, ",".join(members), embedding_dim, time.time(),
+                        uuid.uuid4().hex))
         return Collection(name, ensemble, model_version, tuple(members), embedding_dim), True
 
     def collection(self, name: str) -> Collection:
-        row = self._conn().execute("SELECT ensemble, model_version, members, embedding_dim FROM collections "
-                                   "WHERE name = ?", (name,)).fetchone()
+        with self.dialect.read() as tx:
+            row = tx.execute("SELECT ensemble, model_version, members, embedding_dim FROM collections "
+                             "WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFoundError(f"no collection named {name!r}")
-        return Collection(name, row[0], row[1], tuple(row[2].split(",")), row[3])
+        return _collection(row, name)
 
-    def collections(self) -> list[Collection]:
-        rows = self._conn().execute("SELECT name, ensemble, model_version, members, embedding_dim "
-                                    "FROM collections ORDER BY name").fetchall()
-        return [Collection(r[0], r[1], r[2], tuple(r[3].split(",")), r[4]) for r in rows]
+    def collections(self) -> list[CollectionSummary]:
+        with self.dialect.read() as tx:
+            rows = tx.execute("SELECT c.name, c.model_version, COUNT(p.person_id) FROM collections c LEFT JOIN "
+                              "persons p ON p.collection = c.name GROUP BY c.name, c.model_version "
+                              "ORDER BY c.name").fetchall()
+        return [CollectionSummary(r[0], r[1], int(r[2])) for r in rows]
+
+    def delete_collection(self, name: str) -> None:
+        validate_id(name, "collection")
+        with self.dialect.write() as tx:
+            # Children first: SQLite enforces the cascade, but explicit deletes keep both databases alike.
+            tx.execute("DELETE FROM templates WHERE collection = ?", (name,))
+            tx.execute("DELETE FROM persons WHERE collection = ?", (name,))
+            tx.execute("DELETE FROM enrol_requests WHERE collection = ?", (name,))
+            tx.execute("DELETE FROM deletions WHERE collection = ?", (name,))
+            cur = tx.execute("DELETE FROM collections WHERE name = ?", (name,))
+            if cur.rowcount == 0:
+                raise NotFoundError(f"no collection named {name!r}")
+
+    def state(self, collection: str) -> CollectionState:
+        with self.dialect.read() as tx:
+            row = tx.execute("SELECT generation, seq FROM collections WHERE name = ?", (collection,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no collection named {collection!r}")
+        return CollectionState(str(row[0]), int(row[1]))
+
+    def changes_since(self, collection: str, seq: int) -> Changes:
+        """Templates added and persons deleted after ``seq`` (0: everything still there), in one snapshot."""
+        with self.dialect.write() as tx:  # a transaction: the sequence and the rows agree
+            row = tx.execute("SELECT seq FROM collections WHERE name = ?", (collection,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no collection named {collection!r}")
+            # Bounded by the sequence read first: under READ COMMITTED a later statement may see newer commits,
+            # which the next sync picks up instead.
+            now = int(row[0])
+            added = tx.execute("SELECT seq, person_id, member, embedding FROM templates WHERE collection = ? AND "
+                               "seq > ? AND seq <= ? ORDER BY id", (collection, seq, now)).fetchall()
+            deleted = tx.execute("SELECT seq, person_id FROM deletions WHERE collection = ? AND seq > ? AND "
+                                 "seq <= ? ORDER BY seq", (collection, seq, now)).fetchall() if seq > 0 else []
+        return Changes(int(row[0]), [(int(a), str(p), str(m), bytes(e)) for a, p, m, e in added],
+                       [(int(a), str(p)) for a, p in deleted])
 
     # --- persons -------------------------------------------------------------------------------------------
 
     def enroll(self, collection: str, person_id: str, display_name: str,
                templates: Sequence[tuple[str, Mapping[str, np.ndarray]]], mode: EnrollMode = EnrollMode.CREATE,
                added_by: str = "", request_key: str = "") -> EnrollOutcome:
-        """Create a person (CREATE) or add templates to one (APPEND), atomically. ``templates``: (clip id,
-        member -> embedding). A ``request_key`` seen before for this collection writes nothing (a retry)."""
+        """Create a person (CREATE) or add templates to one (APPEND), atomically, with its change-log entry.
+        ``templates``: (clip id, member -> embedding). A ``request_key`` seen before writes nothing (a retry)."""
         validate_id(person_id, "person_id")
         coll = self.collection(collection)
-        with self._tx() as db:
-            if request_key and db.execute("SELECT 1 FROM enrol_requests WHERE collection = ? AND request_key = ?",
+        with self.dialect.write() as tx:
+            if request_key and tx.execute("SELECT 1 FROM enrol_requests WHERE collection = ? AND request_key = ?",
                                           (collection, request_key)).fetchone():
-                return EnrollOutcome(self._clip_count(db, collection, person_id), True)
-            exists = db.execute("SELECT 1 FROM persons WHERE collection = ? AND person_id = ?",
+                return EnrollOutcome(self._clip_count(tx, collection, person_id), True)
+            exists = tx.execute("SELECT 1 FROM persons WHERE collection = ? AND person_id = ?",
                                 (collection, person_id)).fetchone() is not None
             if mode is EnrollMode.CREATE:
                 if exists:
                     raise AlreadyExistsError(f"person {person_id!r} already exists in collection {collection!r}; "
                                              f"adding templates to them is an explicit APPEND")
-                db.execute("INSERT INTO persons (collection, person_id, display_name, created_at) "
+                tx.execute("INSERT INTO persons (collection, person_id, display_name, created_at) "
                            "VALUES (?, ?, ?, ?)", (collection, person_id, display_name, time.time()))
             else:
                 if not exists:
                     raise NotFoundError(f"no person {person_id!r} in collection {collection!r} to append to")
                 if display_name:
-                    db.execute("UPDATE persons SET display_name = ? WHERE collection = ? AND person_id = ?",
+                    tx.execute("UPDATE persons SET display_name = ? WHERE collection = ? AND person_id = ?",
                                (display_name, collection, person_id))
+            seq = self._bump(tx, collection)
             for clip, by_member in templates:
                 for member in coll.members:
                     emb = np.asarray(by_member[member], np.float32).reshape(-1)
@@ -219,67 +234,68 @@ class GalleryStore:
                         raise FailedPreconditionError(
                             f"embedding of {member} has {emb.shape[0]} values; collection {collection!r} "
                             f"holds {coll.embedding_dim}")
-                    db.execute("INSERT INTO templates (collection, person_id, member, clip, embedding, added_by) "
-                               "VALUES (?, ?, ?, ?, ?, ?)",
-                               (collection, person_id, member, clip, emb.tobytes(), added_by))
+                    tx.execute("INSERT INTO templates (collection, person_id, member, clip, embedding, added_by, seq)"
+                               " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (collection, person_id, member, clip, emb.tobytes(), added_by, seq))
             if request_key:
-                db.execute("INSERT INTO enrol_requests VALUES (?, ?, ?, ?)",
+                tx.execute("INSERT INTO enrol_requests VALUES (?, ?, ?, ?)",
                            (collection, request_key, person_id, time.time()))
-            total = self._clip_count(db, collection, person_id)
-        self._cache.pop(collection, None)
+            total = self._clip_count(tx, collection, person_id)
         return EnrollOutcome(total, False)
 
     @staticmethod
-    def _clip_count(db: sqlite3.Connection, collection: str, person_id: str) -> int:
-        return int(db.execute("SELECT COUNT(DISTINCT clip) FROM templates WHERE collection = ? AND person_id = ?",
+    def _clip_count(tx: Tx, collection: str, person_id: str) -> int:
+        return int(tx.execute("SELECT COUNT(DISTINCT clip) FROM templates WHERE collection = ? AND person_id = ?",
                               (collection, person_id)).fetchone()[0])
 
     def template_authors(self, collection: str, person_id: str) -> list[str]:
         """Who added each of a person's clips (in order), for audits."""
-        rows = self._conn().execute("SELECT added_by FROM templates WHERE collection = ? AND person_id = ? "
-                                    "GROUP BY clip ORDER BY MIN(id)", (collection, person_id)).fetchall()
+        with self.dialect.read() as tx:
+            rows = tx.execute("SELECT MIN(added_by) FROM templates WHERE collection = ? AND person_id = ? "
+                              "GROUP BY clip ORDER BY MIN(id)", (collection, person_id)).fetchall()
         return [r[0] for r in rows]
 
     def delete_person(self, collection: str, person_id: str) -> None:
         self.collection(collection)
-        with self._tx() as db:
-            cur = db.execute("DELETE FROM persons WHERE collection = ? AND person_id = ?", (collection, person_id))
+        with self.dialect.write() as tx:
+            tx.execute("DELETE FROM templates WHERE collection = ? AND person_id = ?", (collection, person_id))
+            cur = tx.execute("DELETE FROM persons WHERE collection = ? AND person_id = ?", (collection, person_id))
             if cur.rowcount == 0:
                 raise NotFoundError(f"no person {person_id!r} in collection {collection!r}")
             # A later enrolment of the same person must not be taken for a retry of the deleted one.
-            db.execute("DELETE FROM enrol_requests WHERE collection = ? AND person_id = ?", (collection, person_id))
-        self._cache.pop(collection, None)
+            tx.execute("DELETE FROM enrol_requests WHERE collection = ? AND person_id = ?", (collection, person_id))
+            seq = self._bump(tx, collection)
+            tx.execute("INSERT INTO deletions (collection, seq, person_id) VALUES (?, ?, ?)",
+                       (collection, seq, person_id))
 
     def persons(self, collection: str, limit: int = 100, after: str = "") -> list[Person]:
         """Persons in id order, after the given id (for paging)."""
         self.collection(collection)
-        rows = self._conn().execute(
-            "SELECT p.person_id, p.display_name, p.created_at, COUNT(DISTINCT t.clip) FROM persons p "
-            "LEFT JOIN templates t ON t.collection = p.collection AND t.person_id = p.person_id "
-            "WHERE p.collection = ? AND p.person_id > ? GROUP BY p.person_id ORDER BY p.person_id LIMIT ?",
-            (collection, after, limit)).fetchall()
-        return [Person(r[0], r[1], r[3], r[2]) for r in rows]
+        with self.dialect.read() as tx:
+            rows = tx.execute(
+                "SELECT p.person_id, p.display_name, p.created_at, COUNT(DISTINCT t.clip) FROM persons p "
+                "LEFT JOIN templates t ON t.collection = p.collection AND t.person_id = p.person_id "
+                "WHERE p.collection = ? AND p.person_id > ? GROUP BY p.person_id, p.display_name, p.created_at "
+                "ORDER BY p.person_id LIMIT ?", (collection, after, limit)).fetchall()
+        return [Person(r[0], r[1], int(r[3]), float(r[2])) for r in rows]
 
     def display_names(self, collection: str, person_ids: Sequence[str]) -> dict[str, str]:
         if not person_ids:
             return {}
         marks = ",".join("?" * len(person_ids))
-        rows = self._conn().execute(f"SELECT person_id, display_name FROM persons WHERE collection = ? "  # noqa: S608
-                                    f"AND person_id IN ({marks})", (collection, *person_ids)).fetchall()
-        return dict(rows)
+        with self.dialect.read() as tx:
+            rows = tx.execute(f"SELECT person_id, display_name FROM persons WHERE collection = ? "  # noqa: S608
+                              f"AND person_id IN ({marks})", (collection, *person_ids)).fetchall()
+        return {str(a): str(b) for a, b in rows}
 
     def matrices(self, collection: str) -> dict[str, GalleryMatrix]:
-        """Per member, every template of the collection as one matrix (cached until the collection changes)."""
-        cached = self._cache.get(collection)
-        if cached is not None:
-            return cached
+        """Per member, every template of the collection as one matrix (what a full reload reads)."""
         coll = self.collection(collection)
+        changes = self.changes_since(collection, 0)
         out: dict[str, GalleryMatrix] = {}
         for member in coll.members:
-            rows = self._conn().execute("SELECT person_id, embedding FROM templates WHERE collection = ? AND "
-                                        "member = ? ORDER BY id", (collection, member)).fetchall()
-            emb = (np.stack([np.frombuffer(r[1], np.float32) for r in rows]) if rows
+            rows = [(p, e) for _, p, m, e in changes.added if m == member]
+            emb = (np.stack([np.frombuffer(e, np.float32) for _, e in rows]) if rows
                    else np.zeros((0, coll.embedding_dim), np.float32))
-            out[member] = GalleryMatrix(emb, tuple(r[0] for r in rows))
-        self._cache[collection] = out
+            out[member] = GalleryMatrix(emb, tuple(p for p, _ in rows))
         return out

@@ -136,3 +136,18 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
         for p in persons:
             resp.persons.add(person_id=p.person_id, display_name=p.display_name, clips=p.templates)
         return resp
+
+    async def DeleteCollection(  # noqa: N802 - gRPC method name
+        self, request: identification_pb2.DeleteCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> identification_pb2.DeleteCollectionResponse:
+        rid = request_id_from("", context)
+        await self._svc().delete_collection(request.collection, caller_name(), rid)
+        return identification_pb2.DeleteCollectionResponse()
+
+    async def ListCollections(  # noqa: N802 - gRPC method name
+        self, request: identification_pb2.ListCollectionsRequest, context: grpc.aio.ServicerContext
+    ) -> identification_pb2.ListCollectionsResponse:
+        resp = identification_pb2.ListCollectionsResponse()
+        for c in await self._svc().list_collections():
+            resp.collections.add(collection=c.name, model_version=c.model_version, persons=c.persons)
+        return resp

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from engines.errors import FacegateError, FailedPreconditionError, FieldViolation, InvalidArgumentError
-from engines.identify.ensemble import Ensemble, identify
+from engines.identify.ensemble import Ensemble, combine
 from engines.identify.matching import MatchDecision
 from server.audit import AuditLog
-from server.gallery.store import EnrollMode, EnrollOutcome, GalleryStore, Person, validate_id
+from server.gallery.search import Gallery
+from server.gallery.store import CollectionSummary, EnrollMode, EnrollOutcome, GalleryStore, Person, validate_id
 from server.pipelines.identification import ClipDiagnostics, ClipInput, ClipPipeline
 from server.pipelines.liveness import LivenessPipeline, LivenessRequest, LivenessResult
 from server.pipelines.quality import QualityIssue
@@ -35,6 +36,8 @@ MIN_COVERAGE = 0.5
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_DISPLAY_NAME = 256
+SEARCH_CANDIDATES = 10
+"""Persons each member contributes to the candidate set (at least top_k); all are scored by every member."""
 MAX_REQUEST_KEY = 128
 
 
@@ -140,7 +143,8 @@ class IdentificationService:
                  liveness: LivenessPipeline | None, audit: AuditLog | None = None) -> None:
         self.clips = clips
         self.store = store
-        self.db = db  # SQLite work runs on this single thread
+        self.gallery = Gallery(store)  # the in-memory search index, kept in step with the change log
+        self.db = db  # gallery writes and reads run on these threads
         self.liveness = liveness
         self.audit = audit
 
@@ -240,11 +244,12 @@ class IdentificationService:
         if result.embeddings is None:
             out.quality_issues.append(QualityIssue.FACE_NOT_FOUND)
         else:
-            gallery = await self._db(self.store.matrices, req.collection)
-            # Matching is CPU work proportional to the gallery: on the pool, never on the event loop.
-            ident = await asyncio.get_running_loop().run_in_executor(
-                self.clips.executor, identify, ens, result.embeddings,
-                {m: (g.embeddings, g.owners) for m, g in gallery.items()}, top_k, req.threshold)
+            # The sequence check, any catch-up and the search are CPU and database work proportional to the
+            # gallery: on the pool, never on the event loop. Every member's top m persons, scored exactly by all.
+            scores = await asyncio.get_running_loop().run_in_executor(
+                self.clips.executor, self.gallery.search, req.collection, result.embeddings,
+                max(top_k, SEARCH_CANDIDATES))
+            ident = combine(ens, scores, top_k, req.threshold)
             names = await self._db(self.store.display_names, req.collection, [c.person for c in ident.candidates])
             out.decision = ident.decision
             out.candidates = [RankedCandidate(c.person, names.get(c.person, ""), c.score, c.votes)
@@ -274,6 +279,21 @@ class IdentificationService:
             if self.audit is not None:
                 self.audit.record(rpc="DeletePerson", caller=caller, collection=collection, person_id=person_id,
                                   request_id=request_id, outcome=outcome)
+
+    async def delete_collection(self, collection: str, caller: str = "", request_id: str = "") -> None:
+        outcome = "deleted"
+        try:
+            await self._db(self.store.delete_collection, collection)
+        except FacegateError as err:
+            outcome = type(err).__name__
+            raise
+        finally:
+            if self.audit is not None:
+                self.audit.record(rpc="DeleteCollection", caller=caller, collection=collection,
+                                  request_id=request_id, outcome=outcome)
+
+    async def list_collections(self) -> list[CollectionSummary]:
+        return await self._db(self.store.collections)
 
     async def list_persons(self, collection: str, page_size: int, page_token: str) -> tuple[list[Person], str]:
         """One page of persons and the token of the next page ("" on the last)."""
