@@ -23,7 +23,7 @@ IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
-.PHONY: pg-deps bench-env bench bench-compare bench-security bench-gallery client-deps clients test-clients proto-check identify-controls
+.PHONY: tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-gallery client-deps clients test-clients proto-check identify-controls
 .PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -124,7 +124,7 @@ $(BENCH_VENV)/.installed:
 
 bench-env: $(BENCH_VENV)/.installed
 
-test: models identify-models bench-env pg-deps lint proto-check
+test: models identify-models bench-env pg-deps tensorrt-rtx lint proto-check
 	$(PY) -m pytest -q -ra --ignore=tests/clients
 
 test-fast: models identify-models
@@ -152,13 +152,24 @@ bench-gallery: models identify-models pg-deps
 bench-security: models
 	$(PY) -m benchmarks.security --repository $(REPOSITORY) --out benchmarks/results
 
-# TensorRT engines for this GPU (needs TensorRT, cuda-python and an NVIDIA GPU; the server also builds them on
-# first start). `make engines-check` compares them with ONNX Runtime and times them by batch size.
-engines: models
-	$(PY) -m engines.tensorrt.build --repository $(REPOSITORY)
+# TensorRT for RTX (PyPI wheels, about 90 MB): its builder needs no GPU, so CI builds real engines with it.
+$(VENV)/.tensorrt-rtx: $(VENV)/.deps
+	$(PY) -m pip install -q -e '.[export,dev,tensorrt-rtx]'
+	touch $@
+
+tensorrt-rtx: $(VENV)/.tensorrt-rtx
+
+# TensorRT engines: with TensorRT and a GPU, for that GPU; without a GPU, TensorRT-RTX builds them ahead of time
+# for its target GPUs (FP32 and FP16). `make engines-check` compares them with ONNX Runtime and times them (GPU).
+engines: models identify-models tensorrt-rtx
+	$(PY) -m engines.tensorrt.build --repository $(REPOSITORY) --precision both
 
 engines-check: engines
 	$(PY) -m engines.tensorrt.check --repository $(REPOSITORY) --timing
+
+# Per model and flavour: build time, engine size, layers and their types (and, on a GPU, the inspector's layers).
+engines-report: engines
+	$(PY) -m engines.tensorrt.report --repository $(REPOSITORY) --out benchmarks/results
 
 bench-compare: models bench-env
 	$(PY) -m benchmarks.compare --repository $(REPOSITORY) --bench-venv $(BENCH_VENV) --out benchmarks/results

@@ -129,3 +129,14 @@ def postgres() -> Iterator[Any]:
     cluster = PgCluster()
     yield cluster
     cluster.remove()
+
+
+# Lines for the end of the test output (e.g. each real TensorRT-RTX engine built, with its size and build time).
+ENGINE_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if ENGINE_LINES:
+        terminalreporter.section("engines built")
+        for line in ENGINE_LINES:
+            terminalreporter.write_line(line)

@@ -265,7 +265,7 @@ def make_fake_tensorrt(cuda: FakeCuda) -> types.ModuleType:
             return self.timing
 
     class Network:
-        pass
+        num_layers = 0  # the fake parser adds no layers
 
     class Builder:
         def __init__(self, logger: Any) -> None:

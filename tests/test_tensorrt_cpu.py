@@ -133,8 +133,13 @@ def test_this_machine_falls_back_to_onnxruntime_with_a_reason() -> None:
 
 
 def test_the_cpu_path_imports_neither_tensorrt_nor_cuda() -> None:
+    # Importing everything, and probing availability as the server does at start: without a GPU neither
+    # TensorRT flavour is loaded, even where TensorRT-RTX is installed (as in CI).
     code = ("import sys, server.app, server.model_registry, engines.runtime.tensorrt_engine, engines.tensorrt.build; "
-            "print(sorted(m for m in sys.modules if m == 'tensorrt' or m.split('.')[0] == 'cuda'))")
+            "from engines.tensorrt.availability import availability; a = availability(); "
+            "assert a.gpus or not a.tensorrt_usable; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'tensorrt_rtx', "
+            "'tensorrt_rtx_bindings') or (m.split('.')[0] == 'cuda' and not a.cuda_python)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

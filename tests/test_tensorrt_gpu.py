@@ -14,24 +14,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not AVAIL.tensorrt_usable, reason=f"needs TensorRT and a GPU: {AVAIL.reason}")]
 
 
-def test_cuda_buffers_stream_and_graph_round_trip() -> None:
-    from engines.runtime import cuda
-
-    stream = cuda.Stream()
-    host = cuda.PinnedBuffer(1024)
-    dev = cuda.DeviceBuffer(1024)
-    src = host.view(np.dtype(np.float32), (256,))
-    src[:] = np.arange(256, dtype=np.float32)
-    stream.h2d(dev.ptr, host.ptr, 1024)
-    src[:] = 0
-    stream.d2h(host.ptr, dev.ptr, 1024)
-    stream.synchronize()
-    assert src.tolist() == list(range(256))
-    dev.free()
-    host.free()
-    stream.destroy()
-
-
 @pytest.mark.parametrize("model", ["minifasnet_v2", "minifasnet_v1se", "retinaface"])
 def test_engine_matches_onnxruntime(model: str, repository_dir: Path) -> None:
     from engines.declarations import declaration_for

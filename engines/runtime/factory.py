@@ -67,6 +67,7 @@ class EngineFactory:
         """(engine, reason). Slow (may build a TensorRT engine): call it off the event loop."""
         meta = self.repository.load(decl.name)
         plan = []
+        flavour = self.availability.chosen
 
         def tensorrt_engine() -> str | None:
             from engines.tensorrt.build import EngineRequest, ensure_engine
@@ -74,7 +75,7 @@ class EngineFactory:
             try:
                 req = EngineRequest(decl.name, batching.max_batch_size, batching.preferred_batch_sizes,
                                     self.settings.tensorrt_precision)
-                plan.append(ensure_engine(self.repository, req, self.settings.tensorrt_builder))
+                plan.append(ensure_engine(self.repository, req, self.settings.tensorrt_builder, flavour))
             except Exception as exc:  # any build/load failure falls back to ONNX Runtime for this model
                 log.exception("%s: TensorRT engine unavailable", decl.name)
                 return str(exc)
@@ -86,7 +87,14 @@ class EngineFactory:
             from engines.tensorrt.profiles import batch_buckets
 
             buckets = batch_buckets(batching.max_batch_size, batching.preferred_batch_sizes)
-            return TensorRTModel(plan[0], meta, buckets, self.settings.cuda_graphs, batching.max_batch_size), reason
+            runtime_cache = None
+            if flavour is not None and flavour.rtx:
+                from engines.runtime.cuda import device_info
+                from engines.tensorrt.cache import Device, runtime_cache_name
+
+                runtime_cache = plan[0].parent / runtime_cache_name(Device(*device_info(0)))
+            return TensorRTModel(plan[0], meta, buckets, self.settings.cuda_graphs, batching.max_batch_size,
+                                 flavour, runtime_cache), reason
         providers = choose_providers(self.settings.prefer_gpu)
         engine = OnnxRuntimeModel(self.repository.onnx_path(decl.name), meta, providers,
                                   intra_op_threads=self.settings.intra_op_threads)

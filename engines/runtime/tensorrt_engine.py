@@ -8,6 +8,7 @@ arithmetic lives in pure functions (``TensorIO``, ``plan_buffers``) that the CPU
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ import numpy as np
 from engines.repository import ModelMetadata
 from engines.runtime.base import EngineError, EngineInstance, InferTimings, Model, TensorSpec
 from engines.tensorrt.buckets import bucket_for, pad_batch, unpad
+from engines.tensorrt.flavour import Flavour
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +78,18 @@ class _TrtLogger:
         self.logger = Logger()
 
 
-_LOGGERS: dict[int, _TrtLogger] = {}
+_LOGGERS: dict[str, _TrtLogger] = {}
 
 
-def trt_logger() -> _TrtLogger:
-    """One logger per process (TensorRT keeps a process-wide pointer to it)."""
-    import tensorrt as trt
-
-    if 0 not in _LOGGERS:
-        _LOGGERS[0] = _TrtLogger(trt)
-    return _LOGGERS[0]
+def trt_logger(trt: Any = None) -> _TrtLogger:
+    """One logger per process and flavour (TensorRT keeps a process-wide pointer to it). ``trt``: the module
+    (``tensorrt`` or ``tensorrt_rtx``); default ``tensorrt``."""
+    if trt is None:
+        trt = importlib.import_module("tensorrt")
+    key = str(trt.__name__)
+    if key not in _LOGGERS:
+        _LOGGERS[key] = _TrtLogger(trt)
+    return _LOGGERS[key]
 
 
 def describe(engine: Any, trt: Any) -> list[TensorIO]:
@@ -115,8 +119,11 @@ def describe(engine: Any, trt: Any) -> list[TensorIO]:
 class _Executor:
     """A context bound to the instance's buffers; for CUDA graphs, one per captured shape (TensorRT advice)."""
 
-    def __init__(self, engine: Any, io: Sequence[TensorIO], device: Mapping[str, Any]) -> None:
-        self.ctx = engine.create_execution_context()
+    def __init__(self, engine: Any, io: Sequence[TensorIO], device: Mapping[str, Any],
+                 runtime_config: Any = None) -> None:
+        # TensorRT-RTX: contexts made from one runtime config share its runtime cache (just-in-time kernels).
+        self.ctx = (engine.create_execution_context(runtime_config) if runtime_config is not None
+                    else engine.create_execution_context())
         if self.ctx is None:
             raise EngineError("could not create an execution context (out of device memory?)")
         for t in io:
@@ -135,7 +142,7 @@ class _Executor:
 
 class TensorRTInstance(EngineInstance):
     def __init__(self, engine: Any, io: Sequence[TensorIO], buckets: Sequence[int], cuda_graphs: bool,
-                 max_graphs: int = 16) -> None:
+                 max_graphs: int = 16, runtime_config: Any = None) -> None:
         from engines.runtime import cuda
 
         self._cuda = cuda
@@ -150,7 +157,8 @@ class TensorRTInstance(EngineInstance):
         self.device = {n: cuda.DeviceBuffer(b) for n, b in plan.items()}
         self.host = {n: cuda.PinnedBuffer(b) for n, b in plan.items()}
         self.engine = engine
-        self.plain = _Executor(engine, io, self.device)
+        self.runtime_config = runtime_config
+        self.plain = _Executor(engine, io, self.device, runtime_config)
         self.graphs: OrderedDict[tuple[tuple[int, ...], ...], _Executor] = OrderedDict()
         self.seen: set[tuple[tuple[int, ...], ...]] = set()
         self.graph_failures = 0
@@ -165,7 +173,7 @@ class TensorRTInstance(EngineInstance):
         if key not in self.seen or len(self.graphs) >= self.max_graphs:
             self.seen.add(key)
             return None
-        ex = _Executor(self.engine, self.io, self.device)
+        ex = _Executor(self.engine, self.io, self.device, self.runtime_config)
         ex.set_shapes(shapes)
         cuda = self._cuda
         try:
@@ -266,10 +274,12 @@ class TensorRTInstance(EngineInstance):
 
 class TensorRTModel(Model):
     def __init__(self, plan_path: Path, meta: ModelMetadata, buckets: Sequence[int], cuda_graphs: bool = True,
-                 max_batch_size: int | None = None) -> None:
-        import tensorrt as trt
-
-        self._logger = trt_logger()
+                 max_batch_size: int | None = None, flavour: Flavour | None = None,
+                 runtime_cache: Path | None = None) -> None:
+        """``flavour``: TensorRT (default) or TensorRT-RTX; ``runtime_cache``: where TensorRT-RTX keeps its
+        just-in-time kernels for this GPU between runs (loaded here, saved on close)."""
+        trt = flavour.load() if flavour is not None else importlib.import_module("tensorrt")
+        self._logger = trt_logger(trt)
         self._runtime = trt.Runtime(self._logger.logger)
         before = len(self._logger.lines)
         self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
@@ -279,7 +289,16 @@ class TensorRTModel(Model):
         self.io = describe(self._engine, trt)
         self.name = meta.name
         self.version = meta.version
-        self.runtime = f"tensorrt:{trt.__version__}"
+        self.runtime = f"{trt.__name__}:{trt.__version__}"
+        self._runtime_config: Any = None
+        self._runtime_cache_path = runtime_cache
+        self._runtime_cache: Any = None
+        if flavour is not None and flavour.rtx:
+            self._runtime_config = self._engine.create_runtime_config()
+            self._runtime_cache = self._runtime_config.create_runtime_cache()
+            if runtime_cache is not None and runtime_cache.is_file():
+                self._runtime_cache.deserialize(runtime_cache.read_bytes())
+            self._runtime_config.set_runtime_cache(self._runtime_cache)
         self.inputs = tuple(TensorSpec(t.name, t.dtype, (-1, *t.max_shape[1:])) for t in self.io if t.is_input)
         self.outputs = tuple(TensorSpec(t.name, t.dtype, (-1, *t.max_shape[1:])) for t in self.io if not t.is_input)
         self.max_batch_size = max_batch_size or min(t.max_shape[0] for t in self.io if t.is_input)
@@ -288,12 +307,18 @@ class TensorRTModel(Model):
         self._instances: list[TensorRTInstance] = []
 
     def new_instance(self) -> EngineInstance:
-        inst = TensorRTInstance(self._engine, self.io, self.buckets, self.cuda_graphs)
+        inst = TensorRTInstance(self._engine, self.io, self.buckets, self.cuda_graphs,
+                                runtime_config=self._runtime_config)
         self._instances.append(inst)
         return inst
 
     def close(self) -> None:
         # Instances are closed by their batcher; then the engine, then the runtime that made it.
+        if self._runtime_cache is not None and self._runtime_cache_path is not None:
+            data = bytes(self._runtime_cache.serialize())
+            tmp = self._runtime_cache_path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(self._runtime_cache_path)
         self._instances.clear()
         del self._engine
         del self._runtime

@@ -1,12 +1,14 @@
-"""Build TensorRT engines from the model repository's ONNX files (``make engines``).
+"""Build TensorRT or TensorRT-RTX engines from the model repository's ONNX files (``make engines``).
 
-``python -m engines.tensorrt.build --repository model_repository [--precision fp16] [--models ...]``
+``python -m engines.tensorrt.build --repository model_repository [--precision fp16|fp32|both] [--models ...]``
 
 Per model: (for fp16) an FP16 ONNX variant with FP32 I/O; an optimisation profile derived from the model's
-batcher settings; a strongly typed network (the only kind TensorRT 11 builds, opt-in on 10.x); workspace limit,
-optimisation level and hardware compatibility from ``BuilderSettings``; the timing cache kept beside the engine;
-the plan stored in the engine cache under its build key. An engine that is cached but fails to deserialise
-(another GPU, another TensorRT) is deleted and rebuilt, and the reason is logged.
+batcher settings; a strongly typed network (the only kind TensorRT 11 and TensorRT-RTX build, opt-in on 10.x);
+workspace limit, optimisation level and hardware compatibility from ``BuilderSettings``; for TensorRT-RTX, the
+target compute capabilities (it builds ahead of time on the CPU: no GPU needed); the timing cache kept beside
+the engine; the plan stored in the engine cache under its build key. An engine that is cached but fails to
+deserialise (another GPU, another TensorRT) is deleted and rebuilt, and the reason is logged. Parser and builder
+errors carry TensorRT's own messages (which name the ONNX node).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 
 from engines.declarations import ModelDeclaration, declaration_for
 from engines.repository import ModelRepository
-from engines.tensorrt.cache import BuilderSettings, BuildKey, Device, EngineCache
+from engines.tensorrt.cache import ANY_TARGET, BuilderSettings, BuildKey, Device, EngineCache
 from engines.tensorrt.cli import engine_cli
+from engines.tensorrt.flavour import DEFAULT_RTX_TARGETS, Flavour
 from engines.tensorrt.fp16 import FP16_FILE, convert_fp16
 from engines.tensorrt.profiles import InputProfile, Profile, SpatialRange, batch_buckets, derive_profile
 from engines.weights import sha256_file
@@ -65,11 +68,13 @@ def onnx_for(repo: ModelRepository, name: str, precision: str) -> Path:
     return dst
 
 
-def build_key(repo: ModelRepository, req: EngineRequest, settings: BuilderSettings, trt_version: str,
-              device: Device) -> tuple[BuildKey, Path]:
+def build_key(repo: ModelRepository, req: EngineRequest, settings: BuilderSettings, flavour: Flavour,
+              device: Device, targets: tuple[str, ...] = ()) -> tuple[BuildKey, Path]:
     decl = declaration_for(repo.load(req.name))
     onnx_path = onnx_for(repo, req.name, req.precision)
-    key = BuildKey(sha256_file(onnx_path), trt_version, device, (profile_for(decl, req),), req.precision, settings)
+    key = BuildKey(sha256_file(onnx_path), flavour.version, ANY_TARGET if flavour.rtx else device,
+                   (profile_for(decl, req),), req.precision, settings, flavour.name,
+                   tuple(targets) if flavour.rtx else ())
     return key, onnx_path
 
 
@@ -79,22 +84,43 @@ def _hardware_level(trt: Any, level: str) -> Any:
             "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY}[level]
 
 
-def build_plan(onnx_path: Path, key: BuildKey, timing_cache: Path) -> tuple[bytes, list[str]]:
-    """ONNX -> serialised engine with TensorRT (the 10.x and 11.x Python API)."""
-    import tensorrt as trt
-
+def parse_network(trt: Any, onnx_path: Path) -> tuple[Any, Any, Any, Any]:
+    """(builder, network, parser, logger) for an ONNX file; parser errors name the failing node."""
     from engines.runtime.tensorrt_engine import trt_logger
 
-    logger = trt_logger()
-    start = len(logger.lines)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger.logger)
-    # Strongly typed: always on in 11.x (flag ignored), opt-in on 10.x. EXPLICIT_BATCH must not be named.
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    # Strongly typed: always on in 11.x and TensorRT-RTX, opt-in on 10.x. EXPLICIT_BATCH must not be named.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger.logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        errors = []
+        for i in range(parser.num_errors):
+            e = parser.get_error(i)
+            node = f" (node {e.node_name()!r}, {e.node_operator()})" if hasattr(e, "node_name") else ""
+            errors.append(f"{e.desc()}{node}" if hasattr(e, "desc") else str(e))
         raise EngineBuildError(f"ONNX parse failed for {onnx_path}: {'; '.join(errors)}")
+    return builder, network, parser, logger
+
+
+def network_summary(network: Any, trt: Any) -> dict[str, Any]:
+    """Layer count and the data types of the layers' outputs in a parsed network (what runs in which precision)."""
+    types: dict[str, int] = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_outputs):
+            name = str(layer.get_output_type(j)).rsplit(".", 1)[-1]
+            types[name] = types.get(name, 0) + 1
+    return {"layers": int(network.num_layers), "output_types": types}
+
+
+def build_plan(onnx_path: Path, key: BuildKey, timing_cache: Path, flavour: Flavour | None = None
+               ) -> tuple[bytes, list[str], dict[str, Any]]:
+    """ONNX -> (serialised engine, log lines, network summary) with TensorRT 10.x/11.x or TensorRT-RTX."""
+    flavour = flavour or Flavour(key.flavour, key.tensorrt_version)
+    trt = flavour.load()
+    builder, network, _parser, logger = parse_network(trt, onnx_path)
+    start = len(logger.lines)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, key.builder.workspace_mib << 20)
     config.builder_optimization_level = key.builder.optimization_level
@@ -102,31 +128,36 @@ def build_plan(onnx_path: Path, key: BuildKey, timing_cache: Path) -> tuple[byte
         config.hardware_compatibility_level = _hardware_level(trt, key.builder.hardware_compatibility)
     if key.builder.max_aux_streams is not None:
         config.max_aux_streams = key.builder.max_aux_streams
+    if flavour.rtx:  # ahead of time, for each target GPU generation
+        config.num_compute_capabilities = len(key.targets)
+        for i, target in enumerate(key.targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, target), i)
     for prof in key.profiles:
         p = builder.create_optimization_profile()
         for inp in prof.inputs:
             p.set_shape(inp.name, inp.min, inp.opt, inp.max)
         config.add_optimization_profile(p)
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, True)  # ignore_mismatch: a cache from another device is merely not reused
+    if not flavour.rtx:  # TensorRT-RTX times nothing at build time (its timing cache calls are no-ops)
+        cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(cache_bytes)
+        config.set_timing_cache(cache, True)  # ignore_mismatch: a cache from another device is merely not reused
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(f"build failed for {onnx_path}: {'; '.join(logger.lines[start:]) or 'no log'}")
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = timing_cache.with_suffix(".tmp")
-    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    tmp.replace(timing_cache)
-    return bytes(plan), logger.lines[start:]
+    if not flavour.rtx:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = timing_cache.with_suffix(".tmp")
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        tmp.replace(timing_cache)
+    return bytes(plan), logger.lines[start:], network_summary(network, trt)
 
 
-def can_deserialize(plan_path: Path) -> str | None:
+def can_deserialize(plan_path: Path, flavour: Flavour) -> str | None:
     """None if the plan loads on this GPU and TensorRT, else the reason TensorRT logged."""
-    import tensorrt as trt
-
     from engines.runtime.tensorrt_engine import trt_logger
 
-    logger = trt_logger()
+    trt = flavour.load()
+    logger = trt_logger(trt)
     start = len(logger.lines)
     runtime = trt.Runtime(logger.logger)
     engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
@@ -136,26 +167,38 @@ def can_deserialize(plan_path: Path) -> str | None:
     return None
 
 
-def ensure_engine(repo: ModelRepository, req: EngineRequest, settings: BuilderSettings) -> Path:
-    """The cached plan for this model on this GPU and TensorRT, building (or rebuilding) it when needed."""
-    import tensorrt as trt
+def ensure_engine(repo: ModelRepository, req: EngineRequest, settings: BuilderSettings,
+                  flavour: Flavour | None = None, device: Device | None = None,
+                  targets: tuple[str, ...] = DEFAULT_RTX_TARGETS) -> Path:
+    """The cached plan for this model, flavour and GPU (or RTX targets), building (or rebuilding) it when needed.
+    ``device`` None: the GPU at hand (TensorRT needs one; TensorRT-RTX builds without one, then the cached plan
+    is not test-loaded)."""
+    if flavour is None:
+        from engines.tensorrt.flavour import TENSORRT, probe
 
-    from engines.runtime.cuda import device_info
+        flavour = probe(TENSORRT)
+        if flavour is None:
+            raise EngineBuildError("tensorrt is not installed")
+    gpu = device
+    if gpu is None and not flavour.rtx:
+        from engines.runtime.cuda import device_info
 
-    name, cc = device_info(0)
-    key, onnx_path = build_key(repo, req, settings, str(trt.__version__), Device(name, cc))
+        name, cc = device_info(0)
+        gpu = Device(name, cc)
+    key, onnx_path = build_key(repo, req, settings, flavour, gpu or ANY_TARGET, targets)
     cache = EngineCache(repo.model_dir(req.name))
     plan = cache.lookup(key)
     if plan is not None:
-        reason = can_deserialize(plan)
+        reason = can_deserialize(plan, flavour) if gpu is not None else None
         if reason is None:
             return plan
         log.warning("%s: cached engine %s does not load (%s); rebuilding", req.name, key.digest(), reason)
         cache.invalidate(key)
-    log.info("%s: building %s engine (profile %s)", req.name, req.precision, key.profiles[0].as_key())
+    log.info("%s: building %s %s engine (profile %s%s)", req.name, flavour.label(), req.precision,
+             key.profiles[0].as_key(), f", targets {','.join(key.targets)}" if key.targets else "")
     t0 = time.time()
-    data, lines = build_plan(onnx_path, key, cache.timing_cache_path(key))
-    path = cache.store(key, data, time.time() - t0, lines)
+    data, lines, summary = build_plan(onnx_path, key, cache.timing_cache_path(key), flavour)
+    path = cache.store(key, data, time.time() - t0, lines, {"network": summary, "onnx": onnx_path.name})
     cache.prune(key)
     log.info("%s: built in %.1fs (%d bytes) -> %s", req.name, time.time() - t0, len(data), path)
     return path
@@ -176,13 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimization-level", type=int, default=3)
     p.add_argument("--hardware-compatibility", choices=["none", "ampere_plus", "same_compute_capability"],
                    default="none")
-    run = engine_cli(p, argv, "build TensorRT engines")
+    p.add_argument("--rtx-targets", nargs="+", default=list(DEFAULT_RTX_TARGETS),
+                   help="TensorRT-RTX target compute capabilities (SM80 SM86 SM89 SM120 SM121; SM75 cannot "
+                        "compile FP32 GEMMs)")
+    run = engine_cli(p, argv, "build TensorRT engines", build_only=True)
     if run is None:
         return 2
     settings = BuilderSettings(run.args.workspace_mib, run.args.optimization_level, run.args.hardware_compatibility)
-    for req in engine_requests(run.repo, run.models, run.args.precision):
-        ensure_engine(run.repo, req, settings)
-        log.info("%s: buckets for CUDA graphs %s", req.name, batch_buckets(req.max_batch_size, req.preferred))
+    precisions = ["fp32", "fp16"] if run.args.precision == "both" else [run.args.precision]
+    for precision in precisions:
+        for req in engine_requests(run.repo, run.models, precision):
+            ensure_engine(run.repo, req, settings, run.flavour, run.device, tuple(run.args.rtx_targets))
+            log.info("%s: buckets for CUDA graphs %s", req.name, batch_buckets(req.max_batch_size, req.preferred))
     return 0
 
 

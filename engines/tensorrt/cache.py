@@ -1,8 +1,10 @@
 """The engine cache: one folder per build key under the model's folder, with a metadata file.
 
-Engines are tied to the exact TensorRT version and the GPU they were built on, so the key covers everything
-that makes an engine valid: the ONNX file's sha256, the TensorRT version, the GPU name and compute capability,
-the optimisation profiles, the precision recipe and the builder settings. A changed input gives a new key and
+Engines are tied to the exact TensorRT flavour and version and to the GPU they were built for, so the key covers
+everything that makes an engine valid: the ONNX file's sha256, the flavour (TensorRT or TensorRT-RTX) and its
+version, the GPU name and compute capability (TensorRT) or the target compute capabilities (TensorRT-RTX, whose
+engines are built ahead of time for a list of GPUs), the optimisation profiles, the precision recipe and the
+builder settings. A changed input gives a new key and
 so a new build; an engine that fails to deserialise anyway is deleted and rebuilt (``EngineCache.invalidate``).
 """
 
@@ -42,6 +44,10 @@ class Device:
     compute_capability: tuple[int, int]
 
 
+# An RTX engine is not built for the GPU at hand but for its target list: the key's device says so.
+ANY_TARGET = Device("any of the targets", (0, 0))
+
+
 @dataclass(frozen=True)
 class BuildKey:
     onnx_sha256: str
@@ -50,10 +56,14 @@ class BuildKey:
     profiles: tuple[Profile, ...]
     precision: str  # "fp32" | "fp16" (FP16 ONNX variant, FP32 I/O)
     builder: BuilderSettings = field(default_factory=BuilderSettings)
+    flavour: str = "tensorrt"  # "tensorrt" | "tensorrt_rtx"
+    targets: tuple[str, ...] = ()  # TensorRT-RTX target compute capabilities (SM86, ...)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "onnx_sha256": self.onnx_sha256,
+            "flavour": self.flavour,
+            "targets": list(self.targets),
             "tensorrt_version": self.tensorrt_version,
             "gpu": self.device.name,
             "compute_capability": list(self.device.compute_capability),
@@ -65,6 +75,13 @@ class BuildKey:
     def digest(self) -> str:
         canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+def runtime_cache_name(gpu: Device) -> str:
+    """TensorRT-RTX's just-in-time kernels for one GPU, kept beside the engine they belong to."""
+    cc = "".join(map(str, gpu.compute_capability))
+    name = "".join(c if c.isalnum() else "_" for c in gpu.name)
+    return f"runtime-{name}-sm{cc}.cache"
 
 
 class EngineCache:
@@ -80,8 +97,13 @@ class EngineCache:
     def timing_cache_path(self, key: BuildKey) -> Path:
         # Kept beside the engines and shared by builds for the same GPU and TensorRT version: a rebuild after an
         # ONNX change reuses the tactic timings.
+        if key.flavour == "tensorrt_rtx":
+            return self.root / f"timing-{'-'.join(key.targets)}-rtx{key.tensorrt_version}.cache"
         cc = "".join(map(str, key.device.compute_capability))
         return self.root / f"timing-sm{cc}-trt{key.tensorrt_version}.cache"
+
+    def runtime_cache_path(self, key: BuildKey, gpu: Device) -> Path:
+        return self.folder(key) / runtime_cache_name(gpu)
 
     def lookup(self, key: BuildKey) -> Path | None:
         """The plan for this key if a complete build is cached (metadata written last marks completion)."""
@@ -95,18 +117,23 @@ class EngineCache:
             return None
         return plan if recorded == key.as_dict() else None
 
-    def store(self, key: BuildKey, plan: bytes, build_seconds: float, log_lines: list[str]) -> Path:
+    def store(self, key: BuildKey, plan: bytes, build_seconds: float, log_lines: list[str],
+              extra: dict[str, Any] | None = None) -> Path:
         folder = self.folder(key)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / (PLAN_FILE + ".tmp")
         tmp.write_bytes(plan)
         tmp.replace(folder / PLAN_FILE)
         meta = {"key": key.as_dict(), "digest": key.digest(), "built_at": time.time(),
-                "build_seconds": build_seconds, "plan_bytes": len(plan), "log": log_lines[-50:]}
+                "build_seconds": build_seconds, "plan_bytes": len(plan), "log": log_lines[-50:], **(extra or {})}
         mtmp = folder / (META_FILE + ".tmp")
         mtmp.write_text(json.dumps(meta, indent=2))
         mtmp.replace(folder / META_FILE)
         return folder / PLAN_FILE
+
+    def build_info(self, key: BuildKey) -> dict[str, Any]:
+        """What ``store`` recorded: build seconds, plan size, the network summary."""
+        return json.loads((self.folder(key) / META_FILE).read_text())  # type: ignore[no-any-return]
 
     def invalidate(self, key: BuildKey) -> None:
         shutil.rmtree(self.folder(key), ignore_errors=True)

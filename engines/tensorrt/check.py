@@ -50,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     from engines.tensorrt.build import ensure_engine
 
     a, repo = run.args, run.repo
-    report: dict[str, Any] = {"availability": run.availability.reason, "precision": a.precision, "models": {}}
+    report: dict[str, Any] = {"availability": run.availability.reason, "flavour": run.flavour.label(),
+                              "precision": a.precision, "models": {}}
     for req in engine_requests(repo, run.models, a.precision):
         meta = repo.load(req.name)
-        plan = ensure_engine(repo, req, BuilderSettings())
+        plan = ensure_engine(repo, req, BuilderSettings(), run.flavour, run.device)
         buckets = batch_buckets(req.max_batch_size, req.preferred)
-        trt_inst = TensorRTModel(plan, meta, buckets, cuda_graphs=True).new_instance()
+        trt_inst = TensorRTModel(plan, meta, buckets, cuda_graphs=True, flavour=run.flavour).new_instance()
         ort_inst = OnnxRuntimeModel(repo.onnx_path(req.name), meta, ["CPUExecutionProvider"]).new_instance()
         item = declaration_for(meta).warmup_item()
         entry: dict[str, Any] = {"accuracy": {}, "timing": {}}
