@@ -113,11 +113,13 @@ serve: models identify-models
 	$(PY) -m server --host $(HOST) --port $(PORT) --model-repository $(REPOSITORY) $(SERVE_ARGS)
 
 # Peers and load tools in their own virtualenv (they pin numpy<2 and protobuf<7): Triton's clients with the
-# perf_analyzer 2.51 binary (needs libb64 from Debian and the CUDA runtime library from PyPI, even on CPU).
+# perf_analyzer 2.51 binary (needs libb64 from Debian and the CUDA runtime library from PyPI, even on CPU), and the
+# Triton peer itself: PyTriton 0.7 (bundles tritonserver 2.51, runs on the CPU) with ONNX Runtime and OpenVINO.
 BENCH_VENV ?= .venv-bench
-$(BENCH_VENV)/.installed:
+$(BENCH_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install -q "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12 matplotlib
+	$(BENCH_VENV)/bin/pip install -q "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12 matplotlib \
+		"nvidia-pytriton==0.7.0" "onnxruntime>=1.20" "openvino>=2025.0" "numpy<2"
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libb64-0d; } \
 		|| echo "note: apt libb64-0d is needed by perf_analyzer"
 	touch $@

@@ -61,13 +61,13 @@ def wait_ready(address: str, model: str, timeout_s: float = 120) -> None:
 
 @contextmanager
 def triton_server(venv: Path, onnx: Path, model: str, max_batch: int, delay_us: int, threads: int,
-                  log: Path) -> Iterator[str]:
+                  log: Path, engine: str = "onnxruntime") -> Iterator[str]:
     port = free_port()
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(venv / "bin" / "python"), "-m", "benchmarks.triton_peer", "--onnx", str(onnx), "--model", model,
              "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue-delay-us", str(delay_us),
-             "--intra-op-threads", str(threads)],
+             "--intra-op-threads", str(threads), "--engine", engine],
             cwd=ROOT, env=bench_env(venv), stdout=out, stderr=subprocess.STDOUT)
         address = f"127.0.0.1:{port}"
         try:
@@ -170,8 +170,9 @@ def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [f"# facegate vs Triton ({m['date']})", "",
              f"Model `{r['model']}` (the same ONNX file), CPU only: {m['cpu']}, {m['cores']} cores shared by client "
-             "and servers. perf_analyzer 2.51 over gRPC, batch 1 requests, closed loop. Both servers: ONNX Runtime "
-             f"with {r['intra_op_threads']} intra-op thread(s), one model instance, dynamic batching with max batch "
+             "and servers. perf_analyzer 2.51 over gRPC, batch 1 requests, closed loop. Both servers: "
+             f"{r.get('engine', 'onnxruntime')} with {r['intra_op_threads']} thread(s), one model instance, "
+             "dynamic batching with max batch "
              f"{r['max_batch_size']} and a {r['max_queue_delay_us']} us queue delay; Triton runs the model in its "
              "Python backend (PyTriton).", "",
              "| concurrency | facegate infer/s | p50 ms | p99 ms | Triton infer/s | p50 ms | p99 ms | "
@@ -203,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--interval-ms", type=int, default=3000)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads, the same for both servers")
+    p.add_argument("--intra-op-threads", type=int, default=1, help="engine threads, the same for both servers")
+    p.add_argument("--engine", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="the CPU engine both servers run (facegate forced to it, PyTriton calling it)")
     a = p.parse_args(argv)
     if not (a.bench_venv / "bin" / "perf_analyzer").exists():
         raise SystemExit(f"no perf_analyzer in {a.bench_venv}: run `make bench-env`")
@@ -213,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     batching = ServerConfig().batcher_for(a.model)
     runs: dict[str, Any] = {}
     hist: dict[int, int] = {}
-    cfg = a.out / f"facegate-threads{a.intra_op_threads}.toml"
-    cfg.write_text(f"[runtime]\nintra_op_threads = {a.intra_op_threads}\n")
-    tag = f"-t{a.intra_op_threads}" if a.intra_op_threads != 1 else ""
+    cfg = a.out / f"facegate-{a.engine}-threads{a.intra_op_threads}.toml"
+    cfg.write_text(f'[runtime]\nintra_op_threads = {a.intra_op_threads}\ncpu_runtime = "{a.engine}"\n')
+    tag = (f"-t{a.intra_op_threads}" if a.intra_op_threads != 1 else "") + \
+        (f"-{a.engine}" if a.engine != "onnxruntime" else "")
     for label, extra in (("facegate", []), ("facegate-no-batching", ["--no-batching"])):
         progress(f"{label}: starting")
         with facegate_server(a.repository, ["--config", str(cfg), *extra], a.out / f"server-{label}.log") as address:
@@ -225,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
                 hist = batch_histogram(address, a.model)
     progress("triton: starting")
     with triton_server(a.bench_venv, a.repository / a.model / "model.onnx", a.model, batching.max_batch_size,
-                       batching.max_queue_delay_us, a.intra_op_threads, a.out / "server-triton.log") as address:
+                       batching.max_queue_delay_us, a.intra_op_threads, a.out / "server-triton.log",
+                       a.engine) as address:
         runs["triton"] = perf_analyzer(a.bench_venv, address, a.model, a.concurrency, a.interval_ms,
                                        a.out / "pa-triton.csv")
     result: dict[str, Any] = {
         "machine": machine_info(), "model": a.model, "max_batch_size": batching.max_batch_size,
         "max_queue_delay_us": batching.max_queue_delay_us, "intra_op_threads": a.intra_op_threads,
+        "engine": a.engine,
         "runs": {k: {str(c): v for c, v in rows.items()} for k, rows in runs.items()},
         "facegate_batch_histogram": {str(k): v for k, v in sorted(hist.items())},
     }

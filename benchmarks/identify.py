@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--cpu-runtime", choices=["auto", "onnxruntime", "openvino"], default="auto",
+                   help="the server's CPU runtime (onnxruntime: the configuration before OpenVINO, the baseline)")
     args = p.parse_args(argv)
     ensemble = find_ensemble(args.repository)
     if ensemble is None:
@@ -84,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = engine_throughput(args.repository, ensemble.members[0], args.batch_sizes, 2.0)
     probes = [folder(k) for k in report["test_probes"][:: max(1, len(report["test_probes"]) // 24)]]
     e2e: dict[int, Any] = {}
-    with facegate_server(args.repository, ["--log-level", "WARNING"], args.out / "server-identify.log") as address:
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = args.out / f"identify-{args.cpu_runtime}.toml"
+    cfg.write_text(f'[runtime]\ncpu_runtime = "{args.cpu_runtime}"\n')
+    with facegate_server(args.repository, ["--log-level", "WARNING", "--config", str(cfg)],
+                         args.out / "server-identify.log") as address:
         with FacegateClient(address, timeout_s=120) as client:
             coll = f"bench-{int(time.time())}"
             client.create_collection(coll)
@@ -112,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       "members": list(ensemble.members)},
               "frames_per_clip": len(first.frames), "frame_size": "180x240 JPEG",
               "engine": engine, "end_to_end": e2e, "stages_ms": {k: float(np.mean(v)) for k, v in stages.items()}}
-    write_report(args.out, "identify", result, markdown)
+    result["cpu_runtime"] = args.cpu_runtime
+    write_report(args.out, "identify" if args.cpu_runtime == "auto" else f"identify-{args.cpu_runtime}", result,
+                 markdown)
     return 0
 
 

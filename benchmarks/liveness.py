@@ -23,6 +23,7 @@ from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
 from benchmarks.stats import summarize
 from engines.repository import ModelRepository
+from engines.runtime.factory import RuntimeSettings
 from engines.specs import DETECTOR, LIVENESS_SPECS
 from server.config import ServerConfig
 from server.model_registry import ModelRegistry
@@ -36,8 +37,8 @@ def progress(msg: str) -> None:
 
 
 async def in_process(repository: Path, images: list[bytes], n_latency: int, duration_s: float,
-                     concurrency: int) -> dict[str, Any]:
-    config = ServerConfig(model_repository=repository)
+                     concurrency: int, cpu_runtime: str = "auto") -> dict[str, Any]:
+    config = ServerConfig(model_repository=repository, runtime=RuntimeSettings(cpu_runtime=cpu_runtime))
     registry = ModelRegistry(ModelRepository(repository), config)
     await registry.load(MODELS)
     await registry.warmup()
@@ -78,10 +79,12 @@ def engine_throughput(repository: Path, batch_sizes: list[int], seconds_per_poin
 
 
 def end_to_end(repository: Path, image_paths: list[Path], concurrencies: list[int], warmup_s: float,
-               duration_s: float, out_dir: Path) -> dict[str, Any]:
+               duration_s: float, out_dir: Path, cpu_runtime: str = "auto") -> dict[str, Any]:
     results: dict[str, Any] = {}
+    cfg = out_dir / f"liveness-{cpu_runtime}.toml"
+    cfg.write_text(f'[runtime]\ncpu_runtime = "{cpu_runtime}"\n')
     for mode, args in (("batching_on", []), ("batching_off", ["--no-batching"])):
-        with facegate_server(repository, args, out_dir / f"server-{mode}.log") as address:
+        with facegate_server(repository, [*args, "--config", str(cfg)], out_dir / f"server-{mode}.log") as address:
             rows = {}
             for c in concurrencies:
                 cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, "--concurrency", str(c),
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--cpu-runtime", choices=["auto", "onnxruntime", "openvino"], default="auto",
+                   help="the server's CPU runtime (onnxruntime: the configuration before OpenVINO, the baseline)")
     args = p.parse_args(argv)
     image_paths = args.images or sorted(Path("../shared/samples/liveness").glob("*.jpg"))
     if not image_paths:
@@ -150,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     images = [pth.read_bytes() for pth in image_paths]
     sat_c = max(args.concurrency)
     progress("in-process pipeline")
-    ip = asyncio.run(in_process(args.repository, images, 150, args.duration, sat_c))
+    ip = asyncio.run(in_process(args.repository, images, 150, args.duration, sat_c, args.cpu_runtime))
     progress(f"in-process: c1 p50 {ip['latency_c1']['p50_ms']:.2f} ms; "
              f"c{sat_c} {ip[f'saturation_c{sat_c}']['throughput_rps']:.1f} req/s")
     progress("raw engines")
     eng = engine_throughput(args.repository, args.batch_sizes, 1.5)
     progress("end to end")
-    e2e = end_to_end(args.repository, image_paths, args.concurrency, args.warmup, args.duration, args.out)
+    e2e = end_to_end(args.repository, image_paths, args.concurrency, args.warmup, args.duration, args.out,
+                     args.cpu_runtime)
     best = max(x["throughput_rps"] for x in e2e["batching_on"].values())
     result = {
         "machine": machine_info(),
@@ -169,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             if 1 in e2e["batching_on"] else float("nan"),
         },
     }
-    write_report(args.out, "liveness", result, markdown)
+    result["cpu_runtime"] = args.cpu_runtime
+    write_report(args.out, "liveness" if args.cpu_runtime == "auto" else f"liveness-{args.cpu_runtime}", result,
+                 markdown)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Runs in the benchmark virtualenv (PyTriton pins numpy<2 and protobuf<7):
 ``.venv-bench/bin/python -m benchmarks.triton_peer --onnx model_repository/minifasnet_v2/model.onnx --port P``.
-The model runs in an ONNX Runtime session with one intra-op thread inside a ``@batch`` function, Triton's
+The model runs inside a ``@batch`` function on ``--engine onnxruntime`` (a session with the given intra-op
+threads) or ``--engine openvino`` (a compiled CPU model, as Triton's OpenVINO backend would run it), Triton's
 dynamic batcher in front (max batch, queue delay as given); bound to 127.0.0.1 only. Stop it with SIGTERM.
 """
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-us", type=int, default=1000)
     p.add_argument("--intra-op-threads", type=int, default=1)
+    p.add_argument("--engine", choices=["onnxruntime", "openvino"], default="onnxruntime")
     a = p.parse_args(argv)
 
     opts = ort.SessionOptions()
@@ -34,10 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     opts.inter_op_num_threads = 1
     session = ort.InferenceSession(a.onnx, opts, providers=["CPUExecutionProvider"])
     inp, out = session.get_inputs()[0], session.get_outputs()[0]
+    run = lambda x: session.run([out.name], {inp.name: x})[0]  # noqa: E731
+    if a.engine == "openvino":
+        import openvino as ov
+
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(a.onnx), "CPU", {
+            "INFERENCE_NUM_THREADS": a.intra_op_threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32"})
+        request = compiled.create_infer_request()
+        run = lambda x: np.array(request.infer({inp.name: x})[compiled.output(0)], copy=True)  # noqa: E731
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
-        return {out.name: session.run([out.name], {inp.name: inputs[inp.name]})[0]}
+        return {out.name: run(inputs[inp.name])}
 
     config = TritonConfig(grpc_address="127.0.0.1", grpc_port=a.port, http_address="127.0.0.1",
                           http_port=a.port + 1, metrics_address="127.0.0.1", metrics_port=a.port + 2)

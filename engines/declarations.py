@@ -21,8 +21,10 @@ from engines.repository import ModelMetadata, TensorMeta
 from engines.specs import DETECTOR, DETECTOR_SPEC, LIVENESS_SPECS, LivenessSpec
 
 ONNXRUNTIME = "onnxruntime"
+OPENVINO = "openvino"
 TENSORRT = "tensorrt"
-RUNTIMES = (ONNXRUNTIME, TENSORRT)
+RUNTIMES = (ONNXRUNTIME, OPENVINO, TENSORRT)
+CPU_RUNTIMES = (ONNXRUNTIME, OPENVINO)
 SLOWFAST_KIND = "slowfast_clip"
 
 AxisRange = tuple[int, int, int]  # (min, opt, max) of one dynamic axis

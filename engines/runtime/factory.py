@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from engines.batching import BatcherConfig
-from engines.declarations import ONNXRUNTIME, TENSORRT, ModelDeclaration
+from engines.declarations import CPU_RUNTIMES, ONNXRUNTIME, OPENVINO, TENSORRT, ModelDeclaration
 from engines.repository import ModelRepository
 from engines.runtime.base import Model
+from engines.runtime.cpu_choice import choose_cpu_runtime
 from engines.runtime.onnxruntime_engine import OnnxRuntimeModel, choose_providers
 from engines.tensorrt.availability import Availability, availability
 from engines.tensorrt.cache import BuilderSettings
@@ -34,6 +36,17 @@ class RuntimeSettings:
     tensorrt_builder: BuilderSettings = field(default_factory=BuilderSettings)
     cuda_graphs: bool = True
     """Replay CUDA graphs per batch bucket on TensorRT (falls back to plain execution if capture fails)."""
+    cpu_runtime: str = "auto"
+    """On the CPU: "onnxruntime", "openvino", or "auto" (what measures faster for each model on this machine
+    class, measured once and cached beside the model)."""
+    models: dict[str, str] = field(default_factory=dict)
+    """Per-model runtime ([runtime.models] name = "auto" | "onnxruntime" | "openvino" | "tensorrt")."""
+
+    def __post_init__(self) -> None:
+        for name, value in {"cpu_runtime": self.cpu_runtime, **self.models}.items():
+            allowed = ("auto", *CPU_RUNTIMES) + ((TENSORRT,) if name != "cpu_runtime" else ())
+            if value not in allowed:
+                raise ValueError(f"runtime for {name!r} must be one of {allowed}, got {value!r}")
 
 
 def choose(prefer_gpu: bool, avail: Availability, engine_ok: Callable[[], str | None] | None = None,
@@ -81,7 +94,9 @@ class EngineFactory:
                 return str(exc)
             return None
 
-        runtime, reason = choose(self.settings.prefer_gpu, self.availability, tensorrt_engine, decl.runtimes)
+        wanted = self.settings.models.get(decl.name, "auto")
+        allowed = tuple(r for r in decl.runtimes if wanted in ("auto", TENSORRT) or r != TENSORRT)
+        runtime, reason = choose(self.settings.prefer_gpu, self.availability, tensorrt_engine, allowed)
         if runtime == TENSORRT:
             from engines.runtime.tensorrt_engine import TensorRTModel
             from engines.tensorrt.profiles import batch_buckets
@@ -95,7 +110,21 @@ class EngineFactory:
                 runtime_cache = plan[0].parent / runtime_cache_name(Device(*device_info(0)))
             return TensorRTModel(plan[0], meta, buckets, self.settings.cuda_graphs, batching.max_batch_size,
                                  flavour, runtime_cache), reason
+        if self.settings.prefer_gpu and "CUDAExecutionProvider" in choose_providers(True):
+            return self._onnxruntime(decl, meta), reason
+        cpu = wanted if wanted in CPU_RUNTIMES else self.settings.cpu_runtime
+        if cpu == "auto":
+            cpu, why = choose_cpu_runtime(self.repository, decl, self.settings.intra_op_threads)
+            reason = f"{reason}; on the CPU: {why}"
+        else:
+            reason = f"{reason}; on the CPU: {cpu} (configured)"
+        if cpu == OPENVINO and OPENVINO in decl.runtimes:
+            from engines.runtime.openvino_engine import OpenVinoModel
+
+            return OpenVinoModel(self.repository.onnx_path(decl.name), meta, self.settings.intra_op_threads), reason
+        return self._onnxruntime(decl, meta), reason
+
+    def _onnxruntime(self, decl: ModelDeclaration, meta: Any) -> Model:
         providers = choose_providers(self.settings.prefer_gpu)
-        engine = OnnxRuntimeModel(self.repository.onnx_path(decl.name), meta, providers,
-                                  intra_op_threads=self.settings.intra_op_threads)
-        return engine, reason
+        return OnnxRuntimeModel(self.repository.onnx_path(decl.name), meta, providers,
+                                intra_op_threads=self.settings.intra_op_threads)

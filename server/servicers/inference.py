@@ -39,7 +39,10 @@ def datatype(dtype: np.dtype) -> str:
 
 
 def platform(served: ServedModel) -> str:
-    return "tensorrt_plan" if served.engine.runtime.startswith("tensorrt") else "onnxruntime_onnx"
+    runtime = served.engine.runtime
+    if runtime.startswith("tensorrt"):
+        return "tensorrt_plan"
+    return "openvino" if runtime.startswith("openvino") else "onnxruntime_onnx"
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:

@@ -1,0 +1,74 @@
+"""OpenVINO on the CPU: the same ONNX files as ONNX Runtime, compiled by OpenVINO's CPU plugin.
+
+One compiled model per ``Model``; each instance owns an infer request (requests are not thread-safe, compiled
+models are). Few threads per compiled model, one stream, for the same reason as ONNX Runtime's settings: the
+parallelism comes from instances and batching, and several models share the cores. Dynamic batch (and the
+detector's dynamic height and width) are kept: OpenVINO's CPU plugin runs dynamic shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.repository import ModelMetadata
+from engines.runtime.base import EngineError, EngineInstance, InferTimings, Model, TensorSpec
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_capabilities() -> list[str]:
+    """What OpenVINO's CPU plugin says it can do here (FP32, BF16, INT8, ...): bf16 only where listed."""
+    import openvino as ov
+
+    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+class _OvInstance(EngineInstance):
+    def __init__(self, request: Any, outputs: list[str]) -> None:
+        self._request = request
+        self._outputs = outputs
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], InferTimings]:
+        t0 = time.perf_counter_ns()
+        try:
+            results = self._request.infer(dict(inputs))
+        except Exception as exc:  # OpenVINO raises its own exception types
+            raise EngineError(f"openvino failed: {exc}") from exc
+        t1 = time.perf_counter_ns()
+        by_name = {k.get_any_name(): v for k, v in results.items()}
+        # The request reuses its output tensors on the next call: copy what leaves the instance.
+        out = {name: np.array(by_name[name], copy=True) for name in self._outputs}
+        return out, InferTimings(0, t1 - t0, time.perf_counter_ns() - t1)
+
+
+class OpenVinoModel(Model):
+    def __init__(self, path: Path, meta: ModelMetadata, threads: int = 1, precision: str = "fp32",
+                 max_batch_size: int | None = None) -> None:
+        import openvino as ov
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "bf16" and "BF16" not in cpu_capabilities():
+            raise EngineError("this CPU has no bf16 support (OpenVINO lists no BF16 capability)")
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": max(1, threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.name = meta.name
+        self.version = meta.version
+        self.precision = precision
+        self.runtime = f"openvino:{ov.__version__.split('-')[0]}:CPU:{precision}"
+        self.inputs = tuple(TensorSpec(t.name, np.dtype(t.dtype), t.shape) for t in meta.inputs)
+        self.outputs = tuple(TensorSpec(t.name, np.dtype(t.dtype), t.shape) for t in meta.outputs)
+        self.max_batch_size = max_batch_size or meta.max_batch_size
+        names = {n for p in self._compiled.inputs for n in p.get_names()}
+        if not {t.name for t in self.inputs} <= names:
+            raise EngineError(f"{path}: inputs {sorted(names)} do not match the metadata of {meta.name}")
+
+    def new_instance(self) -> EngineInstance:
+        return _OvInstance(self._compiled.create_infer_request(), [t.name for t in self.outputs])

@@ -1,0 +1,56 @@
+"""OpenVINO beside ONNX Runtime: FP32 parity on every served model, and ``auto`` choosing per model by
+measurement, with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.declarations import OPENVINO, declaration_for
+from engines.repository import ModelRepository
+from engines.runtime.cpu_choice import CHOICE_FILE, choose_cpu_runtime
+from engines.runtime.factory import EngineFactory, RuntimeSettings
+from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
+from engines.runtime.openvino_engine import OpenVinoModel
+
+pytestmark = pytest.mark.weights
+
+
+def test_openvino_equals_onnxruntime_on_every_model(repository_dir: Path) -> None:
+    repo = ModelRepository(repository_dir)
+    rng = np.random.default_rng(0)
+    assert len(repo.names()) >= 6  # detector, two classifiers, the SlowFast members
+    for name in repo.names():
+        meta = repo.load(name)
+        item = declaration_for(meta).warmup_item()
+        ov = OpenVinoModel(repo.onnx_path(name), meta).new_instance()
+        ort = OnnxRuntimeModel(repo.onnx_path(name), meta, ["CPUExecutionProvider"]).new_instance()
+        for batch in (1, 3):
+            x = {k: rng.uniform(0, 255, (batch, *v.shape)).astype(v.dtype) for k, v in item.items()}
+            a, _ = ov.infer(x)
+            b, _ = ort.infer(x)
+            for k in b:
+                assert a[k].shape == b[k].shape
+                assert float(np.abs(a[k] - b[k]).max()) <= 1e-4, (name, k)
+
+
+def test_auto_measures_once_per_machine_class_and_says_why(repository_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    repo = ModelRepository(tmp_path)
+    shutil.copytree(repository_dir / "minifasnet_v2", tmp_path / "minifasnet_v2",
+                    ignore=shutil.ignore_patterns("engines", CHOICE_FILE))
+    decl = declaration_for(repo.load("minifasnet_v2"))
+    runtime, why = choose_cpu_runtime(repo, decl, 1)
+    assert (tmp_path / "minifasnet_v2" / CHOICE_FILE).is_file()
+    assert "items/s at batch 8" in why and why.startswith(runtime)
+    assert choose_cpu_runtime(repo, decl, 1) == (runtime, why)  # read back, not measured again
+    engine, reason = EngineFactory(repo, RuntimeSettings(prefer_gpu=False)).create(decl, decl.batching)
+    assert engine.runtime.startswith(runtime) and "auto" in reason
+    forced, reason = EngineFactory(repo, RuntimeSettings(prefer_gpu=False, cpu_runtime=OPENVINO)).create(
+        decl, decl.batching)
+    assert forced.runtime.startswith("openvino") and "configured" in reason
+    with pytest.raises(ValueError, match="must be one of"):
+        RuntimeSettings(models={"minifasnet_v2": "tpu"})
