@@ -23,7 +23,7 @@ IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
-.PHONY: tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-gallery client-deps clients test-clients proto-check identify-controls
+.PHONY: bench-cpu tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-gallery client-deps clients test-clients proto-check identify-controls
 .PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -149,6 +149,10 @@ bench-identify: identify-models
 # PostgreSQL, propagation between replicas, the event loop during matching (a few minutes).
 bench-gallery: models identify-models pg-deps
 	$(PY) -m benchmarks.gallery --repository $(REPOSITORY) --out benchmarks/results
+
+# Raw CPU engines (ONNX Runtime, OpenVINO) per model against a measured single-core GEMM peak (about 1 minute).
+bench-cpu: models identify-models
+	$(PY) -m benchmarks.cpu_engines --repository $(REPOSITORY) --out benchmarks/results
 
 # Authentication overhead (CheckLiveness p50, token vs none) and 10x overload shedding (about 2 minutes).
 bench-security: models

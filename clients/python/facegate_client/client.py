@@ -215,6 +215,14 @@ class FacegateClient:
             if not token:
                 return out
 
+    def delete_collection(self, collection: str) -> None:
+        req = identification_pb2.DeleteCollectionRequest(collection=collection)
+        self._call(lambda: self._ident.DeleteCollection(req, timeout=self.timeout_s))
+
+    def list_collections(self) -> Sequence[identification_pb2.CollectionSummary]:
+        return self._call(lambda: self._ident.ListCollections(identification_pb2.ListCollectionsRequest(),
+                                                              timeout=self.timeout_s)).collections
+
     def model_statistics(self, model: str = "") -> Sequence[models_pb2.ModelStatistics]:
         req = models_pb2.GetModelStatisticsRequest(model=model)
         return self._call(lambda: self._models.GetModelStatistics(req, timeout=self.timeout_s)).models
