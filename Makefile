@@ -23,7 +23,7 @@ IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
-.PHONY: bench-cpu tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-gallery client-deps clients test-clients proto-check identify-controls
+.PHONY: bench-metrics k8s-deps bench-cpu tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-gallery client-deps clients test-clients proto-check identify-controls
 .PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -71,6 +71,11 @@ client-deps:
 	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+# kubectl (its kustomize renders the manifests under deploy/kubernetes for the validation test), from Debian.
+k8s-deps:
+	@command -v kubectl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		kubernetes-client; }
 
 # PostgreSQL for the replica tests and the gallery benchmark (a throwaway cluster per run; from Debian).
 pg-deps:
@@ -126,7 +131,7 @@ $(BENCH_VENV)/.installed: Makefile
 
 bench-env: $(BENCH_VENV)/.installed
 
-test: models identify-models bench-env pg-deps tensorrt-rtx lint proto-check
+test: models identify-models bench-env pg-deps k8s-deps tensorrt-rtx lint proto-check
 	$(PY) -m pytest -q -ra --ignore=tests/clients
 
 test-fast: models identify-models
@@ -153,6 +158,10 @@ bench-gallery: models identify-models pg-deps
 # Raw CPU engines (ONNX Runtime, OpenVINO) per model against a measured single-core GEMM peak (about 1 minute).
 bench-cpu: models identify-models
 	$(PY) -m benchmarks.cpu_engines --repository $(REPOSITORY) --out benchmarks/results
+
+# What Prometheus metrics cost CheckLiveness at saturation (about 1 minute).
+bench-metrics: models
+	$(PY) -m benchmarks.metrics_overhead --repository $(REPOSITORY) --out benchmarks/results
 
 # Authentication overhead (CheckLiveness p50, token vs none) and 10x overload shedding (about 2 minutes).
 bench-security: models

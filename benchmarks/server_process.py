@@ -62,7 +62,9 @@ def facegate_process(repository: Path, extra_args: list[str] | None = None, log_
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--port", str(port), "--model-repository", str(repository),
-         "--log-level", "WARNING", *(extra_args or [])],
+         "--log-level", "WARNING",
+         # Several servers may run at once here: metrics only where the caller asks for a port.
+         *([] if "--metrics-port" in (extra_args or []) else ["--metrics-port", "0"]), *(extra_args or [])],
         stdout=log, stderr=subprocess.STDOUT,
     )
     address = f"127.0.0.1:{port}"

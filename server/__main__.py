@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--insecure-public", action="store_true",
                    help="allow a non-loopback address without authentication (never do this on a shared network)")
     p.add_argument("--audit-log", help="audit log file (JSON lines, rotated); '-' for stderr")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 8002; 0: off)")
     p.add_argument("--gallery-url", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: "
                    "$FACEGATE_GALLERY_URL, else the configured SQLite file)")
     p.add_argument("--log-level", default="INFO")
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                 "insecure_public": True if args.insecure_public else None}
         config = load_config(
             args.config, auth, gallery_url=args.gallery_url or os.environ.get("FACEGATE_GALLERY_URL") or None,
-            host=args.host, port=args.port, model_repository=args.model_repository,
+            host=args.host, metrics_port=args.metrics_port, port=args.port, model_repository=args.model_repository,
             batching_enabled=False if args.no_batching else None, tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
         if args.cpu_only:

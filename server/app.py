@@ -30,6 +30,7 @@ from server.auth.callers import Authenticator
 from server.auth.interceptor import AuthInterceptor
 from server.config import ServerConfig
 from server.gallery.store import GalleryStore
+from server.metrics import Metrics, MetricsInterceptor
 from server.model_registry import ModelRegistry
 from server.pipelines.identification import ClipPipeline
 from server.pipelines.liveness import LivenessPipeline
@@ -70,9 +71,17 @@ class FacegateServer:
         self.pixels = Budget("decoded pixels", config.max_inflight_pixels, "pixels")
         self.calls = Budget("calls in flight", config.max_inflight_calls, "calls")
         self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls)
+        self.metrics = Metrics()
+        self.metrics.watch_models(self.registry)
+        self.metrics.gallery_templates.set_function(
+            lambda: self.identification.gallery.templates() if self.identification is not None else 0)
+        self._draining = False
         self.server = grpc.aio.server(
-            # Errors are mapped outermost, so refusals from the auth interceptor get the same status details.
-            interceptors=[ErrorMappingInterceptor(on_unrecoverable=self._unrecoverable), self.auth],
+            # Metrics outermost (they see the final status); then errors mapped, so refusals from the auth
+            # interceptor get the same status details.
+            # Without a metrics port nothing is counted: metrics off cost nothing.
+            interceptors=[*([MetricsInterceptor(self.metrics)] if config.metrics_port else []),
+                          ErrorMappingInterceptor(on_unrecoverable=self._unrecoverable), self.auth],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -82,13 +91,13 @@ class FacegateServer:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         liveness_pb2_grpc.add_LivenessServiceServicer_to_server(
-            LivenessServicer(lambda: self.liveness, lambda: self._versions), self.server)
+            LivenessServicer(lambda: self.liveness, lambda: self._versions, self.metrics), self.server)
         models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self.server)
         identification_pb2_grpc.add_IdentificationServiceServicer_to_server(
             IdentificationServicer(lambda: self.identification, lambda: self._loading,
                                    lambda: self._identify_versions), self.server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.registry, lambda: not self._loading), self.server)
+            InferenceServicer(self.registry, lambda: not self._loading and not self._draining), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICES[1:], health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -109,6 +118,13 @@ class FacegateServer:
         for service in SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.config.metrics_port:
+            try:
+                self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+                log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.config.metrics_port)
+            except OSError as exc:  # serving matters more than its metrics
+                log.error("metrics endpoint %s:%d not started: %s", self.config.metrics_host,
+                          self.config.metrics_port, exc)
         auth = self.config.auth
         log.info("listening on %s:%d (%s; authentication %s; NOT_SERVING until models are warm)", self.config.host,
                  self.port, "mutual TLS" if auth.client_ca else "TLS" if self.config.tls_cert else "plaintext",
@@ -152,12 +168,23 @@ class FacegateServer:
                  len(members), store.url)
 
     def _unrecoverable(self) -> None:
-        log.error("a model is broken (%s); health -> NOT_SERVING", ", ".join(self.registry.broken))
-        asyncio.get_running_loop().create_task(self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING))
+        broken = set(self.registry.broken)
+        log.error("a model is broken (%s); health -> NOT_SERVING where it is needed", ", ".join(sorted(broken)))
+        needs = {LIVENESS_SERVICE: {DETECTOR, *(s.name for s in LIVENESS_SPECS)},
+                 IDENTIFICATION_SERVICE: {DETECTOR, *(self.identification.ensemble.members
+                                                      if self.identification is not None else ())}}
+        down = ["", *(service for service, models in needs.items() if models & broken)]  # each follows its models
+
+        async def mark() -> None:
+            for service in down:
+                await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        self._health_task = asyncio.get_running_loop().create_task(mark())
 
     async def stop(self, grace_s: float | None = None, delay_s: float | None = None) -> None:
         """Drain: health NOT_SERVING while still accepting for ``drain_delay_s``, then refuse new RPCs and let
         those in flight finish within ``drain_grace_s``, then release the models."""
+        self._draining = True  # ServerReady / ModelReady say false from now on
         await self.health.enter_graceful_shutdown()
         delay = self.config.drain_delay_s if delay_s is None else delay_s
         if delay > 0:

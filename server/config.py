@@ -50,6 +50,10 @@ class ServerConfig:
     """Decoded pixels all calls in flight may hold together (3 bytes each); over it -> RESOURCE_EXHAUSTED."""
     default_deadline_s: float = 30.0
     """Deadline applied to calls that set none, so no request holds resources forever."""
+    metrics_port: int = 8002
+    """Prometheus metrics over HTTP (GET /metrics) on this port; 0 turns them off."""
+    metrics_host: str = "127.0.0.1"
+    """Where the metrics endpoint listens (loopback by default; 0.0.0.0 for a scraper in the cluster)."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """Caller identity and scopes ([auth], [[auth.callers]]). Off is allowed only on a loopback address."""
     audit: AuditConfig = field(default_factory=AuditConfig)

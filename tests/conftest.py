@@ -73,6 +73,7 @@ def start_server(repository: Path, **overrides: Any) -> tuple[RunningServer, thr
     from server.config import ServerConfig
 
     overrides.setdefault("audit", AuditConfig(path=Path(tempfile.mkdtemp(prefix="facegate-audit-")) / "audit.jsonl"))
+    overrides.setdefault("metrics_port", 0)  # several test servers share this process: metrics only when asked
     config = replace(ServerConfig(port=0, model_repository=repository, drain_grace_s=1.0), **overrides)
     loop = asyncio.new_event_loop()
     holder: list[FacegateServer] = []

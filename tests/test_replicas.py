@@ -35,7 +35,8 @@ def spawn(repository: Path, url: str, folder: Path, name: str) -> tuple[subproce
     config.write_text(f'[audit]\npath = "{folder / f"{name}-audit.jsonl"}"\n')
     log = open(folder / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--model-repository",
-                             str(repository), "--gallery-url", url, "--config", str(config), "--log-level", "WARNING"],
+                             str(repository), "--gallery-url", url, "--config", str(config), "--log-level", "WARNING",
+                             "--metrics-port", "0"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return proc, f"127.0.0.1:{port}"
 

@@ -79,6 +79,10 @@ class Gallery:
                 out[m] = {**top, **idx.members[m].person_scores(probe[m], missing)} if missing else top
             return out
 
+    def templates(self) -> int:
+        """Templates held in memory over every cached collection and member (for the metrics)."""
+        return sum(len(i) for idx in list(self._indexes.values()) for i in idx.members.values())
+
     def size(self, collection: str) -> int:
         """Templates held in memory for ``collection`` (per member), after syncing it."""
         with self._lock(collection):

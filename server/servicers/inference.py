@@ -131,7 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext  # noqa: N802
                          ) -> pb.ModelReadyResponse:
         served = self._registry.models.get(request.name)
-        return pb.ModelReadyResponse(ready=served is not None and not served.batcher.broken)
+        return pb.ModelReadyResponse(ready=served is not None and not served.batcher.broken and bool(self._ready()))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext  # noqa: N802
                              ) -> pb.ServerMetadataResponse:

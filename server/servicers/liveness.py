@@ -8,6 +8,7 @@ import grpc
 
 from engines.errors import UnavailableError
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+from server.metrics import Metrics
 from server.pipelines.liveness import Decision, LivenessPipeline, LivenessRequest, LivenessResult
 from server.pipelines.quality import QualityIssue
 from server.servicers.call_context import deadline_from, request_id_from
@@ -49,10 +50,11 @@ def to_proto(result: LivenessResult, request_id: str) -> liveness_pb2.CheckLiven
 
 class LivenessServicer(liveness_pb2_grpc.LivenessServiceServicer):
     def __init__(self, pipeline: Callable[[], LivenessPipeline | None],
-                 versions: Callable[[], list[common_pb2.ModelVersion]]) -> None:
+                 versions: Callable[[], list[common_pb2.ModelVersion]], metrics: Metrics | None = None) -> None:
         # Callables, because the pipeline appears only once the models are loaded and warm.
         self._pipeline = pipeline
         self._versions = versions
+        self._metrics = metrics
 
     async def CheckLiveness(  # noqa: N802 - gRPC method name
         self, request: liveness_pb2.CheckLivenessRequest, context: grpc.aio.ServicerContext
@@ -67,6 +69,8 @@ class LivenessServicer(liveness_pb2_grpc.LivenessServiceServicer):
             deadline=deadline_from(context),
         )
         result = await pipeline.check(req)
+        if self._metrics is not None:
+            self._metrics.decode.labels("image").observe(result.timings_ms.get("decode", 0.0) / 1e3)
         resp = to_proto(result, rid)
         resp.models.extend(self._versions())
         await context.send_initial_metadata((("x-request-id", rid),))

@@ -1,0 +1,129 @@
+"""Prometheus metrics on an HTTP port (``--metrics-port``, 8002 as Triton's; loopback by default).
+
+Names and units follow Prometheus conventions (``_total`` counters, ``_seconds`` histograms, base units). Labels
+carry only bounded, server-defined values: the RPC's full method name (only registered methods are counted),
+the gRPC status code, the model name (from the model repository) and the refusal reason; never a collection,
+person or any other caller-supplied string.
+
+Per-model figures (queue depth, queue and compute time, batch sizes) are read from the batchers' own statistics
+at scrape time, so serving pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from server.model_registry import ModelRegistry
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class ModelCollector(Collector):
+    """Per-model batcher statistics, collected when Prometheus scrapes."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Any]:
+        depth = GaugeMetricFamily("facegate_model_queue_depth", "Requests waiting in the model's batcher queue "
+                                  "(the autoscaling signal)", labels=["model"])
+        inferences = CounterMetricFamily("facegate_model_inferences", "Items inferred by the model",
+                                         labels=["model"])
+        executions = CounterMetricFamily("facegate_model_executions", "Batches the model executed",
+                                         labels=["model"])
+        queue = CounterMetricFamily("facegate_model_queue_seconds", "Time requests spent queued", labels=["model"])
+        compute = CounterMetricFamily("facegate_model_compute_seconds", "Time spent computing (input, infer, "
+                                      "output)", labels=["model"])
+        rejected = CounterMetricFamily("facegate_model_rejected", "Requests refused because the model's queue was "
+                                       "full", labels=["model"])
+        batches = HistogramMetricFamily("facegate_model_batch_size", "Executed batch sizes", labels=["model"])
+        for name, served in list(self._registry.models.items()):
+            stats = served.batcher.stats
+            depth.add_metric([name], served.batcher.queued)
+            inferences.add_metric([name], stats.inference_count)
+            executions.add_metric([name], stats.execution_count)
+            queue.add_metric([name], stats.queue.ns / 1e9)
+            compute.add_metric([name], (stats.compute_input.ns + stats.compute_infer.ns + stats.compute_output.ns)
+                               / 1e9)
+            rejected.add_metric([name], stats.rejected_queue_full)
+            sizes = sorted(stats.batches.items())
+            edges = [1, 2, 4, 8, 16, 32, 64, 128]
+            cumulative = [(str(e), sum(b.executions for s, b in sizes if s <= e)) for e in edges]
+            total = sum(b.executions for _, b in sizes)
+            batches.add_metric([name], [*cumulative, ("+Inf", total)],
+                               sum_value=sum(s * b.executions for s, b in sizes))
+        yield from (depth, inferences, executions, queue, compute, rejected, batches)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("facegate_requests", "RPCs answered, by method and gRPC status code",
+                                ["method", "code"], registry=r)
+        self.latency = Histogram("facegate_request_duration_seconds", "RPC latency as the server sees it",
+                                 ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("facegate_requests_in_flight", "RPCs being served now", registry=r)
+        self.refused = Counter("facegate_refused", "Calls refused before any work, by reason",
+                               ["reason"], registry=r)
+        self.decode = Histogram("facegate_decode_duration_seconds", "Image and frame decoding per request",
+                                ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.gallery_templates = Gauge("facegate_gallery_templates", "Templates held in memory for search, over "
+                                       "all collections and members", registry=r)
+
+    def watch_models(self, registry: ModelRegistry) -> None:
+        self.registry.register(ModelCollector(registry))
+
+    def serve(self, port: int, host: str) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+
+_REASONS = {grpc.StatusCode.UNAUTHENTICATED: "unauthenticated", grpc.StatusCode.PERMISSION_DENIED: "permission",
+            grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted"}
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Outermost: counts every answered unary call with its final status code, and its latency."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner, method, m = handler.unary_unary, details.method, self._m
+
+        async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            m.in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                m.in_flight.dec()
+                name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+                m.requests.labels(method, name).inc()
+                m.latency.labels(method).observe(time.perf_counter() - t0)
+                if code in _REASONS:
+                    m.refused.labels(_REASONS[code]).inc()
+
+        return grpc.unary_unary_rpc_method_handler(measured, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)

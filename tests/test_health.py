@@ -1,0 +1,71 @@
+"""Health that tells the truth: each service follows its own models, and the inference protocol's readiness is
+false while a model is broken or the server drains."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facegate.v1 import identification_pb2, identification_pb2_grpc
+from facegate_client.client import clip_from_folder
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import start_server, stop_server
+from tests.test_server_auth import SYNTH, clip_folder
+
+pytestmark = pytest.mark.weights
+LIVENESS = "facegate.v1.LivenessService"
+IDENTIFICATION = "facegate.v1.IdentificationService"
+
+
+def status(stub: health_pb2_grpc.HealthStub, service: str) -> int:
+    return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status)
+
+
+def test_a_broken_slowfast_member_takes_down_identification_only(repository_dir: Path, tmp_path: Path) -> None:
+    if not SYNTH.is_dir():
+        pytest.fail(f"the synthetic clips are missing in {SYNTH} (make identify-models)")
+    running, thread = start_server(repository_dir, gallery_path=tmp_path / "g.sqlite")
+    try:
+        server = running.server
+        health = health_pb2_grpc.HealthStub(running.channel())
+        oip = pb_grpc.GRPCInferenceServiceStub(running.channel())
+        assert status(health, IDENTIFICATION) == health_pb2.HealthCheckResponse.SERVING
+        assert oip.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+        member = server.identification.ensemble.members[0]  # type: ignore[attr-defined]
+        # The engine failed three times in a row: what the batcher records before refusing more work.
+        server.registry.models[member].batcher._broken = RuntimeError("simulated engine failure")  # type: ignore[attr-defined]
+        ident = identification_pb2_grpc.IdentificationServiceStub(running.channel())
+        ident.CreateCollection(identification_pb2.CreateCollectionRequest(collection="c"), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            ident.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
+                collection="c", clip=clip_from_folder(clip_folder(1, 0), 200.0)), timeout=60)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        time.sleep(0.2)
+        assert status(health, IDENTIFICATION) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status(health, LIVENESS) == health_pb2.HealthCheckResponse.SERVING
+        assert status(health, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not oip.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+        assert not oip.ModelReady(pb.ModelReadyRequest(name=member), timeout=10).ready
+        assert oip.ModelReady(pb.ModelReadyRequest(name="retinaface"), timeout=10).ready
+    finally:
+        stop_server(running, thread)
+
+
+def test_readiness_is_false_while_draining(repository_dir: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    running, thread = start_server(repository_dir, gallery_path=tmp_path / "g.sqlite", drain_delay_s=2.0)
+    oip = pb_grpc.GRPCInferenceServiceStub(running.channel())
+    assert oip.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+    future = asyncio.run_coroutine_threadsafe(running.server.stop(1.0, 2.0), running.loop)  # type: ignore[attr-defined]
+    time.sleep(0.5)  # within the drain delay: still accepting calls, but no longer ready
+    assert not oip.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+    assert not oip.ModelReady(pb.ModelReadyRequest(name="retinaface"), timeout=10).ready
+    future.result(30)
+    running.loop.call_soon_threadsafe(running.loop.stop)
+    thread.join(30)

@@ -1,0 +1,55 @@
+"""Prometheus metrics from a live server, read as a scraper would: GET /metrics on the metrics port."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.server_process import free_port
+from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+from tests.conftest import start_server, stop_server
+
+pytestmark = pytest.mark.weights
+METHOD = "/facegate.v1.LivenessService/CheckLiveness"
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: Path, samples: Path) -> None:
+    port = free_port()
+    running, thread = start_server(repository_dir, metrics_port=port)
+    try:
+        before = scrape(port)
+        stub = liveness_pb2_grpc.LivenessServiceStub(running.channel())
+        image = common_pb2.Image(data=(samples / "image_T1.jpg").read_bytes())
+        for _ in range(10):
+            stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(image=image), timeout=30)
+        after = scrape(port)
+        ok = ("facegate_requests_total", (("code", "OK"), ("method", METHOD)))
+        count = ("facegate_request_duration_seconds_count", (("method", METHOD),))
+        assert after[ok] - before.get(ok, 0.0) == 10
+        assert after[count] - before.get(count, 0.0) == 10
+        assert ("facegate_model_queue_depth", (("model", "retinaface"),)) in after
+        assert after[("facegate_model_inferences_total", (("model", "minifasnet_v2"),))] >= 10
+        assert ("facegate_decode_duration_seconds_count", (("kind", "image"),)) in after
+        # A refused call is counted with its code, and by reason.
+        with pytest.raises(Exception):  # noqa: B017 - any gRPC error; the code is checked below
+            stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(), timeout=30)
+        final = scrape(port)
+        assert final[("facegate_requests_total", (("code", "INVALID_ARGUMENT"), ("method", METHOD)))] == 1
+        # No caller-supplied string is ever a label value.
+        assert all(v in ("OK", "INVALID_ARGUMENT") or v.startswith("/") or v in {
+            "retinaface", "minifasnet_v2", "minifasnet_v1se", "image", "clip", "+Inf"} or v.replace(".", "").isdigit()
+            or v.startswith("slowfast") or k in ("le", "reason") for (_, labels) in final for k, v in labels)
+    finally:
+        stop_server(running, thread)
