@@ -249,3 +249,18 @@ def test_mutual_tls_identifies_callers_by_certificate(mtls: tuple[RunningServer,
     assert code_of(lambda: mtls_check(server, folder, "rogue", image)) == grpc.StatusCode.UNAVAILABLE
     # The server still serves after the refusals.
     assert mtls_check(server, folder, "svc-a", image).decision == liveness_pb2.DECISION_SPOOF
+
+
+def test_reflection_is_an_operator_rpc(token_server: RunningServer) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(token_server.channel())
+
+    def services(who: str | None) -> list[str]:
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        (resp,) = list(stub.ServerReflectionInfo(iter([req]), metadata=as_caller(who), timeout=10))
+        return [s.name for s in resp.list_services_response.service]
+
+    assert code_of(lambda: services(None)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: services("live")) == grpc.StatusCode.PERMISSION_DENIED
+    assert "facegate.v1.LivenessService" in services("ops")

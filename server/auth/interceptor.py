@@ -104,16 +104,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
                                                    response_serializer=handler.response_serializer)
 
+    async def _open_stream(self, context: grpc.aio.ServicerContext, method: str, scope: str) -> None:
+        try:
+            CURRENT_CALLER.set(self.identify(context, method, scope))
+        except (UnauthenticatedError, PermissionDeniedError) as err:
+            await _abort(context, err)
+
     def _streaming(self, handler: grpc.RpcMethodHandler, method: str, scope: str) -> grpc.RpcMethodHandler:
         # Reflection and health watches: identity and scope checked when the stream opens.
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
 
             async def guarded_ss(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    CURRENT_CALLER.set(self.identify(context, method, scope))
-                except (UnauthenticatedError, PermissionDeniedError) as err:
-                    await _abort(context, err)
+                await self._open_stream(context, method, scope)
                 async for item in inner_ss(requests, context):
                     yield item
 
@@ -123,10 +126,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def guarded_us(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    CURRENT_CALLER.set(self.identify(context, method, scope))
-                except (UnauthenticatedError, PermissionDeniedError) as err:
-                    await _abort(context, err)
+                await self._open_stream(context, method, scope)
                 async for item in inner_us(request, context):
                     yield item
 
