@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from server.gpu_metrics import GpuCollector
 from server.model_registry import ModelRegistry
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -80,6 +81,9 @@ class Metrics:
 
     def watch_models(self, registry: ModelRegistry) -> None:
         self.registry.register(ModelCollector(registry))
+        gpus = GpuCollector()
+        if gpus.active:  # NVML where a GPU is; nothing elsewhere
+            self.registry.register(gpus)
 
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -4,6 +4,7 @@ UNAVAILABLE plus the server's drain must give zero failed calls and zero wrong a
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -19,6 +20,8 @@ from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]
 RATE = 15.0  # calls per second, open loop
+ROUND_ROBIN_WITH_HEALTH = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                                      "healthCheckConfig": {"serviceName": ""}})
 
 
 def spawn(repository: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -35,7 +38,9 @@ def test_replacing_every_replica_under_load_fails_no_call(repository_dir: Path, 
         for p in ports:
             wait_serving(f"127.0.0.1:{p}", 180)
         target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
-        client = FacegateClient(target, timeout_s=20, options=[("grpc.lb_policy_name", "round_robin")],
+        # round_robin with client-side health checking: a replica that turns NOT_SERVING (the start of its drain)
+        # stops getting new calls within the drain delay, before it stops accepting them.
+        client = FacegateClient(target, timeout_s=20, options=[("grpc.service_config", ROUND_ROBIN_WITH_HEALTH)],
                                 retry=RetryPolicy(attempts=8, initial_backoff_s=0.05, max_backoff_s=1.0))
         image = (samples / "image_T1.jpg").read_bytes()
         expected = client.check_liveness(image).decision
