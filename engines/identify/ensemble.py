@@ -1,19 +1,18 @@
 """An identification ensemble: its manifest in the repository and how its members' searches become one answer.
 
 ``<repository>/ensembles/<name>.json`` is written by training (``engines.identify.train``) and read by the
-server; ``identify`` is the same per-member search, voting and open-set decision the offline evaluation reports.
+server; ``combine`` turns the members' per-person scores into the same voting and open-set decision the offline
+evaluation reports.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from engines.identify.matching import Candidate, MatchDecision, MemberVote, decide, person_scores, rank
+from engines.identify.matching import Candidate, MatchDecision, MemberVote, decide, rank
 from engines.repository import ModelNotFoundError
 from engines.vision.clip_window import ClipSpec
 
@@ -51,14 +50,6 @@ def find_ensemble(repository: Path, name: str = "") -> Ensemble | None:
     return Ensemble(name=m["name"], version=m["version"], members=tuple(m["members"]),
                     threshold=float(m["threshold"]), margin=float(m["margin"]), spec=ClipSpec(**m["clip"]),
                     embedding_dim=int(m["slowfast"]["embed_dim"]))
-
-
-def identify(ensemble: Ensemble, embedding: Mapping[str, np.ndarray],
-             gallery: Mapping[str, tuple[np.ndarray, Sequence[str]]], top_k: int,
-             threshold: float | None) -> Identification:
-    """Search each member's gallery matrix, vote, and decide MATCH / NO_MATCH / UNCERTAIN."""
-    scores = {n: person_scores(embedding[n], gallery[n][0], gallery[n][1]) for n in ensemble.members}
-    return combine(ensemble, scores, top_k, threshold)
 
 
 def combine(ensemble: Ensemble, member_scores: Mapping[str, Mapping[str, float]], top_k: int,

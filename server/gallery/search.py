@@ -82,9 +82,3 @@ class Gallery:
     def templates(self) -> int:
         """Templates held in memory over every cached collection and member (for the metrics)."""
         return sum(len(i) for idx in list(self._indexes.values()) for i in idx.members.values())
-
-    def size(self, collection: str) -> int:
-        """Templates held in memory for ``collection`` (per member), after syncing it."""
-        with self._lock(collection):
-            idx = self._sync(collection)
-            return max((len(i) for i in idx.members.values()), default=0)

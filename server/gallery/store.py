@@ -185,12 +185,12 @@ class GalleryStore:
 
     def changes_since(self, collection: str, seq: int) -> Changes:
         """Templates added and persons deleted after ``seq`` (0: everything still there), in one snapshot."""
-        with self.dialect.write() as tx:  # a transaction: the sequence and the rows agree
+        # A plain read, not a write transaction (which would take SQLite's writer lock on every catch-up): rows are
+        # bounded by the sequence read first, so later commits are simply left for the next sync.
+        with self.dialect.read() as tx:
             row = tx.execute("SELECT seq FROM collections WHERE name = ?", (collection,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no collection named {collection!r}")
-            # Bounded by the sequence read first: under READ COMMITTED a later statement may see newer commits,
-            # which the next sync picks up instead.
             now = int(row[0])
             added = tx.execute("SELECT seq, person_id, member, embedding FROM templates WHERE collection = ? AND "
                                "seq > ? AND seq <= ? ORDER BY id", (collection, seq, now)).fetchall()
