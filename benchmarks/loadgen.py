@@ -46,17 +46,22 @@ class Recorder:
     measure_until: float
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    error_messages: dict[str, str] = field(default_factory=dict)  # the first message seen for each code
+    refused_latencies: list[float] = field(default_factory=list)  # how fast RESOURCE_EXHAUSTED came back
     sent: int = 0
 
     wrong: int = 0  # answers that differ from the reference answer for the same request
 
-    def record(self, start: float, end: float, error: str | None) -> None:
+    def record(self, start: float, end: float, error: str | None, message: str = "") -> None:
         if not self.measure_from <= start < self.measure_until:
             return  # warm-up or tail: not measured
         if error is None:
             self.latencies.append(end - start)
         else:
             self.errors[error] += 1
+            self.error_messages.setdefault(error, message[:200])
+            if error == "RESOURCE_EXHAUSTED":
+                self.refused_latencies.append(end - start)
 
 
 def check_loopback(target: str) -> None:
@@ -136,14 +141,14 @@ def answer_of(resp: object) -> object:
 async def _one(call, req: Request, rec: Recorder, timeout_s: float, metadata: Metadata,  # type: ignore[no-untyped-def]
                expected: object = None) -> None:
     start = time.perf_counter()
-    error = None
+    error, message = None, ""
     try:
         resp = await call(req, timeout=timeout_s, metadata=metadata)
         if expected is not None and answer_of(resp) != expected:
             rec.wrong += 1
     except grpc.aio.AioRpcError as err:
-        error = err.code().name
-    rec.record(start, time.perf_counter(), error)
+        error, message = err.code().name, err.details() or ""
+    rec.record(start, time.perf_counter(), error, message)
 
 
 async def reference_answers(call, requests: list[Request], metadata: Metadata) -> list[object]:  # type: ignore[no-untyped-def]
@@ -248,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         rec = asyncio.run(closed_loop(args.target, requests, args.concurrency, args.warmup, args.duration,
                                       args.max_requests, args.timeout, metadata=md))
         mode = {"mode": "closed", "concurrency": args.concurrency}
-    out = {**mode, **summarize(rec.latencies, args.duration), "errors": dict(rec.errors), "wrong_answers": rec.wrong,
+    refused = sorted(rec.refused_latencies)
+    out = {**mode, **summarize(rec.latencies, args.duration), "errors": dict(rec.errors),
+           "error_messages": rec.error_messages, "wrong_answers": rec.wrong,
+           "refused_p50_ms": refused[len(refused) // 2] * 1e3 if refused else None,
+           "refused_p99_ms": refused[int(len(refused) * 0.99)] * 1e3 if refused else None,
            "sent": rec.sent, "server": server_split(before, server_stats(args.target, md))}
     json.dump(out, sys.stdout)
     print()

@@ -3,9 +3,10 @@
 1. Authentication overhead: CheckLiveness p50 at concurrency 1 with authentication off and with a bearer token:
    both servers up at once, short windows alternating between them (so drift of a noisy host hits both alike),
    the load generator in its own process; plus the interceptor's own cost per call, timed directly.
-2. Overload: the token server's capacity (closed loop, concurrency 32), then an open loop at 10x that rate:
-   requests answered, refused with RESOURCE_EXHAUSTED, other errors, wrong answers (each answer compared with a
-   reference answer for the same image), and the server's resident memory sampled every 0.2 s.
+2. Overload: the token server's capacity (closed loop, concurrency 32), then open loops at 2x, 3x, 5x and 10x that
+   rate: requests answered, refused with RESOURCE_EXHAUSTED (and how fast the refusal came back), other errors by
+   code, wrong answers (each answer compared with a reference answer for the same image), and the server's resident
+   memory sampled every 0.2 s. The load generator runs on the same cores as the server.
 
 Writes benchmarks/results/security.json and .md. Loopback only, bounded in time and count.
 """
@@ -74,6 +75,40 @@ def interceptor_cost_us(token: str, callers: int, n: int = 20_000) -> float:
     return asyncio.run(run())
 
 
+def _ms(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{v:.0f}"
+
+
+def overload(address: str, pid: int, images: list[Path], token: Path, duration: float,
+             multiples: list[float]) -> dict[str, Any]:
+    cap = loadgen(address, images, token, "--concurrency", "32", duration=duration)
+    before = next(int(ln.split()[1]) * 1024 for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ln.startswith("VmRSS:"))
+    runs, messages = [], {}
+    for k in multiples:
+        rate = k * cap["throughput_rps"]
+        samples: list[int] = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=rss_sampler, args=(pid, stop, samples), daemon=True)
+        sampler.start()
+        over = loadgen(address, images, token, "--rate", f"{rate:.1f}", "--max-requests",
+                       str(int(rate * (duration + 2) * 1.2)), duration=duration, timeout=5.0)
+        stop.set()
+        sampler.join()
+        errors = dict(over["errors"])
+        messages.update(over.get("error_messages", {}))
+        runs.append({"multiple": k, "rate_rps": rate, "sent": over["sent"], "ok": over["count"],
+                     "resource_exhausted": errors.pop("RESOURCE_EXHAUSTED", 0), "errors": errors,
+                     "refused_p50_ms": over.get("refused_p50_ms"), "refused_p99_ms": over.get("refused_p99_ms"),
+                     "wrong_answers": over["wrong_answers"], "p50_ms": over.get("p50_ms", float("nan")),
+                     "p99_ms": over.get("p99_ms", float("nan")),
+                     "rss_peak_mib": max(samples, default=before) / 2**20})
+        print(f"[bench-security] {k:g}x: {runs[-1]}", file=sys.stderr)
+        time.sleep(2)  # let the server drain between rates
+    return {"capacity_rps": cap["throughput_rps"], "duration_s": duration, "runs": runs,
+            "rss_before_mib": before / 2**20, "messages": messages}
+
+
 def markdown(r: dict[str, Any]) -> str:
     a, o = r["auth"], r["overload"]
     m = r["machine"]
@@ -88,12 +123,19 @@ def markdown(r: dict[str, Any]) -> str:
               f"- The interceptor's own work per call (identify the token among {a['callers']} callers, check the "
               f"scope, hold request bytes), timed directly: **{a['interceptor_us']:.1f} us** "
               f"({a['interceptor_us'] / 10 / a['p50_median_ms']['none']:.2f} % of the p50).", "",
-              f"Overload: capacity {o['capacity_rps']:.1f} req/s (closed loop, concurrency 32); open loop offered "
-              f"{o['target_rate_rps']:.0f} req/s (10x), sent {o['sent']} in {o['duration_s']:.0f} s.", "",
-              "| answered OK | RESOURCE_EXHAUSTED | other errors | wrong answers | OK p50 / p99 ms | "
-              "server RSS before / peak MiB |", "|---|---|---|---|---|---|",
-              f"| {o['ok']} | {o['resource_exhausted']} | {o['other_errors']} | {o['wrong_answers']} | "
-              f"{o['p50_ms']:.1f} / {o['p99_ms']:.1f} | {o['rss_before_mib']:.0f} / {o['rss_peak_mib']:.0f} |"]
+              f"Overload: capacity {o['capacity_rps']:.1f} req/s (closed loop, concurrency 32), then open loops "
+              f"(Poisson arrivals) at multiples of it for {o['duration_s']:.0f} s each, 5 s deadline; the load "
+              f"generator shares the {m['cores']} cores.", "",
+              "| offered | req/s | answered OK | RESOURCE_EXHAUSTED | refused in p50 / p99 ms | other errors | "
+              "wrong answers | OK p50 / p99 ms | server RSS peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in o["runs"]:
+        other = ", ".join(f"{k} {v}" for k, v in sorted(run["errors"].items())) or "0"
+        lines.append(
+            f"| {run['multiple']:g}x | {run['rate_rps']:.0f} | {run['ok']} | {run['resource_exhausted']} | "
+            f"{_ms(run['refused_p50_ms'])} / {_ms(run['refused_p99_ms'])} | {other} | {run['wrong_answers']} | "
+            f"{_ms(run['p50_ms'])} / {_ms(run['p99_ms'])} | {run['rss_peak_mib']:.0f} |")
+    lines += ["", f"Server RSS before the overload runs: {o['rss_before_mib']:.0f} MiB. Messages seen: "
+              + "; ".join(f"{k}: {v!r}" for k, v in sorted(o["messages"].items()))]
     return "\n".join(lines) + "\n"
 
 
@@ -104,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=float, default=6.0)
+    p.add_argument("--multiples", type=float, nargs="+", default=[2.0, 3.0, 5.0, 10.0],
+                   help="offered open-loop rates, as multiples of the measured capacity")
     a = p.parse_args(argv)
     images = a.images or sorted(Path("../shared/samples/liveness").glob("*.jpg"))
     if not images:
@@ -132,30 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     callers = 8
     interceptor_us = interceptor_cost_us(token, callers)
     with facegate_process(a.repository, ["--config", str(config)], work / "server-overload.log") as (addr, proc):
-        cap = loadgen(addr, images, token_file, "--concurrency", "32", duration=a.duration)
-        rate = 10 * cap["throughput_rps"]
-        samples: list[int] = []
-        stop = threading.Event()
-        sampler = threading.Thread(target=rss_sampler, args=(proc.pid, stop, samples), daemon=True)
-        rss_before = Path(f"/proc/{proc.pid}/status").read_text()
-        sampler.start()
-        over = loadgen(addr, images, token_file, "--rate", f"{rate:.1f}", "--max-requests",
-                       str(int(rate * (a.duration + 2) * 1.2)), duration=a.duration, timeout=5.0)
-        stop.set()
-        sampler.join()
-    before = next(int(ln.split()[1]) * 1024 for ln in rss_before.splitlines() if ln.startswith("VmRSS:"))
-    errors = dict(over["errors"])
-    exhausted = errors.pop("RESOURCE_EXHAUSTED", 0)
+        over = overload(addr, proc.pid, images, token_file, a.duration, a.multiples)
     result = {
         "machine": machine_info(),
         "auth": {"runs": runs, "p50_median_ms": med, "round_ratios": ratios, "p50_ratio": statistics.median(ratios),
                  "interceptor_us": interceptor_us, "callers": callers},
-        "overload": {"capacity_rps": cap["throughput_rps"], "target_rate_rps": rate, "duration_s": a.duration,
-                     "sent": over["sent"], "ok": over["count"], "resource_exhausted": exhausted,
-                     "other_errors": sum(errors.values()), "errors": errors, "wrong_answers": over["wrong_answers"],
-                     "p50_ms": over.get("p50_ms", float("nan")), "p99_ms": over.get("p99_ms", float("nan")),
-                     "rss_before_mib": before / 2**20,
-                     "rss_peak_mib": max(samples, default=before) / 2**20},
+        "overload": over,
     }
     write_report(a.out, "security", result, markdown)
     return 0

@@ -23,7 +23,11 @@ class InvalidArgumentError(FacegateError):
 
 
 class ResourceExhaustedError(FacegateError):
-    """A bounded queue is full; the client should back off and retry."""
+    """A bounded queue is full; the client should back off and retry (after ``retry_after_s`` when known)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceededError(FacegateError):

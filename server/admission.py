@@ -1,12 +1,15 @@
-"""Server-wide budgets that bound what requests in flight may hold: request bytes and decoded pixels.
+"""Admission: what requests in flight may hold, and how long a new one would wait.
 
-Taking from a budget never waits: a request that does not fit is refused at once with RESOURCE_EXHAUSTED (and
-RetryInfo), before it decodes anything, so overload is shed instead of queued into memory.
+``Budget`` bounds resources (request bytes, decoded pixels). ``WaitGate`` bounds time: it refuses a call that
+would wait longer than the server is willing to queue. Neither ever waits: a request that does not fit is refused
+at once with RESOURCE_EXHAUSTED (and RetryInfo), before it decodes anything, so overload is shed instead of queued
+into memory and past every deadline.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from engines.errors import ResourceExhaustedError
@@ -39,3 +42,76 @@ class Budget:
             yield
         finally:
             self.in_use -= amount
+
+
+# Busy time over which one completion-rate sample is taken: long enough to span several batches, short enough
+# that the estimate follows a change of load (or of the machine's speed) within a second or two.
+_RATE_WINDOW_S = 0.5
+
+
+class WaitGate:
+    """Refuses a call whose expected time in the pipeline is over ``max_wait_s`` or past its deadline.
+
+    Little's law: with ``n`` calls in flight and calls completing at ``r`` per second while the pipeline is busy,
+    a new call takes about ``(n + 1) / r``. The rate is measured, not configured, so the same setting holds on a
+    2-core CPU and on a GPU, and it follows the machine when other work slows it. Below ``min_in_flight`` every
+    call is admitted (a burst on an idle server is never refused before a rate has been measured). Used from the
+    event loop only.
+    """
+
+    def __init__(self, name: str, max_wait_s: float, min_in_flight: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_wait_s <= 0 or min_in_flight < 1:
+            raise ValueError(f"{name}: max_wait_s must be > 0 and min_in_flight >= 1, got {max_wait_s}, "
+                             f"{min_in_flight}")
+        self.name = name
+        self.max_wait_s = max_wait_s
+        self.min_in_flight = min_in_flight
+        self.in_flight = 0
+        self.refused = 0
+        self.rate: float | None = None  # completions per busy second
+        self._clock = clock
+        self._last = clock()
+        self._window_done = 0
+        self._window_busy = 0.0
+
+    def _advance(self, now: float) -> None:
+        if self.in_flight > 0:
+            self._window_busy += now - self._last
+        self._last = now
+        if self._window_busy >= _RATE_WINDOW_S:
+            sample = self._window_done / self._window_busy
+            self.rate = sample if self.rate is None else 0.5 * self.rate + 0.5 * sample
+            self._window_done, self._window_busy = 0, 0.0
+
+    def expected_wait_s(self) -> float | None:
+        """How long a call admitted now would take, or None while no rate has been measured."""
+        return (self.in_flight + 1) / self.rate if self.rate else None
+
+    def check(self, deadline: float | None = None) -> None:
+        """Raise ResourceExhaustedError if a call arriving now would wait too long; admits nothing. Cheap enough
+        to run before a request is even parsed (the interceptor does), so shedding costs as little as it can."""
+        now = self._clock()
+        self._advance(now)
+        wait = self.expected_wait_s()
+        if self.in_flight < self.min_in_flight or wait is None:
+            return
+        limit = self.max_wait_s if deadline is None else min(self.max_wait_s, deadline - now)
+        if wait > limit:
+            self.refused += 1
+            raise ResourceExhaustedError(
+                f"server busy: {self.name} would take ~{wait * 1e3:.0f} ms ({self.in_flight} calls in flight), "
+                f"over the {max(limit, 0.0) * 1e3:.0f} ms it may wait; retry shortly",
+                retry_after_s=wait - self.max_wait_s if wait > self.max_wait_s else 0.1)
+
+    @asynccontextmanager
+    async def enter(self, deadline: float | None = None) -> AsyncIterator[None]:
+        """Admit one call or raise ResourceExhaustedError; ``deadline`` is on this gate's clock."""
+        self.check(deadline)
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self._window_done += 1  # counted before the window may close, so a closing window includes it
+            self._advance(self._clock())
+            self.in_flight -= 1

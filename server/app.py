@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,7 +26,7 @@ from facegate.v1 import (
     models_pb2_grpc,
 )
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
-from server.admission import Budget
+from server.admission import Budget, WaitGate
 from server.audit import AuditLog
 from server.auth.callers import Authenticator
 from server.auth.interceptor import AuthInterceptor
@@ -34,6 +36,7 @@ from server.metrics import Metrics, MetricsInterceptor
 from server.model_registry import ModelRegistry
 from server.pipelines.identification import ClipPipeline
 from server.pipelines.liveness import LivenessPipeline
+from server.priority import lower_compute_threads, lower_this_thread
 from server.servicers.error_interceptor import ErrorMappingInterceptor
 from server.servicers.identification import IdentificationServicer
 from server.servicers.inference import InferenceServicer
@@ -57,22 +60,29 @@ class FacegateServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.registry = ModelRegistry(ModelRepository(config.model_repository), config)
-        self.cpu_pool = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="cpu")
+        lower = partial(lower_this_thread, config.compute_nice)
+        self.cpu_pool = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="cpu", initializer=lower)
         self.health = health.aio.HealthServicer()
         self.liveness: LivenessPipeline | None = None
         self.identification: IdentificationService | None = None
         self._loading = True
         # Gallery reads and writes (each thread has its own SQLite connection; PostgreSQL uses a pool of 4).
-        self.db_pool = ThreadPoolExecutor(4, thread_name_prefix="gallery-db")
+        self.db_pool = ThreadPoolExecutor(4, thread_name_prefix="gallery-db", initializer=lower)
         self._versions: list[common_pb2.ModelVersion] = []
         self._identify_versions: list[common_pb2.ModelVersion] = []
         self.audit = AuditLog(config.audit)
         self.request_bytes = Budget("in-flight request bytes", config.max_inflight_request_bytes, "bytes")
         self.pixels = Budget("decoded pixels", config.max_inflight_pixels, "pixels")
         self.calls = Budget("calls in flight", config.max_inflight_calls, "calls")
-        self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls)
+        self.gates = {name: WaitGate(name, config.max_queue_wait_s, config.admit_min_in_flight)
+                      for name in ("liveness", "identification")}
+        gated = {f"/{LIVENESS_SERVICE}/CheckLiveness": self.gates["liveness"],
+                 f"/{IDENTIFICATION_SERVICE}/IdentifyFromClip": self.gates["identification"],
+                 f"/{IDENTIFICATION_SERVICE}/EnrollFromClip": self.gates["identification"]}
+        self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls, gated)
         self.metrics = Metrics()
         self.metrics.watch_models(self.registry)
+        self.metrics.watch_gates(self.gates)
         self.metrics.gallery_templates.set_function(
             lambda: self.identification.gallery.templates() if self.identification is not None else 0)
         self._draining = False
@@ -140,9 +150,13 @@ class FacegateServer:
         self.liveness = LivenessPipeline(
             self.registry.batcher(DETECTOR),
             [(spec, self.registry.batcher(spec.name)) for spec in LIVENESS_SPECS],
-            self.config.liveness, self.cpu_pool, pixels=self.pixels,
+            self.config.liveness, self.cpu_pool, pixels=self.pixels, gate=self.gates["liveness"],
         )
         await self._load_identification()
+        # The runtimes' own thread pools exist now (made while loading): they compute, so they yield to the loop.
+        lowered = lower_compute_threads(self.config.compute_nice, keep={threading.get_native_id()})
+        log.info("%d compute threads at nice %d (the event loop and gRPC I/O at 0)", lowered,
+                 self.config.compute_nice)
         self._loading = False
         for service in SERVICES:
             if service != IDENTIFICATION_SERVICE or self.identification is not None:
@@ -161,7 +175,8 @@ class FacegateServer:
         loop = asyncio.get_running_loop()
         store = await loop.run_in_executor(self.db_pool, GalleryStore, self.config.gallery_target())
         clips = ClipPipeline(self.registry.batcher(DETECTOR), [self.registry.batcher(m) for m in members],
-                             ensemble, self.cpu_pool, self.config.clip_limits, self.pixels)
+                             ensemble, self.cpu_pool, self.config.clip_limits, self.pixels,
+                             self.gates["identification"])
         self._identify_versions = [model_version(self.registry.models[n]) for n in (DETECTOR, *members)]
         self.identification = IdentificationService(clips, store, self.db_pool, self.liveness, self.audit)
         log.info("identification: ensemble %s v%s (%d members), gallery %s", ensemble.name, ensemble.version,

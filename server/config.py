@@ -48,6 +48,13 @@ class ServerConfig:
     """Encoded request bytes all calls in flight may hold together; over it -> RESOURCE_EXHAUSTED (RetryInfo)."""
     max_inflight_pixels: int = 250_000_000
     """Decoded pixels all calls in flight may hold together (3 bytes each); over it -> RESOURCE_EXHAUSTED."""
+    max_queue_wait_s: float = 1.0
+    """Longest a liveness or identification call is expected to take (calls in flight over the measured
+    completion rate) before new calls are refused at once with RESOURCE_EXHAUSTED and RetryInfo: overload is
+    shed at the door instead of queued until deadlines pass. Also: no call is admitted that would miss its own
+    deadline."""
+    admit_min_in_flight: int = 32
+    """Calls per pipeline always admitted, whatever the estimate (a burst on an idle server is not refused)."""
     default_deadline_s: float = 30.0
     """Deadline applied to calls that set none, so no request holds resources forever."""
     metrics_port: int = 8002
@@ -63,6 +70,10 @@ class ServerConfig:
     stop routing here and calls already on the wire are taken in (grpc cancels calls not yet accepted)."""
     drain_grace_s: float = 10.0
     """Then: refuse new RPCs, let those in flight finish for up to this long, and cancel the rest."""
+    compute_nice: int = 19
+    """Nice value of the compute threads (inference, decoding, gallery) relative to the event loop and gRPC's I/O
+    threads at 0: when every core is busy, the loop that admits, sheds and answers calls runs first. Changes nothing
+    while a core is idle; 0 turns it off (Linux only)."""
     cpu_workers: int = max(2, min(8, (os.cpu_count() or 2) * 2))
     """Threads for decoding and resizing (these release the GIL)."""
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
@@ -94,6 +105,8 @@ class ServerConfig:
             raise ValueError(f"tls_cert ({self.tls_cert}) and tls_key ({self.tls_key}) must be given together")
         if self.runtime.tensorrt_precision not in ("fp16", "fp32"):
             raise ValueError(f"tensorrt_precision must be fp16 or fp32, got {self.runtime.tensorrt_precision!r}")
+        if not 0 <= self.compute_nice <= 19:
+            raise ValueError(f"compute_nice must lie in [0, 19], got {self.compute_nice}")
         if self.cpu_workers < 1:
             raise ValueError(f"cpu_workers must be >= 1, got {self.cpu_workers}")
         if not self.auth.enabled and not is_loopback(self.host) and not self.auth.insecure_public:
@@ -103,6 +116,9 @@ class ServerConfig:
                 f"loopback address, or pass --insecure-public if the network itself is trusted")
         if self.auth.client_ca is not None and self.tls_cert is None:
             raise ValueError(f"client_ca ({self.auth.client_ca}) needs tls_cert and tls_key: mutual TLS is TLS")
+        if self.max_queue_wait_s <= 0 or self.admit_min_in_flight < 1:
+            raise ValueError(f"max_queue_wait_s must be > 0 and admit_min_in_flight >= 1, got "
+                             f"{self.max_queue_wait_s}, {self.admit_min_in_flight}")
         if self.max_inflight_pixels < self.clip_limits.max_request_pixels:
             raise ValueError(f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least "
                              f"clip_limits.max_request_pixels ({self.clip_limits.max_request_pixels})")

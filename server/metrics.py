@@ -12,7 +12,7 @@ at scrape time, so serving pays nothing for them.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from server.admission import WaitGate
 from server.gpu_metrics import GpuCollector
 from server.model_registry import ModelRegistry
 
@@ -63,6 +64,24 @@ class ModelCollector(Collector):
         yield from (depth, inferences, executions, queue, compute, rejected, batches)
 
 
+class GateCollector(Collector):
+    """Per pipeline: how long a call arriving now is expected to take, and how many calls were shed for it."""
+
+    def __init__(self, gates: Mapping[str, WaitGate]) -> None:
+        self._gates = dict(gates)
+
+    def collect(self) -> Iterable[Any]:
+        wait = GaugeMetricFamily("facegate_admission_expected_wait_seconds", "Expected time in the pipeline of a "
+                                 "call arriving now (calls in flight over the measured completion rate; 0 before "
+                                 "a rate is measured); over max_queue_wait_s new calls are shed", labels=["pipeline"])
+        shed = CounterMetricFamily("facegate_admission_shed", "Calls refused because they would have waited too "
+                                   "long", labels=["pipeline"])
+        for name, gate in self._gates.items():
+            wait.add_metric([name], gate.expected_wait_s() or 0.0)
+            shed.add_metric([name], gate.refused)
+        yield from (wait, shed)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -84,6 +103,9 @@ class Metrics:
         gpus = GpuCollector()
         if gpus.active:  # NVML where a GPU is; nothing elsewhere
             self.registry.register(gpus)
+
+    def watch_gates(self, gates: Mapping[str, WaitGate]) -> None:
+        self.registry.register(GateCollector(gates))
 
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)

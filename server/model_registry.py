@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 from engines.declarations import ModelDeclaration, declaration_for
 from engines.repository import ModelMetadata, ModelRepository
@@ -17,6 +18,7 @@ from engines.runtime.factory import EngineFactory
 from engines.tensorrt.availability import Availability
 from server.batching.scheduler import DynamicBatcher
 from server.config import ServerConfig
+from server.priority import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class ModelRegistry:
             batching = self.config.batcher_for(name, decl.batching)
             # Engine creation (and a TensorRT build) takes a while and holds no event-loop state: off the loop.
             engine, reason = await loop.run_in_executor(None, self.factory.create, decl, batching)
-            batcher = DynamicBatcher(engine, batching)
+            batcher = DynamicBatcher(engine, batching, partial(lower_this_thread, self.config.compute_nice))
             await batcher.start()
             self.models[name] = ServedModel(meta, decl, engine, batcher, reason)
             log.info("loaded %s v%s on %s [%s] (%s)", name, meta.version, engine.runtime, reason, batcher.config)

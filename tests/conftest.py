@@ -74,6 +74,9 @@ def start_server(repository: Path, **overrides: Any) -> tuple[RunningServer, thr
 
     overrides.setdefault("audit", AuditConfig(path=Path(tempfile.mkdtemp(prefix="facegate-audit-")) / "audit.jsonl"))
     overrides.setdefault("metrics_port", 0)  # several test servers share this process: metrics only when asked
+    # The server shares this process with the test's clients: lowering "every other thread" would lower those too,
+    # for good (raising a nice value back needs privilege). Subprocess servers test the priorities.
+    overrides.setdefault("compute_nice", 0)
     config = replace(ServerConfig(port=0, model_repository=repository, drain_grace_s=1.0), **overrides)
     loop = asyncio.new_event_loop()
     holder: list[FacegateServer] = []

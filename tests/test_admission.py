@@ -61,3 +61,94 @@ def test_an_image_over_the_pixel_budget_is_resource_exhausted_with_retry_info(re
         assert ok.decision == liveness_pb2.DECISION_LIVE  # 640x480 fits
     finally:
         stop_server(running, thread)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_wait_gate_admits_a_burst_then_refuses_what_would_wait_too_long() -> None:
+    from server.admission import WaitGate
+
+    async def main() -> None:
+        clock = _Clock()
+        gate = WaitGate("liveness", max_wait_s=0.7, min_in_flight=4, clock=clock)
+        held: list[asyncio.Future[None]] = []
+
+        async def call(duration: float) -> None:
+            async with gate.enter():
+                fut = asyncio.get_running_loop().create_future()
+                held.append(fut)
+                await fut
+            clock.now += duration
+
+        # No rate measured yet: a burst of 10 on an idle server is admitted whatever its size.
+        tasks = [asyncio.create_task(call(0.0)) for _ in range(8)]
+        await asyncio.sleep(0)
+        assert gate.in_flight == 8 and gate.refused == 0
+        # 8 calls complete over 1 s of busy time (steps exact in binary): 8 calls/s.
+        for fut in held:
+            clock.now += 0.125
+            fut.set_result(None)
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert gate.rate == pytest.approx(8.0)
+        held.clear()
+        # 4 in flight at 8/s: a fifth would take ~0.625 s -> admitted; a sixth (~0.75 s) is refused at once.
+        tasks = [asyncio.create_task(call(0.0)) for _ in range(5)]
+        await asyncio.sleep(0)
+        assert gate.in_flight == 5
+        with pytest.raises(ResourceExhaustedError, match="would take ~750 ms") as info:
+            async with gate.enter():
+                pass
+        assert info.value.retry_after_s == pytest.approx(0.05)
+        assert gate.refused == 1 and gate.in_flight == 5
+        # A call whose own deadline is nearer than its expected wait is refused too, even under max_wait_s.
+        gate.max_wait_s = 10.0
+        with pytest.raises(ResourceExhaustedError, match="over the 200 ms it may wait"):
+            gate.check(deadline=clock.now + 0.2)
+        gate.check(deadline=clock.now + 5.0)  # far enough: admitted
+        for fut in held:
+            fut.set_result(None)
+        await asyncio.gather(*tasks)
+        assert gate.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_overload_is_shed_with_resource_exhausted_and_retry_info(repository_dir: Path, samples: Path) -> None:
+    """A real server whose gate may queue ~nothing: a burst far over its rate gets answers and, at once,
+    RESOURCE_EXHAUSTED with RetryInfo; never a wrong answer; afterwards it serves normally."""
+    from server.admission import WaitGate
+
+    running, thread = start_server(repository_dir, max_queue_wait_s=0.001, admit_min_in_flight=2)
+    try:
+        data = (samples / "image_T1.jpg").read_bytes()
+        req = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=data))
+        stub = liveness_pb2_grpc.LivenessServiceStub(running.channel())
+        reference = stub.CheckLiveness(req, timeout=30)
+        for _ in range(3):  # enough completions for the gate to have measured a rate
+            futures = [stub.CheckLiveness.future(req, timeout=30) for _ in range(8)]
+            [f.exception() for f in futures]
+        futures = [stub.CheckLiveness.future(req, timeout=30) for _ in range(60)]
+        answered, refused = 0, []
+        for f in futures:
+            err = f.exception()
+            if err is None:
+                assert f.result().live_score == pytest.approx(reference.live_score, abs=1e-6)
+                answered += 1
+            else:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                refused.append(err)
+        assert answered >= 2 and len(refused) >= 20
+        status = rpc_status.from_call(refused[0])  # type: ignore[arg-type]
+        assert status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+        gate = running.server.gates["liveness"]  # type: ignore[attr-defined]
+        assert isinstance(gate, WaitGate) and gate.refused == len(refused) and gate.in_flight == 0
+        assert stub.CheckLiveness(req, timeout=30).decision == reference.decision
+    finally:
+        stop_server(running, thread)

@@ -70,3 +70,31 @@ def test_input_is_mean_subtracted_bgr() -> None:
     img = np.full((221, 166, 3), (104, 117, 123), np.uint8)
     t = prepare_input(img, DETECTOR_SPEC).tensor
     assert t.shape == (3, 221, 166) and float(np.abs(t).max()) == 0.0
+
+
+def _nms_per_candidate(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    """The textbook form (each candidate against every kept box): what the fast form must equal."""
+    keep: list[int] = []
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    for i in np.argsort(-scores, kind="stable"):
+        k = np.asarray(keep, dtype=int)
+        inter = (np.clip(np.minimum(boxes[i, 2], boxes[k, 2]) - np.maximum(boxes[i, 0], boxes[k, 0]), 0, None)
+                 * np.clip(np.minimum(boxes[i, 3], boxes[k, 3]) - np.maximum(boxes[i, 1], boxes[k, 1]), 0, None))
+        if not np.any(inter / np.maximum(areas[i] + areas[k] - inter, 1e-12) > threshold):
+            keep.append(int(i))
+    return keep
+
+
+def test_nms_equals_the_per_candidate_form_on_random_clusters() -> None:
+    from engines.vision.detection import _nms
+
+    rng = np.random.default_rng(7)
+    for trial in range(50):
+        n = int(rng.integers(1, 400))
+        centres = rng.uniform(0, 1, (n, 2))
+        if trial % 2:  # clusters of heavily overlapping boxes, as a face gives
+            centres = rng.uniform(0.2, 0.8, (4, 2))[rng.integers(0, 4, n)] + rng.normal(0, 0.01, (n, 2))
+        wh = rng.uniform(0.05, 0.3, (n, 2))
+        boxes = np.concatenate([centres - wh / 2, centres + wh / 2], axis=1)
+        scores = np.round(rng.uniform(0.1, 1.0, n), 2)  # rounded: ties must resolve the same way
+        assert _nms(boxes, scores, 0.3) == _nms_per_candidate(boxes, scores, 0.3)

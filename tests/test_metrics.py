@@ -42,14 +42,17 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         assert ("facegate_model_queue_depth", (("model", "retinaface"),)) in after
         assert after[("facegate_model_inferences_total", (("model", "minifasnet_v2"),))] >= 10
         assert ("facegate_decode_duration_seconds_count", (("kind", "image"),)) in after
+        assert after[("facegate_admission_shed_total", (("pipeline", "liveness"),))] == 0
+        assert ("facegate_admission_expected_wait_seconds", (("pipeline", "identification"),)) in after
         # A refused call is counted with its code, and by reason.
         with pytest.raises(Exception):  # noqa: B017 - any gRPC error; the code is checked below
             stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(), timeout=30)
         final = scrape(port)
         assert final[("facegate_requests_total", (("code", "INVALID_ARGUMENT"), ("method", METHOD)))] == 1
         # No caller-supplied string is ever a label value.
-        assert all(v in ("OK", "INVALID_ARGUMENT") or v.startswith("/") or v in {
-            "retinaface", "minifasnet_v2", "minifasnet_v1se", "image", "clip", "+Inf"} or v.replace(".", "").isdigit()
+        known = {"retinaface", "minifasnet_v2", "minifasnet_v1se", "image", "clip", "+Inf", "liveness",
+                 "identification"}
+        assert all(v in ("OK", "INVALID_ARGUMENT") or v.startswith("/") or v in known or v.replace(".", "").isdigit()
             or v.startswith("slowfast") or k in ("le", "reason") for (_, labels) in final for k, v in labels)
     finally:
         stop_server(running, thread)

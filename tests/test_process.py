@@ -49,6 +49,22 @@ def test_cli_prints_one_line_per_image(server_process, samples: Path) -> None:  
     assert out[1].split("\t")[1] == "SPOOF" and out[2].split("\t")[1] == "LIVE"
 
 
+def test_compute_threads_yield_to_the_event_loop(server_process) -> None:  # type: ignore[no-untyped-def]
+    """The loop that admits and sheds calls, and gRPC's I/O threads, keep nice 0; inference and decoding threads
+    (the runtimes' own pools included) run at compute_nice (19)."""
+    proc, _ = server_process
+    nice: dict[str, list[int]] = {}
+    for task in Path(f"/proc/{proc.pid}/task").iterdir():
+        comm = (task / "comm").read_text().strip()
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        nice.setdefault(comm, []).append(int(fields[16]))  # field 19 of stat, counted after "(comm)"
+    main = int((Path(f"/proc/{proc.pid}/task/{proc.pid}/stat")).read_text().rsplit(")", 1)[1].split()[16])
+    assert main == 0  # the event loop runs on the main thread
+    assert all(v == 0 for comm, vs in nice.items() if comm.startswith("event_engine") for v in vs)
+    lowered = [v for comm, vs in nice.items() for v in vs if v == 19]
+    assert len(lowered) >= 4, nice  # engine threads, the CPU pool, the runtimes' pools
+
+
 def test_sigterm_drains_in_flight_requests_then_exits(server_process, samples: Path) -> None:  # type: ignore[no-untyped-def]
     proc, address = server_process
     stub = liveness_pb2_grpc.LivenessServiceStub(grpc.insecure_channel(address))

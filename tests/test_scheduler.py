@@ -45,6 +45,30 @@ def test_results_go_back_to_their_own_requests() -> None:
     asyncio.run(main())
 
 
+def test_finish_runs_on_the_engine_thread_and_fails_only_its_own_item() -> None:
+    import threading
+
+    async def main() -> None:
+        m = FakeModel(delay_s=0.01)
+        b = await started(m, max_batch_size=8, max_queue_delay_us=5000)
+        threads: list[str] = []
+
+        def finish(out: dict[str, np.ndarray]) -> float:
+            threads.append(threading.current_thread().name)
+            if out["y"][0] == 6.0:
+                raise ValueError("item 3 cannot be post-processed")
+            return float(out["y"][0])
+
+        outs = await asyncio.gather(*[b.infer(item(i), finish=finish) for i in range(8)], return_exceptions=True)
+        await b.stop()
+        assert max(m.batches) > 1  # the failing item shared a batch with others
+        assert isinstance(outs[3], ValueError)
+        assert [o for i, o in enumerate(outs) if i != 3] == [2.0 * i for i in range(8) if i != 3]
+        assert threads and all(t.startswith(f"engine-{m.name}") for t in threads)
+
+    asyncio.run(main())
+
+
 def test_never_exceeds_max_batch_size() -> None:
     async def main() -> None:
         m = FakeModel(delay_s=0.005)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 from PIL import Image, ImageOps
 
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc, models_pb2, models_pb2_grpc
@@ -93,24 +96,43 @@ def test_request_id_is_echoed_or_generated(stub, samples: Path) -> None:  # type
 
 
 def test_200_concurrent_calls_are_all_right_and_batched(live_server: RunningServer, stub, samples: Path) -> None:  # type: ignore[no-untyped-def]
+    """A burst far over what two cores serve within the server's queue-wait limit: every call is answered right
+    or refused at once with RESOURCE_EXHAUSTED and RetryInfo, and a client that waits as RetryInfo says and
+    retries gets every answer. Requests were batched."""
     names = sorted(REFERENCE)
     payloads = {n: (samples / n).read_bytes() for n in names}
     models = models_pb2_grpc.ModelServiceStub(live_server.channel())
     before = {m.model: m for m in models.GetModelStatistics(models_pb2.GetModelStatisticsRequest()).models}
-    futures = []
-    for i in range(200):
-        name = names[i % 3]
-        req = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=payloads[name]))
-        futures.append((name, stub.CheckLiveness.future(req, timeout=120)))
-    for name, fut in futures:
-        r = fut.result()
-        assert DECISION_NAMES[r.decision] == REFERENCE[name][0]
-        assert r.live_score == pytest.approx(REFERENCE[name][1], abs=0.01)
+    pending = [(i, names[i % 3]) for i in range(200)]
+    answered, refusals, rounds = 0, 0, 0
+    while pending and rounds < 50:
+        rounds += 1
+        futures = [(i, name, stub.CheckLiveness.future(
+            liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=payloads[name])), timeout=120))
+            for i, name in pending]
+        pending, delay = [], 0.0
+        for i, name, fut in futures:
+            err = fut.exception()
+            if err is not None:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                status = rpc_status.from_call(err)
+                retry = next(error_details_pb2.RetryInfo.FromString(d.value) for d in status.details
+                             if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR))
+                delay = max(delay, retry.retry_delay.ToTimedelta().total_seconds())
+                pending.append((i, name))
+                refusals += 1
+                continue
+            r = fut.result()
+            assert DECISION_NAMES[r.decision] == REFERENCE[name][0]
+            assert r.live_score == pytest.approx(REFERENCE[name][1], abs=0.01)
+            answered += 1
+        time.sleep(delay)
+    assert answered == 200, f"{len(pending)} calls still refused after {rounds} rounds"
     after = {m.model: m for m in models.GetModelStatistics(models_pb2.GetModelStatisticsRequest()).models}
     for model in ("retinaface", "minifasnet_v2", "minifasnet_v1se"):
         requests = after[model].inference_count - before[model].inference_count
         executions = after[model].execution_count - before[model].execution_count
-        assert requests == 200
+        assert requests == 200  # refused calls never reached a model
         assert executions < requests, f"{model}: no batching ({requests} requests in {executions} executions)"
         assert any(b.batch_size > 1 and b.executions > 0 for b in after[model].batch_sizes)
 

@@ -8,13 +8,13 @@ right after parsing (the collection is a request field). Every refusal goes to t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 
 from engines.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
-from server.admission import Budget
+from server.admission import Budget, WaitGate
 from server.audit import AuditLog
 from server.auth.callers import Authenticator, Caller, bearer_token, certificate_identities
 from server.auth.scopes import COLLECTION_SCOPES, grants, required_scope
@@ -23,11 +23,14 @@ from server.servicers.call_context import CURRENT_CALLER, metadata_request_id
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, audit: AuditLog, request_bytes: Budget,
-                 calls: Budget | None = None) -> None:
+                 calls: Budget | None = None, gates: Mapping[str, WaitGate] | None = None) -> None:
         self._auth = authenticator
         self._audit = audit
         self._bytes = request_bytes
         self._calls = calls or Budget("calls in flight", 1 << 30, "calls")
+        # Full method name -> the wait gate of the pipeline it enters: while that pipeline sheds, its calls are
+        # refused here, before parsing or any servicer code (the pipeline itself checks again, with the deadline).
+        self._gates = dict(gates or {})
 
     def _refuse(self, err: Exception, method: str, context: grpc.aio.ServicerContext, caller: str,
                 collection: str = "") -> Exception:
@@ -85,11 +88,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, handler: grpc.RpcMethodHandler, method: str, scope: str) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
         parse = handler.request_deserializer
+        gate = self._gates.get(method)
 
         async def guarded(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             caller = self.identify(context, method, scope)
             request: Any = None
             try:
+                if gate is not None:
+                    gate.check()
                 async with self._calls.hold(1), self._bytes.hold(len(raw)):
                     request = parse(raw) if parse is not None else raw
                     self.check_collection(caller, scope, request, method, context)

@@ -12,9 +12,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,7 @@ class _Item:
     future: asyncio.Future[Tensors]
     enqueued: float
     deadline: float | None  # loop clock (monotonic) seconds
+    finish: Callable[[Tensors], Any] | None = None  # run on the engine thread on this item's outputs
 
 
 @dataclass
@@ -55,7 +57,12 @@ class _Batch:
     items: list[_Item]
     dispatched: float
     timings: InferTimings | None = None
-    outputs: list[Tensors] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)  # per item: its tensors, what finish made, or _Failed
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: Exception  # one item's finish raised: only that item fails
 
 
 def _stack(items: list[_Item]) -> tuple[Tensors, int]:
@@ -72,8 +79,18 @@ def _split(outputs: Tensors, n: int) -> tuple[list[Tensors], int]:
     return per_item, time.perf_counter_ns() - t0
 
 
+def _finished(item: _Item, outputs: Tensors) -> Any:
+    if item.finish is None:
+        return outputs
+    try:
+        return item.finish(outputs)
+    except Exception as exc:  # handed to that item's caller; the rest of the batch is fine
+        return _Failed(exc)
+
+
 class DynamicBatcher:
-    def __init__(self, model: Model, config: BatcherConfig) -> None:
+    def __init__(self, model: Model, config: BatcherConfig,
+                 thread_init: Callable[[], None] | None = None) -> None:
         if config.max_batch_size > model.max_batch_size:
             raise ValueError(
                 f"{model.name}: batcher max_batch_size {config.max_batch_size} exceeds the engine's "
@@ -82,6 +99,7 @@ class DynamicBatcher:
         self.model = model
         self.config = config
         self.stats = ModelStats()
+        self._thread_init = thread_init  # run first on each engine thread (e.g. its scheduling priority)
         self._queue: deque[_Item] = deque()
         self._idle: list[EngineInstance] = []
         self._busy = 0
@@ -104,7 +122,8 @@ class DynamicBatcher:
         return len(self._queue)
 
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(self.config.instances, thread_name_prefix=f"engine-{self.name}")
+        self._executor = ThreadPoolExecutor(self.config.instances, thread_name_prefix=f"engine-{self.name}",
+                                            initializer=self._thread_init)
         self._idle = [self.model.new_instance() for _ in range(self.config.instances)]
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name=f"batcher-{self.name}")
 
@@ -127,8 +146,11 @@ class DynamicBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    async def infer(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> Tensors:
-        """Queue one request (tensors without the batch axis) and wait for its outputs."""
+    async def infer(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
+                    finish: Callable[[Tensors], Any] | None = None) -> Any:
+        """Queue one request (tensors without the batch axis) and wait for its outputs, or for what ``finish``
+        made of them: post-processing given here runs on the engine's thread, not on the event loop, which must
+        stay free to admit and shed calls."""
         if self._broken is not None:
             raise UnrecoverableError(f"{self.name}: engine failed earlier; the model is not serving")
         if self._stopping:
@@ -145,7 +167,7 @@ class DynamicBatcher:
             )
         self._note_arrival(now)
         key: ShapeKey = tuple((n, tuple(a.shape)) for n, a in inputs.items())
-        item = _Item(inputs, key, loop.create_future(), now, deadline)
+        item = _Item(inputs, key, loop.create_future(), now, deadline, finish)
         self._queue.append(item)
         self._changed.set()
         return await item.future
@@ -239,7 +261,8 @@ class DynamicBatcher:
     def _run_on_thread(self, instance: EngineInstance, batch: _Batch) -> None:
         inputs, input_ns = _stack(batch.items)
         outputs, t = instance.infer(inputs)
-        batch.outputs, output_ns = _split(outputs, len(batch.items))
+        per_item, output_ns = _split(outputs, len(batch.items))
+        batch.outputs = [_finished(it, out) for it, out in zip(batch.items, per_item, strict=True)]
         batch.timings = InferTimings(input_ns + t.input_ns, t.infer_ns, output_ns + t.output_ns)
 
     async def _execute(self, instance: EngineInstance, batch: _Batch) -> None:
@@ -267,7 +290,11 @@ class DynamicBatcher:
             end = loop.time()
             for it, out in zip(batch.items, batch.outputs, strict=True):
                 self.stats.success.add(int((end - it.enqueued) * 1e9))
-                if not it.future.done():
+                if it.future.done():
+                    continue
+                if isinstance(out, _Failed):
+                    it.future.set_exception(out.error)
+                else:
                     it.future.set_result(out)
         finally:
             self._busy -= 1

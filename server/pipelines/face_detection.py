@@ -13,5 +13,7 @@ class BatchedFaceDetector:
         self.detector = detector
 
     async def faces(self, inp: DetectorInput, deadline: float | None) -> list[Detection]:
-        out = await self.batcher.infer(self.detector.feed(inp), deadline)
-        return self.detector.faces(out, inp)
+        # Decoding and NMS run on the engine thread (finish), off the event loop.
+        faces: list[Detection] = await self.batcher.infer(self.detector.feed(inp), deadline,
+                                                          finish=lambda out: self.detector.faces(out, inp))
+        return faces

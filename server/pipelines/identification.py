@@ -29,7 +29,7 @@ from engines.vision.clip_window import (
 from engines.vision.detection import Box, FaceDetector
 from engines.vision.imaging import ImageHeader, ImageLimits, decode_image, probe_image
 from engines.vision.video import VideoLimits, decode_video
-from server.admission import Budget
+from server.admission import Budget, WaitGate
 from server.batching.scheduler import DynamicBatcher
 from server.pipelines.face_detection import BatchedFaceDetector
 
@@ -149,7 +149,9 @@ def probe_frames(clip: ClipInput, limits: ClipLimits, field: str) -> ProbedClip:
 
 class ClipPipeline:
     def __init__(self, detector: DynamicBatcher, members: Sequence[DynamicBatcher], ensemble: Ensemble,
-                 executor: Executor, limits: ClipLimits | None = None, pixels: Budget | None = None) -> None:
+                 executor: Executor, limits: ClipLimits | None = None, pixels: Budget | None = None,
+                 gate: WaitGate | None = None) -> None:
+        self.gate = gate
         self.detector = BatchedFaceDetector(detector, FaceDetector(ensemble.spec.face_score))
         self.members = list(members)
         self.ensemble = ensemble
@@ -196,6 +198,12 @@ class ClipPipeline:
 
     async def embed(self, clip: ClipInput | ProbedClip, deadline: float | None, field: str = "clip"
                     ) -> ClipEmbedding:
+        if self.gate is None:
+            return await self._held(clip, deadline, field)
+        async with self.gate.enter(deadline):  # refused here, before any work, when it would wait too long
+            return await self._held(clip, deadline, field)
+
+    async def _held(self, clip: ClipInput | ProbedClip, deadline: float | None, field: str) -> ClipEmbedding:
         probed = clip if isinstance(clip, ProbedClip) else await self.probe(clip, field)
         async with self.pixels.hold(probed.pixels):
             return await self._embed(probed, deadline)

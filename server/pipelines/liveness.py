@@ -19,7 +19,7 @@ from engines.errors import FieldViolation, InvalidArgumentError
 from engines.specs import DETECTOR_SPEC, DetectorSpec, LivenessSpec
 from engines.vision.detection import DetectorInput, FaceDetector
 from engines.vision.imaging import DecodedImage, ImageHeader, ImageLimits, decode_image, probe_image
-from server.admission import Budget
+from server.admission import Budget, WaitGate
 from server.batching.scheduler import DynamicBatcher
 from server.pipelines.crop import crop_for_model
 from server.pipelines.face_detection import BatchedFaceDetector
@@ -108,8 +108,9 @@ def validate_threshold(threshold: float | None) -> None:
 class LivenessPipeline:
     def __init__(self, detector: DynamicBatcher, classifiers: list[tuple[LivenessSpec, DynamicBatcher]],
                  config: LivenessConfig, executor: Executor, detector_spec: DetectorSpec = DETECTOR_SPEC,
-                 pixels: Budget | None = None) -> None:
+                 pixels: Budget | None = None, gate: WaitGate | None = None) -> None:
         self.detector = BatchedFaceDetector(detector, FaceDetector(config.face_score_threshold, detector_spec))
+        self.gate = gate
         self.classifiers = classifiers
         self.config = config
         self.executor = executor
@@ -128,6 +129,12 @@ class LivenessPipeline:
 
     async def check(self, req: LivenessRequest) -> LivenessResult:
         validate_threshold(req.threshold)
+        if self.gate is None:
+            return await self._admitted(req)
+        async with self.gate.enter(req.deadline):  # refused here, before any work, when it would wait too long
+            return await self._admitted(req)
+
+    async def _admitted(self, req: LivenessRequest) -> LivenessResult:
         loop = asyncio.get_running_loop()
         # The header first (no pixels): the decoded size is then held from the server's pixel budget.
         header = await loop.run_in_executor(self.executor, probe_image, req.image, self.config.image)

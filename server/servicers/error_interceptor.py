@@ -60,7 +60,9 @@ def status_for(err: FacegateError, request_id: str | None = None) -> grpc.Status
         details.append(_pack(bad))
     if isinstance(err, ResourceExhaustedError | UnavailableError):
         retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.FromMilliseconds(100)
+        after = err.retry_after_s if isinstance(err, ResourceExhaustedError) else None
+        # The server's own estimate of when there will be room, bounded; else a short default back-off.
+        retry.retry_delay.FromMilliseconds(int(min(max(after, 0.05), 5.0) * 1e3) if after is not None else 100)
         details.append(_pack(retry))
     if request_id:
         details.append(_pack(error_details_pb2.RequestInfo(request_id=request_id)))
