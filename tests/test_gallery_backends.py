@@ -124,7 +124,14 @@ def test_the_index_is_exact_through_appends_deletions_and_compaction() -> None:
             continue
         e = rng.normal(size=(int(rng.integers(1, 4)), 16)).astype(np.float32)
         e /= np.linalg.norm(e, axis=1, keepdims=True)
-        index.add(person, e)
+        if step % 3:
+            index.add(person, e)
+        else:  # the bulk path a collection's first load takes, here with another person's rows beside
+            other = f"p{rng.integers(0, 120)}"
+            extra = rng.normal(size=(1, 16)).astype(np.float32)
+            extra /= np.linalg.norm(extra)
+            index.add_many([person] * len(e) + [other], np.concatenate([e, extra]))
+            truth.setdefault(other, []).extend(extra)
         truth.setdefault(person, []).extend(e)
         if step % 50 == 0:
             q = rng.normal(size=16).astype(np.float32)

@@ -58,8 +58,8 @@ def rank(member_scores: Sequence[dict[str, float]], members: Sequence[str]
         else:
             votes.append(MemberVote(name, None, 0.0))
     persons = set().union(*member_scores) if member_scores else set()
-    cands = [Candidate(p, float(np.mean([s.get(p, -1.0) for s in member_scores])), tally.get(p, 0))
-             for p in persons]
+    n = len(member_scores)
+    cands = [Candidate(p, sum(s.get(p, -1.0) for s in member_scores) / n, tally.get(p, 0)) for p in persons]
     cands.sort(key=lambda c: (-c.votes, -c.score, c.person))
     return cands, votes
 

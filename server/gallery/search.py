@@ -29,13 +29,25 @@ class CollectionIndex:
     def apply(self, changes: Changes) -> None:
         events: list[tuple[int, int, str, str, bytes]] = [(s, 0, p, "", b"") for s, p in changes.deleted]
         events += [(s, 1, p, m, e) for s, p, m, e in changes.added]
-        for _, kind, person, member, emb in sorted(events, key=lambda ev: (ev[0], ev[1])):
-            if kind == 0:  # a deletion removes what the person had before it
+        if changes.deleted:  # sequence order matters only around deletions (a full load has none)
+            events.sort(key=lambda ev: (ev[0], ev[1]))
+        run: dict[str, tuple[list[str], list[bytes]]] = {}
+        for _, kind, person, member, emb in events:
+            if kind == 0:  # a deletion removes what the person had before it: flush the additions first
+                self._add(run)
                 for index in self.members.values():
                     index.remove(person)
             elif member in self.members:
-                self.members[member].add(person, np.frombuffer(emb, np.float32))
+                persons, embs = run.setdefault(member, ([], []))
+                persons.append(person)
+                embs.append(emb)
+        self._add(run)
         self.seq = changes.seq
+
+    def _add(self, run: dict[str, tuple[list[str], list[bytes]]]) -> None:
+        for member, (persons, embs) in run.items():
+            self.members[member].add_many(persons, np.frombuffer(b"".join(embs), np.float32))
+        run.clear()
 
 
 class Gallery:

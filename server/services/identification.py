@@ -246,10 +246,10 @@ class IdentificationService:
         else:
             # The sequence check, any catch-up and the search are CPU and database work proportional to the
             # gallery: on the pool, never on the event loop. Every member's top m persons, scored exactly by all.
-            scores = await asyncio.get_running_loop().run_in_executor(
-                self.clips.executor, self.gallery.search, req.collection, result.embeddings,
-                max(top_k, SEARCH_CANDIDATES))
-            ident = combine(ens, scores, top_k, req.threshold)
+            embeddings = result.embeddings
+            ident = await asyncio.get_running_loop().run_in_executor(self.clips.executor, lambda: combine(
+                ens, self.gallery.search(req.collection, embeddings, max(top_k, SEARCH_CANDIDATES)), top_k,
+                req.threshold))
             names = await self._db(self.store.display_names, req.collection, [c.person for c in ident.candidates])
             out.decision = ident.decision
             out.candidates = [RankedCandidate(c.person, names.get(c.person, ""), c.score, c.votes)
