@@ -176,7 +176,7 @@ class FacegateServer:
         store = await loop.run_in_executor(self.db_pool, GalleryStore, self.config.gallery_target())
         clips = ClipPipeline(self.registry.batcher(DETECTOR), [self.registry.batcher(m) for m in members],
                              ensemble, self.cpu_pool, self.config.clip_limits, self.pixels,
-                             self.gates["identification"])
+                             self.gates["identification"], self.config.clip_reduced_decode)
         self._identify_versions = [model_version(self.registry.models[n]) for n in (DETECTOR, *members)]
         self.identification = IdentificationService(clips, store, self.db_pool, self.liveness, self.audit)
         log.info("identification: ensemble %s v%s (%d members), gallery %s", ensemble.name, ensemble.version,

@@ -48,7 +48,7 @@ class ServerConfig:
     """Encoded request bytes all calls in flight may hold together; over it -> RESOURCE_EXHAUSTED (RetryInfo)."""
     max_inflight_pixels: int = 250_000_000
     """Decoded pixels all calls in flight may hold together (3 bytes each); over it -> RESOURCE_EXHAUSTED."""
-    max_queue_wait_s: float = 1.0
+    max_queue_wait_s: float = 0.5
     """Longest a liveness or identification call is expected to take (calls in flight over the measured
     completion rate) before new calls are refused at once with RESOURCE_EXHAUSTED and RetryInfo: overload is
     shed at the door instead of queued until deadlines pass. Also: no call is admitted that would miss its own
@@ -92,6 +92,10 @@ class ServerConfig:
     identification_ensemble: str = ""
     """Ensemble manifest under <model_repository>/ensembles/ to serve; empty = the only (or first) one."""
     clip_limits: ClipLimits = field(default_factory=ClipLimits)
+    clip_reduced_decode: bool = True
+    """Decode clip frames only as large as needed (JPEG scaled down inside libjpeg): the detection frames whole,
+    the rest at the largest scale-down that keeps the face crop as large as its use needs. False decodes every
+    frame whole (the baseline of the benchmarks)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -219,3 +219,35 @@ def test_a_video_container_identifies_like_its_frames(stub, enrolled: str, train
         stub.IdentifyFromClip(bad, timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(info.value)[0][0] == "clip.video"
+
+
+def test_reduced_decoding_identifies_the_test_split_like_full_decoding(repository_dir: Path, stub, enrolled: str,  # type: ignore[no-untyped-def]
+                                                                        trained: dict, tmp_path: Path) -> None:
+    """The served default decodes frames only as large as needed; a server decoding every frame whole (the
+    baseline setting), enrolled the same way, gives every probe (known and unknown) the same rank-1 person and the
+    same decision."""
+    full, thread = start_server(repository_dir, gallery_path=tmp_path / "full.sqlite", clip_reduced_decode=False)
+    try:
+        other = identification_pb2_grpc.IdentificationServiceStub(full.channel())
+        other.CreateCollection(identification_pb2.CreateCollectionRequest(collection="synthetic"), timeout=10)
+        by_subject: dict[str, list[str]] = {}
+        for key in trained["enrol2_gallery"]:
+            by_subject.setdefault(key.split("/")[1], []).append(key)
+        for subject, keys in by_subject.items():
+            other.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+                collection="synthetic", person_id=subject,
+                clips=[clip_from_folder(clip_dir(trained, k), FPS) for k in keys]), timeout=120)
+        rank1, decisions, gaps = [], [], []
+        for key in trained["test_probes"] + trained["unknown_probes"]:
+            a = identify(stub, enrolled, clip_dir(trained, key))
+            b = identify(other, "synthetic", clip_dir(trained, key))
+            if a.candidates[0].person_id != b.candidates[0].person_id:
+                rank1.append(key)
+            if a.decision != b.decision:
+                decisions.append(key)
+            gaps.append(abs(a.candidates[0].score - b.candidates[0].score))
+        print(f"rank-1 differs {len(rank1)}, decision differs {len(decisions)}, score gap median "
+              f"{np.median(gaps):.4f} max {max(gaps):.4f}")
+        assert not rank1 and not decisions, (rank1, decisions)
+    finally:
+        stop_server(full, thread)

@@ -124,16 +124,25 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
     return ImageHeader(fmt, width, height, orientation if 1 <= orientation <= 8 else 1)
 
 
+# OpenCV's reduced reads: a JPEG is decoded at 1/2, 1/4 or 1/8 scale inside libjpeg (in the DCT domain, so
+# the work shrinks with the output); other formats are decoded whole and then downsized.
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
 def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data",
-                 header: ImageHeader | None = None) -> DecodedImage:
+                 header: ImageHeader | None = None, reduce: int = 1) -> DecodedImage:
     """Decode JPEG / PNG / WebP bytes; every problem is an InvalidArgumentError naming ``field``.
 
     The header is checked first (``probe_image``, or the one given) so limits hold before any pixel is decoded;
-    OpenCV then decodes (BGR directly, the decoder the liveness models were used with).
+    OpenCV then decodes (BGR directly, the decoder the liveness models were used with). ``reduce`` (1, 2, 4 or 8)
+    decodes at that fraction of each side.
     """
     header = header or probe_image(data, limits, field)
-    stored = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if stored is None or stored.shape[:2] != (header.stored_height, header.stored_width):
+    stored = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduce] | cv2.IMREAD_IGNORE_ORIENTATION)
+    expected = {(-(-header.stored_height // reduce), -(-header.stored_width // reduce)),  # libjpeg rounds up,
+                (header.stored_height // reduce, header.stored_width // reduce)}  # a downsized PNG rounds down
+    if stored is None or stored.shape[:2] not in expected:
         raise InvalidArgumentError(FieldViolation(field, "is corrupt or truncated and could not be decoded"))
     bgr = apply_orientation(stored, header.orientation)
     return DecodedImage(bgr=np.ascontiguousarray(bgr), format=header.format, exif_orientation=header.orientation)

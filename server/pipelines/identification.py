@@ -22,6 +22,7 @@ from engines.vision.clip_window import (
     detection_frames,
     grey_thumbnail,
     model_input,
+    model_window,
     spot_apex,
     square_crop_box,
     stable_box,
@@ -147,11 +148,32 @@ def probe_frames(clip: ClipInput, limits: ClipLimits, field: str) -> ProbedClip:
     return ProbedClip(clip, field, headers, pixels)
 
 
+THUMBNAIL_SIDE = 32  # the apex spotter's greyscale thumbnails (grey_thumbnail's default size)
+
+
+def reduction(crop_side: int, need: int) -> int:
+    """The largest JPEG scale-down (8, 4, 2, else 1) that keeps a ``crop_side`` crop at least ``need`` pixels."""
+    return next((k for k in (8, 4, 2) if crop_side // k >= need), 1)
+
+
+def scaled_box(crop: tuple[int, int, int, int], k: int, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """A full-size crop box on a frame decoded at 1/k: the same square, inside the smaller frame."""
+    if k == 1:
+        return crop
+    h, w = shape[:2]
+    side = min((crop[2] - crop[0]) // k, w, h)
+    x0, y0 = min(crop[0] // k, w - side), min(crop[1] // k, h - side)
+    return x0, y0, x0 + side, y0 + side
+
+
 class ClipPipeline:
     def __init__(self, detector: DynamicBatcher, members: Sequence[DynamicBatcher], ensemble: Ensemble,
                  executor: Executor, limits: ClipLimits | None = None, pixels: Budget | None = None,
-                 gate: WaitGate | None = None) -> None:
+                 gate: WaitGate | None = None, reduced_decode: bool = True) -> None:
         self.gate = gate
+        # Decode frames only as large as their use needs (JPEG scaled in libjpeg): full size only for the few
+        # detection frames and, if the face crop is small, the model window. False decodes every frame whole.
+        self.reduced_decode = reduced_decode
         self.detector = BatchedFaceDetector(detector, FaceDetector(ensemble.spec.face_score))
         self.members = list(members)
         self.ensemble = ensemble
@@ -160,10 +182,22 @@ class ClipPipeline:
         # Decoded pixels all requests in flight may hold (shared with the liveness pipeline).
         self.pixels = pixels or Budget("decoded pixels", max(self.limits.max_request_pixels, 1), "pixels")
 
-    def _decode_chunk(self, frames: Sequence[bytes], headers: Sequence[ImageHeader], start: int, field: str
-                      ) -> list[np.ndarray]:
-        return [decode_image(data, self.limits.frame, f"{field}.frames[{start + i}].data", header).bgr
+    def _decode_chunk(self, frames: Sequence[bytes], headers: Sequence[ImageHeader], start: int, field: str,
+                      reduce: int = 1) -> list[np.ndarray]:
+        return [decode_image(data, self.limits.frame, f"{field}.frames[{start + i}].data", header, reduce).bgr
                 for i, (data, header) in enumerate(zip(frames, headers, strict=True))]
+
+    async def _decode_frames(self, probed: ProbedClip, indices: Sequence[int], reduce: int) -> list[np.ndarray]:
+        """The frames at ``indices``, decoded at 1/``reduce`` scale, in parallel chunks on the pool."""
+        loop = asyncio.get_running_loop()
+        clip, field = probed.clip, probed.field
+        chunk = max(8, math.ceil(len(indices) / 4))
+        parts = await asyncio.gather(*[
+            loop.run_in_executor(self.executor, self._decode_chunk, [clip.frames[i] for i in indices[j:j + chunk]],
+                                 [probed.headers[i] for i in indices[j:j + chunk]], indices[j], field, reduce)
+            for j in range(0, len(indices), chunk)
+        ])
+        return [f for part in parts for f in part]
 
     async def _decode_all(self, probed: ProbedClip) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -209,6 +243,8 @@ class ClipPipeline:
             return await self._embed(probed, deadline)
 
     async def _embed(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
+        if self.reduced_decode and probed.clip.frames:
+            return await self._embed_reduced(probed, deadline)
         clip = probed.clip
         spec = self.ensemble.spec
         loop = asyncio.get_running_loop()
@@ -240,6 +276,57 @@ class ClipPipeline:
                                clip.apex_hint is not None, float(clip.fps), spec.fps, box)
         embeddings = {m.name: o["embedding"].astype(np.float32) for m, o in zip(self.members, outs, strict=True)}
         return ClipEmbedding(embeddings, diag, self._encoded(clip, frames, apex), timings)
+
+    async def _embed_reduced(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
+        """Frames decoded only as large as needed: the detection frames whole; every frame at the largest
+        reduction that still gives the apex spotter its thumbnail (which also proves each frame decodes); the
+        model window at the largest reduction that keeps the face crop at least the model's input size."""
+        clip, spec = probed.clip, self.ensemble.spec
+        loop = asyncio.get_running_loop()
+        n = len(clip.frames)
+        t0 = time.perf_counter()
+        sampled = detection_frames(n, spec.detect_frames)
+        detect = await self._decode_frames(probed, sampled, 1)
+        t1 = time.perf_counter()
+        boxes = await asyncio.gather(*[self._detect(f, deadline) for f in detect])
+        box, coverage = stable_box(list(boxes))
+        t2 = time.perf_counter()
+        h, w = detect[0].shape[:2]
+        apex = clip.apex_hint if clip.apex_hint is not None else n // 2
+        if box is None:
+            await self._decode_frames(probed, list(range(n)), 8)  # every frame must still decode
+            timings = {"decode": (t1 - t0 + time.perf_counter() - t2) * 1e3, "detect": (t2 - t1) * 1e3}
+            diag = ClipDiagnostics(n, 0, 0, 0.0, apex, clip.apex_hint is not None, float(clip.fps), spec.fps, None)
+            return ClipEmbedding(None, diag, clip.frames[apex], timings)
+        crop = square_crop_box(box, w, h, spec.crop_scale)
+        side = crop[2] - crop[0]
+        spot = reduction(side, 2 * THUMBNAIL_SIDE)
+        small = await self._decode_frames(probed, list(range(n)), spot)
+        t3 = time.perf_counter()
+        if clip.apex_hint is None:
+            apex = await loop.run_in_executor(self.executor, lambda: spot_apex(
+                [grey_thumbnail(f, scaled_box(crop, spot, f.shape)) for f in small], float(clip.fps)))
+        t4 = time.perf_counter()
+        win = model_window(n, float(clip.fps), spec.fps, spec.clip_len, apex)
+        k = reduction(side, spec.size + spec.margin_px)
+        needed = sorted(set(win.indices))
+        if k == spot:
+            decoded = {i: small[i] for i in needed}
+        else:
+            decoded = dict(zip(needed, await self._decode_frames(probed, needed, k), strict=True))
+        t5 = time.perf_counter()
+        some = decoded[needed[0]]
+        frames: list[np.ndarray] = [decoded.get(i, some) for i in range(n)]  # only the window's are read
+        tensor, win = await loop.run_in_executor(self.executor, model_input, frames, scaled_box(crop, k, some.shape),
+                                                 apex, float(clip.fps), spec)
+        t6 = time.perf_counter()
+        outs = await asyncio.gather(*[m.infer({"clip": tensor}, deadline) for m in self.members])
+        timings = {"decode": (t1 - t0 + t3 - t2 + t5 - t4) * 1e3, "detect": (t2 - t1) * 1e3,
+                   "window": (t4 - t3 + t6 - t5) * 1e3, "embed": (time.perf_counter() - t6) * 1e3}
+        diag = ClipDiagnostics(n, len(set(win.indices)), win.padded, coverage, apex, clip.apex_hint is not None,
+                               float(clip.fps), spec.fps, box)
+        embeddings = {m.name: o["embedding"].astype(np.float32) for m, o in zip(self.members, outs, strict=True)}
+        return ClipEmbedding(embeddings, diag, clip.frames[apex], timings)
 
     @staticmethod
     def _encoded(clip: ClipInput, frames: Sequence[np.ndarray], index: int) -> bytes:
