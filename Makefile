@@ -111,6 +111,7 @@ $(SYNTH_DIR)/CASME2-coding.csv: | models
 $(ENSEMBLE_FILE): $(SYNTH_DIR)/CASME2-coding.csv
 	$(PY) -m engines.identify.train --root $(SYNTH_DIR) --unknown 4 --epochs $(IDENTIFY_EPOCHS) \
 		--ensemble $(ENSEMBLE) --out $(REPOSITORY) --report $(REPOSITORY)/reports/$(ENSEMBLE).json
+	$(PY) -m engines.identify.int8_gate --root $(SYNTH_DIR) --repository $(REPOSITORY)
 
 identify-models: models $(ENSEMBLE_FILE)
 

@@ -1,6 +1,6 @@
-"""``auto`` on the CPU: run each CPU runtime on the model's warm-up batch and keep the faster one, per model and
-machine class (CPU model and core count), measured once and cached beside the model, with the numbers that
-decided it (they become the reason ListModels shows)."""
+"""``auto`` on the CPU: run each CPU runtime (and each reduced-precision variant that passed its parity gate) on
+the model's warm-up batch and keep the fastest, per model and machine class (CPU model and core count), measured
+once and cached beside the model, with the numbers that decided it (they become the reason ListModels shows)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from engines.declarations import ONNXRUNTIME, OPENVINO, ModelDeclaration
+from engines.precision import int8_variant, sha256_file
 from engines.repository import ModelRepository
 from engines.runtime.base import Model
 
 log = logging.getLogger(__name__)
 CHOICE_FILE = "cpu-runtime.json"
+# OpenVINO serving the INT8 variant (model.int8.onnx); offered only when engines.precision says its gate passed.
+OPENVINO_INT8 = "openvino-int8"
 # Below this advantage the incumbent (ONNX Runtime) stays: a few per cent is within run-to-run noise.
 MIN_GAIN = 1.10
 
@@ -47,17 +50,20 @@ def items_per_s(model: Model, decl: ModelDeclaration, batch: int, seconds: float
     return rate
 
 
-def measure(repo: ModelRepository, decl: ModelDeclaration, threads: int, seconds: float = 0.4
-            ) -> dict[str, Any]:
+def measure(repo: ModelRepository, decl: ModelDeclaration, threads: int, seconds: float = 0.4,
+            int8: Path | None = None) -> dict[str, Any]:
     from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
     from engines.runtime.openvino_engine import OpenVinoModel
 
     meta = repo.load(decl.name)
     batch = max(1, min(8, decl.batching.max_batch_size))
     rates = {}
-    for name, make in ((ONNXRUNTIME, lambda: OnnxRuntimeModel(repo.onnx_path(decl.name), meta,
-                                                              ["CPUExecutionProvider"], threads)),
-                       (OPENVINO, lambda: OpenVinoModel(repo.onnx_path(decl.name), meta, threads))):
+    candidates: list[tuple[str, Any]] = [
+        (ONNXRUNTIME, lambda: OnnxRuntimeModel(repo.onnx_path(decl.name), meta, ["CPUExecutionProvider"], threads)),
+        (OPENVINO, lambda: OpenVinoModel(repo.onnx_path(decl.name), meta, threads))]
+    if int8 is not None:
+        candidates.append((OPENVINO_INT8, lambda: OpenVinoModel(int8, meta, threads, precision="int8")))
+    for name, make in candidates:
         try:
             model = make()
         except Exception as exc:  # a runtime that cannot load the model simply loses
@@ -68,7 +74,8 @@ def measure(repo: ModelRepository, decl: ModelDeclaration, threads: int, seconds
     return {"batch": batch, "threads": threads, "items_per_s": rates, "measured_at": time.time()}
 
 
-def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: int) -> tuple[str, str]:
+def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: int, allow_int8: bool = True
+                       ) -> tuple[str, str]:
     """(runtime, why) for this model on this machine class; measured on first use, then read from the cache."""
     if OPENVINO not in decl.runtimes:
         return ONNXRUNTIME, "onnxruntime (the only CPU runtime the model declares)"
@@ -76,19 +83,24 @@ def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: i
         import openvino  # noqa: F401
     except ImportError:
         return ONNXRUNTIME, "onnxruntime (openvino is not installed)"
+    int8, int8_why = int8_variant(repo, decl.name) if allow_int8 else (None, "INT8 not allowed by the settings")
     path = repo.model_dir(decl.name) / CHOICE_FILE
-    key = f"{machine_class()}|threads={threads}|onnx={repo.load(decl.name).onnx_sha256[:12]}"
+    key = (f"{machine_class()}|threads={threads}|onnx={repo.load(decl.name).onnx_sha256[:12]}"
+           f"|int8={sha256_file(int8)[:12] if int8 is not None else 'none'}")
     cached: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     entry = cached.get(key)
     if entry is None:
-        entry = measure(repo, decl, threads)
+        entry = measure(repo, decl, threads, int8=int8)
         cached[key] = entry
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cached, indent=2))
         tmp.replace(path)
     rates = entry["items_per_s"]
-    ort, ov = rates.get(ONNXRUNTIME, 0.0), rates.get(OPENVINO, 0.0)
-    chosen = OPENVINO if ov > MIN_GAIN * ort else ONNXRUNTIME
-    why = (f"{chosen} (auto: openvino {ov:.0f} vs onnxruntime {ort:.0f} items/s at batch {entry['batch']}, "
-           f"{entry['threads']} thread(s), measured on {machine_class()})")
+    ort = rates.get(ONNXRUNTIME, 0.0)
+    best = max(rates, key=lambda r: rates[r]) if rates else ONNXRUNTIME
+    # The incumbent (ONNX Runtime FP32) stays unless another measures clearly faster.
+    chosen = best if best != ONNXRUNTIME and rates[best] > MIN_GAIN * ort else ONNXRUNTIME
+    measured = ", ".join(f"{r} {v:.0f}" for r, v in sorted(rates.items(), key=lambda kv: -kv[1]))
+    why = (f"{chosen} (auto: {measured} items/s at batch {entry['batch']}, {entry['threads']} thread(s), "
+           f"measured on {machine_class()}; {int8_why})")
     return chosen, why

@@ -15,9 +15,10 @@ from typing import Any
 
 from engines.batching import BatcherConfig
 from engines.declarations import CPU_RUNTIMES, ONNXRUNTIME, OPENVINO, TENSORRT, ModelDeclaration
+from engines.precision import int8_variant
 from engines.repository import ModelRepository
 from engines.runtime.base import Model
-from engines.runtime.cpu_choice import choose_cpu_runtime
+from engines.runtime.cpu_choice import OPENVINO_INT8, choose_cpu_runtime
 from engines.runtime.onnxruntime_engine import OnnxRuntimeModel, choose_providers
 from engines.tensorrt.availability import Availability, availability
 from engines.tensorrt.cache import BuilderSettings
@@ -39,6 +40,9 @@ class RuntimeSettings:
     cpu_runtime: str = "auto"
     """On the CPU: "onnxruntime", "openvino", or "auto" (what measures faster for each model on this machine
     class, measured once and cached beside the model)."""
+    int8: bool = True
+    """Let ``auto`` serve a model's INT8 variant where it passed its parity gate (precision.json) and measures
+    faster; false keeps every model in FP32."""
     models: dict[str, str] = field(default_factory=dict)
     """Per-model runtime ([runtime.models] name = "auto" | "onnxruntime" | "openvino" | "tensorrt")."""
 
@@ -114,10 +118,18 @@ class EngineFactory:
             return self._onnxruntime(decl, meta), reason
         cpu = wanted if wanted in CPU_RUNTIMES else self.settings.cpu_runtime
         if cpu == "auto":
-            cpu, why = choose_cpu_runtime(self.repository, decl, self.settings.intra_op_threads)
+            cpu, why = choose_cpu_runtime(self.repository, decl, self.settings.intra_op_threads,
+                                          self.settings.int8)
             reason = f"{reason}; on the CPU: {why}"
         else:
             reason = f"{reason}; on the CPU: {cpu} (configured)"
+        if cpu == OPENVINO_INT8 and OPENVINO in decl.runtimes:
+            from engines.runtime.openvino_engine import OpenVinoModel
+
+            int8, _ = int8_variant(self.repository, decl.name)
+            if int8 is not None:  # chosen from a cached measurement: the gate file is checked again here
+                return OpenVinoModel(int8, meta, self.settings.intra_op_threads, precision="int8"), reason
+            cpu = OPENVINO
         if cpu == OPENVINO and OPENVINO in decl.runtimes:
             from engines.runtime.openvino_engine import OpenVinoModel
 

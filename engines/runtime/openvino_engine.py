@@ -18,7 +18,7 @@ import numpy as np
 from engines.repository import ModelMetadata
 from engines.runtime.base import EngineError, EngineInstance, InferTimings, Model, TensorSpec
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")  # int8: ``path`` is the QDQ variant (engines.precision)
 
 
 def cpu_capabilities() -> list[str]:

@@ -1,0 +1,78 @@
+"""INT8 variants behind their parity gate: what the gate wrote is what is served, and nothing else is.
+
+The gate itself (``engines.identify.int8_gate``) runs at model preparation (``make identify-models``); these tests
+read its outcome from the repository the suite uses and check the serving side against it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.declarations import declaration_for
+from engines.identify.ensemble import find_ensemble
+from engines.precision import GATE_FILE, INT8_FILE, int8_variant
+from engines.repository import ModelRepository
+from engines.runtime.factory import EngineFactory, RuntimeSettings
+from engines.runtime.openvino_engine import OpenVinoModel
+
+pytestmark = pytest.mark.weights
+
+
+def _members(repository_dir: Path) -> list[str]:
+    ens = find_ensemble(repository_dir)
+    if ens is None or not all((repository_dir / m / GATE_FILE).is_file() for m in ens.members):
+        pytest.skip("needs the identification ensemble with its INT8 gate run (make identify-models)")
+    return list(ens.members)
+
+
+def test_every_member_has_a_gate_verdict_with_its_numbers(repository_dir: Path) -> None:
+    for name in _members(repository_dir):
+        entry = json.loads((repository_dir / name / GATE_FILE).read_text())["int8"]
+        assert entry["passed"] == (entry["min_cosine"] >= 0.99 and entry["rank1_int8"] == entry["rank1_fp32"])
+        assert entry["parity_clips"] >= 50 and entry["calibration_clips"] >= 32
+        assert "synthetic" in entry["data"]
+
+
+def test_a_passed_variant_runs_and_a_failed_or_swapped_one_is_never_served(repository_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    repo = ModelRepository(repository_dir)
+    rng = np.random.default_rng(1)
+    for name in _members(repository_dir):
+        path, why = int8_variant(repo, name)
+        entry = json.loads((repository_dir / name / GATE_FILE).read_text())["int8"]
+        assert (path is not None) == bool(entry["passed"]), why
+        if path is None:
+            continue
+        meta = repo.load(name)
+        x = {k: rng.uniform(0, 255, (4, *v.shape)).astype(v.dtype)
+             for k, v in declaration_for(meta).warmup_item().items()}
+        a, _ = OpenVinoModel(path, meta, precision="int8").new_instance().infer(x)
+        b, _ = OpenVinoModel(repo.onnx_path(name), meta).new_instance().infer(x)
+        # Random inputs are far outside what it was calibrated on (the gate measured parity on real clips):
+        # here only that it runs as the same model would, shapes and all.
+        assert a["embedding"].shape == b["embedding"].shape and np.isfinite(a["embedding"]).all()
+    # A copy whose gate says failed, or whose INT8 file was swapped, is served in FP32 whatever its speed.
+    name = _members(repository_dir)[0]
+    copy = tmp_path / "repo"
+    shutil.copytree(repository_dir / name, copy / name, ignore=shutil.ignore_patterns("engines"))
+    crepo = ModelRepository(copy)
+    entry = json.loads((copy / name / GATE_FILE).read_text())
+    if (copy / name / INT8_FILE).is_file():
+        entry["int8"]["passed"] = True
+        (copy / name / GATE_FILE).write_text(json.dumps(entry))
+        assert int8_variant(crepo, name)[0] is not None
+        (copy / name / INT8_FILE).write_bytes((copy / name / INT8_FILE).read_bytes() + b"\0")
+        assert int8_variant(crepo, name) == (None, "the INT8 file is missing or not the one the gate passed")
+    entry["int8"]["passed"] = False
+    entry["int8"]["summary"] = "failed on purpose"
+    (copy / name / GATE_FILE).write_text(json.dumps(entry))
+    decl = declaration_for(crepo.load(name))
+    model, reason = EngineFactory(crepo, RuntimeSettings(prefer_gpu=False)).create(decl, decl.batching)
+    assert not model.runtime.endswith(":int8") and "failed its parity gate (failed on purpose)" in reason
+    # And INT8 can be turned off by a setting even where it passed.
+    model, reason = EngineFactory(repo, RuntimeSettings(prefer_gpu=False, int8=False)).create(decl, decl.batching)
+    assert not model.runtime.endswith(":int8") and "INT8 not allowed" in reason
