@@ -170,8 +170,9 @@ def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [f"# facegate vs Triton ({m['date']})", "",
              f"Model `{r['model']}` (the same ONNX file), CPU only: {m['cpu']}, {m['cores']} cores shared by client "
-             "and servers. perf_analyzer 2.51 over gRPC, batch 1 requests, closed loop. Both servers: "
-             f"{r.get('engine', 'onnxruntime')} with {r['intra_op_threads']} thread(s), one model instance, "
+             "and servers. perf_analyzer 2.51 over gRPC, batch 1 requests, closed loop. Engines: facegate "
+             f"{r.get('engine', 'onnxruntime')}, Triton {r.get('triton_engine', r.get('engine', 'onnxruntime'))}, "
+             f"each with {r['intra_op_threads']} thread(s), one model instance, "
              "dynamic batching with max batch "
              f"{r['max_batch_size']} and a {r['max_queue_delay_us']} us queue delay; Triton runs the model in its "
              "Python backend (PyTriton).", "",
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--intra-op-threads", type=int, default=1, help="engine threads, the same for both servers")
     p.add_argument("--engine", choices=["onnxruntime", "openvino"], default="onnxruntime",
                    help="the CPU engine both servers run (facegate forced to it, PyTriton calling it)")
+    p.add_argument("--triton-engine", choices=["onnxruntime", "openvino"],
+                   help="a different engine for Triton (e.g. facegate's best against Triton's ONNX Runtime)")
     a = p.parse_args(argv)
     if not (a.bench_venv / "bin" / "perf_analyzer").exists():
         raise SystemExit(f"no perf_analyzer in {a.bench_venv}: run `make bench-env`")
@@ -218,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     hist: dict[int, int] = {}
     cfg = a.out / f"facegate-{a.engine}-threads{a.intra_op_threads}.toml"
     cfg.write_text(f'[runtime]\nintra_op_threads = {a.intra_op_threads}\ncpu_runtime = "{a.engine}"\n')
+    triton_engine = a.triton_engine or a.engine
     tag = (f"-t{a.intra_op_threads}" if a.intra_op_threads != 1 else "") + \
-        (f"-{a.engine}" if a.engine != "onnxruntime" else "")
+        (f"-{a.engine}" if a.engine != "onnxruntime" else "") + \
+        (f"-vs-{triton_engine}" if triton_engine != a.engine else "")
     for label, extra in (("facegate", []), ("facegate-no-batching", ["--no-batching"])):
         progress(f"{label}: starting")
         with facegate_server(a.repository, ["--config", str(cfg), *extra], a.out / f"server-{label}.log") as address:
@@ -230,13 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     progress("triton: starting")
     with triton_server(a.bench_venv, a.repository / a.model / "model.onnx", a.model, batching.max_batch_size,
                        batching.max_queue_delay_us, a.intra_op_threads, a.out / "server-triton.log",
-                       a.engine) as address:
+                       triton_engine) as address:
         runs["triton"] = perf_analyzer(a.bench_venv, address, a.model, a.concurrency, a.interval_ms,
                                        a.out / "pa-triton.csv")
     result: dict[str, Any] = {
         "machine": machine_info(), "model": a.model, "max_batch_size": batching.max_batch_size,
         "max_queue_delay_us": batching.max_queue_delay_us, "intra_op_threads": a.intra_op_threads,
-        "engine": a.engine,
+        "engine": a.engine, "triton_engine": triton_engine,
         "runs": {k: {str(c): v for c, v in rows.items()} for k, rows in runs.items()},
         "facegate_batch_histogram": {str(k): v for k, v in sorted(hist.items())},
     }

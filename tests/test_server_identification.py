@@ -221,33 +221,56 @@ def test_a_video_container_identifies_like_its_frames(stub, enrolled: str, train
     assert field_violations(info.value)[0][0] == "clip.video"
 
 
-def test_reduced_decoding_identifies_the_test_split_like_full_decoding(repository_dir: Path, stub, enrolled: str,  # type: ignore[no-untyped-def]
-                                                                        trained: dict, tmp_path: Path) -> None:
-    """The served default decodes frames only as large as needed; a server decoding every frame whole (the
-    baseline setting), enrolled the same way, gives every probe (known and unknown) the same rank-1 person and the
-    same decision."""
-    full, thread = start_server(repository_dir, gallery_path=tmp_path / "full.sqlite", clip_reduced_decode=False)
+def _upscaled(folder: Path, factor: int = 2) -> identification_pb2.Clip:
+    """The clip at ``factor`` times its size (a 360x480 capture): large enough that reduced decoding reduces."""
+    import cv2
+
+    frames = []
+    for f in frames_of(folder):
+        img = cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR)
+        assert img is not None
+        big = cv2.resize(img, (img.shape[1] * factor, img.shape[0] * factor), interpolation=cv2.INTER_CUBIC)
+        ok, buf = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        assert ok
+        frames.append(common_pb2.Image(data=buf.tobytes()))
+    return identification_pb2.Clip(frames=frames, fps=FPS)
+
+
+def test_reduced_decoding_identifies_like_full_decoding(repository_dir: Path, trained: dict,  # type: ignore[no-untyped-def]
+                                                        tmp_path: Path) -> None:
+    """Two servers, one decoding frames only as large as needed (the default), one decoding every frame whole
+    (the baseline setting), each enrolled from the same clips at 360x480 (faces large enough that all frames but
+    the detection frames and the model window are decoded at 1/4): every probe, known and unknown, gets the same
+    rank-1 person and the same decision from both."""
+    from server.pipelines.identification import THUMBNAIL_SIDE, reduction
+
+    assert reduction(2 * 130, 2 * THUMBNAIL_SIDE) == 4  # what this clip size gives (faces ~130 px at 180x240)
+    servers = [start_server(repository_dir, gallery_path=tmp_path / f"{mode}.sqlite", clip_reduced_decode=mode)
+               for mode in (True, False)]
     try:
-        other = identification_pb2_grpc.IdentificationServiceStub(full.channel())
-        other.CreateCollection(identification_pb2.CreateCollectionRequest(collection="synthetic"), timeout=10)
+        stubs = [identification_pb2_grpc.IdentificationServiceStub(s.channel()) for s, _ in servers]
         by_subject: dict[str, list[str]] = {}
         for key in trained["enrol2_gallery"]:
             by_subject.setdefault(key.split("/")[1], []).append(key)
-        for subject, keys in by_subject.items():
-            other.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
-                collection="synthetic", person_id=subject,
-                clips=[clip_from_folder(clip_dir(trained, k), FPS) for k in keys]), timeout=120)
+        enrol = {s: [_upscaled(clip_dir(trained, k)) for k in keys] for s, keys in by_subject.items()}
+        for stub in stubs:
+            stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection="big"), timeout=10)
+            for subject, clips in enrol.items():
+                stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+                    collection="big", person_id=subject, clips=clips), timeout=120)
         rank1, decisions, gaps = [], [], []
-        for key in trained["test_probes"] + trained["unknown_probes"]:
-            a = identify(stub, enrolled, clip_dir(trained, key))
-            b = identify(other, "synthetic", clip_dir(trained, key))
+        for key in trained["test_probes"][::3] + trained["unknown_probes"][::2]:
+            clip = _upscaled(clip_dir(trained, key))
+            a, b = (stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
+                collection="big", clip=clip, top_k=3), timeout=120) for stub in stubs)
             if a.candidates[0].person_id != b.candidates[0].person_id:
                 rank1.append(key)
             if a.decision != b.decision:
                 decisions.append(key)
             gaps.append(abs(a.candidates[0].score - b.candidates[0].score))
-        print(f"rank-1 differs {len(rank1)}, decision differs {len(decisions)}, score gap median "
+        print(f"rank-1 differs {len(rank1)}, decision differs {len(decisions)} of {len(gaps)}, score gap median "
               f"{np.median(gaps):.4f} max {max(gaps):.4f}")
         assert not rank1 and not decisions, (rank1, decisions)
     finally:
-        stop_server(full, thread)
+        for running, thread in servers:
+            stop_server(running, thread)
