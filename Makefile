@@ -18,6 +18,8 @@ PROTOS := $(shell find proto -name '*.proto')
 # synthetic clips generated from a face photo (motion-only: every identity looks the same).
 SYNTH_DIR ?= .cache/synthetic/motion
 BASE_IMAGE ?= $(firstword $(wildcard ../shared/samples/liveness/image_T1.jpg))
+# Labelled liveness images: the INT8 liveness gate's parity and calibration sets are made from them (none: FP32 only).
+LIVENESS_SAMPLES ?= ../shared/samples/liveness
 ENSEMBLE ?= slowfast_cpu
 IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
@@ -102,6 +104,11 @@ proto-check: $(BUF) $(VENV)/.stubs
 
 models: $(VENV)/.stubs
 	$(PY) -m engines.prepare --repository $(REPOSITORY)
+	@$(MAKE) --no-print-directory $(REPOSITORY)/minifasnet_v2/precision.json
+
+# The INT8 liveness variants and their parity gate, once per prepared model (engines/liveness_gate.py).
+$(REPOSITORY)/minifasnet_v2/precision.json: $(REPOSITORY)/minifasnet_v2/model.onnx $(REPOSITORY)/minifasnet_v1se/model.onnx
+	$(PY) -m engines.liveness_gate --samples $(LIVENESS_SAMPLES) --repository $(REPOSITORY)
 
 $(SYNTH_DIR)/CASME2-coding.csv: | models
 	@test -n "$(BASE_IMAGE)" || { echo "set BASE_IMAGE=<a face photo> to generate the synthetic clips"; exit 2; }

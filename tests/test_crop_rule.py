@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from server.pipelines.crop import crop_for_model, crop_window
+from engines.vision.crop import crop_for_model, crop_window
 
 
 def test_centred_window_is_scale_times_the_box() -> None:

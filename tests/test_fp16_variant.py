@@ -11,8 +11,8 @@ import pytest
 
 from engines.specs import LIVENESS_SPECS
 from engines.tensorrt.fp16 import convert_fp16
+from engines.vision.crop import crop_for_model
 from engines.vision.imaging import ImageLimits, decode_image
-from server.pipelines.crop import crop_for_model
 from tests.conftest import REFERENCE
 
 pytestmark = pytest.mark.weights

@@ -76,3 +76,21 @@ def test_a_passed_variant_runs_and_a_failed_or_swapped_one_is_never_served(repos
     # And INT8 can be turned off by a setting even where it passed.
     model, reason = EngineFactory(repo, RuntimeSettings(prefer_gpu=False, int8=False)).create(decl, decl.batching)
     assert not model.runtime.endswith(":int8") and "INT8 not allowed" in reason
+
+
+def test_the_liveness_pair_has_a_gate_verdict_and_is_served_accordingly(repository_dir: Path) -> None:
+    from engines.specs import LIVENESS_SPECS
+
+    repo = ModelRepository(repository_dir)
+    names = [s.name for s in LIVENESS_SPECS]
+    if not all((repository_dir / n / GATE_FILE).is_file() for n in names):
+        pytest.skip("the liveness INT8 gate has not run (make models with LIVENESS_SAMPLES)")
+    for name in names:
+        entry = json.loads((repository_dir / name / GATE_FILE).read_text())["int8"]
+        assert entry["parity_images"] >= 50
+        assert entry["passed"] == (entry["verdicts_changed"] == 0 and entry["max_score_gap"] <= 0.02)
+        path, why = int8_variant(repo, name)
+        assert (path is not None) == entry["passed"], why
+        decl = declaration_for(repo.load(name))
+        model, reason = EngineFactory(repo, RuntimeSettings(prefer_gpu=False)).create(decl, decl.batching)
+        assert model.runtime.endswith(":int8") <= entry["passed"], reason  # never INT8 unless it passed

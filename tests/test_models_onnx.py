@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 
 from engines.specs import DETECTOR_SPEC, LIVENESS_SPECS
+from engines.vision.crop import crop_for_model
 from engines.vision.detection import decode_detections, prepare_input
 from engines.vision.imaging import ImageLimits, decode_image
-from server.pipelines.crop import crop_for_model
 from tests.conftest import REFERENCE
 
 pytestmark = pytest.mark.weights

@@ -7,7 +7,6 @@ resizing) run on a thread pool so the event loop only schedules.
 from __future__ import annotations
 
 import asyncio
-import enum
 import math
 import time
 from concurrent.futures import Executor
@@ -17,20 +16,14 @@ import numpy as np
 
 from engines.errors import FieldViolation, InvalidArgumentError
 from engines.specs import DETECTOR_SPEC, DetectorSpec, LivenessSpec
+from engines.vision.crop import crop_for_model
 from engines.vision.detection import DetectorInput, FaceDetector
 from engines.vision.imaging import DecodedImage, ImageHeader, ImageLimits, decode_image, probe_image
+from engines.vision.liveness_decision import Decision, decide, softmax
 from server.admission import Budget, WaitGate
 from server.batching.scheduler import DynamicBatcher
-from server.pipelines.crop import crop_for_model
 from server.pipelines.face_detection import BatchedFaceDetector
 from server.pipelines.quality import QualityConfig, QualityIssue, assess_face
-
-
-class Decision(enum.Enum):
-    UNSPECIFIED = "unspecified"
-    LIVE = "live"
-    SPOOF = "spoof"
-    UNCERTAIN = "uncertain"
 
 
 @dataclass(frozen=True)
@@ -85,19 +78,6 @@ class LivenessResult:
     model_scores: list[ModelScore]
     image: DecodedImage
     timings_ms: dict[str, float]
-
-
-def decide(live_score: float, threshold: float, margin: float) -> Decision:
-    if live_score >= threshold + margin:
-        return Decision.LIVE
-    if live_score < threshold - margin:
-        return Decision.SPOOF
-    return Decision.UNCERTAIN
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
 
 
 def validate_threshold(threshold: float | None) -> None:
@@ -172,7 +152,7 @@ class LivenessPipeline:
         timings["classify"] = (t4 - t3) * 1e3
         scores = []
         for (spec, batcher), out in zip(self.classifiers, outputs, strict=True):
-            probs = _softmax(out["logits"].astype(np.float64))
+            probs = softmax(out["logits"].astype(np.float64))
             scores.append(ModelScore(batcher.name, tuple(float(p) for p in probs), float(probs[spec.live_class])))
         live_score = float(np.mean([s.live_probability for s in scores]))
         timings["total"] = (t4 - t0) * 1e3
