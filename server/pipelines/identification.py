@@ -243,7 +243,10 @@ class ClipPipeline:
             return await self._embed(probed, deadline)
 
     async def _embed(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
-        if self.reduced_decode and probed.clip.frames:
+        # A face crop allowing the spotter's pass at 1/4 needs frames of at least 4 x 64 px a side; below that the
+        # reduced path only adds a serial step (measured +1.8 ms decode on 180x240 clips), so frames go whole.
+        if self.reduced_decode and probed.clip.frames and \
+                min(probed.headers[0].width, probed.headers[0].height) >= 4 * 2 * THUMBNAIL_SIDE:
             return await self._embed_reduced(probed, deadline)
         clip = probed.clip
         spec = self.ensemble.spec
