@@ -11,7 +11,6 @@ bf16 needs no file: it is OpenVINO's inference precision hint, offered only wher
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -21,17 +20,10 @@ from typing import Any
 import numpy as np
 
 from engines.repository import ModelRepository
+from engines.weights import sha256_file
 
 INT8_FILE = "model.int8.onnx"
 GATE_FILE = "precision.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def quantize_int8(src: Path, dst: Path, calibration: Iterable[Mapping[str, np.ndarray]],

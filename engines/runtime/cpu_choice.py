@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from engines.declarations import ONNXRUNTIME, OPENVINO, ModelDeclaration
-from engines.precision import int8_variant, sha256_file
+from engines.precision import int8_variant
 from engines.repository import ModelRepository
 from engines.runtime.base import Model
+from engines.weights import sha256_file
 
 log = logging.getLogger(__name__)
 CHOICE_FILE = "cpu-runtime.json"
