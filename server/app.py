@@ -155,7 +155,7 @@ class FacegateServer:
         await self._load_identification()
         # The runtimes' own thread pools exist now (made while loading): they compute, so they yield to the loop.
         lowered = lower_compute_threads(self.config.compute_nice, keep={threading.get_native_id()})
-        log.info("%d compute threads at nice %d (the event loop and gRPC I/O at 0)", lowered,
+        log.info("%d compute threads at nice %d (the event loop, grpc.aio's poller and gRPC I/O at 0)", lowered,
                  self.config.compute_nice)
         self._loading = False
         for service in SERVICES:

@@ -17,6 +17,9 @@ import threading
 
 # gRPC core's own I/O threads read and write the sockets: they stay with the loop.
 _IO_THREAD_PREFIXES = ("event_engine", "grpc")
+# grpc.aio's poller: a Python thread (so its OS name is just "python") that takes every completion from gRPC core
+# and hands it to the event loop. Lowered, it delays every call's progress when the cores are busy.
+_IO_PYTHON_THREADS = ("_poll_wrapper",)
 
 
 def _supported() -> bool:
@@ -34,6 +37,7 @@ def lower_compute_threads(nice: int, keep: set[int]) -> int:
     started later by a lowered thread inherit its value. Returns how many threads were lowered."""
     if nice <= 0 or not _supported():
         return 0
+    keep = keep | io_threads()
     lowered = 0
     for name in os.listdir("/proc/self/task"):
         tid = int(name)
@@ -48,6 +52,12 @@ def lower_compute_threads(nice: int, keep: set[int]) -> int:
             continue
         lowered += _renice(tid, nice)
     return lowered
+
+
+def io_threads() -> set[int]:
+    """Native ids of the Python threads that do gRPC I/O (they keep the event loop's priority)."""
+    return {t.native_id for t in threading.enumerate()
+            if t.native_id is not None and any(name in t.name for name in _IO_PYTHON_THREADS)}
 
 
 def _renice(tid: int, nice: int) -> int:
