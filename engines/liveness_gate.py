@@ -11,7 +11,6 @@ outcome and its numbers go to each classifier's ``precision.json``. Without samp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import cv2
 import numpy as np
 
 from engines.identify.preprocess import OnnxDetector
-from engines.precision import INT8_FILE, quantize_int8, write_gate
+from engines.precision import INT8_FILE, gate_main, quantize_int8, write_gate
 from engines.repository import ModelRepository
 from engines.specs import LIVENESS_SPECS
 from engines.vision.crop import crop_for_model
@@ -82,8 +81,9 @@ def scores(paths: list[Path], repo: ModelRepository, crops: list[list[np.ndarray
 
     probs = []
     for path, spec, xs in zip(paths, LIVENESS_SPECS, crops, strict=True):
-        inst = OpenVinoModel(path, repo.load(spec.name), precision=precision).new_instance()
-        name = repo.load(spec.name).inputs[0].name
+        meta = repo.load(spec.name)
+        inst = OpenVinoModel(path, meta, precision=precision).new_instance()
+        name = meta.inputs[0].name
         logits = np.concatenate([inst.infer({name: np.stack(xs[i:i + 8])})[0]["logits"]
                                  for i in range(0, len(xs), 8)])
         probs.append([float(softmax(row.astype(np.float64))[spec.live_class]) for row in logits])
@@ -126,15 +126,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"passed": passed, "summary": summary, "parity_images": n}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=Path, required=True, help="labelled liveness sample images")
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--method", choices=["MinMax", "Entropy", "Percentile"], default="Entropy")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(json.dumps(run(args), indent=1))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return gate_main(__doc__.splitlines()[0], argv, _arguments, run)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ bf16 needs no file: it is OpenVINO's inference precision hint, offered only wher
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,7 @@ def quantize_int8(src: Path, dst: Path, calibration: Iterable[Mapping[str, np.nd
 def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any]) -> None:
     """Record an INT8 gate's outcome (``passed`` and its numbers) beside the model."""
     directory = repo.model_dir(name)
-    entry = {**result, "file": INT8_FILE, "source_onnx_sha256": repo.load(name).onnx_sha256,
+    entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256,
              "int8_sha256": sha256_file(directory / INT8_FILE) if (directory / INT8_FILE).is_file() else ""}
     path = directory / GATE_FILE
     tmp = path.with_suffix(".tmp")
@@ -66,8 +68,9 @@ def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any]) -> N
     tmp.replace(path)
 
 
-def int8_variant(repo: ModelRepository, name: str) -> tuple[Path | None, str]:
-    """(path, why): the INT8 file if its gate passed for the current FP32 model, else None and the reason."""
+def passed_int8(repo: ModelRepository, name: str) -> tuple[dict[str, Any] | None, str]:
+    """(gate entry, why): the INT8 gate's entry if it passed for the current FP32 model and its file is the one
+    the gate passed (hashed here, once), else None and the reason."""
     directory = repo.model_dir(name)
     path = directory / GATE_FILE
     if not path.is_file():
@@ -77,7 +80,28 @@ def int8_variant(repo: ModelRepository, name: str) -> tuple[Path | None, str]:
         return None, "the INT8 gate ran on another version of the model"
     if not entry.get("passed"):
         return None, f"INT8 failed its parity gate ({entry.get('summary', 'see precision.json')})"
-    file = directory / entry.get("file", INT8_FILE)
+    file = directory / INT8_FILE
     if not file.is_file() or sha256_file(file) != entry.get("int8_sha256"):
         return None, "the INT8 file is missing or not the one the gate passed"
-    return file, f"INT8 passed its parity gate ({entry.get('summary', '')})"
+    return entry, f"INT8 passed its parity gate ({entry.get('summary', '')})"
+
+
+def int8_variant(repo: ModelRepository, name: str) -> tuple[Path | None, str]:
+    """(path, why): the INT8 file if its gate passed for the current FP32 model, else None and the reason."""
+    entry, why = passed_int8(repo, name)
+    return (repo.model_dir(name) / INT8_FILE if entry is not None else None), why
+
+
+def gate_main(description: str, argv: list[str] | None, add_arguments: Callable[[argparse.ArgumentParser], None],
+              run: Callable[[argparse.Namespace], Mapping[str, Any]]) -> int:
+    """The command line every INT8 gate shares: its own arguments, then --repository and --method; prints the
+    outcome as JSON."""
+    p = argparse.ArgumentParser(description=description)
+    add_arguments(p)
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--method", choices=["MinMax", "Entropy", "Percentile"], default="Entropy",
+                   help="ONNX Runtime's calibration method")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(json.dumps(run(args), indent=1))
+    return 0

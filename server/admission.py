@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from engines.errors import ResourceExhaustedError
 
@@ -115,3 +115,8 @@ class WaitGate:
             self._window_done += 1  # counted before the window may close, so a closing window includes it
             self._advance(self._clock())
             self.in_flight -= 1
+
+
+def admitted(gate: WaitGate | None, deadline: float | None) -> AbstractAsyncContextManager[None]:
+    """``gate.enter(deadline)``, or nothing to pass where a pipeline runs without a gate (tests, tools)."""
+    return gate.enter(deadline) if gate is not None else nullcontext()

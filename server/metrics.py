@@ -137,10 +137,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             try:
                 return await inner(request, context)
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except BaseException:
+            except BaseException:  # aborts (the mapped status is on the context), cancellation, anything else
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             finally:

@@ -25,7 +25,7 @@ from engines.identify.datasets import READERS
 from engines.identify.ensemble import find_ensemble
 from engines.identify.preprocess import prepare_all
 from engines.identify.train import _batch, cmc, identify
-from engines.precision import INT8_FILE, quantize_int8, write_gate
+from engines.precision import INT8_FILE, gate_main, quantize_int8, write_gate
 from engines.repository import ModelRepository
 
 log = logging.getLogger("engines.identify.int8_gate")
@@ -103,19 +103,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"members": members, "rank1_fp32": base, "rank1_int8": quant, "top1_changed": changed}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, required=True, help="the (synthetic) CASME II layout the ensemble used")
     p.add_argument("--annotation", type=Path)
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--cache", type=Path, default=Path(".cache/clips"))
     p.add_argument("--calibration", type=int, default=128, help="training-half clips to calibrate on")
-    p.add_argument("--method", choices=["MinMax", "Entropy", "Percentile"], default="Entropy",
-                   help="ONNX Runtime's calibration method")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(json.dumps(run(args), indent=1))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return gate_main(__doc__.splitlines()[0], argv, _arguments, run)
 
 
 if __name__ == "__main__":

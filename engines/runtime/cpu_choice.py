@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from engines.declarations import ONNXRUNTIME, OPENVINO, ModelDeclaration
-from engines.precision import int8_variant
+from engines.precision import INT8_FILE, passed_int8
 from engines.repository import ModelRepository
 from engines.runtime.base import Model
-from engines.weights import sha256_file
 
 log = logging.getLogger(__name__)
 CHOICE_FILE = "cpu-runtime.json"
-# OpenVINO serving the INT8 variant (model.int8.onnx); offered only when engines.precision says its gate passed.
+# OpenVINO serving the INT8 variant (model.int8.onnx); measured, so chosen, only when its gate passed (checked on
+# every choice, cached or not: a cached entry's key names the INT8 file the gate passed).
 OPENVINO_INT8 = "openvino-int8"
 # Below this advantage the incumbent (ONNX Runtime) stays: a few per cent is within run-to-run noise.
 MIN_GAIN = 1.10
@@ -84,10 +84,11 @@ def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: i
         import openvino  # noqa: F401
     except ImportError:
         return ONNXRUNTIME, "onnxruntime (openvino is not installed)"
-    int8, int8_why = int8_variant(repo, decl.name) if allow_int8 else (None, "INT8 not allowed by the settings")
+    gate, int8_why = passed_int8(repo, decl.name) if allow_int8 else (None, "INT8 not allowed by the settings")
+    int8 = repo.model_dir(decl.name) / INT8_FILE if gate is not None else None
     path = repo.model_dir(decl.name) / CHOICE_FILE
     key = (f"{machine_class()}|threads={threads}|onnx={repo.load(decl.name).onnx_sha256[:12]}"
-           f"|int8={sha256_file(int8)[:12] if int8 is not None else 'none'}")
+           f"|int8={gate['int8_sha256'][:12] if gate is not None else 'none'}")
     cached: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     entry = cached.get(key)
     if entry is None:

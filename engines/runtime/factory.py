@@ -15,7 +15,7 @@ from typing import Any
 
 from engines.batching import BatcherConfig
 from engines.declarations import CPU_RUNTIMES, ONNXRUNTIME, OPENVINO, TENSORRT, ModelDeclaration
-from engines.precision import int8_variant
+from engines.precision import INT8_FILE
 from engines.repository import ModelRepository
 from engines.runtime.base import Model
 from engines.runtime.cpu_choice import OPENVINO_INT8, choose_cpu_runtime
@@ -123,17 +123,14 @@ class EngineFactory:
             reason = f"{reason}; on the CPU: {why}"
         else:
             reason = f"{reason}; on the CPU: {cpu} (configured)"
-        if cpu == OPENVINO_INT8 and OPENVINO in decl.runtimes:
+        if cpu in (OPENVINO, OPENVINO_INT8) and OPENVINO in decl.runtimes:
             from engines.runtime.openvino_engine import OpenVinoModel
 
-            int8, _ = int8_variant(self.repository, decl.name)
-            if int8 is not None:  # chosen from a cached measurement: the gate file is checked again here
-                return OpenVinoModel(int8, meta, self.settings.intra_op_threads, precision="int8"), reason
-            cpu = OPENVINO
-        if cpu == OPENVINO and OPENVINO in decl.runtimes:
-            from engines.runtime.openvino_engine import OpenVinoModel
-
-            return OpenVinoModel(self.repository.onnx_path(decl.name), meta, self.settings.intra_op_threads), reason
+            threads = self.settings.intra_op_threads
+            if cpu == OPENVINO_INT8:  # choose_cpu_runtime verified the gate and the file just now
+                path = self.repository.model_dir(decl.name) / INT8_FILE
+                return OpenVinoModel(path, meta, threads, precision="int8"), reason
+            return OpenVinoModel(self.repository.onnx_path(decl.name), meta, threads), reason
         return self._onnxruntime(decl, meta), reason
 
     def _onnxruntime(self, decl: ModelDeclaration, meta: Any) -> Model:

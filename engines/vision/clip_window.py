@@ -93,7 +93,10 @@ def spot_apex(grey_frames: Sequence[np.ndarray], capture_fps: float) -> int:
     return int(np.argmax(smooth))
 
 
-def grey_thumbnail(bgr: np.ndarray, crop: tuple[int, int, int, int], size: int = 32) -> np.ndarray:
+THUMBNAIL_SIDE = 32  # the apex spotter's greyscale thumbnails
+
+
+def grey_thumbnail(bgr: np.ndarray, crop: tuple[int, int, int, int], size: int = THUMBNAIL_SIDE) -> np.ndarray:
     x0, y0, x1, y1 = crop
     patch = cv2.cvtColor(bgr[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
     return cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)

@@ -51,23 +51,11 @@ class MemberIndex:
     def add(self, person: str, embeddings: np.ndarray) -> None:
         """Append rows for ``person`` (float32 [k, dim], L2-normalised)."""
         e = np.asarray(embeddings, np.float32).reshape(-1, self.dim)
-        slot = self._slot.get(person)
-        if slot is None:
-            slot = self._slot[person] = len(self._names)
-            self._names.append(person)
-        start, end = self._n, self._n + len(e)
-        self._grow(end)
-        self._emb[start:end] = e
-        self._owner[start:end] = slot
-        self._alive[start:end] = True
-        rows = self._rows.setdefault(slot, [])
-        rows.extend(range(start, end))
-        self._most = max(self._most, len(rows))
-        self._n = end
+        self.add_many([person] * len(e), e)
 
     def add_many(self, persons: list[str], embeddings: np.ndarray) -> None:
-        """Append one row per entry of ``persons`` (float32 [len(persons), dim]) at once: a whole collection loads
-        with a few array copies instead of one ``add`` per template (which held the GIL for seconds at 1M)."""
+        """Append one row per entry of ``persons`` (float32 [len(persons), dim], L2-normalised) at once: a whole
+        collection loads with a few array copies, not a loop per template (which held the GIL for seconds at 1M)."""
         e = np.asarray(embeddings, np.float32).reshape(len(persons), self.dim)
         slot_of, names = self._slot, self._names
         slots = []

@@ -19,6 +19,8 @@ import numpy as np
 from engines.errors import FieldViolation, InvalidArgumentError
 from engines.identify.ensemble import Ensemble
 from engines.vision.clip_window import (
+    THUMBNAIL_SIDE,
+    Window,
     detection_frames,
     grey_thumbnail,
     model_input,
@@ -30,7 +32,7 @@ from engines.vision.clip_window import (
 from engines.vision.detection import Box, FaceDetector
 from engines.vision.imaging import ImageHeader, ImageLimits, decode_image, probe_image
 from engines.vision.video import VideoLimits, decode_video
-from server.admission import Budget, WaitGate
+from server.admission import Budget, WaitGate, admitted
 from server.batching.scheduler import DynamicBatcher
 from server.pipelines.face_detection import BatchedFaceDetector
 
@@ -148,9 +150,6 @@ def probe_frames(clip: ClipInput, limits: ClipLimits, field: str) -> ProbedClip:
     return ProbedClip(clip, field, headers, pixels)
 
 
-THUMBNAIL_SIDE = 32  # the apex spotter's greyscale thumbnails (grey_thumbnail's default size)
-
-
 def reduction(crop_side: int, need: int) -> int:
     """The largest JPEG scale-down (8, 4, 2, else 1) that keeps a ``crop_side`` crop at least ``need`` pixels."""
     return next((k for k in (8, 4, 2) if crop_side // k >= need), 1)
@@ -211,13 +210,7 @@ class ClipPipeline:
                 raise InvalidArgumentError(FieldViolation(f"{field}.apex_frame",
                                                           f"must index a frame (0..{len(frames) - 1})"))
             return frames
-        chunk = max(8, math.ceil(len(clip.frames) / 4))
-        parts = await asyncio.gather(*[
-            loop.run_in_executor(self.executor, self._decode_chunk, clip.frames[i:i + chunk],
-                                 probed.headers[i:i + chunk], i, field)
-            for i in range(0, len(clip.frames), chunk)
-        ])
-        return [f for part in parts for f in part]
+        return await self._decode_frames(probed, range(len(clip.frames)), 1)
 
     async def _detect(self, frame: np.ndarray, deadline: float | None) -> Box | None:
         loop = asyncio.get_running_loop()
@@ -232,15 +225,10 @@ class ClipPipeline:
 
     async def embed(self, clip: ClipInput | ProbedClip, deadline: float | None, field: str = "clip"
                     ) -> ClipEmbedding:
-        if self.gate is None:
-            return await self._held(clip, deadline, field)
-        async with self.gate.enter(deadline):  # refused here, before any work, when it would wait too long
-            return await self._held(clip, deadline, field)
-
-    async def _held(self, clip: ClipInput | ProbedClip, deadline: float | None, field: str) -> ClipEmbedding:
-        probed = clip if isinstance(clip, ProbedClip) else await self.probe(clip, field)
-        async with self.pixels.hold(probed.pixels):
-            return await self._embed(probed, deadline)
+        async with admitted(self.gate, deadline):  # refused here, before any work, if it would wait too long
+            probed = clip if isinstance(clip, ProbedClip) else await self.probe(clip, field)
+            async with self.pixels.hold(probed.pixels):
+                return await self._embed(probed, deadline)
 
     async def _embed(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
         # A face crop allowing the spotter's pass at 1/4 needs frames of at least 4 x 64 px a side; below that the
@@ -261,9 +249,7 @@ class ClipPipeline:
         timings = {"decode": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3}
         apex = clip.apex_hint if clip.apex_hint is not None else len(frames) // 2
         if box is None:
-            diag = ClipDiagnostics(len(frames), 0, 0, 0.0, apex, clip.apex_hint is not None, float(clip.fps),
-                                   spec.fps, None)
-            return ClipEmbedding(None, diag, self._encoded(clip, frames, apex), timings)
+            return self._no_face(clip, len(frames), apex, self._encoded(clip, frames, apex), timings)
         h, w = frames[0].shape[:2]
         crop = square_crop_box(box, w, h, spec.crop_scale)
         if clip.apex_hint is None:
@@ -272,13 +258,9 @@ class ClipPipeline:
                 self.executor, lambda: spot_apex([grey_thumbnail(f, crop) for f in frames], float(clip.fps)))
         tensor, win = await loop.run_in_executor(self.executor, model_input, frames, crop, apex, float(clip.fps),
                                                  spec)
-        t3 = time.perf_counter()
-        outs = await asyncio.gather(*[m.infer({"clip": tensor}, deadline) for m in self.members])
-        timings.update(window=(t3 - t2) * 1e3, embed=(time.perf_counter() - t3) * 1e3)
-        diag = ClipDiagnostics(len(frames), len(set(win.indices)), win.padded, coverage, apex,
-                               clip.apex_hint is not None, float(clip.fps), spec.fps, box)
-        embeddings = {m.name: o["embedding"].astype(np.float32) for m, o in zip(self.members, outs, strict=True)}
-        return ClipEmbedding(embeddings, diag, self._encoded(clip, frames, apex), timings)
+        timings["window"] = (time.perf_counter() - t2) * 1e3
+        return await self._run_members(clip, len(frames), tensor, win, coverage, box,
+                                       self._encoded(clip, frames, apex), timings, deadline)
 
     async def _embed_reduced(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
         """Frames decoded only as large as needed: the detection frames and the model window whole; every other
@@ -294,52 +276,60 @@ class ClipPipeline:
         boxes = await asyncio.gather(*[self._detect(f, deadline) for f in detect])
         box, coverage = stable_box(list(boxes))
         t2 = time.perf_counter()
-        h, w = detect[0].shape[:2]
         apex = clip.apex_hint if clip.apex_hint is not None else n // 2
         if box is None:
-            await self._decode_frames(probed, list(range(n)), 8)  # every frame must still decode
+            await self._decode_frames(probed, range(n), 8)  # every frame must still decode
             timings = {"decode": (t1 - t0 + time.perf_counter() - t2) * 1e3, "detect": (t2 - t1) * 1e3}
-            diag = ClipDiagnostics(n, 0, 0, 0.0, apex, clip.apex_hint is not None, float(clip.fps), spec.fps, None)
-            return ClipEmbedding(None, diag, clip.frames[apex], timings)
+            return self._no_face(clip, n, apex, clip.frames[apex], timings)
+        h, w = detect[0].shape[:2]
         crop = square_crop_box(box, w, h, spec.crop_scale)
-        side = crop[2] - crop[0]
         # The model window is always decoded whole: the members read micro-movements, and a window decoded at 1/2
         # (DCT-scaled, then resized) changed 4 of 70 decisions on 360x480 clips. The spotter's pass is reduced when
         # that saves enough: below 1/4, many small extra decodes cost more than they save (measured on 180x240).
-        k = 1
-        spot = reduction(side, 2 * THUMBNAIL_SIDE)
-        spot = spot if spot >= 4 else 1
-        if spot == 1:
-            rest = [i for i in range(n) if i not in set(sampled)]
+        spot = reduction(crop[2] - crop[0], 2 * THUMBNAIL_SIDE)
+        if spot < 4:  # every frame whole, the detection frames reused
             whole = dict(zip(sampled, detect, strict=True))
+            rest = [i for i in range(n) if i not in whole]
             whole.update(zip(rest, await self._decode_frames(probed, rest, 1), strict=True))
-            small = [whole[i] for i in range(n)]
+            spot, small = 1, [whole[i] for i in range(n)]
         else:
-            small = await self._decode_frames(probed, list(range(n)), spot)
+            small = await self._decode_frames(probed, range(n), spot)
         t3 = time.perf_counter()
         if clip.apex_hint is None:
             apex = await loop.run_in_executor(self.executor, lambda: spot_apex(
                 [grey_thumbnail(f, scaled_box(crop, spot, f.shape)) for f in small], float(clip.fps)))
         t4 = time.perf_counter()
-        win = model_window(n, float(clip.fps), spec.fps, spec.clip_len, apex)
-        needed = sorted(set(win.indices))
-        if k == spot:
-            decoded = {i: small[i] for i in needed}
+        needed = sorted(set(model_window(n, float(clip.fps), spec.fps, spec.clip_len, apex).indices))
+        if spot == 1:
+            window = {i: small[i] for i in needed}
         else:
-            decoded = dict(zip(needed, await self._decode_frames(probed, needed, k), strict=True))
+            window = dict(zip(needed, await self._decode_frames(probed, needed, 1), strict=True))
         t5 = time.perf_counter()
-        some = decoded[needed[0]]
-        frames: list[np.ndarray] = [decoded.get(i, some) for i in range(n)]  # only the window's are read
-        tensor, win = await loop.run_in_executor(self.executor, model_input, frames, scaled_box(crop, k, some.shape),
-                                                 apex, float(clip.fps), spec)
-        t6 = time.perf_counter()
-        outs = await asyncio.gather(*[m.infer({"clip": tensor}, deadline) for m in self.members])
+        first = window[needed[0]]
+        frames = [window.get(i, first) for i in range(n)]  # only the window's frames are read
+        tensor, win = await loop.run_in_executor(self.executor, model_input, frames, crop, apex, float(clip.fps),
+                                                 spec)
         timings = {"decode": (t1 - t0 + t3 - t2 + t5 - t4) * 1e3, "detect": (t2 - t1) * 1e3,
-                   "window": (t4 - t3 + t6 - t5) * 1e3, "embed": (time.perf_counter() - t6) * 1e3}
-        diag = ClipDiagnostics(n, len(set(win.indices)), win.padded, coverage, apex, clip.apex_hint is not None,
-                               float(clip.fps), spec.fps, box)
+                   "window": (t4 - t3 + time.perf_counter() - t5) * 1e3}
+        return await self._run_members(clip, n, tensor, win, coverage, box, clip.frames[apex], timings, deadline)
+
+    def _no_face(self, clip: ClipInput, n: int, apex: int, apex_frame: bytes, timings: dict[str, float]
+                 ) -> ClipEmbedding:
+        diag = ClipDiagnostics(n, 0, 0, 0.0, apex, clip.apex_hint is not None, float(clip.fps),
+                               self.ensemble.spec.fps, None)
+        return ClipEmbedding(None, diag, apex_frame, timings)
+
+    async def _run_members(self, clip: ClipInput, n: int, tensor: np.ndarray, win: Window, coverage: float,
+                           box: Box, apex_frame: bytes, timings: dict[str, float], deadline: float | None
+                           ) -> ClipEmbedding:
+        """Every member on the window (batched across requests), and the clip's diagnostics."""
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*[m.infer({"clip": tensor}, deadline) for m in self.members])
+        timings["embed"] = (time.perf_counter() - t0) * 1e3
+        diag = ClipDiagnostics(n, len(set(win.indices)), win.padded, coverage, win.apex_index,
+                               clip.apex_hint is not None, float(clip.fps), self.ensemble.spec.fps, box)
         embeddings = {m.name: o["embedding"].astype(np.float32) for m, o in zip(self.members, outs, strict=True)}
-        return ClipEmbedding(embeddings, diag, clip.frames[apex], timings)
+        return ClipEmbedding(embeddings, diag, apex_frame, timings)
 
     @staticmethod
     def _encoded(clip: ClipInput, frames: Sequence[np.ndarray], index: int) -> bytes:

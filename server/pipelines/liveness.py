@@ -20,7 +20,7 @@ from engines.vision.crop import crop_for_model
 from engines.vision.detection import DetectorInput, FaceDetector
 from engines.vision.imaging import DecodedImage, ImageHeader, ImageLimits, decode_image, probe_image
 from engines.vision.liveness_decision import Decision, decide, softmax
-from server.admission import Budget, WaitGate
+from server.admission import Budget, WaitGate, admitted
 from server.batching.scheduler import DynamicBatcher
 from server.pipelines.face_detection import BatchedFaceDetector
 from server.pipelines.quality import QualityConfig, QualityIssue, assess_face
@@ -109,17 +109,12 @@ class LivenessPipeline:
 
     async def check(self, req: LivenessRequest) -> LivenessResult:
         validate_threshold(req.threshold)
-        if self.gate is None:
-            return await self._admitted(req)
-        async with self.gate.enter(req.deadline):  # refused here, before any work, when it would wait too long
-            return await self._admitted(req)
-
-    async def _admitted(self, req: LivenessRequest) -> LivenessResult:
-        loop = asyncio.get_running_loop()
-        # The header first (no pixels): the decoded size is then held from the server's pixel budget.
-        header = await loop.run_in_executor(self.executor, probe_image, req.image, self.config.image)
-        async with self.pixels.hold(header.pixels):
-            return await self._check(req, header)
+        async with admitted(self.gate, req.deadline):  # refused here, before any work, if it would wait too long
+            loop = asyncio.get_running_loop()
+            # The header first (no pixels): the decoded size is then held from the server's pixel budget.
+            header = await loop.run_in_executor(self.executor, probe_image, req.image, self.config.image)
+            async with self.pixels.hold(header.pixels):
+                return await self._check(req, header)
 
     async def _check(self, req: LivenessRequest, header: ImageHeader) -> LivenessResult:
         threshold = self.config.threshold if req.threshold is None else float(req.threshold)
