@@ -10,7 +10,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from engines.batching import BatcherConfig
 from engines.declarations import DECLARATIONS
@@ -152,11 +152,22 @@ def _declared_batching(model: str) -> BatcherConfig:
     return decl.batching if decl is not None else BatcherConfig()
 
 
+# TOML scalars against the plain types settings declare: ``compute_nice = "19"`` or ``int8 = "maybe"`` is refused
+# by name instead of being taken as truthy or failing later (a float setting takes an integer too).
+_SCALARS: dict[Any, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    hints = get_type_hints(cls)
+    for name, value in data.items():
+        allowed = _SCALARS.get(hints.get(name))
+        if allowed is not None and (not isinstance(value, allowed) or (bool not in allowed and
+                                                                        isinstance(value, bool))):
+            raise ValueError(f"{where}: {name} must be {hints[name].__name__}, got {value!r}")
     return cls(**data)
 
 

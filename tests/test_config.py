@@ -31,6 +31,27 @@ def test_unknown_setting_is_named(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize("section, setting, message", [
+    ("server", 'clip_reduced_decode = "yes"', "clip_reduced_decode must be bool, got 'yes'"),
+    ("server", 'compute_nice = "19"', "compute_nice must be int, got '19'"),
+    ("server", "port = true", "port must be int, got True"),
+    ("runtime", 'int8 = "maybe"', "int8 must be bool, got 'maybe'"),
+    ("liveness", 'threshold = "0.5"', "threshold must be float, got '0.5'"),
+])
+def test_a_setting_of_the_wrong_type_is_refused_by_name(tmp_path: Path, section: str, setting: str,
+                                                        message: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[{section}]\n{setting}\n")
+    with pytest.raises(ValueError, match=message):
+        load_config(cfg)
+
+
+def test_an_integer_is_a_valid_float_setting(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server]\nmax_queue_wait_s = 1\n")
+    assert load_config(cfg).max_queue_wait_s == 1
+
+
 def test_cross_field_check_names_both_values() -> None:
     from engines.vision.imaging import ImageLimits
     from server.pipelines.liveness import LivenessConfig
