@@ -71,7 +71,8 @@ class Gallery:
         if idx is None or idx.generation != state.generation:
             coll = self.store.collection(collection)
             idx = CollectionIndex(state.generation, 0, {m: MemberIndex(coll.embedding_dim) for m in coll.members})
-            idx.apply(self.store.changes_since(collection, 0))
+            for part in self.store.templates_in_chunks(collection):
+                idx.apply(part)
             self._indexes[collection] = idx
         elif idx.seq < state.seq:
             idx.apply(self.store.changes_since(collection, idx.seq))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,25 @@ class GalleryStore:
                                  "seq <= ? ORDER BY seq", (collection, seq, now)).fetchall() if seq > 0 else []
         return Changes(int(row[0]), [(int(a), str(p), str(m), bytes(e)) for a, p, m, e in added],
                        [(int(a), str(p)) for a, p in deleted])
+
+    def templates_in_chunks(self, collection: str, chunk: int = 10_000) -> Iterator[Changes]:
+        """Every template still there, as Changes of at most ``chunk`` templates, read by one statement.
+
+        What a replica's first load of a collection reads. One list of a million rows held the GIL for ~0.1 s
+        at a time, three times over (fetching, applying and freeing it: measured 84, 115 and 134 ms at 1M
+        templates), stalling every other call; chunks bound each of those to a few milliseconds."""
+        with self.dialect.read() as tx:
+            row = tx.execute("SELECT seq FROM collections WHERE name = ?", (collection,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no collection named {collection!r}")
+            now = int(row[0])
+            cur = tx.execute("SELECT seq, person_id, member, embedding FROM templates WHERE collection = ? AND "
+                             "seq <= ? ORDER BY id", (collection, now))
+            while rows := cur.fetchmany(chunk):
+                yield Changes(now, [(int(a), str(p), str(m), bytes(e)) for a, p, m, e in rows], [])
+                del rows
+        # An empty collection still brings the index to its sequence.
+        yield Changes(now, [], [])
 
     # --- persons -------------------------------------------------------------------------------------------
 
