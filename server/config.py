@@ -171,10 +171,19 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**data)
 
 
+_SECTIONS = frozenset({"server", "auth", "audit", "liveness", "runtime", "batching"})
+
+
 def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None, **overrides: Any) -> ServerConfig:
     """Read a TOML file (sections: [server], [runtime], [runtime.tensorrt_builder], [liveness], [liveness.image],
     [liveness.quality], [batching.<model>]) and apply keyword overrides (from the command line) on top."""
     data: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
+    # A setting outside its section, or a misspelt section, would otherwise be read by nothing and silently keep
+    # its default (``max_queue_wait_s = 0.1`` above every section header did exactly that).
+    stray = sorted(k for k, v in data.items() if k not in _SECTIONS or not isinstance(v, dict))
+    if stray:
+        raise ValueError(f"{path}: {stray} outside the known sections {sorted(_SECTIONS)}; every setting belongs to "
+                         f"one (e.g. [server] max_queue_wait_s = 0.5)")
     server = dict(data.get("server", {}))
     for key in ("model_repository", "gallery_path", "tls_cert", "tls_key"):
         if key in server:

@@ -31,6 +31,17 @@ def test_unknown_setting_is_named(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize("text, named", [
+    ("max_queue_wait_s = 0.1\n[server]\nport = 1\n", "max_queue_wait_s"),  # above every section header
+    ("[sever]\nport = 1\n", "sever"),  # a misspelt section
+])
+def test_a_setting_outside_the_known_sections_is_refused(tmp_path: Path, text: str, named: str) -> None:
+    path = tmp_path / "stray.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"\['{named}'\] outside the known sections"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("section, setting, message", [
     ("server", 'clip_reduced_decode = "yes"', "clip_reduced_decode must be bool, got 'yes'"),
     ("server", 'compute_nice = "19"', "compute_nice must be int, got '19'"),
