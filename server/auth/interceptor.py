@@ -101,10 +101,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     self.check_collection(caller, scope, request, method, context)
                     CURRENT_CALLER.set(caller)
                     return await inner(request, context)
-            except ResourceExhaustedError as err:  # shed load is a refused call too
-                self._audit.record(rpc=method, caller=caller.name, outcome="resource_exhausted",
-                                   collection=str(getattr(request, "collection", "") or ""),
-                                   request_id=metadata_request_id(context) or "", reason=str(err))
+            except ResourceExhaustedError as err:  # shed load is a refused call too: counted, summarised
+                self._audit.record_shed(rpc=method, caller=caller.name, reason=str(err))
                 raise
 
         return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
