@@ -5,6 +5,8 @@
    generator in its own process at concurrency 1, 4 and 16: clips/s and p50/p95/p99.
 3. Where the time goes: the server's per-stage timings (decode, detect, window, SlowFast, match), averaged over
    sequential calls.
+4. Decoding 80 frames of 360x480 (the synthetic clips upscaled twice, JPEG quality 95): the server's decode stage
+   on them, and what libjpeg needs per frame at each DCT scale on this machine (the floor any decoder faces).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
 from engines.identify.ensemble import find_ensemble
+from facegate.v1 import common_pb2, identification_pb2
 from facegate_client.client import FacegateClient, clip_from_folder
 
 
@@ -35,6 +38,46 @@ def engine_throughput(repository: Path, member: str, batch_sizes: list[int], sec
     for bs, r in rows.items():
         progress(f"engine {member} b{bs}: {r['clips_per_s']:.0f} clips/s")
     return rows
+
+
+def upscaled(clip: identification_pb2.Clip, factor: int = 2) -> identification_pb2.Clip:
+    """The clip at ``factor`` times its size, re-encoded as JPEG quality 95 (180x240 -> a 360x480 capture)."""
+    import cv2
+
+    frames = []
+    for f in clip.frames:
+        img = cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR)
+        assert img is not None, "a synthetic frame that does not decode"
+        big = cv2.resize(img, (img.shape[1] * factor, img.shape[0] * factor), interpolation=cv2.INTER_CUBIC)
+        frames.append(common_pb2.Image(data=cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()))
+    return identification_pb2.Clip(frames=frames, fps=clip.fps)
+
+
+def decode_floor(clip: identification_pb2.Clip, rounds: int = 5) -> dict[str, float]:
+    """Milliseconds to decode every frame of ``clip`` at each JPEG DCT scale with OpenCV (libjpeg-turbo), on one
+    thread and split over two (best of ``rounds``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cv2
+
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}
+    data = [np.frombuffer(f.data, np.uint8) for f in clip.frames]
+    out: dict[str, float] = {}
+    with ThreadPoolExecutor(2) as pool:
+        for k, flag in flags.items():
+            def part(chunk: list[np.ndarray], flag: int = flag) -> None:
+                for d in chunk:
+                    cv2.imdecode(d, flag)
+
+            for threads in (1, 2):
+                best = float("inf")
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    list(pool.map(part, [data[i::threads] for i in range(threads)]))
+                    best = min(best, time.perf_counter() - t0)
+                out[f"1/{k} x{threads}"] = best * 1e3
+    return out
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -57,6 +100,18 @@ def markdown(r: dict[str, Any]) -> str:
               "| decode | detect | window | SlowFast ensemble | match | total |", "|---|---|---|---|---|---|",
               f"| {s['decode_ms']:.1f} | {s['detect_ms']:.1f} | {s['window_ms']:.1f} | {s['embed_ms']:.1f} | "
               f"{s['match_ms']:.2f} | {s['total_ms']:.1f} |", ""]
+    big = r.get("decode_360x480")
+    if big:
+        floor = big["floor_ms"]
+        lines += [f"## Decoding {big['frames']} frames of 360x480 (server decode stage, mean of "
+                  f"{big['calls']} sequential calls: **{big['decode_ms']:.1f} ms**, "
+                  f"reduced decoding {'on' if big['reduced'] else 'off'})", "",
+                  "Every frame decoded by OpenCV at each DCT scale, ms for the clip (best of 5):", "",
+                  "| threads | " + " | ".join(k.split()[0] for k in floor if k.endswith("x1")) + " |",
+                  "|---|" + "---|" * sum(1 for k in floor if k.endswith("x1"))]
+        for t in ("x1", "x2"):
+            lines.append(f"| {t[1:]} | " + " | ".join(f"{v:.1f}" for k, v in floor.items() if k.endswith(t)) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -107,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 t = client.identify(coll, clip_from_folder(pth, 200.0)).timings
                 for f in ("decode_ms", "detect_ms", "window_ms", "embed_ms", "match_ms", "total_ms"):
                     stages.setdefault(f, []).append(getattr(t, f))
+            bigger = [upscaled(clip_from_folder(pth, 200.0)) for pth in probes[:8]]
+            big_decode = [client.identify(coll, c).timings.decode_ms for c in bigger]
+            progress(f"360x480: decode {np.mean(big_decode):.1f} ms")
         for c in args.concurrency:
             cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, "--collection", coll,
                    "--fps", "200", "--concurrency", str(c), "--warmup", str(args.warmup), "--duration",
@@ -121,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
               "frames_per_clip": len(first.frames), "frame_size": "180x240 JPEG",
               "engine": engine, "end_to_end": e2e, "stages_ms": {k: float(np.mean(v)) for k, v in stages.items()}}
     result["cpu_runtime"] = args.cpu_runtime
+    result["decode_360x480"] = {"frames": len(bigger[0].frames), "calls": len(big_decode),
+                                "decode_ms": float(np.mean(big_decode)), "reduced": reduced == "true",
+                                "floor_ms": decode_floor(bigger[0])}
     write_report(args.out, "identify" if args.cpu_runtime == "auto" else f"identify-{args.cpu_runtime}", result,
                  markdown)
     return 0
