@@ -105,7 +105,8 @@ def markdown(r: dict[str, Any]) -> str:
         floor = big["floor_ms"]
         lines += [f"## Decoding {big['frames']} frames of 360x480 (server decode stage, mean of "
                   f"{big['calls']} sequential calls: **{big['decode_ms']:.1f} ms**, "
-                  f"reduced decoding {'on' if big['reduced'] else 'off'})", "",
+                  f"reduced decoding {'on' if big['reduced'] else 'off'}; "
+                  f"**{big.get('decode_apex_named_ms', float('nan')):.1f} ms** with the apex named)", "",
                   "Every frame decoded by OpenCV at each DCT scale, ms for the clip (best of 5):", "",
                   "| threads | " + " | ".join(k.split()[0] for k in floor if k.endswith("x1")) + " |",
                   "|---|" + "---|" * sum(1 for k in floor if k.endswith("x1"))]
@@ -164,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                     stages.setdefault(f, []).append(getattr(t, f))
             bigger = [upscaled(clip_from_folder(pth, 200.0)) for pth in probes[:8]]
             big_decode = [client.identify(coll, c).timings.decode_ms for c in bigger]
-            progress(f"360x480: decode {np.mean(big_decode):.1f} ms")
+            for c in bigger:  # the client names the apex (as an annotated dataset does): no spotter pass
+                c.apex_frame = len(c.frames) // 2
+            big_hinted = [client.identify(coll, c).timings.decode_ms for c in bigger]
+            progress(f"360x480: decode {np.mean(big_decode):.1f} ms, {np.mean(big_hinted):.1f} ms with the apex named")
         for c in args.concurrency:
             cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, "--collection", coll,
                    "--fps", "200", "--concurrency", str(c), "--warmup", str(args.warmup), "--duration",
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     result["cpu_runtime"] = args.cpu_runtime
     result["decode_360x480"] = {"frames": len(bigger[0].frames), "calls": len(big_decode),
                                 "decode_ms": float(np.mean(big_decode)), "reduced": reduced == "true",
+                                "decode_apex_named_ms": float(np.mean(big_hinted)),
                                 "floor_ms": decode_floor(bigger[0])}
     write_report(args.out, "identify" if args.cpu_runtime == "auto" else f"identify-{args.cpu_runtime}", result,
                  markdown)

@@ -231,6 +231,8 @@ class ClipPipeline:
                 return await self._embed(probed, deadline)
 
     async def _embed(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
+        if self.reduced_decode and probed.clip.frames and probed.clip.apex_hint is not None:
+            return await self._embed_hinted(probed, deadline)
         # A face crop allowing the spotter's pass at 1/4 needs frames of at least 4 x 64 px a side; below that the
         # reduced path only adds a serial step (measured +1.8 ms decode on 180x240 clips), so frames go whole.
         if self.reduced_decode and probed.clip.frames and \
@@ -311,6 +313,34 @@ class ClipPipeline:
                                                  spec)
         timings = {"decode": (t1 - t0 + t3 - t2 + t5 - t4) * 1e3, "detect": (t2 - t1) * 1e3,
                    "window": (t4 - t3 + time.perf_counter() - t5) * 1e3}
+        return await self._run_members(clip, n, tensor, win, coverage, box, clip.frames[apex], timings, deadline)
+
+    async def _embed_hinted(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
+        """The client named the apex, so nothing needs the spotter: only the detection frames and the model window
+        are decoded (whole, so the model sees exactly what full decoding gives it). No other frame's pixels are
+        read; their headers were checked when the clip was probed (format, size, the pixel budget)."""
+        clip, spec = probed.clip, self.ensemble.spec
+        loop = asyncio.get_running_loop()
+        n, apex = len(clip.frames), int(clip.apex_hint or 0)
+        t0 = time.perf_counter()
+        sampled = detection_frames(n, spec.detect_frames)
+        needed = sorted(set(model_window(n, float(clip.fps), spec.fps, spec.clip_len, apex).indices))
+        wanted = sorted(set(sampled) | set(needed))
+        decoded = dict(zip(wanted, await self._decode_frames(probed, wanted, 1), strict=True))
+        t1 = time.perf_counter()
+        boxes = await asyncio.gather(*[self._detect(decoded[i], deadline) for i in sampled])
+        box, coverage = stable_box(list(boxes))
+        t2 = time.perf_counter()
+        timings = {"decode": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3}
+        if box is None:
+            return self._no_face(clip, n, apex, clip.frames[apex], timings)
+        first = decoded[needed[0]]
+        h, w = first.shape[:2]
+        crop = square_crop_box(box, w, h, spec.crop_scale)
+        frames = [decoded.get(i, first) for i in range(n)]  # only the window's frames are read
+        tensor, win = await loop.run_in_executor(self.executor, model_input, frames, crop, apex, float(clip.fps),
+                                                 spec)
+        timings["window"] = (time.perf_counter() - t2) * 1e3
         return await self._run_members(clip, n, tensor, win, coverage, box, clip.frames[apex], timings, deadline)
 
     def _no_face(self, clip: ClipInput, n: int, apex: int, apex_frame: bytes, timings: dict[str, float]
