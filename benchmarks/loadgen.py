@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import random
@@ -159,17 +160,27 @@ async def reference_answers(call, requests: list[Request], metadata: Metadata) -
 _OPTIONS = [("grpc.max_send_message_length", 64 << 20)]
 
 
+@contextlib.asynccontextmanager
+async def _stubs(target: str, requests: list[Request], n: int):  # type: ignore[no-untyped-def]
+    """``n`` stubs, each on a channel of its own: a distinct channel argument keeps gRPC from sharing one
+    connection between them, so a server with several workers on one port (SO_REUSEPORT) sees several
+    connections, as it would from several callers."""
+    async with contextlib.AsyncExitStack() as stack:
+        chans = [await stack.enter_async_context(grpc.aio.insecure_channel(
+            target, options=[*_OPTIONS, ("grpc.facegate_loadgen_channel", i)])) for i in range(n)]
+        yield [_method(ch, requests[0]) for ch in chans]
+
+
 async def closed_loop(target: str, requests: list[Request], concurrency: int,
                       warmup_s: float, duration_s: float, max_requests: int, timeout_s: float,
-                      metadata: Metadata = ()) -> Recorder:
-    async with grpc.aio.insecure_channel(target, options=_OPTIONS) as ch:
-        stub = _method(ch, requests[0])
-        refs = await reference_answers(stub, requests, metadata)
+                      metadata: Metadata = (), channels: int = 1) -> Recorder:
+    async with _stubs(target, requests, channels) as stubs:
+        refs = await reference_answers(stubs[0], requests, metadata)
         t0 = time.perf_counter()
         rec = Recorder(t0 + warmup_s, t0 + warmup_s + duration_s)
 
         async def worker(i: int) -> None:
-            k = i
+            k, stub = i, stubs[i % len(stubs)]
             while time.perf_counter() < rec.measure_until and rec.sent < max_requests:
                 rec.sent += 1
                 await _one(stub, requests[k % len(requests)], rec, timeout_s, metadata, refs[k % len(requests)])
@@ -181,11 +192,10 @@ async def closed_loop(target: str, requests: list[Request], concurrency: int,
 
 async def open_loop(target: str, requests: list[Request], rate_rps: float,
                     warmup_s: float, duration_s: float, max_requests: int, timeout_s: float,
-                    seed: int = 0, metadata: Metadata = ()) -> Recorder:
+                    seed: int = 0, metadata: Metadata = (), channels: int = 1) -> Recorder:
     rng = random.Random(seed)
-    async with grpc.aio.insecure_channel(target, options=_OPTIONS) as ch:
-        stub = _method(ch, requests[0])
-        refs = await reference_answers(stub, requests, metadata)
+    async with _stubs(target, requests, channels) as stubs:
+        refs = await reference_answers(stubs[0], requests, metadata)
         t0 = time.perf_counter()
         rec = Recorder(t0 + warmup_s, t0 + warmup_s + duration_s)
         tasks: set[asyncio.Task[None]] = set()
@@ -197,7 +207,7 @@ async def open_loop(target: str, requests: list[Request], rate_rps: float,
                 await asyncio.sleep(delay)
             rec.sent += 1
             i = k % len(requests)
-            task = asyncio.create_task(_one(stub, requests[i], rec, timeout_s, metadata, refs[i]))
+            task = asyncio.create_task(_one(stubs[k % len(stubs)], requests[i], rec, timeout_s, metadata, refs[i]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             k += 1
@@ -233,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=200_000)
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request")
     p.add_argument("--token-file", type=Path, help="bearer token sent with every request")
+    p.add_argument("--channels", type=int, default=1, help="connections to spread the calls over")
     args = p.parse_args(argv)
     check_loopback(args.target)
     md: Metadata = ()
@@ -247,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     before = server_stats(args.target, md)
     if args.rate:
         rec = asyncio.run(open_loop(args.target, requests, args.rate, args.warmup, args.duration,
-                                    args.max_requests, args.timeout, metadata=md))
+                                    args.max_requests, args.timeout, metadata=md, channels=args.channels))
         mode = {"mode": "open", "rate_rps": args.rate}
     else:
         rec = asyncio.run(closed_loop(args.target, requests, args.concurrency, args.warmup, args.duration,
-                                      args.max_requests, args.timeout, metadata=md))
+                                      args.max_requests, args.timeout, metadata=md, channels=args.channels))
         mode = {"mode": "closed", "concurrency": args.concurrency}
     refused = summarize(rec.refused_latencies, args.duration)  # no p50 when none was refused
     out = {**mode, **summarize(rec.latencies, args.duration), "errors": dict(rec.errors),

@@ -6,7 +6,8 @@
 2. Overload: the token server's capacity (closed loop, concurrency 32), then open loops at 2x, 3x, 5x and 10x that
    rate: requests answered, refused with RESOURCE_EXHAUSTED (and how fast the refusal came back), other errors by
    code, wrong answers (each answer compared with a reference answer for the same image), and the server's resident
-   memory sampled every 0.2 s. The load generator runs on the same cores as the server.
+   memory sampled every 0.2 s. The load generator runs on the same cores as the server. Then the same against a
+   server with ``--workers 2`` (two processes on the port), the load spread over 8 connections.
 
 Writes benchmarks/results/security.json and .md. Loopback only, bounded in time and count.
 """
@@ -14,6 +15,7 @@ Writes benchmarks/results/security.json and .md. Loopback only, bounded in time 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -24,28 +26,35 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.server_process import facegate_process
+from benchmarks.server_process import facegate_process, free_port
 from server.auth.tokens import hash_token, new_token
 
 
 def loadgen(address: str, images: list[Path], token: Path | None, *mode: str, duration: float = 10.0,
-            timeout: float = 30.0) -> dict[str, Any]:
+            timeout: float = 30.0, channels: int = 1) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, *mode, "--warmup", "2",
-           "--duration", str(duration), "--timeout", str(timeout), *(str(p) for p in images)]
+           "--duration", str(duration), "--timeout", str(timeout), "--channels", str(channels),
+           *(str(p) for p in images)]
     if token is not None:
         cmd += ["--token-file", str(token)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and its children (the workers of a server started with --workers)."""
+    kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    total = 0
+    for p in (pid, *map(int, kids)):
+        with contextlib.suppress(FileNotFoundError, StopIteration):  # a worker may end between ps and here
+            total += next(int(ln.split()[1]) * 1024 for ln in Path(f"/proc/{p}/status").read_text().splitlines()
+                          if ln.startswith("VmRSS:"))
+    return total
+
+
 def rss_sampler(pid: int, stop: threading.Event, samples: list[int]) -> None:
-    while not stop.is_set():
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    samples.append(int(line.split()[1]) * 1024)
-        except FileNotFoundError:
-            return
+    while not stop.is_set() and Path(f"/proc/{pid}").exists():
+        samples.append(rss_bytes(pid))
         time.sleep(0.2)
 
 
@@ -75,15 +84,28 @@ def interceptor_cost_us(token: str, callers: int, n: int = 20_000) -> float:
     return asyncio.run(run())
 
 
+def wait_for_metrics(port: int, timeout_s: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None or v != v else f"{v:.0f}"
 
 
 def overload(address: str, pid: int, images: list[Path], token: Path, duration: float,
-             multiples: list[float]) -> dict[str, Any]:
-    cap = loadgen(address, images, token, "--concurrency", "32", duration=duration)
-    before = next(int(ln.split()[1]) * 1024 for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
-                  if ln.startswith("VmRSS:"))
+             multiples: list[float], workers: int = 1, channels: int = 1) -> dict[str, Any]:
+    cap = loadgen(address, images, token, "--concurrency", "32", duration=duration, channels=channels)
+    before = rss_bytes(pid)
     runs, messages = [], {}
     for k in multiples:
         rate = k * cap["throughput_rps"]
@@ -92,7 +114,7 @@ def overload(address: str, pid: int, images: list[Path], token: Path, duration: 
         sampler = threading.Thread(target=rss_sampler, args=(pid, stop, samples), daemon=True)
         sampler.start()
         over = loadgen(address, images, token, "--rate", f"{rate:.1f}", "--max-requests",
-                       str(int(rate * (duration + 2) * 1.2)), duration=duration, timeout=5.0)
+                       str(int(rate * (duration + 2) * 1.2)), duration=duration, timeout=5.0, channels=channels)
         stop.set()
         sampler.join()
         errors = dict(over["errors"])
@@ -103,15 +125,15 @@ def overload(address: str, pid: int, images: list[Path], token: Path, duration: 
                      "wrong_answers": over["wrong_answers"], "p50_ms": over.get("p50_ms", float("nan")),
                      "p99_ms": over.get("p99_ms", float("nan")),
                      "rss_peak_mib": max(samples, default=before) / 2**20})
-        print(f"[bench-security] {k:g}x: {runs[-1]}", file=sys.stderr)
+        print(f"[bench-security] workers={workers} {k:g}x: {runs[-1]}", file=sys.stderr)
         time.sleep(2)  # let the server drain between rates
-    return {"capacity_rps": cap["throughput_rps"], "duration_s": duration, "runs": runs,
-            "rss_before_mib": before / 2**20, "messages": messages}
+    return {"capacity_rps": cap["throughput_rps"], "duration_s": duration, "runs": runs, "workers": workers,
+            "channels": channels, "rss_before_mib": before / 2**20, "messages": messages}
 
 
 def markdown(r: dict[str, Any]) -> str:
-    a, o = r["auth"], r["overload"]
     m = r["machine"]
+    a = r["auth"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['date']}. CheckLiveness on the three samples.", "",
              "| authentication | run | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|"]
     for row in a["runs"]:
@@ -123,20 +145,23 @@ def markdown(r: dict[str, Any]) -> str:
               f"- The interceptor's own work per call (identify the token among {a['callers']} callers, check the "
               f"scope, hold request bytes), timed directly: **{a['interceptor_us']:.1f} us** "
               f"({a['interceptor_us'] / 10 / a['p50_median_ms']['none']:.2f} % of the p50).", "",
-              f"Overload: capacity {o['capacity_rps']:.1f} req/s (closed loop, concurrency 32), then open loops "
-              f"(Poisson arrivals) at multiples of it for {o['duration_s']:.0f} s each, 5 s deadline; the load "
-              f"generator shares the {m['cores']} cores.", "",
-              "| offered | req/s | answered OK | RESOURCE_EXHAUSTED | refused in p50 / p99 ms | other errors | "
-              "wrong answers | OK p50 / p99 ms | server RSS peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for run in o["runs"]:
-        other = ", ".join(f"{k} {v}" for k, v in sorted(run["errors"].items())) or "0"
-        lines.append(
-            f"| {run['multiple']:g}x | {run['rate_rps']:.0f} | {run['ok']} | {run['resource_exhausted']} | "
-            f"{_ms(run['refused_p50_ms'])} / {_ms(run['refused_p99_ms'])} | {other} | {run['wrong_answers']} | "
-            f"{_ms(run['p50_ms'])} / {_ms(run['p99_ms'])} | {run['rss_peak_mib']:.0f} |")
-    lines += ["", f"Server RSS before the overload runs: {o['rss_before_mib']:.0f} MiB. Messages seen: "
-              + "; ".join(f"{k}: {v!r}" for k, v in sorted(o["messages"].items()))]
-    return "\n".join(lines) + "\n"
+              ]
+    for o in (r["overload"], *r.get("overload_workers", [])):
+        lines += [f"Overload, {o.get('workers', 1)} worker(s), load over {o.get('channels', 1)} connection(s): "
+                  f"capacity {o['capacity_rps']:.1f} req/s (closed loop, concurrency 32), then open loops "
+                  f"(Poisson arrivals) at multiples of it for {o['duration_s']:.0f} s each, 5 s deadline; the load "
+                  f"generator shares the {m['cores']} cores.", "",
+                  "| offered | req/s | answered OK | RESOURCE_EXHAUSTED | refused in p50 / p99 ms | other errors | "
+                  "wrong answers | OK p50 / p99 ms | server RSS peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        for run in o["runs"]:
+            other = ", ".join(f"{k} {v}" for k, v in sorted(run["errors"].items())) or "0"
+            lines.append(
+                f"| {run['multiple']:g}x | {run['rate_rps']:.0f} | {run['ok']} | {run['resource_exhausted']} | "
+                f"{_ms(run['refused_p50_ms'])} / {_ms(run['refused_p99_ms'])} | {other} | {run['wrong_answers']} | "
+                f"{_ms(run['p50_ms'])} / {_ms(run['p99_ms'])} | {run['rss_peak_mib']:.0f} |")
+        lines += ["", f"Server RSS before the overload runs: {o['rss_before_mib']:.0f} MiB. Messages seen: "
+                  + "; ".join(f"{k}: {v!r}" for k, v in sorted(o["messages"].items())), ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=6.0)
     p.add_argument("--multiples", type=float, nargs="+", default=[2.0, 3.0, 5.0, 10.0],
                    help="offered open-loop rates, as multiples of the measured capacity")
+    p.add_argument("--workers", type=int, nargs="*", default=[2],
+                   help="also run the overload against servers with these --workers counts")
     a = p.parse_args(argv)
     images = a.images or sorted(Path("../shared/samples/liveness").glob("*.jpg"))
     if not images:
@@ -177,11 +204,22 @@ def main(argv: list[str] | None = None) -> int:
     interceptor_us = interceptor_cost_us(token, callers)
     with facegate_process(a.repository, ["--config", str(config)], work / "server-overload.log") as (addr, proc):
         over = overload(addr, proc.pid, images, token_file, a.duration, a.multiples)
+    # The same with several workers on the port, the load spread over several connections (as from several
+    # callers; one connection always lands on one worker).
+    over_workers = []
+    for workers in a.workers:
+        metrics = free_port()
+        with facegate_process(a.repository, ["--config", str(config), "--workers", str(workers), "--metrics-port",
+                                             str(metrics)], work / f"server-overload-w{workers}.log") as (addr, proc):
+            wait_for_metrics(metrics + workers - 1)  # the last worker listens once its models are warm
+            over_workers.append(overload(addr, proc.pid, images, token_file, a.duration, a.multiples, workers,
+                                         channels=4 * workers))
     result = {
         "machine": machine_info(),
         "auth": {"runs": runs, "p50_median_ms": med, "round_ratios": ratios, "p50_ratio": statistics.median(ratios),
                  "interceptor_us": interceptor_us, "callers": callers},
         "overload": over,
+        "overload_workers": over_workers,
     }
     write_report(a.out, "security", result, markdown)
     return 0

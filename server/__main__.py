@@ -14,6 +14,7 @@ from engines.repository import ModelNotFoundError
 from server.app import serve
 from server.config import load_config
 from server.gallery.migrations import SchemaError
+from server.workers import for_worker, supervise, worker_index
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 8002; 0: off)")
     p.add_argument("--gallery-url", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: "
                    "$FACEGATE_GALLERY_URL, else the configured SQLite file)")
+    p.add_argument("--workers", type=int, help="serving processes sharing the port (default 1; see README)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config, auth, gallery_url=args.gallery_url or os.environ.get("FACEGATE_GALLERY_URL") or None,
             host=args.host, metrics_port=args.metrics_port, port=args.port, model_repository=args.model_repository,
             batching_enabled=False if args.no_batching else None, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            workers=args.workers,
         )
         if args.cpu_only:
             config = replace(config, runtime=replace(config.runtime, prefer_gpu=False))
@@ -56,8 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         logging.getLogger("server").error("bad configuration: %s", exc)
         return 2
+    index = worker_index()
+    if index is None and config.workers > 1:
+        return supervise(list(argv if argv is not None else sys.argv[1:]), config)
+    if index is not None:
+        config = for_worker(config, index)
     try:
-        asyncio.run(serve(config))
+        # Past the first, a worker binds only once its models are warm: the kernel hands it connections as soon
+        # as it listens, and the first worker already answers health checks (NOT_SERVING until it is warm).
+        asyncio.run(serve(config, bind_after_load=bool(index)))
     except (ModelNotFoundError, ConnectionError, SchemaError) as exc:  # named, with the URL minus its password
         logging.getLogger("server").error("%s", exc)
         return 2

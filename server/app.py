@@ -96,7 +96,8 @@ class FacegateServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
-                ("grpc.so_reuseport", 0),
+                # Off unless several workers share the port: a second server on a busy port must fail, not share.
+                ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
@@ -125,8 +126,9 @@ class FacegateServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
-        for service in SERVICES:
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._loading:  # a worker that binds after loading is already SERVING
+            for service in SERVICES:
+                await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         if self.config.metrics_port:
             try:
@@ -213,9 +215,12 @@ class FacegateServer:
         self.audit.close()
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, bind_after_load: bool = False) -> None:
+    """Listen, load and warm the models, serve until SIGTERM/SIGINT, then drain. ``bind_after_load``: listen only
+    once warm (a worker joining others on a shared port)."""
     server = FacegateServer(config)
-    await server.start()
+    if not bind_after_load:
+        await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -224,8 +229,14 @@ async def serve(config: ServerConfig) -> None:
     stop_task = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     if load_task in done and load_task.exception() is not None:
-        await server.stop(0, 0)
+        if not bind_after_load:
+            await server.stop(0, 0)
         raise load_task.exception()  # type: ignore[misc]
+    if bind_after_load:
+        if stop.is_set():  # asked to stop before it ever listened
+            load_task.cancel()
+            return
+        await server.start()
     await stop.wait()
     log.info("signal received: draining (%.1f s accepting, then up to %.1f s for calls in flight)",
              config.drain_delay_s, config.drain_grace_s)

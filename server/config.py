@@ -53,6 +53,11 @@ class ServerConfig:
     completion rate) before new calls are refused at once with RESOURCE_EXHAUSTED and RetryInfo: overload is
     shed at the door instead of queued until deadlines pass. Also: no call is admitted that would miss its own
     deadline."""
+    workers: int = 1
+    """Serving processes sharing the port (Linux SO_REUSEPORT; the kernel spreads connections over them). Each
+    has its own event loop, models and compute threads, so more than one refuses overload at several times the
+    rate one Python event loop can; each holds its own copy of the models (memory x workers). Worker i serves
+    metrics on metrics_port + i and writes its own audit file (audit.jsonl, audit.w1.jsonl, ...)."""
     admit_min_in_flight: int = 32
     """Calls per pipeline always admitted, whatever the estimate (a burst on an idle server is not refused)."""
     default_deadline_s: float = 30.0
@@ -111,6 +116,10 @@ class ServerConfig:
             raise ValueError(f"tensorrt_precision must be fp16 or fp32, got {self.runtime.tensorrt_precision!r}")
         if not 0 <= self.compute_nice <= 19:
             raise ValueError(f"compute_nice must lie in [0, 19], got {self.compute_nice}")
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"workers must lie in [1, 64], got {self.workers}")
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("workers > 1 needs a fixed port: every worker binds the same one")
         if self.cpu_workers < 1:
             raise ValueError(f"cpu_workers must be >= 1, got {self.cpu_workers}")
         if not self.auth.enabled and not is_loopback(self.host) and not self.auth.insecure_public:

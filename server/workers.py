@@ -1,0 +1,79 @@
+"""Several serving processes on one port (``[server] workers``).
+
+One Python process has one event loop, and under overload that loop is the limit: every call, refused or not,
+costs it gRPC's own per-call work (~0.5-0.7 ms measured on the 2-core CI machine), so beyond ~1,000 calls a second
+calls wait in gRPC's transport and are refused there as UNAVAILABLE instead of RESOURCE_EXHAUSTED. Workers bind the
+same port with SO_REUSEPORT; the kernel spreads connections over them, and each refuses on its own loop.
+
+The supervisor (the process started by the user) starts the workers and forwards SIGTERM/SIGINT to them, so each
+drains as a single server does. If a worker exits on its own, the supervisor stops the others and exits with an
+error: the orchestrator restarts the whole set rather than leaving a server at a fraction of its capacity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from types import FrameType
+
+from server.config import ServerConfig
+
+WORKER_ENV = "FACEGATE_WORKER"
+log = logging.getLogger("facegate.workers")
+
+
+def worker_index() -> int | None:
+    """This process's index among the workers, or None in a single server or the supervisor."""
+    value = os.environ.get(WORKER_ENV)
+    return int(value) if value is not None else None
+
+
+def for_worker(config: ServerConfig, index: int) -> ServerConfig:
+    """Worker ``index``'s own settings: metrics on metrics_port + index, and (past the first) its own audit file,
+    since rotating one file from several processes would lose lines."""
+    audit = config.audit
+    if index > 0 and audit.path is not None:
+        audit = replace(audit, path=audit.path.with_name(f"{audit.path.stem}.w{index}{audit.path.suffix}"))
+    return replace(config, metrics_port=config.metrics_port + index if config.metrics_port else 0, audit=audit)
+
+
+def supervise(argv: list[str], config: ServerConfig) -> int:
+    """Run ``config.workers`` copies of ``python -m server argv`` until a signal (forwarded to each), or until one
+    exits by itself (the others are then stopped). Returns the exit status."""
+    children = [subprocess.Popen([sys.executable, "-m", "server", *argv], env={**os.environ, WORKER_ENV: str(i)})
+                for i in range(config.workers)]
+    log.info("%d workers on port %d (pids %s)", len(children), config.port, ", ".join(str(c.pid) for c in children))
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    while all(c.poll() is None for c in children):
+        time.sleep(0.2)
+    first = next(c for c in children if c.poll() is not None)
+    if not stopping:
+        log.error("worker pid %d exited with status %s; stopping the others", first.pid, first.returncode)
+        forward(signal.SIGTERM, None)
+        stopping = False  # not asked to stop: the exit status says something went wrong
+    deadline = time.monotonic() + config.drain_delay_s + config.drain_grace_s + 10
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.error("worker pid %d did not stop in time; killing it", child.pid)
+            child.kill()
+            child.wait()
+    if stopping:
+        return max((c.returncode for c in children if c.returncode and c.returncode > 0), default=0)
+    return first.returncode if first.returncode else 1

@@ -1,0 +1,108 @@
+"""Several workers on one port (``--workers``): both serve, a signal drains them all, and a worker that dies takes
+the set down (so the orchestrator restarts it) instead of leaving a server at half its capacity."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from benchmarks.server_process import free_port, wait_serving
+from facegate.v1 import models_pb2, models_pb2_grpc
+from server.workers import for_worker
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.weights, pytest.mark.slow]
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def metrics_text(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return str(r.read().decode())
+    except OSError:
+        return None
+
+
+def list_models_calls(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("facegate_requests_total") and "ListModels" in line)
+
+
+@pytest.fixture
+def workers(repository_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, int, Path]]:
+    port, metrics = free_port(), free_port()
+    while metrics + 1 == port:  # worker 1 serves metrics on metrics + 1
+        metrics = free_port()
+    audit = tmp_path / "audit.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", str(port), "--model-repository", str(repository_dir),
+         "--workers", "2", "--metrics-port", str(metrics), "--audit-log", str(audit), "--log-level", "WARNING"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ},
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_serving(address)
+        deadline = time.monotonic() + 180  # the second worker listens once its models are warm
+        while metrics_text(metrics + 1) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "the second worker never came up"
+            time.sleep(0.5)
+        yield proc, address, metrics, audit
+    finally:
+        kids = children_of(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_both_workers_serve_and_sigterm_stops_them_all(workers) -> None:  # type: ignore[no-untyped-def]
+    proc, address, metrics, _ = workers
+    kids = children_of(proc.pid)
+    assert len(kids) == 2
+    # Separate connections (a distinct channel argument each): the kernel spreads them over the two workers.
+    for i in range(24):
+        with grpc.insecure_channel(address, options=[("grpc.test_connection", i)]) as ch:
+            models_pb2_grpc.ModelServiceStub(ch).ListModels(models_pb2.ListModelsRequest(), timeout=10)
+    calls = [list_models_calls(metrics_text(metrics + i) or "") for i in (0, 1)]
+    assert sum(calls) == 24 and min(calls) > 0, calls  # chance of all 24 on one worker: 2**-23
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+               for pid in kids)
+
+
+def test_a_worker_that_dies_takes_the_set_down(workers) -> None:  # type: ignore[no-untyped-def]
+    proc, _, _, _ = workers
+    kids = children_of(proc.pid)
+    os.kill(kids[1], signal.SIGKILL)
+    assert proc.wait(60) != 0  # the orchestrator restarts the whole server
+    time.sleep(0.5)
+    assert not Path(f"/proc/{kids[0]}").exists() or "zombie" in Path(f"/proc/{kids[0]}/status").read_text()
+
+
+def test_each_worker_has_its_own_metrics_port_and_audit_file(tmp_path: Path) -> None:
+    from server.audit import AuditConfig
+    from server.config import ServerConfig
+
+    base = ServerConfig(port=50051, workers=3, metrics_port=8002, audit=AuditConfig(path=tmp_path / "a.jsonl"))
+    first, third = for_worker(base, 0), for_worker(base, 2)
+    assert (first.metrics_port, third.metrics_port) == (8002, 8004)
+    assert (first.audit.path, third.audit.path) == (tmp_path / "a.jsonl", tmp_path / "a.w2.jsonl")
+    with pytest.raises(ValueError, match="workers > 1 needs a fixed port"):
+        ServerConfig(port=0, workers=2)
