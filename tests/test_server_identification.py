@@ -158,6 +158,35 @@ def test_bad_clips_are_invalid_argument(case: str, field: str, stub, enrolled: s
     assert identify(stub, enrolled, clip_dir(trained, trained["test_probes"][1])).candidates
 
 
+def test_a_named_apex_still_checks_every_frame_header(stub, enrolled: str, trained: dict,  # type: ignore[no-untyped-def]
+                                                       repository_dir: Path) -> None:
+    """With the apex named only the detection frames and the model window are decoded; a frame outside them is
+    still checked from its header, so a truncated one is refused with or without the named apex."""
+    from engines.identify.ensemble import find_ensemble
+    from engines.vision.clip_window import detection_frames, model_window
+
+    frames = frames_of(clip_dir(trained, trained["test_probes"][0]))
+    n, apex = len(frames), len(frames) // 2
+    ens = find_ensemble(repository_dir)
+    assert ens is not None
+    read = set(detection_frames(n, ens.spec.detect_frames)) | set(
+        model_window(n, FPS, ens.spec.fps, ens.spec.clip_len, apex).indices)
+    k = next(i for i in range(n) if i not in read)
+    broken = list(frames)
+    broken[k] = common_pb2.Image(data=frames[k].data[: len(frames[k].data) // 2])
+    for named in (None, apex):
+        clip = identification_pb2.Clip(fps=FPS, frames=broken, apex_frame=named)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(collection=enrolled, clip=clip),
+                                  timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"clip.frames[{k}].data" in [f for f, _ in field_violations(info.value)]
+    whole = stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
+        collection=enrolled, clip=identification_pb2.Clip(fps=FPS, frames=frames, apex_frame=apex), top_k=3),
+        timeout=60)
+    assert whole.diagnostics.apex_from_hint and whole.diagnostics.apex_index == apex and whole.candidates
+
+
 def test_unknown_collection_is_not_found(stub, trained: dict) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.RpcError) as info:
         identify(stub, "nope", clip_dir(trained, trained["test_probes"][0]))
