@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.server_process import facegate_process, free_port
+from benchmarks.server_process import children_of, facegate_process, free_port, wait_for_metrics
 from server.auth.tokens import hash_token, new_token
 
 
@@ -43,9 +43,8 @@ def loadgen(address: str, images: list[Path], token: Path | None, *mode: str, du
 
 def rss_bytes(pid: int) -> int:
     """Resident memory of ``pid`` and its children (the workers of a server started with --workers)."""
-    kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
     total = 0
-    for p in (pid, *map(int, kids)):
+    for p in (pid, *children_of(pid)):
         with contextlib.suppress(FileNotFoundError, StopIteration):  # a worker may end between ps and here
             total += next(int(ln.split()[1]) * 1024 for ln in Path(f"/proc/{p}/status").read_text().splitlines()
                           if ln.startswith("VmRSS:"))
@@ -82,20 +81,6 @@ def interceptor_cost_us(token: str, callers: int, n: int = 20_000) -> float:
         return (time.perf_counter() - t0) / n * 1e6
 
     return asyncio.run(run())
-
-
-def wait_for_metrics(port: int, timeout_s: float = 180) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def _ms(v: float | None) -> str:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,31 @@ def wait_serving(address: str, timeout_s: float = 120) -> None:
                 pass
             time.sleep(0.2)
     raise TimeoutError(f"server at {address} did not become SERVING within {timeout_s}s")
+
+
+def metrics_text(port: int) -> str | None:
+    """The /metrics page on 127.0.0.1:``port``, or None while nothing answers there."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return str(r.read().decode())
+    except OSError:
+        return None
+
+
+def wait_for_metrics(port: int, timeout_s: float = 180) -> None:
+    """Until a /metrics page answers on ``port``: a worker after the first listens only once its models are warm,
+    and its metrics port opens then."""
+    deadline = time.monotonic() + timeout_s
+    while metrics_text(port) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no /metrics on port {port} within {timeout_s}s")
+        time.sleep(0.5)
+
+
+def children_of(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (the workers of a server started with --workers)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:

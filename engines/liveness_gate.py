@@ -24,12 +24,11 @@ from engines.precision import INT8_FILE, gate_main, quantize_int8, write_gate
 from engines.repository import ModelRepository
 from engines.specs import LIVENESS_SPECS
 from engines.vision.crop import crop_for_model
-from engines.vision.liveness_decision import decide, softmax
+from engines.vision.liveness_decision import DEFAULT_MARGIN, DEFAULT_THRESHOLD, decide, softmax
 
 log = logging.getLogger("engines.liveness_gate")
 MAX_SCORE_GAP = 0.02
 MIN_PARITY_IMAGES = 50
-THRESHOLD, MARGIN = 0.5, 0.05  # the server's defaults (LivenessConfig)
 
 
 def _scaled(img: np.ndarray, f: float) -> np.ndarray:
@@ -109,8 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         int8_paths.append(dst)
     fp32 = scores([repo.onnx_path(s.name) for s in LIVENESS_SPECS], repo, parity, "fp32")
     int8 = scores(int8_paths, repo, parity, "int8")
-    verdicts = sum(decide(a, THRESHOLD, MARGIN) != decide(b, THRESHOLD, MARGIN) for a, b in zip(fp32, int8,
-                                                                                                  strict=True))
+    verdicts = sum(decide(a, DEFAULT_THRESHOLD, DEFAULT_MARGIN) != decide(b, DEFAULT_THRESHOLD, DEFAULT_MARGIN)
+                   for a, b in zip(fp32, int8, strict=True))
     gap = float(np.abs(fp32 - int8).max())
     n = len(fp32)
     passed = n >= MIN_PARITY_IMAGES and verdicts == 0 and gap <= MAX_SCORE_GAP

@@ -62,10 +62,10 @@ def supervise(argv: list[str], config: ServerConfig) -> int:
     while all(c.poll() is None for c in children):
         time.sleep(0.2)
     first = next(c for c in children if c.poll() is not None)
-    if not stopping:
+    failed = not stopping  # a worker ended without being asked to
+    if failed:
         log.error("worker pid %d exited with status %s; stopping the others", first.pid, first.returncode)
         forward(signal.SIGTERM, None)
-        stopping = False  # not asked to stop: the exit status says something went wrong
     deadline = time.monotonic() + config.drain_delay_s + config.drain_grace_s + 10
     for child in children:
         try:
@@ -74,6 +74,6 @@ def supervise(argv: list[str], config: ServerConfig) -> int:
             log.error("worker pid %d did not stop in time; killing it", child.pid)
             child.kill()
             child.wait()
-    if stopping:
-        return max((c.returncode for c in children if c.returncode and c.returncode > 0), default=0)
-    return first.returncode if first.returncode else 1
+    if failed:
+        return first.returncode if first.returncode else 1
+    return max((c.returncode for c in children if c.returncode and c.returncode > 0), default=0)

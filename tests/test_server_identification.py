@@ -250,19 +250,11 @@ def test_a_video_container_identifies_like_its_frames(stub, enrolled: str, train
     assert field_violations(info.value)[0][0] == "clip.video"
 
 
-def _upscaled(folder: Path, factor: int = 2) -> identification_pb2.Clip:
-    """The clip at ``factor`` times its size (a 360x480 capture): large enough that reduced decoding reduces."""
-    import cv2
+def _upscaled(folder: Path) -> identification_pb2.Clip:
+    """The clip at twice its size (a 360x480 capture): large enough that reduced decoding reduces."""
+    from benchmarks.identify import upscaled
 
-    frames = []
-    for f in frames_of(folder):
-        img = cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR)
-        assert img is not None
-        big = cv2.resize(img, (img.shape[1] * factor, img.shape[0] * factor), interpolation=cv2.INTER_CUBIC)
-        ok, buf = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        assert ok
-        frames.append(common_pb2.Image(data=buf.tobytes()))
-    return identification_pb2.Clip(frames=frames, fps=FPS)
+    return upscaled(clip_from_folder(folder, FPS))
 
 
 def test_reduced_decoding_identifies_like_full_decoding(repository_dir: Path, trained: dict,  # type: ignore[no-untyped-def]

@@ -9,32 +9,18 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from benchmarks.server_process import free_port, wait_serving
+from benchmarks.server_process import children_of, free_port, metrics_text, wait_for_metrics, wait_serving
 from facegate.v1 import models_pb2, models_pb2_grpc
 from server.workers import for_worker
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]
-
-
-def children_of(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(x) for x in out.stdout.split()]
-
-
-def metrics_text(port: int) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            return str(r.read().decode())
-    except OSError:
-        return None
 
 
 def list_models_calls(text: str) -> float:
@@ -56,10 +42,8 @@ def workers(repository_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.P
     address = f"127.0.0.1:{port}"
     try:
         wait_serving(address)
-        deadline = time.monotonic() + 180  # the second worker listens once its models are warm
-        while metrics_text(metrics + 1) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, "the second worker never came up"
-            time.sleep(0.5)
+        wait_for_metrics(metrics + 1)  # the second worker listens once its models are warm
+        assert proc.poll() is None
         yield proc, address, metrics, audit
     finally:
         kids = children_of(proc.pid)

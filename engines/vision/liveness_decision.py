@@ -7,6 +7,10 @@ import enum
 
 import numpy as np
 
+# The served defaults (LivenessConfig's threshold and uncertainty margin), which the INT8 gate judges by too.
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_MARGIN = 0.05
+
 
 class Decision(enum.Enum):
     UNSPECIFIED = "unspecified"

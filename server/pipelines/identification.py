@@ -278,11 +278,10 @@ class ClipPipeline:
         boxes = await asyncio.gather(*[self._detect(f, deadline) for f in detect])
         box, coverage = stable_box(list(boxes))
         t2 = time.perf_counter()
-        apex = clip.apex_hint if clip.apex_hint is not None else n // 2
-        if box is None:
+        if box is None:  # (a named apex never comes here: _embed_hinted takes those clips)
             await self._decode_frames(probed, range(n), 8)  # every frame must still decode
             timings = {"decode": (t1 - t0 + time.perf_counter() - t2) * 1e3, "detect": (t2 - t1) * 1e3}
-            return self._no_face(clip, n, apex, clip.frames[apex], timings)
+            return self._no_face(clip, n, n // 2, clip.frames[n // 2], timings)
         h, w = detect[0].shape[:2]
         crop = square_crop_box(box, w, h, spec.crop_scale)
         # The model window is always decoded whole: the members read micro-movements, and a window decoded at 1/2
@@ -297,20 +296,16 @@ class ClipPipeline:
         else:
             small = await self._decode_frames(probed, range(n), spot)
         t3 = time.perf_counter()
-        if clip.apex_hint is None:
-            apex = await loop.run_in_executor(self.executor, lambda: spot_apex(
-                [grey_thumbnail(f, scaled_box(crop, spot, f.shape)) for f in small], float(clip.fps)))
+        apex = await loop.run_in_executor(self.executor, lambda: spot_apex(
+            [grey_thumbnail(f, scaled_box(crop, spot, f.shape)) for f in small], float(clip.fps)))
         t4 = time.perf_counter()
-        needed = sorted(set(model_window(n, float(clip.fps), spec.fps, spec.clip_len, apex).indices))
+        needed = self._window_indices(n, float(clip.fps), apex)
         if spot == 1:
             window = {i: small[i] for i in needed}
         else:
             window = dict(zip(needed, await self._decode_frames(probed, needed, 1), strict=True))
         t5 = time.perf_counter()
-        first = window[needed[0]]
-        frames = [window.get(i, first) for i in range(n)]  # only the window's frames are read
-        tensor, win = await loop.run_in_executor(self.executor, model_input, frames, crop, apex, float(clip.fps),
-                                                 spec)
+        tensor, win = await self._window_tensor(window, needed, n, crop, apex, float(clip.fps))
         timings = {"decode": (t1 - t0 + t3 - t2 + t5 - t4) * 1e3, "detect": (t2 - t1) * 1e3,
                    "window": (t4 - t3 + time.perf_counter() - t5) * 1e3}
         return await self._run_members(clip, n, tensor, win, coverage, box, clip.frames[apex], timings, deadline)
@@ -318,13 +313,13 @@ class ClipPipeline:
     async def _embed_hinted(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
         """The client named the apex, so nothing needs the spotter: only the detection frames and the model window
         are decoded (whole, so the model sees exactly what full decoding gives it). No other frame's pixels are
-        read; their headers were checked when the clip was probed (format, size, the pixel budget)."""
+        read; their headers were checked when the clip was probed (format, size, truncation, the pixel budget)."""
         clip, spec = probed.clip, self.ensemble.spec
-        loop = asyncio.get_running_loop()
-        n, apex = len(clip.frames), int(clip.apex_hint or 0)
+        assert clip.apex_hint is not None
+        n, apex = len(clip.frames), clip.apex_hint
         t0 = time.perf_counter()
         sampled = detection_frames(n, spec.detect_frames)
-        needed = sorted(set(model_window(n, float(clip.fps), spec.fps, spec.clip_len, apex).indices))
+        needed = self._window_indices(n, float(clip.fps), apex)
         wanted = sorted(set(sampled) | set(needed))
         decoded = dict(zip(wanted, await self._decode_frames(probed, wanted, 1), strict=True))
         t1 = time.perf_counter()
@@ -334,14 +329,24 @@ class ClipPipeline:
         timings = {"decode": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3}
         if box is None:
             return self._no_face(clip, n, apex, clip.frames[apex], timings)
-        first = decoded[needed[0]]
-        h, w = first.shape[:2]
+        h, w = decoded[needed[0]].shape[:2]
         crop = square_crop_box(box, w, h, spec.crop_scale)
-        frames = [decoded.get(i, first) for i in range(n)]  # only the window's frames are read
-        tensor, win = await loop.run_in_executor(self.executor, model_input, frames, crop, apex, float(clip.fps),
-                                                 spec)
+        tensor, win = await self._window_tensor(decoded, needed, n, crop, apex, float(clip.fps))
         timings["window"] = (time.perf_counter() - t2) * 1e3
         return await self._run_members(clip, n, tensor, win, coverage, box, clip.frames[apex], timings, deadline)
+
+    def _window_indices(self, n: int, fps: float, apex: int) -> list[int]:
+        """The source frames the model window reads (each once, in order)."""
+        spec = self.ensemble.spec
+        return sorted(set(model_window(n, fps, spec.fps, spec.clip_len, apex).indices))
+
+    async def _window_tensor(self, decoded: dict[int, np.ndarray], needed: list[int], n: int,
+                             crop: tuple[int, int, int, int], apex: int, fps: float) -> tuple[np.ndarray, Window]:
+        """The members' input from the decoded window frames (any other index holds a placeholder: never read)."""
+        first = decoded[needed[0]]
+        frames = [decoded.get(i, first) for i in range(n)]
+        return await asyncio.get_running_loop().run_in_executor(self.executor, model_input, frames, crop, apex, fps,
+                                                                self.ensemble.spec)
 
     def _no_face(self, clip: ClipInput, n: int, apex: int, apex_frame: bytes, timings: dict[str, float]
                  ) -> ClipEmbedding:

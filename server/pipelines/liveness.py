@@ -19,7 +19,7 @@ from engines.specs import DETECTOR_SPEC, DetectorSpec, LivenessSpec
 from engines.vision.crop import crop_for_model
 from engines.vision.detection import DetectorInput, FaceDetector
 from engines.vision.imaging import DecodedImage, ImageHeader, ImageLimits, decode_image, probe_image
-from engines.vision.liveness_decision import Decision, decide, softmax
+from engines.vision.liveness_decision import DEFAULT_MARGIN, DEFAULT_THRESHOLD, Decision, decide, softmax
 from server.admission import Budget, WaitGate, admitted
 from server.batching.scheduler import DynamicBatcher
 from server.pipelines.face_detection import BatchedFaceDetector
@@ -28,9 +28,9 @@ from server.pipelines.quality import QualityConfig, QualityIssue, assess_face
 
 @dataclass(frozen=True)
 class LivenessConfig:
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     """Default decision threshold on live_score (mean live-class probability)."""
-    uncertainty_margin: float = 0.05
+    uncertainty_margin: float = DEFAULT_MARGIN
     """live_score within +- this of the threshold is UNCERTAIN."""
     face_score_threshold: float = 0.6
     """Detections below this score do not count as faces."""
