@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-file", type=Path, help="bearer token sent with every request")
     p.add_argument("--channels", type=int, default=1, help="connections to spread the calls over")
     args = p.parse_args(argv)
+    if args.channels < 1:
+        p.error(f"--channels must be >= 1, got {args.channels}")
     check_loopback(args.target)
     md: Metadata = ()
     if args.token_file:

@@ -34,6 +34,12 @@ class AuditConfig:
     shed_summary_s: float = 10.0
     """Calls shed under overload are written as one line per caller and RPC per this many seconds, with a count."""
 
+    def __post_init__(self) -> None:
+        if not self.shed_summary_s > 0:  # 0 or less would write a line per shed call again, in a timer thread each
+            raise ValueError(f"[audit] shed_summary_s must be > 0, got {self.shed_summary_s}")
+        if self.max_bytes < 1 or self.backups < 1:
+            raise ValueError(f"[audit] max_bytes and backups must be >= 1, got {self.max_bytes}, {self.backups}")
+
 
 class AuditLog:
     def __init__(self, config: AuditConfig) -> None:

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from server.audit import AuditConfig, AuditLog
 
 
@@ -41,3 +43,9 @@ def test_a_window_is_written_when_it_ends_without_further_calls(tmp_path: Path) 
     audit.record_shed(rpc="/x/CheckLiveness", caller="a", reason="server busy")  # a new window begins
     audit.close()
     assert [x["count"] for x in lines(path)] == [3, 1]
+
+
+@pytest.mark.parametrize("setting", [{"shed_summary_s": 0}, {"shed_summary_s": -1.0}, {"backups": 0}])
+def test_settings_that_would_defeat_the_log_are_refused(tmp_path: Path, setting: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=r"\[audit\]"):
+        AuditConfig(path=tmp_path / "a.jsonl", **setting)  # type: ignore[arg-type]
