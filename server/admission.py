@@ -9,8 +9,8 @@ into memory and past every deadline.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from engines.errors import ResourceExhaustedError
 
@@ -27,8 +27,10 @@ class Budget:
         self.in_use = 0
         self.refused = 0
 
-    @asynccontextmanager
-    async def hold(self, amount: int) -> AsyncIterator[None]:
+    # Plain (synchronous) context managers: nothing here awaits, and an async generator per call was a measurable
+    # share of the event loop's time per request (~0.1 ms of ~0.9 ms on a batch-1 ModelInfer).
+    @contextmanager
+    def hold(self, amount: int) -> Iterator[None]:
         if amount > self.capacity:
             self.refused += 1
             raise ResourceExhaustedError(f"request needs {amount} {self.unit}, over the server's {self.name} "
@@ -104,8 +106,8 @@ class WaitGate:
                 f"over the {max(limit, 0.0) * 1e3:.0f} ms it may wait; retry shortly",
                 retry_after_s=wait - self.max_wait_s if wait > self.max_wait_s else 0.1)
 
-    @asynccontextmanager
-    async def enter(self, deadline: float | None = None) -> AsyncIterator[None]:
+    @contextmanager
+    def enter(self, deadline: float | None = None) -> Iterator[None]:
         """Admit one call or raise ResourceExhaustedError; ``deadline`` is on this gate's clock."""
         self.check(deadline)
         self.in_flight += 1
@@ -117,6 +119,6 @@ class WaitGate:
             self.in_flight -= 1
 
 
-def admitted(gate: WaitGate | None, deadline: float | None) -> AbstractAsyncContextManager[None]:
+def admitted(gate: WaitGate | None, deadline: float | None) -> AbstractContextManager[None]:
     """``gate.enter(deadline)``, or nothing to pass where a pipeline runs without a gate (tests, tools)."""
     return gate.enter(deadline) if gate is not None else nullcontext()

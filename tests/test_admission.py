@@ -20,25 +20,19 @@ from tests.conftest import start_server, stop_server
 
 
 def test_a_budget_refuses_what_does_not_fit_and_gives_back_what_was_held() -> None:
-    async def main() -> None:
-        b = Budget("pixels", 100, "pixels")
-        async with b.hold(60):
-            assert b.in_use == 60
-            with pytest.raises(ResourceExhaustedError, match="server busy"):
-                async with b.hold(50):
-                    pass
-            async with b.hold(40):
-                assert b.in_use == 100
-        assert b.in_use == 0
-        with pytest.raises(ResourceExhaustedError, match="over the server's pixels budget"):
-            async with b.hold(101):
-                pass
-        with pytest.raises(RuntimeError):
-            async with b.hold(10):
-                raise RuntimeError("the work failed")
-        assert b.in_use == 0 and b.refused == 2
-
-    asyncio.run(main())
+    b = Budget("pixels", 100, "pixels")
+    with b.hold(60):
+        assert b.in_use == 60
+        with pytest.raises(ResourceExhaustedError, match="server busy"), b.hold(50):
+            pass
+        with b.hold(40):
+            assert b.in_use == 100
+    assert b.in_use == 0
+    with pytest.raises(ResourceExhaustedError, match="over the server's pixels budget"), b.hold(101):
+        pass
+    with pytest.raises(RuntimeError), b.hold(10):
+        raise RuntimeError("the work failed")
+    assert b.in_use == 0 and b.refused == 2
 
 
 def test_an_image_over_the_pixel_budget_is_resource_exhausted_with_retry_info(repository_dir: Path,
@@ -80,7 +74,7 @@ def test_wait_gate_admits_a_burst_then_refuses_what_would_wait_too_long() -> Non
         held: list[asyncio.Future[None]] = []
 
         async def call(duration: float) -> None:
-            async with gate.enter():
+            with gate.enter():
                 fut = asyncio.get_running_loop().create_future()
                 held.append(fut)
                 await fut
@@ -102,9 +96,8 @@ def test_wait_gate_admits_a_burst_then_refuses_what_would_wait_too_long() -> Non
         tasks = [asyncio.create_task(call(0.0)) for _ in range(5)]
         await asyncio.sleep(0)
         assert gate.in_flight == 5
-        with pytest.raises(ResourceExhaustedError, match="would take ~750 ms") as info:
-            async with gate.enter():
-                pass
+        with pytest.raises(ResourceExhaustedError, match="would take ~750 ms") as info, gate.enter():
+            pass
         assert info.value.retry_after_s == pytest.approx(0.05)
         assert gate.refused == 1 and gate.in_flight == 5
         # A call whose own deadline is nearer than its expected wait is refused too, even under max_wait_s.

@@ -96,7 +96,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if gate is not None:
                     gate.check()
-                async with self._calls.hold(1), self._bytes.hold(len(raw)):
+                with self._calls.hold(1), self._bytes.hold(len(raw)):
                     request = parse(raw) if parse is not None else raw
                     self.check_collection(caller, scope, request, method, context)
                     CURRENT_CALLER.set(caller)

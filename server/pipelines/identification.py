@@ -225,9 +225,9 @@ class ClipPipeline:
 
     async def embed(self, clip: ClipInput | ProbedClip, deadline: float | None, field: str = "clip"
                     ) -> ClipEmbedding:
-        async with admitted(self.gate, deadline):  # refused here, before any work, if it would wait too long
+        with admitted(self.gate, deadline):  # refused here, before any work, if it would wait too long
             probed = clip if isinstance(clip, ProbedClip) else await self.probe(clip, field)
-            async with self.pixels.hold(probed.pixels):
+            with self.pixels.hold(probed.pixels):
                 return await self._embed(probed, deadline)
 
     async def _embed(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:

@@ -109,11 +109,11 @@ class LivenessPipeline:
 
     async def check(self, req: LivenessRequest) -> LivenessResult:
         validate_threshold(req.threshold)
-        async with admitted(self.gate, req.deadline):  # refused here, before any work, if it would wait too long
+        with admitted(self.gate, req.deadline):  # refused here, before any work, if it would wait too long
             loop = asyncio.get_running_loop()
             # The header first (no pixels): the decoded size is then held from the server's pixel budget.
             header = await loop.run_in_executor(self.executor, probe_image, req.image, self.config.image)
-            async with self.pixels.hold(header.pixels):
+            with self.pixels.hold(header.pixels):
                 return await self._check(req, header)
 
     async def _check(self, req: LivenessRequest, header: ImageHeader) -> LivenessResult:

@@ -8,6 +8,7 @@ content length is INVALID_ARGUMENT with the offending field named.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import grpc
@@ -90,7 +91,7 @@ def decode_inputs(req: pb.ModelInferRequest, specs: Sequence[TensorSpec], max_ba
         if batch is not None and shape[0] != batch:
             raise InvalidArgumentError(FieldViolation(_field(i, "shape"), "inputs disagree on the batch size"))
         batch = shape[0]
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         if req.raw_input_contents:
             raw = req.raw_input_contents[i]
             expected = n * spec.dtype.itemsize
@@ -206,12 +207,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         n = next(iter(inputs.values())).shape[0]
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        # A request of batch n is n items to the dynamic batcher, which may merge them with other requests.
-        results = await asyncio.gather(*[
-            served.batcher.infer({k: v[j] for k, v in inputs.items()}, deadline) for j in range(n)])
+        # A request of batch n is n items to the dynamic batcher, which may merge them with other requests. The
+        # common batch of one is awaited directly: no task per item on the event loop, no stacking.
+        if n == 1:
+            results = [await served.batcher.infer({k: v[0] for k, v in inputs.items()}, deadline)]
+        else:
+            results = await asyncio.gather(*[
+                served.batcher.infer({k: v[j] for k, v in inputs.items()}, deadline) for j in range(n)])
         resp = pb.ModelInferResponse(model_name=e.name, model_version=e.version, id=request.id)
         for name in wanted:
-            arr = np.ascontiguousarray(np.stack([r[name] for r in results]), dtype=known[name].dtype)
+            stacked = results[0][name][None] if n == 1 else np.stack([r[name] for r in results])
+            arr = np.ascontiguousarray(stacked, dtype=known[name].dtype)
             resp.outputs.add(name=name, datatype=datatype(arr.dtype), shape=arr.shape)
             resp.raw_output_contents.append(arr.tobytes())
         return resp
