@@ -13,11 +13,12 @@ import csv
 import io
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,25 @@ def perf_analyzer(venv: Path, address: str, model: str, concurrency: list[int], 
     return rows
 
 
+LABELS = ("facegate", "triton", "facegate-no-batching")
+
+
+def median_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each measure's median over the rounds, and the throughput's range."""
+    out = {k: float(statistics.median(r[k] for r in rows)) for k in rows[0]}
+    out["throughput_min"] = min(r["throughput"] for r in rows)
+    out["throughput_max"] = max(r["throughput"] for r in rows)
+    return out
+
+
+def paired_ratios(ours: list[dict[str, float]], theirs: list[dict[str, float]]) -> dict[str, Any]:
+    """facegate / Triton per round (each pair measured back to back), and their median."""
+    tp = [f["throughput"] / t["throughput"] for f, t in zip(ours, theirs, strict=True)]
+    p99 = [f["p99_ms"] / t["p99_ms"] for f, t in zip(ours, theirs, strict=True)]
+    return {"throughput": statistics.median(tp), "p99": statistics.median(p99), "throughput_rounds": tp,
+            "p99_rounds": p99}
+
+
 def plots(result: dict[str, Any], out: Path, tag: str = "") -> list[str]:
     import matplotlib
 
@@ -172,20 +192,28 @@ def markdown(r: dict[str, Any]) -> str:
              f"Model `{r['model']}` (the same ONNX file), CPU only: {m['cpu']}, {m['cores']} cores shared by client "
              "and servers. perf_analyzer 2.51 over gRPC, batch 1 requests, closed loop. Engines: facegate "
              f"{r.get('engine', 'onnxruntime')}, Triton {r.get('triton_engine', r.get('engine', 'onnxruntime'))}, "
-             f"each with {r['intra_op_threads']} thread(s), one model instance, "
+             f"each with {r['intra_op_threads']} thread(s), one model instance, facegate's compute threads at nice "
+             f"{r.get('facegate_compute_nice', 19)}, "
              "dynamic batching with max batch "
              f"{r['max_batch_size']} and a {r['max_queue_delay_us']} us queue delay; Triton runs the model in its "
-             "Python backend (PyTriton).", "",
+             "Python backend (PyTriton). The three servers run side by side and are measured in turn at each "
+             f"concurrency, {r.get('rounds', 1)} round(s): each cell is the median over the rounds (the throughput's "
+             "range in brackets); the ratios are the medians of the rounds' paired ratios.", "",
              "| concurrency | facegate infer/s | p50 ms | p99 ms | Triton infer/s | p50 ms | p99 ms | "
              "facegate no batching infer/s | p99 ms | throughput facegate/Triton | p99 facegate/Triton |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     f, t, nb = r["runs"]["facegate"], r["runs"]["triton"], r["runs"]["facegate-no-batching"]
+
+    def tput(row: dict[str, float]) -> str:
+        lo, hi = row.get("throughput_min"), row.get("throughput_max")
+        return f"{row['throughput']:.1f}" + (f" ({lo:.0f}-{hi:.0f})" if lo is not None and hi is not None else "")
+
     for c in sorted(f, key=int):
+        ratio = r["ratios"][c]
         lines.append(
-            f"| {c} | {f[c]['throughput']:.1f} | {f[c]['p50_ms']:.1f} | {f[c]['p99_ms']:.1f} | "
-            f"{t[c]['throughput']:.1f} | {t[c]['p50_ms']:.1f} | {t[c]['p99_ms']:.1f} | {nb[c]['throughput']:.1f} | "
-            f"{nb[c]['p99_ms']:.1f} | **{f[c]['throughput'] / t[c]['throughput']:.2f}** | "
-            f"{f[c]['p99_ms'] / t[c]['p99_ms']:.2f} |")
+            f"| {c} | {tput(f[c])} | {f[c]['p50_ms']:.1f} | {f[c]['p99_ms']:.1f} | "
+            f"{tput(t[c])} | {t[c]['p50_ms']:.1f} | {t[c]['p99_ms']:.1f} | {tput(nb[c])} | "
+            f"{nb[c]['p99_ms']:.1f} | **{ratio['throughput']:.2f}** | {ratio['p99']:.2f} |")
     lines += ["", "Server-side split (ms per request, from perf_analyzer's server section):", "",
               "| concurrency | facegate queue | facegate compute | facegate avg batch | Triton queue | "
               "Triton compute | Triton avg batch |", "|---|---|---|---|---|---|---|"]
@@ -204,12 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-venv", type=Path, default=Path(".venv-bench"))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--interval-ms", type=int, default=3000)
+    p.add_argument("--rounds", type=int, default=3, help="measurements of each server at each concurrency")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--intra-op-threads", type=int, default=1, help="engine threads, the same for both servers")
     p.add_argument("--engine", choices=["onnxruntime", "openvino"], default="onnxruntime",
                    help="the CPU engine both servers run (facegate forced to it, PyTriton calling it)")
     p.add_argument("--triton-engine", choices=["onnxruntime", "openvino"],
                    help="a different engine for Triton (e.g. facegate's best against Triton's ONNX Runtime)")
+    p.add_argument("--compute-nice", type=int, default=0, choices=range(20), metavar="0..19",
+                   help="facegate's compute_nice for the run (default 0: the same priority as the load generator)")
     a = p.parse_args(argv)
     if not (a.bench_venv / "bin" / "perf_analyzer").exists():
         raise SystemExit(f"no perf_analyzer in {a.bench_venv}: run `make bench-env`")
@@ -220,36 +251,49 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Any] = {}
     hist: dict[int, int] = {}
     cfg = a.out / f"facegate-{a.engine}-threads{a.intra_op_threads}.toml"
-    cfg.write_text(f'[runtime]\nintra_op_threads = {a.intra_op_threads}\ncpu_runtime = "{a.engine}"\n')
+    # compute_nice = 0: here the load generator shares the server's two cores at nice 0, and at the default nice
+    # 19 facegate's engine thread yields the CPU to perf_analyzer (measured: 5-10 % of the throughput at c16), a
+    # neighbour no deployment has inside the server's own CPU share; Triton runs every thread at 0.
+    cfg.write_text(f'[server]\ncompute_nice = {a.compute_nice}\n'
+                   f'[runtime]\nintra_op_threads = {a.intra_op_threads}\ncpu_runtime = "{a.engine}"\n')
     triton_engine = a.triton_engine or a.engine
     tag = (f"-t{a.intra_op_threads}" if a.intra_op_threads != 1 else "") + \
         (f"-{a.engine}" if a.engine != "onnxruntime" else "") + \
         (f"-vs-{triton_engine}" if triton_engine != a.engine else "")
-    for label, extra in (("facegate", []), ("facegate-no-batching", ["--no-batching"])):
-        progress(f"{label}: starting")
-        with facegate_server(a.repository, ["--config", str(cfg), *extra], a.out / f"server-{label}.log") as address:
-            runs[label] = perf_analyzer(a.bench_venv, address, a.model, a.concurrency, a.interval_ms,
-                                        a.out / f"pa-{label}.csv")
-            if label == "facegate":
-                hist = batch_histogram(address, a.model)
-    progress("triton: starting")
-    with triton_server(a.bench_venv, a.repository / a.model / "model.onnx", a.model, batching.max_batch_size,
-                       batching.max_queue_delay_us, a.intra_op_threads, a.out / "server-triton.log",
-                       triton_engine) as address:
-        runs["triton"] = perf_analyzer(a.bench_venv, address, a.model, a.concurrency, a.interval_ms,
-                                       a.out / "pa-triton.csv")
+    # All three servers run at once and are measured in turn, concurrency by concurrency, for --rounds rounds: the
+    # host's speed drifts by +-15 % within minutes here, so servers measured minutes apart are not comparable.
+    # Each cell is the median over the rounds; a ratio is the median of the rounds' paired ratios.
+    samples: dict[str, dict[int, list[dict[str, float]]]] = {k: {c: [] for c in a.concurrency} for k in LABELS}
+    with ExitStack() as stack:
+        progress("starting facegate, facegate without batching and Triton")
+        addresses = {
+            "facegate": stack.enter_context(facegate_server(
+                a.repository, ["--config", str(cfg)], a.out / "server-facegate.log")),
+            "facegate-no-batching": stack.enter_context(facegate_server(
+                a.repository, ["--config", str(cfg), "--no-batching"], a.out / "server-facegate-no-batching.log")),
+            "triton": stack.enter_context(triton_server(
+                a.bench_venv, a.repository / a.model / "model.onnx", a.model, batching.max_batch_size,
+                batching.max_queue_delay_us, a.intra_op_threads, a.out / "server-triton.log", triton_engine)),
+        }
+        for r in range(a.rounds):
+            for c in a.concurrency:
+                for label in LABELS:
+                    row = perf_analyzer(a.bench_venv, addresses[label], a.model, [c], a.interval_ms,
+                                        a.out / f"pa-{label}-r{r}.csv")[c]
+                    samples[label][c].append(row)
+        hist = batch_histogram(addresses["facegate"], a.model)
+    runs = {label: {c: median_row(rows) for c, rows in by_c.items()} for label, by_c in samples.items()}
     result: dict[str, Any] = {
         "machine": machine_info(), "model": a.model, "max_batch_size": batching.max_batch_size,
         "max_queue_delay_us": batching.max_queue_delay_us, "intra_op_threads": a.intra_op_threads,
-        "engine": a.engine, "triton_engine": triton_engine,
+        "engine": a.engine, "triton_engine": triton_engine, "facegate_compute_nice": a.compute_nice,
+        "rounds": a.rounds,
         "runs": {k: {str(c): v for c, v in rows.items()} for k, rows in runs.items()},
+        "samples": {k: {str(c): v for c, v in rows.items()} for k, rows in samples.items()},
         "facegate_batch_histogram": {str(k): v for k, v in sorted(hist.items())},
     }
     result["plots"] = plots(result, a.out, tag)
-    result["ratios"] = {c: {"throughput": result["runs"]["facegate"][c]["throughput"]
-                            / result["runs"]["triton"][c]["throughput"],
-                            "p99": result["runs"]["facegate"][c]["p99_ms"] / result["runs"]["triton"][c]["p99_ms"]}
-                        for c in result["runs"]["facegate"]}
+    result["ratios"] = {str(c): paired_ratios(samples["facegate"][c], samples["triton"][c]) for c in a.concurrency}
     write_report(a.out, f"compare{tag}", result, markdown)
     return 0
 
