@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         core = ov.Core()
         compiled = core.compile_model(core.read_model(a.onnx), "CPU", {
             "INFERENCE_NUM_THREADS": a.intra_op_threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32"})
+            "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "f32"})  # configured as facegate's engine
         request = compiled.create_infer_request()
         run = lambda x: np.array(request.infer({inp.name: x})[compiled.output(0)], copy=True)  # noqa: E731
 
