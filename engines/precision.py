@@ -15,7 +15,7 @@ import argparse
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,10 @@ GATE_FILE = "precision.json"
 
 
 def quantize_int8(src: Path, dst: Path, calibration: Iterable[Mapping[str, np.ndarray]],
-                  method: str = "MinMax") -> None:
+                  method: str = "MinMax", keep_fp32: Sequence[str] = ()) -> None:
     """Write the INT8 (QDQ) variant of ``src`` to ``dst``, calibrated on ``calibration`` (input name -> batch)
-    with ONNX Runtime's calibration ``method`` (MinMax, Entropy or Percentile)."""
+    with ONNX Runtime's calibration ``method`` (MinMax, Entropy or Percentile); the nodes named in ``keep_fp32``
+    are left unquantised."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -53,7 +54,7 @@ def quantize_int8(src: Path, dst: Path, calibration: Iterable[Mapping[str, np.nd
         out = dst.with_suffix(".tmp.onnx")
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod[method])
+                        calibrate_method=CalibrationMethod[method], nodes_to_exclude=list(keep_fp32))
         out.replace(dst)
 
 

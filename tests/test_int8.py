@@ -37,6 +37,20 @@ def test_every_member_has_a_gate_verdict_with_its_numbers(repository_dir: Path) 
         assert "synthetic" in entry["data"]
 
 
+def test_the_int8_variants_keep_the_embedding_projection_in_fp32(repository_dir: Path) -> None:
+    import onnx
+
+    for name in _members(repository_dir):
+        graph = onnx.load(str(repository_dir / name / INT8_FILE)).graph
+        dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+        gemms = [n for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+        assert gemms, name
+        for n in gemms:  # its weights are plain FP32, not dequantised INT8
+            assert n.input[1] in floats and n.input[1] not in dequantized, (name, n.name)
+        assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # the rest is quantised
+
+
 def test_a_passed_variant_runs_and_a_failed_or_swapped_one_is_never_served(repository_dir: Path,
                                                                               tmp_path: Path) -> None:
     repo = ModelRepository(repository_dir)

@@ -42,6 +42,16 @@ def ov_embed(path: Path, inputs: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
+def embedding_projection(path: Path) -> list[str]:
+    """The nodes that project the pooled features to the embedding (the graph's Gemm / MatMul): kept in FP32.
+    They are a negligible share of the multiply-adds, and quantising them cost the most cosine: on m2, min cosine
+    0.9895 with them in INT8, 0.9976 without (232 clips, entropy calibration)."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node
+            if n.op_type in ("Gemm", "MatMul")]
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
@@ -70,7 +80,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         src = repo.onnx_path(name)
         dst = repo.model_dir(name) / INT8_FILE
         input_name = repo.load(name).inputs[0].name
-        quantize_int8(src, dst, ({input_name: x_cal[i:i + 8]} for i in range(0, len(x_cal), 8)), args.method)
+        quantize_int8(src, dst, ({input_name: x_cal[i:i + 8]} for i in range(0, len(x_cal), 8)), args.method,
+                      keep_fp32=embedding_projection(src))
         fp32[name], int8[name] = ov_embed(src, x_par), ov_embed(dst, x_par)
         cos = cosines(fp32[name], int8[name])
         members[name] = {"min_cosine": float(cos.min()), "median_cosine": float(np.median(cos)),
