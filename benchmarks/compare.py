@@ -26,6 +26,7 @@ import grpc
 
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server, free_port, terminate
+from benchmarks.stats import median_row
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -108,14 +109,6 @@ def perf_analyzer(venv: Path, address: str, model: str, concurrency: list[int], 
 
 
 LABELS = ("facegate", "triton", "facegate-no-batching")
-
-
-def median_row(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Each measure's median over the rounds, and the throughput's range."""
-    out = {k: float(statistics.median(r[k] for r in rows)) for k in rows[0]}
-    out["throughput_min"] = min(r["throughput"] for r in rows)
-    out["throughput_max"] = max(r["throughput"] for r in rows)
-    return out
 
 
 def paired_ratios(ours: list[dict[str, float]], theirs: list[dict[str, float]]) -> dict[str, Any]:

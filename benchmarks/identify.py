@@ -7,15 +7,22 @@
    sequential calls.
 4. Decoding 80 frames of 360x480 (the synthetic clips upscaled twice, JPEG quality 95): the server's decode stage
    on them, and what libjpeg needs per frame at each DCT scale on this machine (the floor any decoder faces).
+5. Against the baseline (``--baseline-rounds``, default 3): a second server in the configuration before issue 14
+   (ONNX Runtime, every frame decoded whole) runs beside the measured one with the same gallery content, and the
+   two are loaded in turn at each concurrency, round after round; the end-to-end table is the medians of those
+   runs and the ratios are medians of the rounds' paired ratios (the host's speed drifts within minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,7 @@ import numpy as np
 from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
+from benchmarks.stats import median_row
 from engines.identify.ensemble import find_ensemble
 from facegate.v1 import common_pb2, identification_pb2
 from facegate_client.client import FacegateClient, clip_from_folder
@@ -80,6 +88,14 @@ def decode_floor(clip: identification_pb2.Clip, rounds: int = 5) -> dict[str, fl
     return out
 
 
+def _summed_errors(rows: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        for k, v in r["errors"].items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [f"# Identification benchmark ({m['date']})", "",
@@ -100,6 +116,20 @@ def markdown(r: dict[str, Any]) -> str:
               "| decode | detect | window | SlowFast ensemble | match | total |", "|---|---|---|---|---|---|",
               f"| {s['decode_ms']:.1f} | {s['detect_ms']:.1f} | {s['window_ms']:.1f} | {s['embed_ms']:.1f} | "
               f"{s['match_ms']:.2f} | {s['total_ms']:.1f} |", ""]
+    pair = r.get("against_baseline")
+    if pair:
+        lines += [f"## Against the baseline, side by side ({pair['rounds']} rounds; baseline: ONNX Runtime, every "
+                  "frame decoded whole)", "",
+                  "| concurrency | baseline clips/s | baseline p50 ms | clips/s | p50 ms | clips/s ratio | "
+                  "p50 ratio |", "|---|---|---|---|---|---|---|"]
+        for c, x in pair["ratios"].items():
+            b, e = pair["baseline"][c], r["end_to_end"][c]
+            lines.append(f"| {c} | {b['throughput_rps']:.2f} | {b['p50_ms']:.1f} | {e['throughput_rps']:.2f} | "
+                         f"{e['p50_ms']:.1f} | **{x['throughput']:.2f}** | **{x['p50']:.2f}** |")
+        sb = pair["baseline_stages_ms"]
+        lines += ["", f"Baseline stages (ms, same calls): decode {sb['decode_ms']:.1f}, detect {sb['detect_ms']:.1f}, "
+                  f"window {sb['window_ms']:.1f}, SlowFast ensemble {sb['embed_ms']:.1f}, total {sb['total_ms']:.1f}.",
+                  ""]
     big = r.get("decode_360x480")
     if big:
         floor = big["floor_ms"]
@@ -127,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--cpu-runtime", choices=["auto", "onnxruntime", "openvino"], default="auto",
                    help="the server's CPU runtime (onnxruntime: the baseline, also decoding every frame whole)")
+    p.add_argument("--baseline-rounds", type=int, default=3,
+                   help="rounds of the side-by-side comparison with the baseline configuration (0: none)")
     args = p.parse_args(argv)
     ensemble = find_ensemble(args.repository)
     if ensemble is None:
@@ -141,50 +173,99 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     engine = engine_throughput(args.repository, ensemble.members[0], args.batch_sizes, 2.0)
     probes = [folder(k) for k in report["test_probes"][:: max(1, len(report["test_probes"]) // 24)]]
-    e2e: dict[int, Any] = {}
-    args.out.mkdir(parents=True, exist_ok=True)
-    cfg = args.out / f"identify-{args.cpu_runtime}.toml"
-    # The baseline is the configuration before issue 14: ONNX Runtime and every frame decoded whole.
-    reduced = "false" if args.cpu_runtime == "onnxruntime" else "true"
-    cfg.write_text(f'[server]\nclip_reduced_decode = {reduced}\n[runtime]\ncpu_runtime = "{args.cpu_runtime}"\n')
-    with facegate_server(args.repository, ["--log-level", "WARNING", "--config", str(cfg)],
-                         args.out / "server-identify.log") as address:
-        with FacegateClient(address, timeout_s=120) as client:
-            coll = f"bench-{int(time.time())}"
-            client.create_collection(coll)
-            by_subject: dict[str, list[str]] = {}
-            for key in report["enrol2_gallery"]:
-                by_subject.setdefault(key.split("/")[1], []).append(key)
-            for subject, keys in by_subject.items():
-                client.enroll(coll, subject, [clip_from_folder(folder(k), 200.0) for k in keys])
-            progress(f"enrolled {len(by_subject)} persons")
-            stages: dict[str, list[float]] = {}
-            for pth in probes[:12]:
-                t = client.identify(coll, clip_from_folder(pth, 200.0)).timings
-                for f in ("decode_ms", "detect_ms", "window_ms", "embed_ms", "match_ms", "total_ms"):
-                    stages.setdefault(f, []).append(getattr(t, f))
-            bigger = [upscaled(clip_from_folder(pth, 200.0)) for pth in probes[:8]]
-            big_decode = [client.identify(coll, c).timings.decode_ms for c in bigger]
-            for c in bigger:  # the client names the apex (as an annotated dataset does): no spotter pass
-                c.apex_frame = len(c.frames) // 2
-            big_hinted = [client.identify(coll, c).timings.decode_ms for c in bigger]
-            progress(f"360x480: decode {np.mean(big_decode):.1f} ms, {np.mean(big_hinted):.1f} ms with the apex named")
-        for c in args.concurrency:
-            cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, "--collection", coll,
-                   "--fps", "200", "--concurrency", str(c), "--warmup", str(args.warmup), "--duration",
-                   str(args.duration), "--timeout", "120", *map(str, probes)]
-            res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-            e2e[c] = res
-            progress(f"c={c}: {res['throughput_rps']:.2f} clips/s p50 {res.get('p50_ms', 0):.0f} ms "
-                     f"p99 {res.get('p99_ms', 0):.0f} ms errors {res['errors']}")
+
+    def config(runtime: str) -> Path:
+        cfg = args.out / f"identify-{runtime}.toml"
+        # The baseline is the configuration before issue 14: ONNX Runtime and every frame decoded whole.
+        reduced = "false" if runtime == "onnxruntime" else "true"
+        cfg.write_text(f'[server]\nclip_reduced_decode = {reduced}\n[runtime]\ncpu_runtime = "{runtime}"\n')
+        return cfg
+
+    def enrol(client: FacegateClient) -> str:
+        coll = f"bench-{int(time.time())}"
+        client.create_collection(coll)
+        by_subject: dict[str, list[str]] = {}
+        for key in report["enrol2_gallery"]:
+            by_subject.setdefault(key.split("/")[1], []).append(key)
+        for subject, keys in by_subject.items():
+            client.enroll(coll, subject, [clip_from_folder(folder(k), 200.0) for k in keys])
+        progress(f"enrolled {len(by_subject)} persons")
+        return coll
+
+    def stage_means(client: FacegateClient, coll: str) -> dict[str, float]:
+        stages: dict[str, list[float]] = {}
+        for pth in probes[:12]:
+            t = client.identify(coll, clip_from_folder(pth, 200.0)).timings
+            for f in ("decode_ms", "detect_ms", "window_ms", "embed_ms", "match_ms", "total_ms"):
+                stages.setdefault(f, []).append(getattr(t, f))
+        return {k: float(np.mean(v)) for k, v in stages.items()}
+
+    def load(address: str, coll: str, c: int) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, "--collection", coll,
+               "--fps", "200", "--concurrency", str(c), "--warmup", str(args.warmup), "--duration",
+               str(args.duration), "--timeout", "120", *map(str, probes)]
+        res: dict[str, Any] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        return res
+
+    reduced = args.cpu_runtime != "onnxruntime"
+    rounds = args.baseline_rounds if args.cpu_runtime != "onnxruntime" else 0
+    pair: dict[str, Any] | None = None
+    with ExitStack() as stack:
+        address = stack.enter_context(facegate_server(
+            args.repository, ["--log-level", "WARNING", "--config", str(config(args.cpu_runtime))],
+            args.out / "server-identify.log"))
+        client = stack.enter_context(FacegateClient(address, timeout_s=120))
+        coll = enrol(client)
+        stages = stage_means(client, coll)
+        bigger = [upscaled(clip_from_folder(pth, 200.0)) for pth in probes[:8]]
+        big_decode = [client.identify(coll, c).timings.decode_ms for c in bigger]
+        for c in bigger:  # the client names the apex (as an annotated dataset does): no spotter pass
+            c.apex_frame = len(c.frames) // 2
+        big_hinted = [client.identify(coll, c).timings.decode_ms for c in bigger]
+        progress(f"360x480: decode {np.mean(big_decode):.1f} ms, {np.mean(big_hinted):.1f} ms with the apex named")
+        targets: dict[str, Callable[[int], dict[str, Any]]] = {"measured": lambda c: load(address, coll, c)}
+        baseline_stages: dict[str, float] = {}
+        if rounds > 0:
+            (args.out / "identify-baseline.sqlite").unlink(missing_ok=True)  # a fresh gallery each run
+            base_address = stack.enter_context(facegate_server(
+                args.repository, ["--log-level", "WARNING", "--config", str(config("onnxruntime")),
+                                  "--gallery-url", f"sqlite:///{(args.out / 'identify-baseline.sqlite').resolve()}"],
+                args.out / "server-identify-baseline.log"))
+            base_client = stack.enter_context(FacegateClient(base_address, timeout_s=120))
+            base_coll = enrol(base_client)
+            baseline_stages = stage_means(base_client, base_coll)
+            targets["baseline"] = lambda c: load(base_address, base_coll, c)
+        runs: dict[str, dict[int, list[dict[str, Any]]]] = {k: {c: [] for c in args.concurrency} for k in targets}
+        for r in range(max(1, rounds)):
+            for c in args.concurrency:
+                for label, run in targets.items():
+                    res = run(c)
+                    runs[label][c].append(res)
+                    name = label if label == "baseline" else args.cpu_runtime
+                    progress(f"round {r + 1} {name} c={c}: {res['throughput_rps']:.2f} clips/s p50 "
+                             f"{res.get('p50_ms', 0):.0f} ms p99 {res.get('p99_ms', 0):.0f} ms errors {res['errors']}")
+    e2e = {c: {**median_row(rows, "throughput_rps"), "errors": _summed_errors(rows)}
+           for c, rows in runs["measured"].items()}
+    if rounds > 0:
+        pair = {"rounds": rounds, "baseline_stages_ms": baseline_stages,
+                "baseline": {c: {**median_row(rows, "throughput_rps"), "errors": _summed_errors(rows)}
+                             for c, rows in runs["baseline"].items()},
+                "samples": {k: {str(c): v for c, v in by_c.items()} for k, by_c in runs.items()},
+                "ratios": {c: {"throughput": statistics.median(
+                               m["throughput_rps"] / b["throughput_rps"]
+                               for m, b in zip(runs["measured"][c], runs["baseline"][c], strict=True)),
+                               "p50": statistics.median(
+                               m["p50_ms"] / b["p50_ms"]
+                               for m, b in zip(runs["measured"][c], runs["baseline"][c], strict=True))}
+                           for c in args.concurrency}}
     first = clip_from_folder(probes[0], 200.0)
     result = {"machine": machine_info(), "ensemble": {"name": ensemble.name, "version": ensemble.version,
                                                       "members": list(ensemble.members)},
               "frames_per_clip": len(first.frames), "frame_size": "180x240 JPEG",
-              "engine": engine, "end_to_end": e2e, "stages_ms": {k: float(np.mean(v)) for k, v in stages.items()}}
+              "engine": engine, "end_to_end": e2e, "stages_ms": stages, "against_baseline": pair}
     result["cpu_runtime"] = args.cpu_runtime
     result["decode_360x480"] = {"frames": len(bigger[0].frames), "calls": len(big_decode),
-                                "decode_ms": float(np.mean(big_decode)), "reduced": reduced == "true",
+                                "decode_ms": float(np.mean(big_decode)), "reduced": reduced,
                                 "decode_apex_named_ms": float(np.mean(big_hinted)),
                                 "floor_ms": decode_floor(bigger[0])}
     write_report(args.out, "identify" if args.cpu_runtime == "auto" else f"identify-{args.cpu_runtime}", result,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,3 +24,13 @@ def summarize(latencies_s: Sequence[float], wall_s: float) -> dict[str, float]:
         "p99_ms": float(np.percentile(a, 99)),
         "max_ms": float(a.max()),
     }
+
+
+def median_row(rows: Sequence[Mapping[str, Any]], throughput: str = "throughput") -> dict[str, float]:
+    """Each numeric measure's median over repeated runs (rounds), and the range of the ``throughput`` field. The
+    host's speed drifts within minutes, so a ratio is taken round by round and a cell is the median of rounds."""
+    numeric = [k for k, v in rows[0].items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    out = {k: float(statistics.median(float(r[k]) for r in rows)) for k in numeric}
+    out[f"{throughput}_min"] = min(float(r[throughput]) for r in rows)
+    out[f"{throughput}_max"] = max(float(r[throughput]) for r in rows)
+    return out
