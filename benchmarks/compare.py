@@ -13,7 +13,6 @@ import csv
 import io
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import grpc
 
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server, free_port, terminate
-from benchmarks.stats import median_row
+from benchmarks.stats import median_row, paired_ratios
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -111,12 +110,11 @@ def perf_analyzer(venv: Path, address: str, model: str, concurrency: list[int], 
 LABELS = ("facegate", "triton", "facegate-no-batching")
 
 
-def paired_ratios(ours: list[dict[str, float]], theirs: list[dict[str, float]]) -> dict[str, Any]:
-    """facegate / Triton per round (each pair measured back to back), and their median."""
-    tp = [f["throughput"] / t["throughput"] for f, t in zip(ours, theirs, strict=True)]
-    p99 = [f["p99_ms"] / t["p99_ms"] for f, t in zip(ours, theirs, strict=True)]
-    return {"throughput": statistics.median(tp), "p99": statistics.median(p99), "throughput_rounds": tp,
-            "p99_rounds": p99}
+def facegate_vs_triton(ours: list[dict[str, float]], theirs: list[dict[str, float]]) -> dict[str, Any]:
+    """facegate / Triton per round, and their median, for throughput and p99."""
+    tp, tp_rounds = paired_ratios(ours, theirs, "throughput")
+    p99, p99_rounds = paired_ratios(ours, theirs, "p99_ms")
+    return {"throughput": tp, "p99": p99, "throughput_rounds": tp_rounds, "p99_rounds": p99_rounds}
 
 
 def plots(result: dict[str, Any], out: Path, tag: str = "") -> list[str]:
@@ -241,8 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     from server.config import ServerConfig
 
     batching = ServerConfig().batcher_for(a.model)
-    runs: dict[str, Any] = {}
-    hist: dict[int, int] = {}
     cfg = a.out / f"facegate-{a.engine}-threads{a.intra_op_threads}.toml"
     # compute_nice = 0: here the load generator shares the server's two cores at nice 0, and at the default nice
     # 19 facegate's engine thread yields the CPU to perf_analyzer (measured: 5-10 % of the throughput at c16), a
@@ -286,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         "facegate_batch_histogram": {str(k): v for k, v in sorted(hist.items())},
     }
     result["plots"] = plots(result, a.out, tag)
-    result["ratios"] = {str(c): paired_ratios(samples["facegate"][c], samples["triton"][c]) for c in a.concurrency}
+    result["ratios"] = {str(c): facegate_vs_triton(samples["facegate"][c], samples["triton"][c])
+                        for c in a.concurrency}
     write_report(a.out, f"compare{tag}", result, markdown)
     return 0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import numpy as np
 from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
-from benchmarks.stats import median_row
+from benchmarks.stats import median_row, paired_ratios
 from engines.identify.ensemble import find_ensemble
 from facegate.v1 import common_pb2, identification_pb2
 from facegate_client.client import FacegateClient, clip_from_folder
@@ -88,12 +87,13 @@ def decode_floor(clip: identification_pb2.Clip, rounds: int = 5) -> dict[str, fl
     return out
 
 
-def _summed_errors(rows: list[dict[str, Any]]) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _over_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One concurrency's load-generator results over the rounds: medians, and the errors of all rounds."""
+    errors: dict[str, int] = {}
     for r in rows:
         for k, v in r["errors"].items():
-            out[k] = out.get(k, 0) + int(v)
-    return out
+            errors[k] = errors.get(k, 0) + int(v)
+    return {**median_row(rows, "throughput_rps"), "errors": errors}
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -244,19 +244,14 @@ def main(argv: list[str] | None = None) -> int:
                     name = label if label == "baseline" else args.cpu_runtime
                     progress(f"round {r + 1} {name} c={c}: {res['throughput_rps']:.2f} clips/s p50 "
                              f"{res.get('p50_ms', 0):.0f} ms p99 {res.get('p99_ms', 0):.0f} ms errors {res['errors']}")
-    e2e = {c: {**median_row(rows, "throughput_rps"), "errors": _summed_errors(rows)}
-           for c, rows in runs["measured"].items()}
+    e2e = {c: _over_rounds(rows) for c, rows in runs["measured"].items()}
     if rounds > 0:
         pair = {"rounds": rounds, "baseline_stages_ms": baseline_stages,
-                "baseline": {c: {**median_row(rows, "throughput_rps"), "errors": _summed_errors(rows)}
-                             for c, rows in runs["baseline"].items()},
+                "baseline": {c: _over_rounds(rows) for c, rows in runs["baseline"].items()},
                 "samples": {k: {str(c): v for c, v in by_c.items()} for k, by_c in runs.items()},
-                "ratios": {c: {"throughput": statistics.median(
-                               m["throughput_rps"] / b["throughput_rps"]
-                               for m, b in zip(runs["measured"][c], runs["baseline"][c], strict=True)),
-                               "p50": statistics.median(
-                               m["p50_ms"] / b["p50_ms"]
-                               for m, b in zip(runs["measured"][c], runs["baseline"][c], strict=True))}
+                "ratios": {c: {"throughput": paired_ratios(runs["measured"][c], runs["baseline"][c],
+                                                           "throughput_rps")[0],
+                               "p50": paired_ratios(runs["measured"][c], runs["baseline"][c], "p50_ms")[0]}
                            for c in args.concurrency}}
     first = clip_from_folder(probes[0], 200.0)
     result = {"machine": machine_info(), "ensemble": {"name": ensemble.name, "version": ensemble.version,

@@ -34,3 +34,10 @@ def median_row(rows: Sequence[Mapping[str, Any]], throughput: str = "throughput"
     out[f"{throughput}_min"] = min(float(r[throughput]) for r in rows)
     out[f"{throughput}_max"] = max(float(r[throughput]) for r in rows)
     return out
+
+
+def paired_ratios(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[str, Any]], key: str
+                  ) -> tuple[float, list[float]]:
+    """``ours[key] / theirs[key]`` round by round (each pair measured back to back), and their median."""
+    rounds = [float(a[key]) / float(b[key]) for a, b in zip(ours, theirs, strict=True)]
+    return float(statistics.median(rounds)), rounds

@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.engine == "openvino":
         import openvino as ov
 
+        from engines.runtime.openvino_engine import cpu_config  # compiled exactly as facegate compiles it
+
         core = ov.Core()
-        compiled = core.compile_model(core.read_model(a.onnx), "CPU", {
-            "INFERENCE_NUM_THREADS": a.intra_op_threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-            "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "f32"})  # configured as facegate's engine
+        compiled = core.compile_model(core.read_model(a.onnx), "CPU", cpu_config(a.intra_op_threads))
         request = compiled.create_infer_request()
         run = lambda x: np.array(request.infer({inp.name: x})[compiled.output(0)], copy=True)  # noqa: E731
 

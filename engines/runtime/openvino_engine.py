@@ -21,6 +21,16 @@ from engines.runtime.base import EngineError, EngineInstance, InferTimings, Mode
 PRECISIONS = ("fp32", "bf16", "int8")  # int8: ``path`` is the QDQ variant (engines.precision)
 
 
+def cpu_config(threads: int, precision: str = "fp32") -> dict[str, Any]:
+    """How every model is compiled for the CPU (also by the Triton peer in the benchmarks, to compare like with
+    like). No CPU pinning: OpenVINO pins each compiled model's threads to cores of its choosing, and with several
+    models in one process (three SlowFast members, two liveness classifiers) it put them all on the same core.
+    Measured (AMD EPYC, 2 cores): the three members called in parallel took 23.4 ms pinned, the sum of their solo
+    times, and 15.9 ms unpinned. The server owns its threads; the OS scheduler places them."""
+    return {"INFERENCE_NUM_THREADS": max(1, threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+
+
 def cpu_capabilities() -> list[str]:
     """What OpenVINO's CPU plugin says it can do here (FP32, BF16, INT8, ...): bf16 only where listed."""
     import openvino as ov
@@ -56,13 +66,7 @@ class OpenVinoModel(Model):
         if precision == "bf16" and "BF16" not in cpu_capabilities():
             raise EngineError("this CPU has no bf16 support (OpenVINO lists no BF16 capability)")
         core = ov.Core()
-        # No CPU pinning: OpenVINO pins each compiled model's threads to cores of its choosing, and with several
-        # models in one process (three SlowFast members, two liveness classifiers) it put them all on the same
-        # core. Measured (AMD EPYC, 2 cores): the three members called in parallel took 23.4 ms pinned, the sum of
-        # their solo times, and 15.9 ms unpinned. The server owns its threads; the OS scheduler places them.
-        config = {"INFERENCE_NUM_THREADS": max(1, threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-                  "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-        self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self._compiled = core.compile_model(core.read_model(str(path)), "CPU", cpu_config(threads, precision))
         self.name = meta.name
         self.version = meta.version
         self.precision = precision
