@@ -19,7 +19,7 @@ from engines.tensorrt.cache import BuilderSettings
 from engines.vision.imaging import ImageLimits
 from server.audit import AuditConfig
 from server.auth.callers import AuthConfig, CallerConfig
-from server.pipelines.identification import ClipLimits
+from server.pipelines.clip_input import ClipLimits
 from server.pipelines.liveness import LivenessConfig
 from server.pipelines.quality import QualityConfig
 

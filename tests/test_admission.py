@@ -15,7 +15,7 @@ from PIL import Image
 from engines.errors import ResourceExhaustedError
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
 from server.admission import Budget
-from server.pipelines.identification import ClipLimits
+from server.pipelines.clip_input import ClipLimits
 from tests.conftest import start_server, stop_server
 
 

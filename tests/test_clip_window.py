@@ -4,6 +4,7 @@ import numpy as np
 
 from engines.vision.clip_window import (
     ClipSpec,
+    SparseSpotter,
     detection_frames,
     model_input,
     model_window,
@@ -51,6 +52,38 @@ def test_apex_spotter_finds_peak_motion() -> None:
     for t in range(60):
         frames[t][10:20, 10:20] = int(200 * np.exp(-((t - 37) ** 2) / 20))
     assert abs(spot_apex(frames, 200.0) - 37) <= 1
+
+
+def _sparse_apex(frames: list[np.ndarray], fps: float) -> tuple[int, int]:
+    """The sparse spotter's apex and how many frames it read, reading only what it asks for."""
+    spotter = SparseSpotter(len(frames), fps)
+    thumbs = {i: frames[i] for i in spotter.coarse()}
+    thumbs.update({i: frames[i] for i in spotter.refine(thumbs)})
+    return spotter.apex(thumbs), len(thumbs)
+
+
+def test_sparse_spotter_answers_like_the_full_spotter_reading_fewer_frames() -> None:
+    rng = np.random.default_rng(7)
+    reads = []
+    for clip in range(40):
+        n, peak, width = 80, int(rng.integers(5, 75)), float(rng.uniform(4, 60))
+        frames = []
+        for t in range(n):
+            g = rng.integers(0, 6, (32, 32)).astype(np.float64)  # sensor noise on every frame
+            g[8:24, 8:24] += 120 * np.exp(-((t - peak) ** 2) / width)
+            frames.append(g.astype(np.uint8))
+        for fps in (200.0, 100.0):
+            apex, read = _sparse_apex(frames, fps)
+            assert apex == spot_apex(frames, fps), (clip, fps)
+            reads.append(read)
+    assert max(reads) < 60  # of 80: the coarse pass (every 4th or 2nd frame) and the peak's neighbourhood
+
+
+def test_sparse_spotter_reads_every_frame_when_there_is_nothing_to_skip() -> None:
+    frames = [np.full((8, 8), t, np.uint8) for t in range(30)]
+    assert SparseSpotter(30, 30.0).coarse() == list(range(30))  # 30 fps: a 20 ms window is one frame
+    assert _sparse_apex(frames, 30.0)[0] == spot_apex(frames, 30.0)
+    assert _sparse_apex(frames[:2], 200.0) == (1, 2)
 
 
 def test_model_input_is_the_centre_of_the_training_crop() -> None:

@@ -259,10 +259,10 @@ def _upscaled(folder: Path) -> identification_pb2.Clip:
 
 def test_reduced_decoding_identifies_like_full_decoding(repository_dir: Path, trained: dict,  # type: ignore[no-untyped-def]
                                                         tmp_path: Path) -> None:
-    """Two servers, one decoding frames only as large as needed (the default), one decoding every frame whole
-    (the baseline setting), each enrolled from the same clips at 360x480 (faces large enough that all frames but
-    the detection frames and the model window are decoded at 1/4): every probe, known and unknown, gets the same
-    rank-1 person and the same decision from both."""
+    """Two servers, one decoding frames only where and as large as needed (the default), one decoding every frame
+    whole (the baseline setting), each enrolled from the same clips at 360x480 (faces large enough that the
+    spotter's frames are decoded at 1/4) and at their own 180x240: every probe, known and unknown, gets the same
+    rank-1 person and the same decision from both, and at 180x240 the same apex."""
     from server.pipelines.identification import THUMBNAIL_SIDE, reduction
 
     assert reduction(2 * 130, 2 * THUMBNAIL_SIDE) == 4  # what this clip size gives (faces ~130 px at 180x240)
@@ -274,13 +274,24 @@ def test_reduced_decoding_identifies_like_full_decoding(repository_dir: Path, tr
         for key in trained["enrol2_gallery"]:
             by_subject.setdefault(key.split("/")[1], []).append(key)
         enrol = {s: [_upscaled(clip_dir(trained, k)) for k in keys] for s, keys in by_subject.items()}
+        enrol_native = {s: [clip_from_folder(clip_dir(trained, k), FPS) for k in keys]
+                        for s, keys in by_subject.items()}
         for stub in stubs:
-            stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection="big"), timeout=10)
-            for subject, clips in enrol.items():
-                stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
-                    collection="big", person_id=subject, clips=clips), timeout=120)
-        rank1, decisions, gaps = [], [], []
+            for name, clips_of in (("big", enrol), ("native", enrol_native)):
+                stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection=name), timeout=10)
+                for subject, clips in clips_of.items():
+                    stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+                        collection=name, person_id=subject, clips=clips), timeout=120)
+        rank1, decisions, gaps, apexes = [], [], [], []
         for key in trained["test_probes"][::3] + trained["unknown_probes"][::2]:
+            # At 180x240 every frame the spotter reads is decoded whole, so only the frames read differ (the sparse
+            # spotter's): it must find the very apex the full spotter finds.
+            native = clip_from_folder(clip_dir(trained, key), FPS)
+            na, nb = (stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
+                collection="native", clip=native, top_k=3), timeout=120) for stub in stubs)
+            apexes.append(na.diagnostics.apex_index == nb.diagnostics.apex_index)
+            assert [c.person_id for c in na.candidates] == [c.person_id for c in nb.candidates], key
+            assert na.decision == nb.decision, key
             clip = _upscaled(clip_dir(trained, key))
             a, b = (stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
                 collection="big", clip=clip, top_k=3), timeout=120) for stub in stubs)
@@ -301,6 +312,7 @@ def test_reduced_decoding_identifies_like_full_decoding(repository_dir: Path, tr
         print(f"rank-1 differs {len(rank1)}, decision differs {len(decisions)} of {len(gaps)}, score gap median "
               f"{np.median(gaps):.4f} max {max(gaps):.4f}")
         assert not rank1 and not decisions, (rank1, decisions)
+        assert all(apexes), f"{apexes.count(False)} of {len(apexes)} native clips spotted another apex"
     finally:
         for running, thread in servers:
             stop_server(running, thread)

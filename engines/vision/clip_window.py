@@ -7,7 +7,7 @@ first/last frame), and an apex spotter from motion magnitude for clips without a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -83,14 +83,77 @@ def motion_profile(grey_frames: Sequence[np.ndarray]) -> np.ndarray:
     return np.asarray([float(np.abs(g.astype(np.float32) - first).mean()) for g in grey_frames])
 
 
+def smoothing_frames(capture_fps: float) -> int:
+    """The spotter's smoothing window: ~20 ms of frames."""
+    return max(1, round(capture_fps * 0.02))
+
+
 def spot_apex(grey_frames: Sequence[np.ndarray], capture_fps: float) -> int:
     """The frame of peak motion magnitude relative to the first frame, after smoothing over ~20 ms."""
     if len(grey_frames) < 3:
         return len(grey_frames) // 2
     prof = motion_profile(grey_frames)
-    k = max(1, round(capture_fps * 0.02))
+    k = smoothing_frames(capture_fps)
     smooth = np.convolve(prof, np.ones(k) / k, mode="same")
     return int(np.argmax(smooth))
+
+
+@dataclass(frozen=True)
+class SparseSpotter:
+    """``spot_apex`` reading only some of the frames: a coarse pass on every k-th frame (k = the smoothing window,
+    so one sample per 20 ms), then every frame within ``reach`` coarse steps (and at least ``min_reach_frames``) of
+    the coarse peak, where the smoothed profile is computed exactly as ``spot_apex`` computes it. It answers like
+    ``spot_apex`` whenever the full profile's peak lies in that neighbourhood. Measured on the 384 synthetic clips
+    (80 frames): at 200 fps the same apex as ``spot_apex`` for all 384, reading 42 frames (with 2 steps: 384 of
+    384 too, 37 frames; 1 step: 13 differ); read as 90, 100 or 120 fps clips (a 2-frame step), 3 steps alone left
+    4 of 384 different and 12 frames either side none.
+
+    Use: decode ``coarse()``, then ``refine(coarse thumbnails)``, then ``apex(all thumbnails)``."""
+
+    n_frames: int
+    capture_fps: float
+    reach: int = 3
+    min_reach_frames: int = 12
+
+    @property
+    def step(self) -> int:
+        return smoothing_frames(self.capture_fps)
+
+    def coarse(self) -> list[int]:
+        if self.n_frames < 3:
+            return list(range(self.n_frames))
+        return sorted({*range(0, self.n_frames, self.step), self.n_frames - 1})
+
+    def _support(self, i: int) -> range:
+        """The frames whose motion ``spot_apex``'s smoothing (np.convolve, mode "same") averages for frame i."""
+        k = self.step
+        return range(max(0, i - k // 2), min(self.n_frames, i + k - k // 2))
+
+    def _region(self, coarse: Mapping[int, np.ndarray]) -> range:
+        idx = self.coarse()
+        first = coarse[0].astype(np.float32)
+        peak = idx[int(np.argmax([float(np.abs(coarse[i].astype(np.float32) - first).mean()) for i in idx]))]
+        r = max(self.reach * self.step, self.min_reach_frames)
+        return range(max(0, peak - r), min(self.n_frames, peak + r + 1))
+
+    def refine(self, coarse: Mapping[int, np.ndarray]) -> list[int]:
+        """The frames still needed, given the coarse pass's thumbnails."""
+        if self.n_frames < 3:
+            return []
+        region = self._region(coarse)
+        need = {m for i in region for m in self._support(i)}
+        return sorted(need - set(coarse))
+
+    def apex(self, thumbs: Mapping[int, np.ndarray]) -> int:
+        if self.n_frames < 3:
+            return self.n_frames // 2
+        first = thumbs[0].astype(np.float32)
+        region = self._region(thumbs)
+        motion = {m: float(np.abs(thumbs[m].astype(np.float32) - first).mean())
+                  for i in region for m in self._support(i)}
+        k = self.step
+        smooth = [sum(motion[m] for m in self._support(i)) / k for i in region]
+        return region[int(np.argmax(smooth))]
 
 
 THUMBNAIL_SIDE = 32  # the apex spotter's greyscale thumbnails

@@ -20,6 +20,7 @@ from engines.errors import FieldViolation, InvalidArgumentError
 from engines.identify.ensemble import Ensemble
 from engines.vision.clip_window import (
     THUMBNAIL_SIDE,
+    SparseSpotter,
     Window,
     detection_frames,
     grey_thumbnail,
@@ -30,41 +31,20 @@ from engines.vision.clip_window import (
     stable_box,
 )
 from engines.vision.detection import Box, FaceDetector
-from engines.vision.imaging import ImageHeader, ImageLimits, decode_image, probe_image
-from engines.vision.video import VideoLimits, decode_video
+from engines.vision.imaging import ImageHeader, decode_image
+from engines.vision.video import decode_video
 from server.admission import Budget, WaitGate, admitted
 from server.batching.scheduler import DynamicBatcher
+from server.pipelines.clip_input import (
+    ClipInput,
+    ClipLimits,
+    ProbedClip,
+    check_headers,
+    frame_count_violation,
+    probe_headers,
+    validate_clip,
+)
 from server.pipelines.face_detection import BatchedFaceDetector
-
-
-@dataclass(frozen=True)
-class ClipLimits:
-    min_frames: int = 2
-    max_frames: int = 400
-    """More frames than this are refused (2 s at 200 fps)."""
-    max_total_bytes: int = 64 * 1024 * 1024
-    max_fps: float = 1000.0
-    """Capture rates above this are refused (fps drives the apex-spotting kernel and the resampling)."""
-    max_request_pixels: int = 400 * 640 * 480
-    """Decoded pixels one request may need, over all its frames (and clips): 400 frames of 640x480."""
-    max_clips: int = 16
-    """Clips one enrolment request may carry."""
-    video_timeout_s: float = 10.0
-    """Wall-clock limit of decoding one video container (in a worker process, killed after it)."""
-    frame: ImageLimits = field(default_factory=lambda: ImageLimits(max_bytes=4 * 1024 * 1024,
-                                                                   max_pixels=4_000_000))
-
-    def video(self) -> VideoLimits:
-        return VideoLimits(self.max_frames, self.frame.max_pixels, self.frame.min_side, self.max_request_pixels,
-                           self.video_timeout_s)
-
-
-@dataclass(frozen=True)
-class ClipInput:
-    frames: Sequence[bytes]
-    fps: float
-    apex_hint: int | None = None
-    video: bytes = b""  # an encoded container instead of frames
 
 
 @dataclass(frozen=True)
@@ -85,16 +65,6 @@ class ClipDiagnostics:
 
 
 @dataclass(frozen=True)
-class ProbedClip:
-    """A clip whose frame headers passed every limit: what decoding it will cost, known before it starts."""
-
-    clip: ClipInput
-    field: str
-    headers: tuple[ImageHeader, ...]  # empty for a video
-    pixels: int  # decoded pixels it may need (a video: the request budget)
-
-
-@dataclass(frozen=True)
 class ClipEmbedding:
     embeddings: dict[str, np.ndarray] | None  # member model -> embedding; None when no face was found
     diagnostics: ClipDiagnostics
@@ -102,52 +72,11 @@ class ClipEmbedding:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def frame_count_violation(n: int, limits: ClipLimits, where: str) -> FieldViolation | None:
-    if n < limits.min_frames:
-        return FieldViolation(where, f"has {n} frame(s); at least {limits.min_frames} needed")
-    if n > limits.max_frames:
-        return FieldViolation(where, f"has {n} frames, over the limit of {limits.max_frames}")
-    return None
-
-
-def validate_clip(clip: ClipInput, limits: ClipLimits, field: str = "clip") -> None:
-    violations = []
-    if not (isinstance(clip.fps, float | int) and math.isfinite(clip.fps) and 0 < clip.fps <= limits.max_fps):
-        violations.append(FieldViolation(
-            f"{field}.fps", f"must be the capture frame rate in (0, {limits.max_fps:g}], got {clip.fps}"))
-    if clip.video and clip.frames:
-        violations.append(FieldViolation(f"{field}.video", "send either frames or a video, not both"))
-    n = len(clip.frames)
-    if not clip.video:
-        bad_count = frame_count_violation(n, limits, f"{field}.frames")
-        if bad_count:
-            violations.append(bad_count)
-    total = len(clip.video) + sum(len(f) for f in clip.frames)
-    if total > limits.max_total_bytes:
-        violations.append(FieldViolation(f"{field}.frames", f"total {total} bytes, over {limits.max_total_bytes}"))
-    if clip.apex_hint is not None and (clip.apex_hint < 0 or (not clip.video and clip.apex_hint >= n)):
-        violations.append(FieldViolation(f"{field}.apex_frame", f"must index a frame (0..{max(n, 1) - 1})"))
-    if violations:
-        raise InvalidArgumentError(violations)
-
-
-def probe_frames(clip: ClipInput, limits: ClipLimits, field: str) -> ProbedClip:
-    """Read every frame's header (no pixels): each within the frame limits, all of one upright size, and the
-    whole clip within the request's pixel budget. Blocking: run it on the thread pool."""
-    if clip.video:
-        return ProbedClip(clip, field, (), limits.max_request_pixels)
-    headers = tuple(probe_image(data, limits.frame, f"{field}.frames[{i}].data")
-                    for i, data in enumerate(clip.frames))
-    w, h = headers[0].width, headers[0].height
-    for i, hd in enumerate(headers):
-        if (hd.width, hd.height) != (w, h):
-            raise InvalidArgumentError(FieldViolation(
-                f"{field}.frames[{i}]", f"is {hd.width}x{hd.height}; frame 0 is {w}x{h} (all must match)"))
-    pixels = sum(hd.pixels for hd in headers)
-    if pixels > limits.max_request_pixels:
-        raise InvalidArgumentError(FieldViolation(
-            f"{field}.frames", f"decode to {pixels} pixels, over the request budget of {limits.max_request_pixels}"))
-    return ProbedClip(clip, field, headers, pixels)
+def pool_chunk(n: int) -> int:
+    """Frames per pool job when ``n`` frames are decoded: up to 4 jobs, at least 3 frames each. Even the 5
+    detection frames go in two jobs: every step of a clip waits for its slowest job, so one job per step left a
+    core idle (measured at 360x480: ~1.3 ms a frame, 6.5 ms for the 5 in one job)."""
+    return max(3, math.ceil(n / 4))
 
 
 def reduction(crop_side: int, need: int) -> int:
@@ -190,7 +119,7 @@ class ClipPipeline:
         """The frames at ``indices``, decoded at 1/``reduce`` scale, in parallel chunks on the pool."""
         loop = asyncio.get_running_loop()
         clip, field = probed.clip, probed.field
-        chunk = max(8, math.ceil(len(indices) / 4))
+        chunk = pool_chunk(len(indices))
         parts = await asyncio.gather(*[
             loop.run_in_executor(self.executor, self._decode_chunk, [clip.frames[i] for i in indices[j:j + chunk]],
                                  [probed.headers[i] for i in indices[j:j + chunk]], indices[j], field, reduce)
@@ -221,7 +150,22 @@ class ClipPipeline:
     async def probe(self, clip: ClipInput, field: str = "clip") -> ProbedClip:
         """Every check that needs no pixels (counts, fps, sizes from the frame headers, the pixel budget)."""
         validate_clip(clip, self.limits, field)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, probe_frames, clip, self.limits, field)
+        if clip.video:
+            return ProbedClip(clip, field, (), self.limits.max_request_pixels)
+        # Reading 80 headers takes ~6 ms of CPU (Pillow): in chunks over the pool, like decoding. The first bad
+        # frame in order is the one reported, whichever chunk finds it first.
+        loop = asyncio.get_running_loop()
+        n = len(clip.frames)
+        chunk = max(16, math.ceil(n / 4))
+        parts = await asyncio.gather(*[
+            loop.run_in_executor(self.executor, probe_headers, clip.frames[j:j + chunk], self.limits, field, j)
+            for j in range(0, n, chunk)], return_exceptions=True)
+        headers: list[ImageHeader] = []
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
+            headers.extend(part)
+        return check_headers(clip, self.limits, field, headers)
 
     async def embed(self, clip: ClipInput | ProbedClip, deadline: float | None, field: str = "clip"
                     ) -> ClipEmbedding:
@@ -233,10 +177,7 @@ class ClipPipeline:
     async def _embed(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
         if self.reduced_decode and probed.clip.frames and probed.clip.apex_hint is not None:
             return await self._embed_hinted(probed, deadline)
-        # A face crop allowing the spotter's pass at 1/4 needs frames of at least 4 x 64 px a side; below that the
-        # reduced path only adds a serial step (measured +1.8 ms decode on 180x240 clips), so frames go whole.
-        if self.reduced_decode and probed.clip.frames and \
-                min(probed.headers[0].width, probed.headers[0].height) >= 4 * 2 * THUMBNAIL_SIDE:
+        if self.reduced_decode and probed.clip.frames:
             return await self._embed_reduced(probed, deadline)
         clip = probed.clip
         spec = self.ensemble.spec
@@ -264,13 +205,45 @@ class ClipPipeline:
         return await self._run_members(clip, len(frames), tensor, win, coverage, box,
                                        self._encoded(clip, frames, apex), timings, deadline)
 
-    async def _embed_reduced(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
-        """Frames decoded only as large as needed: the detection frames and the model window whole; every other
-        frame, where the face is large enough, at the largest JPEG reduction (1/4 or 1/8) that still gives the apex
-        spotter a 64 px crop (which also proves each frame decodes)."""
-        clip, spec = probed.clip, self.ensemble.spec
+    def _thumbnail_chunk(self, frames: Sequence[bytes], headers: Sequence[ImageHeader], start: int, field: str,
+                         reduce: int, crop: tuple[int, int, int, int]
+                         ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Decode at 1/``reduce`` and cut each frame's spotter thumbnail in the same pool job (so thumbnailing is
+        spread over the pool too); whole frames are returned as well, for the model window to reuse."""
+        decoded = self._decode_chunk(frames, headers, start, field, reduce)
+        thumbs = [grey_thumbnail(f, scaled_box(crop, reduce, f.shape)) for f in decoded]
+        return thumbs, decoded if reduce == 1 else None
+
+    async def _thumbnails(self, probed: ProbedClip, indices: Sequence[int], reduce: int,
+                          crop: tuple[int, int, int, int], whole: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Spotter thumbnails of the frames at ``indices``; frames decoded whole are added to ``whole``."""
         loop = asyncio.get_running_loop()
-        n = len(clip.frames)
+        clip, field = probed.clip, probed.field
+        out: dict[int, np.ndarray] = {}
+        if reduce == 1:  # frames already decoded whole (the detection frames) are not decoded again
+            out.update({i: grey_thumbnail(whole[i], crop) for i in indices if i in whole})
+            indices = [i for i in indices if i not in whole]
+        chunk = pool_chunk(len(indices))
+        starts = range(0, len(indices), chunk)
+        parts = await asyncio.gather(*[
+            loop.run_in_executor(self.executor, self._thumbnail_chunk, [clip.frames[i] for i in indices[j:j + chunk]],
+                                 [probed.headers[i] for i in indices[j:j + chunk]], indices[j], field, reduce, crop)
+            for j in starts])
+        for j, (thumbs, frames) in zip(starts, parts, strict=True):
+            part = indices[j:j + chunk]
+            out.update(zip(part, thumbs, strict=True))
+            if frames is not None:
+                whole.update(zip(part, frames, strict=True))
+        return out
+
+    async def _embed_reduced(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
+        """Frames decoded only where and as large as needed: the detection frames and the model window whole; for
+        the apex spotter, the frames ``SparseSpotter`` reads (a coarse pass on one frame per 20 ms, then the
+        neighbourhood of its peak), where the face is large enough at the largest JPEG reduction (1/2 .. 1/8)
+        that still gives a 64 px crop. Frames no step reads are not decoded: their headers were checked when the
+        clip was probed (format, size, truncation, the pixel budget)."""
+        clip, spec = probed.clip, self.ensemble.spec
+        n, fps = len(clip.frames), float(clip.fps)
         t0 = time.perf_counter()
         sampled = detection_frames(n, spec.detect_frames)
         detect = await self._decode_frames(probed, sampled, 1)
@@ -285,27 +258,26 @@ class ClipPipeline:
         h, w = detect[0].shape[:2]
         crop = square_crop_box(box, w, h, spec.crop_scale)
         # The model window is always decoded whole: the members read micro-movements, and a window decoded at 1/2
-        # (DCT-scaled, then resized) changed 4 of 70 decisions on 360x480 clips. The spotter's pass is reduced when
-        # that saves enough: below 1/4, many small extra decodes cost more than they save (measured on 180x240).
+        # (DCT-scaled, then resized) changed 4 of 70 decisions on 360x480 clips. The spotter's frames are decoded at
+        # 1/4 or 1/8 where the crop allows it; below that, whole (they then double as window frames).
         spot = reduction(crop[2] - crop[0], 2 * THUMBNAIL_SIDE)
-        if spot < 4:  # every frame whole, the detection frames reused
-            whole = dict(zip(sampled, detect, strict=True))
-            rest = [i for i in range(n) if i not in whole]
-            whole.update(zip(rest, await self._decode_frames(probed, rest, 1), strict=True))
-            spot, small = 1, [whole[i] for i in range(n)]
-        else:
-            small = await self._decode_frames(probed, range(n), spot)
+        spot = spot if spot >= 4 else 1
+        whole = dict(zip(sampled, detect, strict=True))
+        spotter = SparseSpotter(n, fps)
+        loop = asyncio.get_running_loop()
+        thumbs = await self._thumbnails(probed, spotter.coarse(), spot, crop, whole)
+        refine = await loop.run_in_executor(self.executor, spotter.refine, thumbs)  # (numpy: off the event loop)
+        thumbs.update(await self._thumbnails(probed, refine, spot, crop, whole))
         t3 = time.perf_counter()
-        apex = await loop.run_in_executor(self.executor, lambda: spot_apex(
-            [grey_thumbnail(f, scaled_box(crop, spot, f.shape)) for f in small], float(clip.fps)))
+        apex = await loop.run_in_executor(self.executor, spotter.apex, thumbs)
         t4 = time.perf_counter()
-        needed = self._window_indices(n, float(clip.fps), apex)
-        if spot == 1:
-            window = {i: small[i] for i in needed}
-        else:
-            window = dict(zip(needed, await self._decode_frames(probed, needed, 1), strict=True))
+        needed = self._window_indices(n, fps, apex)
+        missing = [i for i in needed if i not in whole]
+        whole.update(zip(missing, await self._decode_frames(probed, missing, 1), strict=True))
         t5 = time.perf_counter()
-        tensor, win = await self._window_tensor(window, needed, n, crop, apex, float(clip.fps))
+        tensor, win = await self._window_tensor(whole, needed, n, crop, apex, fps)
+        # decode: every decoding step (the spotter's include cutting its thumbnails); window: spotting and the
+        # model input
         timings = {"decode": (t1 - t0 + t3 - t2 + t5 - t4) * 1e3, "detect": (t2 - t1) * 1e3,
                    "window": (t4 - t3 + time.perf_counter() - t5) * 1e3}
         return await self._run_members(clip, n, tensor, win, coverage, box, clip.frames[apex], timings, deadline)

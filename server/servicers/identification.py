@@ -10,7 +10,8 @@ from engines.errors import FailedPreconditionError, FieldViolation, InvalidArgum
 from engines.identify.matching import MatchDecision
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc
 from server.gallery.store import EnrollMode
-from server.pipelines.identification import ClipDiagnostics, ClipInput
+from server.pipelines.clip_input import ClipInput
+from server.pipelines.identification import ClipDiagnostics
 from server.servicers.call_context import caller_name, deadline_from, request_id_from
 from server.servicers.liveness import ISSUES, to_proto
 from server.services.identification import EnrollRequest, IdentificationService, IdentifyRequest, IdentifyResult

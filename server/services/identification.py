@@ -23,7 +23,8 @@ from engines.identify.matching import MatchDecision
 from server.audit import AuditLog
 from server.gallery.search import Gallery
 from server.gallery.store import CollectionSummary, EnrollMode, EnrollOutcome, GalleryStore, Person, validate_id
-from server.pipelines.identification import ClipDiagnostics, ClipInput, ClipPipeline
+from server.pipelines.clip_input import ClipInput
+from server.pipelines.identification import ClipDiagnostics, ClipPipeline
 from server.pipelines.liveness import LivenessPipeline, LivenessRequest, LivenessResult
 from server.pipelines.quality import QualityIssue
 

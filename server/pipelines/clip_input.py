@@ -1,0 +1,100 @@
+"""A clip as a request brings it, and every check it passes before a pixel is decoded: counts, frame rate, sizes
+from the frame headers, the request's pixel budget. Used by the identification pipeline and the services."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from engines.errors import FieldViolation, InvalidArgumentError
+from engines.vision.imaging import ImageHeader, ImageLimits, probe_image
+from engines.vision.video import VideoLimits
+
+
+@dataclass(frozen=True)
+class ClipLimits:
+    min_frames: int = 2
+    max_frames: int = 400
+    """More frames than this are refused (2 s at 200 fps)."""
+    max_total_bytes: int = 64 * 1024 * 1024
+    max_fps: float = 1000.0
+    """Capture rates above this are refused (fps drives the apex-spotting kernel and the resampling)."""
+    max_request_pixels: int = 400 * 640 * 480
+    """Decoded pixels one request may need, over all its frames (and clips): 400 frames of 640x480."""
+    max_clips: int = 16
+    """Clips one enrolment request may carry."""
+    video_timeout_s: float = 10.0
+    """Wall-clock limit of decoding one video container (in a worker process, killed after it)."""
+    frame: ImageLimits = field(default_factory=lambda: ImageLimits(max_bytes=4 * 1024 * 1024,
+                                                                   max_pixels=4_000_000))
+
+    def video(self) -> VideoLimits:
+        return VideoLimits(self.max_frames, self.frame.max_pixels, self.frame.min_side, self.max_request_pixels,
+                           self.video_timeout_s)
+
+
+@dataclass(frozen=True)
+class ClipInput:
+    frames: Sequence[bytes]
+    fps: float
+    apex_hint: int | None = None
+    video: bytes = b""  # an encoded container instead of frames
+
+
+@dataclass(frozen=True)
+class ProbedClip:
+    """A clip whose frame headers passed every limit: what decoding it will cost, known before it starts."""
+
+    clip: ClipInput
+    field: str
+    headers: tuple[ImageHeader, ...]  # empty for a video
+    pixels: int  # decoded pixels it may need (a video: the request budget)
+
+
+def frame_count_violation(n: int, limits: ClipLimits, where: str) -> FieldViolation | None:
+    if n < limits.min_frames:
+        return FieldViolation(where, f"has {n} frame(s); at least {limits.min_frames} needed")
+    if n > limits.max_frames:
+        return FieldViolation(where, f"has {n} frames, over the limit of {limits.max_frames}")
+    return None
+
+
+def validate_clip(clip: ClipInput, limits: ClipLimits, field: str = "clip") -> None:
+    violations = []
+    if not (isinstance(clip.fps, float | int) and math.isfinite(clip.fps) and 0 < clip.fps <= limits.max_fps):
+        violations.append(FieldViolation(
+            f"{field}.fps", f"must be the capture frame rate in (0, {limits.max_fps:g}], got {clip.fps}"))
+    if clip.video and clip.frames:
+        violations.append(FieldViolation(f"{field}.video", "send either frames or a video, not both"))
+    n = len(clip.frames)
+    if not clip.video:
+        bad_count = frame_count_violation(n, limits, f"{field}.frames")
+        if bad_count:
+            violations.append(bad_count)
+    total = len(clip.video) + sum(len(f) for f in clip.frames)
+    if total > limits.max_total_bytes:
+        violations.append(FieldViolation(f"{field}.frames", f"total {total} bytes, over {limits.max_total_bytes}"))
+    if clip.apex_hint is not None and (clip.apex_hint < 0 or (not clip.video and clip.apex_hint >= n)):
+        violations.append(FieldViolation(f"{field}.apex_frame", f"must index a frame (0..{max(n, 1) - 1})"))
+    if violations:
+        raise InvalidArgumentError(violations)
+
+
+def probe_headers(frames: Sequence[bytes], limits: ClipLimits, field: str, start: int = 0) -> list[ImageHeader]:
+    """The headers of ``frames`` (frame ``start`` onwards), each within the frame limits; no pixels. Blocking."""
+    return [probe_image(data, limits.frame, f"{field}.frames[{start + i}].data") for i, data in enumerate(frames)]
+
+
+def check_headers(clip: ClipInput, limits: ClipLimits, field: str, headers: Sequence[ImageHeader]) -> ProbedClip:
+    """All frames of one upright size, and the whole clip within the request's pixel budget."""
+    w, h = headers[0].width, headers[0].height
+    for i, hd in enumerate(headers):
+        if (hd.width, hd.height) != (w, h):
+            raise InvalidArgumentError(FieldViolation(
+                f"{field}.frames[{i}]", f"is {hd.width}x{hd.height}; frame 0 is {w}x{h} (all must match)"))
+    pixels = sum(hd.pixels for hd in headers)
+    if pixels > limits.max_request_pixels:
+        raise InvalidArgumentError(FieldViolation(
+            f"{field}.frames", f"decode to {pixels} pixels, over the request budget of {limits.max_request_pixels}"))
+    return ProbedClip(clip, field, tuple(headers), pixels)
