@@ -240,3 +240,18 @@ def test_stop_fails_queued_requests_with_unavailable_and_finishes_running_ones()
 def test_batcher_refuses_a_batch_size_above_the_engine_limit() -> None:
     with pytest.raises(ValueError, match="exceeds the engine"):
         DynamicBatcher(FakeModel(max_batch_size=8), BatcherConfig(max_batch_size=16))
+
+
+def test_a_burst_on_idle_instances_runs_on_all_of_them_at_once() -> None:
+    async def main() -> None:
+        m = FakeModel(delay_s=0.05)
+        b = await started(m, max_batch_size=16, max_queue_delay_us=1000, instances=2)
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*[b.infer(item(i)) for i in range(5)])  # one request's fan-out, e.g. 5 frames
+        elapsed = time.perf_counter() - t0
+        await b.stop()
+        assert [o["y"][0] for o in outs] == [2.0 * i for i in range(5)]
+        assert sorted(m.batches) == [2, 3]  # not one batch of 5 on one instance while the other idles
+        assert elapsed < 0.095  # both batches ran side by side (one instance after the other would take 0.1 s)
+
+    asyncio.run(main())

@@ -243,20 +243,22 @@ class DynamicBatcher:
                 oldest_wait_s=now - self._queue[0].enqueued,
                 busy_instances=self._busy,
                 arrival_gap_s=self._expected_gap(now),
+                idle_instances=len(self._idle),
             )
             decision = decide(self.config, state)
             if decision.run == 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=decision.wait_s)
                 continue
-            items = self._take(decision.run, now)
-            if not items:
-                continue
-            instance = self._idle.pop()
-            self._busy += 1
-            task = asyncio.create_task(self._execute(instance, _Batch(items, now)))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            for _ in range(decision.batches):
+                items = self._take(decision.run, now) if self._queue and self._idle else []
+                if not items:
+                    break
+                instance = self._idle.pop()
+                self._busy += 1
+                task = asyncio.create_task(self._execute(instance, _Batch(items, now)))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
 
     def _run_on_thread(self, instance: EngineInstance, batch: _Batch) -> None:
         inputs, input_ns = _stack(batch.items)

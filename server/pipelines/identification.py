@@ -8,6 +8,7 @@ Transport-agnostic, like the liveness pipeline; CPU-heavy steps run on the threa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from engines.vision.clip_window import (
     square_crop_box,
     stable_box,
 )
-from engines.vision.detection import Box, FaceDetector
+from engines.vision.detection import Box, DetectorInput, FaceDetector
 from engines.vision.imaging import ImageHeader, decode_image
 from engines.vision.video import decode_video
 from server.admission import Budget, WaitGate, admitted
@@ -110,22 +111,42 @@ class ClipPipeline:
         # Decoded pixels all requests in flight may hold (shared with the liveness pipeline).
         self.pixels = pixels or Budget("decoded pixels", max(self.limits.max_request_pixels, 1), "pixels")
 
-    def _decode_chunk(self, frames: Sequence[bytes], headers: Sequence[ImageHeader], start: int, field: str,
-                      reduce: int = 1) -> list[np.ndarray]:
-        return [decode_image(data, self.limits.frame, f"{field}.frames[{start + i}].data", header, reduce).bgr
-                for i, (data, header) in enumerate(zip(frames, headers, strict=True))]
+    def _decode_chunk(self, probed: ProbedClip, indices: Sequence[int], reduce: int = 1) -> list[np.ndarray]:
+        clip, field = probed.clip, probed.field
+        return [decode_image(clip.frames[i], self.limits.frame, f"{field}.frames[{i}].data", probed.headers[i],
+                             reduce).bgr for i in indices]
+
+    def _detection_chunk(self, probed: ProbedClip, indices: Sequence[int]
+                         ) -> list[tuple[np.ndarray, DetectorInput]]:
+        """Frames decoded whole with the detector's input made from each, in the same pool job."""
+        return [(f, self.detector.detector.prepare(f)) for f in self._decode_chunk(probed, indices)]
 
     async def _decode_frames(self, probed: ProbedClip, indices: Sequence[int], reduce: int) -> list[np.ndarray]:
         """The frames at ``indices``, decoded at 1/``reduce`` scale, in parallel chunks on the pool."""
         loop = asyncio.get_running_loop()
-        clip, field = probed.clip, probed.field
         chunk = pool_chunk(len(indices))
         parts = await asyncio.gather(*[
-            loop.run_in_executor(self.executor, self._decode_chunk, [clip.frames[i] for i in indices[j:j + chunk]],
-                                 [probed.headers[i] for i in indices[j:j + chunk]], indices[j], field, reduce)
+            loop.run_in_executor(self.executor, self._decode_chunk, probed, indices[j:j + chunk], reduce)
             for j in range(0, len(indices), chunk)
         ])
         return [f for part in parts for f in part]
+
+    async def _decode_and_detect(self, probed: ProbedClip, indices: Sequence[int], deadline: float | None
+                                 ) -> tuple[list[np.ndarray], list[Box | None], float]:
+        """The detection frames decoded whole, and the best face box in each. The detector's inputs are made in
+        the decoding jobs and all submitted together, so the batcher sees them at once and spreads them over its
+        instances. Also returns when decoding ended (perf_counter)."""
+        loop = asyncio.get_running_loop()
+        chunk = pool_chunk(len(indices))
+        parts = await asyncio.gather(*[
+            loop.run_in_executor(self.executor, self._detection_chunk, probed, indices[j:j + chunk])
+            for j in range(0, len(indices), chunk)])
+        decoded = [pair for part in parts for pair in part]
+        t = time.perf_counter()
+        found = await asyncio.gather(*[self.detector.faces(inp, deadline) for _, inp in decoded])
+        boxes = [faces[0].pixel_box(f.shape[1], f.shape[0]) if faces else None
+                 for (f, _), faces in zip(decoded, found, strict=True)]
+        return [f for f, _ in decoded], boxes, t
 
     async def _decode_all(self, probed: ProbedClip) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -205,12 +226,11 @@ class ClipPipeline:
         return await self._run_members(clip, len(frames), tensor, win, coverage, box,
                                        self._encoded(clip, frames, apex), timings, deadline)
 
-    def _thumbnail_chunk(self, frames: Sequence[bytes], headers: Sequence[ImageHeader], start: int, field: str,
-                         reduce: int, crop: tuple[int, int, int, int]
-                         ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    def _thumbnail_chunk(self, probed: ProbedClip, indices: Sequence[int], reduce: int,
+                         crop: tuple[int, int, int, int]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """Decode at 1/``reduce`` and cut each frame's spotter thumbnail in the same pool job (so thumbnailing is
         spread over the pool too); whole frames are returned as well, for the model window to reuse."""
-        decoded = self._decode_chunk(frames, headers, start, field, reduce)
+        decoded = self._decode_chunk(probed, indices, reduce)
         thumbs = [grey_thumbnail(f, scaled_box(crop, reduce, f.shape)) for f in decoded]
         return thumbs, decoded if reduce == 1 else None
 
@@ -218,16 +238,17 @@ class ClipPipeline:
                           crop: tuple[int, int, int, int], whole: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """Spotter thumbnails of the frames at ``indices``; frames decoded whole are added to ``whole``."""
         loop = asyncio.get_running_loop()
-        clip, field = probed.clip, probed.field
         out: dict[int, np.ndarray] = {}
-        if reduce == 1:  # frames already decoded whole (the detection frames) are not decoded again
-            out.update({i: grey_thumbnail(whole[i], crop) for i in indices if i in whole})
+        if reduce == 1:  # frames already decoded whole are not decoded again; their thumbnails are cut on the pool
+            have = [i for i in indices if i in whole]
+            if have:
+                out.update(zip(have, await loop.run_in_executor(
+                    self.executor, lambda: [grey_thumbnail(whole[i], crop) for i in have]), strict=True))
             indices = [i for i in indices if i not in whole]
         chunk = pool_chunk(len(indices))
         starts = range(0, len(indices), chunk)
         parts = await asyncio.gather(*[
-            loop.run_in_executor(self.executor, self._thumbnail_chunk, [clip.frames[i] for i in indices[j:j + chunk]],
-                                 [probed.headers[i] for i in indices[j:j + chunk]], indices[j], field, reduce, crop)
+            loop.run_in_executor(self.executor, self._thumbnail_chunk, probed, indices[j:j + chunk], reduce, crop)
             for j in starts])
         for j, (thumbs, frames) in zip(starts, parts, strict=True):
             part = indices[j:j + chunk]
@@ -244,13 +265,30 @@ class ClipPipeline:
         clip was probed (format, size, truncation, the pixel budget)."""
         clip, spec = probed.clip, self.ensemble.spec
         n, fps = len(clip.frames), float(clip.fps)
+        spotter = SparseSpotter(n, fps)
         t0 = time.perf_counter()
         sampled = detection_frames(n, spec.detect_frames)
-        detect = await self._decode_frames(probed, sampled, 1)
-        t1 = time.perf_counter()
-        boxes = await asyncio.gather(*[self._detect(f, deadline) for f in detect])
+        detecting = asyncio.ensure_future(self._decode_and_detect(probed, sampled, deadline))
+        # Frames too small for a 1/4 spotter pass are read whole whatever the face's size: their coarse pass is
+        # decoded while the detector runs (it needs no crop), filling the cores the detector leaves idle.
+        early: asyncio.Future[list[np.ndarray]] | None = None
+        small = min(probed.headers[0].width, probed.headers[0].height) < 4 * 2 * THUMBNAIL_SIDE
+        coarse_rest = [i for i in spotter.coarse() if i not in sampled]
+        if small:
+            early = asyncio.ensure_future(self._decode_frames(probed, coarse_rest, 1))
+        try:
+            detect, boxes, t1 = await detecting
+            whole = dict(zip(sampled, detect, strict=True))
+            t2 = time.perf_counter()
+            if early is not None:
+                whole.update(zip(coarse_rest, await early, strict=True))
+        finally:
+            for task in (detecting, early):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
         box, coverage = stable_box(list(boxes))
-        t2 = time.perf_counter()
         if box is None:  # (a named apex never comes here: _embed_hinted takes those clips)
             await self._decode_frames(probed, range(n), 8)  # every frame must still decode
             timings = {"decode": (t1 - t0 + time.perf_counter() - t2) * 1e3, "detect": (t2 - t1) * 1e3}
@@ -262,8 +300,6 @@ class ClipPipeline:
         # 1/4 or 1/8 where the crop allows it; below that, whole (they then double as window frames).
         spot = reduction(crop[2] - crop[0], 2 * THUMBNAIL_SIDE)
         spot = spot if spot >= 4 else 1
-        whole = dict(zip(sampled, detect, strict=True))
-        spotter = SparseSpotter(n, fps)
         loop = asyncio.get_running_loop()
         thumbs = await self._thumbnails(probed, spotter.coarse(), spot, crop, whole)
         refine = await loop.run_in_executor(self.executor, spotter.refine, thumbs)  # (numpy: off the event loop)
