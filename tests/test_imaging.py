@@ -92,3 +92,29 @@ def test_too_many_bytes() -> None:
 
 def test_unsupported_format() -> None:
     assert "unsupported format" in violation(encode(gradient(), "BMP"))
+
+
+def test_plain_jpeg_headers_are_read_without_pillow_and_agree_with_it() -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    from engines.vision.imaging import _plain_jpeg_size, probe_image
+
+    for w, h in ((64, 48), (180, 240), (333, 101)):
+        data = encode(gradient(w, h), "JPEG", quality=90)
+        assert _plain_jpeg_size(data) == Image.open(BytesIO(data)).size == (w, h)
+        header = probe_image(data, LIMITS)
+        assert (header.format, header.width, header.height, header.orientation) == ("jpeg", w, h, 1)
+    # A JPEG with EXIF goes to Pillow, which reads its orientation.
+    rotated = encode(gradient(64, 48), "JPEG", exif_orientation=6)
+    assert _plain_jpeg_size(rotated) is None
+    header = probe_image(rotated, LIMITS)
+    assert header.orientation == 6 and (header.width, header.height) == (48, 64)
+
+
+def test_a_plain_jpeg_declaring_too_many_pixels_is_refused_from_its_header() -> None:
+    data = bytearray(encode(gradient(64, 48), "JPEG", quality=90))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")  # height, width
+    assert "30000x30000" in violation(bytes(data))

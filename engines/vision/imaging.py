@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
+import imagesize
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -91,9 +93,23 @@ class ImageHeader:
         return self.stored_width * self.stored_height
 
 
+def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that carries no EXIF block (so no orientation), read from its frame header by
+    ``imagesize``: ~6 us a frame against Pillow's ~60 us, which made reading a clip's 80 headers cost 5-9 ms of
+    CPU. None for anything else (other formats, EXIF, a header imagesize cannot read): Pillow decides those."""
+    if not data.startswith(b"\xff\xd8\xff") or data.find(b"Exif\x00\x00", 0, 65536) >= 0:
+        return None
+    try:
+        width, height = imagesize.get(io.BytesIO(data))
+    except (ValueError, struct.error, OSError):
+        return None
+    return (int(width), int(height)) if width > 0 and height > 0 else None
+
+
 def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> ImageHeader:
     """Every check that needs no pixels: size in bytes, format, declared pixels (decompression bombs), a
-    truncated JPEG. Pillow reads only the header. Problems are InvalidArgumentErrors naming ``field``."""
+    truncated JPEG. Only the header is read (by imagesize for a plain JPEG, else by Pillow). Problems are
+    InvalidArgumentErrors naming ``field``."""
 
     def bad(description: str) -> InvalidArgumentError:
         return InvalidArgumentError(FieldViolation(field, description))
@@ -102,6 +118,9 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
         raise bad("is empty; send an encoded JPEG, PNG or WebP image")
     if len(data) > limits.max_bytes:
         raise bad(f"is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
+    plain = _plain_jpeg_size(data)
+    if plain is not None:
+        return _checked(ImageHeader("jpeg", plain[0], plain[1], 1), data, limits, bad)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -115,13 +134,19 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
     if fmt is None:
         raise bad(f"has unsupported format {im.format}; use JPEG, PNG or WebP")
     width, height = im.size
+    return _checked(ImageHeader(fmt, width, height, orientation if 1 <= orientation <= 8 else 1), data, limits, bad)
+
+
+def _checked(header: ImageHeader, data: bytes, limits: ImageLimits,
+             bad: Callable[[str], InvalidArgumentError]) -> ImageHeader:
+    width, height = header.stored_width, header.stored_height
     if width * height > limits.max_pixels:
         raise bad(f"declares {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
     if min(width, height) < limits.min_side:
         raise bad(f"is {width}x{height} px; each side must be at least {limits.min_side} px")
-    if fmt == "jpeg" and _jpeg_is_truncated(data):
+    if header.format == "jpeg" and _jpeg_is_truncated(data):
         raise bad("is corrupt or truncated and could not be decoded")
-    return ImageHeader(fmt, width, height, orientation if 1 <= orientation <= 8 else 1)
+    return header
 
 
 # OpenCV's reduced reads: a JPEG is decoded at 1/2, 1/4 or 1/8 scale inside libjpeg (in the DCT domain, so
