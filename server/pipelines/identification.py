@@ -260,7 +260,7 @@ class ClipPipeline:
     async def _embed_reduced(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
         """Frames decoded only where and as large as needed: the detection frames and the model window whole; for
         the apex spotter, the frames ``SparseSpotter`` reads (a coarse pass on one frame per 20 ms, then the
-        neighbourhood of its peak), where the face is large enough at the largest JPEG reduction (1/2 .. 1/8)
+        neighbourhood of its peak), where the face is large enough at the largest JPEG reduction (1/4 or 1/8)
         that still gives a 64 px crop. Frames no step reads are not decoded: their headers were checked when the
         clip was probed (format, size, truncation, the pixel budget)."""
         clip, spec = probed.clip, self.ensemble.spec
@@ -290,7 +290,9 @@ class ClipPipeline:
                         await task
         box, coverage = stable_box(list(boxes))
         if box is None:  # (a named apex never comes here: _embed_hinted takes those clips)
-            await self._decode_frames(probed, range(n), 8)  # every frame must still decode
+            # No face: a corrupt frame is reported as such rather than hidden behind "no face", so every frame
+            # is decoded, at 1/8 (the cheapest proof it decodes).
+            await self._decode_frames(probed, range(n), 8)
             timings = {"decode": (t1 - t0 + time.perf_counter() - t2) * 1e3, "detect": (t2 - t1) * 1e3}
             return self._no_face(clip, n, n // 2, clip.frames[n // 2], timings)
         h, w = detect[0].shape[:2]
