@@ -158,6 +158,30 @@ def test_bad_clips_are_invalid_argument(case: str, field: str, stub, enrolled: s
     assert identify(stub, enrolled, clip_dir(trained, trained["test_probes"][1])).candidates
 
 
+def _bogus_huffman_table(jpeg: bytes) -> bytes:
+    """A JPEG whose header is sound (size, end marker) but whose Huffman table libjpeg refuses when decoding."""
+    data = bytearray(jpeg)
+    dht = data.find(b"\xff\xc4")
+    data[dht + 5:dht + 21] = bytes([255] * 16)  # the 16 code-length counts now sum past 256
+    return bytes(data)
+
+
+def test_a_frame_that_fails_to_decode_while_the_detector_runs_is_named(stub, enrolled: str,  # type: ignore[no-untyped-def]
+                                                                        trained: dict) -> None:
+    """Frame 4 is in the spotter's coarse pass but not a detection frame, so at 180x240 it is decoded while the
+    detector runs: its failure is INVALID_ARGUMENT naming frame 4 (not another index), and the server serves on."""
+    frames = frames_of(clip_dir(trained, trained["test_probes"][0]))
+    broken = list(frames)
+    broken[4] = common_pb2.Image(data=_bogus_huffman_table(frames[4].data))
+    req = identification_pb2.IdentifyFromClipRequest(
+        collection=enrolled, clip=identification_pb2.Clip(fps=FPS, frames=broken))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.IdentifyFromClip(req, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(info.value)] == ["clip.frames[4].data"]
+    assert identify(stub, enrolled, clip_dir(trained, trained["test_probes"][1])).candidates
+
+
 def test_a_named_apex_still_checks_every_frame_header(stub, enrolled: str, trained: dict,  # type: ignore[no-untyped-def]
                                                        repository_dir: Path) -> None:
     """With the apex named only the detection frames and the model window are decoded; a frame outside them is

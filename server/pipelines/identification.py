@@ -282,10 +282,10 @@ class ClipPipeline:
             t2 = time.perf_counter()
             if early is not None:
                 whole.update(zip(coarse_rest, await early, strict=True))
-        finally:
+        finally:  # neither task outlives the call, and a failure of one is retrieved even when the other failed
             for task in (detecting, early):
-                if task is not None and not task.done():
-                    task.cancel()
+                if task is not None:
+                    task.cancel()  # (no effect on a finished task)
                     with contextlib.suppress(BaseException):
                         await task
         box, coverage = stable_box(list(boxes))
