@@ -4,6 +4,10 @@
 2. Raw engine throughput per model and batch size (one instance, ONNX Runtime).
 3. End to end over gRPC, the load generator in its own process: p50/p95/p99 and throughput at concurrency
    1, 8 and 32, with batching on and off, plus the server's achieved average batch per model.
+4. Against the baseline (ONNX Runtime for every model: the configuration before issue 14), side by side: in
+   process, the two pipelines back to back; over gRPC, two servers loaded in turn at concurrency 1 and at
+   saturation; three rounds, cells the medians of rounds, ratios the medians of paired rounds (the host's speed
+   drifts within minutes, so only pairs measured back to back compare).
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
-from benchmarks.stats import summarize
+from benchmarks.stats import median_row, paired_ratios, summarize
 from engines.repository import ModelRepository
 from engines.runtime.factory import RuntimeSettings
 from engines.specs import DETECTOR, LIVENESS_SPECS
@@ -87,15 +92,75 @@ def end_to_end(repository: Path, image_paths: list[Path], concurrencies: list[in
         with facegate_server(repository, [*args, "--config", str(cfg)], out_dir / f"server-{mode}.log") as address:
             rows = {}
             for c in concurrencies:
-                cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, "--concurrency", str(c),
-                       "--warmup", str(warmup_s), "--duration", str(duration_s), *map(str, image_paths)]
-                res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+                res = load(address, image_paths, c, warmup_s, duration_s)
                 res["avg_batch"] = {m: x["avg_batch"] for m, x in res["server"].items()}
                 rows[c] = res
                 progress(f"{mode} c={c}: {res['throughput_rps']:.1f} req/s p50 {res['p50_ms']:.1f} ms "
                          f"p99 {res['p99_ms']:.1f} ms errors {res['errors']}")
             results[mode] = rows
     return results
+
+
+def load(address: str, image_paths: list[Path], c: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.loadgen", "--target", address, "--concurrency", str(c),
+           "--warmup", str(warmup_s), "--duration", str(duration_s), *map(str, image_paths)]
+    res: dict[str, Any] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return res
+
+
+def against_baseline(repository: Path, images: list[bytes], image_paths: list[Path], sat_c: int, rounds: int,
+                     warmup_s: float, duration_s: float, out_dir: Path, cpu_runtime: str) -> dict[str, Any]:
+    """The measured configuration and the baseline (ONNX Runtime everywhere), measured in turn, ``rounds`` times."""
+    labels = {"measured": cpu_runtime, "baseline": "onnxruntime"}
+    in_proc: dict[str, list[dict[str, Any]]] = {k: [] for k in labels}
+    for r in range(rounds):
+        for label, runtime in labels.items():
+            ip = asyncio.run(in_process(repository, images, 50, duration_s, sat_c, runtime))
+            in_proc[label].append(ip[f"saturation_c{sat_c}"])
+            progress(f"pair round {r + 1} in process {label}: {in_proc[label][-1]['throughput_rps']:.1f} req/s")
+    grpc_rows: dict[str, dict[int, list[dict[str, Any]]]] = {k: {1: [], sat_c: []} for k in labels}
+    with ExitStack() as stack:
+        addresses = {}
+        for label, runtime in labels.items():
+            cfg = out_dir / f"liveness-pair-{label}.toml"
+            cfg.write_text(f'[runtime]\ncpu_runtime = "{runtime}"\n')
+            addresses[label] = stack.enter_context(facegate_server(
+                repository, ["--config", str(cfg)], out_dir / f"server-liveness-{label}.log"))
+        for r in range(rounds):
+            for c in (1, sat_c):
+                for label, address in addresses.items():
+                    res = load(address, image_paths, c, warmup_s, duration_s)
+                    grpc_rows[label][c].append(res)
+                    progress(f"pair round {r + 1} gRPC {label} c={c}: {res['throughput_rps']:.1f} req/s "
+                             f"p50 {res['p50_ms']:.1f} ms errors {res['errors']}")
+    return {
+        "rounds": rounds, "cpu_runtime": cpu_runtime, "saturation_concurrency": sat_c,
+        "in_process": {k: median_row(v, "throughput_rps") for k, v in in_proc.items()},
+        "in_process_ratio": paired_ratios(in_proc["measured"], in_proc["baseline"], "throughput_rps"),
+        "grpc": {k: {c: median_row(rows, "throughput_rps") for c, rows in by_c.items()}
+                 for k, by_c in grpc_rows.items()},
+        "grpc_ratios": {c: {"throughput": paired_ratios(grpc_rows["measured"][c], grpc_rows["baseline"][c],
+                                                        "throughput_rps"),
+                            "p50": paired_ratios(grpc_rows["measured"][c], grpc_rows["baseline"][c], "p50_ms")}
+                        for c in (1, sat_c)},
+    }
+
+
+def pair_markdown(p: dict[str, Any]) -> list[str]:
+    sat = p["saturation_concurrency"]
+    ip, ratio = p["in_process"], p["in_process_ratio"]
+    lines = ["", f"## Against the baseline, side by side ({p['rounds']} rounds; baseline: ONNX Runtime for every "
+             f"model; measured: `{p['cpu_runtime']}`)", "",
+             "| measure | baseline | measured | ratio (paired rounds) |", "|---|---|---|---|",
+             f"| in process, c{sat} req/s | {ip['baseline']['throughput_rps']:.1f} | "
+             f"{ip['measured']['throughput_rps']:.1f} | **{ratio[0]:.2f}** "
+             f"({', '.join(f'{x:.2f}' for x in ratio[1])}) |"]
+    for c, rr in p["grpc_ratios"].items():
+        b, m = p["grpc"]["baseline"][c], p["grpc"]["measured"][c]
+        lines += [f"| gRPC c{c} req/s | {b['throughput_rps']:.1f} | {m['throughput_rps']:.1f} | "
+                  f"**{rr['throughput'][0]:.2f}** ({', '.join(f'{x:.2f}' for x in rr['throughput'][1])}) |",
+                  f"| gRPC c{c} p50 ms | {b['p50_ms']:.2f} | {m['p50_ms']:.2f} | **{rr['p50'][0]:.2f}** |"]
+    return lines
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -133,6 +198,8 @@ def markdown(r: dict[str, Any]) -> str:
               f"- Server throughput at saturation / in-process: **{t['saturation_ratio']:.2f}** (target >= 0.90)",
               f"- Server p50 latency at concurrency 1 / in-process: **{t['latency_ratio_c1']:.2f}** "
               "(target <= 1.20)", ""]
+    if r.get("against_baseline"):
+        lines += [*pair_markdown(r["against_baseline"]), ""]
     return "\n".join(lines)
 
 
@@ -147,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--cpu-runtime", choices=["auto", "onnxruntime", "openvino"], default="auto",
                    help="the server's CPU runtime (onnxruntime: the configuration before OpenVINO, the baseline)")
+    p.add_argument("--baseline-rounds", type=int, default=3,
+                   help="rounds of the side-by-side comparison with the baseline configuration (0: none)")
     args = p.parse_args(argv)
     image_paths = args.images or sorted(Path("../shared/samples/liveness").glob("*.jpg"))
     if not image_paths:
@@ -163,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     progress("end to end")
     e2e = end_to_end(args.repository, image_paths, args.concurrency, args.warmup, args.duration, args.out,
                      args.cpu_runtime)
+    pair = None
+    if args.baseline_rounds > 0 and args.cpu_runtime != "onnxruntime":
+        progress("against the baseline, side by side")
+        pair = against_baseline(args.repository, images, image_paths, sat_c, args.baseline_rounds, args.warmup,
+                                args.duration, args.out, args.cpu_runtime)
     best = max(x["throughput_rps"] for x in e2e["batching_on"].values())
-    result = {
+    result: dict[str, Any] = {
         "machine": machine_info(),
         "in_process": ip,
         "engines": eng,
@@ -176,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     result["cpu_runtime"] = args.cpu_runtime
+    result["against_baseline"] = pair
     write_report(args.out, "liveness" if args.cpu_runtime == "auto" else f"liveness-{args.cpu_runtime}", result,
                  markdown)
     return 0
