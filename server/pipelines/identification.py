@@ -143,10 +143,15 @@ class ClipPipeline:
             for j in range(0, len(indices), chunk)])
         decoded = [pair for part in parts for pair in part]
         t = time.perf_counter()
-        found = await asyncio.gather(*[self.detector.faces(inp, deadline) for _, inp in decoded])
-        boxes = [faces[0].pixel_box(f.shape[1], f.shape[0]) if faces else None
-                 for (f, _), faces in zip(decoded, found, strict=True)]
-        return [f for f, _ in decoded], boxes, t
+        return [f for f, _ in decoded], await self._boxes(decoded, deadline), t
+
+    async def _boxes(self, prepared: Sequence[tuple[np.ndarray, DetectorInput]], deadline: float | None
+                     ) -> list[Box | None]:
+        """The best face box in each frame; all inputs are submitted together, so the batcher sees them at once
+        and spreads them over its instances."""
+        found = await asyncio.gather(*[self.detector.faces(inp, deadline) for _, inp in prepared])
+        return [faces[0].pixel_box(f.shape[1], f.shape[0]) if faces else None
+                for (f, _), faces in zip(prepared, found, strict=True)]
 
     async def _decode_all(self, probed: ProbedClip) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -162,11 +167,12 @@ class ClipPipeline:
             return frames
         return await self._decode_frames(probed, range(len(clip.frames)), 1)
 
-    async def _detect(self, frame: np.ndarray, deadline: float | None) -> Box | None:
+    async def _detect(self, frames: Sequence[np.ndarray], deadline: float | None) -> list[Box | None]:
+        """Frames already decoded: their detector inputs made on the pool, then submitted together."""
         loop = asyncio.get_running_loop()
-        inp = await loop.run_in_executor(self.executor, self.detector.detector.prepare, frame)
-        faces = await self.detector.faces(inp, deadline)
-        return faces[0].pixel_box(frame.shape[1], frame.shape[0]) if faces else None
+        prep = self.detector.detector.prepare
+        inputs = await loop.run_in_executor(self.executor, lambda: [prep(f) for f in frames])
+        return await self._boxes(list(zip(frames, inputs, strict=True)), deadline)
 
     async def probe(self, clip: ClipInput, field: str = "clip") -> ProbedClip:
         """Every check that needs no pixels (counts, fps, sizes from the frame headers, the pixel budget)."""
@@ -207,7 +213,7 @@ class ClipPipeline:
         frames = await self._decode_all(probed)
         t1 = time.perf_counter()
         sampled = detection_frames(len(frames), spec.detect_frames)
-        boxes = await asyncio.gather(*[self._detect(frames[i], deadline) for i in sampled])
+        boxes = await self._detect([frames[i] for i in sampled], deadline)
         box, coverage = stable_box(list(boxes))
         t2 = time.perf_counter()
         timings = {"decode": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3}
@@ -333,7 +339,7 @@ class ClipPipeline:
         wanted = sorted(set(sampled) | set(needed))
         decoded = dict(zip(wanted, await self._decode_frames(probed, wanted, 1), strict=True))
         t1 = time.perf_counter()
-        boxes = await asyncio.gather(*[self._detect(decoded[i], deadline) for i in sampled])
+        boxes = await self._detect([decoded[i] for i in sampled], deadline)
         box, coverage = stable_box(list(boxes))
         t2 = time.perf_counter()
         timings = {"decode": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3}
