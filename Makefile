@@ -26,7 +26,7 @@ ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
 .PHONY: bench-metrics k8s-deps bench-cpu tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-gallery client-deps clients test-clients proto-check identify-controls
-.PHONY: help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
+.PHONY: FORCE help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
 	@echo "make serve          set up everything and start the server on $(HOST):$(PORT) (CPU default)"
@@ -106,8 +106,17 @@ models: $(VENV)/.stubs
 	$(PY) -m engines.prepare --repository $(REPOSITORY)
 	@$(MAKE) --no-print-directory $(REPOSITORY)/minifasnet_v2/precision.json
 
-# The INT8 liveness variants and their parity gate, once per prepared model (engines/liveness_gate.py).
-$(REPOSITORY)/minifasnet_v2/precision.json: $(REPOSITORY)/minifasnet_v2/model.onnx $(REPOSITORY)/minifasnet_v1se/model.onnx
+# The machine class (CPU model, family, ISA extensions, cores), rewritten only when it changes: the bf16 gates'
+# verdicts hold for one class, so a repository carried to another CPU has its gates run again.
+MACHINE_STAMP := $(REPOSITORY)/.machine-class
+$(MACHINE_STAMP): FORCE | $(VENV)/.stubs
+	@$(PY) -m engines.machine --stamp $@
+FORCE:
+
+# The liveness pipeline's reduced-precision variants and their parity gate (INT8 classifiers; bf16 classifiers
+# and detector where the CPU has bf16), once per prepared model and machine class (engines/liveness_gate.py).
+$(REPOSITORY)/minifasnet_v2/precision.json: $(REPOSITORY)/minifasnet_v2/model.onnx $(REPOSITORY)/minifasnet_v1se/model.onnx \
+		$(REPOSITORY)/retinaface/model.onnx $(MACHINE_STAMP)
 	$(PY) -m engines.liveness_gate --samples $(LIVENESS_SAMPLES) --repository $(REPOSITORY)
 
 $(SYNTH_DIR)/CASME2-coding.csv: | models
@@ -118,9 +127,14 @@ $(SYNTH_DIR)/CASME2-coding.csv: | models
 $(ENSEMBLE_FILE): $(SYNTH_DIR)/CASME2-coding.csv
 	$(PY) -m engines.identify.train --root $(SYNTH_DIR) --unknown 4 --epochs $(IDENTIFY_EPOCHS) \
 		--ensemble $(ENSEMBLE) --out $(REPOSITORY) --report $(REPOSITORY)/reports/$(ENSEMBLE).json
-	$(PY) -m engines.identify.int8_gate --root $(SYNTH_DIR) --repository $(REPOSITORY)
 
-identify-models: models $(ENSEMBLE_FILE)
+# The identification pipeline's parity gate (INT8 members; bf16 members and detector where the CPU has bf16),
+# after every training and on every new machine class; its outcome is kept as the stamp.
+IDENTIFY_GATE := $(REPOSITORY)/gates/$(ENSEMBLE).json
+$(IDENTIFY_GATE): $(ENSEMBLE_FILE) $(REPOSITORY)/retinaface/model.onnx $(MACHINE_STAMP)
+	$(PY) -m engines.identify.int8_gate --root $(SYNTH_DIR) --repository $(REPOSITORY) --report $@
+
+identify-models: models $(IDENTIFY_GATE)
 
 serve: models identify-models
 	$(PY) -m server --host $(HOST) --port $(PORT) --model-repository $(REPOSITORY) $(SERVE_ARGS)

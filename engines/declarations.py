@@ -25,6 +25,11 @@ OPENVINO = "openvino"
 TENSORRT = "tensorrt"
 RUNTIMES = (ONNXRUNTIME, OPENVINO, TENSORRT)
 CPU_RUNTIMES = (ONNXRUNTIME, OPENVINO)
+FP32, BF16, INT8 = "fp32", "bf16", "int8"
+CPU_PRECISIONS = (FP32, BF16, INT8)
+# The pipelines whose parity gates a reduced-precision variant must pass (engines.liveness_gate,
+# engines.identify.int8_gate): a model serves every pipeline that uses it, so every one of them must agree.
+LIVENESS, IDENTIFICATION = "liveness", "identification"
 SLOWFAST_KIND = "slowfast_clip"
 
 AxisRange = tuple[int, int, int]  # (min, opt, max) of one dynamic axis
@@ -46,6 +51,15 @@ class ModelDeclaration:
     """Per input, the (min, opt, max) of each dynamic non-batch axis: what every runtime must accept."""
     runtimes: tuple[str, ...] = RUNTIMES
     """Runtimes allowed to serve the model, in order of preference when available."""
+    cpu_precisions: tuple[str, ...] = (FP32,)
+    """Precisions the CPU runtimes may serve it in: FP32 always; bf16 and INT8 only where listed here, and then
+    only where the variant passed the parity gate of every pipeline in ``pipelines``."""
+    pipelines: tuple[str, ...] = ()
+    """The pipelines that use the model, whose parity gates a reduced-precision variant must pass."""
+
+    def __post_init__(self) -> None:
+        if FP32 not in self.cpu_precisions or not set(self.cpu_precisions) <= set(CPU_PRECISIONS):
+            raise ValueError(f"{self.name}: cpu_precisions must include {FP32!r} and be among {CPU_PRECISIONS}")
 
     def input_bounds(self, name: str) -> dict[int, tuple[int, int]]:
         """(min, max) per dynamic non-batch axis of input ``name``: requests outside are refused up front."""
@@ -75,6 +89,8 @@ def _detector() -> ModelDeclaration:
         batching=BatcherConfig(max_batch_size=16, max_queue_delay_us=1000, max_queue_size=1024, instances=2),
         warmup_shapes={"input": (3, height, width)},
         dynamic_axes={"input": {axis: (lo, opt[axis], hi) for axis, (lo, hi) in axes.items()}},
+        # No INT8 variant: no gate checks detection boxes after quantisation. bf16 behind both pipelines' gates.
+        cpu_precisions=(FP32, BF16), pipelines=(LIVENESS, IDENTIFICATION),
     )
 
 
@@ -85,6 +101,7 @@ def _liveness(spec: LivenessSpec) -> ModelDeclaration:
         outputs=(TensorMeta("logits", "float32", (-1, 3)),),
         # Tiny classifiers: large batches amortise the per-call overhead.
         batching=BatcherConfig(max_batch_size=32, max_queue_delay_us=1000, max_queue_size=1024, instances=1),
+        cpu_precisions=CPU_PRECISIONS, pipelines=(LIVENESS,),
     )
 
 
@@ -97,7 +114,7 @@ def slowfast_member(name: str, clip_len: int, size: int, embed_dim: int) -> Mode
         name=name, kind=SLOWFAST_KIND,
         inputs=(TensorMeta("clip", "float32", (-1, 3, clip_len, size, size)),),
         outputs=(TensorMeta("embedding", "float32", (-1, embed_dim)),),
-        batching=SLOWFAST_BATCHING,
+        batching=SLOWFAST_BATCHING, cpu_precisions=CPU_PRECISIONS, pipelines=(IDENTIFICATION,),
     )
 
 
@@ -112,5 +129,10 @@ def declaration_for(meta: ModelMetadata) -> ModelDeclaration:
     if meta.name in DECLARATIONS:
         return DECLARATIONS[meta.name]
     kind = str(meta.preprocessing.get("kind", "generic"))
-    batching = SLOWFAST_BATCHING if kind == SLOWFAST_KIND else BatcherConfig()
-    return ModelDeclaration(name=meta.name, kind=kind, inputs=meta.inputs, outputs=meta.outputs, batching=batching)
+    if kind == SLOWFAST_KIND:
+        return ModelDeclaration(name=meta.name, kind=kind, inputs=meta.inputs, outputs=meta.outputs,
+                                batching=SLOWFAST_BATCHING, cpu_precisions=CPU_PRECISIONS,
+                                pipelines=(IDENTIFICATION,))
+    # A generic model has no gate to pass: FP32 only.
+    return ModelDeclaration(name=meta.name, kind=kind, inputs=meta.inputs, outputs=meta.outputs,
+                            batching=BatcherConfig())

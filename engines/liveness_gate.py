@@ -1,11 +1,17 @@
-"""INT8 variants of the two liveness classifiers, served only if they pass the liveness parity gate.
+"""Reduced-precision variants of the liveness pipeline, served only if they pass its parity gate.
 
 ``python -m engines.liveness_gate --samples DIR``: the labelled sample images under scale, crop, brightness, flip
 and JPEG-quality changes make a parity set (>= 50 images) and, with other parameters, a calibration set (never the
-same images). Both classifiers are quantised (``engines.precision``), then every parity image goes through the
-served detector and crop rule and both classifiers, FP32 and INT8, through OpenVINO. The pair passes if every
-verdict is identical and every live score within 0.02 of FP32 (the server's own score and decision rule); the
-outcome and its numbers go to each classifier's ``precision.json``. Without sample images nothing is made.
+same images). Both classifiers are quantised to INT8 (``engines.precision``); where the CPU has bf16 arithmetic,
+bf16 (OpenVINO's precision hint) is a candidate for the classifiers and for the detector. Every parity image then
+goes through the served detector and crop rule and both classifiers, in every combination that could be served
+(detector FP32 or bf16, classifiers FP32, INT8 or bf16), and each is compared with all-FP32 (the detector on ONNX
+Runtime, the classifiers on OpenVINO): a combination passes if every verdict is identical (a face found by one
+and not the other counts as a changed verdict) and every live score within 0.02 (the server's own score and
+decision rule). The detector's bf16 passes if it passes with FP32 classifiers; a classifier precision passes if
+it passes with the FP32 detector and, where the detector's bf16 passed, with that one too, so whatever ``auto``
+picks from the passed variants has been checked together. The outcome and its numbers go to each model's
+``precision.json`` (bf16 as this pipeline's part, for this machine class). Without sample images nothing is made.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from engines.declarations import LIVENESS
 from engines.identify.preprocess import OnnxDetector
-from engines.precision import INT8_FILE, gate_main, quantize_int8, write_gate
+from engines.machine import has_bf16
+from engines.precision import INT8_FILE, gate_main, quantize_int8, write_bf16_part, write_gate
 from engines.repository import ModelRepository
-from engines.specs import LIVENESS_SPECS
+from engines.specs import DETECTOR, LIVENESS_SPECS
 from engines.vision.crop import crop_for_model
+from engines.vision.detection import Box
 from engines.vision.liveness_decision import DEFAULT_MARGIN, DEFAULT_THRESHOLD, decide, softmax
 
 log = logging.getLogger("engines.liveness_gate")
@@ -65,9 +74,13 @@ def variants(img: np.ndarray, parity: bool) -> list[np.ndarray]:
 
 def crops_of(detector: OnnxDetector, images: list[np.ndarray]) -> list[list[np.ndarray]]:
     """Per classifier, the model input of every image with a face (the served detector and crop rule)."""
+    return crops_at(images, [detector.best_box(img, 0.6) for img in images])
+
+
+def crops_at(images: list[np.ndarray], boxes: list[Box | None]) -> list[list[np.ndarray]]:
+    """Per classifier, the model input of every image whose box is not None, in order."""
     out: list[list[np.ndarray]] = [[] for _ in LIVENESS_SPECS]
-    for img in images:
-        box = detector.best_box(img, 0.6)
+    for img, box in zip(images, boxes, strict=True):
         if box is None:
             continue
         for k, spec in enumerate(LIVENESS_SPECS):
@@ -89,6 +102,37 @@ def scores(paths: list[Path], repo: ModelRepository, crops: list[list[np.ndarray
     return np.mean(np.asarray(probs), axis=0)
 
 
+def live_scores(boxes: list[Box | None], images: list[np.ndarray], paths: list[Path], repo: ModelRepository,
+                precision: str) -> np.ndarray:
+    """Per parity image, the live score (NaN where no face was found)."""
+    out = np.full(len(images), np.nan)
+    found = [i for i, b in enumerate(boxes) if b is not None]
+    if found:
+        out[found] = scores(paths, repo, crops_at(images, boxes), precision)
+    return out
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    """A combination against all-FP32: verdicts changed (a face found by one only counts) and the score gap."""
+    both = ~np.isnan(reference) & ~np.isnan(candidate)
+    verdicts = int(np.sum(np.isnan(reference) != np.isnan(candidate))) + sum(
+        decide(a, DEFAULT_THRESHOLD, DEFAULT_MARGIN) != decide(b, DEFAULT_THRESHOLD, DEFAULT_MARGIN)
+        for a, b in zip(reference[both], candidate[both], strict=True))
+    gap = float(np.abs(reference[both] - candidate[both]).max()) if both.any() else 0.0
+    n = len(reference)
+    passed = n >= MIN_PARITY_IMAGES and verdicts == 0 and gap <= MAX_SCORE_GAP
+    summary = (f"{verdicts} of {n} verdicts changed, live score gap max {gap:.4f} (gate: none changed, <= "
+               f"{MAX_SCORE_GAP}, >= {MIN_PARITY_IMAGES} images)")
+    return {"passed": passed, "summary": summary, "verdicts_changed": verdicts, "max_score_gap": gap,
+            "parity_images": n}
+
+
+def box_shift(a: list[Box | None], b: list[Box | None]) -> float:
+    """The largest difference of any box coordinate (pixels) between two detectors' boxes of the same images."""
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    return max((float(np.abs(np.subtract(x, y)).max()) for x, y in pairs), default=0.0)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     repo = ModelRepository(args.repository)
     samples = sorted(p for p in args.samples.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -96,8 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not images:
         log.warning("no sample images in %s: no INT8 liveness variant is made (FP32 is served)", args.samples)
         return {"skipped": f"no sample images in {args.samples}"}
-    detector = OnnxDetector(repo.onnx_path("retinaface"))
-    parity = crops_of(detector, [v for img in images for v in variants(img, True)])
+    detector = OnnxDetector(repo.onnx_path(DETECTOR))
+    parity_images = [v for img in images for v in variants(img, True)]
     calib = crops_of(detector, [v for img in images for v in variants(img, False)])
     int8_paths = []
     for spec, xs in zip(LIVENESS_SPECS, calib, strict=True):
@@ -106,23 +150,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         quantize_int8(repo.onnx_path(spec.name), dst, ({name: np.stack(xs[i:i + 8])} for i in range(0, len(xs), 8)),
                       args.method)
         int8_paths.append(dst)
-    fp32 = scores([repo.onnx_path(s.name) for s in LIVENESS_SPECS], repo, parity, "fp32")
-    int8 = scores(int8_paths, repo, parity, "int8")
-    verdicts = sum(decide(a, DEFAULT_THRESHOLD, DEFAULT_MARGIN) != decide(b, DEFAULT_THRESHOLD, DEFAULT_MARGIN)
-                   for a, b in zip(fp32, int8, strict=True))
-    gap = float(np.abs(fp32 - int8).max())
-    n = len(fp32)
-    passed = n >= MIN_PARITY_IMAGES and verdicts == 0 and gap <= MAX_SCORE_GAP
-    summary = (f"{verdicts} of {n} verdicts changed, live score gap max {gap:.4f} (gate: none changed, <= "
-               f"{MAX_SCORE_GAP}, >= {MIN_PARITY_IMAGES} images)")
-    log.info("liveness INT8 pair: %s -> %s", summary, "passed" if passed else "failed")
+    fp32_paths = [repo.onnx_path(s.name) for s in LIVENESS_SPECS]
+    classifiers = {"fp32": (fp32_paths, "fp32"), "int8": (int8_paths, "int8")}
+    detectors = {"fp32": [detector.best_box(img, 0.6) for img in parity_images]}
+    bf16 = has_bf16()
+    if bf16:
+        classifiers["bf16"] = (fp32_paths, "bf16")
+        bf16_detector = OnnxDetector(repo.onnx_path(DETECTOR), "bf16")
+        detectors["bf16"] = [bf16_detector.best_box(img, 0.6) for img in parity_images]
+    reference = live_scores(detectors["fp32"], parity_images, fp32_paths, repo, "fp32")
+    combos = {(d, c): compare(reference, live_scores(boxes, parity_images, paths, repo, precision))
+              for d, boxes in detectors.items() for c, (paths, precision) in classifiers.items()
+              if (d, c) != ("fp32", "fp32")}
+    for (d, c), r in combos.items():
+        log.info("liveness gate, detector %s + classifiers %s: %s -> %s", d, c, r["summary"],
+                 "passed" if r["passed"] else "failed")
+    detector_bf16 = bf16 and combos[("bf16", "fp32")]["passed"]
+
+    def verdict(precision: str) -> dict[str, Any]:
+        """A classifier precision: with the FP32 detector, and with the bf16 one where that passed."""
+        alone = combos[("fp32", precision)]
+        if not detector_bf16 or not alone["passed"]:
+            return alone
+        both = combos[("bf16", precision)]
+        return {**both, "summary": f"{alone['summary']}; with the bf16 detector {both['summary']}"}
+
+    data = f"{len(images)} sample images under scale, crop, brightness, flip and JPEG quality changes"
+    int8 = verdict("int8")
     for spec in LIVENESS_SPECS:
-        write_gate(repo, spec.name, {"passed": passed, "summary": summary, "verdicts_changed": verdicts,
-                                     "max_score_gap": gap, "parity_images": n,
-                                     "calibration_images": len(calib[0]),
-                                     "data": f"{len(images)} sample images under scale, crop, brightness, flip and "
-                                             f"JPEG quality changes"})
-    return {"passed": passed, "summary": summary, "parity_images": n}
+        write_gate(repo, spec.name, {**int8, "calibration_images": len(calib[0]), "data": data})
+    out: dict[str, Any] = {"passed": int8["passed"], "summary": int8["summary"],
+                           "parity_images": int8["parity_images"]}
+    if bf16:
+        b = verdict("bf16")
+        for spec in LIVENESS_SPECS:
+            write_bf16_part(repo, spec.name, LIVENESS, {**b, "data": data})
+        det = combos[("bf16", "fp32")]
+        shift = box_shift(detectors["fp32"], detectors["bf16"])
+        write_bf16_part(repo, DETECTOR, LIVENESS, {**det, "summary": f"{det['summary']}; boxes moved by up to "
+                                                   f"{shift:.0f} px", "max_box_shift_px": shift, "data": data})
+        out["bf16"] = {"classifiers": b["summary"], "classifiers_passed": b["passed"],
+                       "detector": det["summary"], "detector_passed": det["passed"], "max_box_shift_px": shift}
+    else:
+        log.info("this CPU has no bf16 arithmetic: no bf16 gate runs (bf16 is never served here)")
+    return out
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,11 @@ OpenVINO reads the QDQ graph and runs the convolutions in INT8. A variant is off
 if its gate passed, the result of which is written at model preparation to ``precision.json`` with the numbers
 that decided it and the hash of the FP32 model it was made from (a retrained model invalidates it).
 
-bf16 needs no file: it is OpenVINO's inference precision hint, offered only where the CPU lists BF16.
+bf16 needs no file: it is OpenVINO's inference precision hint, offered only where the CPU has bf16 arithmetic
+(AVX512-BF16 or AMX, as OpenVINO detects it). Its gate is run by each pipeline that uses the model, on this
+machine class, and each writes its own part of the model's ``bf16`` entry (the detector serves both pipelines,
+so it needs both parts where an identification ensemble is served); bf16 is offered only where every part it
+needs passed, for the current FP32 model, on this machine class.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.machine import has_bf16, machine_class
 from engines.repository import ModelRepository
 from engines.weights import sha256_file
 
@@ -58,25 +63,65 @@ def quantize_int8(src: Path, dst: Path, calibration: Iterable[Mapping[str, np.nd
         out.replace(dst)
 
 
+def _entries(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_entries(path: Path, entries: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, indent=2))
+    tmp.replace(path)
+
+
 def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any]) -> None:
-    """Record an INT8 gate's outcome (``passed`` and its numbers) beside the model."""
+    """Record an INT8 gate's outcome (``passed`` and its numbers) beside the model (other precisions' entries
+    are kept)."""
     directory = repo.model_dir(name)
     entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256,
              "int8_sha256": sha256_file(directory / INT8_FILE) if (directory / INT8_FILE).is_file() else ""}
     path = directory / GATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"int8": entry}, indent=2))
-    tmp.replace(path)
+    _write_entries(path, {**_entries(path), "int8": entry})
+
+
+def write_bf16_part(repo: ModelRepository, name: str, pipeline: str, result: Mapping[str, Any]) -> None:
+    """Record one pipeline's bf16 gate outcome for a model (its other pipelines' parts are kept), with the FP32
+    model and the machine class it was measured for."""
+    path = repo.model_dir(name) / GATE_FILE
+    entries = _entries(path)
+    parts = dict(entries.get("bf16", {}).get("parts", {}))
+    parts[pipeline] = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256, "machine": machine_class()}
+    _write_entries(path, {**entries, "bf16": {"parts": parts}})
+
+
+def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> tuple[bool, str]:
+    """(passed, why): bf16 may serve the model only if this CPU has bf16 arithmetic and the gate of every pipeline
+    in ``pipelines`` passed for the current FP32 model on this machine class."""
+    if not has_bf16():
+        return False, "bf16: this CPU has no bf16 arithmetic"
+    parts = _entries(repo.model_dir(name) / GATE_FILE).get("bf16", {}).get("parts", {})
+    sha = repo.load(name).onnx_sha256
+    passed = []
+    for pipeline in pipelines:
+        part = parts.get(pipeline)
+        if part is None:
+            return False, f"bf16: no {pipeline} gate has run for this model"
+        if part.get("source_onnx_sha256") != sha:
+            return False, f"bf16: the {pipeline} gate ran on another version of the model"
+        if part.get("machine") != machine_class():
+            return False, f"bf16: the {pipeline} gate ran on another CPU ({part.get('machine')})"
+        if not part.get("passed"):
+            return False, f"bf16 failed its {pipeline} gate ({part.get('summary', 'see precision.json')})"
+        passed.append(f"{pipeline}: {part.get('summary', '')}")
+    return True, f"bf16 passed its gate ({'; '.join(passed)})"
 
 
 def passed_int8(repo: ModelRepository, name: str) -> tuple[dict[str, Any] | None, str]:
     """(gate entry, why): the INT8 gate's entry if it passed for the current FP32 model and its file is the one
     the gate passed (hashed here, once), else None and the reason."""
     directory = repo.model_dir(name)
-    path = directory / GATE_FILE
-    if not path.is_file():
+    entry = _entries(directory / GATE_FILE).get("int8")
+    if entry is None:
         return None, "no INT8 gate has run for this model"
-    entry = json.loads(path.read_text()).get("int8", {})
     if entry.get("source_onnx_sha256") != repo.load(name).onnx_sha256:
         return None, "the INT8 gate ran on another version of the model"
     if not entry.get("passed"):
@@ -95,14 +140,19 @@ def int8_variant(repo: ModelRepository, name: str) -> tuple[Path | None, str]:
 
 def gate_main(description: str, argv: list[str] | None, add_arguments: Callable[[argparse.ArgumentParser], None],
               run: Callable[[argparse.Namespace], Mapping[str, Any]]) -> int:
-    """The command line every INT8 gate shares: its own arguments, then --repository and --method; prints the
-    outcome as JSON."""
+    """The command line every parity gate shares: its own arguments, then --repository, --method and --report;
+    prints the outcome as JSON (and writes it to --report: the quantiser prints on stdout too)."""
     p = argparse.ArgumentParser(description=description)
     add_arguments(p)
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--method", choices=["MinMax", "Entropy", "Percentile"], default="Entropy",
                    help="ONNX Runtime's calibration method")
+    p.add_argument("--report", type=Path, help="also write the outcome (JSON) to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(json.dumps(run(args), indent=1))
+    outcome = json.dumps(run(args), indent=1)
+    print(outcome)
+    if args.report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        _write_entries(args.report, json.loads(outcome))
     return 0

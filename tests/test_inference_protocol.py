@@ -15,6 +15,7 @@ from facegate_client.client import field_violations
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, RunningServer
+from tests.served import served_engine
 
 pytestmark = pytest.mark.weights
 
@@ -61,16 +62,21 @@ def test_model_infer_equals_the_engine_and_is_counted(stub, live_server: Running
     r = stub.ModelInfer(request("minifasnet_v2", x))
     assert r.id == "r1" and r.outputs[0].name == "logits" and list(r.outputs[0].shape) == [3, 3]
     got = np.frombuffer(r.raw_output_contents[0], np.float32).reshape(3, 3)
-    ref = ort.InferenceSession(str(repository_dir / "minifasnet_v2" / "model.onnx")).run(None, {"input": x})[0]
+    # The same engine and precision the server reports (bf16 where its gate passed on this CPU) ...
+    engine, precision = served_engine(live_server, repository_dir, "minifasnet_v2")
+    ref = engine.infer({"input": x})[0]["logits"]
     np.testing.assert_allclose(got, ref, atol=1e-4)
+    # ... and that engine is the FP32 model up to its precision (bf16 keeps 8 bits of mantissa).
+    fp32 = ort.InferenceSession(str(repository_dir / "minifasnet_v2" / "model.onnx")).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, fp32, atol=1e-4 if precision == "fp32" else 0.1)
     stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="minifasnet_v2")).model_stats[0]
     assert stats.inference_count - before == 3 and stats.inference_stats.compute_infer.count > 0
     # The typed contents form works too.
     typed = pb.ModelInferRequest(model_name="minifasnet_v2", inputs=[pb.ModelInferRequest.InferInputTensor(
         name="input", datatype="FP32", shape=[1, 3, 80, 80], contents=pb.InferTensorContents(
             fp32_contents=x[0].reshape(-1).tolist()))])
-    np.testing.assert_allclose(np.frombuffer(stub.ModelInfer(typed).raw_output_contents[0], np.float32), ref[0],
-                               atol=1e-4)
+    np.testing.assert_allclose(np.frombuffer(stub.ModelInfer(typed).raw_output_contents[0], np.float32),
+                               engine.infer({"input": x[:1]})[0]["logits"][0], atol=1e-4)
 
 
 BAD = {

@@ -45,7 +45,9 @@ def test_cli_prints_one_line_per_image(server_process, samples: Path) -> None:  
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
     ).stdout.splitlines()
     assert len(out) == 3
-    assert out[0].split("\t")[1:3] == ["SPOOF", "live_score=0.0723"]
+    decision, score = out[0].split("\t")[1:3]
+    # The upstream reference 0.0723, within the 0.01 every reference test allows (bf16 classifiers give 0.068).
+    assert decision == "SPOOF" and abs(float(score.removeprefix("live_score=")) - 0.0723) <= 0.01
     assert out[1].split("\t")[1] == "SPOOF" and out[2].split("\t")[1] == "LIVE"
 
 

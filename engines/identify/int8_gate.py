@@ -1,12 +1,17 @@
-"""INT8 variants of the SlowFast members, served only if they pass the parity gate (run at model preparation).
+"""Reduced-precision variants of the identification pipeline, served only if they pass its parity gate (run at
+model preparation).
 
-``python -m engines.identify.int8_gate --root SYNTH_DIR``: quantises each member of the served ensemble
-(calibrated on centre crops of training-half clips, never the test split), then runs FP32 and INT8 through
-OpenVINO (the runtime that would serve them) on the test split, the unknown subjects and the enrolment clips.
-A member passes if every clip's INT8 embedding has cosine >= 0.99 to its FP32 one, and the ensemble's rank-1 on
-the test split (enrolling two clips per person, as the server check does) is unchanged with the passing members
-in INT8. The outcome, with its numbers, goes to each member's ``precision.json``; a failed variant is reported and
-FP32 is served. All of this is on synthetic clips.
+``python -m engines.identify.int8_gate --root SYNTH_DIR``: quantises each member of the served ensemble to INT8
+(calibrated on centre crops of training-half clips, never the test split), then runs FP32 and INT8 (and, where
+the CPU has bf16 arithmetic, bf16) through OpenVINO (the runtime that would serve them) on the test split, the
+unknown subjects and the enrolment clips. A member's precision passes if every clip's embedding has cosine >=
+0.99 to its FP32 one, and the ensemble's rank-1 on the test split (enrolling two clips per person, as the server
+check does) is unchanged with the passing members in that precision. Where the CPU has bf16, the same clips are
+also prepared with the detector in bf16 (its face box decides every crop): the detector's identification part
+passes if the FP32 members' embeddings of those crops keep cosine >= 0.99 to the all-FP32 ones and rank-1 is
+unchanged, and where it passes, each member precision must pass on those crops too. The outcome, with its
+numbers, goes to each model's ``precision.json`` (bf16 as this pipeline's part, for this machine class); a failed
+variant is reported and FP32 is served. All of this is on synthetic clips.
 """
 
 from __future__ import annotations
@@ -21,21 +26,29 @@ from typing import Any
 
 import numpy as np
 
+from engines.declarations import IDENTIFICATION
 from engines.identify.datasets import READERS
 from engines.identify.ensemble import find_ensemble
 from engines.identify.preprocess import prepare_all
 from engines.identify.train import _batch, cmc, identify
-from engines.precision import INT8_FILE, gate_main, quantize_int8, write_gate
+from engines.machine import has_bf16
+from engines.precision import INT8_FILE, gate_main, quantize_int8, write_bf16_part, write_gate
 from engines.repository import ModelRepository
+from engines.specs import DETECTOR
 
 log = logging.getLogger("engines.identify.int8_gate")
 MIN_COSINE = 0.99
 
 
-def ov_embed(path: Path, inputs: np.ndarray, batch: int = 8) -> np.ndarray:
+def ov_embed(path: Path, inputs: np.ndarray, batch: int = 8, precision: str = "fp32") -> np.ndarray:
+    """Embeddings as the server computes them: compiled with the served configuration (all cores). Its precision
+    hint matters: where the CPU has bf16, OpenVINO's default inference precision is bf16, so an FP32 reference
+    compiled without the hint would be bf16 (a gate of this file did that until the hint was made explicit)."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": os.cpu_count() or 1})
+    from engines.runtime.openvino_engine import cpu_config
+
+    compiled = ov.Core().compile_model(str(path), "CPU", cpu_config(os.cpu_count() or 1, precision))
     req = compiled.create_infer_request()
     out = [np.array(next(iter(req.infer({0: inputs[i:i + batch]}).values())), copy=True)
            for i in range(0, len(inputs), batch)]
@@ -62,8 +75,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if ens is None:
         raise SystemExit(f"no identification ensemble in {args.repository} (make identify-models)")
     report = json.loads((args.repository / "reports" / f"{ens.name}.json").read_text())
-    clips = prepare_all(READERS["casme2"](args.root, args.annotation), repo.onnx_path("retinaface"), ens.spec,
-                        args.cache)
+    records = READERS["casme2"](args.root, args.annotation)
+    clips = prepare_all(records, repo.onnx_path(DETECTOR), ens.spec, args.cache)
     index = {c.record.key: i for i, c in enumerate(clips)}
     enrol = [index[k] for k in report["enrol2_gallery"]]
     test = [index[k] for k in report["test_probes"]]
@@ -73,24 +86,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     x_cal = _batch(clips, calib, ens.spec, None).numpy()
     parity = enrol + test + unknown
     x_par = _batch(clips, parity, ens.spec, None).numpy()
-    fp32: dict[str, np.ndarray] = {}
-    int8: dict[str, np.ndarray] = {}
-    members: dict[str, dict[str, Any]] = {}
+    bf16 = has_bf16()
+    precisions = ["int8", "bf16"] if bf16 else ["int8"]
+    files: dict[str, dict[str, Path]] = {"fp32": {}, "int8": {}, "bf16": {}}
     for name in ens.members:
         src = repo.onnx_path(name)
         dst = repo.model_dir(name) / INT8_FILE
         input_name = repo.load(name).inputs[0].name
         quantize_int8(src, dst, ({input_name: x_cal[i:i + 8]} for i in range(0, len(x_cal), 8)), args.method,
                       keep_fp32=embedding_projection(src))
-        fp32[name], int8[name] = ov_embed(src, x_par), ov_embed(dst, x_par)
-        cos = cosines(fp32[name], int8[name])
-        members[name] = {"min_cosine": float(cos.min()), "median_cosine": float(np.median(cos)),
-                         "cosine_ok": bool(cos.min() >= MIN_COSINE)}
-        log.info("%s: cosine INT8 vs FP32 min %.4f median %.4f over %d clips", name, cos.min(), np.median(cos),
-                 len(cos))
+        files["fp32"][name], files["int8"][name], files["bf16"][name] = src, dst, src
     n_enrol, n_test = len(enrol), len(test)
     labels = [clips[k].record.subject for k in enrol]
     truth = [clips[k].record.subject for k in test]
+
+    def embed(precision: str, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {n: ov_embed(files[precision][n], x, precision=precision) for n in ens.members}
 
     def rank1(chosen: dict[str, np.ndarray]) -> tuple[float, list[str]]:
         gal = [chosen[n][:n_enrol] for n in ens.members]
@@ -98,20 +109,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ranked = identify(gal, labels, prb, list(ens.members))
         return cmc(ranked, truth, 1)[0], [r[0][0] if r else "" for r in ranked]
 
+    fp32 = embed("fp32", x_par)
     base, base_top = rank1(fp32)
-    mixed = {n: int8[n] if members[n]["cosine_ok"] else fp32[n] for n in ens.members}
-    quant, quant_top = rank1(mixed)
-    changed = sum(a != b for a, b in zip(base_top, quant_top, strict=True))
-    unchanged = quant == base
-    for name, m in members.items():
-        m["passed"] = bool(m["cosine_ok"] and unchanged)
-        m["summary"] = (f"min cosine {m['min_cosine']:.4f} over {len(parity)} clips (gate >= {MIN_COSINE}); "
-                        f"ensemble rank-1 on the synthetic test split {quant:.4f} vs FP32 {base:.4f}, "
-                        f"{changed} of {n_test} top-1 persons changed")
-        write_gate(repo, name, {**m, "rank1_fp32": base, "rank1_int8": quant, "top1_changed": changed,
-                                "calibration_clips": len(calib), "parity_clips": len(parity),
-                                "data": "synthetic clips (no real micro-expression data)"})
-    return {"members": members, "rank1_fp32": base, "rank1_int8": quant, "top1_changed": changed}
+
+    def check(candidate: dict[str, np.ndarray], label: str) -> dict[str, Any]:
+        """Every member's embeddings against all-FP32, and rank-1 with the members whose cosine holds."""
+        members = {}
+        for name in ens.members:
+            cos = cosines(fp32[name], candidate[name])
+            members[name] = {"min_cosine": float(cos.min()), "median_cosine": float(np.median(cos)),
+                             "cosine_ok": bool(cos.min() >= MIN_COSINE)}
+            log.info("%s %s: cosine vs FP32 min %.4f median %.4f over %d clips", name, label, cos.min(),
+                     np.median(cos), len(cos))
+        quant, top = rank1({n: candidate[n] if members[n]["cosine_ok"] else fp32[n] for n in ens.members})
+        changed = sum(a != b for a, b in zip(base_top, top, strict=True))
+        return {"members": members, "rank1": quant, "top1_changed": changed, "unchanged": quant == base}
+
+    results = {p: check(embed(p, x_par), p) for p in precisions}
+    detector: dict[str, Any] | None = None
+    if bf16:  # the same clips with the detector in bf16: its box decides every crop
+        clips_b = prepare_all(records, repo.onnx_path(DETECTOR), ens.spec, args.cache, detector_precision="bf16")
+        index_b = {c.record.key: i for i, c in enumerate(clips_b)}
+        missing = [clips[i].record.key for i in parity if clips[i].record.key not in index_b]
+        if missing:
+            detector = {"passed": False, "summary": f"no face found in {len(missing)} parity clips in bf16"}
+        else:
+            x_b = _batch(clips_b, [index_b[clips[i].record.key] for i in parity], ens.spec, None).numpy()
+            with_fp32 = check(embed("fp32", x_b), "fp32 on bf16-detector crops")
+            boxes_moved = sum(clips_b[index_b[clips[i].record.key]].tensor.shape != clips[i].tensor.shape
+                              or not np.array_equal(clips_b[index_b[clips[i].record.key]].tensor, clips[i].tensor)
+                              for i in parity)
+            worst = min(m["min_cosine"] for m in with_fp32["members"].values())
+            ok = all(m["cosine_ok"] for m in with_fp32["members"].values()) and with_fp32["unchanged"]
+            detector = {"passed": ok, "min_cosine": worst, "crops_changed": boxes_moved,
+                        "rank1_fp32": base, "rank1_bf16_detector": with_fp32["rank1"],
+                        "summary": f"crops of {boxes_moved} of {len(parity)} clips changed; FP32 members' min "
+                                   f"cosine {worst:.4f} (gate >= {MIN_COSINE}); rank-1 {with_fp32['rank1']:.4f} "
+                                   f"vs FP32 {base:.4f}, {with_fp32['top1_changed']} of {n_test} top-1 changed"}
+            if ok:  # every member precision must hold on these crops too, as they would be served together
+                for p in precisions:
+                    on_b = check(embed(p, x_b), f"{p} on bf16-detector crops")
+                    for name, m in results[p]["members"].items():
+                        m["cosine_ok"] = m["cosine_ok"] and on_b["members"][name]["cosine_ok"]
+                        m["min_cosine_bf16_detector"] = on_b["members"][name]["min_cosine"]
+                    results[p]["unchanged"] = results[p]["unchanged"] and on_b["unchanged"]
+        log.info("detector bf16 (identification): %s", detector["summary"])
+        write_bf16_part(repo, DETECTOR, IDENTIFICATION, {**detector, "parity_clips": len(parity),
+                                                         "data": "synthetic clips (no real micro-expression data)"})
+    out: dict[str, Any] = {"rank1_fp32": base}
+    for p in precisions:
+        r = results[p]
+        for name, m in r["members"].items():
+            m["passed"] = bool(m["cosine_ok"] and r["unchanged"])
+            extra = (f"; with the bf16 detector min cosine {m['min_cosine_bf16_detector']:.4f}"
+                     if "min_cosine_bf16_detector" in m else "")
+            m["summary"] = (f"min cosine {m['min_cosine']:.4f} over {len(parity)} clips (gate >= {MIN_COSINE})"
+                            f"{extra}; ensemble rank-1 on the synthetic test split {r['rank1']:.4f} vs FP32 "
+                            f"{base:.4f}, {r['top1_changed']} of {n_test} top-1 persons changed")
+            entry = {**m, "rank1_fp32": base, f"rank1_{p}": r["rank1"], "top1_changed": r["top1_changed"],
+                     "calibration_clips": len(calib), "parity_clips": len(parity),
+                     "data": "synthetic clips (no real micro-expression data)"}
+            if p == "int8":
+                write_gate(repo, name, entry)
+            else:
+                write_bf16_part(repo, name, IDENTIFICATION, entry)
+        out[p] = {"members": r["members"], f"rank1_{p}": r["rank1"], "top1_changed": r["top1_changed"]}
+    if detector is not None:
+        out["detector_bf16"] = detector
+    else:
+        log.info("this CPU has no bf16 arithmetic: no bf16 gate runs (bf16 is never served here)")
+    return out
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

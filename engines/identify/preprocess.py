@@ -42,12 +42,19 @@ class PreparedClip:
 
 
 class OnnxDetector:
-    """The served detector on ONNX Runtime (two threads: training preprocessing has the machine to itself)."""
+    """The served detector: FP32 on ONNX Runtime (the reference every gate compares with), or another CPU precision
+    on OpenVINO (what a parity gate checks); two threads: preparation has the machine to itself."""
 
-    def __init__(self, onnx_path: Path) -> None:
+    def __init__(self, onnx_path: Path, precision: str = "fp32") -> None:
         meta = ModelRepository(onnx_path.parent.parent).load(onnx_path.parent.name)
-        self._engine: EngineInstance = OnnxRuntimeModel(onnx_path, meta, ["CPUExecutionProvider"],
-                                                        intra_op_threads=2).new_instance()
+        self.precision = precision
+        if precision == "fp32":
+            self._engine: EngineInstance = OnnxRuntimeModel(onnx_path, meta, ["CPUExecutionProvider"],
+                                                            intra_op_threads=2).new_instance()
+        else:
+            from engines.runtime.openvino_engine import OpenVinoModel
+
+            self._engine = OpenVinoModel(onnx_path, meta, threads=2, precision=precision).new_instance()
 
     def best_box(self, bgr: np.ndarray, min_score: float) -> Box | None:
         return FaceDetector(min_score).detect_box(bgr, lambda batch: self._engine.infer(batch)[0])
@@ -72,18 +79,21 @@ def prepare_clip(record: ClipRecord, detector: OnnxDetector, spec: ClipSpec) -> 
     return PreparedClip(record, np.clip(tensor, 0, 255).astype(np.uint8), apex, coverage, win.padded)
 
 
-def cache_key(records: list[ClipRecord], spec: ClipSpec, detector: Path) -> str:
+def cache_key(records: list[ClipRecord], spec: ClipSpec, detector: Path, precision: str = "fp32") -> str:
     h = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode())
     h.update(detector.read_bytes()[:4096])
+    if precision != "fp32":  # FP32 keeps the key it always had, so existing caches stay valid
+        h.update(precision.encode())
     for r in records:
         h.update(f"{r.key}:{len(r.frames)}:{r.apex}".encode())
     return h.hexdigest()[:16]
 
 
-def prepare_all(records: list[ClipRecord], detector_path: Path, spec: ClipSpec, cache_dir: Path | None
-                ) -> list[PreparedClip]:
-    """Prepared clips (clips without a detectable face are dropped), cached as one .npz per dataset+spec."""
-    key = cache_key(records, spec, detector_path)
+def prepare_all(records: list[ClipRecord], detector_path: Path, spec: ClipSpec, cache_dir: Path | None,
+                detector_precision: str = "fp32") -> list[PreparedClip]:
+    """Prepared clips (clips without a detectable face are dropped), cached as one .npz per dataset+spec (and
+    detector precision: a bf16 gate prepares the same clips with the bf16 detector)."""
+    key = cache_key(records, spec, detector_path, detector_precision)
     path = cache_dir / f"clips-{key}.npz" if cache_dir else None
     by_key = {r.key: r for r in records}
     if path is not None and path.is_file():
@@ -92,7 +102,7 @@ def prepare_all(records: list[ClipRecord], detector_path: Path, spec: ClipSpec, 
             tensors = data["tensors"]  # read once: each data[...] access re-reads the file
         return [PreparedClip(by_key[m["key"]], tensors[i], m["apex"], m["coverage"], m["padded"])
                 for i, m in enumerate(meta)]
-    detector = OnnxDetector(detector_path)
+    detector = OnnxDetector(detector_path, detector_precision)
     out = [c for c in (prepare_clip(r, detector, spec) for r in records) if c is not None]
     if path is not None and out:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from engines.declarations import ONNXRUNTIME, OPENVINO, ModelDeclaration
-from engines.precision import INT8_FILE, passed_int8
+from engines.declarations import BF16, IDENTIFICATION, INT8, ONNXRUNTIME, OPENVINO, ModelDeclaration
+from engines.identify.ensemble import find_ensemble
+from engines.machine import machine_class
+from engines.precision import INT8_FILE, passed_bf16, passed_int8
 from engines.repository import ModelRepository
 from engines.runtime.base import Model
 
@@ -22,20 +22,11 @@ CHOICE_FILE = "cpu-runtime.json"
 # OpenVINO serving the INT8 variant (model.int8.onnx); measured, so chosen, only when its gate passed (checked on
 # every choice, cached or not: a cached entry's key names the INT8 file the gate passed).
 OPENVINO_INT8 = "openvino-int8"
+# OpenVINO with its bf16 inference precision (the FP32 file): only where the CPU has bf16 arithmetic and the gate
+# of every pipeline using the model passed on this machine class.
+OPENVINO_BF16 = "openvino-bf16"
 # Below this advantage the incumbent (ONNX Runtime) stays: a few per cent is within run-to-run noise.
 MIN_GAIN = 1.10
-
-
-def machine_class() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} x{os.cpu_count()}"
 
 
 def items_per_s(model: Model, decl: ModelDeclaration, batch: int, seconds: float) -> float:
@@ -52,7 +43,7 @@ def items_per_s(model: Model, decl: ModelDeclaration, batch: int, seconds: float
 
 
 def measure(repo: ModelRepository, decl: ModelDeclaration, threads: int, seconds: float = 0.4,
-            int8: Path | None = None) -> dict[str, Any]:
+            int8: Path | None = None, bf16: bool = False) -> dict[str, Any]:
     from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
     from engines.runtime.openvino_engine import OpenVinoModel
 
@@ -64,6 +55,9 @@ def measure(repo: ModelRepository, decl: ModelDeclaration, threads: int, seconds
         (OPENVINO, lambda: OpenVinoModel(repo.onnx_path(decl.name), meta, threads))]
     if int8 is not None:
         candidates.append((OPENVINO_INT8, lambda: OpenVinoModel(int8, meta, threads, precision="int8")))
+    if bf16:
+        candidates.append((OPENVINO_BF16, lambda: OpenVinoModel(repo.onnx_path(decl.name), meta, threads,
+                                                                precision="bf16")))
     for name, make in candidates:
         try:
             model = make()
@@ -75,8 +69,15 @@ def measure(repo: ModelRepository, decl: ModelDeclaration, threads: int, seconds
     return {"batch": batch, "threads": threads, "items_per_s": rates, "measured_at": time.time()}
 
 
-def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: int, allow_int8: bool = True
-                       ) -> tuple[str, str]:
+def gated_pipelines(repo: ModelRepository, decl: ModelDeclaration) -> tuple[str, ...]:
+    """The pipelines whose gates a variant of this model must pass here: those that use it and are served (the
+    identification pipeline only where the repository has an ensemble)."""
+    served = find_ensemble(repo.root) is not None
+    return tuple(p for p in decl.pipelines if p != IDENTIFICATION or served)
+
+
+def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: int, allow_int8: bool = True,
+                       allow_bf16: bool = True) -> tuple[str, str]:
     """(runtime, why) for this model on this machine class; measured on first use, then read from the cache."""
     if OPENVINO not in decl.runtimes:
         return ONNXRUNTIME, "onnxruntime (the only CPU runtime the model declares)"
@@ -84,15 +85,20 @@ def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: i
         import openvino  # noqa: F401
     except ImportError:
         return ONNXRUNTIME, "onnxruntime (openvino is not installed)"
-    gate, int8_why = passed_int8(repo, decl.name) if allow_int8 else (None, "INT8 not allowed by the settings")
+    gate, int8_why = (None, "INT8 not allowed by the settings") if not allow_int8 else (
+        (None, "INT8 not declared for this model") if INT8 not in decl.cpu_precisions else
+        passed_int8(repo, decl.name))
+    bf16, bf16_why = (False, "bf16 not allowed by the settings") if not allow_bf16 else (
+        (False, "bf16 not declared for this model") if BF16 not in decl.cpu_precisions else
+        passed_bf16(repo, decl.name, gated_pipelines(repo, decl)))
     int8 = repo.model_dir(decl.name) / INT8_FILE if gate is not None else None
     path = repo.model_dir(decl.name) / CHOICE_FILE
     key = (f"{machine_class()}|threads={threads}|onnx={repo.load(decl.name).onnx_sha256[:12]}"
-           f"|int8={gate['int8_sha256'][:12] if gate is not None else 'none'}")
+           f"|int8={gate['int8_sha256'][:12] if gate is not None else 'none'}|bf16={'yes' if bf16 else 'no'}")
     cached: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     entry = cached.get(key)
     if entry is None:
-        entry = measure(repo, decl, threads, int8=int8)
+        entry = measure(repo, decl, threads, int8=int8, bf16=bf16)
         cached[key] = entry
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cached, indent=2))
@@ -104,5 +110,5 @@ def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: i
     chosen = best if best != ONNXRUNTIME and rates[best] > MIN_GAIN * ort else ONNXRUNTIME
     measured = ", ".join(f"{r} {v:.0f}" for r, v in sorted(rates.items(), key=lambda kv: -kv[1]))
     why = (f"{chosen} (auto: {measured} items/s at batch {entry['batch']}, {entry['threads']} thread(s), "
-           f"measured on {machine_class()}; {int8_why})")
+           f"measured on {machine_class()}; {int8_why}; {bf16_why})")
     return chosen, why

@@ -18,7 +18,7 @@ from engines.declarations import CPU_RUNTIMES, ONNXRUNTIME, OPENVINO, TENSORRT, 
 from engines.precision import INT8_FILE
 from engines.repository import ModelRepository
 from engines.runtime.base import Model
-from engines.runtime.cpu_choice import OPENVINO_INT8, choose_cpu_runtime
+from engines.runtime.cpu_choice import OPENVINO_BF16, OPENVINO_INT8, choose_cpu_runtime
 from engines.runtime.onnxruntime_engine import OnnxRuntimeModel, choose_providers
 from engines.tensorrt.availability import Availability, availability
 from engines.tensorrt.cache import BuilderSettings
@@ -42,7 +42,10 @@ class RuntimeSettings:
     class, measured once and cached beside the model)."""
     int8: bool = True
     """Let ``auto`` serve a model's INT8 variant where it passed its parity gate (precision.json) and measures
-    faster; false keeps every model in FP32."""
+    faster; false keeps every model out of INT8."""
+    bf16: bool = True
+    """Let ``auto`` serve a model in bf16 where the CPU has bf16 arithmetic, the model declares it and the gates
+    of its pipelines passed on this machine class, and it measures faster; false keeps every model out of bf16."""
     models: dict[str, str] = field(default_factory=dict)
     """Per-model runtime ([runtime.models] name = "auto" | "onnxruntime" | "openvino" | "tensorrt")."""
 
@@ -119,17 +122,19 @@ class EngineFactory:
         cpu = wanted if wanted in CPU_RUNTIMES else self.settings.cpu_runtime
         if cpu == "auto":
             cpu, why = choose_cpu_runtime(self.repository, decl, self.settings.intra_op_threads,
-                                          self.settings.int8)
+                                          self.settings.int8, self.settings.bf16)
             reason = f"{reason}; on the CPU: {why}"
         else:
             reason = f"{reason}; on the CPU: {cpu} (configured)"
-        if cpu in (OPENVINO, OPENVINO_INT8) and OPENVINO in decl.runtimes:
+        if cpu in (OPENVINO, OPENVINO_INT8, OPENVINO_BF16) and OPENVINO in decl.runtimes:
             from engines.runtime.openvino_engine import OpenVinoModel
 
             threads = self.settings.intra_op_threads
             if cpu == OPENVINO_INT8:  # choose_cpu_runtime verified the gate and the file just now
                 path = self.repository.model_dir(decl.name) / INT8_FILE
                 return OpenVinoModel(path, meta, threads, precision="int8"), reason
+            if cpu == OPENVINO_BF16:  # likewise the bf16 gates and the CPU's bf16 support
+                return OpenVinoModel(self.repository.onnx_path(decl.name), meta, threads, precision="bf16"), reason
             return OpenVinoModel(self.repository.onnx_path(decl.name), meta, threads), reason
         return self._onnxruntime(decl, meta), reason
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.machine import has_bf16
 from engines.repository import ModelMetadata
 from engines.runtime.base import EngineError, EngineInstance, InferTimings, Model, TensorSpec
 
@@ -29,13 +30,6 @@ def cpu_config(threads: int, precision: str = "fp32") -> dict[str, Any]:
     times, and 15.9 ms unpinned. The server owns its threads; the OS scheduler places them."""
     return {"INFERENCE_NUM_THREADS": max(1, threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
             "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-
-
-def cpu_capabilities() -> list[str]:
-    """What OpenVINO's CPU plugin says it can do here (FP32, BF16, INT8, ...): bf16 only where listed."""
-    import openvino as ov
-
-    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
 class _OvInstance(EngineInstance):
@@ -63,7 +57,7 @@ class OpenVinoModel(Model):
 
         if precision not in PRECISIONS:
             raise ValueError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
-        if precision == "bf16" and "BF16" not in cpu_capabilities():
+        if precision == "bf16" and not has_bf16():
             raise EngineError("this CPU has no bf16 support (OpenVINO lists no BF16 capability)")
         core = ov.Core()
         self._compiled = core.compile_model(core.read_model(str(path)), "CPU", cpu_config(threads, precision))

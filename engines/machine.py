@@ -1,0 +1,72 @@
+"""Which CPU this is, as the runtime choice and the parity gates name it: a class of machines (CPU model and core
+count) whose measurements and bf16 gate verdicts carry over to each other, and what its instructions allow."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+
+# Instruction-set extensions that change which kernels the runtimes pick (and so speed and bf16/INT8 numerics).
+ISA_TAGS = (("avx512f", "avx512"), ("avx512_vnni", "vnni"), ("avx_vnni", "avx-vnni"), ("avx512_bf16", "bf16"),
+            ("amx_bf16", "amx"))
+
+
+@functools.cache
+def machine_class() -> str:
+    """CPU model, family/model numbers, ISA extensions and core count: a virtual machine may report a bare
+    "AMD EPYC" for an AVX2-only host and for an AVX-512/BF16 one (both seen here), so the name alone is not a
+    class."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model", "flags") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+            if not line.strip() and fields:
+                break  # the first processor's block is enough
+    except OSError:
+        pass
+    cpu = fields.get("model name") or platform.processor() or "cpu"
+    flags = set(fields.get("flags", "").split())
+    isa = " ".join(tag for flag, tag in ISA_TAGS if flag in flags)
+    family = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields else ""
+    return f"{cpu}{family}{f' [{isa}]' if isa else ''} x{os.cpu_count()}"
+
+
+@functools.cache
+def cpu_capabilities() -> tuple[str, ...]:
+    """What OpenVINO's CPU plugin says it can do here (FP32, BF16, INT8, ...); empty without OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return ()
+    return tuple(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def has_bf16() -> bool:
+    """bf16 arithmetic in hardware (AVX512-BF16 or AMX), as OpenVINO detects it: never assumed from the model."""
+    return "BF16" in cpu_capabilities()
+
+
+def write_stamp(path: Path) -> bool:
+    """Write the machine class to ``path`` only if it differs (so make re-runs the gates only on another CPU);
+    True if it was written."""
+    current = machine_class() + "\n"
+    if path.is_file() and path.read_text() == current:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(current)
+    tmp.replace(path)
+    return True
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "--stamp":
+        sys.exit("usage: python -m engines.machine --stamp FILE")
+    if write_stamp(Path(sys.argv[2])):
+        print(f"machine class: {machine_class()} (the parity gates run for it)")

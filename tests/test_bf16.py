@@ -1,0 +1,171 @@
+"""bf16 behind the gates of every pipeline that uses a model: what the gates wrote is what is served, only on a
+CPU with bf16 arithmetic, only on the machine class the gates ran on, and never for a model that does not
+declare it. The gates run at model preparation (``make models``, ``make identify-models``); these tests read
+their outcome from the suite's repository and check the serving side against it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engines.precision as precision
+from engines.batching import BatcherConfig
+from engines.declarations import (
+    DECLARATIONS,
+    IDENTIFICATION,
+    LIVENESS,
+    ModelDeclaration,
+    declaration_for,
+)
+from engines.machine import has_bf16, machine_class, write_stamp
+from engines.precision import GATE_FILE, passed_bf16, write_bf16_part, write_gate
+from engines.repository import ModelRepository
+from engines.runtime.cpu_choice import gated_pipelines
+from engines.runtime.factory import EngineFactory, RuntimeSettings
+from engines.specs import DETECTOR, LIVENESS_SPECS
+
+
+def test_declarations_name_the_cpu_precisions_and_pipelines_of_each_model() -> None:
+    det = DECLARATIONS[DETECTOR]
+    assert det.cpu_precisions == ("fp32", "bf16") and det.pipelines == (LIVENESS, IDENTIFICATION)
+    for spec in LIVENESS_SPECS:
+        assert DECLARATIONS[spec.name].cpu_precisions == ("fp32", "bf16", "int8")
+        assert DECLARATIONS[spec.name].pipelines == (LIVENESS,)
+    with pytest.raises(ValueError, match="must include 'fp32'"):
+        ModelDeclaration("m", "generic", (), (), BatcherConfig(), cpu_precisions=("bf16",))
+
+
+def test_the_machine_class_names_the_isa_and_the_stamp_changes_only_with_it(tmp_path: Path) -> None:
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    assert machine_class().endswith(f"x{__import__('os').cpu_count()}")
+    assert ("bf16" in machine_class().split("[")[-1]) == ("avx512_bf16" in flags.split())
+    stamp = tmp_path / "stamp"
+    assert write_stamp(stamp) and stamp.read_text().strip() == machine_class()
+    mtime = stamp.stat().st_mtime_ns
+    assert not write_stamp(stamp) and stamp.stat().st_mtime_ns == mtime  # untouched: make re-runs nothing
+    stamp.write_text("another CPU\n")
+    assert write_stamp(stamp)
+
+
+@pytest.mark.weights
+def test_gate_entries_merge_and_a_verdict_holds_only_where_it_was_measured(repository_dir: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    name = LIVENESS_SPECS[0].name
+    shutil.copytree(repository_dir / name, tmp_path / name, ignore=shutil.ignore_patterns("engines"))
+    (tmp_path / name / GATE_FILE).unlink(missing_ok=True)
+    repo = ModelRepository(tmp_path)
+    monkeypatch.setattr(precision, "has_bf16", lambda: True)  # the bookkeeping, whatever this CPU is
+    assert passed_bf16(repo, name, [LIVENESS]) == (False, "bf16: no liveness gate has run for this model")
+    write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "ok"})
+    write_gate(repo, name, {"passed": False, "summary": "int8 failed"})  # an INT8 verdict keeps the bf16 part
+    assert passed_bf16(repo, name, [LIVENESS]) == (True, "bf16 passed its gate (liveness: ok)")
+    assert json.loads((tmp_path / name / GATE_FILE).read_text())["int8"]["summary"] == "int8 failed"
+    assert passed_bf16(repo, name, [LIVENESS, IDENTIFICATION])[1] == "bf16: no identification gate has run for " \
+                                                                     "this model"
+    entries = json.loads((tmp_path / name / GATE_FILE).read_text())
+    entries["bf16"]["parts"][LIVENESS]["machine"] = "Some Other CPU x2"
+    (tmp_path / name / GATE_FILE).write_text(json.dumps(entries))
+    assert passed_bf16(repo, name, [LIVENESS]) == (False, "bf16: the liveness gate ran on another CPU "
+                                                          "(Some Other CPU x2)")
+    write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "ok"})
+    entries = json.loads((tmp_path / name / GATE_FILE).read_text())
+    entries["bf16"]["parts"][LIVENESS]["source_onnx_sha256"] = "0" * 64
+    (tmp_path / name / GATE_FILE).write_text(json.dumps(entries))
+    assert passed_bf16(repo, name, [LIVENESS])[1] == "bf16: the liveness gate ran on another version of the model"
+    write_bf16_part(repo, name, LIVENESS, {"passed": False, "summary": "2 of 54 verdicts changed"})
+    assert passed_bf16(repo, name, [LIVENESS])[1] == "bf16 failed its liveness gate (2 of 54 verdicts changed)"
+    # A CPU without bf16 arithmetic never gets it, whatever the gate said.
+    write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "ok"})
+    monkeypatch.setattr(precision, "has_bf16", lambda: False)
+    assert passed_bf16(repo, name, [LIVENESS]) == (False, "bf16: this CPU has no bf16 arithmetic")
+
+
+def _parts(repository_dir: Path, name: str) -> dict[str, dict[str, object]]:
+    path = repository_dir / name / GATE_FILE
+    parts = json.loads(path.read_text()).get("bf16", {}).get("parts", {}) if path.is_file() else {}
+    if not parts:
+        pytest.skip(f"no bf16 gate has run for {name} (a CPU without bf16 arithmetic: {not has_bf16()})")
+    return parts
+
+
+@pytest.mark.weights
+def test_every_bf16_part_records_its_numbers_and_its_verdict_follows_them(repository_dir: Path) -> None:
+    repo = ModelRepository(repository_dir)
+    for name in repo.names():
+        decl = declaration_for(repo.load(name))
+        if "bf16" not in decl.cpu_precisions:
+            continue
+        for pipeline, part in _parts(repository_dir, name).items():
+            assert pipeline in decl.pipelines and part["machine"] == machine_class()
+            if pipeline == LIVENESS and "verdicts_changed" in part:
+                assert part["parity_images"] >= 50  # type: ignore[operator]
+                assert part["passed"] == (part["verdicts_changed"] == 0 and part["max_score_gap"] <= 0.02)  # type: ignore[operator]
+            elif pipeline == IDENTIFICATION and "min_cosine" in part and name != DETECTOR:
+                assert part["parity_clips"] >= 50  # type: ignore[operator]
+                if part["passed"]:
+                    assert part["min_cosine"] >= 0.99 and part["rank1_bf16"] == part["rank1_fp32"]  # type: ignore[operator]
+                assert "synthetic" in str(part["data"])
+
+
+@pytest.mark.weights
+def test_bf16_is_served_only_where_every_pipeline_gate_passed(repository_dir: Path) -> None:
+    repo = ModelRepository(repository_dir)
+    factory = EngineFactory(repo, RuntimeSettings(prefer_gpu=False))
+    for name in repo.names():
+        decl = declaration_for(repo.load(name))
+        ok, why = passed_bf16(repo, name, gated_pipelines(repo, decl))
+        model, reason = factory.create(decl, decl.batching)
+        if model.runtime.endswith(":bf16"):
+            assert ok and "bf16" in decl.cpu_precisions and has_bf16(), (name, reason)
+        assert why in reason or "not declared" in reason, reason
+    # And a setting turns it off even where it passed.
+    off = EngineFactory(repo, RuntimeSettings(prefer_gpu=False, bf16=False))
+    for name in repo.names():
+        decl = declaration_for(repo.load(name))
+        model, reason = off.create(decl, decl.batching)
+        assert not model.runtime.endswith(":bf16") and ("bf16 not allowed" in reason or "only CPU" in reason)
+
+
+@pytest.mark.weights
+def test_the_detector_needs_the_identification_part_where_an_ensemble_is_served(repository_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    repo = ModelRepository(repository_dir)
+    decl = DECLARATIONS[DETECTOR]
+    assert gated_pipelines(repo, decl) == ((LIVENESS, IDENTIFICATION) if (repository_dir / "ensembles").is_dir()
+                                           else (LIVENESS,))
+    shutil.copytree(repository_dir / DETECTOR, tmp_path / DETECTOR, ignore=shutil.ignore_patterns("engines"))
+    assert gated_pipelines(ModelRepository(tmp_path), decl) == (LIVENESS,)  # no ensemble: liveness only
+
+
+@pytest.mark.weights
+@pytest.mark.skipif(not has_bf16(), reason="this CPU has no bf16 arithmetic (OpenVINO lists no BF16)")
+def test_a_bf16_classifier_stays_within_the_gate_of_fp32_on_a_sample_face(repository_dir: Path,
+                                                                          samples: Path) -> None:
+    import cv2
+
+    from engines.identify.preprocess import OnnxDetector
+    from engines.runtime.openvino_engine import OpenVinoModel
+    from engines.vision.crop import crop_for_model
+    from engines.vision.liveness_decision import softmax
+
+    repo = ModelRepository(repository_dir)
+    img = cv2.imread(str(samples / "image_T1.jpg"))
+    assert img is not None
+    box = OnnxDetector(repo.onnx_path(DETECTOR)).best_box(img, 0.6)
+    assert box is not None
+    for spec in LIVENESS_SPECS:
+        x = crop_for_model(img, box, spec.scale, spec.width, spec.height)[None]
+        meta = repo.load(spec.name)
+        probs = [softmax(OpenVinoModel(repo.onnx_path(spec.name), meta, precision=p).new_instance()
+                         .infer({"input": x})[0]["logits"][0].astype(np.float64))[spec.live_class]
+                 for p in ("fp32", "bf16")]
+        assert abs(probs[0] - probs[1]) <= 0.02, (spec.name, probs)
+        compiled = OpenVinoModel(repo.onnx_path(spec.name), meta, precision="bf16")._compiled
+        assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'bfloat16'>"
+    fp32 = OpenVinoModel(repo.onnx_path(LIVENESS_SPECS[0].name), repo.load(LIVENESS_SPECS[0].name))._compiled
+    # Explicitly FP32: on a CPU with bf16, OpenVINO's own default inference precision is bf16.
+    assert str(fp32.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
