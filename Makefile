@@ -208,15 +208,15 @@ engines-check: engines
 engines-report: engines
 	$(PY) -m engines.tensorrt.report --repository $(REPOSITORY) --out benchmarks/results
 
-# Same engine on both sides (OpenVINO: PyTriton calls it as Triton's OpenVINO backend would) at one and two
-# engine threads, then facegate's best CPU engine against Triton on ONNX Runtime.
+# Same engine on both sides (OpenVINO FP32: PyTriton calls it as Triton's OpenVINO backend would) at one and two
+# engine threads, then facegate's best CPU engine (auto: runtime and gated precision) against Triton on ONNX Runtime.
 bench-compare: models bench-env
 	$(PY) -m benchmarks.compare --repository $(REPOSITORY) --bench-venv $(BENCH_VENV) --out benchmarks/results \
 		--engine openvino
 	$(PY) -m benchmarks.compare --repository $(REPOSITORY) --bench-venv $(BENCH_VENV) --out benchmarks/results \
 		--engine openvino --intra-op-threads 2
 	$(PY) -m benchmarks.compare --repository $(REPOSITORY) --bench-venv $(BENCH_VENV) --out benchmarks/results \
-		--engine openvino --triton-engine onnxruntime
+		--engine auto --triton-engine onnxruntime
 
 # The whole suite, bounded (about 15 minutes on two cores once models are prepared).
 bench: bench-liveness bench-identify bench-compare bench-security bench-gallery

@@ -226,13 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="measurements of each server at each concurrency")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--intra-op-threads", type=int, default=1, help="engine threads, the same for both servers")
-    p.add_argument("--engine", choices=["onnxruntime", "openvino"], default="onnxruntime",
-                   help="the CPU engine both servers run (facegate forced to it, PyTriton calling it)")
+    p.add_argument("--engine", choices=["onnxruntime", "openvino", "auto"], default="onnxruntime",
+                   help="the CPU engine both servers run (facegate forced to it, PyTriton calling it); auto: "
+                        "facegate's own choice (its best engine and gated precision here; needs --triton-engine)")
     p.add_argument("--triton-engine", choices=["onnxruntime", "openvino"],
                    help="a different engine for Triton (e.g. facegate's best against Triton's ONNX Runtime)")
     p.add_argument("--compute-nice", type=int, default=0, choices=range(20), metavar="0..19",
                    help="facegate's compute_nice for the run (default 0: the same priority as the load generator)")
     a = p.parse_args(argv)
+    if a.engine == "auto" and a.triton_engine is None:
+        p.error("--engine auto needs --triton-engine (Triton has no auto)")
     if not (a.bench_venv / "bin" / "perf_analyzer").exists():
         raise SystemExit(f"no perf_analyzer in {a.bench_venv}: run `make bench-env`")
     a.out.mkdir(parents=True, exist_ok=True)

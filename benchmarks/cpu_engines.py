@@ -1,10 +1,14 @@
 """``make bench-cpu``: raw CPU engines against the machine's measured peak.
 
-1. Peak: a single-thread float32 GEMM (numpy's BLAS, 1024^3, one thread) gives the arithmetic one core reaches.
+1. Peaks: a single-thread 1024^3 GEMM per precision, the arithmetic one core reaches: FP32 (numpy's BLAS and
+   OpenVINO, the higher), bf16 (OpenVINO's bf16 hint, where the CPU has bf16 arithmetic) and INT8 (a QDQ MatMul
+   that OpenVINO runs as u8 x s8; on a CPU with VNNI, its int8 dot products).
 2. Each served model's multiply-adds per item, counted from its ONNX graph (Conv, ConvTranspose, Gemm, MatMul at
    the warm-up shape, batch 1, after ONNX shape inference).
-3. Items/s per model and runtime (ONNX Runtime, OpenVINO; FP32; one thread; batch 8), and the fraction of the
-   peak that is: 2 * MACs * items/s / peak FLOP/s.
+3. Items/s per model and runtime (ONNX Runtime and OpenVINO FP32; OpenVINO bf16 where the CPU has it and the
+   model declares it; OpenVINO INT8 where the variant file exists, passed or not; one thread; batch 8), and the
+   fraction of the peak of its own precision that is: 2 * MACs * items/s / peak FLOP/s. The gates' verdicts say
+   which of them may be served.
 
 Writes benchmarks/results/cpu-engines.json and .md.
 """
@@ -22,9 +26,61 @@ import numpy as np
 
 from benchmarks.machine import machine_info, write_report
 from engines.declarations import declaration_for
-from engines.precision import int8_variant
+from engines.machine import has_bf16, machine_class
+from engines.precision import INT8_FILE, int8_variant, passed_bf16
 from engines.repository import ModelRepository
-from engines.runtime.cpu_choice import items_per_s
+from engines.runtime.cpu_choice import gated_pipelines, items_per_s
+
+
+def gemm_model(n: int, int8: bool) -> bytes:
+    """An ONNX [n, n] x [n, n] MatMul with a constant weight; ``int8``: both operands quantised (QDQ)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if int8:
+        inits = [numpy_helper.from_array(rng.integers(-127, 127, (n, n), dtype=np.int8), "wq"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+                 numpy_helper.from_array(np.array(0, np.int8), "wz"),
+                 numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "xz")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"]),
+                 helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    else:
+        inits = [numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")]
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], inits)
+    return bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+
+
+def openvino_gemm_gflops(precision: str, n: int = 1024, seconds: float = 2.0) -> float:
+    """One thread, compiled as every served model is (engines.runtime.openvino_engine.cpu_config)."""
+    import openvino as ov
+
+    from engines.runtime.openvino_engine import cpu_config
+
+    core = ov.Core()
+    model = core.read_model(model=gemm_model(n, precision == "int8"), weights=ov.Tensor(np.empty(0, np.uint8)))
+    request = core.compile_model(model, "CPU", cpu_config(1, precision)).create_infer_request()
+    x = np.random.default_rng(2).random((n, n), dtype=np.float32)
+    request.infer({0: x})
+    k, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        request.infer({0: x})
+        k += 1
+    return 2 * n**3 * k / (time.perf_counter() - t0) / 1e9
+
+
+def peaks_gflops(seconds: float = 2.0) -> dict[str, float]:
+    """The single-core peak of each precision this CPU runs (bf16 only where it has bf16 arithmetic)."""
+    out = {"fp32_numpy": gemm_peak_gflops(seconds=seconds), "fp32_openvino": openvino_gemm_gflops("fp32")}
+    out["fp32"] = max(out["fp32_numpy"], out["fp32_openvino"])
+    if has_bf16():
+        out["bf16"] = openvino_gemm_gflops("bf16", seconds=seconds)
+    out["int8"] = openvino_gemm_gflops("int8", seconds=seconds)
+    return out
 
 
 def gemm_peak_gflops(n: int = 1024, seconds: float = 2.0) -> float:
@@ -78,20 +134,25 @@ def macs_per_item(onnx_path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
     return total
 
 
+def _cell(row: dict[str, Any], key: str) -> str:
+    v = row.get(key)
+    return f"{v['items_per_s']:.0f} ({100 * v['fraction_of_peak']:.1f} %)" if v else "-"
+
+
 def markdown(r: dict[str, Any]) -> str:
-    m = r["machine"]
-    out = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['date']}. One thread per engine, batch 8, FP32. Peak: a "
-           f"single-thread float32 GEMM, **{r['peak_gflops']:.1f} GFLOP/s** per core.", "",
-           "| model | M MACs/item | ONNX Runtime items/s (% of peak) | OpenVINO items/s (% of peak) | OpenVINO / ORT "
-           "| OpenVINO INT8 items/s (% of FP32 peak) | INT8 gate |", "|---|---|---|---|---|---|---|"]
+    m, p = r["machine"], r["peaks_gflops"]
+    peaks = ", ".join(f"{k} **{p[k]:.1f}**" for k in ("fp32", "bf16", "int8") if k in p)
+    out = [f"Machine: {r['machine_class']}, {m['date']}. One thread per engine, batch 8. Peaks (single-thread "
+           f"1024^3 GEMM, GFLOP/s per core): {peaks} (FP32: numpy {p['fp32_numpy']:.1f}, OpenVINO "
+           f"{p['fp32_openvino']:.1f}). Each variant's fraction is of its own precision's peak.", "",
+           "| model | M MACs/item | ONNX Runtime FP32 | OpenVINO FP32 | OpenVINO / ORT | OpenVINO bf16 | OpenVINO INT8 "
+           "| served here | bf16 gate | INT8 gate |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["models"]:
         ort, ov = row["onnxruntime"], row["openvino"]
-        i8 = row.get("openvino_int8")
-        int8 = f"{i8['items_per_s']:.0f} ({100 * i8['fraction_of_peak']:.1f} %)" if i8 else "-"
-        out.append(f"| {row['model']} | {row['macs'] / 1e6:.0f} | {ort['items_per_s']:.0f} "
-                   f"({100 * ort['fraction_of_peak']:.1f} %) | {ov['items_per_s']:.0f} "
-                   f"({100 * ov['fraction_of_peak']:.1f} %) | {ov['items_per_s'] / ort['items_per_s']:.2f} | {int8} "
-                   f"| {row.get('int8_gate', '-')} |")
+        out.append(f"| {row['model']} | {row['macs'] / 1e6:.0f} | {_cell(row, 'onnxruntime')} | "
+                   f"{_cell(row, 'openvino')} | {ov['items_per_s'] / ort['items_per_s']:.2f} | "
+                   f"{_cell(row, 'openvino_bf16')} | {_cell(row, 'openvino_int8')} | {row.get('served', '-')} | "
+                   f"{row.get('bf16_gate', '-')} | {row.get('int8_gate', '-')} |")
     return "\n".join(out) + "\n"
 
 
@@ -101,34 +162,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--seconds", type=float, default=2.0)
     a = p.parse_args(argv)
+    from engines.runtime.factory import EngineFactory, RuntimeSettings
     from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
     from engines.runtime.openvino_engine import OpenVinoModel
 
-    peak = gemm_peak_gflops()
+    peaks = peaks_gflops(a.seconds)
+    print(f"[bench-cpu] peaks GFLOP/s: {peaks}", file=sys.stderr)
     repo = ModelRepository(a.repository)
+    factory = EngineFactory(repo, RuntimeSettings(prefer_gpu=False))
     rows = []
     for name in repo.names():
         meta = repo.load(name)
         decl = declaration_for(meta)
         macs = macs_per_item(repo.onnx_path(name), {k: v.shape for k, v in decl.warmup_item().items()})
         row: dict[str, Any] = {"model": name, "macs": macs}
-        int8, why = int8_variant(repo, name)
-        row["int8_gate"] = why
-        variants: list[tuple[str, Any]] = [
-            ("onnxruntime", lambda: OnnxRuntimeModel(repo.onnx_path(name), meta,  # noqa: B023
-                                                     ["CPUExecutionProvider"], 1)),
-            ("openvino", lambda: OpenVinoModel(repo.onnx_path(name), meta, 1))]  # noqa: B023
-        if int8 is not None:
-            variants.append(("openvino_int8", lambda: OpenVinoModel(int8, meta, 1, precision="int8")))  # noqa: B023
-        for runtime, make in variants:
+        row["int8_gate"] = int8_variant(repo, name)[1]
+        row["bf16_gate"] = passed_bf16(repo, name, gated_pipelines(repo, decl))[1]
+        row["served"] = factory.create(decl, decl.batching)[0].runtime
+        int8_file = repo.model_dir(name) / INT8_FILE
+        variants: list[tuple[str, str, Any]] = [
+            ("onnxruntime", "fp32", lambda: OnnxRuntimeModel(repo.onnx_path(name), meta,  # noqa: B023
+                                                             ["CPUExecutionProvider"], 1)),
+            ("openvino", "fp32", lambda: OpenVinoModel(repo.onnx_path(name), meta, 1))]  # noqa: B023
+        if "bf16" in decl.cpu_precisions and has_bf16():
+            variants.append(("openvino_bf16", "bf16",
+                             lambda: OpenVinoModel(repo.onnx_path(name), meta, 1, precision="bf16")))  # noqa: B023
+        if "int8" in decl.cpu_precisions and int8_file.is_file():
+            variants.append(("openvino_int8", "int8",
+                             lambda: OpenVinoModel(int8_file, meta, 1, precision="int8")))  # noqa: B023
+        for runtime, precision, make in variants:
             rate = items_per_s(make(), decl, 8, a.seconds)
-            # INT8 against the FP32 peak too: this CPU has no int8 dot-product instructions (no VNNI), so its
-            # INT8 convolutions run on the same FMA units (measured speed-up below, not an INT8 peak).
-            row[runtime] = {"items_per_s": rate, "fraction_of_peak": 2 * macs * rate / (peak * 1e9)}
+            row[runtime] = {"items_per_s": rate, "precision": precision,
+                            "fraction_of_peak": 2 * macs * rate / (peaks[precision] * 1e9),
+                            "fraction_of_fp32_peak": 2 * macs * rate / (peaks["fp32"] * 1e9)}
         rows.append(row)
-        print(f"[bench-cpu] {name}: {row['onnxruntime']['items_per_s']:.0f} / {row['openvino']['items_per_s']:.0f} "
-              f"items/s", file=sys.stderr)
-    write_report(a.out, "cpu-engines", {"machine": machine_info(), "peak_gflops": peak, "threads": 1,
+        print(f"[bench-cpu] {name}: " + ", ".join(f"{k} {row[k]['items_per_s']:.0f}" for k, _, _ in variants)
+              + " items/s", file=sys.stderr)
+    write_report(a.out, "cpu-engines", {"machine": machine_info(), "machine_class": machine_class(),
+                                        "peaks_gflops": peaks, "peak_gflops": peaks["fp32"], "threads": 1,
                                         "cpu_count": os.cpu_count(), "models": rows}, markdown)
     return 0
 
