@@ -72,13 +72,13 @@ def variants(img: np.ndarray, parity: bool) -> list[np.ndarray]:
             _jpeg(_scaled(img, 0.75), 60)]
 
 
-def crops_of(detector: OnnxDetector, images: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """Per classifier, the model input of every image with a face (the served detector and crop rule)."""
-    return crops_at(images, [detector.best_box(img, 0.6) for img in images])
+def boxes_of(detector: OnnxDetector, images: list[np.ndarray]) -> list[Box | None]:
+    """The served detector's face box of every image (None where none is found)."""
+    return [detector.best_box(img, 0.6) for img in images]
 
 
 def crops_at(images: list[np.ndarray], boxes: list[Box | None]) -> list[list[np.ndarray]]:
-    """Per classifier, the model input of every image whose box is not None, in order."""
+    """Per classifier, the model input of every image whose box is not None, in order (the served crop rule)."""
     out: list[list[np.ndarray]] = [[] for _ in LIVENESS_SPECS]
     for img, box in zip(images, boxes, strict=True):
         if box is None:
@@ -88,28 +88,34 @@ def crops_at(images: list[np.ndarray], boxes: list[Box | None]) -> list[list[np.
     return out
 
 
-def scores(paths: list[Path], repo: ModelRepository, crops: list[list[np.ndarray]], precision: str) -> np.ndarray:
-    from engines.runtime.openvino_engine import OpenVinoModel
+class Classifiers:
+    """Both classifiers in one precision on OpenVINO, compiled once and used on every detector's crops."""
 
-    probs = []
-    for path, spec, xs in zip(paths, LIVENESS_SPECS, crops, strict=True):
-        meta = repo.load(spec.name)
-        inst = OpenVinoModel(path, meta, precision=precision).new_instance()
-        name = meta.inputs[0].name
-        logits = np.concatenate([inst.infer({name: np.stack(xs[i:i + 8])})[0]["logits"]
-                                 for i in range(0, len(xs), 8)])
-        probs.append([float(softmax(row.astype(np.float64))[spec.live_class]) for row in logits])
-    return np.mean(np.asarray(probs), axis=0)
+    def __init__(self, repo: ModelRepository, paths: list[Path], precision: str) -> None:
+        from engines.runtime.openvino_engine import OpenVinoModel
 
+        self._models = []
+        for path, spec in zip(paths, LIVENESS_SPECS, strict=True):
+            meta = repo.load(spec.name)
+            self._models.append((spec, meta.inputs[0].name,
+                                 OpenVinoModel(path, meta, precision=precision).new_instance()))
 
-def live_scores(boxes: list[Box | None], images: list[np.ndarray], paths: list[Path], repo: ModelRepository,
-                precision: str) -> np.ndarray:
-    """Per parity image, the live score (NaN where no face was found)."""
-    out = np.full(len(images), np.nan)
-    found = [i for i, b in enumerate(boxes) if b is not None]
-    if found:
-        out[found] = scores(paths, repo, crops_at(images, boxes), precision)
-    return out
+    def scores(self, crops: list[list[np.ndarray]]) -> np.ndarray:
+        """The live score of every crop set: the two classifiers' live probabilities averaged."""
+        probs = []
+        for (spec, name, inst), xs in zip(self._models, crops, strict=True):
+            logits = np.concatenate([inst.infer({name: np.stack(xs[i:i + 8])})[0]["logits"]
+                                     for i in range(0, len(xs), 8)])
+            probs.append([float(softmax(row.astype(np.float64))[spec.live_class]) for row in logits])
+        return np.mean(np.asarray(probs), axis=0)
+
+    def live_scores(self, images: list[np.ndarray], boxes: list[Box | None]) -> np.ndarray:
+        """Per parity image, the live score (NaN where no face was found)."""
+        out = np.full(len(images), np.nan)
+        found = [i for i, b in enumerate(boxes) if b is not None]
+        if found:
+            out[found] = self.scores(crops_at(images, boxes))
+        return out
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
@@ -142,7 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"skipped": f"no sample images in {args.samples}"}
     detector = OnnxDetector(repo.onnx_path(DETECTOR))
     parity_images = [v for img in images for v in variants(img, True)]
-    calib = crops_of(detector, [v for img in images for v in variants(img, False)])
+    calib_images = [v for img in images for v in variants(img, False)]
+    calib = crops_at(calib_images, boxes_of(detector, calib_images))
     int8_paths = []
     for spec, xs in zip(LIVENESS_SPECS, calib, strict=True):
         dst = repo.model_dir(spec.name) / INT8_FILE
@@ -151,16 +158,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       args.method)
         int8_paths.append(dst)
     fp32_paths = [repo.onnx_path(s.name) for s in LIVENESS_SPECS]
-    classifiers = {"fp32": (fp32_paths, "fp32"), "int8": (int8_paths, "int8")}
-    detectors = {"fp32": [detector.best_box(img, 0.6) for img in parity_images]}
+    classifiers = {"fp32": Classifiers(repo, fp32_paths, "fp32"), "int8": Classifiers(repo, int8_paths, "int8")}
+    detectors = {"fp32": boxes_of(detector, parity_images)}
     bf16 = has_bf16()
     if bf16:
-        classifiers["bf16"] = (fp32_paths, "bf16")
-        bf16_detector = OnnxDetector(repo.onnx_path(DETECTOR), "bf16")
-        detectors["bf16"] = [bf16_detector.best_box(img, 0.6) for img in parity_images]
-    reference = live_scores(detectors["fp32"], parity_images, fp32_paths, repo, "fp32")
-    combos = {(d, c): compare(reference, live_scores(boxes, parity_images, paths, repo, precision))
-              for d, boxes in detectors.items() for c, (paths, precision) in classifiers.items()
+        classifiers["bf16"] = Classifiers(repo, fp32_paths, "bf16")
+        detectors["bf16"] = boxes_of(OnnxDetector(repo.onnx_path(DETECTOR), "bf16"), parity_images)
+    reference = classifiers["fp32"].live_scores(parity_images, detectors["fp32"])
+    combos = {(d, c): compare(reference, models.live_scores(parity_images, boxes))
+              for d, boxes in detectors.items() for c, models in classifiers.items()
               if (d, c) != ("fp32", "fp32")}
     for (d, c), r in combos.items():
         log.info("liveness gate, detector %s + classifiers %s: %s -> %s", d, c, r["summary"],

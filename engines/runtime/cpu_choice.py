@@ -76,6 +76,25 @@ def gated_pipelines(repo: ModelRepository, decl: ModelDeclaration) -> tuple[str,
     return tuple(p for p in decl.pipelines if p != IDENTIFICATION or served)
 
 
+def _int8_offer(repo: ModelRepository, decl: ModelDeclaration, allowed: bool) -> tuple[dict[str, Any] | None, str]:
+    """(gate entry, why): the INT8 variant may be measured only if allowed, declared and its gate passed."""
+    if not allowed:
+        return None, "INT8 not allowed by the settings"
+    if INT8 not in decl.cpu_precisions:
+        return None, "INT8 not declared for this model"
+    return passed_int8(repo, decl.name)
+
+
+def _bf16_offer(repo: ModelRepository, decl: ModelDeclaration, allowed: bool) -> tuple[bool, str]:
+    """(offered, why): bf16 may be measured only if allowed, declared and the gates of its served pipelines
+    passed here."""
+    if not allowed:
+        return False, "bf16 not allowed by the settings"
+    if BF16 not in decl.cpu_precisions:
+        return False, "bf16 not declared for this model"
+    return passed_bf16(repo, decl.name, gated_pipelines(repo, decl))
+
+
 def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: int, allow_int8: bool = True,
                        allow_bf16: bool = True) -> tuple[str, str]:
     """(runtime, why) for this model on this machine class; measured on first use, then read from the cache."""
@@ -85,12 +104,8 @@ def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: i
         import openvino  # noqa: F401
     except ImportError:
         return ONNXRUNTIME, "onnxruntime (openvino is not installed)"
-    gate, int8_why = (None, "INT8 not allowed by the settings") if not allow_int8 else (
-        (None, "INT8 not declared for this model") if INT8 not in decl.cpu_precisions else
-        passed_int8(repo, decl.name))
-    bf16, bf16_why = (False, "bf16 not allowed by the settings") if not allow_bf16 else (
-        (False, "bf16 not declared for this model") if BF16 not in decl.cpu_precisions else
-        passed_bf16(repo, decl.name, gated_pipelines(repo, decl)))
+    gate, int8_why = _int8_offer(repo, decl, allow_int8)
+    bf16, bf16_why = _bf16_offer(repo, decl, allow_bf16)
     int8 = repo.model_dir(decl.name) / INT8_FILE if gate is not None else None
     path = repo.model_dir(decl.name) / CHOICE_FILE
     key = (f"{machine_class()}|threads={threads}|onnx={repo.load(decl.name).onnx_sha256[:12]}"

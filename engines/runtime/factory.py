@@ -129,13 +129,11 @@ class EngineFactory:
         if cpu in (OPENVINO, OPENVINO_INT8, OPENVINO_BF16) and OPENVINO in decl.runtimes:
             from engines.runtime.openvino_engine import OpenVinoModel
 
-            threads = self.settings.intra_op_threads
-            if cpu == OPENVINO_INT8:  # choose_cpu_runtime verified the gate and the file just now
-                path = self.repository.model_dir(decl.name) / INT8_FILE
-                return OpenVinoModel(path, meta, threads, precision="int8"), reason
-            if cpu == OPENVINO_BF16:  # likewise the bf16 gates and the CPU's bf16 support
-                return OpenVinoModel(self.repository.onnx_path(decl.name), meta, threads, precision="bf16"), reason
-            return OpenVinoModel(self.repository.onnx_path(decl.name), meta, threads), reason
+            # For INT8 and bf16, choose_cpu_runtime verified the gates (and the INT8 file, the CPU's bf16) just now.
+            path, precision = {OPENVINO_INT8: (self.repository.model_dir(decl.name) / INT8_FILE, "int8"),
+                               OPENVINO_BF16: (self.repository.onnx_path(decl.name), "bf16")
+                               }.get(cpu, (self.repository.onnx_path(decl.name), "fp32"))
+            return OpenVinoModel(path, meta, self.settings.intra_op_threads, precision=precision), reason
         return self._onnxruntime(decl, meta), reason
 
     def _onnxruntime(self, decl: ModelDeclaration, meta: Any) -> Model:
