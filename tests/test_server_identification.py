@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -78,12 +79,19 @@ def identify(stub, collection: str, folder: Path, **kw: object) -> identificatio
 
 def test_rank1_through_the_server_matches_the_offline_evaluation(stub, enrolled: str, trained: dict) -> None:  # type: ignore[no-untyped-def]
     probes = trained["test_probes"]
-    futures = [(k, stub.IdentifyFromClip.future(identification_pb2.IdentifyFromClipRequest(
-        collection=enrolled, clip=clip_from_folder(clip_dir(trained, k), FPS), top_k=3), timeout=300))
-        for k in probes]
+
+    def call(key: str) -> identification_pb2.IdentifyFromClipResponse:
+        return stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
+            collection=enrolled, clip=clip_from_folder(clip_dir(trained, key), FPS), top_k=3), timeout=300)
+
+    # Concurrent (the batcher sees several clips at once) but at most 8 in flight, as a well-behaved client: all
+    # 160 at once could be shed by admission control once the queue is over admit_min_in_flight (32) and its
+    # measured drain time over max_queue_wait_s, which depends on how fast this host is at that moment (seen
+    # when another process loaded the cores). Shedding has its own tests (test_admission).
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(call, probes))
     hits = 0
-    for key, fut in futures:
-        r = fut.result()
+    for key, r in zip(probes, responses, strict=True):
         assert r.diagnostics.frames_received > 0 and r.diagnostics.track_coverage == 1.0
         assert r.diagnostics.model_fps == 50 and r.diagnostics.resample_step == 4
         assert len(r.votes) == len(trained["manifest"]["members"])
