@@ -99,16 +99,17 @@ def test_plain_jpeg_headers_are_read_without_pillow_and_agree_with_it() -> None:
 
     from PIL import Image
 
-    from engines.vision.imaging import _plain_jpeg_size, probe_image
+    from engines.vision.imaging import probe_image
+    from engines.vision.jpeg_header import plain_jpeg_size
 
     for w, h in ((64, 48), (180, 240), (333, 101)):
         data = encode(gradient(w, h), "JPEG", quality=90)
-        assert _plain_jpeg_size(data) == Image.open(BytesIO(data)).size == (w, h)
+        assert plain_jpeg_size(data) == Image.open(BytesIO(data)).size == (w, h)
         header = probe_image(data, LIMITS)
         assert (header.format, header.width, header.height, header.orientation) == ("jpeg", w, h, 1)
     # A JPEG with EXIF goes to Pillow, which reads its orientation.
     rotated = encode(gradient(64, 48), "JPEG", exif_orientation=6)
-    assert _plain_jpeg_size(rotated) is None
+    assert plain_jpeg_size(rotated) is None
     header = probe_image(rotated, LIMITS)
     assert header.orientation == 6 and (header.width, header.height) == (48, 64)
 

@@ -150,8 +150,9 @@ class SparseSpotter:
             return self.n_frames // 2
         first = thumbs[0].astype(np.float32)
         region = self._region(thumbs)
+        # Each frame's motion once (the supports of neighbouring frames overlap k-fold).
         motion = {m: float(np.abs(thumbs[m].astype(np.float32) - first).mean())
-                  for i in region for m in self._support(i)}
+                  for m in sorted({m for i in region for m in self._support(i)})}
         k = self.step
         smooth = [sum(motion[m] for m in self._support(i)) / k for i in region]
         return region[int(np.argmax(smooth))]

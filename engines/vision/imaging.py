@@ -9,11 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
-import imagesize
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engines.errors import FieldViolation, InvalidArgumentError
+from engines.vision.jpeg_header import jpeg_is_truncated, plain_jpeg_size
 
 _FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 _EXIF_ORIENTATION = 0x0112
@@ -63,13 +63,6 @@ def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
     return img
 
 
-def _jpeg_is_truncated(data: bytes) -> bool:
-    # Entropy-coded data never contains a bare 0xFFD9, so a complete JPEG has its end-of-image marker after the
-    # last start-of-scan marker (an embedded thumbnail's markers all come earlier). libjpeg only warns on
-    # truncation and fills the rest with grey, which must not be analysed as a face.
-    return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
-
-
 @dataclass(frozen=True)
 class ImageHeader:
     """What an image's header declares, read without decoding a pixel."""
@@ -93,23 +86,10 @@ class ImageHeader:
         return self.stored_width * self.stored_height
 
 
-def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG that carries no EXIF block (so no orientation), read from its frame header by
-    ``imagesize``: ~6 us a frame against Pillow's ~60 us, which made reading a clip's 80 headers cost 5-9 ms of
-    CPU. None for anything else (other formats, EXIF, a header imagesize cannot read): Pillow decides those."""
-    if not data.startswith(b"\xff\xd8\xff") or data.find(b"Exif\x00\x00", 0, 65536) >= 0:
-        return None
-    try:
-        width, height = imagesize.get(io.BytesIO(data))
-    except (ValueError, struct.error, OSError):
-        return None
-    return (int(width), int(height)) if width > 0 and height > 0 else None
-
-
 def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> ImageHeader:
     """Every check that needs no pixels: size in bytes, format, declared pixels (decompression bombs), a
-    truncated JPEG. Only the header is read (by imagesize for a plain JPEG, else by Pillow). Problems are
-    InvalidArgumentErrors naming ``field``."""
+    truncated JPEG. Only the header is read (from the marker segments for a JPEG without EXIF, else by
+    Pillow). Problems are InvalidArgumentErrors naming ``field``."""
 
     def bad(description: str) -> InvalidArgumentError:
         return InvalidArgumentError(FieldViolation(field, description))
@@ -118,7 +98,7 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
         raise bad("is empty; send an encoded JPEG, PNG or WebP image")
     if len(data) > limits.max_bytes:
         raise bad(f"is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
-    plain = _plain_jpeg_size(data)
+    plain = plain_jpeg_size(data)
     if plain is not None:
         return _checked(ImageHeader("jpeg", plain[0], plain[1], 1), data, limits, bad)
     with warnings.catch_warnings():
@@ -144,7 +124,7 @@ def _checked(header: ImageHeader, data: bytes, limits: ImageLimits,
         raise bad(f"declares {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
     if min(width, height) < limits.min_side:
         raise bad(f"is {width}x{height} px; each side must be at least {limits.min_side} px")
-    if header.format == "jpeg" and _jpeg_is_truncated(data):
+    if header.format == "jpeg" and jpeg_is_truncated(data):
         raise bad("is corrupt or truncated and could not be decoded")
     return header
 
