@@ -176,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def config(runtime: str) -> Path:
         cfg = args.out / f"identify-{runtime}.toml"
-        # The baseline is the configuration before issue 14: ONNX Runtime and every frame decoded whole.
-        reduced = "false" if runtime == "onnxruntime" else "true"
-        cfg.write_text(f'[server]\nclip_reduced_decode = {reduced}\n[runtime]\ncpu_runtime = "{runtime}"\n')
+        # The baseline is the configuration before issue 14: ONNX Runtime, every frame decoded whole, one engine
+        # thread per ensemble member.
+        base = runtime == "onnxruntime"
+        cfg.write_text(f'[server]\nclip_reduced_decode = {"false" if base else "true"}\n[runtime]\n'
+                       f'cpu_runtime = "{runtime}"\n' + ("group_threads = 1\n" if base else ""))
         return cfg
 
     def enrol(client: FacegateClient) -> str:

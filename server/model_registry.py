@@ -40,14 +40,15 @@ class ModelRegistry:
         self.models: dict[str, ServedModel] = {}
         self.factory = EngineFactory(repository, config.runtime, avail)
 
-    async def load(self, names: list[str]) -> None:
+    async def load(self, names: list[str], group: int = 1) -> None:
+        """Load ``names``; ``group`` > 1 when every request calls that many of them together (engine threads)."""
         loop = asyncio.get_running_loop()
         for name in names:
             meta = self.repository.load(name)
             decl = declaration_for(meta)
             batching = self.config.batcher_for(name, decl.batching)
             # Engine creation (and a TensorRT build) takes a while and holds no event-loop state: off the loop.
-            engine, reason = await loop.run_in_executor(None, self.factory.create, decl, batching)
+            engine, reason = await loop.run_in_executor(None, self.factory.create, decl, batching, group)
             batcher = DynamicBatcher(engine, batching, partial(lower_this_thread, self.config.compute_nice))
             await batcher.start()
             self.models[name] = ServedModel(meta, decl, engine, batcher, reason)

@@ -59,3 +59,26 @@ def test_auto_measures_once_per_machine_class_and_says_why(repository_dir: Path,
     assert forced.runtime.startswith("openvino") and "configured" in reason
     with pytest.raises(ValueError, match="must be one of"):
         RuntimeSettings(models={"minifasnet_v2": "tpu"})
+
+
+def test_an_ensemble_larger_than_the_cores_gets_a_thread_per_core(repository_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from engines.runtime.factory import engine_threads
+
+    assert engine_threads(1, group=3, cores=2) == 2  # 3 members on 2 cores: each shares both cores
+    assert engine_threads(1, group=3, cores=4) == 1  # each member has a core of its own
+    assert engine_threads(1, group=1, cores=2) == 1 and engine_threads(3, group=3, cores=2) == 3
+    with pytest.raises(ValueError, match="group_threads"):
+        RuntimeSettings(group_threads=-1)
+    member = next(n for n in ModelRepository(repository_dir).names() if n.startswith("slowfast"))
+    shutil.copytree(repository_dir / member, tmp_path / member, ignore=shutil.ignore_patterns("engines", CHOICE_FILE))
+    repo = ModelRepository(tmp_path)
+    decl = declaration_for(repo.load(member))
+    for settings, group, want in ((RuntimeSettings(prefer_gpu=False, cpu_runtime=OPENVINO), 3,
+                                   engine_threads(1, group=3)),
+                                  (RuntimeSettings(prefer_gpu=False, cpu_runtime=OPENVINO, group_threads=1), 3, 1),
+                                  (RuntimeSettings(prefer_gpu=False, cpu_runtime=OPENVINO), 1, 1)):
+        engine, _ = EngineFactory(repo, settings).create(decl, decl.batching, group)
+        assert isinstance(engine, OpenVinoModel)
+        assert engine._compiled.get_property("INFERENCE_NUM_THREADS") == want
