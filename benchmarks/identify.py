@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.baseline import baseline_toml
 from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
@@ -176,11 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def config(runtime: str) -> Path:
         cfg = args.out / f"identify-{runtime}.toml"
-        # The baseline is the configuration before issue 14: ONNX Runtime, every frame decoded whole, one engine
-        # thread per ensemble member.
-        base = runtime == "onnxruntime"
-        cfg.write_text(f'[server]\nclip_reduced_decode = {"false" if base else "true"}\n[runtime]\n'
-                       f'cpu_runtime = "{runtime}"\n' + ("group_threads = 1\n" if base else ""))
+        cfg.write_text(baseline_toml() if runtime == "onnxruntime" else
+                       f'[server]\nclip_reduced_decode = true\n[runtime]\ncpu_runtime = "{runtime}"\n')
         return cfg
 
     def enrol(client: FacegateClient) -> str:

@@ -20,9 +20,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.baseline import CPU_WORKERS, baseline_toml
 from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
@@ -44,6 +46,8 @@ def progress(msg: str) -> None:
 async def in_process(repository: Path, images: list[bytes], n_latency: int, duration_s: float,
                      concurrency: int, cpu_runtime: str = "auto") -> dict[str, Any]:
     config = ServerConfig(model_repository=repository, runtime=RuntimeSettings(cpu_runtime=cpu_runtime))
+    if cpu_runtime == "onnxruntime":  # the baseline's decoding threads (benchmarks.baseline)
+        config = replace(config, cpu_workers=CPU_WORKERS)
     registry = ModelRegistry(ModelRepository(repository), config)
     await registry.load(MODELS)
     await registry.warmup()
@@ -123,7 +127,7 @@ def against_baseline(repository: Path, images: list[bytes], image_paths: list[Pa
         addresses = {}
         for label, runtime in labels.items():
             cfg = out_dir / f"liveness-pair-{label}.toml"
-            cfg.write_text(f'[runtime]\ncpu_runtime = "{runtime}"\n')
+            cfg.write_text(baseline_toml() if label == "baseline" else f'[runtime]\ncpu_runtime = "{runtime}"\n')
             addresses[label] = stack.enter_context(facegate_server(
                 repository, ["--config", str(cfg)], out_dir / f"server-liveness-{label}.log"))
         for r in range(rounds):
