@@ -11,6 +11,8 @@
    (ONNX Runtime, every frame decoded whole) runs beside the measured one with the same gallery content, and the
    two are loaded in turn at each concurrency, round after round; the end-to-end table is the medians of those
    runs and the ratios are medians of the rounds' paired ratios (the host's speed drifts within minutes).
+6. CPU per clip in process, both configurations, before any server starts (``benchmarks.identify_cpu``): what a
+   clip costs every thread together, and so the highest saturation ratio those costs allow.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import identify_cpu
 from benchmarks.baseline import baseline_toml
 from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
@@ -35,6 +38,7 @@ from benchmarks.stats import median_row, paired_ratios
 from engines.identify.ensemble import find_ensemble
 from facegate.v1 import common_pb2, identification_pb2
 from facegate_client.client import FacegateClient, clip_from_folder
+from server.servicers.identification import clip_from_proto
 
 
 def progress(msg: str) -> None:
@@ -144,7 +148,13 @@ def markdown(r: dict[str, Any]) -> str:
         for t in ("x1", "x2"):
             lines.append(f"| {t[1:]} | " + " | ".join(f"{v:.1f}" for k, v in floor.items() if k.endswith(t)) + " |")
         lines.append("")
+    if r.get("cpu_per_clip"):
+        lines += [*identify_cpu.markdown(r["cpu_per_clip"]), ""]
     return "\n".join(lines)
+
+
+def measured_toml(runtime: str) -> str:
+    return f'[server]\nclip_reduced_decode = true\n[runtime]\ncpu_runtime = "{runtime}"\n'
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,11 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     engine = engine_throughput(args.repository, ensemble.members[0], args.batch_sizes, 2.0)
     probes = [folder(k) for k in report["test_probes"][:: max(1, len(report["test_probes"]) // 24)]]
+    cpu = None
+    if args.cpu_runtime != "onnxruntime" and args.baseline_rounds > 0:  # on an idle machine, before any server
+        cpu = identify_cpu.compare(args.repository, measured_toml(args.cpu_runtime), baseline_toml(),
+                                   [clip_from_proto(clip_from_folder(p, 200.0)) for p in probes[:12]],
+                                   args.baseline_rounds)
+        progress(f"CPU per clip in process: baseline {cpu['cpu_ms_per_clip']['baseline']:.1f} ms, measured "
+                 f"{cpu['cpu_ms_per_clip']['measured']:.1f} ms (ceiling {cpu['ceiling_ratio']:.2f}x)")
 
     def config(runtime: str) -> Path:
         cfg = args.out / f"identify-{runtime}.toml"
-        cfg.write_text(baseline_toml() if runtime == "onnxruntime" else
-                       f'[server]\nclip_reduced_decode = true\n[runtime]\ncpu_runtime = "{runtime}"\n')
+        cfg.write_text(baseline_toml() if runtime == "onnxruntime" else measured_toml(runtime))
         return cfg
 
     def enrol(client: FacegateClient) -> str:
@@ -259,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
               "frames_per_clip": len(first.frames), "frame_size": "180x240 JPEG",
               "engine": engine, "end_to_end": e2e, "stages_ms": stages, "against_baseline": pair}
     result["cpu_runtime"] = args.cpu_runtime
+    result["cpu_per_clip"] = cpu
     result["decode_360x480"] = {"frames": len(bigger[0].frames), "calls": len(big_decode),
                                 "decode_ms": float(np.mean(big_decode)), "reduced": reduced,
                                 "decode_apex_named_ms": float(np.mean(big_hinted)),

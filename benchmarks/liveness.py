@@ -8,6 +8,8 @@
    process, the two pipelines back to back; over gRPC, two servers loaded in turn at concurrency 1 and at
    saturation; three rounds, cells the medians of rounds, ratios the medians of paired rounds (the host's speed
    drifts within minutes, so only pairs measured back to back compare).
+5. One call's stages on one thread, baseline and measured (``benchmarks.liveness_stages``), and the highest
+   saturation ratio their sums allow.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks import liveness_stages
 from benchmarks.baseline import CPU_WORKERS, baseline_toml
 from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
@@ -204,6 +207,8 @@ def markdown(r: dict[str, Any]) -> str:
               "(target <= 1.20)", ""]
     if r.get("against_baseline"):
         lines += [*pair_markdown(r["against_baseline"]), ""]
+    if r.get("stages"):
+        lines += [*liveness_stages.markdown(r["stages"]), ""]
     return "\n".join(lines)
 
 
@@ -231,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     ip = asyncio.run(in_process(args.repository, images, 150, args.duration, sat_c, args.cpu_runtime))
     progress(f"in-process: c1 p50 {ip['latency_c1']['p50_ms']:.2f} ms; "
              f"c{sat_c} {ip[f'saturation_c{sat_c}']['throughput_rps']:.1f} req/s")
+    progress("one call's stages, one thread, baseline and measured")
+    stages = liveness_stages.compare(args.repository, images[0], args.cpu_runtime)
+    progress(f"stage sums (b8 engines) {stages['baseline']['total_b8_ms']:.2f} -> "
+             f"{stages['measured']['total_b8_ms']:.2f} ms: best possible ratio {stages['bound_b8']:.2f}x")
     progress("raw engines")
     eng = engine_throughput(args.repository, args.batch_sizes, 1.5)
     progress("end to end")
@@ -255,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["cpu_runtime"] = args.cpu_runtime
     result["against_baseline"] = pair
+    result["stages"] = stages
     write_report(args.out, "liveness" if args.cpu_runtime == "auto" else f"liveness-{args.cpu_runtime}", result,
                  markdown)
     return 0
