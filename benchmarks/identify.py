@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import identify_cpu
-from benchmarks.baseline import baseline_toml
+from benchmarks.baseline import baseline_toml, measured_toml
 from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
@@ -151,10 +151,6 @@ def markdown(r: dict[str, Any]) -> str:
     if r.get("cpu_per_clip"):
         lines += [*identify_cpu.markdown(r["cpu_per_clip"]), ""]
     return "\n".join(lines)
-
-
-def measured_toml(runtime: str) -> str:
-    return f'[server]\nclip_reduced_decode = true\n[runtime]\ncpu_runtime = "{runtime}"\n'
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks.baseline import server_config
 from engines.identify.ensemble import find_ensemble
 from engines.repository import ModelRepository
 from engines.specs import DETECTOR
-from server.config import ServerConfig, load_config
+from server.config import ServerConfig
 from server.model_registry import ModelRegistry
 from server.pipelines.clip_input import ClipInput
 from server.pipelines.identification import ClipPipeline
@@ -35,8 +35,8 @@ async def _cpu_per_clip(config: ServerConfig, clips: list[ClipInput], rounds: in
     members = list(ensemble.members)
     registry = ModelRegistry(ModelRepository(config.model_repository), config)
     await registry.load([DETECTOR])
-    await registry.load(members, group=len(members))
     await registry.warmup()
+    await registry.load_ensemble(members)
     pool = ThreadPoolExecutor(config.cpu_workers)
     pipeline = ClipPipeline(registry.batcher(DETECTOR), [registry.batcher(m) for m in members], ensemble, pool,
                             config.clip_limits, reduced_decode=config.clip_reduced_decode)
@@ -61,11 +61,7 @@ async def _cpu_per_clip(config: ServerConfig, clips: list[ClipInput], rounds: in
 def cpu_per_clip(repository: Path, settings_toml: str, clips: list[ClipInput], rounds: int = 3) -> dict[str, Any]:
     """Median over ``rounds`` of the process CPU milliseconds per clip, embedding ``clips`` one after another in a
     pipeline configured by ``settings_toml`` (a server configuration file's text)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "settings.toml"
-        path.write_text(settings_toml)
-        config = load_config(path, model_repository=repository)
-    return asyncio.run(_cpu_per_clip(config, clips, rounds))
+    return asyncio.run(_cpu_per_clip(server_config(settings_toml, repository), clips, rounds))
 
 
 def compare(repository: Path, measured_toml: str, baseline_toml: str, clips: list[ClipInput],

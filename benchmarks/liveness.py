@@ -22,20 +22,17 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks import liveness_stages
-from benchmarks.baseline import CPU_WORKERS, baseline_toml
+from benchmarks.baseline import baseline_toml, measured_toml, server_config
 from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
 from benchmarks.stats import median_row, paired_ratios, summarize
 from engines.repository import ModelRepository
-from engines.runtime.factory import RuntimeSettings
 from engines.specs import DETECTOR, LIVENESS_SPECS
-from server.config import ServerConfig
 from server.model_registry import ModelRegistry
 from server.pipelines.liveness import LivenessPipeline, LivenessRequest
 
@@ -47,10 +44,8 @@ def progress(msg: str) -> None:
 
 
 async def in_process(repository: Path, images: list[bytes], n_latency: int, duration_s: float,
-                     concurrency: int, cpu_runtime: str = "auto") -> dict[str, Any]:
-    config = ServerConfig(model_repository=repository, runtime=RuntimeSettings(cpu_runtime=cpu_runtime))
-    if cpu_runtime == "onnxruntime":  # the baseline's decoding threads (benchmarks.baseline)
-        config = replace(config, cpu_workers=CPU_WORKERS)
+                     concurrency: int, settings_toml: str) -> dict[str, Any]:
+    config = server_config(settings_toml, repository)
     registry = ModelRegistry(ModelRepository(repository), config)
     await registry.load(MODELS)
     await registry.warmup()
@@ -94,7 +89,7 @@ def end_to_end(repository: Path, image_paths: list[Path], concurrencies: list[in
                duration_s: float, out_dir: Path, cpu_runtime: str = "auto") -> dict[str, Any]:
     results: dict[str, Any] = {}
     cfg = out_dir / f"liveness-{cpu_runtime}.toml"
-    cfg.write_text(f'[runtime]\ncpu_runtime = "{cpu_runtime}"\n')
+    cfg.write_text(measured_toml(cpu_runtime))
     for mode, args in (("batching_on", []), ("batching_off", ["--no-batching"])):
         with facegate_server(repository, [*args, "--config", str(cfg)], out_dir / f"server-{mode}.log") as address:
             rows = {}
@@ -118,19 +113,19 @@ def load(address: str, image_paths: list[Path], c: int, warmup_s: float, duratio
 def against_baseline(repository: Path, images: list[bytes], image_paths: list[Path], sat_c: int, rounds: int,
                      warmup_s: float, duration_s: float, out_dir: Path, cpu_runtime: str) -> dict[str, Any]:
     """The measured configuration and the baseline (ONNX Runtime everywhere), measured in turn, ``rounds`` times."""
-    labels = {"measured": cpu_runtime, "baseline": "onnxruntime"}
-    in_proc: dict[str, list[dict[str, Any]]] = {k: [] for k in labels}
+    settings = {"measured": measured_toml(cpu_runtime), "baseline": baseline_toml()}
+    in_proc: dict[str, list[dict[str, Any]]] = {k: [] for k in settings}
     for r in range(rounds):
-        for label, runtime in labels.items():
-            ip = asyncio.run(in_process(repository, images, 50, duration_s, sat_c, runtime))
+        for label in settings:
+            ip = asyncio.run(in_process(repository, images, 50, duration_s, sat_c, settings[label]))
             in_proc[label].append(ip[f"saturation_c{sat_c}"])
             progress(f"pair round {r + 1} in process {label}: {in_proc[label][-1]['throughput_rps']:.1f} req/s")
-    grpc_rows: dict[str, dict[int, list[dict[str, Any]]]] = {k: {1: [], sat_c: []} for k in labels}
+    grpc_rows: dict[str, dict[int, list[dict[str, Any]]]] = {k: {1: [], sat_c: []} for k in settings}
     with ExitStack() as stack:
         addresses = {}
-        for label, runtime in labels.items():
+        for label in settings:
             cfg = out_dir / f"liveness-pair-{label}.toml"
-            cfg.write_text(baseline_toml() if label == "baseline" else f'[runtime]\ncpu_runtime = "{runtime}"\n')
+            cfg.write_text(settings[label])
             addresses[label] = stack.enter_context(facegate_server(
                 repository, ["--config", str(cfg)], out_dir / f"server-liveness-{label}.log"))
         for r in range(rounds):
@@ -233,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     images = [pth.read_bytes() for pth in image_paths]
     sat_c = max(args.concurrency)
     progress("in-process pipeline")
-    ip = asyncio.run(in_process(args.repository, images, 150, args.duration, sat_c, args.cpu_runtime))
+    ip = asyncio.run(in_process(args.repository, images, 150, args.duration, sat_c,
+                                measured_toml(args.cpu_runtime)))
     progress(f"in-process: c1 p50 {ip['latency_c1']['p50_ms']:.2f} ms; "
              f"c{sat_c} {ip[f'saturation_c{sat_c}']['throughput_rps']:.1f} req/s")
     progress("one call's stages, one thread, baseline and measured")

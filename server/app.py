@@ -172,8 +172,7 @@ class FacegateServer:
                         "FAILED_PRECONDITION (run `make identify-models`)", self.config.model_repository)
             return
         members = list(ensemble.members)
-        await self.registry.load(members, group=len(members))  # every clip calls all members at once
-        await self.registry.warmup(members, rounds=1)
+        await self.registry.load_ensemble(members)
         loop = asyncio.get_running_loop()
         store = await loop.run_in_executor(self.db_pool, GalleryStore, self.config.gallery_target())
         clips = ClipPipeline(self.registry.batcher(DETECTOR), [self.registry.batcher(m) for m in members],

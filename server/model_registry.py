@@ -54,6 +54,11 @@ class ModelRegistry:
             self.models[name] = ServedModel(meta, decl, engine, batcher, reason)
             log.info("loaded %s v%s on %s [%s] (%s)", name, meta.version, engine.runtime, reason, batcher.config)
 
+    async def load_ensemble(self, members: list[str]) -> None:
+        """An ensemble's members, loaded and warmed: every clip calls all of them at once (``group``)."""
+        await self.load(members, group=len(members))
+        await self.warmup(members, rounds=1)
+
     async def warmup(self, names: list[str] | None = None, rounds: int = 2) -> None:
         """Run single requests and a full batch through every batcher, so first clients see warm latency."""
         for served in (self.models[n] for n in names or list(self.models)):

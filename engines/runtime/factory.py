@@ -54,6 +54,12 @@ class RuntimeSettings:
     models: dict[str, str] = field(default_factory=dict)
     """Per-model runtime ([runtime.models] name = "auto" | "onnxruntime" | "openvino" | "tensorrt")."""
 
+    def threads_for(self, group: int = 1) -> int:
+        """Engine threads for a model called together with ``group - 1`` others (``engine_threads``)."""
+        if group > 1 and self.group_threads > 0:
+            return self.group_threads
+        return engine_threads(self.intra_op_threads, group)
+
     def __post_init__(self) -> None:
         if self.intra_op_threads < 1 or self.group_threads < 0:
             raise ValueError(f"intra_op_threads must be >= 1 and group_threads >= 0, got {self.intra_op_threads} "
@@ -105,8 +111,7 @@ class EngineFactory:
         """(engine, reason). ``group``: how many models each request calls together with this one (CPU threads,
         ``engine_threads``). Slow (may build a TensorRT engine): call it off the event loop."""
         meta = self.repository.load(decl.name)
-        threads = (self.settings.group_threads if group > 1 and self.settings.group_threads > 0
-                   else engine_threads(self.settings.intra_op_threads, group))
+        threads = self.settings.threads_for(group)
         plan = []
         flavour = self.availability.chosen
 

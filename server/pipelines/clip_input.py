@@ -81,9 +81,9 @@ def validate_clip(clip: ClipInput, limits: ClipLimits, field: str = "clip") -> N
         raise InvalidArgumentError(violations)
 
 
-def probe_headers(frames: Sequence[bytes], limits: ClipLimits, field: str, start: int = 0) -> list[ImageHeader]:
-    """The headers of ``frames`` (frame ``start`` onwards), each within the frame limits; no pixels. Blocking."""
-    return [probe_image(data, limits.frame, f"{field}.frames[{start + i}].data") for i, data in enumerate(frames)]
+def probe_headers(frames: Sequence[bytes], limits: ClipLimits, field: str) -> list[ImageHeader]:
+    """The headers of a clip's ``frames``, in order, each within the frame limits; no pixels. Blocking."""
+    return [probe_image(data, limits.frame, f"{field}.frames[{i}].data") for i, data in enumerate(frames)]
 
 
 def check_headers(clip: ClipInput, limits: ClipLimits, field: str, headers: Sequence[ImageHeader]) -> ProbedClip:
