@@ -99,9 +99,13 @@ def gemm_peak_gflops(n: int = 1024, seconds: float = 2.0) -> float:
 
 
 def macs_per_item(onnx_path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
-    """Multiply-adds of the compute layers for one item, from ONNX shape inference at ``shapes`` (batch 1)."""
+    """Multiply-adds of the compute layers for one item, from ONNX shape inference at ``shapes`` (batch 1).
+
+    A convolution counts the taps of its weights that are not zero: the zeros a time-folded convolution adds
+    (``engines.models.slowfast.TimeFoldedConv3d``) are work the kernel does but the model does not need, so the
+    fraction of peak is of the model's own multiply-adds (trained weights are never exactly zero)."""
     import onnx
-    from onnx import shape_inference
+    from onnx import numpy_helper, shape_inference
 
     model = onnx.load(str(onnx_path))
     for inp in model.graph.input:
@@ -115,6 +119,7 @@ def macs_per_item(onnx_path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
     for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         known[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
     inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    nonzero = {t.name: int(np.count_nonzero(numpy_helper.to_array(t))) for t in model.graph.initializer}
     total = 0
     for node in model.graph.node:
         out = known.get(node.output[0])
@@ -125,6 +130,9 @@ def macs_per_item(onnx_path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
             if not w:
                 continue
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if node.op_type == "Conv" and node.input[1] in nonzero:  # outputs per channel x non-zero taps
+                total += int(np.prod(out)) // out[1] * nonzero[node.input[1]]
+                continue
             per_out = int(np.prod(w[1:])) if node.op_type == "Conv" else int(np.prod(w[2:])) * w[0] // group
             total += int(np.prod(out)) * per_out
         elif node.op_type in ("Gemm", "MatMul"):

@@ -10,7 +10,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engines.models.slowfast import PRESETS, SlowFast, SlowFastConfig, count_macs  # noqa: E402
+from engines.models.slowfast import (  # noqa: E402
+    PRESETS,
+    SlowFast,
+    SlowFastConfig,
+    TimeFoldedConv3d,
+    count_macs,
+    fold_width,
+)
 
 
 def test_invalid_configs_name_the_values() -> None:
@@ -44,12 +51,53 @@ def test_embeddings_are_normalised_for_any_size(cfg: SlowFastConfig) -> None:
 
 
 def test_onnx_export_equals_torch_with_a_dynamic_batch(tmp_path: Path) -> None:
+    """What training exports (the inference form, fast stem time-folded) against the trained model itself; the
+    multiply-adds counted from the graph are the model's own, not the folded zeros."""
+    from benchmarks.cpu_engines import macs_per_item
     from engines.export import export_onnx, verify_onnx
 
     cfg = PRESETS["cpu"]
     model = SlowFast(cfg).eval()
+    _randomise_batch_norms(model)
+    served = model.for_inference()
+    assert isinstance(served.fast_stem[0], TimeFoldedConv3d) and served.fast_stem[0].fold == 4
     path = tmp_path / "sf.onnx"
-    export_onnx(model, torch.rand(2, 3, cfg.clip_len, cfg.size, cfg.size) * 255, path, "clip", ["embedding"])
+    export_onnx(served, torch.rand(2, 3, cfg.clip_len, cfg.size, cfg.size) * 255, path, "clip", ["embedding"])
     sample = np.zeros((3, cfg.clip_len, cfg.size, cfg.size), np.float32)
     sample.flat[1] = 255
     assert verify_onnx(model, path, sample, batch_sizes=(1, 4)).max_abs_diff <= 1e-4
+    assert macs_per_item(path, {"clip": (3, cfg.clip_len, cfg.size, cfg.size)}) == count_macs(cfg)
+
+
+def _randomise_batch_norms(model: torch.nn.Module) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm3d):
+            mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen) * 2 - 1)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+
+
+@pytest.mark.parametrize(("frames", "kernel", "padding", "fold"), [(16, 5, 2, 4), (16, 5, 2, 2), (8, 3, 1, 8),
+                                                                    (12, 3, 0, 2)])
+def test_a_time_folded_convolution_computes_the_same(frames: int, kernel: int, padding: int, fold: int) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(6, 4, (kernel, 7, 7), stride=(1, 2, 2), padding=(padding, 3, 3), bias=False).eval()
+    folded = TimeFoldedConv3d(conv, frames, fold)
+    assert folded.weight.shape == (4 * fold, 6, kernel + fold - 1, 7, 7)
+    for batch in (1, 3):
+        x = torch.rand(batch, 6, frames, 40, 40)
+        with torch.no_grad():
+            assert torch.allclose(folded(x), conv(x), atol=1e-5)
+
+
+def test_folding_is_refused_where_it_would_not_be_the_same() -> None:
+    conv = torch.nn.Conv3d(6, 4, (5, 7, 7), padding=(2, 3, 3), bias=False)
+    with pytest.raises(ValueError, match="do not split"):
+        TimeFoldedConv3d(conv, 18, 4)  # 18 output frames
+    with pytest.raises(ValueError, match="temporal stride"):
+        TimeFoldedConv3d(torch.nn.Conv3d(6, 4, (5, 7, 7), stride=(2, 1, 1), bias=False), 16, 2)
+    with pytest.raises(ValueError, match="bias-free"):
+        TimeFoldedConv3d(torch.nn.Conv3d(6, 4, 3), 16, 2)
+    # 16 lanes: 4 channels fold 4x, 8 fold 2x, 16 and more not at all; the fold must divide the frames.
+    assert (fold_width(4, 16), fold_width(8, 64), fold_width(16, 16), fold_width(4, 18), fold_width(4, 9)) == \
+        (4, 2, 1, 2, 1)
