@@ -73,11 +73,13 @@ class ClipEmbedding:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def pool_chunk(n: int) -> int:
-    """Frames per pool job when ``n`` frames are decoded: up to 4 jobs, at least 3 frames each. Even the 5
-    detection frames go in two jobs: every step of a clip waits for its slowest job, so one job per step left a
-    core idle (measured at 360x480: ~1.3 ms a frame, 6.5 ms for the 5 in one job)."""
-    return max(3, math.ceil(n / 4))
+def pool_chunk(n: int, in_flight: int = 1) -> int:
+    """Frames per pool job when ``n`` frames are decoded with ``in_flight`` clips in the pipeline. A lone clip
+    splits each step over up to 4 jobs of at least 3 frames: every step of a clip waits for its slowest job, so one
+    job per step left a core idle (measured at 360x480: ~1.3 ms a frame, 6.5 ms for the 5 detection frames in one
+    job). With other clips in flight their jobs fill the cores, and every extra job is one more hand-off to and
+    from the event loop (a wake-up and a GIL round trip each): 4 // in_flight jobs, at least one."""
+    return max(3, math.ceil(n / max(1, 4 // max(1, in_flight))))
 
 
 def reduction(crop_side: int, need: int) -> int:
@@ -110,6 +112,7 @@ class ClipPipeline:
         self.limits = limits or ClipLimits()
         # Decoded pixels all requests in flight may hold (shared with the liveness pipeline).
         self.pixels = pixels or Budget("decoded pixels", max(self.limits.max_request_pixels, 1), "pixels")
+        self._in_flight = 0  # clips being embedded (read on the event loop only, for pool_chunk)
 
     def _decode_chunk(self, probed: ProbedClip, indices: Sequence[int], reduce: int = 1) -> list[np.ndarray]:
         clip, field = probed.clip, probed.field
@@ -124,7 +127,7 @@ class ClipPipeline:
     async def _decode_frames(self, probed: ProbedClip, indices: Sequence[int], reduce: int) -> list[np.ndarray]:
         """The frames at ``indices``, decoded at 1/``reduce`` scale, in parallel chunks on the pool."""
         loop = asyncio.get_running_loop()
-        chunk = pool_chunk(len(indices))
+        chunk = pool_chunk(len(indices), self._in_flight)
         parts = await asyncio.gather(*[
             loop.run_in_executor(self.executor, self._decode_chunk, probed, indices[j:j + chunk], reduce)
             for j in range(0, len(indices), chunk)
@@ -137,7 +140,7 @@ class ClipPipeline:
         the decoding jobs and all submitted together, so the batcher sees them at once and spreads them over its
         instances. Also returns when decoding ended (perf_counter)."""
         loop = asyncio.get_running_loop()
-        chunk = pool_chunk(len(indices))
+        chunk = pool_chunk(len(indices), self._in_flight)
         parts = await asyncio.gather(*[
             loop.run_in_executor(self.executor, self._detection_chunk, probed, indices[j:j + chunk])
             for j in range(0, len(indices), chunk)])
@@ -191,7 +194,11 @@ class ClipPipeline:
         with admitted(self.gate, deadline):  # refused here, before any work, if it would wait too long
             probed = clip if isinstance(clip, ProbedClip) else await self.probe(clip, field)
             with self.pixels.hold(probed.pixels):
-                return await self._embed(probed, deadline)
+                self._in_flight += 1
+                try:
+                    return await self._embed(probed, deadline)
+                finally:
+                    self._in_flight -= 1
 
     async def _embed(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
         if self.reduced_decode and probed.clip.frames and probed.clip.apex_hint is not None:
@@ -243,7 +250,7 @@ class ClipPipeline:
                 out.update(zip(have, await loop.run_in_executor(
                     self.executor, lambda: [grey_thumbnail(whole[i], crop) for i in have]), strict=True))
             indices = [i for i in indices if i not in whole]
-        chunk = pool_chunk(len(indices))
+        chunk = pool_chunk(len(indices), self._in_flight)
         starts = range(0, len(indices), chunk)
         parts = await asyncio.gather(*[
             loop.run_in_executor(self.executor, self._thumbnail_chunk, probed, indices[j:j + chunk], reduce, crop)
