@@ -69,7 +69,7 @@ def test_onnx_export_equals_torch_with_a_dynamic_batch(tmp_path: Path) -> None:
     assert macs_per_item(path, {"clip": (3, cfg.clip_len, cfg.size, cfg.size)}) == count_macs(cfg)
 
 
-def _randomise_batch_norms(model: torch.nn.Module) -> None:
+def _randomise_batch_norms(model: SlowFast) -> None:
     gen = torch.Generator().manual_seed(1)
     for mod in model.modules():
         if isinstance(mod, torch.nn.BatchNorm3d):
