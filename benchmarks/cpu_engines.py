@@ -118,8 +118,8 @@ def macs_per_item(onnx_path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
     known: dict[str, list[int]] = {}
     for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         known[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-    inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    nonzero = {t.name: int(np.count_nonzero(numpy_helper.to_array(t))) for t in model.graph.initializer}
+    weights = {t.name: t for t in model.graph.initializer}
+    inits = {name: list(t.dims) for name, t in weights.items()}
     total = 0
     for node in model.graph.node:
         out = known.get(node.output[0])
@@ -130,8 +130,9 @@ def macs_per_item(onnx_path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
             if not w:
                 continue
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            if node.op_type == "Conv" and node.input[1] in nonzero:  # outputs per channel x non-zero taps
-                total += int(np.prod(out)) // out[1] * nonzero[node.input[1]]
+            if node.op_type == "Conv" and node.input[1] in weights:  # outputs per channel x non-zero taps
+                taps = int(np.count_nonzero(numpy_helper.to_array(weights[node.input[1]])))
+                total += int(np.prod(out)) // out[1] * taps
                 continue
             per_out = int(np.prod(w[1:])) if node.op_type == "Conv" else int(np.prod(w[2:])) * w[0] // group
             total += int(np.prod(out)) * per_out

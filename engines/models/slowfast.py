@@ -14,6 +14,7 @@ pathway inside the graph, so serving code never needs to know alpha.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -228,9 +229,7 @@ class SlowFast(nn.Module):
     def for_inference(self) -> SlowFast:
         """A copy computing the same embeddings, with the fast stem time-folded where it has fewer than 16 output
         channels (``TimeFoldedConv3d``): what is exported for serving. Training keeps the plain convolution."""
-        model = SlowFast(self.cfg)
-        model.load_state_dict({k: v for k, v in self.state_dict().items() if k != "centres"}, strict=True)
-        model.eval()
+        model = copy.deepcopy(self).eval()
         conv = model.fast_stem[0]
         assert isinstance(conv, nn.Conv3d)
         fold = fold_width(conv.out_channels, self.cfg.clip_len)
