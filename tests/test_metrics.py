@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +24,18 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             out[s.name, tuple(sorted(s.labels.items()))] = s.value
     return out
+
+
+def scrape_until(port: int, key: tuple[str, tuple[tuple[str, str], ...]], timeout: float = 5.0) -> dict[
+        tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Scrape until `key` is present. grpc.aio's context.abort() sends the status to the client before it raises,
+    so the interceptor's count of a refused call can land a moment after the client already holds the error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = scrape(port)
+        if key in out or time.monotonic() > deadline:
+            return out
+        time.sleep(0.02)
 
 
 def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: Path, samples: Path) -> None:
@@ -47,8 +60,9 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         # A refused call is counted with its code, and by reason.
         with pytest.raises(Exception):  # noqa: B017 - any gRPC error; the code is checked below
             stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(), timeout=30)
-        final = scrape(port)
-        assert final[("facegate_requests_total", (("code", "INVALID_ARGUMENT"), ("method", METHOD)))] == 1
+        refused = ("facegate_requests_total", (("code", "INVALID_ARGUMENT"), ("method", METHOD)))
+        final = scrape_until(port, refused)
+        assert final[refused] == 1
         # No caller-supplied string is ever a label value.
         known = {"retinaface", "minifasnet_v2", "minifasnet_v1se", "image", "clip", "+Inf", "liveness",
                  "identification"}
