@@ -82,3 +82,24 @@ def test_an_ensemble_larger_than_the_cores_gets_a_thread_per_core(repository_dir
         engine, _ = EngineFactory(repo, settings).create(decl, decl.batching, group)
         assert isinstance(engine, OpenVinoModel)
         assert engine._compiled.get_property("INFERENCE_NUM_THREADS") == want
+
+
+def test_each_instance_gets_its_own_stream(repository_dir: Path) -> None:
+    """The CPU plugin runs one request at a time per stream, so a model served with N instances is compiled with N
+    streams (and N times the threads, which the plugin shares among them): with one stream, RetinaFace's two
+    instances took turns."""
+    from dataclasses import replace
+
+    from engines.runtime.openvino_engine import cpu_config
+
+    assert cpu_config(1, streams=2)["NUM_STREAMS"] == 2 and cpu_config(1, streams=2)["INFERENCE_NUM_THREADS"] == 2
+    assert cpu_config(2)["NUM_STREAMS"] == 1 and cpu_config(2)["INFERENCE_NUM_THREADS"] == 2
+    repo = ModelRepository(repository_dir)
+    decl = declaration_for(repo.load("retinaface"))
+    factory = EngineFactory(repo, RuntimeSettings(prefer_gpu=False, cpu_runtime=OPENVINO))
+    for instances in (1, 2):
+        engine, _ = factory.create(decl, replace(decl.batching, instances=instances))
+        assert isinstance(engine, OpenVinoModel)
+        compiled = engine._compiled
+        assert (compiled.get_property("NUM_STREAMS"), compiled.get_property("INFERENCE_NUM_THREADS")) == \
+            (instances, instances)

@@ -159,7 +159,7 @@ class EngineFactory:
             path, precision = {OPENVINO_INT8: (self.repository.model_dir(decl.name) / INT8_FILE, "int8"),
                                OPENVINO_BF16: (self.repository.onnx_path(decl.name), "bf16")
                                }.get(cpu, (self.repository.onnx_path(decl.name), "fp32"))
-            return OpenVinoModel(path, meta, threads, precision=precision), reason
+            return OpenVinoModel(path, meta, threads, precision=precision, streams=batching.instances), reason
         return self._onnxruntime(decl, meta, threads), reason
 
     def _onnxruntime(self, decl: ModelDeclaration, meta: Any, threads: int) -> Model:
