@@ -98,12 +98,22 @@ def gemm_peak_gflops(n: int = 1024, seconds: float = 2.0) -> float:
     return 2 * n**3 * k / dt / 1e9
 
 
+def useful_taps(kernel: np.ndarray) -> int:
+    """Taps of a Conv3d weight [O, I, T, H, W] less its padding frames: a frame of an output channel that is zero in
+    every input channel and position is what ``engines.models.slowfast.TimeFoldedConv3d`` adds around the
+    original kernel. A single weight that happens to be 0.0 still counts (it is the model's own tap)."""
+    if kernel.ndim != 5:
+        return int(kernel.size)
+    o, i, t = kernel.shape[:3]
+    live_frames = np.any(kernel.reshape(o, i, t, -1) != 0, axis=(1, 3))  # [O, T]
+    return int(live_frames.sum()) * i * int(np.prod(kernel.shape[3:]))
+
+
 def macs_per_item(onnx_path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
     """Multiply-adds of the compute layers for one item, from ONNX shape inference at ``shapes`` (batch 1).
 
-    A convolution counts the taps of its weights that are not zero: the zeros a time-folded convolution adds
-    (``engines.models.slowfast.TimeFoldedConv3d``) are work the kernel does but the model does not need, so the
-    fraction of peak is of the model's own multiply-adds (trained weights are never exactly zero)."""
+    A convolution leaves out the padding a time-folded convolution adds (``useful_taps``): work the kernel does but
+    the model does not need, so the fraction of peak is of the model's own multiply-adds."""
     import onnx
     from onnx import numpy_helper, shape_inference
 
@@ -130,9 +140,8 @@ def macs_per_item(onnx_path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
             if not w:
                 continue
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            if node.op_type == "Conv" and node.input[1] in weights:  # outputs per channel x non-zero taps
-                taps = int(np.count_nonzero(numpy_helper.to_array(weights[node.input[1]])))
-                total += int(np.prod(out)) // out[1] * taps
+            if node.op_type == "Conv" and node.input[1] in weights:  # outputs per channel x the taps that count
+                total += int(np.prod(out)) // out[1] * useful_taps(numpy_helper.to_array(weights[node.input[1]]))
                 continue
             per_out = int(np.prod(w[1:])) if node.op_type == "Conv" else int(np.prod(w[2:])) * w[0] // group
             total += int(np.prod(out)) * per_out
