@@ -15,9 +15,10 @@ from tests.conftest import start_server, stop_server
 
 pytestmark = pytest.mark.weights
 METHOD = "/facegate.v1.LivenessService/CheckLiveness"
+Sample = tuple[str, tuple[tuple[str, str], ...]]  # (metric name, sorted label pairs)
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(port: int) -> dict[Sample, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out = {}
     for family in text_string_to_metric_families(text):
@@ -26,8 +27,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def scrape_until(port: int, key: tuple[str, tuple[tuple[str, str], ...]], timeout: float = 5.0) -> dict[
-        tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape_until(port: int, key: Sample, timeout: float = 5.0) -> dict[Sample, float]:
     """Scrape until `key` is present. grpc.aio's context.abort() sends the status to the client before it raises,
     so the interceptor's count of a refused call can land a moment after the client already holds the error."""
     deadline = time.monotonic() + timeout
