@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from functools import partial
 
 from engines.declarations import ModelDeclaration, declaration_for
 from engines.repository import ModelMetadata, ModelRepository
@@ -18,7 +17,8 @@ from engines.runtime.factory import EngineFactory
 from engines.tensorrt.availability import Availability
 from server.batching.scheduler import DynamicBatcher
 from server.config import ServerConfig
-from server.priority import lower_this_thread
+from server.placement import CpuPlacement
+from server.priority import compute_thread
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,11 @@ class ServedModel:
 
 class ModelRegistry:
     def __init__(self, repository: ModelRepository, config: ServerConfig,
-                 avail: Availability | None = None) -> None:
+                 avail: Availability | None = None, placement: CpuPlacement | None = None) -> None:
         self.repository = repository
         self.config = config
+        # Where engine threads run: each model's instances spread over the CPUs (server.placement).
+        self.placement = placement or CpuPlacement(config.pin_compute_threads)
         self.models: dict[str, ServedModel] = {}
         self.factory = EngineFactory(repository, config.runtime, avail)
 
@@ -49,7 +51,7 @@ class ModelRegistry:
             batching = self.config.batcher_for(name, decl.batching)
             # Engine creation (and a TensorRT build) takes a while and holds no event-loop state: off the loop.
             engine, reason = await loop.run_in_executor(None, self.factory.create, decl, batching, group)
-            batcher = DynamicBatcher(engine, batching, partial(lower_this_thread, self.config.compute_nice))
+            batcher = DynamicBatcher(engine, batching, compute_thread(self.config.compute_nice, self.placement.pool()))
             await batcher.start()
             self.models[name] = ServedModel(meta, decl, engine, batcher, reason)
             log.info("loaded %s v%s on %s [%s] (%s)", name, meta.version, engine.runtime, reason, batcher.config)

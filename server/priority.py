@@ -4,8 +4,10 @@ On a machine whose cores are all busy with inference, the OS shares them out fai
 threads and the one event-loop thread, so the loop gets a tenth of the machine. It then accepts calls more slowly
 than they arrive, and under overload calls wait in gRPC's transport for seconds before the server can even refuse
 them (measured: at 3x the capacity, refusals took ~1 s to come back; with compute threads at nice 19, 84 ms).
-Raising the compute threads' nice value changes nothing while a core is free; it only decides who runs first
-when none is. Linux only (elsewhere a no-op); raising a nice value needs no privilege.
+Raising the compute threads' nice value only decides who runs first when no core is free, provided they are
+spread over the cores: Linux balances runqueues by weight, and left to it, nice-19 threads pile up on one core
+while the loop's core idles (``server.placement`` places each on a CPU). Linux only (elsewhere a no-op); raising a
+nice value needs no privilege.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 # gRPC core's own I/O threads read and write the sockets: they stay with the loop.
 _IO_THREAD_PREFIXES = ("event_engine", "grpc")
@@ -30,6 +33,17 @@ def lower_this_thread(nice: int) -> None:
     """Thread-pool initializer: this (compute) thread runs at ``nice``, as will every thread it starts."""
     if nice > 0 and _supported():
         _renice(threading.get_native_id(), nice)
+
+
+def compute_thread(nice: int, place: Callable[[], None]) -> Callable[[], None]:
+    """The initializer of a compute pool's threads (decoding, an engine's instances): lowered to ``nice``, then
+    placed on its CPU (``place``, from ``server.placement.CpuPlacement.pool``)."""
+
+    def init() -> None:
+        lower_this_thread(nice)
+        place()
+
+    return init
 
 
 def lower_compute_threads(nice: int, keep: set[int]) -> int:

@@ -70,6 +70,23 @@ def test_compute_threads_yield_to_the_event_loop(server_process) -> None:  # typ
     assert len(lowered) >= 4, nice  # engine threads, the CPU pool, the runtimes' pools
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux thread affinity and at least 2 CPUs")
+def test_compute_threads_are_spread_over_the_cpus_one_each(server_process) -> None:  # type: ignore[no-untyped-def]
+    """Engine threads (warmed up, so started) each run on one CPU, together on more than one; the event loop and
+    gRPC's I/O threads keep every CPU the process may use (server/placement.py)."""
+    proc, _ = server_process
+    every = len(os.sched_getaffinity(proc.pid))
+    cpus: dict[int, set[int]] = {}
+    for task in Path(f"/proc/{proc.pid}/task").iterdir():
+        cpus[int(task.name)] = os.sched_getaffinity(int(task.name))
+    placed = [s for s in cpus.values() if len(s) == 1]
+    assert len(cpus[proc.pid]) == every  # the event loop
+    assert len(placed) >= 4, cpus  # RetinaFace's two instances and the two classifiers at least
+    assert len(set().union(*placed)) >= 2, cpus
+    assert len(placed) < len(cpus), cpus  # gRPC's and the runtimes' own threads are not placed
+
+
 def test_sigterm_drains_in_flight_requests_then_exits(server_process, samples: Path) -> None:  # type: ignore[no-untyped-def]
     proc, address = server_process
     stub = liveness_pb2_grpc.LivenessServiceStub(grpc.insecure_channel(address))
