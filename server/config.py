@@ -82,7 +82,8 @@ class ServerConfig:
     pin_compute_threads: bool = True
     """Put each compute thread (decoding, engine instances) on a CPU of its own, each pool's threads spread over the
     CPUs the process may use; false leaves placement to the OS, which stacks nice-19 threads on one core while the
-    event loop's idles (``server/placement.py``: +22 % CheckLiveness throughput measured on 2 cores). Linux only."""
+    event loop's idles (``server/placement.py``: CheckLiveness and IdentifyFromClip 1.2x at saturation, measured on
+    2 cores). Linux only."""
     cpu_workers: int = max(2, min(8, os.cpu_count() or 2))
     """Threads for decoding, resizing and the gallery search: one per core. They release the GIL in native code but
     take it back between frames, and every extra thread is one more waiting for it: with 4 on 2 cores the cores

@@ -7,7 +7,8 @@ loop then sleeps (most of the time), its core idles while they wait. Measured on
 at c32 (``auto``): 15-17 % of the cores idle while the compute threads spent 35-49 % of their time runnable but
 waiting for a CPU, and 54-62 voluntary context switches a request. With every compute thread on a CPU of its own the
 cores were 8-9 % idle, 39-41 switches a request, and in 3 rounds side by side with the unplaced server:
-CheckLiveness c32 1.22x req/s, c1 1.06x; IdentifyFromClip c1 p50 0.87x, c16 1.08x clips/s (benchmarks/README.md).
+CheckLiveness c32 1.20x req/s, c1 p50 0.93x; IdentifyFromClip c16 1.20x clips/s, c1 p50 0.82x (benchmarks/README.md).
+The cost: under heavy overload the loop has less spare time, so refusals come back later (README, *Security*).
 
 A thread placed on one CPU still shares it: the event loop (unplaced) preempts it there as before, and a runtime's own
 worker threads (OpenVINO's, ONNX Runtime's intra-op pool) are made when the model is compiled, by an unplaced thread,
