@@ -36,15 +36,13 @@ from server.metrics import Metrics, MetricsInterceptor
 from server.model_registry import ModelRegistry
 from server.pipelines.identification import ClipPipeline
 from server.pipelines.liveness import LivenessPipeline
-from server.placement import CpuPlacement
-from server.priority import compute_thread, lower_compute_threads, lower_this_thread
+from server.priority import lower_compute_threads, lower_this_thread
 from server.servicers.error_interceptor import ErrorMappingInterceptor
 from server.servicers.identification import IdentificationServicer
 from server.servicers.inference import InferenceServicer
 from server.servicers.liveness import LivenessServicer
 from server.servicers.models import ModelServicer, model_version
 from server.services.identification import IdentificationService
-from server.workers import worker_index
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +59,10 @@ class FacegateServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        # Several workers begin their placement on different CPUs, so their first threads do not share one.
-        placement = CpuPlacement(config.pin_compute_threads, start=worker_index() or 0)
-        self.registry = ModelRegistry(ModelRepository(config.model_repository), config, placement=placement)
+        self.registry = ModelRegistry(ModelRepository(config.model_repository), config)
+        # The first pool placed, before any model's: its threads begin on the first CPU.
         self.cpu_pool = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="cpu",
-                                           initializer=compute_thread(config.compute_nice, placement.pool()))
+                                           initializer=self.registry.compute_pool_init())
         lower = partial(lower_this_thread, config.compute_nice)  # gallery threads wait on the database: not placed
         self.health = health.aio.HealthServicer()
         self.liveness: LivenessPipeline | None = None

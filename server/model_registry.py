@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engines.declarations import ModelDeclaration, declaration_for
@@ -19,6 +20,7 @@ from server.batching.scheduler import DynamicBatcher
 from server.config import ServerConfig
 from server.placement import CpuPlacement
 from server.priority import compute_thread
+from server.workers import worker_index
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,19 @@ class ServedModel:
 
 class ModelRegistry:
     def __init__(self, repository: ModelRepository, config: ServerConfig,
-                 avail: Availability | None = None, placement: CpuPlacement | None = None) -> None:
+                 avail: Availability | None = None) -> None:
         self.repository = repository
         self.config = config
-        # Where engine threads run: each model's instances spread over the CPUs (server.placement).
-        self.placement = placement or CpuPlacement(config.pin_compute_threads)
+        # Where compute threads run (server.placement): each model's instances, and the server's decoding pool,
+        # spread over the CPUs. Several workers begin on different CPUs, so their first threads do not share one.
+        self.placement = CpuPlacement(config.pin_compute_threads, start=worker_index() or 0)
         self.models: dict[str, ServedModel] = {}
         self.factory = EngineFactory(repository, config.runtime, avail)
+
+    def compute_pool_init(self) -> Callable[[], None]:
+        """The initializer of one compute thread pool (an engine's instances, the decoding pool): its threads at
+        ``compute_nice``, spread over the CPUs."""
+        return compute_thread(self.config.compute_nice, self.placement.pool())
 
     async def load(self, names: list[str], group: int = 1) -> None:
         """Load ``names``; ``group`` > 1 when every request calls that many of them together (engine threads)."""
@@ -51,7 +59,7 @@ class ModelRegistry:
             batching = self.config.batcher_for(name, decl.batching)
             # Engine creation (and a TensorRT build) takes a while and holds no event-loop state: off the loop.
             engine, reason = await loop.run_in_executor(None, self.factory.create, decl, batching, group)
-            batcher = DynamicBatcher(engine, batching, compute_thread(self.config.compute_nice, self.placement.pool()))
+            batcher = DynamicBatcher(engine, batching, self.compute_pool_init())
             await batcher.start()
             self.models[name] = ServedModel(meta, decl, engine, batcher, reason)
             log.info("loaded %s v%s on %s [%s] (%s)", name, meta.version, engine.runtime, reason, batcher.config)

@@ -67,8 +67,9 @@ class CpuPlacement:
     two liveness classifiers, land on different CPUs)."""
 
     def __init__(self, enabled: bool = True, cpus: Iterable[int] | None = None, start: int = 0) -> None:
-        self.cpus = cores_first(allowed_cpus() if cpus is None else cpus)
-        self.enabled = enabled and hasattr(os, "sched_setaffinity") and len(self.cpus) > 1
+        given = allowed_cpus() if cpus is None else list(cpus)
+        self.enabled = enabled and hasattr(os, "sched_setaffinity") and len(given) > 1
+        self.cpus = cores_first(given) if self.enabled else sorted(given)  # the topology is read only when used
         self._next_pool = start
         self._lock = threading.Lock()
 
