@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Mapping
@@ -14,7 +15,10 @@ from engines.runtime.base import EngineInstance, InferTimings, Model, TensorSpec
 class FakeModel(Model):
     """y = x * 2 + instance id marker; records the batch sizes and the first value of each item it ran."""
 
-    def __init__(self, delay_s: float = 0.0, max_batch_size: int = 64, fail: bool = False) -> None:
+    def __init__(self, delay_s: float = 0.0, max_batch_size: int = 64, fail: bool = False,
+                 meet: int = 0) -> None:
+        """``meet`` > 1: each call waits (up to 5 s) until that many calls are inside the engine at once, so calls the
+        batcher started together are seen together however late a loaded machine schedules their threads."""
         self.name = "fake"
         self.version = "1"
         self.runtime = "fake"
@@ -28,6 +32,7 @@ class FakeModel(Model):
         self.concurrent = 0
         self.max_concurrent = 0
         self._lock = threading.Lock()
+        self._meeting = threading.Barrier(meet) if meet > 1 else None
         self.closed = 0
 
     def new_instance(self) -> EngineInstance:
@@ -46,6 +51,10 @@ class _FakeInstance(EngineInstance):
             m.batches.append(int(inputs["x"].shape[0]))
             m.seen.extend(float(v) for v in inputs["x"][:, 0])
         try:
+            if m._meeting is not None:
+                # Broken: the others never came, so the calls ran one after another (max_concurrent shows it).
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    m._meeting.wait(5.0)
             if m.delay_s:
                 time.sleep(m.delay_s)
             if m.fail:

@@ -244,14 +244,15 @@ def test_batcher_refuses_a_batch_size_above_the_engine_limit() -> None:
 
 def test_a_burst_on_idle_instances_runs_on_all_of_them_at_once() -> None:
     async def main() -> None:
-        m = FakeModel(delay_s=0.05)
+        m = FakeModel(delay_s=0.05, meet=2)
         b = await started(m, max_batch_size=16, max_queue_delay_us=1000, instances=2)
         outs = await asyncio.gather(*[b.infer(item(i)) for i in range(5)])  # one request's fan-out, e.g. 5 frames
         await b.stop()
         assert [o["y"][0] for o in outs] == [2.0 * i for i in range(5)]
         assert sorted(m.batches) == [2, 3]  # not one batch of 5 on one instance while the other idles
-        # Both batches ran side by side: the fake engine counts the calls inside it at once. (A wall-clock bound
-        # stood here and failed CI once at 0.145 s on a loaded 2-core machine, slower than even one after the other.)
+        # Both batches ran side by side: the fake engine counts the calls inside it at once, each waiting for the
+        # other (a loaded CI machine once started the second thread after the first's 50 ms had passed; a wall-clock
+        # bound before that failed at 0.145 s).
         assert m.max_concurrent == 2
 
     asyncio.run(main())
