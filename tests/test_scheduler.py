@@ -178,7 +178,7 @@ def test_cancelled_requests_are_not_executed() -> None:
 
 def test_instances_execute_concurrently() -> None:
     async def main() -> None:
-        m = FakeModel(delay_s=0.1)
+        m = FakeModel(delay_s=0.1, meet=3)  # calls started together meet inside, however late their threads run
         b = await started(m, max_batch_size=1, max_queue_delay_us=0, instances=3)
         await asyncio.gather(*[b.infer(item(i)) for i in range(6)])
         await b.stop()
