@@ -78,7 +78,9 @@ class ServerConfig:
     compute_nice: int = 19
     """Nice value of the compute threads (inference, decoding, gallery) relative to the event loop and gRPC's I/O
     threads at 0: when every core is busy, the loop that admits, sheds and answers calls runs first. Changes nothing
-    while a core is idle; 0 turns it off (Linux only)."""
+    while a core is idle; 0 turns it off (Linux only). The threads also yield to any busy process in the server's
+    own scheduling group (its container or session): give it one of its own, or use 10 where it cannot have one
+    (README, *Sharing the machine*)."""
     pin_compute_threads: bool = True
     """Put each compute thread (decoding, engine instances) on a CPU of its own, each pool's threads spread over the
     CPUs the process may use; false leaves placement to the OS, which stacks nice-19 threads on one core while the
