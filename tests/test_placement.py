@@ -11,6 +11,9 @@ import pytest
 
 from server.placement import CpuPlacement, allowed_cpus, cores_first
 
+needs_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(allowed_cpus()) < 2,
+                                    reason="needs Linux thread affinity and at least 2 CPUs")
+
 
 def _topology(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
     for cpu, (package, core) in cores.items():
@@ -51,8 +54,7 @@ def _cpus_of_threads(executor: ThreadPoolExecutor, threads: int) -> list[set[int
     return list(got.values())
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(allowed_cpus()) < 2,
-                    reason="needs Linux thread affinity and at least 2 CPUs")
+@needs_affinity
 def test_a_pools_threads_spread_over_the_cpus_and_the_next_pool_starts_one_further() -> None:
     placement = CpuPlacement()
     cpus = placement.cpus
@@ -69,8 +71,7 @@ def test_a_pools_threads_spread_over_the_cpus_and_the_next_pool_starts_one_furth
     assert os.sched_getaffinity(0) == set(allowed_cpus())
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(allowed_cpus()) < 2,
-                    reason="needs Linux thread affinity and at least 2 CPUs")
+@needs_affinity
 def test_placement_off_leaves_threads_on_every_cpu() -> None:
     with ThreadPoolExecutor(2, initializer=CpuPlacement(enabled=False).pool()) as pool:
         assert all(s == set(allowed_cpus()) for s in _cpus_of_threads(pool, 2))
