@@ -4,7 +4,7 @@
    OpenVINO, the higher), bf16 (OpenVINO's bf16 hint, where the CPU has bf16 arithmetic) and INT8 (a QDQ MatMul
    that OpenVINO runs as u8 x s8; on a CPU with VNNI, its int8 dot products).
 2. Each served model's multiply-adds per item, counted from its ONNX graph (Conv, ConvTranspose, Gemm, MatMul at
-   the warm-up shape, batch 1, after ONNX shape inference).
+   the warm-up shape, batch 1, with the shapes of one run of the graph).
 3. Items/s per model and runtime (ONNX Runtime and OpenVINO FP32; OpenVINO bf16 where the CPU has it and the
    model declares it; OpenVINO INT8 where the variant file exists, passed or not; one thread; batch 8), and the
    fraction of the peak of its own precision that is: 2 * MACs * items/s / peak FLOP/s. The gates' verdicts say
@@ -109,46 +109,61 @@ def useful_taps(kernel: np.ndarray) -> int:
     return int(live_frames.sum()) * i * int(np.prod(kernel.shape[3:]))
 
 
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _run_shapes(model: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    """The shape of every compute node's output and of every weight, from one run of the graph at batch 1.
+
+    ONNX shape inference cannot follow shapes that the graph computes at run time: RetinaFace's Caffe crop after
+    its upsampling (Shape -> Slice) left the batch and spatial sizes of its whole FPN and SSH branch unknown (0), so
+    a count from inference alone silently missed 51 of its 91 M multiply-adds."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    inits = {t.name for t in model.graph.initializer}
+    # The outputs, and the first input of all but Conv (Gemm's and MatMul's inner dimension, the positions a
+    # ConvTranspose scatters from).
+    tensors = [t for n in probe.graph.node if n.op_type in COMPUTE_OPS
+               for t in (n.output[0], *(n.input[:1] if n.op_type != "Conv" else ()))]
+    wanted = list(dict.fromkeys(t for t in tensors if t not in have and t not in inits and t not in shapes))
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in wanted)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.zeros((1, *shapes[i.name]), np.float32) for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    known = {name: list(v.shape) for name, v in zip(names, session.run(names, feeds), strict=True)}
+    known.update({t.name: list(t.dims) for t in model.graph.initializer})
+    known.update({name: [1, *shape] for name, shape in shapes.items()})
+    return known
+
+
 def macs_per_item(onnx_path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
-    """Multiply-adds of the compute layers for one item, from ONNX shape inference at ``shapes`` (batch 1).
+    """Multiply-adds of the compute layers for one item: shapes from one run of the graph at ``shapes`` (batch 1).
 
     A convolution leaves out the padding a time-folded convolution adds (``useful_taps``): work the kernel does but
-    the model does not need, so the fraction of peak is of the model's own multiply-adds."""
+    the model does not need, so the fraction of peak is of the model's own multiply-adds. A compute node whose
+    shapes are not known fails the count rather than being left out of it."""
     import onnx
-    from onnx import numpy_helper, shape_inference
+    from onnx import numpy_helper
 
     model = onnx.load(str(onnx_path))
-    for inp in model.graph.input:
-        if inp.name in shapes:
-            dims = inp.type.tensor_type.shape.dim
-            for d, v in zip(dims, (1, *shapes[inp.name]), strict=True):
-                d.ClearField("dim_param")
-                d.dim_value = v
-    model = shape_inference.infer_shapes(model, data_prop=True)
-    known: dict[str, list[int]] = {}
-    for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
-        known[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    known = _run_shapes(model, shapes)
     weights = {t.name: t for t in model.graph.initializer}
-    inits = {name: list(t.dims) for name, t in weights.items()}
     total = 0
-    for node in model.graph.node:
-        out = known.get(node.output[0])
-        if not out or 0 in out:
-            continue
-        if node.op_type in ("Conv", "ConvTranspose"):
-            w = inits.get(node.input[1]) or known.get(node.input[1])
-            if not w:
-                continue
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            if node.op_type == "Conv" and node.input[1] in weights:  # outputs per channel x the taps that count
-                total += int(np.prod(out)) // out[1] * useful_taps(numpy_helper.to_array(weights[node.input[1]]))
-                continue
-            per_out = int(np.prod(w[1:])) if node.op_type == "Conv" else int(np.prod(w[2:])) * w[0] // group
-            total += int(np.prod(out)) * per_out
-        elif node.op_type in ("Gemm", "MatMul"):
-            a = known.get(node.input[0]) or inits.get(node.input[0])
-            if a:
-                total += int(np.prod(out)) * a[-1]
+    for node in (n for n in model.graph.node if n.op_type in COMPUTE_OPS):
+        out = known[node.output[0]]
+        if node.op_type == "Conv" and node.input[1] in weights:  # outputs per channel x the taps that count
+            total += int(np.prod(out)) // out[1] * useful_taps(numpy_helper.to_array(weights[node.input[1]]))
+        elif node.op_type == "Conv":
+            total += int(np.prod(out)) * int(np.prod(known[node.input[1]][1:]))
+        elif node.op_type == "ConvTranspose":  # weight [C_in, C_out / group, k...]: each input value, every tap
+            total += int(np.prod(known[node.input[0]])) * int(np.prod(known[node.input[1]][1:]))
+        else:
+            total += int(np.prod(out)) * known[node.input[0]][-1]
     return total
 
 
