@@ -14,10 +14,10 @@ from benchmarks.cpu_engines import macs_per_item
 
 def _crop_after_upsampling(path: Path) -> None:
     """RetinaFace's shape in small: conv, a stride-2 ConvTranspose, a Caffe crop back to the input's size (Shape ->
-    Slice, sizes known only at run time), then a conv on the crop."""
+    Slice, sizes known only at run time), then a conv on the crop and a fully connected layer."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
-             (("w1", (8, 4, 3, 3)), ("up", (8, 8, 2, 2)), ("w2", (16, 8, 3, 3)))]
+             (("w1", (8, 4, 3, 3)), ("up", (8, 8, 2, 2)), ("w2", (16, 8, 3, 3)), ("fc", (5, 16)))]
     inits += [numpy_helper.from_array(np.asarray(v, np.int64), n) for n, v in
               (("hw_from", [2]), ("hw_to", [4]), ("zeros", [0, 0]), ("axes", [2, 3]))]
     nodes = [
@@ -26,7 +26,10 @@ def _crop_after_upsampling(path: Path) -> None:
         helper.make_node("Shape", ["x"], ["xs"]),
         helper.make_node("Slice", ["xs", "hw_from", "hw_to"], ["hw"]),
         helper.make_node("Slice", ["u", "zeros", "hw", "axes"], ["crop"]),
-        helper.make_node("Conv", ["crop", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["crop", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc"], ["y"], transB=1),
     ]
     graph = helper.make_graph(
         nodes, "crop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, "h", "w"])],
@@ -44,9 +47,10 @@ def test_shapes_known_only_at_run_time_are_counted(tmp_path: Path) -> None:
     inferred = shape_inference.infer_shapes(model, data_prop=True)
     dims = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
             for vi in [*inferred.graph.value_info, *inferred.graph.output]}
-    assert not dims.get("y") or 0 in dims["y"]
+    assert not dims.get("c2") or 0 in dims["c2"]
     h, w = 10, 12
     expected = (h * w * 8 * 4 * 9  # conv 4 -> 8, 3x3
                 + h * w * 8 * 8 * 4  # ConvTranspose: each of the 8 x h x w inputs through 8 x 2 x 2 taps
-                + h * w * 16 * 8 * 9)  # conv 8 -> 16 on the crop
+                + h * w * 16 * 8 * 9  # conv 8 -> 16 on the crop
+                + 16 * 5)  # Gemm 16 -> 5
     assert macs_per_item(path, {"x": (4, h, w)}) == expected
