@@ -122,19 +122,19 @@ def _run_shapes(model: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, lis
     import onnxruntime as ort
     from onnx import helper
 
+    # Shapes known without running: the weights and the given inputs; the run adds every other tensor counted.
+    known = {t.name: list(t.dims) for t in model.graph.initializer}
+    known.update({name: [1, *shape] for name, shape in shapes.items()})
     probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe.CopyFrom(model)  # (the caller's model keeps its outputs)
     have = {o.name for o in probe.graph.output}
-    inits = {t.name for t in model.graph.initializer}
     tensors = [t for n in probe.graph.node if n.op_type in COMPUTE_OPS for t in (n.output[0], *n.input[:2])]
-    wanted = list(dict.fromkeys(t for t in tensors if t not in have and t not in inits and t not in shapes))
+    wanted = list(dict.fromkeys(t for t in tensors if t not in have and t not in known))
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in wanted)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {i.name: np.zeros((1, *shapes[i.name]), np.float32) for i in session.get_inputs()}
+    feeds = {i.name: np.zeros(known[i.name], np.float32) for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
-    known = {name: list(v.shape) for name, v in zip(names, session.run(names, feeds), strict=True)}
-    known.update({t.name: list(t.dims) for t in model.graph.initializer})
-    known.update({name: [1, *shape] for name, shape in shapes.items()})
+    known.update({name: list(v.shape) for name, v in zip(names, session.run(names, feeds), strict=True)})
     return known
 
 
