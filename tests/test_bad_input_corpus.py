@@ -85,3 +85,22 @@ def test_every_bad_input_gets_its_status_and_the_server_keeps_answering(
     rss = peak_rss(pid)
     print(f"bad-input corpus: {len(corpus)} cases; server peak RSS {rss / 2**20:.0f} MiB")
     assert rss < MAX_PEAK_RSS, f"peak RSS {rss / 2**20:.0f} MiB"
+
+
+def test_bytes_that_are_not_the_request_message_get_invalid_argument(
+        corpus_server: tuple[grpc.Channel, int], samples: Path) -> None:
+    """A request whose bytes do not parse as the method's message is the caller's error: INVALID_ARGUMENT naming the
+    request, not INTERNAL; the server answers the next call."""
+    from facegate_client.client import field_violations
+
+    channel, _ = corpus_server
+    live = liveness_pb2_grpc.LivenessServiceStub(channel)
+    good = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=(samples / "image_T1.jpg").read_bytes()))
+    for method in ("/facegate.v1.LivenessService/CheckLiveness", "/facegate.v1.IdentificationService/IdentifyFromClip",
+                   "/inference.GRPCInferenceService/ModelInfer"):
+        with pytest.raises(grpc.RpcError) as raised:
+            channel.unary_unary(method)(b"\xff\xff\xff\xff", timeout=10)
+        err = raised.value
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, method  # type: ignore[attr-defined]
+        assert [f for f, _ in field_violations(err)] == ["request"], method
+        assert live.CheckLiveness(good, timeout=30).decision == liveness_pb2.DECISION_LIVE
