@@ -12,31 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from engines.errors import (
-    FieldViolation,
-    InvalidArgumentError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    UnauthenticatedError,
-)
+from engines.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
 from server.admission import Budget, WaitGate
 from server.audit import AuditLog
 from server.auth.callers import Authenticator, Caller, bearer_token, certificate_identities
 from server.auth.scopes import COLLECTION_SCOPES, grants, required_scope
 from server.servicers.call_context import CURRENT_CALLER, metadata_request_id
-
-
-def _parsed(parse: Callable[[bytes], Any] | None, raw: bytes) -> Any:
-    """The request message from its bytes. Bytes that are not the method's message are the caller's error, so they get
-    INVALID_ARGUMENT, as every other bad field does, not INTERNAL with a traceback in the log."""
-    if parse is None:
-        return raw
-    try:
-        return parse(raw)
-    except DecodeError as err:
-        raise InvalidArgumentError(FieldViolation("request", f"is not a valid request message ({err})")) from None
+from server.servicers.error_interceptor import parse_request
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -115,7 +98,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 if gate is not None:
                     gate.check()
                 with self._calls.hold(1), self._bytes.hold(len(raw)):
-                    request = _parsed(parse, raw)
+                    request = parse_request(parse, raw)
                     self.check_collection(caller, scope, request, method, context)
                     CURRENT_CALLER.set(caller)
                     return await inner(request, context)

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -21,6 +22,7 @@ from engines.errors import (
     DeadlineExceededError,
     FacegateError,
     FailedPreconditionError,
+    FieldViolation,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
@@ -70,6 +72,17 @@ def status_for(err: FacegateError, request_id: str | None = None) -> grpc.Status
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
 
 
+def parse_request(parse: Callable[[bytes], Any] | None, raw: bytes) -> Any:
+    """The request message from its bytes. Bytes that are not the method's message are the caller's error, so they get
+    INVALID_ARGUMENT, as every other bad field does, not UNKNOWN or INTERNAL with a traceback in the log."""
+    if parse is None:
+        return raw
+    try:
+        return parse(raw)
+    except DecodeError as err:
+        raise InvalidArgumentError(FieldViolation("request", f"is not a valid request message ({err})")) from None
+
+
 def _pack(msg: Any) -> any_pb2.Any:
     a = any_pb2.Any()
     a.Pack(msg)
@@ -94,10 +107,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         inner = handler.unary_unary
         method = handler_call_details.method
+        # The request is parsed here, inside the mapping, not by gRPC before it: every method's undecodable bytes
+        # (health checks too) get INVALID_ARGUMENT. The auth interceptor's methods arrive unparsed (no
+        # deserializer): it parses them itself, with parse_request, once the call is admitted.
+        parse = handler.request_deserializer
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await inner(request, context)
+                return await inner(parse_request(parse, raw), context)
             except FacegateError as err:
                 if isinstance(err, UnrecoverableError) and self._on_unrecoverable is not None:
                     self._on_unrecoverable()
@@ -109,8 +126,5 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("unhandled error in %s (request id %s)", method, rid)
                 await context.abort_with_status(status_for(InternalError("unexpected failure"), rid))
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
+                                                   response_serializer=handler.response_serializer)
