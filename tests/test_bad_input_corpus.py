@@ -90,8 +90,8 @@ def test_every_bad_input_gets_its_status_and_the_server_keeps_answering(
 def test_bytes_that_are_not_the_request_message_get_invalid_argument(
         corpus_server: tuple[grpc.Channel, int], samples: Path) -> None:
     """A request whose bytes do not parse as the method's message is the caller's error: INVALID_ARGUMENT naming the
-    request, not INTERNAL (or UNKNOWN for a health check, which no auth scope covers); the server answers the next
-    call."""
+    request, not INTERNAL (or UNKNOWN for a health check, which no auth scope covers), on unary and streaming methods
+    alike; the server answers the next call."""
     from facegate_client.client import field_violations
 
     channel, _ = corpus_server
@@ -101,6 +101,20 @@ def test_bytes_that_are_not_the_request_message_get_invalid_argument(
                    "/inference.GRPCInferenceService/ModelInfer", "/grpc.health.v1.Health/Check"):
         with pytest.raises(grpc.RpcError) as raised:
             channel.unary_unary(method)(b"\xff\xff\xff\xff", timeout=10)
+        err = raised.value
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, method  # type: ignore[attr-defined]
+        assert [f for f, _ in field_violations(err)] == ["request"], method
+        assert live.CheckLiveness(good, timeout=30).decision == liveness_pb2.DECISION_LIVE
+    garbage = b"\xff\xff\xff\xff"
+    streams = {  # a health watch (one request, a stream back) and reflection (streams both ways)
+        "/grpc.health.v1.Health/Watch": lambda: list(channel.unary_stream("/grpc.health.v1.Health/Watch")(
+            garbage, timeout=10)),
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": lambda: list(channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(iter([garbage]), timeout=10)),
+    }
+    for method, call in streams.items():
+        with pytest.raises(grpc.RpcError) as raised:
+            call()
         err = raised.value
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, method  # type: ignore[attr-defined]
         assert [f for f, _ in field_violations(err)] == ["request"], method

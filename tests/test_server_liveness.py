@@ -213,6 +213,10 @@ def test_health_reflection_and_model_listing(live_server: RunningServer) -> None
     for service in ("", "facegate.v1.LivenessService"):
         status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
+    # A watch (a streaming method the interceptors wrap) sends the current status first.
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="facegate.v1.LivenessService"), timeout=5)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
     refl = reflection_pb2_grpc.ServerReflectionStub(ch)
     reply = next(iter(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
                                                 timeout=5)))

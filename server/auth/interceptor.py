@@ -20,6 +20,7 @@ from server.auth.callers import Authenticator, Caller, bearer_token, certificate
 from server.auth.scopes import COLLECTION_SCOPES, grants, required_scope
 from server.servicers.call_context import CURRENT_CALLER, metadata_request_id
 from server.servicers.error_interceptor import parse_request
+from server.servicers.streams import relay
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -109,38 +110,29 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
                                                    response_serializer=handler.response_serializer)
 
-    async def _open_stream(self, context: grpc.aio.ServicerContext, method: str, scope: str) -> None:
-        try:
-            CURRENT_CALLER.set(self.identify(context, method, scope))
-        except (UnauthenticatedError, PermissionDeniedError) as err:
-            await _abort(context, err)
+    def _open_stream(self, context: grpc.aio.ServicerContext, method: str, scope: str) -> None:
+        # A refusal is raised, and the error-mapping interceptor around this one turns it into its status.
+        CURRENT_CALLER.set(self.identify(context, method, scope))
 
     def _streaming(self, handler: grpc.RpcMethodHandler, method: str, scope: str) -> grpc.RpcMethodHandler:
-        # Reflection and health watches: identity and scope checked when the stream opens.
+        # Streaming methods (reflection; health is open): identity and scope checked when the stream opens.
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
 
-            async def guarded_ss(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                await self._open_stream(context, method, scope)
-                async for item in inner_ss(requests, context):
-                    yield item
+            async def guarded_ss(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+                self._open_stream(context, method, scope)
+                await relay(inner_ss(requests, context), context)
 
             return grpc.stream_stream_rpc_method_handler(guarded_ss, handler.request_deserializer,
                                                          handler.response_serializer)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
-            async def guarded_us(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await self._open_stream(context, method, scope)
-                async for item in inner_us(request, context):
-                    yield item
+            async def guarded_us(request: Any, context: grpc.aio.ServicerContext) -> None:
+                self._open_stream(context, method, scope)
+                await relay(inner_us(request, context), context)
 
             return grpc.unary_stream_rpc_method_handler(guarded_us, handler.request_deserializer,
                                                         handler.response_serializer)
         return handler
 
-
-async def _abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
-    code = grpc.StatusCode.UNAUTHENTICATED if isinstance(err, UnauthenticatedError) else \
-        grpc.StatusCode.PERMISSION_DENIED
-    await context.abort(code, str(err))

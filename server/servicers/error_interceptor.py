@@ -6,9 +6,8 @@ generic message and the request id; the traceback goes to the log, never to the 
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -33,6 +32,7 @@ from engines.errors import (
     UnrecoverableError,
 )
 from server.servicers.call_context import CURRENT_REQUEST_ID, metadata_request_id
+from server.servicers.streams import relay
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ def _request_id(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Every method, unary or streaming, gets its request parsed and its errors mapped here."""
+
     def __init__(self, on_unrecoverable: Callable[[], None] | None = None) -> None:
         self._on_unrecoverable = on_unrecoverable
 
@@ -103,28 +105,74 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner = handler.unary_unary
         method = handler_call_details.method
-        # The request is parsed here, inside the mapping, not by gRPC before it: every method's undecodable bytes
-        # (health checks too) get INVALID_ARGUMENT. The auth interceptor's methods arrive unparsed (no
-        # deserializer): it parses them itself, with parse_request, once the call is admitted.
+        # Requests are parsed here, inside the mapping, not by gRPC before it: every method's undecodable bytes
+        # (health checks and watches, reflection streams too) get INVALID_ARGUMENT. The auth interceptor's unary
+        # methods arrive unparsed (no deserializer): it parses them itself, with parse_request, once admitted.
+        # Streamed requests are parsed as the handler iterates them (every streaming method here reads its request
+        # iterator; one that called context.read() would get raw bytes).
         parse = handler.request_deserializer
+        serialize = handler.response_serializer
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
 
-        async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return await inner(parse_request(parse, raw), context)
-            except FacegateError as err:
-                if isinstance(err, UnrecoverableError) and self._on_unrecoverable is not None:
-                    self._on_unrecoverable()
-                await context.abort_with_status(status_for(err, _request_id(context)))
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception:
-                rid = _request_id(context)
-                log.exception("unhandled error in %s (request id %s)", method, rid)
-                await context.abort_with_status(status_for(InternalError("unexpected failure"), rid))
+            async def unary_unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner_uu(parse_request(parse, raw), context)
+                except Exception as err:
+                    await self._abort(err, context, method)
 
-        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
-                                                   response_serializer=handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, serialize)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(raw: Any, context: grpc.aio.ServicerContext) -> None:
+                try:
+                    await relay(inner_us(parse_request(parse, raw), context), context)
+                except Exception as err:
+                    await self._abort(err, context, method)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
+        if handler.stream_stream is not None:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(raws: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+                try:
+                    await relay(inner_ss(_parsed(parse, raws), context), context)
+                except Exception as err:
+                    await self._abort(err, context, method)
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(raws: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner_su(_parsed(parse, raws), context)
+                except Exception as err:
+                    await self._abort(err, context, method)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, None, serialize)
+        return handler
+
+    async def _abort(self, err: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+        """Ends the call with the status for ``err``: a domain error's own, else INTERNAL (traceback to the log)."""
+        if isinstance(err, grpc.aio.AbortError):  # already aborted (with its status) further in
+            raise err
+        rid = _request_id(context)
+        if isinstance(err, FacegateError):
+            if isinstance(err, UnrecoverableError) and self._on_unrecoverable is not None:
+                self._on_unrecoverable()
+            status = status_for(err, rid)
+        else:
+            log.error("unhandled error in %s (request id %s)", method, rid, exc_info=err)
+            status = status_for(InternalError("unexpected failure"), rid)
+        await context.abort_with_status(status)
+
+
+async def _parsed(parse: Callable[[bytes], Any] | None, raws: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream's messages, each parsed as it is read (parse_request's INVALID_ARGUMENT for bad bytes)."""
+    async for raw in raws:
+        yield parse_request(parse, raw)
