@@ -75,3 +75,11 @@ def test_no_batching_turns_every_model_to_batch_one() -> None:
     cfg = ServerConfig(batching_enabled=False)
     assert cfg.batcher_for("retinaface").max_batch_size == 1
     assert cfg.batcher_for("retinaface").max_queue_delay_us == 0
+
+
+def test_open_streams_must_leave_the_calls_their_rpc_slots() -> None:
+    with pytest.raises(ValueError, match=r"max_open_streams \(300\).*max_inflight_calls \(256\).*\(512\)"):
+        ServerConfig(max_open_streams=300)
+    with pytest.raises(ValueError, match=r"max_open_streams \(0\)"):
+        ServerConfig(max_open_streams=0)
+    assert ServerConfig(max_open_streams=256).max_open_streams == 256

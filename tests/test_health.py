@@ -69,3 +69,40 @@ def test_readiness_is_false_while_draining(repository_dir: Path, tmp_path: Path)
     future.result(30)
     running.loop.call_soon_threadsafe(running.loop.stop)
     thread.join(30)
+
+
+def test_open_health_watches_are_bounded_and_cannot_lock_calls_out(repository_dir: Path, tmp_path: Path,
+                                                                    samples: Path) -> None:
+    """A health watch needs no credential and stays open as long as its client likes, holding one of gRPC's
+    concurrent-RPC slots: without a bound of their own, enough watches would refuse every biometric call."""
+    import asyncio
+
+    from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+
+    running, thread = start_server(repository_dir, gallery_path=tmp_path / "g.sqlite", max_open_streams=3,
+                                   max_inflight_calls=4, max_concurrent_rpcs=7)
+    channel = running.channel()
+    health = health_pb2_grpc.HealthStub(channel)
+    watches = [health.Watch(health_pb2.HealthCheckRequest(service=LIVENESS), timeout=30) for _ in range(10)]
+    try:
+        opened, refused = [], []
+        for w in watches:
+            try:
+                assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+                opened.append(w)
+            except grpc.RpcError as err:
+                refused.append(err.code())  # type: ignore[attr-defined]
+        assert len(opened) == 3 and refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 7
+        image = common_pb2.Image(data=(samples / "image_T1.jpg").read_bytes())
+        live = liveness_pb2_grpc.LivenessServiceStub(channel)
+        assert live.CheckLiveness(liveness_pb2.CheckLivenessRequest(image=image), timeout=30).decision == \
+            liveness_pb2.DECISION_LIVE
+        # An open watch still follows the server: draining turns it NOT_SERVING.
+        stopping = asyncio.run_coroutine_threadsafe(running.server.stop(1.0, 1.0), running.loop)  # type: ignore[attr-defined]
+        assert next(opened[0]).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stopping.result(30)
+    finally:
+        for w in watches:
+            w.cancel()
+        running.loop.call_soon_threadsafe(running.loop.stop)
+        thread.join(30)

@@ -3,7 +3,8 @@
 The interceptor swaps the method's request deserializer for the identity, so the handler receives raw bytes:
 the caller is identified and its scope checked first, the request's size is taken from the server's bytes
 budget, and only then is the message parsed and handed to the servicer. Collection-limited scopes are checked
-right after parsing (the collection is a request field). Every refusal goes to the audit log. Health is open.
+right after parsing (the collection is a request field). Every refusal goes to the audit log. Health is open, but
+its watches, like every stream, are counted against the open-streams budget.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from server.servicers.streams import relay
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, audit: AuditLog, request_bytes: Budget,
-                 calls: Budget | None = None, gates: Mapping[str, WaitGate] | None = None) -> None:
+                 calls: Budget | None = None, gates: Mapping[str, WaitGate] | None = None,
+                 streams: Budget | None = None) -> None:
         self._auth = authenticator
         self._audit = audit
         self._bytes = request_bytes
         self._calls = calls or Budget("calls in flight", 1 << 30, "calls")
+        # Streaming calls, open ones (health watches) included: each may stay open as long as its client likes.
+        self._streams = streams or Budget("open streams", 1 << 30, "streams")
         # Full method name -> the wait gate of the pipeline it enters: while that pipeline sheds, its calls are
         # refused here, before parsing or any servicer code (the pipeline itself checks again, with the deadline).
         self._gates = dict(gates or {})
@@ -81,10 +85,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         method = details.method
         scope = required_scope(method)
-        if handler is None or scope is None:
+        if handler is None:
             return handler
         if handler.unary_unary is not None:
-            return self._unary(handler, method, scope)
+            return handler if scope is None else self._unary(handler, method, scope)
         return self._streaming(handler, method, scope)
 
     def _unary(self, handler: grpc.RpcMethodHandler, method: str, scope: str) -> grpc.RpcMethodHandler:
@@ -110,18 +114,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
                                                    response_serializer=handler.response_serializer)
 
-    def _open_stream(self, context: grpc.aio.ServicerContext, method: str, scope: str) -> None:
+    def _open_stream(self, context: grpc.aio.ServicerContext, method: str, scope: str | None) -> None:
         # A refusal is raised, and the error-mapping interceptor around this one turns it into its status.
-        CURRENT_CALLER.set(self.identify(context, method, scope))
+        if scope is not None:
+            CURRENT_CALLER.set(self.identify(context, method, scope))
 
-    def _streaming(self, handler: grpc.RpcMethodHandler, method: str, scope: str) -> grpc.RpcMethodHandler:
-        # Streaming methods (reflection; health is open): identity and scope checked when the stream opens.
+    def _streaming(self, handler: grpc.RpcMethodHandler, method: str, scope: str | None) -> grpc.RpcMethodHandler:
+        # Health watches (open) and reflection: identity and scope checked when the stream opens, and the stream
+        # holds one of the open-streams budget while it lasts.
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
 
             async def guarded_ss(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
                 self._open_stream(context, method, scope)
-                await relay(inner_ss(requests, context), context)
+                with self._streams.hold(1):
+                    await relay(inner_ss(requests, context), context)
 
             return grpc.stream_stream_rpc_method_handler(guarded_ss, handler.request_deserializer,
                                                          handler.response_serializer)
@@ -130,7 +137,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             async def guarded_us(request: Any, context: grpc.aio.ServicerContext) -> None:
                 self._open_stream(context, method, scope)
-                await relay(inner_us(request, context), context)
+                with self._streams.hold(1):
+                    await relay(inner_us(request, context), context)
 
             return grpc.unary_stream_rpc_method_handler(guarded_us, handler.request_deserializer,
                                                         handler.response_serializer)
