@@ -81,9 +81,9 @@ class FacegateServer:
         gated = {f"/{LIVENESS_SERVICE}/CheckLiveness": self.gates["liveness"],
                  f"/{IDENTIFICATION_SERVICE}/IdentifyFromClip": self.gates["identification"],
                  f"/{IDENTIFICATION_SERVICE}/EnrollFromClip": self.gates["identification"]}
-        self.streams = Budget("open streams", config.max_open_streams, "streams")
+        side = Budget("health checks and streams", config.max_health_and_stream_calls, "calls")
         self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls, gated,
-                                    self.streams)
+                                    side)
         self.metrics = Metrics()
         self.metrics.watch_models(self.registry)
         self.metrics.watch_gates(self.gates)

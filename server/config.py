@@ -38,14 +38,15 @@ class ServerConfig:
     max_inflight_calls: int = 256
     """Calls (all but health) being served at once; more are refused at once with RESOURCE_EXHAUSTED and
     RetryInfo, so overload is shed instead of queued past every deadline."""
-    max_open_streams: int = 32
-    """Streaming calls (health watches, which need no credential, and reflection) open at once. A stream holds
-    one of gRPC's max_concurrent_rpcs slots for as long as its client keeps it open, so streams are bounded apart
-    from the calls and below gRPC's limit: watchers can never lock the biometric calls out. More are refused at
-    once with RESOURCE_EXHAUSTED."""
+    max_health_and_stream_calls: int = 64
+    """Health checks and streaming calls (health watches, reflection) in flight. Health needs no credential, and a
+    stream stays open as long as its client likes, each holding one of gRPC's max_concurrent_rpcs slots; so they
+    are bounded apart from the calls, and the two bounds together fit in gRPC's: no number of health checks,
+    watches or slow uploads to them can lock the biometric calls out. More are refused at once with
+    RESOURCE_EXHAUSTED."""
     max_concurrent_rpcs: int = 512
-    """gRPC's own limit (a backstop above max_inflight_calls + max_open_streams): beyond it RESOURCE_EXHAUSTED
-    before any work."""
+    """gRPC's own limit (a backstop above max_inflight_calls + max_health_and_stream_calls): beyond it
+    RESOURCE_EXHAUSTED before any work."""
     max_concurrent_streams: int = 1024
     """HTTP/2 streams one connection may have open (grpc.max_concurrent_streams; gRPC's own default is unbounded).
     Kept above the call limits: a stream over it is refused with REFUSED_STREAM, which clients see as UNAVAILABLE
@@ -148,10 +149,11 @@ class ServerConfig:
         if self.max_queue_wait_s <= 0 or self.admit_min_in_flight < 1:
             raise ValueError(f"max_queue_wait_s must be > 0 and admit_min_in_flight >= 1, got "
                              f"{self.max_queue_wait_s}, {self.admit_min_in_flight}")
-        if self.max_open_streams < 1 or self.max_inflight_calls + self.max_open_streams > self.max_concurrent_rpcs:
-            raise ValueError(f"max_open_streams ({self.max_open_streams}) must be >= 1, and with max_inflight_calls "
+        side = self.max_health_and_stream_calls
+        if side < 1 or self.max_inflight_calls + side > self.max_concurrent_rpcs:
+            raise ValueError(f"max_health_and_stream_calls ({side}) must be >= 1, and with max_inflight_calls "
                              f"({self.max_inflight_calls}) at most max_concurrent_rpcs ({self.max_concurrent_rpcs}), "
-                             f"or open streams could take the slots calls need")
+                             f"or health checks and streams could take the slots calls need")
         if self.max_inflight_pixels < self.clip_limits.max_request_pixels:
             raise ValueError(f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least "
                              f"clip_limits.max_request_pixels ({self.clip_limits.max_request_pixels})")

@@ -11,6 +11,7 @@ at scrape time, so serving pays nothing for them.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -116,7 +117,8 @@ _REASONS = {grpc.StatusCode.UNAUTHENTICATED: "unauthenticated", grpc.StatusCode.
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Outermost: counts every answered unary call with its final status code, and its latency."""
+    """Outermost: counts every answered call that has one response (unary methods, which the auth interceptor
+    serves as stream-unary) with its final status code, and its latency."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
@@ -127,18 +129,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner, method, m = handler.unary_unary, details.method, self._m
+        method, m = details.method, self._m
 
-        async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def measured(answer: Awaitable[Any], context: grpc.aio.ServicerContext) -> Any:
             t0 = time.perf_counter()
             m.in_flight.inc()
             code = grpc.StatusCode.OK
             try:
-                return await inner(request, context)
-            except BaseException:  # aborts (the mapped status is on the context), cancellation, anything else
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                return await answer
+            except BaseException as err:  # aborts (the mapped status is on the context), cancellation, anything else
+                code = context.code() or _unset_code(err, context)
                 raise
             finally:
                 m.in_flight.dec()
@@ -148,5 +150,29 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 if code in _REASONS:
                     m.refused.labels(_REASONS[code]).inc()
 
-        return grpc.unary_unary_rpc_method_handler(measured, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await measured(inner_uu(request, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await measured(inner_su(requests, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return handler
+
+
+def _unset_code(err: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status of a call that ended without one set: cancelled by gRPC when its deadline passed or its client
+    went away (the client sees DEADLINE_EXCEEDED or CANCELLED), else an error nothing mapped."""
+    if isinstance(err, asyncio.CancelledError):
+        left = context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN

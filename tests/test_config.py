@@ -77,9 +77,9 @@ def test_no_batching_turns_every_model_to_batch_one() -> None:
     assert cfg.batcher_for("retinaface").max_queue_delay_us == 0
 
 
-def test_open_streams_must_leave_the_calls_their_rpc_slots() -> None:
-    with pytest.raises(ValueError, match=r"max_open_streams \(300\).*max_inflight_calls \(256\).*\(512\)"):
-        ServerConfig(max_open_streams=300)
-    with pytest.raises(ValueError, match=r"max_open_streams \(0\)"):
-        ServerConfig(max_open_streams=0)
-    assert ServerConfig(max_open_streams=256).max_open_streams == 256
+def test_health_and_streams_must_leave_the_calls_their_rpc_slots() -> None:
+    with pytest.raises(ValueError, match=r"max_health_and_stream_calls \(300\).*max_inflight_calls \(256\).*\(512\)"):
+        ServerConfig(max_health_and_stream_calls=300)
+    with pytest.raises(ValueError, match=r"max_health_and_stream_calls \(0\)"):
+        ServerConfig(max_health_and_stream_calls=0)
+    assert ServerConfig(max_health_and_stream_calls=256).max_health_and_stream_calls == 256

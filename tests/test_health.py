@@ -79,7 +79,7 @@ def test_open_health_watches_are_bounded_and_cannot_lock_calls_out(repository_di
 
     from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
 
-    running, thread = start_server(repository_dir, gallery_path=tmp_path / "g.sqlite", max_open_streams=3,
+    running, thread = start_server(repository_dir, gallery_path=tmp_path / "g.sqlite", max_health_and_stream_calls=3,
                                    max_inflight_calls=4, max_concurrent_rpcs=7)
     channel = running.channel()
     health = health_pb2_grpc.HealthStub(channel)

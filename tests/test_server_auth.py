@@ -264,3 +264,33 @@ def test_reflection_is_an_operator_rpc(token_server: RunningServer) -> None:
     assert code_of(lambda: services(None)) == grpc.StatusCode.UNAUTHENTICATED
     assert code_of(lambda: services("live")) == grpc.StatusCode.PERMISSION_DENIED
     assert "facegate.v1.LivenessService" in services("ops")
+
+
+def test_an_unauthenticated_upload_is_refused_before_the_server_receives_it(repository_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """The caller is checked when the call opens: 48 concurrent 15 MiB requests without a credential are refused
+    without the server taking in their 720 MiB (a plain unary handler is called only once the whole message has
+    arrived). What the server's peak memory may still grow by is gRPC's flow-control windows and buffers."""
+    from benchmarks.server_process import facegate_process
+    from tests.test_bad_input_corpus import peak_rss
+
+    token = tmp_path / "token"
+    token.write_text(TOKENS["live"])
+    with facegate_process(repository_dir, ["--token-file", str(token), "--token-scopes", "liveness"],
+                          tmp_path / "server.log") as (address, proc):
+        before = peak_rss(proc.pid)
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        channels = [grpc.insecure_channel(address, options=options) for _ in range(4)]
+        big = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=b"\xff" * (15 << 20)))
+        calls = [liveness_pb2_grpc.LivenessServiceStub(channels[i % 4]).CheckLiveness.future(big, timeout=60)
+                 for i in range(48)]
+        assert {c.exception().code() for c in calls} == {grpc.StatusCode.UNAUTHENTICATED}  # type: ignore[union-attr]
+        grown = peak_rss(proc.pid) - before
+        assert grown < 256 << 20, f"the server's peak memory grew by {grown >> 20} MiB"
+        # A caller with the token is served (its 15 MiB of garbage is received, then refused as an image).
+        with pytest.raises(grpc.RpcError) as raised:
+            liveness_pb2_grpc.LivenessServiceStub(channels[0]).CheckLiveness(big, metadata=as_caller("live"),
+                                                                             timeout=60)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        for ch in channels:
+            ch.close()

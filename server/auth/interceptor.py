@@ -1,10 +1,13 @@
-"""Authentication, authorisation and request-bytes admission for every RPC, before anything is decoded.
+"""Authentication, authorisation and admission for every RPC, before its request message is received.
 
-The interceptor swaps the method's request deserializer for the identity, so the handler receives raw bytes:
-the caller is identified and its scope checked first, the request's size is taken from the server's bytes
-budget, and only then is the message parsed and handed to the servicer. Collection-limited scopes are checked
-right after parsing (the collection is a request field). Every refusal goes to the audit log. Health is open, but
-its watches, like every stream, are counted against the open-streams budget.
+Every unary method is served as a stream-unary one, whose handler runs as soon as the call opens: the caller is
+identified and its scope checked, and the call admitted (wait gate, calls budget), before the request's bytes are
+read. A plain unary handler is handed its message only once gRPC has received all of it: a refused caller could
+make the server hold up to ``max_message_bytes`` (16 MiB) per call first (64 unauthenticated 15 MiB calls took
+the server from 0.4 to 1.5 GiB). The bytes are then taken from the request-bytes budget, parsed and handed to
+the servicer; collection-limited scopes are checked right after parsing (the collection is a request field). Every
+refusal goes to the audit log. Health needs no credential, so its checks and every stream (health watches,
+reflection) are held to a budget of their own.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from typing import Any
 
 import grpc
 
-from engines.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
+from engines.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
 from server.admission import Budget, WaitGate
 from server.audit import AuditLog
 from server.auth.callers import Authenticator, Caller, bearer_token, certificate_identities
@@ -27,13 +36,14 @@ from server.servicers.streams import relay
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, audit: AuditLog, request_bytes: Budget,
                  calls: Budget | None = None, gates: Mapping[str, WaitGate] | None = None,
-                 streams: Budget | None = None) -> None:
+                 side: Budget | None = None) -> None:
         self._auth = authenticator
         self._audit = audit
         self._bytes = request_bytes
         self._calls = calls or Budget("calls in flight", 1 << 30, "calls")
-        # Streaming calls, open ones (health watches) included: each may stay open as long as its client likes.
-        self._streams = streams or Budget("open streams", 1 << 30, "streams")
+        # Health checks (no credential) and streams (each open as long as its client likes): bounded apart from the
+        # calls, so that they can never take the gRPC slots the calls need.
+        self._side = side or Budget("health checks and streams", 1 << 30, "calls")
         # Full method name -> the wait gate of the pipeline it enters: while that pipeline sheds, its calls are
         # refused here, before parsing or any servicer code (the pipeline itself checks again, with the deadline).
         self._gates = dict(gates or {})
@@ -88,31 +98,35 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         if handler.unary_unary is not None:
-            return handler if scope is None else self._unary(handler, method, scope)
+            return self._unary(handler, method, scope)
         return self._streaming(handler, method, scope)
 
-    def _unary(self, handler: grpc.RpcMethodHandler, method: str, scope: str) -> grpc.RpcMethodHandler:
+    def _unary(self, handler: grpc.RpcMethodHandler, method: str, scope: str | None) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
         parse = handler.request_deserializer
         gate = self._gates.get(method)
 
-        async def guarded(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+            if scope is None:  # health checks
+                with self._side.hold(1):
+                    return await inner(parse_request(parse, await _read_one(context)), context)
             caller = self.identify(context, method, scope)
-            request: Any = None
             try:
                 if gate is not None:
                     gate.check()
-                with self._calls.hold(1), self._bytes.hold(len(raw)):
-                    request = parse_request(parse, raw)
-                    self.check_collection(caller, scope, request, method, context)
-                    CURRENT_CALLER.set(caller)
-                    return await inner(request, context)
+                with self._calls.hold(1):
+                    raw = await _read_one(context)  # only now is the request received
+                    with self._bytes.hold(len(raw)):
+                        request = parse_request(parse, raw)
+                        self.check_collection(caller, scope, request, method, context)
+                        CURRENT_CALLER.set(caller)
+                        return await inner(request, context)
             except ResourceExhaustedError as err:  # shed load is a refused call too: counted, summarised
                 self._audit.record_shed(rpc=method, caller=caller.name, reason=str(err))
                 raise
 
-        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
-                                                   response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(guarded, request_deserializer=None,
+                                                    response_serializer=handler.response_serializer)
 
     def _open_stream(self, context: grpc.aio.ServicerContext, method: str, scope: str | None) -> None:
         # A refusal is raised, and the error-mapping interceptor around this one turns it into its status.
@@ -121,13 +135,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _streaming(self, handler: grpc.RpcMethodHandler, method: str, scope: str | None) -> grpc.RpcMethodHandler:
         # Health watches (open) and reflection: identity and scope checked when the stream opens, and the stream
-        # holds one of the open-streams budget while it lasts.
+        # holds one of the side budget while it lasts.
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
 
             async def guarded_ss(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
                 self._open_stream(context, method, scope)
-                with self._streams.hold(1):
+                with self._side.hold(1):
                     await relay(inner_ss(requests, context), context)
 
             return grpc.stream_stream_rpc_method_handler(guarded_ss, handler.request_deserializer,
@@ -135,12 +149,34 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
-            async def guarded_us(request: Any, context: grpc.aio.ServicerContext) -> None:
+            # Served as stream-stream, like the unary methods as stream-unary: the budget is taken when the call
+            # opens, before its request is received.
+            async def guarded_us(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
                 self._open_stream(context, method, scope)
-                with self._streams.hold(1):
-                    await relay(inner_us(request, context), context)
+                with self._side.hold(1):
+                    await relay(inner_us(await _single(requests), context), context)
 
-            return grpc.unary_stream_rpc_method_handler(guarded_us, handler.request_deserializer,
-                                                        handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(guarded_us, handler.request_deserializer,
+                                                         handler.response_serializer)
         return handler
 
+
+_MISSING = FieldViolation("request", "is missing: the call ended before its request message")
+
+
+async def _read_one(context: grpc.aio.ServicerContext) -> bytes:
+    """The one request message of a unary method served as stream-unary. Read with ``context.read()``, not by
+    iterating the request stream: the iterator's async generator cost ~40 us of event-loop time a call (a bare
+    server: 379 against 336 us a call for a plain unary handler; read(), within 2 % of it)."""
+    raw = await context.read()
+    if raw is grpc.aio.EOF:
+        raise InvalidArgumentError(_MISSING)
+    return raw  # type: ignore[no-any-return]
+
+
+async def _single(requests: AsyncIterator[Any]) -> Any:
+    """The one request message of a unary-stream method served as stream-stream (parsed by the error-mapping
+    interceptor as it is read)."""
+    async for request in requests:
+        return request
+    raise InvalidArgumentError(_MISSING)

@@ -110,7 +110,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         # Requests are parsed here, inside the mapping, not by gRPC before it: every method's undecodable bytes
         # (health checks and watches, reflection streams too) get INVALID_ARGUMENT. The auth interceptor's unary
-        # methods arrive unparsed (no deserializer): it parses them itself, with parse_request, once admitted.
+        # methods arrive as stream-unary, unparsed (no deserializer): it parses them itself, with parse_request,
+        # once the call is admitted.
         # Streamed requests are parsed as the handler iterates them (every streaming method here reads its request
         # iterator; one that called context.read() would get raw bytes).
         parse = handler.request_deserializer
@@ -149,8 +150,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             inner_su = handler.stream_unary
 
             async def stream_unary(raws: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await inner_su(_parsed(parse, raws), context)
+                try:  # (the auth interceptor's unary methods: it reads and parses the one request itself)
+                    return await inner_su(raws if parse is None else _parsed(parse, raws), context)
                 except Exception as err:
                     await self._abort(err, context, method)
 
