@@ -45,7 +45,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # calls, so that they can never take the gRPC slots the calls need.
         self._side = side or Budget("health checks and streams", 1 << 30, "calls")
         # Full method name -> the wait gate of the pipeline it enters: while that pipeline sheds, its calls are
-        # refused here, before parsing or any servicer code (the pipeline itself checks again, with the deadline).
+        # refused here, before their request is received or any servicer code runs (the pipeline itself checks
+        # again, with the deadline).
         self._gates = dict(gates or {})
 
     def _refuse(self, err: Exception, method: str, context: grpc.aio.ServicerContext, caller: str,
