@@ -83,7 +83,7 @@ class FacegateServer:
                  f"/{IDENTIFICATION_SERVICE}/EnrollFromClip": self.gates["identification"]}
         side = Budget("health checks and streams", config.max_health_and_stream_calls, "calls")
         self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls, gated,
-                                    side)
+                                    side, config.default_deadline_s)
         self.metrics = Metrics()
         self.metrics.watch_models(self.registry)
         self.metrics.watch_gates(self.gates)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -144,4 +147,33 @@ def test_overload_is_shed_with_resource_exhausted_and_retry_info(repository_dir:
         assert isinstance(gate, WaitGate) and gate.refused == len(refused) and gate.in_flight == 0
         assert stub.CheckLiveness(req, timeout=30).decision == reference.decision
     finally:
+        stop_server(running, thread)
+
+
+def test_a_request_that_never_arrives_ends_at_the_default_deadline(repository_dir: Path, samples: Path) -> None:
+    """``default_deadline_s`` bounds a call whose caller set no deadline, its request's arrival included: a call
+    opened with no message sent holds its place in the calls budget only until then, ends DEADLINE_EXCEEDED, and
+    the next call is served."""
+    running, thread = start_server(repository_dir, default_deadline_s=1.0, max_inflight_calls=1)
+    release = threading.Event()
+
+    def nothing_until_released() -> Iterator[bytes]:
+        release.wait(30)
+        yield from ()
+
+    try:
+        channel = running.channel()
+        stub = liveness_pb2_grpc.LivenessServiceStub(channel)
+        req = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=(samples / "image_T1.jpg").read_bytes()))
+        # No deadline from this client: only the server's default can end the call (else it waits for good).
+        stalled = channel.stream_unary("/facegate.v1.LivenessService/CheckLiveness").future(nothing_until_released())
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as busy:  # its place is taken while it waits for its request
+            stub.CheckLiveness(req, timeout=10)
+        assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        ended = stalled.exception(timeout=10)  # (raises if the call is still open after 10 s)
+        assert ended.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[union-attr]
+        assert stub.CheckLiveness(req).decision == liveness_pb2.DECISION_LIVE  # no deadline set: the default
+    finally:
+        release.set()
         stop_server(running, thread)

@@ -24,6 +24,9 @@ CURRENT_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 # Set by the auth interceptor once the caller is identified and authorised; read by servicers that record who
 # changed what.
 CURRENT_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+# Set by the auth interceptor when a call opens, on the event-loop clock: the caller's deadline, or the server's
+# default_deadline_s from then when the caller set none. Read by deadline_from.
+CURRENT_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 DEFAULT_DEADLINE_S = 30.0
 
 
@@ -53,8 +56,11 @@ def request_id_from(explicit: str, context: grpc.aio.ServicerContext) -> str:
 
 
 def deadline_from(context: grpc.aio.ServicerContext, default_s: float = DEFAULT_DEADLINE_S) -> float:
-    """The call's deadline on the event-loop clock; ``default_s`` from now when the caller set none, so no
-    request can hold the server's resources forever."""
+    """The call's deadline on the event-loop clock: the one fixed when the call opened (CURRENT_DEADLINE), else
+    ``default_s`` from now when the caller set none, so no request can hold the server's resources forever."""
+    fixed = CURRENT_DEADLINE.get()
+    if fixed is not None:
+        return fixed
     remaining = context.time_remaining()
     if remaining is None or remaining > 1e9:  # grpc reports "no deadline" as None or a huge value
         remaining = default_s

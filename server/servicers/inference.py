@@ -20,6 +20,7 @@ from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from server.batching.stats import Duration
 from server.model_registry import ModelRegistry, ServedModel
+from server.servicers.call_context import deadline_from
 
 SERVER_NAME = "facegate"
 SERVER_VERSION = "0.1.0"
@@ -205,8 +206,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if name not in known:
                 raise InvalidArgumentError(FieldViolation(f"outputs[{i}].name", f"unknown output {name!r}"))
         n = next(iter(inputs.values())).shape[0]
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        deadline = deadline_from(context)
         # A request of batch n is n items to the dynamic batcher, which may merge them with other requests. The
         # common batch of one is awaited directly: no task per item on the event loop, no stacking.
         if n == 1:
