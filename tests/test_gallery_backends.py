@@ -175,3 +175,43 @@ def test_the_index_gives_the_garbage_collector_nothing_per_person() -> None:
     gc.collect()
     assert len(gc.get_objects()) - before < 100
     assert index.person_scores(np.ones(4, np.float32) / 2, ["p8"]) == {"p8": pytest.approx(1.0)}
+
+
+def test_replicas_writing_the_same_thing_at_once_get_the_answers_one_at_a_time_would(target: Any) -> None:
+    """Two replicas (two stores) do the same write at the same moment, 20 times each: create one collection,
+    enrol one person, retry one enrolment. Each pair gets what it would one after the other (created / found,
+    created / ALREADY_EXISTS, stored / replayed), never a database error. On PostgreSQL both used to find nothing
+    and both insert, and the second failed with a unique violation."""
+    import threading
+
+    stores = [GalleryStore(target) for _ in range(2)]
+
+    def at_once(write: Any) -> list[str]:
+        barrier, out = threading.Barrier(2), ["", ""]
+
+        def run(k: int) -> None:
+            barrier.wait()
+            try:
+                out[k] = str(write(stores[k], k))
+            except Exception as err:  # what each replica got is the point
+                out[k] = type(err).__name__
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return sorted(out)
+
+    try:
+        for i in range(20):
+            made = at_once(lambda s, k: s.create_collection(f"c{i}", "ens", "v1", MEMBERS, DIM)[1])  # noqa: B023
+            assert made == ["False", "True"]
+            enrolled = at_once(lambda s, k: s.enroll(f"c{i}", "alice", "", [(f"clip{k}", emb(k))]).total_clips)  # noqa: B023
+            assert enrolled == ["1", "AlreadyExistsError"]
+            retried = at_once(lambda s, k: s.enroll(f"c{i}", "bob", "", [("clip", emb(2))],  # noqa: B023
+                                                    request_key="r1").replayed)
+            assert retried == ["False", "True"]
+        assert [p.person_id for p in stores[0].persons("c19")] == ["alice", "bob"]
+    finally:
+        for s in stores:
+            s.close()

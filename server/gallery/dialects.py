@@ -52,6 +52,11 @@ class Dialect:
     def lock_schema(self, tx: Tx) -> None:
         """Serialise schema migrations between processes (SQLite's write transaction already does)."""
 
+    # Appended to a SELECT of a collection's row inside a write transaction, so that transactions changing the
+    # same collection run one after the other and each sees what the one before committed. SQLite's write
+    # transactions (BEGIN IMMEDIATE) already do; PostgreSQL's, at READ COMMITTED, need the row lock.
+    row_lock = ""
+
     def close(self) -> None:
         pass
 
@@ -182,6 +187,8 @@ class PostgresDialect(Dialect):
 
     def lock_schema(self, tx: Tx) -> None:
         tx.execute("SELECT pg_advisory_xact_lock(7021)")  # replicas starting together migrate one at a time
+
+    row_lock = " FOR UPDATE"
 
     def close(self) -> None:
         self._pool.close()

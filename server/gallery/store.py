@@ -122,6 +122,14 @@ class GalleryStore:
     def close(self) -> None:
         self.dialect.close()
 
+    def _lock(self, tx: Tx, collection: str) -> None:
+        """Takes the collection for this write transaction (NotFound if it is gone): two replicas enrolling the
+        same person at once on PostgreSQL both found no such person and both inserted it, and the second got a
+        unique violation (INTERNAL) instead of ALREADY_EXISTS, or, retrying one request, instead of its replay."""
+        if tx.execute(f"SELECT 1 FROM collections WHERE name = ?{self.dialect.row_lock}",  # noqa: S608
+                      (collection,)).fetchone() is None:
+            raise NotFoundError(f"no collection named {collection!r}")
+
     @staticmethod
     def _bump(tx: Tx, collection: str) -> int:
         return int(tx.execute("UPDATE collections SET seq = seq + 1 WHERE name = ? RETURNING seq",
@@ -134,19 +142,22 @@ class GalleryStore:
         """Create, or return the existing one if it is bound to the same version. Returns (collection, created)."""
         validate_id(name, "collection")
         with self.dialect.write() as tx:
-            row = tx.execute("SELECT ensemble, model_version, members, embedding_dim FROM collections "
-                             "WHERE name = ?", (name,)).fetchone()
-            if row is not None:
+            # Inserted unless it exists, in one statement: two replicas creating it at once must not both insert
+            # (on PostgreSQL the second waits for the first, then inserts nothing).
+            created = tx.execute(
+                "INSERT INTO collections (name, ensemble, model_version, members, embedding_dim, created_at, seq, "
+                "generation) VALUES (?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (name) DO NOTHING",
+                (name, ensemble, model_version, ",".join(members), embedding_dim, time.time(),
+                 uuid.uuid4().hex)).rowcount == 1
+            if not created:
+                row = tx.execute("SELECT ensemble, model_version, members, embedding_dim FROM collections "
+                                 "WHERE name = ?", (name,)).fetchone()
                 existing = _collection(row, name)
                 if existing.model_version != model_version:
                     raise FailedPreconditionError(
                         f"collection {name!r} exists, bound to model version {existing.model_version}; "
                         f"the server runs {model_version}")
                 return existing, False
-            tx.execute("INSERT INTO collections (name, ensemble, model_version, members, embedding_dim, created_at, "
-                       "seq, generation) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
-                       (name, ensemble, model_version, ",".join(members), embedding_dim, time.time(),
-                        uuid.uuid4().hex))
         return Collection(name, ensemble, model_version, tuple(members), embedding_dim), True
 
     def collection(self, name: str) -> Collection:
@@ -167,14 +178,13 @@ class GalleryStore:
     def delete_collection(self, name: str) -> None:
         validate_id(name, "collection")
         with self.dialect.write() as tx:
+            self._lock(tx, name)
             # Children first: SQLite enforces the cascade, but explicit deletes keep both databases alike.
             tx.execute("DELETE FROM templates WHERE collection = ?", (name,))
             tx.execute("DELETE FROM persons WHERE collection = ?", (name,))
             tx.execute("DELETE FROM enrol_requests WHERE collection = ?", (name,))
             tx.execute("DELETE FROM deletions WHERE collection = ?", (name,))
-            cur = tx.execute("DELETE FROM collections WHERE name = ?", (name,))
-            if cur.rowcount == 0:
-                raise NotFoundError(f"no collection named {name!r}")
+            tx.execute("DELETE FROM collections WHERE name = ?", (name,))
 
     def state(self, collection: str) -> CollectionState:
         with self.dialect.read() as tx:
@@ -229,6 +239,7 @@ class GalleryStore:
         validate_id(person_id, "person_id")
         coll = self.collection(collection)
         with self.dialect.write() as tx:
+            self._lock(tx, collection)
             if request_key and tx.execute("SELECT 1 FROM enrol_requests WHERE collection = ? AND request_key = ?",
                                           (collection, request_key)).fetchone():
                 return EnrollOutcome(self._clip_count(tx, collection, person_id), True)
@@ -276,8 +287,8 @@ class GalleryStore:
         return [r[0] for r in rows]
 
     def delete_person(self, collection: str, person_id: str) -> None:
-        self.collection(collection)
         with self.dialect.write() as tx:
+            self._lock(tx, collection)
             tx.execute("DELETE FROM templates WHERE collection = ? AND person_id = ?", (collection, person_id))
             cur = tx.execute("DELETE FROM persons WHERE collection = ? AND person_id = ?", (collection, person_id))
             if cur.rowcount == 0:
