@@ -209,6 +209,7 @@ class FacegateServer:
         delay = self.config.drain_delay_s if delay_s is None else delay_s
         if delay > 0:
             await asyncio.sleep(delay)
+        self.auth.close_streams()  # watchers were told NOT_SERVING; the grace period is for calls in flight
         await self.server.stop(self.config.drain_grace_s if grace_s is None else grace_s)
         await self.registry.stop()
         if self.identification is not None:

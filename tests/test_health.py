@@ -97,10 +97,16 @@ def test_open_health_watches_are_bounded_and_cannot_lock_calls_out(repository_di
         live = liveness_pb2_grpc.LivenessServiceStub(channel)
         assert live.CheckLiveness(liveness_pb2.CheckLivenessRequest(image=image), timeout=30).decision == \
             liveness_pb2.DECISION_LIVE
-        # An open watch still follows the server: draining turns it NOT_SERVING.
-        stopping = asyncio.run_coroutine_threadsafe(running.server.stop(1.0, 1.0), running.loop)  # type: ignore[attr-defined]
+        # An open watch still follows the server: draining turns it NOT_SERVING, and once the drain delay is over
+        # the watch is ended with UNAVAILABLE instead of holding the drain for its grace period (10 s here).
+        t0 = time.monotonic()
+        stopping = asyncio.run_coroutine_threadsafe(running.server.stop(10.0, 0.5), running.loop)  # type: ignore[attr-defined]
         assert next(opened[0]).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as ended:
+            next(opened[0])
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
         stopping.result(30)
+        assert time.monotonic() - t0 < 5
     finally:
         for w in watches:
             w.cancel()

@@ -25,6 +25,7 @@ from engines.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
+    UnavailableError,
 )
 from server.admission import Budget, WaitGate
 from server.audit import AuditLog
@@ -57,6 +58,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # again, with the deadline).
         self._gates = dict(gates or {})
         self._default_deadline_s = default_deadline_s
+        self._streams: set[asyncio.Task[Any]] = set()  # the tasks serving open streams (event loop only)
+        self._closing = False
 
     def _refuse(self, err: Exception, method: str, context: grpc.aio.ServicerContext, caller: str,
                 collection: str = "") -> Exception:
@@ -141,6 +144,35 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(guarded, request_deserializer=None,
                                                     response_serializer=handler.response_serializer)
 
+    async def _run_stream(self, work: Callable[[], Awaitable[None]]) -> None:
+        """One streaming call, held to the side budget and ended with UNAVAILABLE by ``close_streams``."""
+        if self._closing:
+            raise UnavailableError("the server is shutting down; reconnect")
+        task = asyncio.current_task()
+        assert task is not None  # (gRPC runs each call's handler in a task of its own)
+        with self._side.hold(1):
+            self._streams.add(task)
+            try:
+                await work()
+            except asyncio.CancelledError:
+                if self._closing:  # (a call its client cancelled is not turned into a status)
+                    raise UnavailableError("the server is shutting down; reconnect") from None
+                raise
+            finally:
+                self._streams.discard(task)
+
+    def close_streams(self) -> None:
+        """Ends every open stream with UNAVAILABLE (the server drains: health watchers were told NOT_SERVING when
+        the drain began). Left open, they were calls in flight to the drain, and held it for its whole grace
+        period: 11 s instead of ~1 s with five health watches open."""
+        self._closing = True
+        for task in list(self._streams):
+            task.cancel()
+
+    @staticmethod
+    async def _unary_stream(inner: Any, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        await relay(inner(await _single(requests), context), context)
+
     def _open_stream(self, context: grpc.aio.ServicerContext, method: str, scope: str | None) -> None:
         # A refusal is raised, and the error-mapping interceptor around this one turns it into its status.
         if scope is not None:
@@ -154,8 +186,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             async def guarded_ss(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
                 self._open_stream(context, method, scope)
-                with self._side.hold(1):
-                    await relay(inner_ss(requests, context), context)
+                await self._run_stream(lambda: relay(inner_ss(requests, context), context))
 
             return grpc.stream_stream_rpc_method_handler(guarded_ss, handler.request_deserializer,
                                                          handler.response_serializer)
@@ -166,8 +197,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             # opens, before its request is received.
             async def guarded_us(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
                 self._open_stream(context, method, scope)
-                with self._side.hold(1):
-                    await relay(inner_us(await _single(requests), context), context)
+                await self._run_stream(lambda: self._unary_stream(inner_us, requests, context))
 
             return grpc.stream_stream_rpc_method_handler(guarded_us, handler.request_deserializer,
                                                          handler.response_serializer)
