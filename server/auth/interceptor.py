@@ -144,8 +144,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(guarded, request_deserializer=None,
                                                     response_serializer=handler.response_serializer)
 
-    async def _run_stream(self, work: Callable[[], Awaitable[None]]) -> None:
-        """One streaming call, held to the side budget and ended with UNAVAILABLE by ``close_streams``."""
+    async def _run_stream(self, context: grpc.aio.ServicerContext, method: str, scope: str | None,
+                          work: Callable[[], Awaitable[None]]) -> None:
+        """One streaming call: its caller checked when it opens (a refusal is raised, for the error-mapping
+        interceptor around this one to turn into its status), held to the side budget, and ended with UNAVAILABLE
+        by ``close_streams``."""
+        if scope is not None:
+            CURRENT_CALLER.set(self.identify(context, method, scope))
         if self._closing:
             raise UnavailableError("the server is shutting down; reconnect")
         task = asyncio.current_task()
@@ -173,11 +178,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def _unary_stream(inner: Any, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         await relay(inner(await _single(requests), context), context)
 
-    def _open_stream(self, context: grpc.aio.ServicerContext, method: str, scope: str | None) -> None:
-        # A refusal is raised, and the error-mapping interceptor around this one turns it into its status.
-        if scope is not None:
-            CURRENT_CALLER.set(self.identify(context, method, scope))
-
     def _streaming(self, handler: grpc.RpcMethodHandler, method: str, scope: str | None) -> grpc.RpcMethodHandler:
         # Health watches (open) and reflection: identity and scope checked when the stream opens, and the stream
         # holds one of the side budget while it lasts.
@@ -185,8 +185,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             inner_ss = handler.stream_stream
 
             async def guarded_ss(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-                self._open_stream(context, method, scope)
-                await self._run_stream(lambda: relay(inner_ss(requests, context), context))
+                await self._run_stream(context, method, scope, lambda: relay(inner_ss(requests, context), context))
 
             return grpc.stream_stream_rpc_method_handler(guarded_ss, handler.request_deserializer,
                                                          handler.response_serializer)
@@ -196,8 +195,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             # Served as stream-stream, like the unary methods as stream-unary: the budget is taken when the call
             # opens, before its request is received.
             async def guarded_us(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-                self._open_stream(context, method, scope)
-                await self._run_stream(lambda: self._unary_stream(inner_us, requests, context))
+                await self._run_stream(context, method, scope,
+                                       lambda: self._unary_stream(inner_us, requests, context))
 
             return grpc.stream_stream_rpc_method_handler(guarded_us, handler.request_deserializer,
                                                          handler.response_serializer)
