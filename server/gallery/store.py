@@ -99,6 +99,9 @@ class Changes:
     deleted: list[tuple[int, str]]  # (seq, person_id)
 
 
+_COLLECTION_ROW = "SELECT ensemble, model_version, members, embedding_dim FROM collections WHERE name = ?"
+
+
 def _collection(row: Sequence[Any], name: str) -> Collection:
     return Collection(name, row[0], row[1], tuple(row[2].split(",")), int(row[3]))
 
@@ -122,13 +125,15 @@ class GalleryStore:
     def close(self) -> None:
         self.dialect.close()
 
-    def _lock(self, tx: Tx, collection: str) -> None:
-        """Takes the collection for this write transaction (NotFound if it is gone): two replicas enrolling the
-        same person at once on PostgreSQL both found no such person and both inserted it, and the second got a
-        unique violation (INTERNAL) instead of ALREADY_EXISTS, or, retrying one request, instead of its replay."""
-        if tx.execute(f"SELECT 1 FROM collections WHERE name = ?{self.dialect.row_lock}",  # noqa: S608
-                      (collection,)).fetchone() is None:
+    def _lock(self, tx: Tx, collection: str) -> Collection:
+        """Takes the collection for this write transaction and returns it (NotFound if it is gone): two replicas
+        enrolling the same person at once on PostgreSQL both found no such person and both inserted it, and the
+        second got a unique violation (INTERNAL) instead of ALREADY_EXISTS, or, retrying one request, instead of
+        its replay."""
+        row = tx.execute(_COLLECTION_ROW + self.dialect.row_lock, (collection,)).fetchone()
+        if row is None:
             raise NotFoundError(f"no collection named {collection!r}")
+        return _collection(row, collection)
 
     @staticmethod
     def _bump(tx: Tx, collection: str) -> int:
@@ -150,9 +155,7 @@ class GalleryStore:
                 (name, ensemble, model_version, ",".join(members), embedding_dim, time.time(),
                  uuid.uuid4().hex)).rowcount == 1
             if not created:
-                row = tx.execute("SELECT ensemble, model_version, members, embedding_dim FROM collections "
-                                 "WHERE name = ?", (name,)).fetchone()
-                existing = _collection(row, name)
+                existing = _collection(tx.execute(_COLLECTION_ROW, (name,)).fetchone(), name)
                 if existing.model_version != model_version:
                     raise FailedPreconditionError(
                         f"collection {name!r} exists, bound to model version {existing.model_version}; "
@@ -162,8 +165,7 @@ class GalleryStore:
 
     def collection(self, name: str) -> Collection:
         with self.dialect.read() as tx:
-            row = tx.execute("SELECT ensemble, model_version, members, embedding_dim FROM collections "
-                             "WHERE name = ?", (name,)).fetchone()
+            row = tx.execute(_COLLECTION_ROW, (name,)).fetchone()
         if row is None:
             raise NotFoundError(f"no collection named {name!r}")
         return _collection(row, name)
@@ -237,9 +239,8 @@ class GalleryStore:
         """Create a person (CREATE) or add templates to one (APPEND), atomically, with its change-log entry.
         ``templates``: (clip id, member -> embedding). A ``request_key`` seen before writes nothing (a retry)."""
         validate_id(person_id, "person_id")
-        coll = self.collection(collection)
         with self.dialect.write() as tx:
-            self._lock(tx, collection)
+            coll = self._lock(tx, collection)  # read under the lock: no separate transaction for it
             if request_key and tx.execute("SELECT 1 FROM enrol_requests WHERE collection = ? AND request_key = ?",
                                           (collection, request_key)).fetchone():
                 return EnrollOutcome(self._clip_count(tx, collection, person_id), True)
