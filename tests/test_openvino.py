@@ -115,3 +115,38 @@ def test_each_instance_gets_its_own_stream(repository_dir: Path) -> None:
         compiled = engine._compiled
         assert (compiled.get_property("NUM_STREAMS"), compiled.get_property("INFERENCE_NUM_THREADS")) == \
             (instances, instances)
+
+
+def test_fixed_batch_sizes_run_on_static_models_with_the_same_outputs(repository_dir: Path) -> None:
+    """Batch sizes up to ``openvino_static_batches`` run on models compiled for exactly that size (faster: no shape
+    inference or reallocation per call); their outputs equal the dynamic model's, and larger batches still run on it.
+    A model with another dynamic axis (the detector's height and width) gets no static models."""
+    from dataclasses import replace
+
+    repo = ModelRepository(repository_dir)
+    meta = repo.load("minifasnet_v2")
+    decl = declaration_for(meta)
+    factory = EngineFactory(repo, RuntimeSettings(prefer_gpu=False, cpu_runtime=OPENVINO, openvino_static_batches=3))
+    engine, _ = factory.create(decl, replace(decl.batching, max_batch_size=8))
+    assert isinstance(engine, OpenVinoModel) and engine.static_batches == (1, 2, 3)
+    dynamic = OpenVinoModel(repo.onnx_path("minifasnet_v2"), meta).new_instance()
+    assert OpenVinoModel(repo.onnx_path("minifasnet_v2"), meta).static_batches == ()
+    served = engine.new_instance()
+    item = decl.warmup_item()
+    rng = np.random.default_rng(1)
+    for batch in (1, 2, 3, 5):
+        x = {k: rng.uniform(0, 255, (batch, *v.shape)).astype(v.dtype) for k, v in item.items()}
+        a, _ = served.infer(x)
+        b, _ = dynamic.infer(x)
+        assert set(a) == set(b)
+        for k in b:
+            assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), (batch, k)
+    small = factory.create(decl, replace(decl.batching, max_batch_size=2))[0]
+    assert isinstance(small, OpenVinoModel) and small.static_batches == (1, 2)  # never above the largest batch
+    off = EngineFactory(repo, RuntimeSettings(prefer_gpu=False, cpu_runtime=OPENVINO, openvino_static_batches=0))
+    dynamic_only = off.create(decl, decl.batching)[0]
+    assert isinstance(dynamic_only, OpenVinoModel) and dynamic_only.static_batches == ()
+    detector = factory.create(declaration_for(repo.load("retinaface")), decl.batching)[0]
+    assert isinstance(detector, OpenVinoModel) and detector.static_batches == ()
+    with pytest.raises(ValueError, match="openvino_static_batches"):
+        RuntimeSettings(openvino_static_batches=-1)

@@ -44,24 +44,32 @@ def items_per_s(model: Model, decl: ModelDeclaration, batch: int, seconds: float
     return rate
 
 
+def measured_batches(decl: ModelDeclaration) -> list[int]:
+    """Batch 1 and the largest batch measured: 8, or less where the model's batches are smaller."""
+    return sorted({1, max(1, min(8, decl.batching.max_batch_size))})
+
+
 def measure(repo: ModelRepository, decl: ModelDeclaration, threads: int, seconds: float = 0.2,
-            int8: Path | None = None, bf16: bool = False, rounds: int = 2) -> dict[str, Any]:
-    """Items/s of each candidate at batch 1 and at the largest batch measured (8, or less where the model's
-    batches are smaller), in ``rounds`` interleaved rounds, keeping each candidate's best (the host's speed drifts
-    within seconds; a candidate measured once during a slow stretch would lose by chance)."""
+            int8: Path | None = None, bf16: bool = False, rounds: int = 2,
+            static_batches: int = 0) -> dict[str, Any]:
+    """Items/s of each candidate at each of ``measured_batches``, in ``rounds`` interleaved rounds, keeping each
+    candidate's best (the host's speed drifts within seconds; a candidate measured once during a slow stretch would
+    lose by chance). OpenVINO runs the sizes up to ``static_batches`` on static-shape models, as the server will."""
     from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
     from engines.runtime.openvino_engine import OpenVinoModel
 
     meta = repo.load(decl.name)
-    batches = sorted({1, max(1, min(8, decl.batching.max_batch_size))})
+    batches = measured_batches(decl)
+    static = [b for b in batches if b <= static_batches]
     candidates: list[tuple[str, Any]] = [
         (ONNXRUNTIME, lambda: OnnxRuntimeModel(repo.onnx_path(decl.name), meta, ["CPUExecutionProvider"], threads)),
-        (OPENVINO, lambda: OpenVinoModel(repo.onnx_path(decl.name), meta, threads))]
+        (OPENVINO, lambda: OpenVinoModel(repo.onnx_path(decl.name), meta, threads, static_batches=static))]
     if int8 is not None:
-        candidates.append((OPENVINO_INT8, lambda: OpenVinoModel(int8, meta, threads, precision="int8")))
+        candidates.append((OPENVINO_INT8, lambda: OpenVinoModel(int8, meta, threads, precision="int8",
+                                                                static_batches=static)))
     if bf16:
         candidates.append((OPENVINO_BF16, lambda: OpenVinoModel(repo.onnx_path(decl.name), meta, threads,
-                                                                precision="bf16")))
+                                                                precision="bf16", static_batches=static)))
     models: dict[str, Model] = {}
     for name, make in candidates:
         try:
@@ -126,7 +134,7 @@ def _bf16_offer(repo: ModelRepository, decl: ModelDeclaration, allowed: bool) ->
 
 
 def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: int, allow_int8: bool = True,
-                       allow_bf16: bool = True) -> tuple[str, str]:
+                       allow_bf16: bool = True, static_batches: int = 0) -> tuple[str, str]:
     """(runtime, why) for this model on this machine class; measured on first use, then read from the cache."""
     if OPENVINO not in decl.runtimes:
         return ONNXRUNTIME, "onnxruntime (the only CPU runtime the model declares)"
@@ -138,14 +146,15 @@ def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: i
     bf16, bf16_why = _bf16_offer(repo, decl, allow_bf16)
     int8 = repo.model_dir(decl.name) / INT8_FILE if gate is not None else None
     path = repo.model_dir(decl.name) / CHOICE_FILE
-    # "choice=2": entries from before the choice measured batch 1 as well are measured again.
+    # "choice=3": entries from before the choice measured batch 1 as well (2), or before OpenVINO ran those batch
+    # sizes on static-shape models as the server does (3), are measured again.
     key = (f"{machine_class()}|threads={threads}|onnx={repo.load(decl.name).onnx_sha256[:12]}"
            f"|int8={gate['int8_sha256'][:12] if gate is not None else 'none'}|bf16={'yes' if bf16 else 'no'}"
-           "|choice=2")
+           f"|static={','.join(str(b) for b in measured_batches(decl) if b <= static_batches) or 'none'}|choice=3")
     cached: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     entry = cached.get(key)
     if entry is None:
-        entry = measure(repo, decl, threads, int8=int8, bf16=bf16)
+        entry = measure(repo, decl, threads, int8=int8, bf16=bf16, static_batches=static_batches)
         cached[key] = entry
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cached, indent=2))

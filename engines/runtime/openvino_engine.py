@@ -6,12 +6,18 @@ instances and batching, and several models share the cores. The compiled model h
 the CPU plugin runs one request at a time per stream: two instances on one stream took turns (RetinaFace, batch 8,
 two requests from two threads: 428-444 items/s against 439-445 for one; two streams: 779-862; Zen 4 EPYC, 2 cores).
 Dynamic batch (and the detector's dynamic height and width) are kept: OpenVINO's CPU plugin runs dynamic shapes.
+Where every input axis but the batch is fixed (the classifiers, the SlowFast members), each batch size up to a limit
+is also compiled with static shapes, and a batch of that size runs there: the plugin then skips the shape inference
+and buffer reallocation a dynamic call makes, and picks kernels for the exact shape. The outputs are bit-identical to
+the dynamic model's. Measured on the AMX Xeon, bf16, one thread, interleaved rounds: MiniFASNetV2 0.903 -> 0.741 ms
+at batch 1 (1.22x), 0.444 -> 0.420 ms an item at batch 8 (1.06x); a SlowFast member 2.370 -> 2.086 (1.14x) and
+2.100 -> 1.884 ms an item (1.11x). Each static size costs ~0.1 s of compilation when the model loads.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +44,20 @@ def cpu_config(threads: int, precision: str = "fp32", streams: int = 1) -> dict[
 
 
 class _OvInstance(EngineInstance):
-    def __init__(self, request: Any, outputs: list[str]) -> None:
+    def __init__(self, request: Any, outputs: list[str], fixed: dict[int, Any] | None = None) -> None:
         self._request = request
         self._outputs = outputs
+        self._fixed = fixed or {}  # batch size -> a request of the model compiled for exactly that batch
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], InferTimings]:
         t0 = time.perf_counter_ns()
+        batch = len(next(iter(inputs.values()))) if inputs else 0
+        request = self._fixed.get(batch, self._request)
         try:
             # share_inputs: the request reads the caller's arrays in place (the call is synchronous, so they outlive
             # it) instead of copying them into its own tensors while holding the GIL (a batch of clips is 0.8 MB
             # each).
-            results = self._request.infer(dict(inputs), share_inputs=True)
+            results = request.infer(dict(inputs), share_inputs=True)
         except Exception as exc:  # OpenVINO raises its own exception types
             raise EngineError(f"openvino failed: {exc}") from exc
         t1 = time.perf_counter_ns()
@@ -60,8 +69,9 @@ class _OvInstance(EngineInstance):
 
 class OpenVinoModel(Model):
     def __init__(self, path: Path, meta: ModelMetadata, threads: int = 1, precision: str = "fp32",
-                 max_batch_size: int | None = None, streams: int = 1) -> None:
-        """``threads`` per instance; ``streams``: the instances that will run at once (the batcher's)."""
+                 max_batch_size: int | None = None, streams: int = 1, static_batches: Sequence[int] = ()) -> None:
+        """``threads`` per instance; ``streams``: the instances that will run at once (the batcher's);
+        ``static_batches``: batch sizes also compiled with static shapes, where no other input axis is dynamic."""
         import openvino as ov
 
         if precision not in PRECISIONS:
@@ -69,7 +79,18 @@ class OpenVinoModel(Model):
         if precision == "bf16" and not has_bf16():
             raise EngineError("this CPU has no bf16 support (OpenVINO lists no BF16 capability)")
         core = ov.Core()
-        self._compiled = core.compile_model(core.read_model(str(path)), "CPU", cpu_config(threads, precision, streams))
+        config = cpu_config(threads, precision, streams)
+        model = core.read_model(str(path))
+        self._compiled = core.compile_model(model, "CPU", config)
+        names = {n for p in self._compiled.inputs for n in p.get_names()}
+        if not {t.name for t in meta.inputs} <= names:
+            raise EngineError(f"{path}: inputs {sorted(names)} do not match the metadata of {meta.name}")
+        self._static: dict[int, Any] = {}
+        if all(d > 0 for t in meta.inputs for d in t.shape[1:]):
+            for batch in sorted({b for b in static_batches if b >= 1}):
+                fixed = model.clone()
+                fixed.reshape({fixed.input(t.name): [batch, *t.shape[1:]] for t in meta.inputs})
+                self._static[batch] = core.compile_model(fixed, "CPU", config)
         self.name = meta.name
         self.version = meta.version
         self.precision = precision
@@ -77,9 +98,12 @@ class OpenVinoModel(Model):
         self.inputs = tuple(TensorSpec(t.name, np.dtype(t.dtype), t.shape) for t in meta.inputs)
         self.outputs = tuple(TensorSpec(t.name, np.dtype(t.dtype), t.shape) for t in meta.outputs)
         self.max_batch_size = max_batch_size or meta.max_batch_size
-        names = {n for p in self._compiled.inputs for n in p.get_names()}
-        if not {t.name for t in self.inputs} <= names:
-            raise EngineError(f"{path}: inputs {sorted(names)} do not match the metadata of {meta.name}")
 
     def new_instance(self) -> EngineInstance:
-        return _OvInstance(self._compiled.create_infer_request(), [t.name for t in self.outputs])
+        return _OvInstance(self._compiled.create_infer_request(), [t.name for t in self.outputs],
+                           {b: c.create_infer_request() for b, c in self._static.items()})
+
+    @property
+    def static_batches(self) -> tuple[int, ...]:
+        """The batch sizes that run on a model compiled for exactly that size."""
+        return tuple(self._static)
