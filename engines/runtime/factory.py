@@ -54,9 +54,9 @@ class RuntimeSettings:
     openvino_static_batches: int = 8
     """On OpenVINO, batch sizes 1 to this (at most the model's largest batch) also run on a model compiled for
     exactly that size, where no input axis but the batch is dynamic: 1.06-1.22x faster per item (measured,
-    ``engines.runtime.openvino_engine``; CheckLiveness c32 +2-6 % in process). Each costs, when the model loads, ~0.1 s of compilation, 10-17 MB and
-    two idle plugin threads (with the defaults, the five OpenVINO models: +4.8 s, +400 MB, +80 threads; AMX Xeon).
-    0 = dynamic only."""
+    ``engines.runtime.openvino_engine``; CheckLiveness c32 +2-6 % in process). Each costs, when the model loads,
+    ~0.1 s of compilation, 10-17 MB and two idle plugin threads (with the defaults, the five OpenVINO models: +4.8 s,
+    +400 MB, +80 threads; AMX Xeon). 0 = dynamic only."""
     models: dict[str, str] = field(default_factory=dict)
     """Per-model runtime ([runtime.models] name = "auto" | "onnxruntime" | "openvino" | "tensorrt")."""
 
