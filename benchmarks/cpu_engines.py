@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     peaks = peaks_gflops(a.seconds)
     print(f"[bench-cpu] peaks GFLOP/s: {peaks}", file=sys.stderr)
     repo = ModelRepository(a.repository)
-    factory = EngineFactory(repo, RuntimeSettings(prefer_gpu=False))
+    settings = RuntimeSettings(prefer_gpu=False)
+    factory = EngineFactory(repo, settings)
+    static = [8] if settings.openvino_static_batches >= 8 else []  # batch 8 on OpenVINO as the server runs it
     rows = []
     for name in repo.names():
         meta = repo.load(name)
@@ -215,15 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         variants: list[tuple[str, str, Any]] = [
             ("onnxruntime", "fp32", lambda: OnnxRuntimeModel(repo.onnx_path(name), meta,  # noqa: B023
                                                              ["CPUExecutionProvider"], 1)),
-            ("openvino", "fp32", lambda: OpenVinoModel(repo.onnx_path(name), meta, 1, static_batches=[8]))]  # noqa: B023
+            ("openvino", "fp32", lambda: OpenVinoModel(repo.onnx_path(name), meta, 1, static_batches=static))]  # noqa: B023
         if "bf16" in decl.cpu_precisions and has_bf16():
             variants.append(("openvino_bf16", "bf16",
                              lambda: OpenVinoModel(repo.onnx_path(name), meta, 1, precision="bf16",  # noqa: B023
-                                                   static_batches=[8])))
+                                                   static_batches=static)))
         if "int8" in decl.cpu_precisions and int8_file.is_file():
             variants.append(("openvino_int8", "int8",
                              lambda: OpenVinoModel(int8_file, meta, 1, precision="int8",  # noqa: B023
-                                                   static_batches=[8])))
+                                                   static_batches=static)))
         for runtime, precision, make in variants:
             rate = items_per_s(make(), decl, 8, a.seconds)
             row[runtime] = {"items_per_s": rate, "precision": precision,

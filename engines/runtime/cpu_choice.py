@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,15 @@ def measured_batches(decl: ModelDeclaration) -> list[int]:
 
 def measure(repo: ModelRepository, decl: ModelDeclaration, threads: int, seconds: float = 0.2,
             int8: Path | None = None, bf16: bool = False, rounds: int = 2,
-            static_batches: int = 0) -> dict[str, Any]:
+            static: Sequence[int] = ()) -> dict[str, Any]:
     """Items/s of each candidate at each of ``measured_batches``, in ``rounds`` interleaved rounds, keeping each
     candidate's best (the host's speed drifts within seconds; a candidate measured once during a slow stretch would
-    lose by chance). OpenVINO runs the sizes up to ``static_batches`` on static-shape models, as the server will."""
+    lose by chance). OpenVINO runs the sizes in ``static`` on static-shape models, as the server will."""
     from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
     from engines.runtime.openvino_engine import OpenVinoModel
 
     meta = repo.load(decl.name)
     batches = measured_batches(decl)
-    static = [b for b in batches if b <= static_batches]
     candidates: list[tuple[str, Any]] = [
         (ONNXRUNTIME, lambda: OnnxRuntimeModel(repo.onnx_path(decl.name), meta, ["CPUExecutionProvider"], threads)),
         (OPENVINO, lambda: OpenVinoModel(repo.onnx_path(decl.name), meta, threads, static_batches=static))]
@@ -146,15 +146,16 @@ def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: i
     bf16, bf16_why = _bf16_offer(repo, decl, allow_bf16)
     int8 = repo.model_dir(decl.name) / INT8_FILE if gate is not None else None
     path = repo.model_dir(decl.name) / CHOICE_FILE
+    static = [b for b in measured_batches(decl) if b <= static_batches]
     # "choice=3": entries from before the choice measured batch 1 as well (2), or before OpenVINO ran those batch
     # sizes on static-shape models as the server does (3), are measured again.
     key = (f"{machine_class()}|threads={threads}|onnx={repo.load(decl.name).onnx_sha256[:12]}"
            f"|int8={gate['int8_sha256'][:12] if gate is not None else 'none'}|bf16={'yes' if bf16 else 'no'}"
-           f"|static={','.join(str(b) for b in measured_batches(decl) if b <= static_batches) or 'none'}|choice=3")
+           f"|static={','.join(map(str, static)) or 'none'}|choice=3")
     cached: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     entry = cached.get(key)
     if entry is None:
-        entry = measure(repo, decl, threads, int8=int8, bf16=bf16, static_batches=static_batches)
+        entry = measure(repo, decl, threads, int8=int8, bf16=bf16, static=static)
         cached[key] = entry
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cached, indent=2))

@@ -154,9 +154,10 @@ class EngineFactory:
         if self.settings.prefer_gpu and "CUDAExecutionProvider" in choose_providers(True):
             return self._onnxruntime(decl, meta, threads), reason
         cpu = wanted if wanted in CPU_RUNTIMES else self.settings.cpu_runtime
+        static = min(self.settings.openvino_static_batches, batching.max_batch_size)  # OpenVINO's sizes 1..static
         if cpu == "auto":
             cpu, why = choose_cpu_runtime(self.repository, decl, threads, self.settings.int8, self.settings.bf16,
-                                          min(self.settings.openvino_static_batches, batching.max_batch_size))
+                                          static)
             reason = f"{reason}; on the CPU: {why}"
         else:
             reason = f"{reason}; on the CPU: {cpu} (configured)"
@@ -167,9 +168,8 @@ class EngineFactory:
             path, precision = {OPENVINO_INT8: (self.repository.model_dir(decl.name) / INT8_FILE, "int8"),
                                OPENVINO_BF16: (self.repository.onnx_path(decl.name), "bf16")
                                }.get(cpu, (self.repository.onnx_path(decl.name), "fp32"))
-            static = range(1, min(self.settings.openvino_static_batches, batching.max_batch_size) + 1)
             return OpenVinoModel(path, meta, threads, precision=precision, streams=batching.instances,
-                                 static_batches=static), reason
+                                 static_batches=range(1, static + 1)), reason
         return self._onnxruntime(decl, meta, threads), reason
 
     def _onnxruntime(self, decl: ModelDeclaration, meta: Any, threads: int) -> Model:
