@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from engines.errors import FieldViolation, InvalidArgumentError
 from engines.vision.jpeg_header import jpeg_is_truncated, plain_jpeg_size
+from engines.vision.png_header import TooManyChunksError, png_header
 
 _FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 _EXIF_ORIENTATION = 0x0112
@@ -88,8 +89,8 @@ class ImageHeader:
 
 def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> ImageHeader:
     """Every check that needs no pixels: size in bytes, format, declared pixels (decompression bombs), a
-    truncated JPEG. Only the header is read (from the marker segments for a JPEG without EXIF, else by
-    Pillow). Problems are InvalidArgumentErrors naming ``field``."""
+    truncated JPEG or PNG. Only the header is read (from the marker segments of a JPEG without EXIF and the chunks of
+    a PNG, else by Pillow). Problems are InvalidArgumentErrors naming ``field``."""
 
     def bad(description: str) -> InvalidArgumentError:
         return InvalidArgumentError(FieldViolation(field, description))
@@ -101,6 +102,15 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
     plain = plain_jpeg_size(data)
     if plain is not None:
         return _checked(ImageHeader("jpeg", plain[0], plain[1], 1), data, limits, bad)
+    try:
+        png = png_header(data)
+    except TooManyChunksError as exc:
+        raise bad(str(exc)) from None
+    if png is not None:
+        header = _checked(ImageHeader("png", png.width, png.height, _orientation(png.exif, bad)), data, limits, bad)
+        if png.truncated:
+            raise bad("is corrupt or truncated and could not be decoded")
+        return header
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -115,6 +125,19 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
         raise bad(f"has unsupported format {im.format}; use JPEG, PNG or WebP")
     width, height = im.size
     return _checked(ImageHeader(fmt, width, height, orientation if 1 <= orientation <= 8 else 1), data, limits, bad)
+
+
+def _orientation(exif: bytes | None, bad: Callable[[str], InvalidArgumentError]) -> int:
+    """The orientation tag of an EXIF block (Pillow's reader, as for the other formats); 1 where there is none."""
+    if exif is None:
+        return 1
+    try:
+        parsed = Image.Exif()
+        parsed.load(exif)
+        orientation = int(parsed.get(_EXIF_ORIENTATION, 1) or 1)
+    except (OSError, SyntaxError, ValueError, TypeError, struct.error) as exc:
+        raise bad("is not a decodable JPEG, PNG or WebP image") from exc
+    return orientation if 1 <= orientation <= 8 else 1
 
 
 def _checked(header: ImageHeader, data: bytes, limits: ImageLimits,
