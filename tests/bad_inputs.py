@@ -22,6 +22,7 @@ from PIL import Image
 
 from facegate.v1 import common_pb2, identification_pb2, liveness_pb2
 from inference import grpc_service_pb2 as oip
+from tests.images import with_extra_scans
 
 Code = grpc.StatusCode
 INVALID = (Code.INVALID_ARGUMENT,)
@@ -59,6 +60,13 @@ def flat_image(width: int, height: int, fmt: str, **params: object) -> bytes:
     """A real image of one colour: tiny when encoded, ``width*height*3`` bytes when decoded."""
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (120, 90, 60)).save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def progressive(jpeg: bytes) -> bytes:
+    """The same picture re-encoded as a progressive JPEG."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(buf, "JPEG", quality=90, progressive=True)
     return buf.getvalue()
 
 
@@ -149,6 +157,9 @@ def cases(tmp: Path) -> list[Case]:
         Case("WebP bomb real 7000x7000 flat", "CheckLiveness",
              lambda m: live(m.once("webp7k", lambda: flat_image(7000, 7000, "WEBP", lossless=True)))),
         Case("JPEG header 60000x60000", "CheckLiveness", lambda m: live(jpeg_declaring(m.live, 60000, 60000))),
+        # 1.5 MB that OpenCV takes ~2 s to decode: 100,000 one-code scans, each a pass over every block.
+        Case("progressive JPEG of 100k scans", "CheckLiveness",
+             lambda m: live(m.once("scans", lambda: with_extra_scans(progressive(m.live), 100_000)))),
         Case("image over max_bytes (9 MB)", "CheckLiveness", lambda m: live(m.live + b"\0" * (9 << 20))),
         Case("message over 16 MiB", "CheckLiveness", lambda m: live(b"\0" * big), (Code.RESOURCE_EXHAUSTED,)),
         Case("threshold -0.1", "CheckLiveness", lambda m: live(m.live, threshold=-0.1)),
@@ -178,6 +189,9 @@ def cases(tmp: Path) -> list[Case]:
              lambda m: ident(m, clip([*m.frames[:5], m.frames[5][:200], *m.frames[6:10]]))),
         Case("300 flat 2000x2000 PNG frames", "IdentifyFromClip",
              lambda m: ident(m, clip([m.once("png2k", lambda: flat_image(2000, 2000, "PNG"))] * 300))),
+        Case("frame progressive JPEG of 10k scans", "IdentifyFromClip",
+             lambda m: ident(m, clip([*m.frames[:5], with_extra_scans(progressive(m.frames[5]), 10_000),
+                                      *m.frames[6:10]]))),
         Case("frame PNG bomb header", "IdentifyFromClip",
              lambda m: ident(m, clip([*m.frames[:5], png_declaring(30000, 30000)]))),
         Case("frame WebP 7000x7000", "IdentifyFromClip",

@@ -41,3 +41,19 @@ def gradient(width: int = 64, height: int = 48) -> np.ndarray:
     img[height // 2:, : width // 2] = (0, 0, 255)
     img[height // 2:, width // 2:] = (255, 255, 255)
     return img
+
+
+def with_extra_scans(progressive_jpeg: bytes, n: int) -> bytes:
+    """A progressive JPEG with ``n`` scans added before its end: each a dozen bytes (one Huffman code, an end-of-band
+    run over every luma block) that make the decoder pass over every block again (libjpeg-turbo's LJT-01-003)."""
+    width, height = Image.open(io.BytesIO(progressive_jpeg)).size
+    end = progressive_jpeg.rindex(b"\xff\xd9")
+    # An AC table (class 1, id 2) whose one code, "0", is symbol 0xE0: an end-of-band run of 2^14 + 14 more bits.
+    dht = b"\xff\xc4" + struct.pack(">H", 2 + 1 + 16 + 1) + b"\x12" + bytes([1] + [0] * 15) + b"\xe0"
+    blocks = -(-width // 8) * -(-height // 8) * 4  # (MCU padding included, generously)
+    bits = ("0" + "1" * 14) * -(-blocks // 32767)  # each code: a run of 32767 blocks
+    bits += "1" * (-len(bits) % 8)
+    data = int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00")
+    # Start of scan: 1 component (id 1, luma), DC table 0 / AC table 2, spectral 1..63, successive approximation 0.
+    sos = b"\xff\xda\x00\x08\x01\x01\x02\x01\x3f\x00"
+    return progressive_jpeg[:end] + dht + (sos + data) * n + progressive_jpeg[end:]

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.vision.jpeg_header import jpeg_is_truncated, plain_jpeg_size
-from tests.images import encode, gradient
+from engines.errors import InvalidArgumentError
+from engines.vision.imaging import ImageLimits, decode_image, probe_image
+from engines.vision.jpeg_header import jpeg_frame, jpeg_is_truncated, jpeg_scans, plain_jpeg_size
+from tests.images import encode, gradient, with_extra_scans
 
 
 def noisy(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -67,3 +69,38 @@ def test_truncation_matches_the_last_marker_positions() -> None:
         for body in [data[:c] for c in cuts] + [data + b"\xff\xda\x00\x02", data + b"junk"]:
             assert jpeg_is_truncated(body) == (body.rfind(b"\xff\xd9") < body.rfind(b"\xff\xda"))
         assert not jpeg_is_truncated(data) and jpeg_is_truncated(data[:-2])
+
+
+def test_progressive_frames_are_told_apart() -> None:
+    img = noisy(97, 61)
+    progressive = [encode(img, "JPEG", quality=80, progressive=True),
+                   cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
+                   encode(img, "JPEG", quality=80, progressive=True, exif=Image.Exif())]
+    for data in progressive:
+        frame = jpeg_frame(data)
+        assert frame is not None and frame.progressive and (frame.width, frame.height) == (97, 61)
+        assert 2 <= jpeg_scans(data) <= ImageLimits().max_scans  # what encoders write passes
+        probe_image(data, ImageLimits())
+    for data in variants()[:4]:
+        frame = jpeg_frame(data)
+        assert frame is not None and not frame.progressive and jpeg_scans(data) == 1
+    with_exif = jpeg_frame(encode(img, "JPEG", exif_orientation=6))
+    assert with_exif is not None and with_exif.exif
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_it_is_decoded() -> None:
+    base = encode(noisy(640, 480), "JPEG", quality=75, progressive=True)
+    bomb = with_extra_scans(base, 2000)
+    assert jpeg_scans(bomb) == jpeg_scans(base) + 2000
+    # The scans are real work for the decoder: OpenCV decodes the file, each added scan a pass over the blocks.
+    assert cv2.imdecode(np.frombuffer(bomb, np.uint8), cv2.IMREAD_COLOR) is not None
+    with pytest.raises(InvalidArgumentError, match="progressive JPEG of 2010 scans, over the limit of 100"):
+        probe_image(bomb, ImageLimits())
+    with pytest.raises(InvalidArgumentError, match="scans"):
+        decode_image(bomb, ImageLimits())
+    # Up to the limit it is decoded; the limit is a setting.
+    assert decode_image(with_extra_scans(base, 90), ImageLimits()).bgr.shape == (480, 640, 3)
+    probe_image(bomb, ImageLimits(max_scans=3000))
+    # A sequential JPEG is not counted (its scans carry data for every block they cover).
+    sequential = encode(noisy(64, 48), "JPEG", quality=90)
+    assert not jpeg_frame(sequential).progressive  # type: ignore[union-attr]

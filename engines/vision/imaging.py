@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engines.errors import FieldViolation, InvalidArgumentError
-from engines.vision.jpeg_header import jpeg_is_truncated, plain_jpeg_size
+from engines.vision.jpeg_header import jpeg_frame, jpeg_is_truncated, jpeg_scans
 from engines.vision.png_header import TooManyChunksError, png_header
 
 _FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
@@ -28,6 +28,9 @@ class ImageLimits:
     """Largest width x height accepted, checked from the header before decoding (decompression bombs)."""
     min_side: int = 32
     """Smallest width or height accepted: below this no face can be analysed."""
+    max_scans: int = 100
+    """Most scans a progressive JPEG may have. Encoders write 6-20; each scan, a few bytes or not, can cost the
+    decoder a pass over the whole image (``engines/vision/jpeg_header.py``)."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,9 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
         raise bad("is empty; send an encoded JPEG, PNG or WebP image")
     if len(data) > limits.max_bytes:
         raise bad(f"is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
-    plain = plain_jpeg_size(data)
-    if plain is not None:
-        return _checked(ImageHeader("jpeg", plain[0], plain[1], 1), data, limits, bad)
+    frame = jpeg_frame(data)
+    if frame is not None and not frame.exif:
+        return _checked(ImageHeader("jpeg", frame.width, frame.height, 1), data, limits, bad, frame.progressive)
     try:
         png = png_header(data)
     except TooManyChunksError as exc:
@@ -124,7 +127,9 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
     if fmt is None:
         raise bad(f"has unsupported format {im.format}; use JPEG, PNG or WebP")
     width, height = im.size
-    return _checked(ImageHeader(fmt, width, height, orientation if 1 <= orientation <= 8 else 1), data, limits, bad)
+    # (a JPEG whose segments the walk could not read is counted as progressive: its scans are counted)
+    return _checked(ImageHeader(fmt, width, height, orientation if 1 <= orientation <= 8 else 1), data, limits, bad,
+                    frame.progressive if frame is not None else True)
 
 
 def _orientation(exif: bytes | None, bad: Callable[[str], InvalidArgumentError]) -> int:
@@ -141,7 +146,7 @@ def _orientation(exif: bytes | None, bad: Callable[[str], InvalidArgumentError])
 
 
 def _checked(header: ImageHeader, data: bytes, limits: ImageLimits,
-             bad: Callable[[str], InvalidArgumentError]) -> ImageHeader:
+             bad: Callable[[str], InvalidArgumentError], progressive: bool = False) -> ImageHeader:
     width, height = header.stored_width, header.stored_height
     if width * height > limits.max_pixels:
         raise bad(f"declares {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
@@ -149,6 +154,9 @@ def _checked(header: ImageHeader, data: bytes, limits: ImageLimits,
         raise bad(f"is {width}x{height} px; each side must be at least {limits.min_side} px")
     if header.format == "jpeg" and jpeg_is_truncated(data):
         raise bad("is corrupt or truncated and could not be decoded")
+    if header.format == "jpeg" and progressive and (scans := jpeg_scans(data)) > limits.max_scans:
+        raise bad(f"is a progressive JPEG of {scans} scans, over the limit of {limits.max_scans} (each scan can "
+                  "cost a pass over the whole image)")
     return header
 
 
