@@ -97,7 +97,7 @@ class ServerConfig:
     """Threads for decoding, resizing and the gallery search: one per core. They release the GIL in native code but
     take it back between frames, and every extra thread is one more waiting for it: with 4 on 2 cores the cores
     stood ~25 % idle at 16 clips in flight; 2 served 1.02-1.15x the clips at c4-c16, c1 p50 0.99-1.05x
-    (side by side, Zen 4 EPYC)."""
+    (side by side, Zen 4 EPYC). On the AMX Xeon, 3 served 0.93-0.96x the clips of 2 at c16."""
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     """Which runtime serves the models and how ([runtime] in TOML)."""
     batching_enabled: bool = True
