@@ -22,7 +22,7 @@ from PIL import Image
 
 from facegate.v1 import common_pb2, identification_pb2, liveness_pb2
 from inference import grpc_service_pb2 as oip
-from tests.images import with_extra_scans
+from tests.images import png_chunk, with_extra_scans
 
 Code = grpc.StatusCode
 INVALID = (Code.INVALID_ARGUMENT,)
@@ -43,10 +43,6 @@ class Materials:
         if key not in self.cache:
             self.cache[key] = make()
         return self.cache[key]
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
 def png_declaring(width: int, height: int) -> bytes:

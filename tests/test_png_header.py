@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import struct
-import zlib
 
 import cv2
 import numpy as np
@@ -15,11 +14,7 @@ from PIL import Image
 from engines.errors import InvalidArgumentError
 from engines.vision.imaging import ImageLimits, decode_image, probe_image
 from engines.vision.png_header import MAX_CHUNKS, PNG_SIGNATURE, TooManyChunksError, png_header
-from tests.images import encode, gradient
-
-
-def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+from tests.images import encode, gradient, png_chunk
 
 
 def chunks(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -81,12 +76,12 @@ def test_a_cut_stream_is_truncated_and_refused() -> None:
 def test_other_bytes_are_left_to_pillow() -> None:
     assert png_header(encode(gradient(), "JPEG")) is None
     assert png_header(b"") is None
-    assert png_header(PNG_SIGNATURE + chunk(b"IDAT", b"")) is None  # IHDR must come first
+    assert png_header(PNG_SIGNATURE + png_chunk(b"IDAT", b"")) is None  # IHDR must come first
 
 
 def test_the_walk_is_bounded() -> None:
     ihdr = struct.pack(">IIBBBBB", 64, 48, 8, 2, 0, 0, 0)
-    data = PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"tEXt", b"") * MAX_CHUNKS + chunk(b"IEND", b"")
+    data = PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + png_chunk(b"tEXt", b"") * MAX_CHUNKS + png_chunk(b"IEND", b"")
     with pytest.raises(TooManyChunksError):
         png_header(data)
     with pytest.raises(InvalidArgumentError, match="more than"):
@@ -97,7 +92,7 @@ def test_the_header_check_decodes_no_pixel() -> None:
     # Well-formed chunks around image data that is not a zlib stream: the header check passes it (it never
     # inflates the data, as Pillow's getexif did), and the decode is what refuses it.
     ihdr = struct.pack(">IIBBBBB", 64, 48, 8, 2, 0, 0, 0)
-    data = PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"\x00" * 64) + chunk(b"IEND", b"")
+    data = PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", b"\x00" * 64) + png_chunk(b"IEND", b"")
     header = probe_image(data, ImageLimits())
     assert (header.format, header.pixels) == ("png", 64 * 48)
     with pytest.raises(InvalidArgumentError):

@@ -18,6 +18,7 @@ from engines.vision.png_header import TooManyChunksError, png_header
 
 _FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 _EXIF_ORIENTATION = 0x0112
+_TRUNCATED = "is corrupt or truncated and could not be decoded"
 
 
 @dataclass(frozen=True)
@@ -104,15 +105,17 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
         raise bad(f"is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
     frame = jpeg_frame(data)
     if frame is not None and not frame.exif:
-        return _checked(ImageHeader("jpeg", frame.width, frame.height, 1), data, limits, bad, frame.progressive)
+        header = _checked(ImageHeader("jpeg", frame.width, frame.height, 1), limits, bad)
+        _check_jpeg(data, limits, bad, frame.progressive)
+        return header
     try:
         png = png_header(data)
     except TooManyChunksError as exc:
         raise bad(str(exc)) from None
     if png is not None:
-        header = _checked(ImageHeader("png", png.width, png.height, _orientation(png.exif, bad)), data, limits, bad)
+        header = _checked(ImageHeader("png", png.width, png.height, _orientation(png.exif, bad)), limits, bad)
         if png.truncated:
-            raise bad("is corrupt or truncated and could not be decoded")
+            raise bad(_TRUNCATED)
         return header
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -126,10 +129,10 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
     fmt = _FORMATS.get(im.format or "")
     if fmt is None:
         raise bad(f"has unsupported format {im.format}; use JPEG, PNG or WebP")
-    width, height = im.size
-    # (a JPEG whose segments the walk could not read is counted as progressive: its scans are counted)
-    return _checked(ImageHeader(fmt, width, height, orientation if 1 <= orientation <= 8 else 1), data, limits, bad,
-                    frame.progressive if frame is not None else True)
+    header = _checked(ImageHeader(fmt, *im.size, orientation if 1 <= orientation <= 8 else 1), limits, bad)
+    if fmt == "jpeg":  # (one whose segments the walk could not read is taken as progressive: its scans are counted)
+        _check_jpeg(data, limits, bad, frame.progressive if frame is not None else True)
+    return header
 
 
 def _orientation(exif: bytes | None, bad: Callable[[str], InvalidArgumentError]) -> int:
@@ -145,19 +148,24 @@ def _orientation(exif: bytes | None, bad: Callable[[str], InvalidArgumentError])
     return orientation if 1 <= orientation <= 8 else 1
 
 
-def _checked(header: ImageHeader, data: bytes, limits: ImageLimits,
-             bad: Callable[[str], InvalidArgumentError], progressive: bool = False) -> ImageHeader:
+def _checked(header: ImageHeader, limits: ImageLimits, bad: Callable[[str], InvalidArgumentError]) -> ImageHeader:
+    """The limits every format's header is held to."""
     width, height = header.stored_width, header.stored_height
     if width * height > limits.max_pixels:
         raise bad(f"declares {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
     if min(width, height) < limits.min_side:
         raise bad(f"is {width}x{height} px; each side must be at least {limits.min_side} px")
-    if header.format == "jpeg" and jpeg_is_truncated(data):
-        raise bad("is corrupt or truncated and could not be decoded")
-    if header.format == "jpeg" and progressive and (scans := jpeg_scans(data)) > limits.max_scans:
+    return header
+
+
+def _check_jpeg(data: bytes, limits: ImageLimits, bad: Callable[[str], InvalidArgumentError],
+                progressive: bool) -> None:
+    """What a JPEG's bytes must also pass: no scan after its last end-of-image, and a bounded number of scans."""
+    if jpeg_is_truncated(data):
+        raise bad(_TRUNCATED)
+    if progressive and (scans := jpeg_scans(data)) > limits.max_scans:
         raise bad(f"is a progressive JPEG of {scans} scans, over the limit of {limits.max_scans} (each scan can "
                   "cost a pass over the whole image)")
-    return header
 
 
 # OpenCV's reduced reads: a JPEG is decoded at 1/2, 1/4 or 1/8 scale inside libjpeg (in the DCT domain, so
@@ -179,6 +187,6 @@ def decode_image(data: bytes, limits: ImageLimits, field: str = "image.data",
     expected = {(-(-header.stored_height // reduce), -(-header.stored_width // reduce)),  # libjpeg rounds up,
                 (header.stored_height // reduce, header.stored_width // reduce)}  # a downsized PNG rounds down
     if stored is None or stored.shape[:2] not in expected:
-        raise InvalidArgumentError(FieldViolation(field, "is corrupt or truncated and could not be decoded"))
+        raise InvalidArgumentError(FieldViolation(field, _TRUNCATED))
     bgr = apply_orientation(stored, header.orientation)
     return DecodedImage(bgr=np.ascontiguousarray(bgr), format=header.format, exif_orientation=header.orientation)
