@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -66,13 +69,22 @@ class RunningServer:
         return grpc.insecure_channel(self.address, options=[("grpc.max_send_message_length", 64 << 20)])
 
 
+@functools.cache
+def _audit_root() -> str:
+    """One directory for the test servers' audit logs, removed when the run ends."""
+    root = tempfile.mkdtemp(prefix="facegate-audit-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
 def start_server(repository: Path, **overrides: Any) -> tuple[RunningServer, threading.Thread]:
     """Start a FacegateServer on an event loop in a background thread; return once it is SERVING."""
     from server.app import FacegateServer
     from server.audit import AuditConfig
     from server.config import ServerConfig
 
-    overrides.setdefault("audit", AuditConfig(path=Path(tempfile.mkdtemp(prefix="facegate-audit-")) / "audit.jsonl"))
+    audit_dir = tempfile.mkdtemp(prefix="server-", dir=_audit_root())
+    overrides.setdefault("audit", AuditConfig(path=Path(audit_dir) / "audit.jsonl"))
     overrides.setdefault("metrics_port", 0)  # several test servers share this process: metrics only when asked
     # The server shares this process with the test's clients: lowering "every other thread" would lower those too,
     # for good (raising a nice value back needs privilege). Subprocess servers test the priorities.
