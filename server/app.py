@@ -75,6 +75,11 @@ class FacegateServer:
         self.audit = AuditLog(config.audit)
         self.request_bytes = Budget("in-flight request bytes", config.max_inflight_request_bytes, "bytes")
         self.pixels = Budget("decoded pixels", config.max_inflight_pixels, "pixels")
+        # Threads that wait on video decodes in worker processes: compute work at the compute threads' priority, not
+        # placed on one CPU, and never the CPU pool's threads (waiting there stalled every other call's decoding).
+        # A worker process takes its CPUs from its waiting thread.
+        self.video_pool = ThreadPoolExecutor(config.clip_limits.videos_at_once(config.max_inflight_pixels),
+                                             thread_name_prefix="video-wait", initializer=lower)
         self.calls = Budget("calls in flight", config.max_inflight_calls, "calls")
         self.gates = {name: WaitGate(name, config.max_queue_wait_s, config.admit_min_in_flight)
                       for name in ("liveness", "identification")}
@@ -181,7 +186,7 @@ class FacegateServer:
         store = await loop.run_in_executor(self.db_pool, GalleryStore, self.config.gallery_target())
         clips = ClipPipeline(self.registry.batcher(DETECTOR), [self.registry.batcher(m) for m in members],
                              ensemble, self.cpu_pool, self.config.clip_limits, self.pixels,
-                             self.gates["identification"], self.config.clip_reduced_decode)
+                             self.gates["identification"], self.config.clip_reduced_decode, self.video_pool)
         self._identify_versions = [model_version(self.registry.models[n]) for n in (DETECTOR, *members)]
         self.identification = IdentificationService(clips, store, self.db_pool, self.liveness, self.audit)
         log.info("identification: ensemble %s v%s (%d members), gallery %s", ensemble.name, ensemble.version,
@@ -215,6 +220,7 @@ class FacegateServer:
         if self.identification is not None:
             await self.identification.close()
         self.db_pool.shutdown(wait=True)
+        self.video_pool.shutdown(wait=True)
         self.cpu_pool.shutdown(wait=True)
         self.audit.close()
 

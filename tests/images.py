@@ -58,3 +58,26 @@ def with_extra_scans(progressive_jpeg: bytes, n: int) -> bytes:
     # Start of scan: 1 component (id 1, luma), DC table 0 / AC table 2, spectral 1..63, successive approximation 0.
     sos = b"\xff\xda\x00\x08\x01\x01\x02\x01\x3f\x00"
     return progressive_jpeg[:end] + dht + (sos + data) * n + progressive_jpeg[end:]
+
+
+def _riff(fourcc: bytes, data: bytes) -> bytes:
+    return fourcc + struct.pack("<I", len(data)) + data + (b"\0" if len(data) % 2 else b"")
+
+
+def mjpeg_avi(jpegs: list[bytes], width: int, height: int, fps: int = 30) -> bytes:
+    """An AVI whose frames are these JPEG files byte for byte (OpenCV's writer re-encodes whatever it is given)."""
+    n, biggest = len(jpegs), max(len(j) for j in jpegs)
+    avih = struct.pack("<10I4I", 1_000_000 // fps, 0, 0, 0x10, n, 0, 1, biggest, width, height, 0, 0, 0, 0)
+    strh = b"vids" + b"MJPG" + struct.pack("<IHHIIIIIIIIhhhh", 0, 0, 0, 0, 1, fps, 0, n, biggest, 0xFFFFFFFF, 0,
+                                           0, 0, width, height)
+    strf = struct.pack("<IiiHH4sIiiII", 40, width, height, 1, 24, b"MJPG", width * height * 3, 0, 0, 0, 0)
+    strl = _riff(b"LIST", b"strl" + _riff(b"strh", strh) + _riff(b"strf", strf))
+    hdrl = _riff(b"LIST", b"hdrl" + _riff(b"avih", avih) + strl)
+    movi, index, offset = [], [], 4  # idx1 offsets count from the "movi" tag
+    for j in jpegs:
+        chunk = _riff(b"00dc", j)
+        index.append(b"00dc" + struct.pack("<III", 0x10, offset, len(j)))  # 0x10: a key frame
+        movi.append(chunk)
+        offset += len(chunk)
+    body = b"AVI " + hdrl + _riff(b"LIST", b"movi" + b"".join(movi)) + _riff(b"idx1", b"".join(index))
+    return b"RIFF" + struct.pack("<I", len(body)) + body

@@ -3,8 +3,10 @@ trained on (``make identify-models``). Results must match the offline evaluation
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,11 +15,11 @@ import grpc
 import numpy as np
 import pytest
 
-from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2
+from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from facegate_client.client import clip_from_folder, field_violations
 from server.gallery.store import GalleryStore
 from tests.conftest import ROOT, RunningServer, _need, start_server, stop_server
-from tests.images import encode, gradient
+from tests.images import encode, gradient, mjpeg_avi, with_extra_scans
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]
 
@@ -281,6 +283,33 @@ def test_a_video_container_identifies_like_its_frames(stub, enrolled: str, train
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(info.value)[0][0] == "clip.video"
 
+
+
+def test_slow_videos_leave_the_decoding_pool_to_other_calls(server: RunningServer, stub, enrolled: str) -> None:  # type: ignore[no-untyped-def]
+    """Two videos whose frame costs FFmpeg seconds (a progressive JPEG of 40,000 scans): a CheckLiveness call made
+    while they decode is answered before either. Each has one frame, so it is refused as soon as it is decoded.
+    Until 2026-12-04 a video's wait held a thread of the CPU pool (2 threads on 2 cores), so two videos stalled
+    every call's decoding until they ended: measured, a CheckLiveness call took 10.0 s. The worker processes also
+    ran on one core then, pinned like the compute thread that started their forkserver."""
+    slow = with_extra_scans(encode(gradient(2000, 2000), "jpeg", progressive=True), 40_000)
+    video = identification_pb2.IdentifyFromClipRequest(
+        collection=enrolled, clip=identification_pb2.Clip(video=mjpeg_avi([slow], 2000, 2000), fps=30.0))
+    live = liveness_pb2_grpc.LivenessServiceStub(server.channel())
+    image = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=encode(gradient(640, 480), "jpeg")))
+    ended: dict[str, float] = {}
+
+    def call(name: str, method, request) -> None:  # type: ignore[no-untyped-def]
+        with contextlib.suppress(grpc.RpcError):  # what they answer does not matter here, only when
+            method(request, timeout=60)
+        ended[name] = time.monotonic()
+
+    with ThreadPoolExecutor(2) as pool:
+        videos = [pool.submit(call, f"video {i}", stub.IdentifyFromClip, video) for i in range(2)]
+        time.sleep(0.5)  # both are decoding now (each takes seconds)
+        call("liveness", live.CheckLiveness, image)
+        for v in videos:
+            v.result()
+    assert ended["liveness"] < min(ended["video 0"], ended["video 1"]), ended
 
 def _upscaled(folder: Path) -> identification_pb2.Clip:
     """The clip at twice its size (a 360x480 capture): large enough that reduced decoding reduces."""

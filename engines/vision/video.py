@@ -14,10 +14,13 @@ removal: 13 of 30 decodes left the video in the temporary directory.)
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,7 +107,36 @@ def _spooled(data: bytes, spool_dir: str) -> Iterator[str]:
         os.close(fd)
 
 
-def _worker(data: bytes, limits: VideoLimits, spool_dir: str, out: Connection) -> None:
+@dataclass(frozen=True)
+class _Placement:
+    """Where and how urgently the calling thread runs; its worker runs the same."""
+
+    cpus: frozenset[int] | None
+    nice: int | None
+
+    @classmethod
+    def of_this_thread(cls) -> _Placement:
+        cpus = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        nice = None
+        if sys.platform.startswith("linux"):  # per thread on Linux: the thread's own nice value, by its id
+            with contextlib.suppress(OSError):
+                nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return cls(cpus, nice)
+
+    def apply(self) -> None:
+        # Forked from the forkserver, a worker has the affinity and nice value of whichever thread first started
+        # that server: once a compute thread pinned to one CPU, so every video decoded on that one core.
+        if self.cpus:
+            with contextlib.suppress(OSError):  # a CPU left the cpuset meanwhile: it stays where it may run
+                os.sched_setaffinity(0, self.cpus)
+        if self.nice is not None:
+            with contextlib.suppress(OSError):
+                if self.nice > os.getpriority(os.PRIO_PROCESS, 0):  # only upwards: downwards needs privilege
+                    os.setpriority(os.PRIO_PROCESS, 0, self.nice)
+
+
+def _worker(data: bytes, limits: VideoLimits, spool_dir: str, placement: _Placement, out: Connection) -> None:
+    placement.apply()
     try:
         with _spooled(data, spool_dir) as path:  # OpenCV reads containers only from a path
             out.send(_read(path, limits))
@@ -124,7 +156,8 @@ def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, s
                 where: str) -> tuple[str, object]:
     """The worker's (status, payload); it is dead when this returns or raises."""
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(data, limits, spool_dir, send), daemon=True)  # type: ignore[attr-defined]
+    args = (data, limits, spool_dir, _Placement.of_this_thread(), send)
+    proc = ctx.Process(target=_worker, args=args, daemon=True)  # type: ignore[attr-defined]
     proc.start()
     send.close()
     try:

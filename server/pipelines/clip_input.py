@@ -33,6 +33,10 @@ class ClipLimits:
         return VideoLimits(self.max_frames, self.frame.max_pixels, self.frame.min_side, self.max_request_pixels,
                            self.video_timeout_s)
 
+    def videos_at_once(self, pixel_budget: int) -> int:
+        """How many video containers can decode at once: each holds a whole request's decoded-pixel budget."""
+        return max(1, pixel_budget // max(self.max_request_pixels, 1))
+
 
 @dataclass(frozen=True)
 class ClipInput:

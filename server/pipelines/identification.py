@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,7 +100,8 @@ def scaled_box(crop: tuple[int, int, int, int], k: int, shape: tuple[int, ...]) 
 class ClipPipeline:
     def __init__(self, detector: DynamicBatcher, members: Sequence[DynamicBatcher], ensemble: Ensemble,
                  executor: Executor, limits: ClipLimits | None = None, pixels: Budget | None = None,
-                 gate: WaitGate | None = None, reduced_decode: bool = True) -> None:
+                 gate: WaitGate | None = None, reduced_decode: bool = True,
+                 video_executor: Executor | None = None) -> None:
         self.gate = gate
         # Decode frames only as large as their use needs (JPEG scaled in libjpeg): full size only for the few
         # detection frames and, if the face crop is small, the model window. False decodes every frame whole.
@@ -112,6 +113,10 @@ class ClipPipeline:
         self.limits = limits or ClipLimits()
         # Decoded pixels all requests in flight may hold (shared with the liveness pipeline).
         self.pixels = pixels or Budget("decoded pixels", max(self.limits.max_request_pixels, 1), "pixels")
+        # Threads that wait on video decodes (worker processes, up to video_timeout_s): never the CPU pool's, where
+        # two slow videos held both threads and stalled every other call's decoding for 10 s.
+        self.video_waits = video_executor or ThreadPoolExecutor(self.limits.videos_at_once(self.pixels.capacity),
+                                                                thread_name_prefix="video-wait")
         self._in_flight = 0  # clips being embedded (read on the event loop only, for pool_chunk)
 
     def _decode_chunk(self, probed: ProbedClip, indices: Sequence[int], reduce: int = 1) -> list[np.ndarray]:
@@ -160,7 +165,8 @@ class ClipPipeline:
         loop = asyncio.get_running_loop()
         clip, field = probed.clip, probed.field
         if clip.video:
-            frames = await loop.run_in_executor(self.executor, decode_video, clip.video, self.limits.video(), field)
+            frames = await loop.run_in_executor(self.video_waits, decode_video, clip.video, self.limits.video(),
+                                                field)
             bad = frame_count_violation(len(frames), self.limits, f"{field}.video")
             if bad:
                 raise InvalidArgumentError(bad)

@@ -1,9 +1,13 @@
-"""A client's video must not outlive its decode on disk, whether the worker finished, failed or was killed."""
+"""The video worker process: a client's video must not outlive its decode on disk, whether the worker finished,
+failed or was killed; and the worker runs on the CPUs, and at the priority, of the thread that asked for it."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +75,48 @@ def test_the_video_goes_to_a_memory_file_and_else_to_the_parents_directory(tmp_p
     with video_mod._spooled(data, str(tmp_path)) as path:
         assert Path(path).parent == tmp_path
         assert Path(path).read_bytes() == data
+
+
+def _report(placement: video_mod._Placement, out: object) -> None:
+    placement.apply()
+    out.send((os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)))  # type: ignore[attr-defined]
+
+
+def _in_child(placement: video_mod._Placement, start_method: str) -> tuple[set[int], int]:
+    """The affinity and nice value of a child process that applied ``placement``."""
+    ctx = multiprocessing.get_context(start_method)
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_report, args=(placement, send))  # type: ignore[attr-defined]
+    proc.start()
+    send.close()
+    try:
+        return receive.recv()  # type: ignore[no-any-return]
+    finally:
+        proc.join(10)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="thread affinity and nice values are per thread on Linux; needs 2 CPUs")
+def test_the_worker_runs_where_and_as_its_caller_may() -> None:
+    everywhere = os.sched_getaffinity(0)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    one, lowered = max(everywhere), min(base + 3, 19)
+    free = video_mod._Placement.of_this_thread()
+    assert free == video_mod._Placement(frozenset(everywhere), base)
+    seen: dict[str, object] = {}
+
+    def pinned_and_lowered() -> None:  # like a placed compute thread
+        os.sched_setaffinity(0, {one})  # this thread only
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), lowered)
+        seen["placement"] = video_mod._Placement.of_this_thread()
+        # A process forked from here starts with this thread's CPU: as the forkserver did when a compute thread
+        # started it. The free caller's placement takes it back to every CPU.
+        seen["freed"] = _in_child(free, "fork")
+
+    t = threading.Thread(target=pinned_and_lowered)
+    t.start()
+    t.join()
+    assert seen["placement"] == video_mod._Placement(frozenset({one}), lowered)
+    assert seen["freed"][0] == everywhere  # type: ignore[index]
+    # The other way round, through the forkserver the decoder uses: pinned and lowered like its caller.
+    assert _in_child(seen["placement"], "forkserver") == ({one}, lowered)  # type: ignore[arg-type]
