@@ -285,6 +285,42 @@ def test_a_video_container_identifies_like_its_frames(stub, enrolled: str, train
 
 
 
+
+def test_an_enrolment_of_video_clips_shares_the_pixel_budget(stub, trained: dict, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each video may decode its share of the request's pixel budget. Until 2026-12-04 each was charged the whole
+    budget before decoding, so two video clips, or a video and frames, were refused however small."""
+    import cv2
+
+    from tests.bad_inputs import video
+
+    stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection="videos"), timeout=10)
+    keys = trained["enrol2_gallery"][:2]
+    assert keys[0].split("/")[1] == keys[1].split("/")[1]  # two clips of one person
+    clips = []
+    for i, key in enumerate(keys):
+        decoded = [cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR)
+                   for f in frames_of(clip_dir(trained, key))]
+        frames = [f for f in decoded if f is not None]
+        clips.append(identification_pb2.Clip(video=video(tmp_path / f"{i}.avi", frames), fps=FPS))
+    r = stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+        collection="videos", person_id="both", clips=clips), timeout=120)
+    assert r.clips_accepted == 2, [c.reason for c in r.clips]
+    framed = clip_from_folder(clip_dir(trained, keys[0]), FPS)
+    r = stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+        collection="videos", person_id="mixed", clips=[clips[1], framed]), timeout=120)
+    assert r.clips_accepted == 2, [c.reason for c in r.clips]
+    # 250 frames of 640x480 (76.8 MP) fit a request alone, not half of one: refused as it decodes.
+    big = identification_pb2.Clip(video=video(tmp_path / "big.avi", [np.full((480, 640, 3), 90, np.uint8)],
+                                              repeat=250), fps=FPS)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+            collection="videos", person_id="big", clips=[clips[0], big]), timeout=120)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(info.value)[0][0] == "clips[1].video", field_violations(info.value)
+    assert "decodes to more than 61440000 pixels" in field_violations(info.value)[0][1]
+    assert {p.person_id for p in stub.ListPersons(
+        identification_pb2.ListPersonsRequest(collection="videos"), timeout=10).persons} == {"both", "mixed"}
+
 def test_slow_videos_leave_the_decoding_pool_to_other_calls(server: RunningServer, stub, enrolled: str) -> None:  # type: ignore[no-untyped-def]
     """Two videos whose frame costs FFmpeg seconds (a progressive JPEG of 40,000 scans): a CheckLiveness call made
     while they decode is answered before either. Each has one frame, so it is refused as soon as it is decoded.

@@ -29,9 +29,10 @@ class ClipLimits:
     frame: ImageLimits = field(default_factory=lambda: ImageLimits(max_bytes=4 * 1024 * 1024,
                                                                    max_pixels=4_000_000))
 
-    def video(self) -> VideoLimits:
-        return VideoLimits(self.max_frames, self.frame.max_pixels, self.frame.min_side, self.max_request_pixels,
-                           self.video_timeout_s)
+    def video(self, max_pixels: int | None = None) -> VideoLimits:
+        """A video's limits; it decodes at most ``max_pixels`` (default: the request's budget)."""
+        return VideoLimits(self.max_frames, self.frame.max_pixels, self.frame.min_side,
+                           self.max_request_pixels if max_pixels is None else max_pixels, self.video_timeout_s)
 
     def videos_at_once(self, pixel_budget: int) -> int:
         """How many video containers can decode at once: each holds a whole request's decoded-pixel budget."""
@@ -53,7 +54,7 @@ class ProbedClip:
     clip: ClipInput
     field: str
     headers: tuple[ImageHeader, ...]  # empty for a video
-    pixels: int  # decoded pixels it may need (a video: the request budget)
+    pixels: int  # decoded pixels it may need (a video: its share of the request budget, enforced as it decodes)
 
 
 def frame_count_violation(n: int, limits: ClipLimits, where: str) -> FieldViolation | None:
@@ -102,3 +103,18 @@ def check_headers(clip: ClipInput, limits: ClipLimits, field: str, headers: Sequ
         raise InvalidArgumentError(FieldViolation(
             f"{field}.frames", f"decode to {pixels} pixels, over the request budget of {limits.max_request_pixels}"))
     return ProbedClip(clip, field, tuple(headers), pixels)
+
+
+def video_share(clips: Sequence[ClipInput], frame_pixels: int, limits: ClipLimits, field: str = "clips") -> int:
+    """Decoded pixels each video of a request may use: an equal share of what its frame clips (``frame_pixels``,
+    from their headers) leave of the request's budget. Charging each video the whole budget, as before 2026-12-04,
+    refused every enrolment with two videos, or with a video and frames."""
+    videos = sum(1 for c in clips if c.video)
+    if not videos:
+        return 0
+    share = (limits.max_request_pixels - frame_pixels) // videos
+    if share < limits.min_frames * limits.frame.min_side ** 2:
+        raise InvalidArgumentError(FieldViolation(
+            field, f"leave {max(share, 0)} decoded pixels for each of {videos} videos after the frames' "
+                   f"{frame_pixels}, under the least a video needs (request budget {limits.max_request_pixels})"))
+    return share

@@ -165,8 +165,8 @@ class ClipPipeline:
         loop = asyncio.get_running_loop()
         clip, field = probed.clip, probed.field
         if clip.video:
-            frames = await loop.run_in_executor(self.video_waits, decode_video, clip.video, self.limits.video(),
-                                                field)
+            frames = await loop.run_in_executor(self.video_waits, decode_video, clip.video,
+                                                self.limits.video(probed.pixels), field)
             bad = frame_count_violation(len(frames), self.limits, f"{field}.video")
             if bad:
                 raise InvalidArgumentError(bad)
@@ -183,11 +183,12 @@ class ClipPipeline:
         inputs = await loop.run_in_executor(self.executor, lambda: [prep(f) for f in frames])
         return await self._boxes(list(zip(frames, inputs, strict=True)), deadline)
 
-    async def probe(self, clip: ClipInput, field: str = "clip") -> ProbedClip:
-        """Every check that needs no pixels (counts, fps, sizes from the frame headers, the pixel budget)."""
+    async def probe(self, clip: ClipInput, field: str = "clip", video_pixels: int | None = None) -> ProbedClip:
+        """Every check that needs no pixels (counts, fps, sizes from the frame headers, the pixel budget). A video's
+        pixels are known only as it decodes: it may use ``video_pixels`` (default: the request's budget)."""
         validate_clip(clip, self.limits, field)
         if clip.video:
-            return ProbedClip(clip, field, (), self.limits.max_request_pixels)
+            return ProbedClip(clip, field, (), self.limits.max_request_pixels if video_pixels is None else video_pixels)
         # One pool job: a plain JPEG header is read in ~5 us (engines.vision.jpeg_header), so splitting a clip's
         # headers over several jobs cost more in thread hand-offs than it saved. Frames are read in order, so the
         # first bad one is the one reported.

@@ -23,7 +23,7 @@ from engines.identify.matching import MatchDecision
 from server.audit import AuditLog
 from server.gallery.search import Gallery
 from server.gallery.store import CollectionSummary, EnrollMode, EnrollOutcome, GalleryStore, Person, validate_id
-from server.pipelines.clip_input import ClipInput
+from server.pipelines.clip_input import ClipInput, video_share
 from server.pipelines.identification import ClipDiagnostics, ClipPipeline
 from server.pipelines.liveness import LivenessPipeline, LivenessRequest, LivenessResult
 from server.pipelines.quality import QualityIssue
@@ -187,12 +187,16 @@ class IdentificationService:
             raise InvalidArgumentError(FieldViolation(
                 "request_key", f"must be at most {MAX_REQUEST_KEY} printable characters"))
         await self._bound_collection(req.collection)
-        # Every clip's headers are checked, and the request's total pixels bounded, before any frame is decoded.
-        probed = [await self.clips.probe(c, f"clips[{i}]") for i, c in enumerate(req.clips)]
-        pixels = sum(p.pixels for p in probed)
+        # Every clip's headers are checked, and the request's total pixels bounded, before any frame is decoded;
+        # the videos then share what the frames leave, each held to its share as it decodes.
+        framed = {i: await self.clips.probe(c, f"clips[{i}]") for i, c in enumerate(req.clips) if not c.video}
+        pixels = sum(p.pixels for p in framed.values())
         if pixels > limits.max_request_pixels:
             raise InvalidArgumentError(FieldViolation(
                 "clips", f"decode to {pixels} pixels, over the request budget of {limits.max_request_pixels}"))
+        share = video_share(req.clips, pixels, limits)
+        probed = [framed[i] if i in framed else await self.clips.probe(c, f"clips[{i}]", share)
+                  for i, c in enumerate(req.clips)]
         loop = asyncio.get_running_loop()
         key = req.request_key or await loop.run_in_executor(self.clips.executor, derive_request_key, req)
         results = await asyncio.gather(*[self.clips.embed(p, req.deadline) for p in probed])
