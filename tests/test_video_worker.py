@@ -3,11 +3,14 @@ failed or was killed; and the worker runs on the CPUs, and at the priority, of t
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import struct
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +123,55 @@ def test_the_worker_runs_where_and_as_its_caller_may() -> None:
     assert seen["freed"][0] == everywhere  # type: ignore[index]
     # The other way round, through the forkserver the decoder uses: pinned and lowered like its caller.
     assert _in_child(seen["placement"], "forkserver") == ({one}, lowered)  # type: ignore[arg-type]
+
+
+# --- a worker an exploit took over: the parent must stay within its limits whatever the worker sends ---------
+
+
+def _half_a_frame(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object) -> None:
+    out.send_bytes(b'{"size": [64, 48]}')  # type: ignore[attr-defined]
+    out.send_bytes(b'{"frame": 0}')  # type: ignore[attr-defined]
+    out._send(struct.pack("!i", 64 * 48 * 3) + b"partial")  # type: ignore[attr-defined]  # then nothing more
+    time.sleep(60)
+
+
+class _Payload:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(Path(tempfile.gettempdir()) / "facegate-pickle-ran"),))
+
+
+def _pickle_sender(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object) -> None:
+    out.send(_Payload())  # type: ignore[attr-defined]
+
+
+def _flood(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object) -> None:
+    out.send_bytes(b'{"size": [64, 48]}')  # type: ignore[attr-defined]
+    for i in range(10_000):  # far past max_frames
+        out.send_bytes(json.dumps({"frame": i}).encode())  # type: ignore[attr-defined]
+        out.send_bytes(bytes(64 * 48 * 3))  # type: ignore[attr-defined]
+    out.send_bytes(b'{"end": 10000}')  # type: ignore[attr-defined]
+
+
+def _huge_control(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object) -> None:
+    out.send_bytes(b'{"error": "' + b"x" * 50_000_000 + b'"}')  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method")
+@pytest.mark.parametrize(("worker", "expected"), [
+    (_half_a_frame, "did not decode within 0.5 s"),
+    (_pickle_sender, "could not be decoded"),
+    (_flood, "could not be decoded"),
+    (_huge_control, "could not be decoded"),
+])
+def test_a_hostile_worker_gets_no_further_than_a_refusal(worker, expected: str, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                                                         tmp_path: Path) -> None:
+    marker = Path(tempfile.gettempdir()) / "facegate-pickle-ran"
+    marker.unlink(missing_ok=True)
+    monkeypatch.setattr(video_mod, "_worker", worker)  # a forked child runs the patched module
+    limits = VideoLimits(max_frames=10, timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(InvalidArgumentError) as info:
+        video_mod._run_worker(multiprocessing.get_context("fork"), b"", limits, str(tmp_path), "clip.video")
+    assert info.value.violations[0].description == expected
+    assert time.monotonic() - started < 5  # the time limit holds: the read never waits on the worker for long
+    assert not marker.exists()  # nothing it sent was unpickled
