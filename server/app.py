@@ -77,7 +77,7 @@ class FacegateServer:
         self.pixels = Budget("decoded pixels", config.max_inflight_pixels, "pixels")
         # Threads that wait on video decodes in worker processes: compute work at the compute threads' priority, not
         # placed on one CPU, and never the CPU pool's threads (waiting there stalled every other call's decoding).
-        # A worker process takes its CPUs from its waiting thread.
+        # A worker process takes its CPUs and nice value from its waiting thread.
         self.video_pool = ThreadPoolExecutor(config.clip_limits.videos_at_once(config.max_inflight_pixels),
                                              thread_name_prefix="video-wait", initializer=lower)
         self.calls = Budget("calls in flight", config.max_inflight_calls, "calls")

@@ -35,7 +35,8 @@ class ClipLimits:
                            self.max_request_pixels if max_pixels is None else max_pixels, self.video_timeout_s)
 
     def videos_at_once(self, pixel_budget: int) -> int:
-        """How many video containers can decode at once: each holds a whole request's decoded-pixel budget."""
+        """How many video containers decode at once: as many as the server's pixel budget holds of the largest (a
+        whole request's budget each); an enrolment's smaller videos wait for one of these turns."""
         return max(1, pixel_budget // max(self.max_request_pixels, 1))
 
 
