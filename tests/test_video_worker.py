@@ -55,7 +55,7 @@ def test_no_decode_leaves_the_video_in_the_temporary_directory(tmp_path: Path) -
     outcomes: list[int | str] = []
     for _ in range(4):
         for data, limits in ((avi, VideoLimits()), (mp4, VideoLimits()), (truncated, VideoLimits()),
-                             (endless, VideoLimits()), (endless, VideoLimits(max_frames=10_000, timeout_s=0.3))):
+                             (endless, VideoLimits()), (endless, VideoLimits(max_frames=10_000, timeout_s=0.1))):
             try:
                 outcomes.append(len(decode_video(data, limits, "clip")))
             except InvalidArgumentError as exc:
