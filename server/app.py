@@ -115,7 +115,7 @@ class FacegateServer:
         models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self.server)
         identification_pb2_grpc.add_IdentificationServiceServicer_to_server(
             IdentificationServicer(lambda: self.identification, lambda: self._loading,
-                                   lambda: self._identify_versions), self.server)
+                                   lambda: self._identify_versions, self.metrics), self.server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.registry, lambda: not self._loading and not self._draining), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

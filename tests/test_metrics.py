@@ -64,9 +64,39 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         final = scrape_until(port, refused)
         assert final[refused] == 1
         # No caller-supplied string is ever a label value.
-        known = {"retinaface", "minifasnet_v2", "minifasnet_v1se", "image", "clip", "+Inf", "liveness",
+        known = {"retinaface", "minifasnet_v2", "minifasnet_v1se", "image", "clip", "video", "+Inf", "liveness",
                  "identification"}
         assert all(v in ("OK", "INVALID_ARGUMENT") or v.startswith("/") or v in known or v.replace(".", "").isdigit()
             or v.startswith("slowfast") or k in ("le", "reason") for (_, labels) in final for k, v in labels)
+    finally:
+        stop_server(running, thread)
+
+
+def test_clip_decoding_is_measured_by_kind(repository_dir: Path, tmp_path: Path) -> None:
+    import cv2
+
+    from facegate.v1 import identification_pb2, identification_pb2_grpc
+    from tests.bad_inputs import video
+    from tests.conftest import _need
+    from tests.images import encode, gradient
+
+    if not (repository_dir / "ensembles").is_dir():
+        _need(f"a trained identification ensemble in {repository_dir} (make identify-models)")
+    port = free_port()
+    running, thread = start_server(repository_dir, metrics_port=port)
+    try:
+        stub = identification_pb2_grpc.IdentificationServiceStub(running.channel())
+        stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection="metered"), timeout=10)
+        frames = [cv2.flip(gradient(160, 120), i % 2) for i in range(12)]
+        clips = {"clip": identification_pb2.Clip(frames=[common_pb2.Image(data=encode(f, "jpeg")) for f in frames],
+                                                 fps=200.0),
+                 "video": identification_pb2.Clip(video=video(tmp_path / "c.avi", frames), fps=200.0)}
+        for clip in clips.values():
+            stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(collection="metered", clip=clip),
+                                  timeout=60)
+        after = scrape(port)
+        for kind in clips:
+            assert after[("facegate_decode_duration_seconds_count", (("kind", kind),))] == 1
+            assert after[("facegate_decode_duration_seconds_sum", (("kind", kind),))] > 0
     finally:
         stop_server(running, thread)

@@ -10,6 +10,7 @@ from engines.errors import FailedPreconditionError, FieldViolation, InvalidArgum
 from engines.identify.matching import MatchDecision
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc
 from server.gallery.store import EnrollMode
+from server.metrics import Metrics
 from server.pipelines.clip_input import ClipInput
 from server.pipelines.identification import ClipDiagnostics
 from server.servicers.call_context import caller_name, deadline_from, request_id_from
@@ -66,11 +67,12 @@ def identify_to_proto(r: IdentifyResult, request_id: str) -> identification_pb2.
 
 class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServicer):
     def __init__(self, service: Callable[[], IdentificationService | None], loading: Callable[[], bool],
-                 versions: Callable[[], list[common_pb2.ModelVersion]]) -> None:
+                 versions: Callable[[], list[common_pb2.ModelVersion]], metrics: Metrics | None = None) -> None:
         # Callables, because the service appears only once the models are loaded and warm.
         self._service = service
         self._loading = loading
         self._versions = versions
+        self._metrics = metrics
 
     def _svc(self) -> IdentificationService:
         svc = self._service()
@@ -118,6 +120,9 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
             clip=clip_from_proto(request.clip) if request.HasField("clip") else None,
             top_k=request.top_k, threshold=request.threshold if request.HasField("threshold") else None,
             check_liveness=request.check_liveness, deadline=deadline_from(context)))
+        if self._metrics is not None:  # a video decodes in a worker process, frames on the pool: seconds apart
+            kind = "video" if request.clip.video else "clip"
+            self._metrics.decode.labels(kind).observe(result.timings_ms.get("decode", 0.0) / 1e3)
         resp = identify_to_proto(result, rid)
         resp.models.extend(self._versions())
         return resp
