@@ -81,3 +81,12 @@ def mjpeg_avi(jpegs: list[bytes], width: int, height: int, fps: int = 30) -> byt
         offset += len(chunk)
     body = b"AVI " + hdrl + _riff(b"LIST", b"movi" + b"".join(movi)) + _riff(b"idx1", b"".join(index))
     return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the frame header of a JPEG with no EXIF block before its first scan (the header check's
+    fast path), or None: another format, an EXIF block, or segments that do not parse."""
+    from engines.vision.jpeg_header import jpeg_frame
+
+    frame = jpeg_frame(data)
+    return (frame.width, frame.height) if frame is not None and not frame.exif else None

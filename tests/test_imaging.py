@@ -100,7 +100,7 @@ def test_plain_jpeg_headers_are_read_without_pillow_and_agree_with_it() -> None:
     from PIL import Image
 
     from engines.vision.imaging import probe_image
-    from engines.vision.jpeg_header import plain_jpeg_size
+    from tests.images import plain_jpeg_size
 
     for w, h in ((64, 48), (180, 240), (333, 101)):
         data = encode(gradient(w, h), "JPEG", quality=90)

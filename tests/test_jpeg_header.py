@@ -12,8 +12,8 @@ from PIL import Image
 
 from engines.errors import InvalidArgumentError
 from engines.vision.imaging import ImageLimits, decode_image, probe_image
-from engines.vision.jpeg_header import jpeg_frame, jpeg_is_truncated, jpeg_scans, plain_jpeg_size
-from tests.images import encode, gradient, with_extra_scans
+from engines.vision.jpeg_header import jpeg_frame, jpeg_is_truncated, jpeg_scans
+from tests.images import encode, gradient, plain_jpeg_size, with_extra_scans
 
 
 def noisy(w: int, h: int, seed: int = 0) -> np.ndarray:

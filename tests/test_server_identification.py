@@ -134,6 +134,17 @@ def frames_of(folder: Path) -> list[common_pb2.Image]:
     return list(clip_from_folder(folder, FPS).frames)
 
 
+def video_of(folder: Path, path: Path) -> tuple[bytes, int]:
+    """The folder's frames as an MJPEG AVI (played at 30 fps, not the capture rate), and how many frames it holds."""
+    import cv2
+
+    from tests.bad_inputs import video
+
+    decoded = [cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR) for f in frames_of(folder)]
+    frames = [f for f in decoded if f is not None]
+    return video(path, frames), len(frames)
+
+
 def bad_clip(case: str, frames: list[common_pb2.Image]) -> identification_pb2.Clip:
     if case == "no_frames":
         return identification_pb2.Clip(fps=FPS)
@@ -258,23 +269,12 @@ def test_gallery_survives_a_restart(repository_dir: Path, server: RunningServer,
 
 
 def test_a_video_container_identifies_like_its_frames(stub, enrolled: str, trained: dict, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    import cv2
-
     key = trained["test_probes"][2]
-    folder = clip_dir(trained, key)
-    decoded = [cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR) for f in frames_of(folder)]
-    frames = [f for f in decoded if f is not None]
-    path = tmp_path / "clip.avi"
-    h, w = frames[0].shape[:2]
-    fourcc = cv2.VideoWriter.fourcc(*"MJPG")
-    writer = cv2.VideoWriter(str(path), fourcc, 30.0, (w, h))  # a playback rate, not the capture rate
-    for f in frames:
-        writer.write(f)
-    writer.release()
+    data, n = video_of(clip_dir(trained, key), tmp_path / "clip.avi")
     req = identification_pb2.IdentifyFromClipRequest(
-        collection=enrolled, clip=identification_pb2.Clip(video=path.read_bytes(), fps=FPS), top_k=1)
+        collection=enrolled, clip=identification_pb2.Clip(video=data, fps=FPS), top_k=1)
     r = stub.IdentifyFromClip(req, timeout=120)
-    assert r.diagnostics.frames_received == len(frames)
+    assert r.diagnostics.frames_received == n
     assert r.candidates[0].person_id == key.split("/")[1]
     bad = identification_pb2.IdentifyFromClipRequest(
         collection=enrolled, clip=identification_pb2.Clip(video=b"not a video at all", fps=FPS))
@@ -284,24 +284,16 @@ def test_a_video_container_identifies_like_its_frames(stub, enrolled: str, train
     assert field_violations(info.value)[0][0] == "clip.video"
 
 
-
-
 def test_an_enrolment_of_video_clips_shares_the_pixel_budget(stub, trained: dict, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Each video may decode its share of the request's pixel budget. Until 2026-12-04 each was charged the whole
     budget before decoding, so two video clips, or a video and frames, were refused however small."""
-    import cv2
-
     from tests.bad_inputs import video
 
     stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection="videos"), timeout=10)
     keys = trained["enrol2_gallery"][:2]
     assert keys[0].split("/")[1] == keys[1].split("/")[1]  # two clips of one person
-    clips = []
-    for i, key in enumerate(keys):
-        decoded = [cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR)
-                   for f in frames_of(clip_dir(trained, key))]
-        frames = [f for f in decoded if f is not None]
-        clips.append(identification_pb2.Clip(video=video(tmp_path / f"{i}.avi", frames), fps=FPS))
+    clips = [identification_pb2.Clip(video=video_of(clip_dir(trained, k), tmp_path / f"{i}.avi")[0], fps=FPS)
+             for i, k in enumerate(keys)]
     r = stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
         collection="videos", person_id="both", clips=clips), timeout=120)
     assert r.clips_accepted == 2, [c.reason for c in r.clips]
@@ -320,6 +312,7 @@ def test_an_enrolment_of_video_clips_shares_the_pixel_budget(stub, trained: dict
     assert "decodes to more than 61440000 pixels" in field_violations(info.value)[0][1]
     assert {p.person_id for p in stub.ListPersons(
         identification_pb2.ListPersonsRequest(collection="videos"), timeout=10).persons} == {"both", "mixed"}
+
 
 def test_slow_videos_leave_the_decoding_pool_to_other_calls(server: RunningServer, stub, enrolled: str) -> None:  # type: ignore[no-untyped-def]
     """Two videos whose frame costs FFmpeg seconds (a progressive JPEG of 40,000 scans): a CheckLiveness call made
@@ -346,6 +339,7 @@ def test_slow_videos_leave_the_decoding_pool_to_other_calls(server: RunningServe
         for v in videos:
             v.result()
     assert ended["liveness"] < min(ended["video 0"], ended["video 1"]), ended
+
 
 def _upscaled(folder: Path) -> identification_pb2.Clip:
     """The clip at twice its size (a 360x480 capture): large enough that reduced decoding reduces."""

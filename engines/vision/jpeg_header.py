@@ -73,13 +73,6 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
     return None
 
 
-def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the frame header of a JPEG with no EXIF block before its first scan (so no
-    orientation to apply), or None: another format, an EXIF block, or segments that do not parse."""
-    frame = jpeg_frame(data)
-    return (frame.width, frame.height) if frame is not None and not frame.exif else None
-
-
 def jpeg_scans(data: bytes) -> int:
     """How many start-of-scan markers the bytes hold. Entropy-coded data never holds a bare 0xFFDA (a 0xFF there is
     followed by 0x00 or a restart marker), so this counts scans, plus any in an embedded thumbnail or, by chance,

@@ -82,8 +82,8 @@ def _stream(path: str, limits: VideoLimits, out: Connection) -> None:
         if codec not in ALLOWED_CODECS:
             return _send(out, error=f"uses codec {codec!r}; allowed: {', '.join(sorted(ALLOWED_CODECS))}")
         w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        if _size_error(w, h, limits):
-            return _send(out, error=_size_error(w, h, limits))
+        if error := _size_error(w, h, limits):
+            return _send(out, error=error)
         _send(out, size=[w, h])
         n = 0
         while True:
@@ -92,8 +92,8 @@ def _stream(path: str, limits: VideoLimits, out: Connection) -> None:
                 break
             if frame.shape != (h, w, 3):
                 return _send(out, error=f"frame {n} is {frame.shape[1]}x{frame.shape[0]}, not {w}x{h}")
-            if _count_error(n + 1, w, h, limits):
-                return _send(out, error=_count_error(n + 1, w, h, limits))
+            if error := _count_error(n + 1, w, h, limits):
+                return _send(out, error=error)
             _send(out, frame=n)
             out.send_bytes(np.ascontiguousarray(frame).reshape(-1).data)  # flat: send_bytes sizes by len()
             n += 1
