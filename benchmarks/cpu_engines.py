@@ -2,7 +2,7 @@
 
 1. Peaks: a single-thread 1024^3 GEMM per precision, the arithmetic one core reaches: FP32 (numpy's BLAS and
    OpenVINO, the higher), bf16 (OpenVINO's bf16 hint, where the CPU has bf16 arithmetic) and INT8 (a QDQ MatMul
-   that OpenVINO runs as u8 x s8; on a CPU with VNNI, its int8 dot products).
+   that OpenVINO runs as u8 x s8; on a CPU with VNNI, its int8 dot products; never taken below the FP32 peak).
 2. Each served model's multiply-adds per item, counted from its ONNX graph (Conv, ConvTranspose, Gemm, MatMul at
    the warm-up shape, batch 1, with the shapes of one run of the graph).
 3. Items/s per model and runtime (ONNX Runtime and OpenVINO FP32; OpenVINO bf16 where the CPU has it and the
@@ -76,11 +76,23 @@ def openvino_gemm_gflops(precision: str, n: int = 1024, seconds: float = 2.0) ->
 
 def peaks_gflops(seconds: float = 2.0) -> dict[str, float]:
     """The single-core peak of each precision this CPU runs (bf16 only where it has bf16 arithmetic)."""
-    out = {"fp32_numpy": gemm_peak_gflops(seconds=seconds), "fp32_openvino": openvino_gemm_gflops("fp32")}
-    out["fp32"] = max(out["fp32_numpy"], out["fp32_openvino"])
-    if has_bf16():
-        out["bf16"] = openvino_gemm_gflops("bf16", seconds=seconds)
-    out["int8"] = openvino_gemm_gflops("int8", seconds=seconds)
+    return reference_peaks(fp32_numpy=gemm_peak_gflops(seconds=seconds),
+                           fp32_openvino=openvino_gemm_gflops("fp32", seconds=seconds),
+                           bf16=openvino_gemm_gflops("bf16", seconds=seconds) if has_bf16() else None,
+                           int8_gemm=openvino_gemm_gflops("int8", seconds=seconds))
+
+
+def reference_peaks(fp32_numpy: float, fp32_openvino: float, bf16: float | None, int8_gemm: float
+                    ) -> dict[str, float]:
+    """The peak each precision's fraction is taken of. The INT8 peak is never below the FP32 one: INT8 work can
+    always run at the FP32 rate, and on a CPU without integer dot products (VNNI, AMX) OpenVINO's INT8 GEMM is no
+    peak. On an AVX2-only Zen 1 (2026-12-04) it ran at 16.1 GFLOP/s against FP32's 34.7, and the INT8 models
+    beat it, reported as 117-128 % of that "peak"."""
+    out = {"fp32_numpy": fp32_numpy, "fp32_openvino": fp32_openvino, "fp32": max(fp32_numpy, fp32_openvino),
+           "int8_gemm": int8_gemm}
+    if bf16 is not None:
+        out["bf16"] = bf16
+    out["int8"] = max(int8_gemm, out["fp32"])
     return out
 
 
@@ -171,12 +183,18 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return f"{v['items_per_s']:.0f} ({100 * v['fraction_of_peak']:.1f} %)" if v else "-"
 
 
+def _int8_note(p: dict[str, float]) -> str:
+    if p["int8_gemm"] >= p["int8"]:
+        return ""
+    return f"; the INT8 GEMM ran at {p['int8_gemm']:.1f}, below FP32, so INT8 is held to the FP32 peak"
+
+
 def markdown(r: dict[str, Any]) -> str:
     m, p = r["machine"], r["peaks_gflops"]
     peaks = ", ".join(f"{k} **{p[k]:.1f}**" for k in ("fp32", "bf16", "int8") if k in p)
     out = [f"Machine: {r['machine_class']}, {m['date']}. One thread per engine, batch 8. Peaks (single-thread "
            f"1024^3 GEMM, GFLOP/s per core): {peaks} (FP32: numpy {p['fp32_numpy']:.1f}, OpenVINO "
-           f"{p['fp32_openvino']:.1f}). Each variant's fraction is of its own precision's peak.", "",
+           f"{p['fp32_openvino']:.1f}{_int8_note(p)}). Each variant's fraction is of its own precision's peak.", "",
            "| model | M MACs/item | ONNX Runtime FP32 | OpenVINO FP32 | OpenVINO / ORT | OpenVINO bf16 | OpenVINO INT8 "
            "| served here | bf16 gate | INT8 gate |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["models"]:
