@@ -188,13 +188,16 @@ def _receive(receive: Connection, limits: VideoLimits, where: str) -> list[np.nd
     not reach further into the server than its own answer."""
     deadline = time.monotonic() + limits.timeout_s
 
+    def garbled() -> InvalidArgumentError:  # whatever the worker got wrong, the caller learns only this
+        return InvalidArgumentError(FieldViolation(where, "could not be decoded"))
+
     def message(max_bytes: int) -> bytes:
         if not receive.poll(max(0.0, deadline - time.monotonic())):
             raise InvalidArgumentError(FieldViolation(where, f"did not decode within {limits.timeout_s:g} s"))
         try:
             return receive.recv_bytes(max_bytes)
         except (EOFError, OSError) as exc:  # the worker died (a crash inside the decoder), or sent nonsense
-            raise InvalidArgumentError(FieldViolation(where, "could not be decoded")) from exc
+            raise garbled() from exc
 
     def control() -> dict[str, object]:
         try:
@@ -202,7 +205,7 @@ def _receive(receive: Connection, limits: VideoLimits, where: str) -> list[np.nd
         except ValueError:
             got = None
         if not isinstance(got, dict) or len(got) != 1:
-            raise InvalidArgumentError(FieldViolation(where, "could not be decoded"))
+            raise garbled()
         if "error" in got:
             raise InvalidArgumentError(FieldViolation(where, str(got["error"])[:_CONTROL_BYTES]))
         return got
@@ -210,7 +213,7 @@ def _receive(receive: Connection, limits: VideoLimits, where: str) -> list[np.nd
     size = control().get("size")
     if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int for v in size)) \
             or _size_error(size[0], size[1], limits):
-        raise InvalidArgumentError(FieldViolation(where, "could not be decoded"))
+        raise garbled()
     w, h = size
     frames: list[np.ndarray] = []
     while True:
@@ -218,10 +221,10 @@ def _receive(receive: Connection, limits: VideoLimits, where: str) -> list[np.nd
         if got.get("end") == len(frames) and frames:
             return frames
         if got.get("frame") != len(frames) or _count_error(len(frames) + 1, w, h, limits):
-            raise InvalidArgumentError(FieldViolation(where, "could not be decoded"))
+            raise garbled()
         pixels = message(h * w * 3)
         if len(pixels) != h * w * 3:
-            raise InvalidArgumentError(FieldViolation(where, "could not be decoded"))
+            raise garbled()
         frames.append(np.frombuffer(pixels, np.uint8).reshape(h, w, 3))
 
 
