@@ -94,8 +94,9 @@ class Metrics:
         self.in_flight = Gauge("facegate_requests_in_flight", "RPCs being served now", registry=r)
         self.refused = Counter("facegate_refused", "Calls refused before any work, by reason",
                                ["reason"], registry=r)
-        self.decode = Histogram("facegate_decode_duration_seconds", "Decoding per request: kind image (CheckLiveness), "
-                                "clip (IdentifyFromClip's frames) or video (its video container)",
+        self.decode = Histogram("facegate_decode_duration_seconds", "Decoding per image or clip: kind image "
+                                "(CheckLiveness), clip (a clip's frames) or video (a clip's video container), in "
+                                "IdentifyFromClip and each clip of EnrollFromClip",
                                 ["kind"], buckets=LATENCY_BUCKETS, registry=r)
         self.gallery_templates = Gauge("facegate_gallery_templates", "Templates held in memory for search, over "
                                        "all collections and members", registry=r)

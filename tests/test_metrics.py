@@ -72,7 +72,7 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         stop_server(running, thread)
 
 
-def test_clip_decoding_is_measured_by_kind(repository_dir: Path, tmp_path: Path) -> None:
+def test_each_clip_decoded_is_measured_by_kind(repository_dir: Path, tmp_path: Path) -> None:
     import cv2
 
     from facegate.v1 import identification_pb2, identification_pb2_grpc
@@ -94,9 +94,17 @@ def test_clip_decoding_is_measured_by_kind(repository_dir: Path, tmp_path: Path)
         for clip in clips.values():
             stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(collection="metered", clip=clip),
                                   timeout=60)
-        after = scrape(port)
+        identified = scrape(port)
+        # An enrolment decodes each of its clips on its own: one observation per clip, of the clip's kind.
+        stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+            collection="metered", person_id="p1", clips=list(clips.values())), timeout=60)
+        enrolled = scrape(port)
         for kind in clips:
-            assert after[("facegate_decode_duration_seconds_count", (("kind", kind),))] == 1
-            assert after[("facegate_decode_duration_seconds_sum", (("kind", kind),))] > 0
+            count, total = (("facegate_decode_duration_seconds_count", (("kind", kind),)),
+                            ("facegate_decode_duration_seconds_sum", (("kind", kind),)))
+            assert identified[count] == 1
+            assert identified[total] > 0
+            assert enrolled[count] == 2
+            assert enrolled[total] > identified[total]
     finally:
         stop_server(running, thread)

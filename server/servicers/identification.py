@@ -83,6 +83,10 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
                 "no identification models are installed on this server (run `make identify-models`)")
         return svc
 
+    def _observe_decode(self, clip: identification_pb2.Clip, decode_ms: float) -> None:
+        if self._metrics is not None:  # a video decodes in a worker process, frames on the pool: seconds apart
+            self._metrics.decode.labels("video" if clip.video else "clip").observe(decode_ms / 1e3)
+
     async def CreateCollection(  # noqa: N802 - gRPC method name
         self, request: identification_pb2.CreateCollectionRequest, context: grpc.aio.ServicerContext
     ) -> identification_pb2.CreateCollectionResponse:
@@ -106,6 +110,7 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
             person_id=result.person_id, model_version=result.model_version, clips_accepted=result.clips_accepted,
             total_clips=result.total_clips, replayed=result.replayed)
         for v in result.clips:
+            self._observe_decode(request.clips[v.index], v.decode_ms)
             resp.clips.add(index=v.index, accepted=v.accepted, reason=v.reason,
                            diagnostics=diagnostics_to_proto(v.diagnostics))
         return resp
@@ -120,9 +125,7 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
             clip=clip_from_proto(request.clip) if request.HasField("clip") else None,
             top_k=request.top_k, threshold=request.threshold if request.HasField("threshold") else None,
             check_liveness=request.check_liveness, deadline=deadline_from(context)))
-        if self._metrics is not None:  # a video decodes in a worker process, frames on the pool: seconds apart
-            kind = "video" if request.clip.video else "clip"
-            self._metrics.decode.labels(kind).observe(result.timings_ms.get("decode", 0.0) / 1e3)
+        self._observe_decode(request.clip, result.timings_ms.get("decode", 0.0))
         resp = identify_to_proto(result, rid)
         resp.models.extend(self._versions())
         return resp

@@ -55,6 +55,7 @@ class ClipVerdict:
     accepted: bool
     reason: str
     diagnostics: ClipDiagnostics
+    decode_ms: float = 0.0  # for the decode metric: each clip of an enrolment is decoded on its own
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ class IdentificationService:
                           f"(need {MIN_COVERAGE:.0%})")
             else:
                 accepted.append((f"{req.request_id}:{i}", r.embeddings))
-            verdicts.append(ClipVerdict(i, not reason, reason, r.diagnostics))
+            verdicts.append(ClipVerdict(i, not reason, reason, r.diagnostics, r.timings_ms.get("decode", 0.0)))
         outcome = EnrollOutcome(0, False)
         if accepted:  # nothing is written unless at least one clip is usable: no empty persons
             try:
