@@ -22,7 +22,7 @@ from PIL import Image
 
 from facegate.v1 import common_pb2, identification_pb2, liveness_pb2
 from inference import grpc_service_pb2 as oip
-from tests.images import png_chunk, with_extra_scans
+from tests.images import mjpeg_avi, png_chunk, with_extra_scans
 
 Code = grpc.StatusCode
 INVALID = (Code.INVALID_ARGUMENT,)
@@ -219,6 +219,11 @@ def cases(tmp: Path) -> list[Case]:
              # MPEG-4 part 2: a static 4K frame compresses to a few MB (MJPEG would exceed the message limit).
              lambda m: ident(m, clip(video=video(tmp / "4k.mp4", [np.full((2160, 3840, 3), 90, np.uint8)],
                                                  fourcc="mp4v", repeat=400)))),
+        Case("video frame progressive JPEG of 10k scans", "IdentifyFromClip",
+             # Motion JPEG: the frames are JPEG files byte for byte, the last one the 10k-scan frame above.
+             lambda m: ident(m, clip(video=mjpeg_avi(
+                 [*m.frames[:5], with_extra_scans(progressive(m.frames[5]), 10_000)],
+                 *Image.open(io.BytesIO(m.frames[0])).size)))),
         Case("video codec not allowed (PNG in AVI)", "IdentifyFromClip",
              lambda m: ident(m, clip(video=video(tmp / "png.avi", decoded_frames(m)[:10], fourcc="MPNG")))),
         # --- EnrollFromClip ---

@@ -18,8 +18,9 @@ import pytest
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from facegate_client.client import clip_from_folder, field_violations
 from server.gallery.store import GalleryStore
+from tests.bad_inputs import video as video_file
 from tests.conftest import ROOT, RunningServer, _need, start_server, stop_server
-from tests.images import encode, gradient, mjpeg_avi, with_extra_scans
+from tests.images import encode, gradient
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]
 
@@ -314,15 +315,17 @@ def test_an_enrolment_of_video_clips_shares_the_pixel_budget(stub, trained: dict
         identification_pb2.ListPersonsRequest(collection="videos"), timeout=10).persons} == {"both", "mixed"}
 
 
-def test_slow_videos_leave_the_decoding_pool_to_other_calls(server: RunningServer, stub, enrolled: str) -> None:  # type: ignore[no-untyped-def]
-    """Two videos whose frame costs FFmpeg seconds (a progressive JPEG of 40,000 scans): a CheckLiveness call made
-    while they decode is answered before either. Each has one frame, so it is refused as soon as it is decoded.
+def test_slow_videos_leave_the_decoding_pool_to_other_calls(server: RunningServer, stub, enrolled: str,  # type: ignore[no-untyped-def]
+                                                            tmp_path: Path) -> None:
+    """Two long videos (401 frames of 640x480, one over the frame limit, so each is refused once 400 are decoded:
+    2.0-3.0 s each on a busy 2-core Zen 1): a CheckLiveness call made while they decode is answered before either.
     Until 2026-12-04 a video's wait held a thread of the CPU pool (2 threads on 2 cores), so two videos stalled
     every call's decoding until they ended: measured, a CheckLiveness call took 10.0 s. The worker processes also
-    ran on one core then, pinned like the compute thread that started their forkserver."""
-    slow = with_extra_scans(encode(gradient(2000, 2000), "jpeg", progressive=True), 40_000)
+    ran on one core then, pinned like the compute thread that started their forkserver. (The videos were one frame
+    of 40,000 scans until 2026-12-05, when such a frame began to be refused before decoding.)"""
+    long = video_file(tmp_path / "long.avi", [gradient(640, 480)], repeat=401)
     video = identification_pb2.IdentifyFromClipRequest(
-        collection=enrolled, clip=identification_pb2.Clip(video=mjpeg_avi([slow], 2000, 2000), fps=30.0))
+        collection=enrolled, clip=identification_pb2.Clip(video=long, fps=30.0))
     live = liveness_pb2_grpc.LivenessServiceStub(server.channel())
     image = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=encode(gradient(640, 480), "jpeg")))
     ended: dict[str, float] = {}
@@ -334,7 +337,7 @@ def test_slow_videos_leave_the_decoding_pool_to_other_calls(server: RunningServe
 
     with ThreadPoolExecutor(2) as pool:
         videos = [pool.submit(call, f"video {i}", stub.IdentifyFromClip, video) for i in range(2)]
-        time.sleep(0.5)  # both are decoding now (each takes seconds)
+        time.sleep(0.3)  # both are decoding now (each takes a second or more)
         call("liveness", live.CheckLiveness, image)
         for v in videos:
             v.result()

@@ -3,7 +3,8 @@
 FFmpeg (inside OpenCV) parses the container; a hostile or endless stream must not take the server with it, so
 the decode runs in a separate process that is killed when it overruns. Only known containers (AVI, MP4/MOV,
 Matroska/WebM, sniffed from magic bytes) and codecs are read; the frame size is checked from the stream header
-before the first frame and every frame as it is read, and reading stops at the frame-count and pixel budgets.
+before the first frame and every frame as it is read, a Motion JPEG's frames are held to the scan limit of a
+clip's JPEG frames before any is decoded, and reading stops at the frame-count and pixel budgets.
 
 The worker streams the frames one at a time, and the parent unpickles nothing from it: control messages are
 small JSON objects and frames raw bytes of the declared size, and the parent checks every limit again before it
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.errors import FieldViolation, InvalidArgumentError
+from engines.vision.jpeg_header import jpeg_frame, jpeg_scans
 
 _CONTROL_BYTES = 4096  # the longest control message the parent reads from a worker
 ALLOWED_CODECS = frozenset({"MJPG", "H264", "AVC1", "X264", "VP80", "VP90", "MP4V", "FMP4", "XVID", "DIVX"})
@@ -51,6 +53,8 @@ class VideoLimits:
     max_total_pixels: int = 400 * 640 * 480
     timeout_s: float = 10.0
     """Wall-clock limit of one decode (the worker is killed after it)."""
+    max_scans: int = 100
+    """Most scans a progressive frame of a Motion JPEG video may have, as for a JPEG frame of a clip."""
 
 
 def sniff_container(data: bytes) -> str | None:
@@ -84,6 +88,8 @@ def _stream(path: str, limits: VideoLimits, out: Connection) -> None:
         w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         if error := _size_error(w, h, limits):
             return _send(out, error=error)
+        if codec == "MJPG" and (error := _scans_error(path, limits)):
+            return _send(out, error=error)
         _send(out, size=[w, h])
         n = 0
         while True:
@@ -98,6 +104,32 @@ def _stream(path: str, limits: VideoLimits, out: Connection) -> None:
             out.send_bytes(np.ascontiguousarray(frame).reshape(-1).data)  # flat: send_bytes sizes by len()
             n += 1
         return _send(out, end=n) if n else _send(out, error="holds no decodable frame")
+    finally:
+        cap.release()
+
+
+def _scans_error(path: str, limits: VideoLimits) -> str:
+    """Each Motion JPEG frame is a JPEG file, and a progressive one of many tiny scans costs a pass over the whole
+    frame per scan (``engines/vision/jpeg_header.py``): one 2000x2000 frame of 40,000 scans took FFmpeg seconds,
+    bounded only by the time limit. Its packets are read undecoded first (demuxing 80 frames of 640x480 took
+    ~9 ms) and held to the scan limit of a clip's frames. FFmpeg still decodes them, so the pixels are those of
+    every other video: libjpeg-turbo's differ from FFmpeg's by up to 28 levels."""
+    import cv2
+
+    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+    try:
+        if not cap.isOpened() or not cap.set(cv2.CAP_PROP_FORMAT, -1):  # -1: packets as read, not decoded
+            return "is not a decodable video container"
+        for n in range(limits.max_frames + 1):  # one more than the limit: the decode then refuses the count
+            ok, packet = cap.read()
+            if not ok:
+                break
+            data = packet.tobytes()
+            frame = jpeg_frame(data)  # one whose segments do not parse is counted, as if progressive
+            if (frame is None or frame.progressive) and (scans := jpeg_scans(data)) > limits.max_scans:
+                return (f"frame {n} is a progressive JPEG of {scans} scans, over the limit of {limits.max_scans} "
+                        "(each scan can cost a pass over the whole frame)")
+        return ""
     finally:
         cap.release()
 

@@ -32,7 +32,8 @@ class ClipLimits:
     def video(self, max_pixels: int | None = None) -> VideoLimits:
         """A video's limits; it decodes at most ``max_pixels`` (default: the request's budget)."""
         return VideoLimits(self.max_frames, self.frame.max_pixels, self.frame.min_side,
-                           self.max_request_pixels if max_pixels is None else max_pixels, self.video_timeout_s)
+                           self.max_request_pixels if max_pixels is None else max_pixels, self.video_timeout_s,
+                           self.frame.max_scans)
 
     def videos_at_once(self, pixel_budget: int) -> int:
         """How many video containers decode at once: as many as the server's pixel budget holds of the largest (a
