@@ -118,8 +118,10 @@ def _scans_error(path: str, limits: VideoLimits) -> str:
 
     cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
     try:
-        if not cap.isOpened() or not cap.set(cv2.CAP_PROP_FORMAT, -1):  # -1: packets as read, not decoded
+        if not cap.isOpened():
             return "is not a decodable video container"
+        if not cap.set(cv2.CAP_PROP_FORMAT, -1):  # -1: packets as read, not decoded (an OpenCV without it refuses)
+            return "could not be checked: its Motion JPEG packets could not be read"
         for n in range(limits.max_frames + 1):  # one more than the limit: the decode then refuses the count
             ok, packet = cap.read()
             if not ok:
