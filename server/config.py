@@ -114,6 +114,8 @@ class ServerConfig:
     identification_ensemble: str = ""
     """Ensemble manifest under <model_repository>/ensembles/ to serve; empty = the only (or first) one."""
     clip_limits: ClipLimits = field(default_factory=ClipLimits)
+    """A clip's limits, in IdentifyFromClip and each clip of EnrollFromClip ([identification] and
+    [identification.frame] in TOML)."""
     clip_reduced_decode: bool = True
     """Decode clip frames only as large as needed (JPEG scaled down inside libjpeg): the detection frames whole,
     the rest at the largest scale-down that keeps the face crop as large as its use needs. False decodes every
@@ -154,9 +156,13 @@ class ServerConfig:
             raise ValueError(f"max_health_and_stream_calls ({side}) must be >= 1, and with max_inflight_calls "
                              f"({self.max_inflight_calls}) at most max_concurrent_rpcs ({self.max_concurrent_rpcs}), "
                              f"or health checks and streams could take the slots calls need")
+        if self.max_message_bytes < self.clip_limits.frame.max_bytes:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) must be at least identification.frame.max_bytes "
+                f"({self.clip_limits.frame.max_bytes}), or valid frames could never arrive")
         if self.max_inflight_pixels < self.clip_limits.max_request_pixels:
             raise ValueError(f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least "
-                             f"clip_limits.max_request_pixels ({self.clip_limits.max_request_pixels})")
+                             f"identification.max_request_pixels ({self.clip_limits.max_request_pixels})")
 
     def gallery_target(self) -> Path | str:
         """The gallery's database: a SQLite path, or a URL."""
@@ -202,12 +208,13 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**data)
 
 
-_SECTIONS = frozenset({"server", "auth", "audit", "liveness", "runtime", "batching"})
+_SECTIONS = frozenset({"server", "auth", "audit", "liveness", "identification", "runtime", "batching"})
 
 
 def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None, **overrides: Any) -> ServerConfig:
     """Read a TOML file (sections: [server], [runtime], [runtime.tensorrt_builder], [liveness], [liveness.image],
-    [liveness.quality], [batching.<model>]) and apply keyword overrides (from the command line) on top."""
+    [liveness.quality], [identification], [identification.frame], [batching.<model>]) and apply keyword overrides
+    (from the command line) on top."""
     data: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
     # A setting outside its section, or a misspelt section, would otherwise be read by nothing and silently keep
     # its default (``max_queue_wait_s = 0.1`` above every section header did exactly that).
@@ -237,6 +244,14 @@ def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None,
     image = _build(ImageLimits, live.pop("image", {}), "[liveness.image]")
     quality = _build(QualityConfig, live.pop("quality", {}), "[liveness.quality]")
     liveness = _build(LivenessConfig, {**live, "image": image, "quality": quality}, "[liveness]")
+    ident = dict(data.get("identification", {}))
+    # A frame's defaults are the clip's own (4 MB, 4 MP), not a CheckLiveness image's: the section changes only
+    # what it names.
+    frame_section = ident.pop("frame", {})
+    if not isinstance(frame_section, dict):
+        raise ValueError(f"[identification]: frame must be a table ([identification.frame]), got {frame_section!r}")
+    frame = _build(ImageLimits, {**_asdict(ClipLimits().frame), **frame_section}, "[identification.frame]")
+    clip_limits = _build(ClipLimits, {**ident, "frame": frame}, "[identification]")
     rt = dict(data.get("runtime", {}))
     builder = _build(BuilderSettings, rt.pop("tensorrt_builder", {}), "[runtime.tensorrt_builder]")
     runtime = _build(RuntimeSettings, {**rt, "tensorrt_builder": builder}, "[runtime]")
@@ -249,8 +264,8 @@ def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None,
         batching[model] = _build(BatcherConfig, {**_asdict(base), **section}, f"[batching.{model}]")
     given = {k: v for k, v in overrides.items() if v is not None}
     return _build(ServerConfig, {**server, "batching": batching, "liveness": liveness, "runtime": runtime,
-                                 "auth": auth, "audit": audit, **given}, "[server]")
+                                 "auth": auth, "audit": audit, "clip_limits": clip_limits, **given}, "[server]")
 
 
-def _asdict(cfg: BatcherConfig) -> dict[str, Any]:
+def _asdict(cfg: Any) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in fields(cfg)}

@@ -83,3 +83,34 @@ def test_health_and_streams_must_leave_the_calls_their_rpc_slots() -> None:
     with pytest.raises(ValueError, match=r"max_health_and_stream_calls \(0\)"):
         ServerConfig(max_health_and_stream_calls=0)
     assert ServerConfig(max_health_and_stream_calls=256).max_health_and_stream_calls == 256
+
+
+def test_a_clips_limits_come_from_the_identification_sections(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server]\nmax_inflight_pixels = 300000000\n"
+                   "[identification]\nmax_frames = 120\nmax_request_pixels = 200000000\nvideo_timeout_s = 4\n"
+                   "[identification.frame]\nmax_scans = 40\n")
+    limits = load_config(cfg).clip_limits
+    assert (limits.max_frames, limits.max_request_pixels, limits.video_timeout_s) == (120, 200_000_000, 4)
+    assert limits.max_clips == 16  # untouched default
+    # A frame keeps the clip's own defaults where the section is silent (4 MB, 4 MP), not a liveness image's.
+    assert (limits.frame.max_scans, limits.frame.max_bytes, limits.frame.max_pixels) == (40, 4 << 20, 4_000_000)
+    video = limits.video()
+    assert (video.max_frames, video.timeout_s, video.max_scans) == (120, 4, 40)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[identification]\nmax_frames = 1\n", r"min_frames \(2\) must be at least 2 and at most max_frames \(1\)"),
+    ("[identification]\nvideo_timeout_s = 0\n", "clip limits must be positive: video_timeout_s = 0"),
+    ("[identification.frame]\nmax_scans = -1\n", "clip limits must be positive: frame.max_scans = -1"),
+    ('[identification]\nmax_clips = "4"\n', "max_clips must be int, got '4'"),
+    ("[identification]\nmax_frame = 10\n", r"\[identification\]: unknown setting\(s\) \['max_frame'\]"),
+    ("[identification.frame]\nmax_bytes = 20000000\n", r"identification.frame.max_bytes \(20000000\)"),
+    ("[identification]\nmax_request_pixels = 300000000\n", r"max_inflight_pixels \(250000000\) must be at least "
+                                                           r"identification.max_request_pixels \(300000000\)"),
+])
+def test_a_bad_clip_limit_is_refused_at_start_up(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(cfg)

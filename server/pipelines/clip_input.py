@@ -28,6 +28,20 @@ class ClipLimits:
     """Wall-clock limit of decoding one video container (in a worker process, killed after it)."""
     frame: ImageLimits = field(default_factory=lambda: ImageLimits(max_bytes=4 * 1024 * 1024,
                                                                    max_pixels=4_000_000))
+    """Each frame's limits ([identification.frame]); ``max_scans`` also holds each frame of a Motion JPEG video."""
+
+    def __post_init__(self) -> None:
+        # Set from a configuration file: a zero or negative limit would refuse every clip, or none.
+        f = self.frame
+        if not 2 <= self.min_frames <= self.max_frames:
+            raise ValueError(f"min_frames ({self.min_frames}) must be at least 2 and at most max_frames "
+                             f"({self.max_frames})")
+        positive = {"max_total_bytes": self.max_total_bytes, "max_fps": self.max_fps,
+                    "max_request_pixels": self.max_request_pixels, "max_clips": self.max_clips,
+                    "video_timeout_s": self.video_timeout_s, "frame.max_bytes": f.max_bytes,
+                    "frame.max_pixels": f.max_pixels, "frame.min_side": f.min_side, "frame.max_scans": f.max_scans}
+        if bad := [f"{name} = {value}" for name, value in positive.items() if not value > 0]:
+            raise ValueError(f"clip limits must be positive: {', '.join(bad)}")
 
     def video(self, max_pixels: int | None = None) -> VideoLimits:
         """A video's limits; it decodes at most ``max_pixels`` (default: the request's budget)."""
