@@ -194,7 +194,13 @@ def _declared_batching(model: str) -> BatcherConfig:
 _SCALARS: dict[Any, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def _build(cls: type, data: Any, where: str, base: Any = None) -> Any:
+    """``cls`` from a TOML table, its settings checked by name and type; what the table leaves out comes from
+    ``base`` (an instance of ``cls``) where one is given, else from the field defaults."""
+    if not isinstance(data, dict):  # e.g. ``image = 3`` where the table [liveness.image] belongs
+        raise ValueError(f"{where} must be a table, got {data!r}")
+    if base is not None:
+        data = {**_asdict(base), **data}
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -247,10 +253,7 @@ def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None,
     ident = dict(data.get("identification", {}))
     # A frame's defaults are the clip's own (4 MB, 4 MP), not a CheckLiveness image's: the section changes only
     # what it names.
-    frame_section = ident.pop("frame", {})
-    if not isinstance(frame_section, dict):
-        raise ValueError(f"[identification]: frame must be a table ([identification.frame]), got {frame_section!r}")
-    frame = _build(ImageLimits, {**_asdict(ClipLimits().frame), **frame_section}, "[identification.frame]")
+    frame = _build(ImageLimits, ident.pop("frame", {}), "[identification.frame]", ClipLimits().frame)
     clip_limits = _build(ClipLimits, {**ident, "frame": frame}, "[identification]")
     rt = dict(data.get("runtime", {}))
     builder = _build(BuilderSettings, rt.pop("tensorrt_builder", {}), "[runtime.tensorrt_builder]")
@@ -260,8 +263,7 @@ def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None,
         section = dict(section)
         if "preferred_batch_sizes" in section:
             section["preferred_batch_sizes"] = tuple(section["preferred_batch_sizes"])
-        base = _declared_batching(model)
-        batching[model] = _build(BatcherConfig, {**_asdict(base), **section}, f"[batching.{model}]")
+        batching[model] = _build(BatcherConfig, section, f"[batching.{model}]", _declared_batching(model))
     given = {k: v for k, v in overrides.items() if v is not None}
     return _build(ServerConfig, {**server, "batching": batching, "liveness": liveness, "runtime": runtime,
                                  "auth": auth, "audit": audit, "clip_limits": clip_limits, **given}, "[server]")

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engines.errors import FieldViolation, InvalidArgumentError
-from engines.vision.jpeg_header import jpeg_frame, jpeg_is_truncated, jpeg_scans
+from engines.vision.jpeg_header import JpegFrame, jpeg_frame, jpeg_is_truncated, too_many_scans
 from engines.vision.png_header import TooManyChunksError, png_header
 
 _FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
@@ -106,7 +106,7 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
     frame = jpeg_frame(data)
     if frame is not None and not frame.exif:
         header = _checked(ImageHeader("jpeg", frame.width, frame.height, 1), limits, bad)
-        _check_jpeg(data, limits, bad, frame.progressive)
+        _check_jpeg(data, limits, bad, frame)
         return header
     try:
         png = png_header(data)
@@ -131,7 +131,7 @@ def probe_image(data: bytes, limits: ImageLimits, field: str = "image.data") -> 
         raise bad(f"has unsupported format {im.format}; use JPEG, PNG or WebP")
     header = _checked(ImageHeader(fmt, *im.size, orientation if 1 <= orientation <= 8 else 1), limits, bad)
     if fmt == "jpeg":  # (one whose segments the walk could not read is taken as progressive: its scans are counted)
-        _check_jpeg(data, limits, bad, frame.progressive if frame is not None else True)
+        _check_jpeg(data, limits, bad, frame)
     return header
 
 
@@ -159,13 +159,12 @@ def _checked(header: ImageHeader, limits: ImageLimits, bad: Callable[[str], Inva
 
 
 def _check_jpeg(data: bytes, limits: ImageLimits, bad: Callable[[str], InvalidArgumentError],
-                progressive: bool) -> None:
+                frame: JpegFrame | None) -> None:
     """What a JPEG's bytes must also pass: no scan after its last end-of-image, and a bounded number of scans."""
     if jpeg_is_truncated(data):
         raise bad(_TRUNCATED)
-    if progressive and (scans := jpeg_scans(data)) > limits.max_scans:
-        raise bad(f"is a progressive JPEG of {scans} scans, over the limit of {limits.max_scans} (each scan can "
-                  "cost a pass over the whole image)")
+    if reason := too_many_scans(data, frame, limits.max_scans):
+        raise bad(reason)
 
 
 # OpenCV's reduced reads: a JPEG is decoded at 1/2, 1/4 or 1/8 scale inside libjpeg (in the DCT domain, so

@@ -80,6 +80,16 @@ def jpeg_scans(data: bytes) -> int:
     return data.count(b"\xff\xda")
 
 
+def too_many_scans(data: bytes, frame: JpegFrame | None, max_scans: int) -> str:
+    """Why a JPEG has too many scans, or "": a progressive frame (or one whose segments ``jpeg_frame`` could not
+    read, taken as progressive) of more than ``max_scans``. The one rule for an image, a clip's frame and a Motion
+    JPEG video's frame."""
+    if (frame is None or frame.progressive) and (scans := jpeg_scans(data)) > max_scans:
+        return (f"is a progressive JPEG of {scans} scans, over the limit of {max_scans} (each scan can cost a pass "
+                "over the whole image)")
+    return ""
+
+
 def jpeg_is_truncated(data: bytes) -> bool:
     """True when a start-of-scan marker follows the last end-of-image marker (or there is no end-of-image marker
     but a scan). Entropy-coded data never holds a bare 0xFFD9, so a complete JPEG ends its last scan with one; an

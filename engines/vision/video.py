@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.errors import FieldViolation, InvalidArgumentError
-from engines.vision.jpeg_header import jpeg_frame, jpeg_scans
+from engines.vision.jpeg_header import jpeg_frame, too_many_scans
 
 _CONTROL_BYTES = 4096  # the longest control message the parent reads from a worker
 ALLOWED_CODECS = frozenset({"MJPG", "H264", "AVC1", "X264", "VP80", "VP90", "MP4V", "FMP4", "XVID", "DIVX"})
@@ -116,10 +116,8 @@ def _scans_error(path: str, limits: VideoLimits) -> str:
     pixels are those of every other video: libjpeg-turbo's differ from FFmpeg's by up to 28 levels."""
     import cv2
 
-    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)  # the caller's capture opened the same file: this one will too
     try:
-        if not cap.isOpened():
-            return "is not a decodable video container"
         if not cap.set(cv2.CAP_PROP_FORMAT, -1):  # -1: packets as read, not decoded (an OpenCV without it refuses)
             return "could not be checked: its Motion JPEG packets could not be read"
         for n in range(limits.max_frames + 1):  # one more than the limit: the decode then refuses the count
@@ -127,10 +125,8 @@ def _scans_error(path: str, limits: VideoLimits) -> str:
             if not ok:
                 break
             data = packet.tobytes()
-            frame = jpeg_frame(data)  # one whose segments do not parse is counted, as if progressive
-            if (frame is None or frame.progressive) and (scans := jpeg_scans(data)) > limits.max_scans:
-                return (f"frame {n} is a progressive JPEG of {scans} scans, over the limit of {limits.max_scans} "
-                        "(each scan can cost a pass over the whole frame)")
+            if reason := too_many_scans(data, jpeg_frame(data), limits.max_scans):
+                return f"frame {n} {reason}"
         return ""
     finally:
         cap.release()
