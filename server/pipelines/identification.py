@@ -46,6 +46,7 @@ from server.pipelines.clip_input import (
     validate_clip,
 )
 from server.pipelines.face_detection import BatchedFaceDetector
+from server.tasks import gather_or_cancel
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class ClipPipeline:
         """The frames at ``indices``, decoded at 1/``reduce`` scale, in parallel chunks on the pool."""
         loop = asyncio.get_running_loop()
         chunk = pool_chunk(len(indices), self._in_flight)
-        parts = await asyncio.gather(*[
+        parts = await gather_or_cancel(*[
             loop.run_in_executor(self.executor, self._decode_chunk, probed, indices[j:j + chunk], reduce)
             for j in range(0, len(indices), chunk)
         ])
@@ -146,7 +147,7 @@ class ClipPipeline:
         instances. Also returns when decoding ended (perf_counter)."""
         loop = asyncio.get_running_loop()
         chunk = pool_chunk(len(indices), self._in_flight)
-        parts = await asyncio.gather(*[
+        parts = await gather_or_cancel(*[
             loop.run_in_executor(self.executor, self._detection_chunk, probed, indices[j:j + chunk])
             for j in range(0, len(indices), chunk)])
         decoded = [pair for part in parts for pair in part]
@@ -157,7 +158,7 @@ class ClipPipeline:
                      ) -> list[Box | None]:
         """The best face box in each frame; all inputs are submitted together, so the batcher sees them at once
         and spreads them over its instances."""
-        found = await asyncio.gather(*[self.detector.faces(inp, deadline) for _, inp in prepared])
+        found = await gather_or_cancel(*[self.detector.faces(inp, deadline) for _, inp in prepared])
         return [faces[0].pixel_box(f.shape[1], f.shape[0]) if faces else None
                 for (f, _), faces in zip(prepared, found, strict=True)]
 
@@ -259,7 +260,7 @@ class ClipPipeline:
             indices = [i for i in indices if i not in whole]
         chunk = pool_chunk(len(indices), self._in_flight)
         starts = range(0, len(indices), chunk)
-        parts = await asyncio.gather(*[
+        parts = await gather_or_cancel(*[
             loop.run_in_executor(self.executor, self._thumbnail_chunk, probed, indices[j:j + chunk], reduce, crop)
             for j in starts])
         for j, (thumbs, frames) in zip(starts, parts, strict=True):
@@ -381,7 +382,7 @@ class ClipPipeline:
                            ) -> ClipEmbedding:
         """Every member on the window (batched across requests), and the clip's diagnostics."""
         t0 = time.perf_counter()
-        outs = await asyncio.gather(*[m.infer({"clip": tensor}, deadline) for m in self.members])
+        outs = await gather_or_cancel(*[m.infer({"clip": tensor}, deadline) for m in self.members])
         timings["embed"] = (time.perf_counter() - t0) * 1e3
         diag = ClipDiagnostics(n, len(set(win.indices)), win.padded, coverage, win.apex_index,
                                clip.apex_hint is not None, float(clip.fps), self.ensemble.spec.fps, box)

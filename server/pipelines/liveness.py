@@ -24,6 +24,7 @@ from server.admission import Budget, WaitGate, admitted
 from server.batching.scheduler import DynamicBatcher
 from server.pipelines.face_detection import BatchedFaceDetector
 from server.pipelines.quality import QualityConfig, QualityIssue, assess_face
+from server.tasks import gather_or_cancel
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class LivenessPipeline:
             issues.insert(0, QualityIssue.MULTIPLE_FACES)
         t3 = time.perf_counter()
         timings["crop"] = (t3 - t2) * 1e3
-        outputs = await asyncio.gather(*[
+        outputs = await gather_or_cancel(*[
             batcher.infer({"input": crop}, req.deadline)
             for (_, batcher), crop in zip(self.classifiers, crops, strict=True)
         ])

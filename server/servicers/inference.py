@@ -7,7 +7,6 @@ content length is INVALID_ARGUMENT with the offending field named.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -21,6 +20,7 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from server.batching.stats import Duration
 from server.model_registry import ModelRegistry, ServedModel
 from server.servicers.call_context import deadline_from
+from server.tasks import gather_or_cancel
 
 SERVER_NAME = "facegate"
 SERVER_VERSION = "0.1.0"
@@ -212,7 +212,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if n == 1:
             results = [await served.batcher.infer({k: v[0] for k, v in inputs.items()}, deadline)]
         else:
-            results = await asyncio.gather(*[
+            results = await gather_or_cancel(*[
                 served.batcher.infer({k: v[j] for k, v in inputs.items()}, deadline) for j in range(n)])
         resp = pb.ModelInferResponse(model_name=e.name, model_version=e.version, id=request.id)
         for name in wanted:

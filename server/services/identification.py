@@ -27,6 +27,7 @@ from server.pipelines.clip_input import ClipInput, video_share
 from server.pipelines.identification import ClipDiagnostics, ClipPipeline
 from server.pipelines.liveness import LivenessPipeline, LivenessRequest, LivenessResult
 from server.pipelines.quality import QualityIssue
+from server.tasks import gather_or_cancel
 
 T = TypeVar("T")
 
@@ -200,7 +201,7 @@ class IdentificationService:
                   for i, c in enumerate(req.clips)]
         loop = asyncio.get_running_loop()
         key = req.request_key or await loop.run_in_executor(self.clips.executor, derive_request_key, req)
-        results = await asyncio.gather(*[self.clips.embed(p, req.deadline) for p in probed])
+        results = await gather_or_cancel(*[self.clips.embed(p, req.deadline) for p in probed])
         verdicts: list[ClipVerdict] = []
         accepted = []
         for i, r in enumerate(results):
