@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from server.pipelines.identification import pool_chunk
+from server.pipelines.decode_plan import pool_chunk
 
 
 @pytest.mark.parametrize(("n", "in_flight", "jobs"), [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -371,6 +372,29 @@ def test_a_refused_enrolment_leaves_no_work_running(server: RunningServer, stub,
     assert stub.EnrollFromClip(req, timeout=120).clips_accepted == 11
 
 
+def test_a_cancelled_call_abandons_its_video_decode(stub, enrolled: str, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """When the client cancels while its video decodes, the pipeline sets the decode's ``abandon`` event, which
+    stops the worker (tests/test_video_worker.py). The decoder here only waits for that event: the real one would
+    have gone on for up to 10 s."""
+    from engines.vision.video import DecodeAbandonedError
+    from server.pipelines import identification as pipeline
+
+    started, abandoned = threading.Event(), threading.Event()
+
+    def decode(data: bytes, limits: object, field: str, abandon: threading.Event) -> list[np.ndarray]:
+        started.set()
+        if abandon.wait(30):
+            abandoned.set()
+        raise DecodeAbandonedError(field)
+
+    monkeypatch.setattr(pipeline, "decode_video", decode)
+    call = stub.IdentifyFromClip.future(identification_pb2.IdentifyFromClipRequest(
+        collection=enrolled, clip=identification_pb2.Clip(video=b"RIFF....AVI ", fps=30.0)), timeout=60)
+    assert started.wait(10)
+    call.cancel()
+    assert abandoned.wait(10)
+
+
 def _upscaled(folder: Path) -> identification_pb2.Clip:
     """The clip at twice its size (a 360x480 capture): large enough that reduced decoding reduces."""
     from benchmarks.identify import upscaled
@@ -384,7 +408,8 @@ def test_reduced_decoding_identifies_like_full_decoding(repository_dir: Path, tr
     whole (the baseline setting), each enrolled from the same clips at 360x480 (faces large enough that the
     spotter's frames are decoded at 1/4) and at their own 180x240: every probe, known and unknown, gets the same
     rank-1 person and the same decision from both, and at 180x240 the same apex."""
-    from server.pipelines.identification import THUMBNAIL_SIDE, reduction
+    from server.pipelines.decode_plan import reduction
+    from server.pipelines.identification import THUMBNAIL_SIDE
 
     assert reduction(2 * 130, 2 * THUMBNAIL_SIDE) == 4  # what this clip size gives (faces ~130 px at 180x240)
     servers = [start_server(repository_dir, gallery_path=tmp_path / f"{mode}.sqlite", clip_reduced_decode=mode)

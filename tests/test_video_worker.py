@@ -203,3 +203,23 @@ def test_a_motion_jpeg_frame_of_too_many_scans_is_refused_before_it_is_decoded()
         "frame 2 is a progressive JPEG of 101 scans, over the limit of 100")
     # The limit is the clip's own: a server's frame limits reach its videos.
     assert ClipLimits(frame=ImageLimits(max_scans=7)).video().max_scans == 7
+
+
+def test_an_abandoned_decode_stops_its_worker(tmp_path: Path) -> None:
+    """A call cancelled while its video decodes (the client went, or another clip of its enrolment failed) sets
+    ``abandon``: the worker is stopped at once instead of decoding on, holding a video slot and a core, for a
+    call nobody waits for. Until 2026-12-05 it ran to its end (here the whole video) or the 10 s limit."""
+    data = video(tmp_path / "long.avi", [gradient(640, 480)], repeat=300)
+    t0 = time.monotonic()
+    assert len(decode_video(data, VideoLimits(), "clip")) == 300
+    whole = time.monotonic() - t0
+    abandon = threading.Event()
+    threading.Timer(0.1, abandon.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(video_mod.DecodeAbandonedError):
+        decode_video(data, VideoLimits(), "clip", abandon)
+    stopped = time.monotonic() - t0
+    assert stopped < whole / 2, (stopped, whole)
+    # Set from the start, nothing is decoded at all.
+    with pytest.raises(video_mod.DecodeAbandonedError):
+        decode_video(data, VideoLimits(), "clip", abandon)

@@ -212,18 +212,33 @@ def _context() -> mp.context.BaseContext:
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def _receive(receive: Connection, limits: VideoLimits, where: str) -> list[np.ndarray]:
-    """The frames the worker streams, within the time limit. Nothing it sends is unpickled, and every limit is
-    checked again here before memory is given: the worker parses hostile input, and one an exploit took over must
-    not reach further into the server than its own answer."""
+class DecodeAbandonedError(Exception):
+    """The caller no longer wants the frames (its call was cancelled or has failed): the worker was stopped."""
+
+
+# How often a wait on the worker looks whether its caller has gone: a worker left decoding for a cancelled call
+# held a video slot and a core for up to the time limit.
+_ABANDON_POLL_S = 0.05
+
+
+def _receive(receive: Connection, limits: VideoLimits, where: str,
+             abandon: threading.Event | None = None) -> list[np.ndarray]:
+    """The frames the worker streams, within the time limit, until ``abandon`` is set. Nothing it sends is
+    unpickled, and every limit is checked again here before memory is given: the worker parses hostile input, and
+    one an exploit took over must not reach further into the server than its own answer."""
     deadline = time.monotonic() + limits.timeout_s
 
     def garbled() -> InvalidArgumentError:  # whatever the worker got wrong, the caller learns only this
         return InvalidArgumentError(FieldViolation(where, "could not be decoded"))
 
     def message(max_bytes: int) -> bytes:
-        if not receive.poll(max(0.0, deadline - time.monotonic())):
-            raise InvalidArgumentError(FieldViolation(where, f"did not decode within {limits.timeout_s:g} s"))
+        while not receive.poll(min(_ABANDON_POLL_S, max(0.0, deadline - time.monotonic()))):
+            if abandon is not None and abandon.is_set():
+                raise DecodeAbandonedError(where)
+            if time.monotonic() >= deadline:
+                raise InvalidArgumentError(FieldViolation(where, f"did not decode within {limits.timeout_s:g} s"))
+        if abandon is not None and abandon.is_set():  # (a worker streaming steadily never makes poll wait)
+            raise DecodeAbandonedError(where)
         try:
             return receive.recv_bytes(max_bytes)
         except (EOFError, OSError) as exc:  # the worker died (a crash inside the decoder), or sent nonsense
@@ -259,7 +274,7 @@ def _receive(receive: Connection, limits: VideoLimits, where: str) -> list[np.nd
 
 
 def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, spool_dir: str,
-                where: str) -> list[np.ndarray]:
+                where: str, abandon: threading.Event | None = None) -> list[np.ndarray]:
     """The decoded frames; the worker is dead when this returns or raises."""
     receive, send = ctx.Pipe(duplex=False)
     args = (data, limits, spool_dir, _Placement.of_this_thread(), send)
@@ -278,7 +293,7 @@ def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, s
     watchdog.daemon = True
     watchdog.start()
     try:
-        return _receive(receive, limits, where)
+        return _receive(receive, limits, where, abandon)
     except InvalidArgumentError:
         if expired.is_set():  # the read ended because the worker was killed at the limit
             raise InvalidArgumentError(FieldViolation(where, f"did not decode within {limits.timeout_s:g} s")) from None
@@ -291,15 +306,19 @@ def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, s
         receive.close()
 
 
-def decode_video(data: bytes, limits: VideoLimits, field: str) -> list[np.ndarray]:
+def decode_video(data: bytes, limits: VideoLimits, field: str,
+                 abandon: threading.Event | None = None) -> list[np.ndarray]:
     """Frames of an encoded video (blocking: call it from a worker thread). Every refusal is an
-    InvalidArgumentError naming ``<field>.video``."""
+    InvalidArgumentError naming ``<field>.video``. Setting ``abandon`` from another thread stops the worker within
+    ~50 ms (DecodeAbandonedError), as when the call that wanted the frames was cancelled."""
     where = f"{field}.video"
     if sniff_container(data) is None:
         raise InvalidArgumentError(FieldViolation(where, "is not an AVI, MP4/MOV or Matroska/WebM container"))
+    if abandon is not None and abandon.is_set():
+        raise DecodeAbandonedError(where)
     ctx = _context()
     spool_dir = tempfile.mkdtemp(prefix="facegate-video-")  # 0700; used only where there is no memfd
     try:
-        return _run_worker(ctx, data, limits, spool_dir, where)
+        return _run_worker(ctx, data, limits, spool_dir, where, abandon)
     finally:
         shutil.rmtree(spool_dir, ignore_errors=True)  # after the worker is gone, so nothing writes there again

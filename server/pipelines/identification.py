@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -45,6 +45,7 @@ from server.pipelines.clip_input import (
     probe_headers,
     validate_clip,
 )
+from server.pipelines.decode_plan import pool_chunk, reduction, scaled_box
 from server.pipelines.face_detection import BatchedFaceDetector
 from server.tasks import gather_or_cancel
 
@@ -72,30 +73,6 @@ class ClipEmbedding:
     diagnostics: ClipDiagnostics
     apex_frame: bytes  # the encoded apex frame, for the liveness check on the same capture
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-def pool_chunk(n: int, in_flight: int = 1) -> int:
-    """Frames per pool job when ``n`` frames are decoded with ``in_flight`` clips in the pipeline. A lone clip
-    splits each step over up to 4 jobs of at least 3 frames: every step of a clip waits for its slowest job, so one
-    job per step left a core idle (measured at 360x480: ~1.3 ms a frame, 6.5 ms for the 5 detection frames in one
-    job). With other clips in flight their jobs fill the cores, and every extra job is one more hand-off to and
-    from the event loop (a wake-up and a GIL round trip each): 4 // in_flight jobs, at least one."""
-    return max(3, math.ceil(n / max(1, 4 // max(1, in_flight))))
-
-
-def reduction(crop_side: int, need: int) -> int:
-    """The largest JPEG scale-down (8, 4, 2, else 1) that keeps a ``crop_side`` crop at least ``need`` pixels."""
-    return next((k for k in (8, 4, 2) if crop_side // k >= need), 1)
-
-
-def scaled_box(crop: tuple[int, int, int, int], k: int, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """A full-size crop box on a frame decoded at 1/k: the same square, inside the smaller frame."""
-    if k == 1:
-        return crop
-    h, w = shape[:2]
-    side = min((crop[2] - crop[0]) // k, w, h)
-    x0, y0 = min(crop[0] // k, w - side), min(crop[1] // k, h - side)
-    return x0, y0, x0 + side, y0 + side
 
 
 class ClipPipeline:
@@ -166,8 +143,12 @@ class ClipPipeline:
         loop = asyncio.get_running_loop()
         clip, field = probed.clip, probed.field
         if clip.video:
-            frames = await loop.run_in_executor(self.video_waits, decode_video, clip.video,
-                                                self.limits.video(probed.pixels), field)
+            abandon = threading.Event()  # set when this call ends: a cancelled call's worker stops decoding
+            try:
+                frames = await loop.run_in_executor(self.video_waits, decode_video, clip.video,
+                                                    self.limits.video(probed.pixels), field, abandon)
+            finally:
+                abandon.set()
             bad = frame_count_violation(len(frames), self.limits, f"{field}.video")
             if bad:
                 raise InvalidArgumentError(bad)
