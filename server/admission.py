@@ -107,9 +107,11 @@ class WaitGate:
                 retry_after_s=wait - self.max_wait_s if wait > self.max_wait_s else 0.1)
 
     @contextmanager
-    def enter(self, deadline: float | None = None) -> Iterator[None]:
-        """Admit one call or raise ResourceExhaustedError; ``deadline`` is on this gate's clock."""
-        self.check(deadline)
+    def enter(self, deadline: float | None = None, check: bool = True) -> Iterator[None]:
+        """Admit one call or raise ResourceExhaustedError; ``deadline`` is on this gate's clock. ``check=False``
+        counts a call already checked (before work it would otherwise waste) without refusing it now."""
+        if check:
+            self.check(deadline)
         self.in_flight += 1
         try:
             yield
@@ -119,6 +121,6 @@ class WaitGate:
             self.in_flight -= 1
 
 
-def admitted(gate: WaitGate | None, deadline: float | None) -> AbstractContextManager[None]:
-    """``gate.enter(deadline)``, or nothing to pass where a pipeline runs without a gate (tests, tools)."""
-    return gate.enter(deadline) if gate is not None else nullcontext()
+def admitted(gate: WaitGate | None, deadline: float | None, check: bool = True) -> AbstractContextManager[None]:
+    """``gate.enter(deadline, check)``, or nothing to pass where a pipeline runs without a gate (tests, tools)."""
+    return gate.enter(deadline, check) if gate is not None else nullcontext()

@@ -395,6 +395,28 @@ def test_a_cancelled_call_abandons_its_video_decode(stub, enrolled: str, monkeyp
     assert abandoned.wait(10)
 
 
+def test_a_liveness_check_that_would_be_shed_refuses_the_call_before_its_work(  # type: ignore[no-untyped-def]
+        server: RunningServer, stub, enrolled: str, trained: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IdentifyFromClip with check_liveness runs a liveness check after the clip's work. With the liveness pipeline
+    shedding every call (its gate made to expect a 1,000 s wait), the call is refused RESOURCE_EXHAUSTED before
+    that work: the members infer nothing. Until 2026-12-05 the clip was decoded, detected and embedded first, and
+    the refusal at the end threw the work away. Without check_liveness the call is served as before."""
+    fs = cast("FacegateServer", server.server)
+    assert fs.identification is not None
+    gate = fs.gates["liveness"]
+    monkeypatch.setattr(gate, "rate", 1e-3)
+    monkeypatch.setattr(gate, "min_in_flight", 0)
+    members = fs.identification.clips.members
+    before = [m.stats.inference_count for m in members]
+    folder = clip_dir(trained, trained["test_probes"][0])
+    with pytest.raises(grpc.RpcError) as info:
+        identify(stub, enrolled, folder, check_liveness=True)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+    assert "liveness would take" in (info.value.details() or "")
+    assert [m.stats.inference_count for m in members] == before
+    assert identify(stub, enrolled, folder).candidates
+
+
 def _upscaled(folder: Path) -> identification_pb2.Clip:
     """The clip at twice its size (a 360x480 capture): large enough that reduced decoding reduces."""
     from benchmarks.identify import upscaled

@@ -108,9 +108,16 @@ class LivenessPipeline:
                  for spec, _ in self.classifiers]
         return crops, assess_face(image.bgr, box, self.config.quality)
 
-    async def check(self, req: LivenessRequest) -> LivenessResult:
+    def admissible(self, deadline: float | None) -> None:
+        """Raise ResourceExhaustedError now if a check would be shed: a call that needs one after its own work
+        (IdentifyFromClip's check_liveness) is refused before that work, then checks with ``checked=True``."""
+        if self.gate is not None:
+            self.gate.check(deadline)
+
+    async def check(self, req: LivenessRequest, checked: bool = False) -> LivenessResult:
         validate_threshold(req.threshold)
-        with admitted(self.gate, req.deadline):  # refused here, before any work, if it would wait too long
+        # refused here, before any work, if it would wait too long (unless admissible() said so already)
+        with admitted(self.gate, req.deadline, check=not checked):
             loop = asyncio.get_running_loop()
             # The header first (no pixels): the decoded size is then held from the server's pixel budget.
             header = await loop.run_in_executor(self.executor, probe_image, req.image, self.config.image)

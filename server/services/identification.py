@@ -243,6 +243,10 @@ class IdentificationService:
         if req.clip is None:
             raise InvalidArgumentError(FieldViolation("clip", "is required"))
         await self._bound_collection(req.collection)
+        liveness = self.liveness if req.check_liveness else None
+        if liveness is not None:
+            # Shed now, not after the clip's work: a liveness check refused at the end threw that work away.
+            liveness.admissible(req.deadline)
         result = await self.clips.embed(req.clip, req.deadline)
         ens = self.ensemble
         out = IdentifyResult(ens.version, ens.threshold if req.threshold is None else req.threshold, ens.margin,
@@ -263,9 +267,10 @@ class IdentificationService:
                               for c in ident.candidates]
             out.votes = [MemberVote(v.member, v.person or "", v.score) for v in ident.votes]
         t_live = time.perf_counter()
-        if req.check_liveness and self.liveness is not None:
+        if liveness is not None:
             # The liveness check runs on the apex frame of the same capture: one capture serves both checks.
-            out.liveness = await self.liveness.check(LivenessRequest(result.apex_frame, deadline=req.deadline))
+            out.liveness = await liveness.check(LivenessRequest(result.apex_frame, deadline=req.deadline),
+                                                checked=True)
             if QualityIssue.FACE_NOT_FOUND in out.liveness.quality_issues and result.embeddings is not None:
                 out.quality_issues.append(QualityIssue.FACE_NOT_FOUND)
         end = time.perf_counter()
