@@ -26,6 +26,7 @@ import numpy as np
 from engines.machine import has_bf16
 from engines.repository import ModelMetadata
 from engines.runtime.base import EngineError, EngineInstance, InferTimings, Model, TensorSpec
+from engines.runtime.openvino_cache import CompiledCache, file_digest
 
 PRECISIONS = ("fp32", "bf16", "int8")  # int8: ``path`` is the QDQ variant (engines.precision)
 
@@ -69,9 +70,11 @@ class _OvInstance(EngineInstance):
 
 class OpenVinoModel(Model):
     def __init__(self, path: Path, meta: ModelMetadata, threads: int = 1, precision: str = "fp32",
-                 max_batch_size: int | None = None, streams: int = 1, static_batches: Sequence[int] = ()) -> None:
+                 max_batch_size: int | None = None, streams: int = 1, static_batches: Sequence[int] = (),
+                 cache: CompiledCache | None = None) -> None:
         """``threads`` per instance; ``streams``: the instances that will run at once (the batcher's);
-        ``static_batches``: batch sizes also compiled with static shapes, where no other input axis is dynamic."""
+        ``static_batches``: batch sizes also compiled with static shapes, where no other input axis is dynamic;
+        ``cache``: where compiled models are kept between starts (``engines.runtime.openvino_cache``)."""
         import openvino as ov
 
         if precision not in PRECISIONS:
@@ -81,16 +84,24 @@ class OpenVinoModel(Model):
         core = ov.Core()
         config = cpu_config(threads, precision, streams)
         model = core.read_model(str(path))
-        self._compiled = core.compile_model(model, "CPU", config)
+        digest = file_digest(path) if cache is not None else ""
+
+        def compile_model(m: Any, shapes: dict[str, list[int]] | None = None) -> Any:
+            if cache is None:
+                return core.compile_model(m, "CPU", config)
+            return cache.compile(core, m, digest, config, shapes)
+
+        self._compiled = compile_model(model)
         names = {n for p in self._compiled.inputs for n in p.get_names()}
         if not {t.name for t in meta.inputs} <= names:
             raise EngineError(f"{path}: inputs {sorted(names)} do not match the metadata of {meta.name}")
         self._static: dict[int, Any] = {}
         if all(d > 0 for t in meta.inputs for d in t.shape[1:]):
             for batch in sorted({b for b in static_batches if b >= 1}):
+                shapes = {t.name: [batch, *t.shape[1:]] for t in meta.inputs}
                 fixed = model.clone()
-                fixed.reshape({fixed.input(t.name): [batch, *t.shape[1:]] for t in meta.inputs})
-                self._static[batch] = core.compile_model(fixed, "CPU", config)
+                fixed.reshape({fixed.input(name): shape for name, shape in shapes.items()})
+                self._static[batch] = compile_model(fixed, shapes)
         self.name = meta.name
         self.version = meta.version
         self.precision = precision

@@ -1,0 +1,86 @@
+"""Compiled OpenVINO models kept between starts: a second load imports them, with outputs identical to a fresh
+compile; a blob that cannot be imported, or a directory that cannot be written, costs only the compile."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.declarations import declaration_for
+from engines.repository import ModelRepository
+from engines.runtime.openvino_cache import SUFFIX, CompiledCache
+from engines.runtime.openvino_engine import OpenVinoModel
+
+pytestmark = pytest.mark.weights
+
+NAME = "minifasnet_v2"
+
+
+def outputs(model: OpenVinoModel, item: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The model's outputs at batch 1 and 2 (static models here) and 3 (the dynamic model)."""
+    inst = model.new_instance()
+    rng = np.random.default_rng(0)
+    got: list[np.ndarray] = []
+    for batch in (1, 2, 3):
+        x = {k: rng.uniform(0, 255, (batch, *v.shape)).astype(v.dtype) for k, v in item.items()}
+        out, _ = inst.infer(x)
+        got.extend(out[k] for k in sorted(out))
+    return got
+
+
+def test_a_second_load_imports_what_the_first_compiled(repository_dir: Path, tmp_path: Path) -> None:
+    repo = ModelRepository(repository_dir)
+    meta = repo.load(NAME)
+    item = declaration_for(meta).warmup_item()
+    fresh = outputs(OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2)), item)
+    first = CompiledCache(tmp_path / "cache")
+    a = OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=first)
+    assert (first.hits, first.misses) == (0, 3)  # the dynamic model and batches 1 and 2
+    assert len(list((tmp_path / "cache").glob(f"*{SUFFIX}"))) == 3
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+    second = CompiledCache(tmp_path / "cache")
+    b = OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=second)
+    assert (second.hits, second.misses) == (3, 0)
+    assert b.static_batches == (1, 2)
+    for x, y, z in zip(fresh, outputs(a, item), outputs(b, item), strict=True):
+        assert np.array_equal(x, y) and np.array_equal(x, z)
+    # Another configuration is another compiled model, not the one cached for the first.
+    other = CompiledCache(tmp_path / "cache")
+    OpenVinoModel(repo.onnx_path(NAME), meta, threads=2, static_batches=(1, 2), cache=other)
+    assert (other.hits, other.misses) == (0, 3)
+    assert len(list((tmp_path / "cache").glob(f"*{SUFFIX}"))) == 6
+
+
+def test_a_bad_blob_is_compiled_again_and_replaced(repository_dir: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    repo = ModelRepository(repository_dir)
+    meta = repo.load(NAME)
+    item = declaration_for(meta).warmup_item()
+    fresh = outputs(OpenVinoModel(repo.onnx_path(NAME), meta), item)
+    OpenVinoModel(repo.onnx_path(NAME), meta, cache=CompiledCache(tmp_path))
+    (blob,) = tmp_path.glob(f"*{SUFFIX}")
+    blob.write_bytes(blob.read_bytes()[:1000])  # cut short, as a full disk might have left it
+    cache = CompiledCache(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        model = OpenVinoModel(repo.onnx_path(NAME), meta, cache=cache)
+    assert (cache.hits, cache.misses) == (0, 1) and "compiling it again" in caplog.text
+    assert all(np.array_equal(x, y) for x, y in zip(fresh, outputs(model, item), strict=True))
+    again = CompiledCache(tmp_path)
+    OpenVinoModel(repo.onnx_path(NAME), meta, cache=again)
+    assert (again.hits, again.misses) == (1, 0)
+
+
+def test_a_directory_that_cannot_be_written_only_costs_the_compile(repository_dir: Path, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    repo = ModelRepository(repository_dir)
+    meta = repo.load(NAME)
+    (tmp_path / "a-file").write_text("not a directory")
+    cache = CompiledCache(tmp_path / "a-file" / "cache")  # root may write anywhere, but not under a file
+    with caplog.at_level(logging.WARNING):
+        model = OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=cache)
+    assert model.static_batches == (1, 2) and cache.misses == 3
+    assert caplog.text.count("are not cached") == 1  # said once, not once per compiled model
+    assert outputs(model, declaration_for(meta).warmup_item())
