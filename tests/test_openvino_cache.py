@@ -84,3 +84,27 @@ def test_a_directory_that_cannot_be_written_only_costs_the_compile(repository_di
     assert model.static_batches == (1, 2) and cache.misses == 3
     assert caplog.text.count("are not cached") == 1  # said once, not once per compiled model
     assert outputs(model, declaration_for(meta).warmup_item())
+
+
+def test_the_server_setting_caches_each_model_beside_it_and_says_so(repository_dir: Path, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+    from dataclasses import replace
+
+    from engines.declarations import OPENVINO
+    from engines.runtime.factory import EngineFactory, RuntimeSettings
+    from engines.runtime.openvino_cache import DIRECTORY
+
+    shutil.copytree(repository_dir / NAME, tmp_path / NAME, ignore=shutil.ignore_patterns("engines", DIRECTORY))
+    repo = ModelRepository(tmp_path)
+    decl = declaration_for(repo.load(NAME))
+    batching = replace(decl.batching, max_batch_size=2)
+    off = EngineFactory(repo, RuntimeSettings(prefer_gpu=False, cpu_runtime=OPENVINO, openvino_cache=False))
+    off.create(decl, batching)
+    assert not (tmp_path / NAME / DIRECTORY).exists()
+    on = EngineFactory(repo, RuntimeSettings(prefer_gpu=False, cpu_runtime=OPENVINO))
+    with caplog.at_level(logging.INFO, logger="engines.runtime.factory"):
+        on.create(decl, batching)
+        on.create(decl, batching)
+    assert f"{NAME}: 0 compiled model(s) imported from {tmp_path / NAME / DIRECTORY}, 3 compiled" in caplog.text
+    assert f"{NAME}: 3 compiled model(s) imported from {tmp_path / NAME / DIRECTORY}, 0 compiled" in caplog.text

@@ -176,8 +176,12 @@ class EngineFactory:
                                }.get(cpu, (self.repository.onnx_path(decl.name), "fp32"))
             cache = (CompiledCache(self.repository.model_dir(decl.name) / OPENVINO_CACHE_DIR)
                      if self.settings.openvino_cache else None)
-            return OpenVinoModel(path, meta, threads, precision=precision, streams=batching.instances,
-                                 static_batches=range(1, static + 1), cache=cache), reason
+            model = OpenVinoModel(path, meta, threads, precision=precision, streams=batching.instances,
+                                  static_batches=range(1, static + 1), cache=cache)
+            if cache is not None:  # so an operator can see why a start was slow (a miss is a compile)
+                log.info("%s: %d compiled model(s) imported from %s, %d compiled", decl.name, cache.hits,
+                         cache.directory, cache.misses)
+            return model, reason
         return self._onnxruntime(decl, meta, threads), reason
 
     def _onnxruntime(self, decl: ModelDeclaration, meta: Any, threads: int) -> Model:
