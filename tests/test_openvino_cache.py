@@ -108,3 +108,23 @@ def test_the_server_setting_caches_each_model_beside_it_and_says_so(repository_d
         on.create(decl, batching)
     assert f"{NAME}: 0 compiled model(s) imported from {tmp_path / NAME / DIRECTORY}, 3 compiled" in caplog.text
     assert f"{NAME}: 3 compiled model(s) imported from {tmp_path / NAME / DIRECTORY}, 0 compiled" in caplog.text
+
+
+def test_an_export_that_fails_only_costs_the_compile(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A plugin may refuse to export (OpenVINO raises its own exception types, not OSError): the compiled model is
+    still returned, nothing half-written is left, and the warning is said once."""
+
+    class Unexportable:
+        def export_model(self) -> None:
+            raise RuntimeError("export is not supported")
+
+    class Core:
+        def compile_model(self, model: object, device: str, config: dict[str, object]) -> Unexportable:
+            return Unexportable()
+
+    cache = CompiledCache(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        got = [cache.compile(Core(), object(), "digest", {"threads": 1}, {"input": [b, 3]}) for b in (1, 2)]
+    assert all(isinstance(g, Unexportable) for g in got) and cache.misses == 2
+    assert not list(tmp_path.iterdir())
+    assert caplog.text.count("are not cached") == 1 and "export is not supported" in caplog.text

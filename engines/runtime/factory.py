@@ -61,8 +61,8 @@ class RuntimeSettings:
     +400 MB, +80 threads; AMX Xeon). 0 = dynamic only."""
     openvino_cache: bool = True
     """Keep OpenVINO's compiled models in ``<model>/openvino-cache`` in the repository and import them at the next
-    start (``engines.runtime.openvino_cache``): a server's start, most of which is compiling, went from 27 s to 8 s
-    (AVX2 EPYC). Deleting the directory is always safe; a read-only repository only loses the saving."""
+    start (``engines.runtime.openvino_cache``): a server's start, most of which is compiling, went from 27-32 s to
+    9-10 s (AVX2 EPYC). Deleting the directory is always safe; a read-only repository only loses the saving."""
     models: dict[str, str] = field(default_factory=dict)
     """Per-model runtime ([runtime.models] name = "auto" | "onnxruntime" | "openvino" | "tensorrt")."""
 

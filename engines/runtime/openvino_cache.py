@@ -8,7 +8,8 @@ worker process starting beside the first could import a half-written one. Here a
 name and renamed, so a reader sees a whole blob or none. The key covers everything that changes the compiled model:
 the file's bytes, the input shapes, the compile configuration, OpenVINO's version and the machine class (the CPU
 plugin compiles for the ISA it finds). A blob that cannot be imported is compiled again and replaced; a directory
-that cannot be written (a read-only repository) only costs the compile, with one warning.
+that cannot be written (a read-only repository), or an export that fails, only costs the compile, with one
+warning.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class CompiledCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(compiled.export_model().getbuffer())
             os.replace(tmp, blob)  # atomic: another process sees the whole blob or none
-        except OSError as exc:
+        except Exception as exc:  # a full or read-only disk, or OpenVINO refusing the export: never fatal to a load
             with contextlib.suppress(OSError):  # it may never have been made
                 tmp.unlink()
             if not self._warned:
