@@ -32,11 +32,6 @@ SUFFIX = ".blob"
 DIRECTORY = "openvino-cache"  # in each model's directory of the repository
 
 
-def file_digest(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 class CompiledCache:
     """One directory of compiled models (one per model in the repository: ``<model>/openvino-cache``)."""
 

@@ -26,7 +26,8 @@ import numpy as np
 from engines.machine import has_bf16
 from engines.repository import ModelMetadata
 from engines.runtime.base import EngineError, EngineInstance, InferTimings, Model, TensorSpec
-from engines.runtime.openvino_cache import CompiledCache, file_digest
+from engines.runtime.openvino_cache import CompiledCache
+from engines.weights import sha256_file
 
 PRECISIONS = ("fp32", "bf16", "int8")  # int8: ``path`` is the QDQ variant (engines.precision)
 
@@ -84,7 +85,7 @@ class OpenVinoModel(Model):
         core = ov.Core()
         config = cpu_config(threads, precision, streams)
         model = core.read_model(str(path))
-        digest = file_digest(path) if cache is not None else ""
+        digest = sha256_file(path) if cache is not None else ""
 
         def compile_model(m: Any, shapes: dict[str, list[int]] | None = None) -> Any:
             if cache is None:
