@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.server_process import facegate_server, free_port, terminate
+from benchmarks.server_process import facegate_server, free_ports, terminate
 from benchmarks.stats import median_row, paired_ratios
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
@@ -46,36 +46,63 @@ def bench_env(venv: Path) -> dict[str, str]:
     return env
 
 
-def wait_ready(address: str, model: str, timeout_s: float = 120) -> None:
+class PeerExitedError(RuntimeError):
+    """The peer's process ended before its model was ready."""
+
+
+def wait_ready(address: str, model: str, timeout_s: float = 120,
+               proc: subprocess.Popen[bytes] | None = None) -> None:
     end = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         while time.monotonic() < end:
+            if proc is not None and proc.poll() is not None:
+                raise PeerExitedError(f"the peer for {address} exited with {proc.returncode} before {model} was ready")
             try:
                 if stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=1).ready:
                     return
             except grpc.RpcError:
                 pass
             time.sleep(0.5)
-    raise TimeoutError(f"{address} never had {model} ready")
+    raise TimeoutError(f"{address} never had {model} ready within {timeout_s:.0f} s")
+
+
+def log_tail(log: Path, chars: int = 2000) -> str:
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return text[-chars:]
 
 
 @contextmanager
 def triton_server(venv: Path, onnx: Path, model: str, max_batch: int, delay_us: int, threads: int,
                   log: Path, engine: str = "onnxruntime") -> Iterator[str]:
-    port = free_port()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [str(venv / "bin" / "python"), "-m", "benchmarks.triton_peer", "--onnx", str(onnx), "--model", model,
-             "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue-delay-us", str(delay_us),
-             "--intra-op-threads", str(threads), "--engine", engine],
-            cwd=ROOT, env=bench_env(venv), stdout=out, stderr=subprocess.STDOUT)
+    """A PyTriton peer on 127.0.0.1, ready. It binds three ports (gRPC, HTTP, metrics); one of them can be taken
+    between choosing and binding, and Triton then exits, so a peer that exits before it is ready is started once
+    more on other ports. A failure to start raises with the end of the peer's log."""
+    for attempt in (1, 2):
+        port = free_ports(3)
         address = f"127.0.0.1:{port}"
+        with log.open("w" if attempt == 1 else "a") as out:
+            proc = subprocess.Popen(
+                [str(venv / "bin" / "python"), "-m", "benchmarks.triton_peer", "--onnx", str(onnx), "--model", model,
+                 "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue-delay-us", str(delay_us),
+                 "--intra-op-threads", str(threads), "--engine", engine],
+                cwd=ROOT, env=bench_env(venv), stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_ready(address, model)
+            wait_ready(address, model, proc=proc)
+        except PeerExitedError as exc:
+            terminate(proc)
+            if attempt == 2:
+                raise PeerExitedError(f"{exc} (twice); the end of {log}:\n{log_tail(log)}") from None
+            progress(f"{exc}; starting it again on other ports")
+            continue
+        except TimeoutError as exc:
+            terminate(proc)
+            raise TimeoutError(f"{exc}; the end of {log}:\n{log_tail(log)}") from None
+        try:
             yield address
         finally:
             terminate(proc)
+        return
 
 
 def perf_analyzer(venv: Path, address: str, model: str, concurrency: list[int], interval_ms: int,

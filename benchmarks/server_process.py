@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
@@ -20,6 +20,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(count: int, tries: int = 50) -> int:
+    """The first of ``count`` consecutive ports on 127.0.0.1 that are all free now, for a server that takes a
+    block of them (Triton: gRPC, HTTP and metrics). Another process may still take one before the server binds
+    it, so a caller retries a start that fails."""
+    for _ in range(tries):
+        base = free_port()
+        if base + count - 1 > 65535:
+            continue
+        with ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise OSError(f"no {count} consecutive free ports on 127.0.0.1 in {tries} tries")
 
 
 def wait_serving(address: str, timeout_s: float = 120) -> None:

@@ -4,13 +4,14 @@ on ONNX Runtime and on OpenVINO (the same engines facegate runs), through the Op
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from benchmarks.compare import triton_server
+from benchmarks.compare import PeerExitedError, triton_server
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
@@ -19,12 +20,16 @@ pytestmark = [pytest.mark.weights, pytest.mark.slow]
 VENV = ROOT / ".venv-bench"
 
 
-@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
-def test_the_triton_peer_answers_like_onnxruntime(engine: str, repository_dir: Path, tmp_path: Path) -> None:
+def needs_bench_env() -> None:
     if not (VENV / ".installed").is_file():
         if os.environ.get("CI") == "true":
             pytest.fail("the benchmark environment is missing (make bench-env)")
         pytest.skip("make bench-env first")
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_the_triton_peer_answers_like_onnxruntime(engine: str, repository_dir: Path, tmp_path: Path) -> None:
+    needs_bench_env()
     import onnxruntime as ort
 
     onnx = repository_dir / "minifasnet_v2" / "model.onnx"
@@ -39,3 +44,16 @@ def test_the_triton_peer_answers_like_onnxruntime(engine: str, repository_dir: P
             raw_input_contents=[x.tobytes()]), timeout=60)
     got = np.frombuffer(r.raw_output_contents[0], np.float32).reshape(ref.shape)
     assert float(np.abs(got - ref).max()) <= 1e-4
+
+
+def test_a_peer_that_cannot_start_fails_at_once_with_its_log(tmp_path: Path) -> None:
+    """A peer that exits before it is ready (here: no model file) is started once more, then the failure says
+    why, with the end of its log, instead of waiting out the readiness timeout."""
+    needs_bench_env()
+    log = tmp_path / "triton.log"
+    began = time.monotonic()
+    with pytest.raises(PeerExitedError) as info, \
+            triton_server(VENV, tmp_path / "missing.onnx", "minifasnet_v2", 32, 1000, 1, log):
+        pass
+    assert "(twice)" in str(info.value) and "missing.onnx" in str(info.value)
+    assert time.monotonic() - began < 100  # the readiness wait alone is 120 s per start
