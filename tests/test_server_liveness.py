@@ -143,7 +143,7 @@ def test_200_concurrent_calls_are_all_right_and_batched(live_server: RunningServ
 
 def assert_still_serving(live_server: RunningServer, stub, samples: Path) -> None:  # type: ignore[no-untyped-def]
     health = health_pb2_grpc.HealthStub(live_server.channel())
-    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
     r = check(stub, (samples / "image_T1.jpg").read_bytes())
     assert r.decision == liveness_pb2.DECISION_LIVE
 
@@ -211,22 +211,22 @@ def test_health_reflection_and_model_listing(live_server: RunningServer) -> None
     ch = live_server.channel()
     health = health_pb2_grpc.HealthStub(ch)
     for service in ("", "facegate.v1.LivenessService"):
-        status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
         assert status == health_pb2.HealthCheckResponse.SERVING
     # A watch (a streaming method the interceptors wrap) sends the current status first.
-    watch = health.Watch(health_pb2.HealthCheckRequest(service="facegate.v1.LivenessService"), timeout=5)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="facegate.v1.LivenessService"), timeout=30)
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
     refl = reflection_pb2_grpc.ServerReflectionStub(ch)
     reply = next(iter(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                timeout=5)))
+                                                timeout=30)))
     names = {s.name for s in reply.list_services_response.service}
     assert {"facegate.v1.LivenessService", "facegate.v1.ModelService", "grpc.health.v1.Health"} <= names
-    models = models_pb2_grpc.ModelServiceStub(ch).ListModels(models_pb2.ListModelsRequest(), timeout=5).models
+    models = models_pb2_grpc.ModelServiceStub(ch).ListModels(models_pb2.ListModelsRequest(), timeout=30).models
     assert {m.version.name for m in models} >= {"retinaface", "minifasnet_v2", "minifasnet_v1se"}
     assert all(m.ready and m.batching.max_batch_size > 1 for m in models)
     assert all(m.runtime_reason for m in models)  # why this runtime (here: no TensorRT)
     with pytest.raises(grpc.RpcError) as info:
         models_pb2_grpc.ModelServiceStub(ch).GetModelStatistics(
-            models_pb2.GetModelStatisticsRequest(model="nope"), timeout=5)
+            models_pb2.GetModelStatisticsRequest(model="nope"), timeout=30)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
