@@ -1,9 +1,12 @@
 """Compiled OpenVINO models kept between starts: a second load imports them, with outputs identical to a fresh
-compile; a blob that cannot be imported, or a directory that cannot be written, costs only the compile."""
+compile; a blob that cannot be imported, or a directory that cannot be written, costs only the compile; blobs
+no load used for the age are pruned."""
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +76,32 @@ def test_a_bad_blob_is_compiled_again_and_replaced(repository_dir: Path, tmp_pat
     assert (again.hits, again.misses) == (1, 0)
 
 
+def test_blobs_unused_for_the_age_and_stale_temporary_files_are_pruned(repository_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """An import refreshes its blob, so the blobs a load uses are never pruned however old they were; blobs nothing
+    used for the age, and temporary files a killed writer left, go; anything else in the directory stays."""
+    repo = ModelRepository(repository_dir)
+    meta = repo.load(NAME)
+    OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=CompiledCache(tmp_path))
+    in_use = sorted(tmp_path.glob(f"*{SUFFIX}"))
+    days_ago = lambda d: (time.time() - d * 86400,) * 2  # noqa: E731
+    files = {"old.blob": 40, "recent.blob": 20, ".old.1.tmp": 1, ".writing.2.tmp": 0, "notes.txt": 400}
+    for name, age in files.items():
+        (tmp_path / name).write_bytes(b"x" * 1000)
+        os.utime(tmp_path / name, days_ago(age))
+    for blob in in_use:
+        os.utime(blob, days_ago(90))
+    cache = CompiledCache(tmp_path)
+    OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=cache)
+    assert cache.hits == 3
+    assert cache.prune(30 * 86400) == (2, 2000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [b.name for b in in_use] + ["recent.blob", ".writing.2.tmp", "notes.txt"])
+    again = CompiledCache(tmp_path)
+    OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=again)
+    assert (again.hits, again.misses) == (3, 0)
+
+
 def test_a_directory_that_cannot_be_written_only_costs_the_compile(repository_dir: Path, tmp_path: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     repo = ModelRepository(repository_dir)
@@ -84,6 +113,7 @@ def test_a_directory_that_cannot_be_written_only_costs_the_compile(repository_di
     assert model.static_batches == (1, 2) and cache.misses == 3
     assert caplog.text.count("are not cached") == 1  # said once, not once per compiled model
     assert outputs(model, declaration_for(meta).warmup_item())
+    assert cache.prune(0) == (0, 0)  # nothing to read there is nothing to prune, not an error
 
 
 def test_the_server_setting_caches_each_model_beside_it_and_says_so(repository_dir: Path, tmp_path: Path,
@@ -108,6 +138,14 @@ def test_the_server_setting_caches_each_model_beside_it_and_says_so(repository_d
         on.create(decl, batching)
     assert f"{NAME}: 0 compiled model(s) imported from {tmp_path / NAME / DIRECTORY}, 3 compiled" in caplog.text
     assert f"{NAME}: 3 compiled model(s) imported from {tmp_path / NAME / DIRECTORY}, 0 compiled" in caplog.text
+    # A blob of an older OpenVINO, unused for 40 days, goes at the next load; the three in use stay.
+    stray = tmp_path / NAME / DIRECTORY / f"{'0' * 32}{SUFFIX}"
+    stray.write_bytes(b"x" * 2_000_000)
+    os.utime(stray, (time.time() - 40 * 86400,) * 2)
+    with caplog.at_level(logging.INFO, logger="engines.runtime.factory"):
+        on.create(decl, batching)
+    assert f"{NAME}: removed 1 cached file(s) unused for 30 days (2.0 MB)" in caplog.text
+    assert not stray.exists() and len(list((tmp_path / NAME / DIRECTORY).glob(f"*{SUFFIX}"))) == 3
 
 
 def test_an_export_that_fails_only_costs_the_compile(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -63,6 +63,9 @@ class RuntimeSettings:
     """Keep OpenVINO's compiled models in ``<model>/openvino-cache`` in the repository and import them at the next
     start (``engines.runtime.openvino_cache``): a server's start, most of which is compiling, went from 27-32 s to
     9-10 s (AVX2 EPYC). Deleting the directory is always safe; a read-only repository only loses the saving."""
+    openvino_cache_days: float = 30.0
+    """When a model loads, its cached compiled models that no start imported for this many days are removed (those of
+    an older OpenVINO or older settings: ~15 MB per model each). 0 = never remove."""
     models: dict[str, str] = field(default_factory=dict)
     """Per-model runtime ([runtime.models] name = "auto" | "onnxruntime" | "openvino" | "tensorrt")."""
 
@@ -76,6 +79,8 @@ class RuntimeSettings:
         if self.intra_op_threads < 1 or self.group_threads < 0:
             raise ValueError(f"intra_op_threads must be >= 1 and group_threads >= 0, got {self.intra_op_threads} "
                              f"and {self.group_threads}")
+        if self.openvino_cache_days < 0:
+            raise ValueError(f"openvino_cache_days must be >= 0, got {self.openvino_cache_days}")
         if not 0 <= self.openvino_static_batches <= 64:
             raise ValueError(f"openvino_static_batches must lie in [0, 64], got {self.openvino_static_batches}")
         for name, value in {"cpu_runtime": self.cpu_runtime, **self.models}.items():
@@ -181,6 +186,11 @@ class EngineFactory:
             if cache is not None:  # so an operator can see why a start was slow (a miss is a compile)
                 log.info("%s: %d compiled model(s) imported from %s, %d compiled", decl.name, cache.hits,
                          cache.directory, cache.misses)
+                if self.settings.openvino_cache_days > 0:
+                    removed, freed = cache.prune(self.settings.openvino_cache_days * 86400)
+                    if removed:
+                        log.info("%s: removed %d cached file(s) unused for %g days (%.1f MB)", decl.name, removed,
+                                 self.settings.openvino_cache_days, freed / 1e6)
             return model, reason
         return self._onnxruntime(decl, meta, threads), reason
 

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".blob"
 DIRECTORY = "openvino-cache"  # in each model's directory of the repository
+TMP_SUFFIX = ".tmp"
+STALE_TMP_S = 3600.0  # a blob is written in seconds: a temporary file this old was left by a killed writer
 
 
 class CompiledCache:
@@ -56,6 +59,8 @@ class CompiledCache:
             try:
                 compiled = core.import_model(io.BytesIO(blob.read_bytes()), "CPU", dict(config))
                 self.hits += 1
+                with contextlib.suppress(OSError):  # in use: ``prune`` keeps it (a read-only directory cannot say)
+                    os.utime(blob)
                 return compiled
             except Exception as exc:  # OpenVINO raises its own types; a bad blob is only a cache miss
                 log.warning("%s: cannot import the cached compiled model (%s); compiling it again", blob, exc)
@@ -65,7 +70,7 @@ class CompiledCache:
         return compiled
 
     def _store(self, blob: Path, compiled: Any) -> None:
-        tmp = blob.with_name(f".{blob.stem}.{os.getpid()}.tmp")
+        tmp = blob.with_name(f".{blob.stem}.{os.getpid()}{TMP_SUFFIX}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(compiled.export_model().getbuffer())
@@ -77,3 +82,25 @@ class CompiledCache:
                 self._warned = True
                 log.warning("%s: compiled models are not cached (%s); each start compiles them again",
                             self.directory, exc)
+
+    def prune(self, max_age_s: float) -> tuple[int, int]:
+        """Remove the blobs not imported or written for ``max_age_s`` seconds, and temporary files older than
+        ``STALE_TMP_S``; (files removed, bytes freed). A blob this load used was just imported or written, so it is
+        never among them; one another process is importing at that moment is only compiled again there."""
+        now = time.time()
+        removed, freed = 0, 0
+        try:
+            entries = list(self.directory.iterdir())
+        except OSError:  # no directory yet, or one that cannot be read: nothing to prune
+            return 0, 0
+        for path in entries:
+            limit = max_age_s if path.suffix == SUFFIX else STALE_TMP_S if path.suffix == TMP_SUFFIX else None
+            try:
+                stat = path.stat()
+                if limit is None or now - stat.st_mtime <= limit:
+                    continue
+                path.unlink()
+            except OSError:  # gone already (another process pruned it), or a read-only directory
+                continue
+            removed, freed = removed + 1, freed + stat.st_size
+        return removed, freed
