@@ -26,17 +26,22 @@ def choose_providers(prefer_gpu: bool = True) -> list[str]:
 
 class _OrtInstance(EngineInstance):
     def __init__(self, session: ort.InferenceSession, output_names: list[str]) -> None:
-        self._session = session
+        self._session: ort.InferenceSession | None = session
         self._outputs = output_names
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], InferTimings]:
         t0 = time.perf_counter_ns()
+        if self._session is None:
+            raise EngineError("onnxruntime: the instance is closed")
         try:
             results = self._session.run(self._outputs, dict(inputs))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"onnxruntime failed: {exc}") from exc
         t1 = time.perf_counter_ns()
         return dict(zip(self._outputs, results, strict=True)), InferTimings(0, t1 - t0, 0)
+
+    def close(self) -> None:
+        self._session = None
 
 
 class OnnxRuntimeModel(Model):
@@ -51,18 +56,25 @@ class OnnxRuntimeModel(Model):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(path), sess_options=opts,
-                                             providers=list(providers or choose_providers()))
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers or choose_providers()))
+        self._session: ort.InferenceSession | None = session
         self.name = meta.name
         self.version = meta.version
-        provider = self._session.get_providers()[0]
+        provider = session.get_providers()[0]
         self.runtime = f"onnxruntime:{provider}"
         self.inputs = tuple(TensorSpec(t.name, np.dtype(t.dtype), t.shape) for t in meta.inputs)
         self.outputs = tuple(TensorSpec(t.name, np.dtype(t.dtype), t.shape) for t in meta.outputs)
         self.max_batch_size = max_batch_size or meta.max_batch_size
-        names = {i.name for i in self._session.get_inputs()}
+        names = {i.name for i in session.get_inputs()}
         if names != {t.name for t in self.inputs}:
             raise EngineError(f"{path}: inputs {sorted(names)} do not match the metadata of {meta.name}")
 
     def new_instance(self) -> EngineInstance:
+        if self._session is None:
+            raise EngineError(f"{self.name}: the model is closed")
         return _OrtInstance(self._session, [t.name for t in self.outputs])
+
+    def close(self) -> None:
+        # The session's weights and thread pool are freed once the batcher has closed its instances too; a server
+        # object that outlives its stop (a test's, or one embedded in another program) no longer holds them.
+        self._session = None

@@ -55,6 +55,8 @@ class _OvInstance(EngineInstance):
         t0 = time.perf_counter_ns()
         batch = len(next(iter(inputs.values()))) if inputs else 0
         request = self._fixed.get(batch, self._request)
+        if request is None:
+            raise EngineError("openvino: the instance is closed")
         try:
             # share_inputs: the request reads the caller's arrays in place (the call is synchronous, so they outlive
             # it) instead of copying them into its own tensors while holding the GIL (a batch of clips is 0.8 MB
@@ -67,6 +69,9 @@ class _OvInstance(EngineInstance):
         # The request reuses its output tensors on the next call: copy what leaves the instance.
         out = {name: np.array(by_name[name], copy=True) for name in self._outputs}
         return out, InferTimings(0, t1 - t0, time.perf_counter_ns() - t1)
+
+    def close(self) -> None:
+        self._request, self._fixed = None, {}
 
 
 class OpenVinoModel(Model):
@@ -112,8 +117,15 @@ class OpenVinoModel(Model):
         self.max_batch_size = max_batch_size or meta.max_batch_size
 
     def new_instance(self) -> EngineInstance:
+        if self._compiled is None:
+            raise EngineError(f"{self.name}: the model is closed")
         return _OvInstance(self._compiled.create_infer_request(), [t.name for t in self.outputs],
                            {b: c.create_infer_request() for b, c in self._static.items()})
+
+    def close(self) -> None:
+        # Each compiled model holds its weights and its plugin's threads (~1 GB and ~95 threads for the five models
+        # of a server) until nothing refers to it; the batcher has closed its instances' requests by now.
+        self._compiled, self._static = None, {}
 
     @property
     def static_batches(self) -> tuple[int, ...]:
