@@ -144,7 +144,7 @@ def test_the_server_setting_caches_each_model_beside_it_and_says_so(repository_d
     os.utime(stray, (time.time() - 40 * 86400,) * 2)
     with caplog.at_level(logging.INFO, logger="engines.runtime.factory"):
         on.create(decl, batching)
-    assert f"{NAME}: removed 1 cached file(s) unused for 30 days (2.0 MB)" in caplog.text
+    assert f"{NAME}: removed 1 stale cache file(s), 2.0 MB (compiled models no start imported for 30" in caplog.text
     assert not stray.exists() and len(list((tmp_path / NAME / DIRECTORY).glob(f"*{SUFFIX}"))) == 3
 
 

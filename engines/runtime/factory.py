@@ -189,8 +189,9 @@ class EngineFactory:
                 if self.settings.openvino_cache_days > 0:
                     removed, freed = cache.prune(self.settings.openvino_cache_days * 86400)
                     if removed:
-                        log.info("%s: removed %d cached file(s) unused for %g days (%.1f MB)", decl.name, removed,
-                                 self.settings.openvino_cache_days, freed / 1e6)
+                        log.info("%s: removed %d stale cache file(s), %.1f MB (compiled models no start imported "
+                                 "for %g days, temporary files over an hour old)", decl.name, removed, freed / 1e6,
+                                 self.settings.openvino_cache_days)
             return model, reason
         return self._onnxruntime(decl, meta, threads), reason
 
