@@ -121,7 +121,7 @@ def test_the_server_setting_caches_each_model_beside_it_and_says_so(repository_d
     import shutil
     from dataclasses import replace
 
-    from engines.declarations import OPENVINO
+    from engines.declarations import ONNXRUNTIME, OPENVINO
     from engines.runtime.factory import EngineFactory, RuntimeSettings
     from engines.runtime.openvino_cache import DIRECTORY
 
@@ -146,6 +146,11 @@ def test_the_server_setting_caches_each_model_beside_it_and_says_so(repository_d
         on.create(decl, batching)
     assert f"{NAME}: removed 1 stale cache file(s), 2.0 MB (compiled models no start imported for 30" in caplog.text
     assert not stray.exists() and len(list((tmp_path / NAME / DIRECTORY).glob(f"*{SUFFIX}"))) == 3
+    # A model now served by ONNX Runtime imports nothing: its blobs go once they are older than the age.
+    for blob in (tmp_path / NAME / DIRECTORY).glob(f"*{SUFFIX}"):
+        os.utime(blob, (time.time() - 40 * 86400,) * 2)
+    EngineFactory(repo, RuntimeSettings(prefer_gpu=False, cpu_runtime=ONNXRUNTIME)).create(decl, batching)
+    assert not list((tmp_path / NAME / DIRECTORY).glob(f"*{SUFFIX}"))
 
 
 def test_an_export_that_fails_only_costs_the_compile(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

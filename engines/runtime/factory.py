@@ -129,6 +129,22 @@ class EngineFactory:
     def create(self, decl: ModelDeclaration, batching: BatcherConfig, group: int = 1) -> tuple[Model, str]:
         """(engine, reason). ``group``: how many models each request calls together with this one (CPU threads,
         ``engine_threads``). Slow (may build a TensorRT engine): call it off the event loop."""
+        model, reason = self._create(decl, batching, group)
+        # After the load, which refreshed the blobs it imported; whatever runtime now serves the model, so the
+        # blobs of one that moved off OpenVINO go too.
+        self._prune_openvino_cache(decl.name)
+        return model, reason
+
+    def _prune_openvino_cache(self, name: str) -> None:
+        days = self.settings.openvino_cache_days
+        if not self.settings.openvino_cache or days <= 0:
+            return
+        removed, freed = CompiledCache(self.repository.model_dir(name) / OPENVINO_CACHE_DIR).prune(days * 86400)
+        if removed:
+            log.info("%s: removed %d stale cache file(s), %.1f MB (compiled models no start imported for %g days, "
+                     "temporary files over an hour old)", name, removed, freed / 1e6, days)
+
+    def _create(self, decl: ModelDeclaration, batching: BatcherConfig, group: int) -> tuple[Model, str]:
         meta = self.repository.load(decl.name)
         threads = self.settings.threads_for(group)
         plan = []
@@ -186,12 +202,6 @@ class EngineFactory:
             if cache is not None:  # so an operator can see why a start was slow (a miss is a compile)
                 log.info("%s: %d compiled model(s) imported from %s, %d compiled", decl.name, cache.hits,
                          cache.directory, cache.misses)
-                if self.settings.openvino_cache_days > 0:
-                    removed, freed = cache.prune(self.settings.openvino_cache_days * 86400)
-                    if removed:
-                        log.info("%s: removed %d stale cache file(s), %.1f MB (compiled models no start imported "
-                                 "for %g days, temporary files over an hour old)", decl.name, removed, freed / 1e6,
-                                 self.settings.openvino_cache_days)
             return model, reason
         return self._onnxruntime(decl, meta, threads), reason
 
