@@ -1,6 +1,6 @@
 """A stopped server lets go of its models: their weights and runtime threads go with ``stop()``, even while the
 server object itself is still referenced (by a test's fixture, or by a program that embeds the server). Before,
-each stopped test server kept ~1 GB and ~90 threads until the end of the pytest session (9.7 GB and 1,068 threads
+each stopped test server kept ~1 GiB and ~90 threads until the end of the pytest session (9.5 GiB RSS and 1,068 threads
 at the peak of `make test`)."""
 
 from __future__ import annotations
