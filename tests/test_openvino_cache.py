@@ -76,6 +76,11 @@ def test_a_bad_blob_is_compiled_again_and_replaced(repository_dir: Path, tmp_pat
     assert (again.hits, again.misses) == (1, 0)
 
 
+def set_age(path: Path, days: float) -> None:
+    """Access and modification times ``days`` ago (the prune reads the modification time)."""
+    os.utime(path, (time.time() - days * 86400,) * 2)
+
+
 def test_blobs_unused_for_the_age_and_stale_temporary_files_are_pruned(repository_dir: Path,
                                                                          tmp_path: Path) -> None:
     """An import refreshes its blob, so the blobs a load uses are never pruned however old they were; blobs nothing
@@ -84,13 +89,12 @@ def test_blobs_unused_for_the_age_and_stale_temporary_files_are_pruned(repositor
     meta = repo.load(NAME)
     OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=CompiledCache(tmp_path))
     in_use = sorted(tmp_path.glob(f"*{SUFFIX}"))
-    days_ago = lambda d: (time.time() - d * 86400,) * 2  # noqa: E731
     files = {"old.blob": 40, "recent.blob": 20, ".old.1.tmp": 1, ".writing.2.tmp": 0, "notes.txt": 400}
     for name, age in files.items():
         (tmp_path / name).write_bytes(b"x" * 1000)
-        os.utime(tmp_path / name, days_ago(age))
+        set_age(tmp_path / name, age)
     for blob in in_use:
-        os.utime(blob, days_ago(90))
+        set_age(blob, 90)
     cache = CompiledCache(tmp_path)
     OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=cache)
     assert cache.hits == 3
@@ -141,14 +145,14 @@ def test_the_server_setting_caches_each_model_beside_it_and_says_so(repository_d
     # A blob of an older OpenVINO, unused for 40 days, goes at the next load; the three in use stay.
     stray = tmp_path / NAME / DIRECTORY / f"{'0' * 32}{SUFFIX}"
     stray.write_bytes(b"x" * 2_000_000)
-    os.utime(stray, (time.time() - 40 * 86400,) * 2)
+    set_age(stray, 40)
     with caplog.at_level(logging.INFO, logger="engines.runtime.factory"):
         on.create(decl, batching)
     assert f"{NAME}: removed 1 stale cache file(s), 2.0 MB (compiled models no start imported for 30" in caplog.text
     assert not stray.exists() and len(list((tmp_path / NAME / DIRECTORY).glob(f"*{SUFFIX}"))) == 3
     # A model now served by ONNX Runtime imports nothing: its blobs go once they are older than the age.
     for blob in (tmp_path / NAME / DIRECTORY).glob(f"*{SUFFIX}"):
-        os.utime(blob, (time.time() - 40 * 86400,) * 2)
+        set_age(blob, 40)
     EngineFactory(repo, RuntimeSettings(prefer_gpu=False, cpu_runtime=ONNXRUNTIME)).create(decl, batching)
     assert not list((tmp_path / NAME / DIRECTORY).glob(f"*{SUFFIX}"))
 
