@@ -106,8 +106,9 @@ models: $(VENV)/.stubs
 	$(PY) -m engines.prepare --repository $(REPOSITORY)
 	@$(MAKE) --no-print-directory $(REPOSITORY)/minifasnet_v2/precision.json
 
-# The machine class (CPU model, family, ISA extensions, cores), rewritten only when it changes: the bf16 gates'
-# verdicts hold for one class, so a repository carried to another CPU has its gates run again.
+# The machine class (CPU model, family, ISA extensions, cores) and the gates' record format, rewritten only when
+# either changes: the gates' verdicts (bf16 and INT8) hold for one class, so a repository carried to another CPU
+# has its gates run again.
 MACHINE_STAMP := $(REPOSITORY)/.machine-class
 $(MACHINE_STAMP): FORCE | $(VENV)/.stubs
 	@$(PY) -m engines.machine --stamp $@

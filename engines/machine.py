@@ -1,5 +1,6 @@
 """Which CPU this is, as the runtime choice and the parity gates name it: a class of machines (CPU model and core
-count) whose measurements and bf16 gate verdicts carry over to each other, and what its instructions allow."""
+count) whose measurements and gate verdicts (bf16, INT8) carry over to each other, and what its instructions
+allow."""
 
 from __future__ import annotations
 
@@ -50,10 +51,19 @@ def has_bf16() -> bool:
     return "BF16" in cpu_capabilities()
 
 
+# Part of the stamp: raised when what the gates record changes, so that ``make`` runs them again once on every
+# repository (2: INT8 verdicts name their machine class, as bf16's did).
+GATE_RECORD = 2
+
+
+def stamp_text() -> str:
+    return f"{machine_class()}\ngate record {GATE_RECORD}\n"
+
+
 def write_stamp(path: Path) -> bool:
-    """Write the machine class to ``path`` only if it differs (so make re-runs the gates only on another CPU);
-    True if it was written."""
-    current = machine_class() + "\n"
+    """Write the machine class (and the gates' record format) to ``path`` only if it differs, so make re-runs the
+    gates only on another CPU or after the format changed; True if it was written."""
+    current = stamp_text()
     if path.is_file() and path.read_text() == current:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -75,10 +75,11 @@ def _write_entries(path: Path, entries: Mapping[str, Any]) -> None:
 
 def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any]) -> None:
     """Record an INT8 gate's outcome (``passed`` and its numbers) beside the model (other precisions' entries
-    are kept)."""
+    are kept), with the FP32 model, the INT8 file and the machine class it was measured on."""
     directory = repo.model_dir(name)
     entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256,
-             "int8_sha256": sha256_file(directory / INT8_FILE) if (directory / INT8_FILE).is_file() else ""}
+             "int8_sha256": sha256_file(directory / INT8_FILE) if (directory / INT8_FILE).is_file() else "",
+             "machine": machine_class()}
     path = directory / GATE_FILE
     _write_entries(path, {**_entries(path), "int8": entry})
 
@@ -116,14 +117,21 @@ def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> t
 
 
 def passed_int8(repo: ModelRepository, name: str) -> tuple[dict[str, Any] | None, str]:
-    """(gate entry, why): the INT8 gate's entry if it passed for the current FP32 model and its file is the one
-    the gate passed (hashed here, once), else None and the reason."""
+    """(gate entry, why): the INT8 gate's entry if it passed for the current FP32 model on this machine class and
+    its file is the one the gate passed (hashed here, once), else None and the reason.
+
+    The verdict holds for one machine class, as bf16's does: the CPU plugin picks its integer kernels by ISA, and
+    without VNNI or AMX the u8 x s8 products go through VPMADDUBSW, which saturates each pair's sum to int16, where
+    VNNI's VPDPBUSD and AMX accumulate in int32. A repository carried to another CPU serves FP32 (or bf16) until
+    ``make`` runs its gates there (the machine stamp changes, so it does)."""
     directory = repo.model_dir(name)
     entry = _entries(directory / GATE_FILE).get("int8")
     if entry is None:
         return None, "no INT8 gate has run for this model"
     if entry.get("source_onnx_sha256") != repo.load(name).onnx_sha256:
         return None, "the INT8 gate ran on another version of the model"
+    if entry.get("machine") != machine_class():
+        return None, f"the INT8 gate ran on another CPU ({entry.get('machine', 'not recorded')})"
     if not entry.get("passed"):
         return None, f"INT8 failed its parity gate ({entry.get('summary', 'see precision.json')})"
     file = directory / INT8_FILE

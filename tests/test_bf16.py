@@ -21,7 +21,7 @@ from engines.declarations import (
     ModelDeclaration,
     declaration_for,
 )
-from engines.machine import has_bf16, machine_class, write_stamp
+from engines.machine import GATE_RECORD, has_bf16, machine_class, write_stamp
 from engines.precision import GATE_FILE, passed_bf16, write_bf16_part, write_gate
 from engines.repository import ModelRepository
 from engines.runtime.cpu_choice import gated_pipelines
@@ -44,10 +44,13 @@ def test_the_machine_class_names_the_isa_and_the_stamp_changes_only_with_it(tmp_
     assert machine_class().endswith(f"x{__import__('os').cpu_count()}")
     assert ("bf16" in machine_class().split("[")[-1]) == ("avx512_bf16" in flags.split())
     stamp = tmp_path / "stamp"
-    assert write_stamp(stamp) and stamp.read_text().strip() == machine_class()
+    assert write_stamp(stamp) and stamp.read_text().splitlines() == [machine_class(), f"gate record {GATE_RECORD}"]
     mtime = stamp.stat().st_mtime_ns
     assert not write_stamp(stamp) and stamp.stat().st_mtime_ns == mtime  # untouched: make re-runs nothing
-    stamp.write_text("another CPU\n")
+    stamp.write_text(f"another CPU\ngate record {GATE_RECORD}\n")
+    assert write_stamp(stamp)
+    # A repository whose gates wrote the older record (INT8 verdicts without their class) has them run once more.
+    stamp.write_text(f"{machine_class()}\n")
     assert write_stamp(stamp)
 
 

@@ -69,7 +69,8 @@ def test_a_passed_variant_runs_and_a_failed_or_swapped_one_is_never_served(repos
         # Random inputs are far outside what it was calibrated on (the gate measured parity on real clips):
         # here only that it runs as the same model would, shapes and all.
         assert a["embedding"].shape == b["embedding"].shape and np.isfinite(a["embedding"]).all()
-    # A copy whose gate says failed, or whose INT8 file was swapped, is served in FP32 whatever its speed.
+    # A copy whose gate says failed, ran on another CPU, or whose INT8 file was swapped, is served in FP32
+    # whatever its speed.
     name = _members(repository_dir)[0]
     copy = tmp_path / "repo"
     shutil.copytree(repository_dir / name, copy / name, ignore=shutil.ignore_patterns("engines"))
@@ -77,6 +78,18 @@ def test_a_passed_variant_runs_and_a_failed_or_swapped_one_is_never_served(repos
     entry = json.loads((copy / name / GATE_FILE).read_text())
     if (copy / name / INT8_FILE).is_file():
         entry["int8"]["passed"] = True
+        (copy / name / GATE_FILE).write_text(json.dumps(entry))
+        assert int8_variant(crepo, name)[0] is not None
+        # A verdict measured on another machine class, or written before verdicts named theirs, is not this one's.
+        for machine, shown in (("Some Other CPU (family 23 model 1) x2", "Some Other CPU (family 23 model 1) x2"),
+                               (None, "not recorded")):
+            other = json.loads(json.dumps(entry))
+            if machine is None:
+                del other["int8"]["machine"]
+            else:
+                other["int8"]["machine"] = machine
+            (copy / name / GATE_FILE).write_text(json.dumps(other))
+            assert int8_variant(crepo, name) == (None, f"the INT8 gate ran on another CPU ({shown})")
         (copy / name / GATE_FILE).write_text(json.dumps(entry))
         assert int8_variant(crepo, name)[0] is not None
         (copy / name / INT8_FILE).write_bytes((copy / name / INT8_FILE).read_bytes() + b"\0")
