@@ -175,3 +175,30 @@ def test_an_export_that_fails_only_costs_the_compile(tmp_path: Path, caplog: pyt
     assert all(isinstance(g, Unexportable) for g in got) and cache.misses == 2
     assert not list(tmp_path.iterdir())
     assert caplog.text.count("are not cached") == 1 and "export is not supported" in caplog.text
+
+
+def test_one_repository_on_two_machine_classes_keeps_each_ones_compiled_models(
+        repository_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repository on a disk that servers of two CPU classes share (a volume moved between node pools): each class
+    compiles and imports its own blobs (the CPU plugin compiles for the ISA it finds), and neither evicts or imports
+    the other's."""
+    from engines.runtime import openvino_cache
+
+    repo = ModelRepository(repository_dir)
+    meta = repo.load(NAME)
+    here = CompiledCache(tmp_path)
+    OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=here)
+    ours = sorted(tmp_path.glob(f"*{SUFFIX}"))
+    monkeypatch.setattr(openvino_cache, "machine_class", lambda: "Some Other CPU (family 23 model 1) [] x2")
+    there = CompiledCache(tmp_path)
+    OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=there)
+    assert (there.hits, there.misses) == (0, 3)
+    assert there.prune(30 * 86400) == (0, 0) and set(ours) < set(tmp_path.glob(f"*{SUFFIX}"))
+    assert len(list(tmp_path.glob(f"*{SUFFIX}"))) == 6
+    again = CompiledCache(tmp_path)
+    OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=again)
+    assert (again.hits, again.misses) == (3, 0)
+    monkeypatch.undo()
+    back = CompiledCache(tmp_path)
+    OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=back)
+    assert (back.hits, back.misses) == (3, 0)
