@@ -61,6 +61,56 @@ def test_auto_measures_once_per_machine_class_and_says_why(repository_dir: Path,
         RuntimeSettings(models={"minifasnet_v2": "tpu"})
 
 
+_CHOOSE = """
+import json, sys
+from pathlib import Path
+from engines.declarations import declaration_for
+from engines.repository import ModelRepository
+from engines.runtime.cpu_choice import choose_cpu_runtime
+repo = ModelRepository(Path(sys.argv[1]))
+print(json.dumps(choose_cpu_runtime(repo, declaration_for(repo.load("minifasnet_v2")), 1)))
+"""
+
+
+def test_processes_starting_together_measure_once_and_serve_the_same_choice(repository_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """Workers (--workers) or replicas starting on one repository: one measures while the others wait for its
+    entry, so all serve the same runtime and precision. Measured separately, two processes' readings differ
+    (the reason carries them) and their choices could too."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(repository_dir / "minifasnet_v2", tmp_path / "minifasnet_v2",
+                    ignore=shutil.ignore_patterns("engines", CHOICE_FILE, "openvino-cache"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _CHOOSE, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    answers = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert answers[0] == answers[1] and "items/s at batch 1 / 8" in answers[0][1]
+    assert len(json.loads((tmp_path / "minifasnet_v2" / CHOICE_FILE).read_text())) == 1
+    assert not [p.name for p in (tmp_path / "minifasnet_v2").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_repository_that_cannot_keep_the_measurements_only_costs_measuring_again(
+        repository_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import shutil
+
+    shutil.copytree(repository_dir / "minifasnet_v2", tmp_path / "minifasnet_v2",
+                    ignore=shutil.ignore_patterns("engines", CHOICE_FILE, "openvino-cache"))
+    (tmp_path / "minifasnet_v2" / CHOICE_FILE).mkdir()  # the file cannot be replaced (root may write anywhere)
+    repo = ModelRepository(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="engines.runtime.cpu_choice"):
+        runtime, why = choose_cpu_runtime(repo, declaration_for(repo.load("minifasnet_v2")), 1)
+    assert why.startswith(runtime) and "items/s at batch 1 / 8" in why
+    assert "minifasnet_v2: auto's measurements are not kept" in caplog.text
+    assert not [p.name for p in (tmp_path / "minifasnet_v2").iterdir() if p.name.endswith(".tmp")]
+
+
 def test_auto_weighs_batch_one_as_much_as_the_largest_batch() -> None:
     # RetinaFace on an AMX Xeon: OpenVINO FP32 measured 1.16x ONNX Runtime at batch 8 and 0.80x at batch 1, where
     # a lightly loaded server runs; judged on batch 8 alone it was served and made detection slower.

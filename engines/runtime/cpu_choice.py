@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from engines.declarations import BF16, IDENTIFICATION, INT8, ONNXRUNTIME, OPENVINO, ModelDeclaration
+from engines.file_lock import exclusive
 from engines.identify.ensemble import find_ensemble
 from engines.machine import machine_class
 from engines.precision import INT8_FILE, passed_bf16, passed_int8
@@ -145,6 +147,23 @@ def _bf16_offer(repo: ModelRepository, decl: ModelDeclaration, allowed: bool) ->
     return passed_bf16(repo, decl.name, gated_pipelines(repo, decl))
 
 
+def _cached(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}  # type: ignore[no-any-return]
+
+
+def _write(path: Path, entries: dict[str, Any]) -> None:
+    """Replace the file whole (a reader sees the old entries or the new, never half); a repository that cannot be
+    written only costs measuring again at the next start."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(entries, indent=2))
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("%s: auto's measurements are not kept (%s); the next start measures again", path.parent.name,
+                    exc)
+
+
 def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: int, allow_int8: bool = True,
                        allow_bf16: bool = True, static_batches: int = 0) -> tuple[str, str]:
     """(runtime, why) for this model on this machine class; measured on first use, then read from the cache."""
@@ -164,14 +183,16 @@ def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: i
     key = (f"{machine_class()}|threads={threads}|onnx={repo.load(decl.name).onnx_sha256[:12]}"
            f"|int8={gate['int8_sha256'][:12] if gate is not None else 'none'}|bf16={'yes' if bf16 else 'no'}"
            f"|static={','.join(map(str, static)) or 'none'}|choice=3")
-    cached: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    entry = cached.get(key)
+    entry = _cached(path).get(key)
     if entry is None:
-        entry = measure(repo, decl, threads, int8=int8, bf16=bf16, static=static)
-        cached[key] = entry
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached, indent=2))
-        tmp.replace(path)
+        # One process measures; the others starting on this repository (--workers, replicas on one volume) wait
+        # for its entry and read it, so they serve the same choice and no measurement shares the cores with another.
+        with exclusive(path.with_name(f".{CHOICE_FILE}.lock")):
+            cached = _cached(path)
+            entry = cached.get(key)
+            if entry is None:
+                entry = measure(repo, decl, threads, int8=int8, bf16=bf16, static=static)
+                _write(path, {**cached, key: entry})
     rates = entry["items_per_s"]
     chosen = decide(rates)
     batches = [str(b) for b in entry["batches"]]
