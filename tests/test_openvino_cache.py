@@ -14,7 +14,7 @@ import pytest
 
 from engines.declarations import declaration_for
 from engines.repository import ModelRepository
-from engines.runtime.openvino_cache import SUFFIX, CompiledCache
+from engines.runtime.openvino_cache import LOCK_FILE, SUFFIX, CompiledCache
 from engines.runtime.openvino_engine import OpenVinoModel
 
 pytestmark = pytest.mark.weights
@@ -100,7 +100,7 @@ def test_blobs_unused_for_the_age_and_stale_temporary_files_are_pruned(repositor
     assert cache.hits == 3
     assert cache.prune(30 * 86400) == (2, 2000)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [b.name for b in in_use] + ["recent.blob", ".writing.2.tmp", "notes.txt"])
+        [b.name for b in in_use] + ["recent.blob", ".writing.2.tmp", "notes.txt", LOCK_FILE])
     again = CompiledCache(tmp_path)
     OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=again)
     assert (again.hits, again.misses) == (3, 0)
@@ -173,7 +173,7 @@ def test_an_export_that_fails_only_costs_the_compile(tmp_path: Path, caplog: pyt
     with caplog.at_level(logging.WARNING):
         got = [cache.compile(Core(), object(), "digest", {"threads": 1}, {"input": [b, 3]}) for b in (1, 2)]
     assert all(isinstance(g, Unexportable) for g in got) and cache.misses == 2
-    assert not list(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_FILE]  # nothing half-written, only the (empty) lock
     assert caplog.text.count("are not cached") == 1 and "export is not supported" in caplog.text
 
 
@@ -202,3 +202,29 @@ def test_one_repository_on_two_machine_classes_keeps_each_ones_compiled_models(
     back = CompiledCache(tmp_path)
     OpenVinoModel(repo.onnx_path(NAME), meta, static_batches=(1, 2), cache=back)
     assert (back.hits, back.misses) == (3, 0)
+
+
+_LOAD = """
+import sys
+from pathlib import Path
+from engines.repository import ModelRepository
+from engines.runtime.openvino_cache import CompiledCache
+from engines.runtime.openvino_engine import OpenVinoModel
+repo = ModelRepository(Path(sys.argv[1]))
+cache = CompiledCache(Path(sys.argv[2]))
+OpenVinoModel(repo.onnx_path(sys.argv[3]), repo.load(sys.argv[3]), static_batches=(1, 2), cache=cache)
+print(cache.hits, cache.misses)
+"""
+
+
+def test_processes_starting_together_compile_each_model_once(repository_dir: Path, tmp_path: Path) -> None:
+    """Two workers loading at once: one compiles the three models while the other waits, then imports them."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(repository_dir), str(tmp_path / "cache"), NAME],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    counts = sorted(tuple(map(int, p.communicate(timeout=300)[0].split())) for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert counts == [(0, 3), (3, 0)]
+    assert len(list((tmp_path / "cache").glob(f"*{SUFFIX}"))) == 3

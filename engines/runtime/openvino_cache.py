@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from engines.file_lock import exclusive
 from engines.machine import machine_class
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 SUFFIX = ".blob"
 DIRECTORY = "openvino-cache"  # in each model's directory of the repository
 TMP_SUFFIX = ".tmp"
+LOCK_FILE = ".compile.lock"  # held while a process compiles into the directory (never pruned: it is 0 bytes)
 STALE_TMP_S = 3600.0  # a blob is written in seconds: a temporary file this old was left by a killed writer
 
 
@@ -55,18 +57,33 @@ class CompiledCache:
                 shapes: Mapping[str, list[int]] | None = None) -> Any:
         """``core.compile_model(model, "CPU", config)``, imported from the cache where it holds that model."""
         blob = self.directory / f"{self.key(source_digest, shapes, config)}{SUFFIX}"
-        if blob.is_file():
-            try:
-                compiled = core.import_model(io.BytesIO(blob.read_bytes()), "CPU", dict(config))
-                self.hits += 1
-                with contextlib.suppress(OSError):  # in use: ``prune`` keeps it (a read-only directory cannot say)
-                    os.utime(blob)
-                return compiled
-            except Exception as exc:  # OpenVINO raises its own types; a bad blob is only a cache miss
-                log.warning("%s: cannot import the cached compiled model (%s); compiling it again", blob, exc)
-        compiled = core.compile_model(model, "CPU", dict(config))
-        self.misses += 1
-        self._store(blob, compiled)
+        compiled = self._import(core, blob, config)
+        if compiled is not None:
+            return compiled
+        with contextlib.suppress(OSError):
+            self.directory.mkdir(parents=True, exist_ok=True)
+        # Processes starting together on one repository (--workers) compile each model once: the first compiles
+        # and stores it while the others wait, then they import its blob.
+        with exclusive(self.directory / LOCK_FILE) as held:
+            compiled = self._import(core, blob, config) if held else None
+            if compiled is None:
+                compiled = core.compile_model(model, "CPU", dict(config))
+                self.misses += 1
+                self._store(blob, compiled)
+        return compiled
+
+    def _import(self, core: Any, blob: Path, config: Mapping[str, Any]) -> Any:
+        """The compiled model in ``blob``, or None where there is none or it cannot be imported."""
+        if not blob.is_file():
+            return None
+        try:
+            compiled = core.import_model(io.BytesIO(blob.read_bytes()), "CPU", dict(config))
+        except Exception as exc:  # OpenVINO raises its own types; a bad blob is only a cache miss
+            log.warning("%s: cannot import the cached compiled model (%s); compiling it again", blob, exc)
+            return None
+        self.hits += 1
+        with contextlib.suppress(OSError):  # in use: ``prune`` keeps it (a read-only directory cannot say)
+            os.utime(blob)
         return compiled
 
     def _store(self, blob: Path, compiled: Any) -> None:
