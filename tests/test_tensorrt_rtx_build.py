@@ -102,3 +102,33 @@ def test_a_parser_error_is_tensorrts_own_message_naming_the_node(tmp_path: Path)
     onnx.save(model, str(path))
     with pytest.raises(EngineBuildError, match="the_broken_node"):
         parse_network(FLAVOUR.load(), path)
+
+
+_BUILD = """
+import json, sys
+from pathlib import Path
+from engines.repository import ModelRepository
+from engines.tensorrt.build import EngineRequest, ensure_engine
+from engines.tensorrt.cache import BuilderSettings
+from engines.tensorrt.flavour import TENSORRT_RTX, probe
+plan = ensure_engine(ModelRepository(Path(sys.argv[1])), EngineRequest(sys.argv[2], 8, (), "fp32"), BuilderSettings(),
+                     probe(TENSORRT_RTX))
+print(json.dumps({"plan": str(plan), "built_at": json.loads((plan.parent / "build.json").read_text())["built_at"]}))
+"""
+
+
+def test_processes_starting_together_build_each_engine_once(repo: ModelRepository, tmp_path: Path) -> None:
+    """Two workers on one repository: one builds while the other waits, then loads the same plan (before, both
+    built it, and their plan files shared one temporary name, so one could rename the other's half-written file)."""
+    import subprocess
+    import sys
+
+    name = "minifasnet_v2"
+    shutil.copytree(repo.model_dir(name), tmp_path / name, ignore=shutil.ignore_patterns("engines"))
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path), name], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    answers = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert answers[0] == answers[1]  # the same plan, built once (one build time recorded)
+    built = [p for p in (tmp_path / name / "engines").iterdir() if p.is_dir()]
+    assert len(built) == 1 and not list(built[0].glob("*.tmp"))

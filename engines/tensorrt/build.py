@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.declarations import ModelDeclaration, declaration_for
+from engines.file_lock import exclusive
 from engines.repository import ModelRepository
 from engines.tensorrt.cache import ANY_TARGET, BuilderSettings, BuildKey, Device, EngineCache
 from engines.tensorrt.cli import engine_cli
@@ -187,13 +188,33 @@ def ensure_engine(repo: ModelRepository, req: EngineRequest, settings: BuilderSe
         gpu = Device(name, cc)
     key, onnx_path = build_key(repo, req, settings, flavour, gpu or ANY_TARGET, targets)
     cache = EngineCache(repo.model_dir(req.name))
-    plan = cache.lookup(key)
+    plan = _usable(cache, key, flavour, gpu, req.name)
     if plan is not None:
-        reason = can_deserialize(plan, flavour) if gpu is not None else None
-        if reason is None:
+        return plan
+    # Workers (--workers) or replicas starting together on one repository build each engine once: the first builds
+    # while the others wait (a build takes GPU memory and minutes), then they load its plan.
+    with exclusive(cache.lock_path(key)):
+        plan = _usable(cache, key, flavour, gpu, req.name)
+        if plan is not None:
             return plan
-        log.warning("%s: cached engine %s does not load (%s); rebuilding", req.name, key.digest(), reason)
-        cache.invalidate(key)
+        return _build(cache, key, onnx_path, flavour, req)
+
+
+def _usable(cache: EngineCache, key: BuildKey, flavour: Flavour, gpu: Device | None, name: str) -> Path | None:
+    """The cached plan for ``key`` if there is one that loads here (where there is a GPU to load it on); a plan
+    that does not load is removed."""
+    plan = cache.lookup(key)
+    if plan is None:
+        return None
+    reason = can_deserialize(plan, flavour) if gpu is not None else None
+    if reason is None:
+        return plan
+    log.warning("%s: cached engine %s does not load (%s); rebuilding", name, key.digest(), reason)
+    cache.invalidate(key)
+    return None
+
+
+def _build(cache: EngineCache, key: BuildKey, onnx_path: Path, flavour: Flavour, req: EngineRequest) -> Path:
     log.info("%s: building %s %s engine (profile %s%s)", req.name, flavour.label(), req.precision,
              key.profiles[0].as_key(), f", targets {','.join(key.targets)}" if key.targets else "")
     t0 = time.time()

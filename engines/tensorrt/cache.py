@@ -10,8 +10,10 @@ so a new build; an engine that fails to deserialise anyway is deleted and rebuil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -105,6 +107,13 @@ class EngineCache:
     def runtime_cache_path(self, key: BuildKey, gpu: Device) -> Path:
         return self.folder(key) / runtime_cache_name(gpu)
 
+    def lock_path(self, key: BuildKey) -> Path:
+        """Held while a process builds this key (``engines.file_lock``); beside the build folders, which ``prune``
+        alone removes."""
+        with contextlib.suppress(OSError):  # a read-only repository: no lock, and no build can be kept either
+            self.root.mkdir(parents=True, exist_ok=True)
+        return self.root / f".{key.digest()}.lock"
+
     def lookup(self, key: BuildKey) -> Path | None:
         """The plan for this key if a complete build is cached (metadata written last marks completion)."""
         folder = self.folder(key)
@@ -121,12 +130,12 @@ class EngineCache:
               extra: dict[str, Any] | None = None) -> Path:
         folder = self.folder(key)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (PLAN_FILE + ".tmp")
+        tmp = folder / f".{PLAN_FILE}.{os.getpid()}.tmp"  # never another process's half-written file
         tmp.write_bytes(plan)
         tmp.replace(folder / PLAN_FILE)
         meta = {"key": key.as_dict(), "digest": key.digest(), "built_at": time.time(),
                 "build_seconds": build_seconds, "plan_bytes": len(plan), "log": log_lines[-50:], **(extra or {})}
-        mtmp = folder / (META_FILE + ".tmp")
+        mtmp = folder / f".{META_FILE}.{os.getpid()}.tmp"
         mtmp.write_text(json.dumps(meta, indent=2))
         mtmp.replace(folder / META_FILE)
         return folder / PLAN_FILE
