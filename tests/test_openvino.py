@@ -97,6 +97,7 @@ def test_processes_starting_together_measure_once_and_serve_the_same_choice(repo
 
 def test_a_repository_that_cannot_keep_the_measurements_only_costs_measuring_again(
         repository_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
     import logging
     import shutil
 
@@ -109,6 +110,14 @@ def test_a_repository_that_cannot_keep_the_measurements_only_costs_measuring_aga
     assert why.startswith(runtime) and "items/s at batch 1 / 8" in why
     assert "minifasnet_v2: auto's measurements are not kept" in caplog.text
     assert not [p.name for p in (tmp_path / "minifasnet_v2").iterdir() if p.name.endswith(".tmp")]
+    # A file that cannot be read is a cache miss too: measured again, and replaced by a whole one.
+    (tmp_path / "minifasnet_v2" / CHOICE_FILE).rmdir()
+    (tmp_path / "minifasnet_v2" / CHOICE_FILE).write_text('{"half a')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engines.runtime.cpu_choice"):
+        again, why = choose_cpu_runtime(repo, declaration_for(repo.load("minifasnet_v2")), 1)
+    assert f"minifasnet_v2: cannot read {CHOICE_FILE}" in caplog.text and why.startswith(again)
+    assert len(json.loads((tmp_path / "minifasnet_v2" / CHOICE_FILE).read_text())) == 1
 
 
 def test_auto_weighs_batch_one_as_much_as_the_largest_batch() -> None:

@@ -188,7 +188,16 @@ def _bf16_offer(repo: ModelRepository, decl: ModelDeclaration, allowed: bool) ->
 
 
 def _cached(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}  # type: ignore[no-any-return]
+    """The measurements kept beside the model; one that cannot be read (a hand edit, a disk error) is only a
+    cache miss: the model is measured again and the file replaced."""
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s: cannot read %s (%s); measuring again", path.parent.name, path.name, exc)
+        return {}
+    return entries if isinstance(entries, dict) else {}
 
 
 def _write(path: Path, entries: dict[str, Any]) -> None:
