@@ -14,6 +14,14 @@ if [ "${FACEGATE_PREPARE:-1}" != 0 ]; then
   python3 -m engines.tensorrt.build --repository model_repository --precision "${FACEGATE_PRECISION:-fp16}" \
     || echo "entrypoint: no TensorRT engines built (see above); the server falls back to ONNX Runtime" >&2
 fi
+# Reduced precision on the CPU (bf16 where the CPU has it, INT8) is served only where its parity gate passed for
+# these models on this machine class. FACEGATE_LIVENESS_SAMPLES (a mounted folder of labelled liveness images, as
+# the Makefile's LIVENESS_SAMPLES) runs the liveness gate when a verdict is missing or stale: at the first start on
+# each node with a pod-local repository, and after the models or the CPU class change. Without it, FP32 is served.
+if [ -n "${FACEGATE_LIVENESS_SAMPLES:-}" ]; then
+  python3 -m engines.liveness_gate --if-stale --samples "$FACEGATE_LIVENESS_SAMPLES" --repository model_repository \
+    >/dev/null || echo "entrypoint: the liveness parity gate did not run (see above); models without a verdict for this CPU serve FP32" >&2
+fi
 args=(--host 0.0.0.0 --port "${PORT:-50051}" --model-repository model_repository --audit-log "${FACEGATE_AUDIT_LOG:--}")
 token_file="${FACEGATE_TOKEN_FILE:-/run/secrets/facegate_token}"
 if [ -f "$token_file" ]; then

@@ -28,7 +28,14 @@ import numpy as np
 from engines.declarations import LIVENESS
 from engines.identify.preprocess import OnnxDetector
 from engines.machine import has_bf16
-from engines.precision import INT8_FILE, gate_main, quantize_int8, write_bf16_part, write_gate
+from engines.precision import (
+    INT8_FILE,
+    gate_main,
+    quantize_int8,
+    verdict_is_current,
+    write_bf16_part,
+    write_gate,
+)
 from engines.repository import ModelRepository
 from engines.specs import DETECTOR, LIVENESS_SPECS
 from engines.vision.crop import crop_for_model
@@ -202,12 +209,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def stale(repo: ModelRepository) -> list[str]:
+    """The verdicts this gate would write that are missing, or were measured for other models or on another
+    machine class."""
+    judged = [(s.name, "int8") for s in LIVENESS_SPECS]
+    if has_bf16():
+        judged += [(name, "bf16") for name in (*(s.name for s in LIVENESS_SPECS), DETECTOR)]
+    return [f"{name} {kind}" for name, kind in judged if not verdict_is_current(repo, name, kind, LIVENESS)]
+
+
+def run_if_stale(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.if_stale:
+        return run(args)
+    todo = stale(ModelRepository(args.repository))
+    if not todo:
+        log.info("liveness gate: every verdict is current for these models on this machine class; not run")
+        return {"skipped": "verdicts current"}
+    log.info("liveness gate: running for %s", ", ".join(todo))
+    return run(args)
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=Path, required=True, help="labelled liveness sample images")
+    p.add_argument("--if-stale", action="store_true",
+                   help="run only if a verdict is missing or was measured for other models or another CPU class "
+                        "(a container's first start on each node)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return gate_main(__doc__.splitlines()[0], argv, _arguments, run)
+    return gate_main(__doc__.splitlines()[0], argv, _arguments, run_if_stale)
 
 
 if __name__ == "__main__":

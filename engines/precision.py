@@ -116,6 +116,21 @@ def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> t
     return True, f"bf16 passed its gate ({'; '.join(passed)})"
 
 
+def verdict_is_current(repo: ModelRepository, name: str, kind: str, pipeline: str = "") -> bool:
+    """Whether a gate's verdict for ``name`` (``kind`` "int8", or "bf16" with its ``pipeline`` part) was measured
+    on this machine class for the FP32 model (and INT8 file) the repository has now, whatever it said: a gate whose
+    verdicts are all current has nothing to do."""
+    entries = _entries(repo.model_dir(name) / GATE_FILE)
+    entry = entries.get("int8") if kind == "int8" else entries.get("bf16", {}).get("parts", {}).get(pipeline)
+    if entry is None or entry.get("source_onnx_sha256") != repo.load(name).onnx_sha256 \
+            or entry.get("machine") != machine_class():
+        return False
+    if kind != "int8":
+        return True
+    file = repo.model_dir(name) / INT8_FILE
+    return (sha256_file(file) if file.is_file() else "") == entry.get("int8_sha256")
+
+
 def passed_int8(repo: ModelRepository, name: str) -> tuple[dict[str, Any] | None, str]:
     """(gate entry, why): the INT8 gate's entry if it passed for the current FP32 model on this machine class and
     its file is the one the gate passed (hashed here, once), else None and the reason.

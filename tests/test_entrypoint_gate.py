@@ -1,0 +1,70 @@
+"""The container's entrypoint runs the liveness parity gate where labelled images are mounted: at a first start
+on a CPU (a pod-local repository), so bf16 and INT8 can be served in a container as after ``make``; and not again
+while its verdicts are current."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engines.machine import machine_class
+from engines.precision import GATE_FILE
+from engines.specs import DETECTOR, LIVENESS_SPECS
+from server.auth.tokens import new_token
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.weights
+
+LIVENESS_MODELS = (DETECTOR, *(s.name for s in LIVENESS_SPECS))
+
+
+def start(work: Path, env: dict[str, str]) -> str:
+    """Run the entrypoint until the server is serving (models loaded and warm); its stderr up to then."""
+    proc = subprocess.Popen(["bash", str(ROOT / "docker" / "entrypoint.sh")], cwd=work, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for _ in range(2000):
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "models warm; SERVING" in line or not line:
+                break
+    finally:
+        proc.kill()
+        proc.wait(30)
+    return "".join(lines)
+
+
+def test_the_entrypoint_runs_the_liveness_gate_once_per_cpu_class(repository_dir: Path, samples: Path,
+                                                                   tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    work = tmp_path / "app"
+    for name in LIVENESS_MODELS:  # the liveness models as prepared, no verdicts yet
+        shutil.copytree(repository_dir / name, work / "model_repository" / name,
+                        ignore=shutil.ignore_patterns("engines", GATE_FILE, "*.int8.onnx"))
+    token = tmp_path / "token"
+    token.write_text(new_token())
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FACEGATE_PREPARE": "0", "PORT": "0",
+           "PYTHONPATH": str(ROOT), "FACEGATE_TOKEN_FILE": str(token), "FACEGATE_LIVENESS_SAMPLES": str(samples)}
+    first = start(work, env)
+    assert "liveness gate: running for" in first and "models warm; SERVING" in first, first[-2000:]
+    gates = {name: json.loads((work / "model_repository" / name / GATE_FILE).read_text()) for name in
+             (s.name for s in LIVENESS_SPECS)}
+    for entries in gates.values():
+        assert entries["int8"]["machine"] == machine_class() and entries["int8"]["parity_images"] >= 50
+    # The server then chose with those verdicts: its reasons name them.
+    assert "INT8 failed its parity gate" in first or "INT8 passed its parity gate" in first, first[-2000:]
+    stamp = {name: (work / "model_repository" / name / GATE_FILE).stat().st_mtime_ns for name in gates}
+    again = start(work, env)
+    assert "every verdict is current" in again and "models warm; SERVING" in again, again[-2000:]
+    assert {name: (work / "model_repository" / name / GATE_FILE).stat().st_mtime_ns for name in gates} == stamp
