@@ -77,11 +77,28 @@ def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any]) -> N
     """Record an INT8 gate's outcome (``passed`` and its numbers) beside the model (other precisions' entries
     are kept), with the FP32 model, the INT8 file and the machine class it was measured on."""
     directory = repo.model_dir(name)
-    entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256,
-             "int8_sha256": sha256_file(directory / INT8_FILE) if (directory / INT8_FILE).is_file() else "",
+    entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256, "int8_sha256": _int8_digest(directory),
              "machine": machine_class()}
     path = directory / GATE_FILE
     _write_entries(path, {**_entries(path), "int8": entry})
+
+
+def _int8_digest(directory: Path) -> str:
+    """The sha256 of the model's INT8 file, "" where there is none."""
+    file = directory / INT8_FILE
+    return sha256_file(file) if file.is_file() else ""
+
+
+def _not_here(entry: Mapping[str, Any] | None, gate: str, onnx_sha256: str) -> str | None:
+    """Why a recorded verdict does not hold for the FP32 model the repository has now on this machine class
+    (missing, another model, another CPU), or None where it holds, whatever it said."""
+    if entry is None:
+        return f"no {gate} has run for this model"
+    if entry.get("source_onnx_sha256") != onnx_sha256:
+        return f"the {gate} ran on another version of the model"
+    if entry.get("machine") != machine_class():
+        return f"the {gate} ran on another CPU ({entry.get('machine', 'not recorded')})"
+    return None
 
 
 def write_bf16_part(repo: ModelRepository, name: str, pipeline: str, result: Mapping[str, Any]) -> None:
@@ -104,12 +121,9 @@ def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> t
     passed = []
     for pipeline in pipelines:
         part = parts.get(pipeline)
-        if part is None:
-            return False, f"bf16: no {pipeline} gate has run for this model"
-        if part.get("source_onnx_sha256") != sha:
-            return False, f"bf16: the {pipeline} gate ran on another version of the model"
-        if part.get("machine") != machine_class():
-            return False, f"bf16: the {pipeline} gate ran on another CPU ({part.get('machine')})"
+        if why := _not_here(part, f"{pipeline} gate", sha):
+            return False, f"bf16: {why}"
+        assert part is not None  # (_not_here)
         if not part.get("passed"):
             return False, f"bf16 failed its {pipeline} gate ({part.get('summary', 'see precision.json')})"
         passed.append(f"{pipeline}: {part.get('summary', '')}")
@@ -122,13 +136,9 @@ def verdict_is_current(repo: ModelRepository, name: str, kind: str, pipeline: st
     verdicts are all current has nothing to do."""
     entries = _entries(repo.model_dir(name) / GATE_FILE)
     entry = entries.get("int8") if kind == "int8" else entries.get("bf16", {}).get("parts", {}).get(pipeline)
-    if entry is None or entry.get("source_onnx_sha256") != repo.load(name).onnx_sha256 \
-            or entry.get("machine") != machine_class():
+    if entry is None or _not_here(entry, "gate", repo.load(name).onnx_sha256) is not None:
         return False
-    if kind != "int8":
-        return True
-    file = repo.model_dir(name) / INT8_FILE
-    return (sha256_file(file) if file.is_file() else "") == entry.get("int8_sha256")
+    return kind != "int8" or _int8_digest(repo.model_dir(name)) == entry.get("int8_sha256")
 
 
 def passed_int8(repo: ModelRepository, name: str) -> tuple[dict[str, Any] | None, str]:
@@ -141,16 +151,13 @@ def passed_int8(repo: ModelRepository, name: str) -> tuple[dict[str, Any] | None
     ``make`` runs its gates there (the machine stamp changes, so it does)."""
     directory = repo.model_dir(name)
     entry = _entries(directory / GATE_FILE).get("int8")
-    if entry is None:
-        return None, "no INT8 gate has run for this model"
-    if entry.get("source_onnx_sha256") != repo.load(name).onnx_sha256:
-        return None, "the INT8 gate ran on another version of the model"
-    if entry.get("machine") != machine_class():
-        return None, f"the INT8 gate ran on another CPU ({entry.get('machine', 'not recorded')})"
+    if why := _not_here(entry, "INT8 gate", repo.load(name).onnx_sha256):
+        return None, why
+    assert entry is not None  # (_not_here)
     if not entry.get("passed"):
         return None, f"INT8 failed its parity gate ({entry.get('summary', 'see precision.json')})"
-    file = directory / INT8_FILE
-    if not file.is_file() or sha256_file(file) != entry.get("int8_sha256"):
+    digest = _int8_digest(directory)
+    if not digest or digest != entry.get("int8_sha256"):
         return None, "the INT8 file is missing or not the one the gate passed"
     return entry, f"INT8 passed its parity gate ({entry.get('summary', '')})"
 

@@ -7,6 +7,8 @@ import atexit
 import functools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -27,6 +29,16 @@ REFERENCE = {
     "image_F2.jpg": ("SPOOF", 0.18, (120, 252, 252, 256), 0.9913),
     "image_T1.jpg": ("LIVE", 0.9936, (106, 147, 207, 213), 0.9842),
 }
+
+
+def run_together(script: str, *args: str, copies: int = 2, timeout_s: float = 600) -> list[str]:
+    """Start ``copies`` Python processes running ``script`` with ``args`` at once, as workers or replicas starting
+    together on one repository do; each one's stdout, once all have exited with status 0."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}) for _ in range(copies)]
+    outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * copies
+    return outputs
 
 
 def _need(what: str) -> None:

@@ -14,6 +14,7 @@ from engines.runtime.cpu_choice import CHOICE_FILE, choose_cpu_runtime, decide, 
 from engines.runtime.factory import EngineFactory, RuntimeSettings
 from engines.runtime.onnxruntime_engine import OnnxRuntimeModel
 from engines.runtime.openvino_engine import OpenVinoModel
+from tests.conftest import run_together
 
 pytestmark = pytest.mark.weights
 
@@ -78,18 +79,11 @@ def test_processes_starting_together_measure_once_and_serve_the_same_choice(repo
     entry, so all serve the same runtime and precision. Measured separately, two processes' readings differ
     (the reason carries them) and their choices could too."""
     import json
-    import os
     import shutil
-    import subprocess
-    import sys
 
     shutil.copytree(repository_dir / "minifasnet_v2", tmp_path / "minifasnet_v2",
                     ignore=shutil.ignore_patterns("engines", CHOICE_FILE, "openvino-cache"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [subprocess.Popen([sys.executable, "-c", _CHOOSE, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env=env) for _ in range(2)]
-    answers = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
+    answers = [json.loads(out) for out in run_together(_CHOOSE, str(tmp_path))]
     assert answers[0] == answers[1] and "items/s at batch 1 / 8" in answers[0][1]
     assert len(json.loads((tmp_path / "minifasnet_v2" / CHOICE_FILE).read_text())) == 1
     assert not [p.name for p in (tmp_path / "minifasnet_v2").iterdir() if p.name.endswith(".tmp")]

@@ -16,6 +16,7 @@ from engines.declarations import declaration_for
 from engines.repository import ModelRepository
 from engines.runtime.openvino_cache import LOCK_FILE, SUFFIX, CompiledCache
 from engines.runtime.openvino_engine import OpenVinoModel
+from tests.conftest import run_together
 
 pytestmark = pytest.mark.weights
 
@@ -219,12 +220,7 @@ print(cache.hits, cache.misses)
 
 def test_processes_starting_together_compile_each_model_once(repository_dir: Path, tmp_path: Path) -> None:
     """Two workers loading at once: one compiles the three models while the other waits, then imports them."""
-    import subprocess
-    import sys
-
-    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(repository_dir), str(tmp_path / "cache"), NAME],
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    counts = sorted(tuple(map(int, p.communicate(timeout=300)[0].split())) for p in procs)
-    assert all(p.returncode == 0 for p in procs)
+    counts = sorted(tuple(map(int, out.split())) for out in run_together(_LOAD, str(repository_dir),
+                                                                          str(tmp_path / "cache"), NAME))
     assert counts == [(0, 3), (3, 0)]
     assert len(list((tmp_path / "cache").glob(f"*{SUFFIX}"))) == 3

@@ -21,7 +21,7 @@ from engines.tensorrt.build import EngineBuildError, EngineRequest, engine_reque
 from engines.tensorrt.cache import BuilderSettings
 from engines.tensorrt.flavour import TENSORRT_RTX, Flavour, probe
 from engines.tensorrt.profiles import batch_buckets
-from tests.conftest import ENGINE_LINES
+from tests.conftest import ENGINE_LINES, run_together
 
 RTX = probe(TENSORRT_RTX)
 if RTX is None:
@@ -120,15 +120,9 @@ print(json.dumps({"plan": str(plan), "built_at": json.loads((plan.parent / "buil
 def test_processes_starting_together_build_each_engine_once(repo: ModelRepository, tmp_path: Path) -> None:
     """Two workers on one repository: one builds while the other waits, then loads the same plan (before, both
     built it, and their plan files shared one temporary name, so one could rename the other's half-written file)."""
-    import subprocess
-    import sys
-
     name = "minifasnet_v2"
     shutil.copytree(repo.model_dir(name), tmp_path / name, ignore=shutil.ignore_patterns("engines"))
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path), name], stdout=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    answers = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
+    answers = [json.loads(out) for out in run_together(_BUILD, str(tmp_path), name)]
     assert answers[0] == answers[1]  # the same plan, built once (one build time recorded)
     built = [p for p in (tmp_path / name / "engines").iterdir() if p.is_dir()]
     assert len(built) == 1 and not list(built[0].glob("*.tmp"))

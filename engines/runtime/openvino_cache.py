@@ -88,8 +88,7 @@ class CompiledCache:
 
     def _store(self, blob: Path, compiled: Any) -> None:
         tmp = blob.with_name(f".{blob.stem}.{os.getpid()}{TMP_SUFFIX}")
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+        try:  # (compile made the directory, where it can be made)
             tmp.write_bytes(compiled.export_model().getbuffer())
             os.replace(tmp, blob)  # atomic: another process sees the whole blob or none
         except Exception as exc:  # a full or read-only disk, or OpenVINO refusing the export: never fatal to a load
