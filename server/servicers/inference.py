@@ -78,7 +78,10 @@ def decode_inputs(req: pb.ModelInferRequest, specs: Sequence[TensorSpec], max_ba
         if t.datatype != want:
             raise InvalidArgumentError(FieldViolation(_field(i, "datatype"), f"is {t.datatype!r}; {t.name} is {want}"))
         shape = tuple(int(d) for d in t.shape)
-        if len(shape) != len(spec.shape) or any(d < 0 for d in shape) or any(
+        if any(d < 0 for d in shape):  # -1 is the model's wildcard, never a request's size
+            raise InvalidArgumentError(FieldViolation(
+                _field(i, "shape"), f"is {list(shape)}; a request's dimensions are sizes, 0 or more"))
+        if len(shape) != len(spec.shape) or any(
                 s >= 0 and d != s for d, s in zip(shape[1:], spec.shape[1:], strict=True)):
             raise InvalidArgumentError(FieldViolation(
                 _field(i, "shape"), f"is {list(shape)}; {t.name} takes {list(spec.shape)} (-1: any size)"))
