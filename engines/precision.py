@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.file_lock import exclusive
 from engines.machine import has_bf16, machine_class
 from engines.repository import ModelRepository
 from engines.weights import sha256_file
@@ -180,7 +181,10 @@ def gate_main(description: str, argv: list[str] | None, add_arguments: Callable[
     p.add_argument("--report", type=Path, help="also write the outcome (JSON) to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    outcome = json.dumps(run(args), indent=1)
+    # Replicas on one volume run the gate at their first start together: one measures, the others then find its
+    # verdicts current (--if-stale) instead of rewriting them.
+    with exclusive(args.repository / ".gate.lock"):
+        outcome = json.dumps(run(args), indent=1)
     print(outcome)
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)

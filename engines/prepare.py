@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.declarations import DECLARATIONS
+from engines.file_lock import exclusive
 from engines.repository import ModelMetadata, ModelRepository
 from engines.specs import DETECTOR, DETECTOR_SPEC, LIVENESS_SPECS, LivenessSpec
 from engines.weights import MANIFEST, WEIGHTS_DIR_ENV, WeightsError, obtain, sha256_file
@@ -106,11 +107,15 @@ def _check(name: str, diff: float) -> None:
 
 
 def prepare(repository: Path, weights_dir: Path | None, cache_dir: Path, force: bool = False) -> ModelRepository:
-    paths = obtain(weights_dir, cache_dir, MANIFEST)
-    repo = ModelRepository(repository)
-    _prepare_detector(repo, paths, force)
-    for spec in LIVENESS_SPECS:
-        _prepare_liveness(repo, spec, paths, force)
+    # Replicas on one volume start together: one exports while the others wait and then find it up to date (each
+    # export writes through one temporary name, and two at once could rename each other's half-written file).
+    repository.mkdir(parents=True, exist_ok=True)
+    with exclusive(repository / ".prepare.lock"):
+        paths = obtain(weights_dir, cache_dir, MANIFEST)
+        repo = ModelRepository(repository)
+        _prepare_detector(repo, paths, force)
+        for spec in LIVENESS_SPECS:
+            _prepare_liveness(repo, spec, paths, force)
     return repo
 
 
