@@ -41,6 +41,30 @@ def run_together(script: str, *args: str, copies: int = 2, timeout_s: float = 60
     return outputs
 
 
+def image_python(folder: Path) -> str:
+    """A ``python3`` in ``folder`` that runs this interpreter, as the image's entrypoint calls it; the PATH to use."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (folder / "python3").chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+def start_entrypoint(work: Path, env: dict[str, str], until: str = "models warm; SERVING"
+                     ) -> tuple[subprocess.Popen[str], str]:
+    """Run docker/entrypoint.sh in ``work`` (the image's WORKDIR) until its stderr says ``until`` or ends; the
+    process (still running: the caller stops it) and its stderr up to then."""
+    proc = subprocess.Popen(["bash", str(ROOT / "docker" / "entrypoint.sh")], cwd=work, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    assert proc.stderr is not None
+    for _ in range(5000):
+        line = proc.stderr.readline()
+        lines.append(line)
+        if until in line or not line:
+            break
+    return proc, "".join(lines)
+
+
 def _need(what: str) -> None:
     """Tests that need real weights fail loudly in CI (CI=true) and skip elsewhere."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):

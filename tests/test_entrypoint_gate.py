@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from engines.machine import machine_class
 from engines.precision import GATE_FILE
 from engines.specs import DETECTOR, LIVENESS_SPECS
 from server.auth.tokens import new_token
-from tests.conftest import ROOT
+from tests.conftest import ROOT, image_python, run_together, start_entrypoint
 
 pytestmark = pytest.mark.weights
 
@@ -26,35 +24,21 @@ LIVENESS_MODELS = (DETECTOR, *(s.name for s in LIVENESS_SPECS))
 
 def start(work: Path, env: dict[str, str]) -> str:
     """Run the entrypoint until the server is serving (models loaded and warm); its stderr up to then."""
-    proc = subprocess.Popen(["bash", str(ROOT / "docker" / "entrypoint.sh")], cwd=work, env=env,
-                            stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    try:
-        assert proc.stderr is not None
-        for _ in range(2000):
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "models warm; SERVING" in line or not line:
-                break
-    finally:
-        proc.kill()
-        proc.wait(30)
-    return "".join(lines)
+    proc, lines = start_entrypoint(work, env)
+    proc.kill()
+    proc.wait(30)
+    return lines
 
 
 def test_the_entrypoint_runs_the_liveness_gate_once_per_cpu_class(repository_dir: Path, samples: Path,
                                                                    tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    (bin_dir / "python3").chmod(0o755)
     work = tmp_path / "app"
     for name in LIVENESS_MODELS:  # the liveness models as prepared, no verdicts yet
         shutil.copytree(repository_dir / name, work / "model_repository" / name,
                         ignore=shutil.ignore_patterns("engines", GATE_FILE, "*.int8.onnx"))
     token = tmp_path / "token"
     token.write_text(new_token())
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FACEGATE_PREPARE": "0", "PORT": "0",
+    env = {**os.environ, "PATH": image_python(tmp_path / "bin"), "FACEGATE_PREPARE": "0", "PORT": "0",
            "PYTHONPATH": str(ROOT), "FACEGATE_TOKEN_FILE": str(token), "FACEGATE_LIVENESS_SAMPLES": str(samples)}
     first = start(work, env)
     assert "liveness gate: running for" in first and "models warm; SERVING" in first, first[-2000:]
@@ -68,3 +52,19 @@ def test_the_entrypoint_runs_the_liveness_gate_once_per_cpu_class(repository_dir
     again = start(work, env)
     assert "every verdict is current" in again and "models warm; SERVING" in again, again[-2000:]
     assert {name: (work / "model_repository" / name / GATE_FILE).stat().st_mtime_ns for name in gates} == stamp
+
+
+_GATE = """
+import sys
+from engines.liveness_gate import main
+sys.exit(main(["--if-stale", "--samples", sys.argv[1], "--repository", sys.argv[2]]))
+"""
+
+
+def test_replicas_starting_together_run_the_gate_once(repository_dir: Path, samples: Path, tmp_path: Path) -> None:
+    repository = tmp_path / "model_repository"
+    for name in LIVENESS_MODELS:  # no verdicts yet, as on a new node's shared volume
+        shutil.copytree(repository_dir / name, repository / name,
+                        ignore=shutil.ignore_patterns("engines", GATE_FILE, "*.int8.onnx"))
+    outcomes = [json.loads(out[out.index("{"):]) for out in run_together(_GATE, str(samples), str(repository))]
+    assert sorted("skipped" in outcome for outcome in outcomes) == [False, True], outcomes

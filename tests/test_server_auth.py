@@ -29,7 +29,7 @@ from server.auth.callers import AuthConfig, CallerConfig
 from server.auth.tokens import hash_token, new_token
 from server.config import load_config
 from tests.certs import CertAuthority
-from tests.conftest import ROOT, RunningServer, start_server, stop_server
+from tests.conftest import ROOT, RunningServer, image_python, start_entrypoint, start_server, stop_server
 
 TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops")}
 SCOPES = {"live": ("liveness",), "enrol": ("enrol", "identify", "liveness"), "staff": ("enrol:staff", "identify:staff"),
@@ -175,15 +175,10 @@ def test_a_public_address_without_authentication_is_refused_at_start_up(tmp_path
 
 def test_the_docker_entrypoint_starts_with_authentication(tmp_path: Path, repository_dir: Path) -> None:
     """The entrypoint as the image runs it (python3 = this interpreter), minus the export and engine build."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    wrapper = bin_dir / "python3"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    wrapper.chmod(0o755)
     work = tmp_path / "app"
     work.mkdir()
     (work / "model_repository").symlink_to(repository_dir)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FACEGATE_PREPARE": "0", "PORT": "0",
+    env = {**os.environ, "PATH": image_python(tmp_path / "bin"), "FACEGATE_PREPARE": "0", "PORT": "0",
            "PYTHONPATH": str(ROOT), "FACEGATE_TOKEN_FILE": str(tmp_path / "missing")}
     refused = subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh")], cwd=work, env=env,
                              capture_output=True, text=True, timeout=60)
@@ -191,18 +186,10 @@ def test_the_docker_entrypoint_starts_with_authentication(tmp_path: Path, reposi
     token = tmp_path / "token"
     token.write_text(new_token())
     env["FACEGATE_TOKEN_FILE"] = str(token)
-    proc = subprocess.Popen(["bash", str(ROOT / "docker" / "entrypoint.sh")], cwd=work, env=env,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        for _ in range(200):
-            line = proc.stderr.readline()
-            if "listening on" in line or not line:
-                break
-        assert "authentication on" in line, line
-    finally:
-        proc.kill()
-        proc.wait(30)
+    proc, lines = start_entrypoint(work, env, until="listening on")
+    proc.kill()
+    proc.wait(30)
+    assert "authentication on" in lines.splitlines()[-1], lines
 
 
 # --- mutual TLS ---------------------------------------------------------------------------------------------
