@@ -1,5 +1,6 @@
-# facegate on an NVIDIA GPU: TensorRT base image; engines are built on first start (they are tied to the GPU and
-# the TensorRT version, so they cannot be built into the image) and cached in the model volume.
+# facegate on an NVIDIA GPU (deploy/kubernetes/overlays/gpu; CPU nodes: Dockerfile.cpu): TensorRT base image;
+# engines are built on first start (they are tied to the GPU and the TensorRT version, so they cannot be built into
+# the image) and cached in the model volume.
 #   docker build -t facegate .
 #   facegate token new    # on a trusted machine: keep the token secret, give it to the calling service
 #   docker run --gpus all -p 50051:50051 -v facegate-models:/app/model_repository \
@@ -10,7 +11,10 @@
 ARG BASE=nvcr.io/nvidia/tensorrt:25.10-py3
 FROM ${BASE}
 
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 FACEGATE_WEIGHTS_DIR=/weights
+# HOME: Kubernetes runs the image as a user with no home (runAsUser 10001), and libraries write caches under it.
+# No FACEGATE_WEIGHTS_DIR: set it where weights are mounted; without it the entrypoint downloads them (pinned,
+# sha256-checked) into the model volume.
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HOME=/tmp
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proto proto

@@ -7,12 +7,18 @@
 #                         its caller gets FACEGATE_TOKEN_SCOPES (default: all scopes)
 #   FACEGATE_CONFIG       a TOML file with [[auth.callers]] (token hashes, scopes), e.g. from a mounted Secret
 #   FACEGATE_TLS_CERT / FACEGATE_TLS_KEY, and FACEGATE_CLIENT_CA for mutual TLS
-# FACEGATE_PREPARE=0 skips the export and engine build (models already in the volume).
+# Weights: FACEGATE_WEIGHTS_DIR names a mounted folder laid out like shared/models; without it they are downloaded
+# from their pinned upstream (sha256-checked) into the model volume, once per volume (it is the only place the
+# image's user can write; Kubernetes runs it as an unnamed user).
+# FACEGATE_PREPARE=0 skips the export and engine build (models already in the volume); FACEGATE_TENSORRT=0 (the CPU
+# image) skips the engine build alone.
 set -euo pipefail
 if [ "${FACEGATE_PREPARE:-1}" != 0 ]; then
-  python3 -m engines.prepare --repository model_repository
-  python3 -m engines.tensorrt.build --repository model_repository --precision "${FACEGATE_PRECISION:-fp16}" \
-    || echo "entrypoint: no TensorRT engines built (see above); the server falls back to ONNX Runtime" >&2
+  python3 -m engines.prepare --repository model_repository --cache-dir model_repository/.weights
+  if [ "${FACEGATE_TENSORRT:-1}" != 0 ]; then
+    python3 -m engines.tensorrt.build --repository model_repository --precision "${FACEGATE_PRECISION:-fp16}" \
+      || echo "entrypoint: no TensorRT engines built (see above); the server falls back to ONNX Runtime" >&2
+  fi
 fi
 # Reduced precision on the CPU (bf16 where the CPU has it, INT8) is served only where its parity gate passed for
 # these models on this machine class. FACEGATE_LIVENESS_SAMPLES (a mounted folder of labelled liveness images, as

@@ -1,0 +1,159 @@
+"""A CPU pod as the manifests make it: the image's entrypoint with the CPU image's environment, the Deployment's
+variables, and its volumes (the ConfigMap, the caller token Secret, an empty models volume). Its first start
+exports the models into the empty volume and serves; a restart finds them there. What a cluster adds (the kubelet,
+probes, the image build itself) is not here: this is the pod's own start, run on this machine."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+from server.auth.tokens import new_token
+from tests.conftest import ROOT, image_python, start_entrypoint
+from tests.test_kubernetes import by_kind, render
+
+pytestmark = pytest.mark.weights
+
+LIVENESS_MODELS = ("retinaface", "minifasnet_v2", "minifasnet_v1se")
+
+
+def image_env(dockerfile: Path) -> dict[str, str]:
+    """The ENV lines of a Dockerfile (KEY=VALUE pairs; what the image gives every container)."""
+    env: dict[str, str] = {}
+    for line in dockerfile.read_text().splitlines():
+        if line.startswith("ENV "):
+            for pair in shlex.split(line[4:]):
+                key, value = pair.split("=", 1)
+                env[key] = value
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Pod:
+    """The CPU Deployment's container, run here: each volume a folder, WORKDIR /app a folder."""
+
+    def __init__(self, root: Path, weights_dir: Path, gallery_url: str) -> None:
+        docs = render("cpu")
+        spec = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+        (self.container,) = spec["containers"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        self.app = root / "app"
+        self.app.mkdir()
+        self.token = new_token()
+        self.port = free_port()
+        self.mounts: dict[str, Path] = {}
+        for mount in self.container["volumeMounts"]:
+            path = mount["mountPath"]
+            local = self.app / path.removeprefix("/app/") if path.startswith("/app/") else root / path.lstrip("/")
+            local.mkdir(parents=True)
+            volume = volumes[mount["name"]]
+            if "configMap" in volume:
+                (config,) = [d for d in docs if d["kind"] == "ConfigMap"
+                             and d["metadata"]["name"] == volume["configMap"]["name"]]
+                for key, text in config["data"].items():  # ports changed to free ones, nothing else
+                    text = re.sub(r"(?m)^port = \d+", f"port = {self.port}", text)
+                    (local / key).write_text(re.sub(r"(?m)^metrics_port = \d+", f"metrics_port = {free_port()}",
+                                                    text))
+            elif "secret" in volume:
+                assert volume["secret"]["secretName"] == "facegate-callers"
+                (local / "token").write_text(self.token)
+            else:
+                assert volume.get("emptyDir") == {}, volume  # the models volume starts empty on every node
+            self.mounts[path] = local
+        self.env = {"PATH": image_python(root / "bin"), "PYTHONPATH": str(ROOT), "PORT": str(self.port),
+                    **image_env(ROOT / "Dockerfile.cpu")}
+        for var in self.container["env"]:
+            if "value" in var:
+                self.env[var["name"]] = self.local(var["value"])
+            elif var["valueFrom"]["secretKeyRef"]["name"] == "facegate-gallery":
+                self.env[var["name"]] = gallery_url
+        # No network here: the weights come from a mounted folder, as in a cluster without egress.
+        self.env["FACEGATE_WEIGHTS_DIR"] = str(weights_dir)
+        self.env["HOME"] = str(root / self.env["HOME"].lstrip("/"))
+        Path(self.env["HOME"]).mkdir(parents=True, exist_ok=True)
+
+    def local(self, value: str) -> str:
+        for path, local in self.mounts.items():
+            if value.startswith(path + "/"):
+                return str(local / value.removeprefix(path + "/"))
+        return value
+
+    def start(self) -> tuple[subprocess.Popen[str], str]:
+        """Run the entrypoint until it serves; the process and its stderr up to then."""
+        return start_entrypoint(self.app, self.env)
+
+    def health(self) -> dict[str, int]:
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return {service: stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+                    for service in ("", "facegate.v1.LivenessService", "facegate.v1.IdentificationService")}
+
+    def check(self, image: bytes, credentials: bool = True) -> Any:
+        metadata = (("authorization", f"Bearer {self.token}"),) if credentials else ()
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            return liveness_pb2_grpc.LivenessServiceStub(channel).CheckLiveness(
+                liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=image)), metadata=metadata,
+                timeout=60)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+def running() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_exporting_again(
+        tmp_path: Path, weights_dir: Path, samples: Path, postgres: Any,
+        running: list[subprocess.Popen[str]]) -> None:
+    pod = Pod(tmp_path, weights_dir, postgres.url)
+    repository = pod.mounts["/app/model_repository"]
+    assert not any(repository.iterdir())
+    proc, first = pod.start()
+    running.append(proc)
+    assert "models warm; SERVING" in first, first[-3000:]
+    for name in LIVENESS_MODELS:
+        assert f"{name}: exported" in first
+        assert (repository / name / "model.onnx").is_file()
+    assert "TensorRT" not in first  # the CPU image does not try to build engines
+    answer = pod.check((samples / "image_T1.jpg").read_bytes())
+    assert answer.decision == liveness_pb2.DECISION_LIVE and abs(answer.live_score - 0.9936) < 0.01
+    with pytest.raises(grpc.RpcError) as refused:  # the Secret's token is the only way in
+        pod.check(b"x", credentials=False)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # What the probes ask: the overall entry (liveness, startup) and the liveness service (readiness) serve; the
+    # image trains no identification ensemble, so that service alone says NOT_SERVING.
+    assert pod.health() == {"": SERVING, "facegate.v1.LivenessService": SERVING,
+                            "facegate.v1.IdentificationService": NOT_SERVING}
+
+    # The container restarts (same pod, same volume): nothing is exported again.
+    proc.kill()
+    proc.wait(30)
+    stamps = {name: (repository / name / "model.onnx").stat().st_mtime_ns for name in LIVENESS_MODELS}
+    proc, again = pod.start()
+    running.append(proc)
+    assert "models warm; SERVING" in again, again[-3000:]
+    assert all(f"{name}: up to date" in again for name in LIVENESS_MODELS)
+    assert {name: (repository / name / "model.onnx").stat().st_mtime_ns for name in LIVENESS_MODELS} == stamps
+    assert pod.check((samples / "image_F1.jpg").read_bytes()).decision == liveness_pb2.DECISION_SPOOF
