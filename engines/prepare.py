@@ -20,7 +20,7 @@ from engines.declarations import DECLARATIONS
 from engines.file_lock import exclusive
 from engines.repository import ModelMetadata, ModelRepository
 from engines.specs import DETECTOR, DETECTOR_SPEC, LIVENESS_SPECS, LivenessSpec
-from engines.weights import MANIFEST, WEIGHTS_DIR_ENV, WeightsError, obtain, sha256_file
+from engines.weights import MANIFEST, WEIGHTS_DIR_ENV, WEIGHTS_URL_ENV, WeightsError, obtain, sha256_file
 
 log = logging.getLogger("engines.prepare")
 
@@ -106,12 +106,13 @@ def _check(name: str, diff: float) -> None:
         raise RuntimeError(f"{name}: ONNX differs from the framework model by {diff:.2e} (> {TOLERANCE:.0e})")
 
 
-def prepare(repository: Path, weights_dir: Path | None, cache_dir: Path, force: bool = False) -> ModelRepository:
+def prepare(repository: Path, weights_dir: Path | None, cache_dir: Path, force: bool = False,
+            mirror: str | None = None) -> ModelRepository:
     # Replicas on one volume start together: one exports while the others wait and then find it up to date (each
     # export writes through one temporary name, and two at once could rename each other's half-written file).
     repository.mkdir(parents=True, exist_ok=True)
     with exclusive(repository / ".prepare.lock"):
-        paths = obtain(weights_dir, cache_dir, MANIFEST)
+        paths = obtain(weights_dir, cache_dir, MANIFEST, mirror=mirror)
         repo = ModelRepository(repository)
         _prepare_detector(repo, paths, force)
         for spec in LIVENESS_SPECS:
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights-dir", type=Path, default=None,
                         help=f"local weights folder (default: ${WEIGHTS_DIR_ENV}, else download)")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/weights"))
+    parser.add_argument("--weights-url", default=os.environ.get(WEIGHTS_URL_ENV) or None,
+                        help=f"download from this mirror, laid out like the weights folder (default: "
+                             f"${WEIGHTS_URL_ENV}, else the pinned upstream); sha256-checked either way")
     parser.add_argument("--force", action="store_true", help="re-export even when up to date")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if weights_dir is None and os.environ.get(WEIGHTS_DIR_ENV):
         weights_dir = Path(os.environ[WEIGHTS_DIR_ENV])
     try:
-        prepare(args.repository, weights_dir, args.cache_dir, args.force)
+        prepare(args.repository, weights_dir, args.cache_dir, args.force, args.weights_url)
     except WeightsError as exc:
         log.error("%s", exc)
         return 2

@@ -1,8 +1,10 @@
 """Obtain the pretrained weights: from a local directory or the pinned upstream commits, sha256-checked.
 
 Weights are data, never part of the repository. A local directory (``FACEGATE_WEIGHTS_DIR``, laid out like
-``shared/models``) is used in place; otherwise each file is downloaded once into a cache directory. Either way
-every file's sha256 is checked before anything loads it.
+``shared/models``) is used in place; otherwise each file is downloaded once into a cache directory, from its pinned
+upstream or from a mirror laid out like that directory (``FACEGATE_WEIGHTS_URL``: a cluster without egress to
+GitHub, an internal artefact server). Either way every file's sha256 is checked before anything loads it, so a
+mirror is trusted for nothing but availability.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "FACEGATE_WEIGHTS_DIR"
+WEIGHTS_URL_ENV = "FACEGATE_WEIGHTS_URL"
 
 _SILENT_FACE = "https://github.com/minivision-ai/Silent-Face-Anti-Spoofing/raw/b6d5f04ad78778917853b25c778acef6d5626d15"
 
@@ -69,30 +72,40 @@ def verify(path: Path, spec: WeightFile) -> None:
         )
 
 
-def _download(spec: WeightFile, dest: Path, timeout_s: float) -> None:
+def _download(spec: WeightFile, dest: Path, url: str, timeout_s: float) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s", spec.url)
-    # Write to a temporary file and rename only after the hash checks out: no half-written weights.
+    log.info("downloading %s", url)
+    # Write to a temporary file and rename only after the hash checks out: no half-written weights. Reading stops
+    # one byte past the pinned size, so a wrong or hostile server cannot fill the disk.
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=timeout_s) as resp:  # noqa: S310
-            while chunk := resp.read(1 << 20):
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310
+            received = 0
+            while received <= spec.size and (chunk := resp.read(min(1 << 20, spec.size + 1 - received))):
                 out.write(chunk)
+                received += len(chunk)
+        if received > spec.size:
+            raise WeightsError(f"weight file {spec.relpath} from {url} is larger than its pinned {spec.size} bytes")
         verify(tmp, spec)
         tmp.replace(dest)
     except OSError as exc:
-        raise WeightsError(f"could not download weight file {spec.relpath} from {spec.url}: {exc}") from exc
+        raise WeightsError(f"could not download weight file {spec.relpath} from {url}: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def source_url(spec: WeightFile, mirror: str | None) -> str:
+    """Where a file is downloaded from: the mirror's copy at its relative path, else the pinned upstream."""
+    return f"{mirror.rstrip('/')}/{spec.relpath}" if mirror else spec.url
+
+
 def obtain(source_dir: Path | None, cache_dir: Path, files: Iterable[WeightFile] = MANIFEST,
-           timeout_s: float = 60.0) -> dict[str, Path]:
+           timeout_s: float = 60.0, mirror: str | None = None) -> dict[str, Path]:
     """Return verified local paths for every weight file, keyed by relpath.
 
     With ``source_dir`` the files are read from there and never downloaded (a missing file is an error);
-    without it they are downloaded into ``cache_dir`` unless a verified copy is already there.
+    without it they are downloaded (from ``mirror`` if given) into ``cache_dir`` unless a verified copy is there.
     """
     paths: dict[str, Path] = {}
     for spec in files:
@@ -104,6 +117,6 @@ def obtain(source_dir: Path | None, cache_dir: Path, files: Iterable[WeightFile]
             try:
                 verify(path, spec)
             except WeightsError:
-                _download(spec, path, timeout_s)
+                _download(spec, path, source_url(spec, mirror), timeout_s)
         paths[spec.relpath] = path
     return paths

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
+import http.server
 import os
 import shutil
 import subprocess
@@ -63,6 +65,21 @@ def start_entrypoint(work: Path, env: dict[str, str], until: str = "models warm;
         if until in line or not line:
             break
     return proc, "".join(lines)
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 serving ``folder`` (a weights mirror); its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+        finally:
+            httpd.shutdown()
+            thread.join(10)
 
 
 def _need(what: str) -> None:

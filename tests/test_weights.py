@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from engines.weights import MANIFEST, WeightFile, WeightsError, obtain
+from tests.conftest import serve_folder
 
 
 def spec_for(content: bytes, relpath: str = "m/w.bin") -> WeightFile:
@@ -50,3 +51,22 @@ def test_manifest_pins_commits_and_hashes() -> None:
 def test_shared_weights_match_the_manifest(weights_dir: Path) -> None:
     paths = obtain(weights_dir, weights_dir, MANIFEST)
     assert all(p.stat().st_size == s.size for s, p in zip(MANIFEST, paths.values(), strict=True))
+
+
+def test_a_mirror_is_trusted_for_availability_only(tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    (mirror / "m").mkdir(parents=True)
+    (mirror / "m" / "w.bin").write_bytes(b"weights")
+    (mirror / "m" / "big.bin").write_bytes(b"w" * (4 << 20))
+    cache = tmp_path / "cache"
+    with serve_folder(mirror) as url:
+        paths = obtain(None, cache, [spec_for(b"weights")], timeout_s=10, mirror=url)
+        assert paths["m/w.bin"].read_bytes() == b"weights" and paths["m/w.bin"].parent.parent == cache
+        # The mirror's copy differs from the pinned file: refused, nothing kept.
+        with pytest.raises(WeightsError, match=r"m/w\.bin .* is corrupt"):
+            obtain(None, tmp_path / "other", [spec_for(b"weight5")], timeout_s=10, mirror=url)
+        # A file larger than its pinned size is refused (reading stops at size + 1 bytes).
+        big = WeightFile("m/big.bin", "unused", hashlib.sha256(b"w" * 100).hexdigest(), 100)
+        with pytest.raises(WeightsError, match=r"m/big\.bin from .* is larger than its pinned 100 bytes"):
+            obtain(None, tmp_path / "other", [big], timeout_s=10, mirror=url)
+    assert not [p for p in (tmp_path / "other").rglob("*") if p.is_file()]
