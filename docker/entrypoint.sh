@@ -8,8 +8,9 @@
 #   FACEGATE_CONFIG       a TOML file with [[auth.callers]] (token hashes, scopes), e.g. from a mounted Secret
 #   FACEGATE_TLS_CERT / FACEGATE_TLS_KEY, and FACEGATE_CLIENT_CA for mutual TLS
 # Weights: FACEGATE_WEIGHTS_DIR names a mounted folder laid out like shared/models; without it they are downloaded
-# from their pinned upstream (sha256-checked) into the model volume, once per volume (it is the only place the
-# image's user can write; Kubernetes runs it as an unnamed user).
+# from their pinned upstream, or from a mirror laid out the same way (FACEGATE_WEIGHTS_URL), sha256-checked, into
+# the model volume once per volume (the only place the image's user can write: Kubernetes runs it as an unnamed
+# user).
 # FACEGATE_PREPARE=0 skips the export and engine build (models already in the volume); FACEGATE_TENSORRT=0 (the CPU
 # image) skips the engine build alone.
 set -euo pipefail

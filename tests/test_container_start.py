@@ -1,7 +1,8 @@
 """A CPU pod as the manifests make it: the image's entrypoint with the CPU image's environment, the Deployment's
 variables, and its volumes (the ConfigMap, the caller token Secret, an empty models volume). Its first start
-exports the models into the empty volume and serves; a restart finds them there. What a cluster adds (the kubelet,
-probes, the image build itself) is not here: this is the pod's own start, run on this machine."""
+downloads the weights (from a loopback mirror) and exports the models into the empty volume, then serves; a
+restart finds them there. What a cluster adds (the kubelet, probes, the image build itself) is not here: this is
+the pod's own start, run on this machine."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engines.weights import MANIFEST, sha256_file
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
 from server.auth.tokens import new_token
-from tests.conftest import ROOT, image_python, start_entrypoint
+from tests.conftest import ROOT, image_python, serve_folder, start_entrypoint
 from tests.test_kubernetes import by_kind, render
 
 pytestmark = pytest.mark.weights
@@ -47,7 +49,7 @@ def free_port() -> int:
 class Pod:
     """The CPU Deployment's container, run here: each volume a folder, WORKDIR /app a folder."""
 
-    def __init__(self, root: Path, weights_dir: Path, gallery_url: str) -> None:
+    def __init__(self, root: Path, weights_env: dict[str, str], gallery_url: str) -> None:
         docs = render("cpu")
         spec = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
         (self.container,) = spec["containers"]
@@ -82,8 +84,8 @@ class Pod:
                 self.env[var["name"]] = self.local(var["value"])
             elif var["valueFrom"]["secretKeyRef"]["name"] == "facegate-gallery":
                 self.env[var["name"]] = gallery_url
-        # No network here: the weights come from a mounted folder, as in a cluster without egress.
-        self.env["FACEGATE_WEIGHTS_DIR"] = str(weights_dir)
+        # No network here: the weights come from a loopback mirror or a mounted folder, as without egress.
+        self.env.update(weights_env)
         self.env["HOME"] = str(root / self.env["HOME"].lstrip("/"))
         Path(self.env["HOME"]).mkdir(parents=True, exist_ok=True)
 
@@ -127,12 +129,16 @@ def running() -> Iterator[list[subprocess.Popen[str]]]:
 def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_exporting_again(
         tmp_path: Path, weights_dir: Path, samples: Path, postgres: Any,
         running: list[subprocess.Popen[str]]) -> None:
-    pod = Pod(tmp_path, weights_dir, postgres.url)
-    repository = pod.mounts["/app/model_repository"]
-    assert not any(repository.iterdir())
-    proc, first = pod.start()
-    running.append(proc)
+    with serve_folder(weights_dir) as mirror:  # the pod downloads its weights, as the manifests' default does
+        pod = Pod(tmp_path, {"FACEGATE_WEIGHTS_URL": mirror}, postgres.url)
+        repository = pod.mounts["/app/model_repository"]
+        assert not any(repository.iterdir())
+        proc, first = pod.start()
+        running.append(proc)
     assert "models warm; SERVING" in first, first[-3000:]
+    assert first.count("downloading http://127.0.0.1") == len(MANIFEST)
+    for spec in MANIFEST:  # into the volume, the one place the pod's user can write
+        assert sha256_file(repository / ".weights" / spec.relpath) == spec.sha256
     for name in LIVENESS_MODELS:
         assert f"{name}: exported" in first
         assert (repository / name / "model.onnx").is_file()
@@ -154,6 +160,6 @@ def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_expor
     proc, again = pod.start()
     running.append(proc)
     assert "models warm; SERVING" in again, again[-3000:]
-    assert all(f"{name}: up to date" in again for name in LIVENESS_MODELS)
+    assert all(f"{name}: up to date" in again for name in LIVENESS_MODELS) and "downloading" not in again
     assert {name: (repository / name / "model.onnx").stat().st_mtime_ns for name in LIVENESS_MODELS} == stamps
     assert pod.check((samples / "image_F1.jpg").read_bytes()).decision == liveness_pb2.DECISION_SPOOF
