@@ -15,6 +15,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engines.runtime_telemetry import keep_local
+
+    keep_local()  # the peer loads the same runtimes: their telemetry stays off here too
     import numpy as np
     import onnxruntime as ort
     from pytriton.decorators import batch
