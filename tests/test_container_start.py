@@ -75,7 +75,7 @@ class Pod:
                 assert volume["secret"]["secretName"] == "facegate-callers"
                 (local / "token").write_text(self.token)
             else:
-                assert volume.get("emptyDir") == {}, volume  # the models volume starts empty on every node
+                assert "emptyDir" in volume, volume  # the models volume and /tmp start empty on every node
             self.mounts[path] = local
         self.env = {"PATH": image_python(root / "bin"), "PYTHONPATH": str(ROOT), "PORT": str(self.port),
                     **image_env(ROOT / "Dockerfile.cpu")}
@@ -86,14 +86,21 @@ class Pod:
                 self.env[var["name"]] = gallery_url
         # No network here: the weights come from a loopback mirror or a mounted folder, as without egress.
         self.env.update(weights_env)
-        self.env["HOME"] = str(root / self.env["HOME"].lstrip("/"))
-        Path(self.env["HOME"]).mkdir(parents=True, exist_ok=True)
+        # The root filesystem is read-only: scratch files go to the /tmp volume (TMPDIR stands in for the mount).
+        assert self.container["securityContext"]["readOnlyRootFilesystem"] is True
+        self.env["TMPDIR"] = self.local("/tmp")
+        self.env["HOME"] = self.local(self.env["HOME"])
 
     def local(self, value: str) -> str:
         for path, local in self.mounts.items():
-            if value.startswith(path + "/"):
-                return str(local / value.removeprefix(path + "/"))
+            if value == path or value.startswith(path + "/"):
+                return str(local / value.removeprefix(path).lstrip("/"))
         return value
+
+    def written_outside_volumes(self) -> list[Path]:
+        """Files made in the image's WORKDIR outside its volumes (where a read-only root would refuse them)."""
+        return [p for p in self.app.rglob("*") if p.is_file() and not any(p.is_relative_to(m)
+                                                                         for m in self.mounts.values())]
 
     def start(self) -> tuple[subprocess.Popen[str], str]:
         """Run the entrypoint until it serves; the process and its stderr up to then."""
@@ -143,6 +150,7 @@ def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_expor
         assert f"{name}: exported" in first
         assert (repository / name / "model.onnx").is_file()
     assert "TensorRT" not in first  # the CPU image does not try to build engines
+    assert pod.written_outside_volumes() == []
     answer = pod.check((samples / "image_T1.jpg").read_bytes())
     assert answer.decision == liveness_pb2.DECISION_LIVE and abs(answer.live_score - 0.9936) < 0.01
     with pytest.raises(grpc.RpcError) as refused:  # the Secret's token is the only way in
