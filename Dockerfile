@@ -22,9 +22,12 @@ COPY server server
 COPY engines engines
 COPY clients/python clients/python
 COPY benchmarks benchmarks
-# torch (pinned) is only used to export ONNX on first start; cuda-python drives the TensorRT runtime; the base
+# torch (pinned) is only used to export ONNX on first start: its CPU wheel, installed first so the project's pin is
+# met (PyPI's Linux wheel of the same version pulls gigabytes of CUDA packages that the export never uses, as here
+# on Python 3.12: nvidia-cublas, -cudnn-cu13, -nccl-cu13, ...). cuda-python drives the TensorRT runtime; the base
 # image already provides tensorrt.
-RUN python3 -m pip install -e '.[export]' "cuda-python>=12.6" \
+RUN python3 -m pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+ && python3 -m pip install -e '.[export]' "cuda-python>=12.6" \
  && python3 -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(find proto -name '*.proto') \
  && python3 -m pip install --no-deps -e .
 COPY docker/entrypoint.sh /entrypoint.sh
