@@ -9,6 +9,8 @@ import os
 import platform
 from pathlib import Path
 
+from engines.atomic_write import write_atomically
+
 # Instruction-set extensions that change which kernels the runtimes pick (and so speed and bf16/INT8 numerics).
 ISA_TAGS = (("avx512f", "avx512"), ("avx512_vnni", "vnni"), ("avx_vnni", "avx-vnni"), ("avx512_bf16", "bf16"),
             ("amx_bf16", "amx"))
@@ -56,20 +58,14 @@ def has_bf16() -> bool:
 GATE_RECORD = 2
 
 
-def stamp_text() -> str:
-    return f"{machine_class()}\ngate record {GATE_RECORD}\n"
-
-
 def write_stamp(path: Path) -> bool:
     """Write the machine class (and the gates' record format) to ``path`` only if it differs, so make re-runs the
     gates only on another CPU or after the format changed; True if it was written."""
-    current = stamp_text()
+    current = f"{machine_class()}\ngate record {GATE_RECORD}\n"
     if path.is_file() and path.read_text() == current:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(current)
-    tmp.replace(path)
+    write_atomically(path, current)
     return True
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.atomic_write import write_atomically
 from engines.file_lock import exclusive
 from engines.machine import has_bf16, machine_class
 from engines.repository import ModelRepository
@@ -69,9 +70,7 @@ def _entries(path: Path) -> dict[str, Any]:
 
 
 def _write_entries(path: Path, entries: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, indent=2))
-    tmp.replace(path)
+    write_atomically(path, json.dumps(entries, indent=2))
 
 
 def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any]) -> None:

@@ -110,7 +110,6 @@ def prepare(repository: Path, weights_dir: Path | None, cache_dir: Path, force: 
             mirror: str | None = None) -> ModelRepository:
     # Replicas on one volume start together: one exports while the others wait and then find it up to date (each
     # export writes through one temporary name, and two at once could rename each other's half-written file).
-    repository.mkdir(parents=True, exist_ok=True)
     with exclusive(repository / ".prepare.lock"):
         paths = obtain(weights_dir, cache_dir, MANIFEST, mirror=mirror)
         repo = ModelRepository(repository)

@@ -14,11 +14,11 @@ pre-processing facts the pipeline needs.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from engines.atomic_write import write_atomically
 
 METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
@@ -97,7 +97,4 @@ class ModelRepository:
         """Write metadata atomically: a crash never leaves a half-written file that a server would read."""
         d = self.model_dir(meta.name)
         d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=METADATA_FILE, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(meta.to_json())
-        Path(tmp).replace(d / METADATA_FILE)
+        write_atomically(d / METADATA_FILE, meta.to_json())

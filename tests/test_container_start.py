@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.server_process import free_port
 from engines.weights import MANIFEST, sha256_file
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
 from server.auth.tokens import new_token
@@ -38,12 +38,6 @@ def image_env(dockerfile: Path) -> dict[str, str]:
                 key, value = pair.split("=", 1)
                 env[key] = value
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Pod:

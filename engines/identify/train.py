@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engines.atomic_write import write_atomically
 from engines.declarations import slowfast_member
 from engines.identify.datasets import READERS
 from engines.identify.matching import choose_threshold, person_scores, rank
@@ -237,9 +238,7 @@ def export_members(models: dict[str, SlowFast], cfg: SlowFastConfig, spec: ClipS
                 "trained_on": report["dataset"], "evaluation": report["summary"]}
     d = repo.root / "ensembles"
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f"{ensemble}.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(d / f"{ensemble}.json")
+    write_atomically(d / f"{ensemble}.json", json.dumps(manifest, indent=2))
     return manifest
 
 

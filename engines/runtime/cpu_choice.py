@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from engines.atomic_write import write_atomically
 from engines.declarations import BF16, IDENTIFICATION, INT8, ONNXRUNTIME, OPENVINO, ModelDeclaration
-from engines.file_lock import exclusive
+from engines.file_lock import once
 from engines.identify.ensemble import find_ensemble
 from engines.machine import machine_class
 from engines.precision import INT8_FILE, passed_bf16, passed_int8
@@ -203,12 +203,9 @@ def _cached(path: Path) -> dict[str, Any]:
 def _write(path: Path, entries: dict[str, Any]) -> None:
     """Replace the file whole (a reader sees the old entries or the new, never half); a repository that cannot be
     written only costs measuring again at the next start."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(entries, indent=2))
-        tmp.replace(path)
+        write_atomically(path, json.dumps(entries, indent=2))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         log.warning("%s: auto's measurements are not kept (%s); the next start measures again", path.parent.name,
                     exc)
 
@@ -233,16 +230,15 @@ def choose_cpu_runtime(repo: ModelRepository, decl: ModelDeclaration, threads: i
     key = (f"{machine_class()}|threads={threads}|onnx={repo.load(decl.name).onnx_sha256[:12]}"
            f"|int8={gate['int8_sha256'][:12] if gate is not None else 'none'}|bf16={'yes' if bf16 else 'no'}"
            f"|static={','.join(map(str, static)) or 'none'}|choice=4")
-    entry = _cached(path).get(key)
-    if entry is None:
-        # One process measures; the others starting on this repository (--workers, replicas on one volume) wait
-        # for its entry and read it, so they serve the same choice and no measurement shares the cores with another.
-        with exclusive(path.with_name(f".{CHOICE_FILE}.lock")):
-            cached = _cached(path)
-            entry = cached.get(key)
-            if entry is None:
-                entry = measure(repo, decl, threads, int8=int8, bf16=bf16, static=static)
-                _write(path, {**cached, key: entry})
+
+    def measure_and_keep() -> dict[str, Any]:
+        entry = measure(repo, decl, threads, int8=int8, bf16=bf16, static=static)
+        _write(path, {**_cached(path), key: entry})
+        return entry
+
+    # One process measures; the others starting on this repository (--workers, replicas on one volume) wait for its
+    # entry and read it, so they serve the same choice and no measurement shares the cores with another.
+    entry = once(path.with_name(f".{CHOICE_FILE}.lock"), lambda: _cached(path).get(key), measure_and_keep)
     rates = entry["items_per_s"]
     chosen = decide(rates)
     batches = [str(b) for b in entry["batches"]]

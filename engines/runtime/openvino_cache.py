@@ -25,7 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engines.file_lock import exclusive
+from engines.atomic_write import write_atomically
+from engines.file_lock import once
 from engines.machine import machine_class
 
 log = logging.getLogger(__name__)
@@ -57,20 +58,16 @@ class CompiledCache:
                 shapes: Mapping[str, list[int]] | None = None) -> Any:
         """``core.compile_model(model, "CPU", config)``, imported from the cache where it holds that model."""
         blob = self.directory / f"{self.key(source_digest, shapes, config)}{SUFFIX}"
-        compiled = self._import(core, blob, config)
-        if compiled is not None:
+
+        def compile_and_store() -> Any:
+            compiled = core.compile_model(model, "CPU", dict(config))
+            self.misses += 1
+            self._store(blob, compiled)
             return compiled
-        with contextlib.suppress(OSError):
-            self.directory.mkdir(parents=True, exist_ok=True)
+
         # Processes starting together on one repository (--workers) compile each model once: the first compiles
         # and stores it while the others wait, then they import its blob.
-        with exclusive(self.directory / LOCK_FILE) as held:
-            compiled = self._import(core, blob, config) if held else None
-            if compiled is None:
-                compiled = core.compile_model(model, "CPU", dict(config))
-                self.misses += 1
-                self._store(blob, compiled)
-        return compiled
+        return once(self.directory / LOCK_FILE, lambda: self._import(core, blob, config), compile_and_store)
 
     def _import(self, core: Any, blob: Path, config: Mapping[str, Any]) -> Any:
         """The compiled model in ``blob``, or None where there is none or it cannot be imported."""
@@ -87,13 +84,9 @@ class CompiledCache:
         return compiled
 
     def _store(self, blob: Path, compiled: Any) -> None:
-        tmp = blob.with_name(f".{blob.stem}.{os.getpid()}{TMP_SUFFIX}")
-        try:  # (compile made the directory, where it can be made)
-            tmp.write_bytes(compiled.export_model().getbuffer())
-            os.replace(tmp, blob)  # atomic: another process sees the whole blob or none
+        try:  # (the lock made the directory, where it can be made); another process sees the whole blob or none
+            write_atomically(blob, compiled.export_model().getbuffer())
         except Exception as exc:  # a full or read-only disk, or OpenVINO refusing the export: never fatal to a load
-            with contextlib.suppress(OSError):  # it may never have been made
-                tmp.unlink()
             if not self._warned:
                 self._warned = True
                 log.warning("%s: compiled models are not cached (%s); each start compiles them again",

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.atomic_write import write_atomically
 from engines.repository import ModelMetadata
 from engines.runtime.base import EngineError, EngineInstance, InferTimings, Model, TensorSpec
 from engines.tensorrt.buckets import bucket_for, pad_batch, unpad
@@ -315,10 +316,7 @@ class TensorRTModel(Model):
     def close(self) -> None:
         # Instances are closed by their batcher; then the engine, then the runtime that made it.
         if self._runtime_cache is not None and self._runtime_cache_path is not None:
-            data = bytes(self._runtime_cache.serialize())
-            tmp = self._runtime_cache_path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(self._runtime_cache_path)
+            write_atomically(self._runtime_cache_path, bytes(self._runtime_cache.serialize()))
         self._instances.clear()
         del self._engine
         del self._runtime

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engines.atomic_write import write_atomically
 from engines.declarations import ModelDeclaration, declaration_for
-from engines.file_lock import exclusive
+from engines.file_lock import once
 from engines.repository import ModelRepository
 from engines.tensorrt.cache import ANY_TARGET, BuilderSettings, BuildKey, Device, EngineCache
 from engines.tensorrt.cli import engine_cli
@@ -147,9 +148,7 @@ def build_plan(onnx_path: Path, key: BuildKey, timing_cache: Path, flavour: Flav
         raise EngineBuildError(f"build failed for {onnx_path}: {'; '.join(logger.lines[start:]) or 'no log'}")
     if not flavour.rtx:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = timing_cache.with_suffix(".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        tmp.replace(timing_cache)
+        write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(plan), logger.lines[start:], network_summary(network, trt)
 
 
@@ -188,16 +187,10 @@ def ensure_engine(repo: ModelRepository, req: EngineRequest, settings: BuilderSe
         gpu = Device(name, cc)
     key, onnx_path = build_key(repo, req, settings, flavour, gpu or ANY_TARGET, targets)
     cache = EngineCache(repo.model_dir(req.name))
-    plan = _usable(cache, key, flavour, gpu, req.name)
-    if plan is not None:
-        return plan
     # Workers (--workers) or replicas starting together on one repository build each engine once: the first builds
     # while the others wait (a build takes GPU memory and minutes), then they load its plan.
-    with exclusive(cache.lock_path(key)):
-        plan = _usable(cache, key, flavour, gpu, req.name)
-        if plan is not None:
-            return plan
-        return _build(cache, key, onnx_path, flavour, req)
+    return once(cache.lock_path(key), lambda: _usable(cache, key, flavour, gpu, req.name),
+                lambda: _build(cache, key, onnx_path, flavour, req))
 
 
 def _usable(cache: EngineCache, key: BuildKey, flavour: Flavour, gpu: Device | None, name: str) -> Path | None:

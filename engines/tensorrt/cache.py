@@ -10,16 +10,15 @@ so a new build; an engine that fails to deserialise anyway is deleted and rebuil
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engines.atomic_write import write_atomically
 from engines.tensorrt.profiles import Profile
 
 PLAN_FILE = "model.plan"
@@ -110,8 +109,6 @@ class EngineCache:
     def lock_path(self, key: BuildKey) -> Path:
         """Held while a process builds this key (``engines.file_lock``); beside the build folders, which ``prune``
         alone removes."""
-        with contextlib.suppress(OSError):  # a read-only repository: no lock, and no build can be kept either
-            self.root.mkdir(parents=True, exist_ok=True)
         return self.root / f".{key.digest()}.lock"
 
     def lookup(self, key: BuildKey) -> Path | None:
@@ -130,14 +127,10 @@ class EngineCache:
               extra: dict[str, Any] | None = None) -> Path:
         folder = self.folder(key)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{PLAN_FILE}.{os.getpid()}.tmp"  # never another process's half-written file
-        tmp.write_bytes(plan)
-        tmp.replace(folder / PLAN_FILE)
+        write_atomically(folder / PLAN_FILE, plan)  # never another process's half-written file
         meta = {"key": key.as_dict(), "digest": key.digest(), "built_at": time.time(),
                 "build_seconds": build_seconds, "plan_bytes": len(plan), "log": log_lines[-50:], **(extra or {})}
-        mtmp = folder / f".{META_FILE}.{os.getpid()}.tmp"
-        mtmp.write_text(json.dumps(meta, indent=2))
-        mtmp.replace(folder / META_FILE)
+        write_atomically(folder / META_FILE, json.dumps(meta, indent=2))
         return folder / PLAN_FILE
 
     def build_info(self, key: BuildKey) -> dict[str, Any]:
