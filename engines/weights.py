@@ -89,7 +89,7 @@ def _download(spec: WeightFile, dest: Path, url: str, timeout_s: float) -> None:
             raise WeightsError(f"weight file {spec.relpath} from {url} is larger than its pinned {spec.size} bytes")
         verify(tmp, spec)
         tmp.replace(dest)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: urllib's word for a malformed URL (a mistyped mirror)
         raise WeightsError(f"could not download weight file {spec.relpath} from {url}: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)

@@ -69,4 +69,7 @@ def test_a_mirror_is_trusted_for_availability_only(tmp_path: Path) -> None:
         big = WeightFile("m/big.bin", "unused", hashlib.sha256(b"w" * 100).hexdigest(), 100)
         with pytest.raises(WeightsError, match=r"m/big\.bin from .* is larger than its pinned 100 bytes"):
             obtain(None, tmp_path / "other", [big], timeout_s=10, mirror=url)
+    for mistyped in ("not a url", "http://[::1"):  # a clear error, not urllib's ValueError
+        with pytest.raises(WeightsError, match=r"could not download weight file m/w\.bin from "):
+            obtain(None, tmp_path / "other", [spec_for(b"weights")], timeout_s=10, mirror=mistyped)
     assert not [p for p in (tmp_path / "other").rglob("*") if p.is_file()]
