@@ -1,13 +1,16 @@
 """The Kubernetes manifests: every overlay renders with kubectl kustomize and every resource validates against the
-Kubernetes schemas (kubernetes-validate, strict: unknown fields fail); the Prometheus Operator's ServiceMonitor,
-a custom resource with no schema there, is checked against the Service it scrapes. Plus the facts that must agree
-across files: the drain timings, the probe ports, the GPU request."""
+Kubernetes schemas (kubernetes-validate, strict: unknown fields fail), so an overlay applies to a cluster with no
+custom resource definitions; the opt-in Prometheus Operator component's ServiceMonitor, a custom resource with no
+schema there, is checked against the Service it scrapes. Plus the facts that must agree across files: the drain
+timings, the probe ports, the GPU request, the replica count left to the autoscaler."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -21,12 +24,13 @@ K8S_VERSION = "1.32.0"
 OVERLAYS = sorted(p.name for p in (KUBE / "overlays").iterdir() if p.is_dir())
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
+def render(overlay: str | Path) -> list[dict[str, Any]]:
+    """The resources ``kubectl kustomize`` renders for an overlay (a name under overlays/, or a folder)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is not installed (make test installs Debian's kubernetes-client)")
-    out = subprocess.run([kubectl, "kustomize", str(KUBE / "overlays" / overlay)], capture_output=True, text=True,
-                         check=True, timeout=60)
+    folder = overlay if isinstance(overlay, Path) else KUBE / "overlays" / overlay
+    out = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, check=True, timeout=60)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
@@ -39,17 +43,41 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 def test_every_resource_of_every_overlay_validates(overlay: str) -> None:
     docs = render(overlay)
     kinds = sorted(d["kind"] for d in docs)
-    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor",
-            "ConfigMap"} <= set(kinds)
-    for doc in docs:
-        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # a custom resource: checked below
+    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap"} <= set(kinds)
+    for doc in docs:  # every one a built-in kind: a ServiceMonitor here would fail where its CRD is not installed
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_prometheus_operator_component_scrapes_the_service(overlay: str, tmp_path: Path) -> None:
+    """The opt-in component, added to an overlay as the README shows: its ServiceMonitor selects the regular
+    Service and scrapes a port that Service names."""
+    up = Path(os.path.relpath(KUBE, tmp_path))  # kustomize refuses absolute paths
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(up / "overlays" / overlay)],
+        "components": [str(up / "components" / "prometheus-operator")]}))
+    docs = render(tmp_path)
+    assert len(docs) == len(render(overlay)) + 1
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     service = next(d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None")
     port_names = {p["name"] for p in service["spec"]["ports"]}
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_autoscaler_owns_the_replica_count(overlay: str) -> None:
+    """A Deployment that an HPA scales has no spec.replicas (Kubernetes' advice): with one, every kubectl apply
+    would scale a scaled-out Deployment back to it. The HPA's floor keeps more than the one pod the PDB lets go."""
+    docs = render(overlay)
+    deployment, hpa, pdb = (by_kind(docs, k) for k in ("Deployment", "HorizontalPodAutoscaler",
+                                                        "PodDisruptionBudget"))
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert "replicas" not in deployment["spec"]
+    assert hpa["spec"]["minReplicas"] > pdb["spec"]["maxUnavailable"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -77,6 +105,6 @@ def test_drain_probes_and_services_agree_with_the_server_settings(overlay: str) 
 def test_a_typo_fails_validation() -> None:
     docs = render("cpu")
     deployment = by_kind(docs, "Deployment")
-    deployment["spec"]["replcas"] = 3
+    deployment["spec"]["replcas"] = 3  # (a typo of replicas, which the Deployment leaves to the HPA)
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
