@@ -8,13 +8,13 @@ runtime.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
+from engines.machine import usable_cpus
 from server.config import ServerConfig, load_config
 
-CPU_WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
+CPU_WORKERS = max(2, min(8, usable_cpus() * 2))
 
 
 def baseline_toml() -> str:

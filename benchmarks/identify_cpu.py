@@ -11,7 +11,6 @@ highest saturation ratio the measured configuration could reach over the baselin
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from typing import Any
 
 from benchmarks.baseline import server_config
 from engines.identify.ensemble import find_ensemble
+from engines.machine import usable_cpus
 from engines.repository import ModelRepository
 from engines.specs import DETECTOR
 from server.config import ServerConfig
@@ -74,7 +74,7 @@ def compare(repository: Path, measured_toml: str, baseline_toml: str, clips: lis
     ratios = [b["cpu_ms_per_clip"] / m["cpu_ms_per_clip"] for m, b in zip(rows["measured"], rows["baseline"],
                                                                          strict=True)]
     med = {k: statistics.median(r["cpu_ms_per_clip"] for r in v) for k, v in rows.items()}
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     return {"rows": rows, "cpu_ms_per_clip": med, "ceiling_ratio": statistics.median(ratios),
             "ceiling_clips_per_s": {k: cores * 1e3 / v for k, v in med.items()}, "cores": cores}
 

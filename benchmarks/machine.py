@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from engines.machine import usable_cpus
+
 
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
@@ -27,6 +29,7 @@ def machine_info() -> dict[str, Any]:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "usable_cpus": usable_cpus(),  # what the thread pools are sized for (a container's limit or cpuset)
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "platform": platform.platform(),

@@ -1,11 +1,10 @@
-"""Which CPU this is, as the runtime choice and the parity gates name it: a class of machines (CPU model and core
-count) whose measurements and gate verdicts (bf16, INT8) carry over to each other, and what its instructions
-allow."""
+"""Which CPU this is, as the runtime choice and the parity gates name it: a class of machines (CPU model and the CPUs
+this process may use) whose measurements and gate verdicts (bf16, INT8) carry over to each other, what its
+instructions allow, and how many CPUs the thread pools are sized for."""
 
 from __future__ import annotations
 
 import functools
-import os
 import platform
 from pathlib import Path
 
@@ -17,10 +16,22 @@ ISA_TAGS = (("avx512f", "avx512"), ("avx512_vnni", "vnni"), ("avx_vnni", "avx-vn
 
 
 @functools.cache
+def usable_cpus() -> int:
+    """The CPUs this process can keep busy: the fewest of the machine's CPUs, its affinity (a container's cpuset,
+    as Kubernetes' static CPU manager gives a Guaranteed pod, or taskset) and its CPU quota rounded up (a
+    container's CPU limit, cgroup v1 or v2), by joblib's container-aware count; ``LOKY_MAX_CPU_COUNT`` lowers it
+    further. ``os.cpu_count()`` counts the node's CPUs: a pod limited to 2 CPUs of a 64-CPU node sized its thread
+    pools and recorded its machine class for 64."""
+    import joblib  # here, not at the top: the Triton peer's venv imports this module for has_bf16 only
+
+    return max(1, int(joblib.cpu_count()))
+
+
+@functools.cache
 def machine_class() -> str:
-    """CPU model, family/model numbers, ISA extensions and core count: a virtual machine may report a bare
-    "AMD EPYC" for an AVX2-only host and for an AVX-512/BF16 one (both seen here), so the name alone is not a
-    class."""
+    """CPU model, family/model numbers, ISA extensions and the CPUs this process may use (``usable_cpus``): a
+    virtual machine may report a bare "AMD EPYC" for an AVX2-only host and for an AVX-512/BF16 one (both seen here),
+    so the name alone is not a class; and what ``auto`` measures depends on how many CPUs the threads get."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -35,7 +46,7 @@ def machine_class() -> str:
     flags = set(fields.get("flags", "").split())
     isa = " ".join(tag for flag, tag in ISA_TAGS if flag in flags)
     family = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields else ""
-    return f"{cpu}{family}{f' [{isa}]' if isa else ''} x{os.cpu_count()}"
+    return f"{cpu}{family}{f' [{isa}]' if isa else ''} x{usable_cpus()}"
 
 
 @functools.cache

@@ -6,7 +6,6 @@ Nothing here reads the environment or argv at import time; ``server.__main__`` d
 from __future__ import annotations
 
 import ipaddress
-import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, get_type_hints
 
 from engines.batching import BatcherConfig
 from engines.declarations import DECLARATIONS
+from engines.machine import usable_cpus
 from engines.runtime.factory import RuntimeSettings
 from engines.tensorrt.cache import BuilderSettings
 from engines.vision.imaging import ImageLimits
@@ -93,8 +93,9 @@ class ServerConfig:
     CPUs the process may use; false leaves placement to the OS, which stacks nice-19 threads on one core while the
     event loop's idles (``server/placement.py``: CheckLiveness and IdentifyFromClip 1.2x at saturation, measured on
     2 cores). Linux only."""
-    cpu_workers: int = max(2, min(8, os.cpu_count() or 2))
-    """Threads for decoding, resizing and the gallery search: one per core. They release the GIL in native code but
+    cpu_workers: int = max(2, min(8, usable_cpus()))
+    """Threads for decoding, resizing and the gallery search: one per CPU this process may use (its container's
+    CPU limit or cpuset, ``engines.machine.usable_cpus``), 2 to 8. They release the GIL in native code but
     take it back between frames, and every extra thread is one more waiting for it: with 4 on 2 cores the cores
     stood ~25 % idle at 16 clips in flight; 2 served 1.02-1.15x the clips at c4-c16, c1 p50 0.99-1.05x
     (side by side, Zen 4 EPYC). On the AMX Xeon, 3 served 0.93-0.96x the clips of 2 at c16."""

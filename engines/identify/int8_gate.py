@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from engines.identify.datasets import READERS
 from engines.identify.ensemble import find_ensemble
 from engines.identify.preprocess import prepare_all
 from engines.identify.train import _batch, cmc, identify
-from engines.machine import has_bf16
+from engines.machine import has_bf16, usable_cpus
 from engines.precision import INT8_FILE, gate_main, quantize_int8, write_bf16_part, write_gate
 from engines.repository import ModelRepository
 from engines.specs import DETECTOR
@@ -48,7 +47,7 @@ def ov_compile(path: Path, precision: str = "fp32") -> Any:
 
     from engines.runtime.openvino_engine import cpu_config
 
-    return ov.Core().compile_model(str(path), "CPU", cpu_config(os.cpu_count() or 1, precision))
+    return ov.Core().compile_model(str(path), "CPU", cpu_config(usable_cpus(), precision))
 
 
 def ov_embed(compiled: Any, inputs: np.ndarray, batch: int = 8) -> np.ndarray:

@@ -9,13 +9,13 @@ inside the TensorRT modules, imported only on that branch, so a CPU server never
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from engines.batching import BatcherConfig
 from engines.declarations import CPU_RUNTIMES, ONNXRUNTIME, OPENVINO, TENSORRT, ModelDeclaration
+from engines.machine import usable_cpus
 from engines.precision import INT8_FILE
 from engines.repository import ModelRepository
 from engines.runtime.base import Model
@@ -112,7 +112,7 @@ def engine_threads(base: int, group: int = 1, cores: int | None = None) -> int:
     than the cores does not: the scheduler keeps each thread on its core, so 3 single-threaded members on 2 cores
     ran in two rounds (13.9 ms for one clip, Zen 4 EPYC; 6.7 ms each alone) where 2 threads each shared both
     cores (10.4 ms). Such a group's models get a thread per core."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cpus()
     return max(base, cores) if group > cores else base
 
 
