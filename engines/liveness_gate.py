@@ -11,7 +11,7 @@ and not the other counts as a changed verdict) and every live score within 0.02 
 decision rule). The detector's bf16 passes if it passes with FP32 classifiers; a classifier precision passes if
 it passes with the FP32 detector and, where the detector's bf16 passed, with that one too, so whatever ``auto``
 picks from the passed variants has been checked together. The outcome and its numbers go to each model's
-``precision.json`` (bf16 as this pipeline's part, for this machine class). Without sample images nothing is made.
+``precision.json`` (bf16 as this pipeline's part, for this type of CPU). Without sample images nothing is made.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def stale(repo: ModelRepository) -> list[str]:
     """The verdicts this gate would write that are missing, or were measured for other models or on another
-    machine class."""
+    type of CPU."""
     judged = [(s.name, "int8") for s in LIVENESS_SPECS]
     if has_bf16():
         judged += [(name, "bf16") for name in (*(s.name for s in LIVENESS_SPECS), DETECTOR)]
@@ -223,7 +223,7 @@ def run_if_stale(args: argparse.Namespace) -> dict[str, Any]:
         return run(args)
     todo = stale(ModelRepository(args.repository))
     if not todo:
-        log.info("liveness gate: every verdict is current for these models on this machine class; not run")
+        log.info("liveness gate: every verdict is current for these models on this type of CPU; not run")
         return {"skipped": "verdicts current"}
     log.info("liveness gate: running for %s", ", ".join(todo))
     return run(args)

@@ -1,6 +1,7 @@
-"""Which CPU this is, as the runtime choice and the parity gates name it: a class of machines (CPU model and the CPUs
-this process may use) whose measurements and gate verdicts (bf16, INT8) carry over to each other, what its
-instructions allow, and how many CPUs the thread pools are sized for."""
+"""Which CPU this is, as the parity gates and the runtime choice name it: a CPU type (model and instruction-set
+extensions) whose gate verdicts (bf16, INT8) carry over to every machine of that type, a machine class (the type and
+the CPUs this process may use) whose speed measurements carry over, what its instructions allow, and how many CPUs
+the thread pools are sized for."""
 
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ def usable_cpus() -> int:
 
 
 @functools.cache
-def machine_class() -> str:
-    """CPU model, family/model numbers, ISA extensions and the CPUs this process may use (``usable_cpus``): a
-    virtual machine may report a bare "AMD EPYC" for an AVX2-only host and for an AVX-512/BF16 one (both seen here),
-    so the name alone is not a class; and what ``auto`` measures depends on how many CPUs the threads get."""
+def cpu_type() -> str:
+    """CPU model, family/model numbers and ISA extensions: what decides which kernels the runtimes pick, so what a
+    parity gate's verdict holds for. A virtual machine may report a bare "AMD EPYC" for an AVX2-only host and for
+    an AVX-512/BF16 one (both seen here), so the name alone is not a type. The CPU count is not part of it: the
+    gates' models gave bitwise the same outputs on 1 and 2 threads (bf16, INT8 and FP32; AMX Xeon), and the gates
+    compile with every usable CPU while the server runs one or two threads a model."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -46,7 +49,21 @@ def machine_class() -> str:
     flags = set(fields.get("flags", "").split())
     isa = " ".join(tag for flag, tag in ISA_TAGS if flag in flags)
     family = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields else ""
-    return f"{cpu}{family}{f' [{isa}]' if isa else ''} x{usable_cpus()}"
+    return f"{cpu}{family}{f' [{isa}]' if isa else ''}"
+
+
+@functools.cache
+def machine_class() -> str:
+    """The CPU type and the CPUs this process may use (``usable_cpus``): what ``auto``'s speed measurements hold
+    for, since they depend on how many CPUs the threads get."""
+    return f"{cpu_type()} x{usable_cpus()}"
+
+
+def type_of(machine: str) -> str:
+    """The CPU type of a recorded machine class or type (records before the types named the class, with its
+    " x<CPUs>")."""
+    head, _, count = machine.rpartition(" x")
+    return head if head and count.isdigit() else machine
 
 
 @functools.cache
@@ -70,11 +87,14 @@ GATE_RECORD = 2
 
 
 def write_stamp(path: Path) -> bool:
-    """Write the machine class (and the gates' record format) to ``path`` only if it differs, so make re-runs the
-    gates only on another CPU or after the format changed; True if it was written."""
-    current = f"{machine_class()}\ngate record {GATE_RECORD}\n"
-    if path.is_file() and path.read_text() == current:
-        return False
+    """Write the CPU type (and the gates' record format) to ``path`` only if it differs, so make re-runs the gates
+    only on another type of CPU or after the format changed; True if it was written. A stamp from before the types
+    (the class, with its CPU count) of the same type and format stands."""
+    current = f"{cpu_type()}\ngate record {GATE_RECORD}\n"
+    if path.is_file():
+        recorded = path.read_text().split("\n", 1)
+        if len(recorded) == 2 and f"{type_of(recorded[0])}\n{recorded[1]}" == current:
+            return False
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, current)
     return True
@@ -86,4 +106,4 @@ if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "--stamp":
         sys.exit("usage: python -m engines.machine --stamp FILE")
     if write_stamp(Path(sys.argv[2])):
-        print(f"machine class: {machine_class()} (the parity gates run for it)")
+        print(f"CPU type: {cpu_type()} (the parity gates run for it)")

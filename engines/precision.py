@@ -8,9 +8,9 @@ that decided it and the hash of the FP32 model it was made from (a retrained mod
 
 bf16 needs no file: it is OpenVINO's inference precision hint, offered only where the CPU has bf16 arithmetic
 (AVX512-BF16 or AMX, as OpenVINO detects it). Its gate is run by each pipeline that uses the model, on this
-machine class, and each writes its own part of the model's ``bf16`` entry (the detector serves both pipelines,
+type of CPU, and each writes its own part of the model's ``bf16`` entry (the detector serves both pipelines,
 so it needs both parts where an identification ensemble is served); bf16 is offered only where every part it
-needs passed, for the current FP32 model, on this machine class.
+needs passed, for the current FP32 model, on this type of CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from engines.atomic_write import write_atomically
 from engines.file_lock import exclusive
-from engines.machine import has_bf16, machine_class
+from engines.machine import cpu_type, has_bf16, type_of
 from engines.repository import ModelRepository
 from engines.weights import sha256_file
 
@@ -75,10 +75,10 @@ def _write_entries(path: Path, entries: Mapping[str, Any]) -> None:
 
 def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any]) -> None:
     """Record an INT8 gate's outcome (``passed`` and its numbers) beside the model (other precisions' entries
-    are kept), with the FP32 model, the INT8 file and the machine class it was measured on."""
+    are kept), with the FP32 model, the INT8 file and the CPU type it was measured on."""
     directory = repo.model_dir(name)
     entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256, "int8_sha256": _int8_digest(directory),
-             "machine": machine_class()}
+             "machine": cpu_type()}
     path = directory / GATE_FILE
     _write_entries(path, {**_entries(path), "int8": entry})
 
@@ -90,30 +90,31 @@ def _int8_digest(directory: Path) -> str:
 
 
 def _not_here(entry: Mapping[str, Any] | None, gate: str, onnx_sha256: str) -> str | None:
-    """Why a recorded verdict does not hold for the FP32 model the repository has now on this machine class
-    (missing, another model, another CPU), or None where it holds, whatever it said."""
+    """Why a recorded verdict does not hold for the FP32 model the repository has now on this type of CPU
+    (missing, another model, another CPU type), or None where it holds, whatever it said. Verdicts recorded with a
+    machine class (the type and a CPU count, before the types) hold for that type."""
     if entry is None:
         return f"no {gate} has run for this model"
     if entry.get("source_onnx_sha256") != onnx_sha256:
         return f"the {gate} ran on another version of the model"
-    if entry.get("machine") != machine_class():
+    if type_of(str(entry.get("machine", ""))) != cpu_type():
         return f"the {gate} ran on another CPU ({entry.get('machine', 'not recorded')})"
     return None
 
 
 def write_bf16_part(repo: ModelRepository, name: str, pipeline: str, result: Mapping[str, Any]) -> None:
     """Record one pipeline's bf16 gate outcome for a model (its other pipelines' parts are kept), with the FP32
-    model and the machine class it was measured for."""
+    model and the CPU type it was measured for."""
     path = repo.model_dir(name) / GATE_FILE
     entries = _entries(path)
     parts = dict(entries.get("bf16", {}).get("parts", {}))
-    parts[pipeline] = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256, "machine": machine_class()}
+    parts[pipeline] = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256, "machine": cpu_type()}
     _write_entries(path, {**entries, "bf16": {"parts": parts}})
 
 
 def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> tuple[bool, str]:
     """(passed, why): bf16 may serve the model only if this CPU has bf16 arithmetic and the gate of every pipeline
-    in ``pipelines`` passed for the current FP32 model on this machine class."""
+    in ``pipelines`` passed for the current FP32 model on this type of CPU."""
     if not has_bf16():
         return False, "bf16: this CPU has no bf16 arithmetic"
     parts = _entries(repo.model_dir(name) / GATE_FILE).get("bf16", {}).get("parts", {})
@@ -132,7 +133,7 @@ def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> t
 
 def verdict_is_current(repo: ModelRepository, name: str, kind: str, pipeline: str = "") -> bool:
     """Whether a gate's verdict for ``name`` (``kind`` "int8", or "bf16" with its ``pipeline`` part) was measured
-    on this machine class for the FP32 model (and INT8 file) the repository has now, whatever it said: a gate whose
+    on this type of CPU for the FP32 model (and INT8 file) the repository has now, whatever it said: a gate whose
     verdicts are all current has nothing to do."""
     entries = _entries(repo.model_dir(name) / GATE_FILE)
     entry = entries.get("int8") if kind == "int8" else entries.get("bf16", {}).get("parts", {}).get(pipeline)
@@ -142,13 +143,13 @@ def verdict_is_current(repo: ModelRepository, name: str, kind: str, pipeline: st
 
 
 def passed_int8(repo: ModelRepository, name: str) -> tuple[dict[str, Any] | None, str]:
-    """(gate entry, why): the INT8 gate's entry if it passed for the current FP32 model on this machine class and
+    """(gate entry, why): the INT8 gate's entry if it passed for the current FP32 model on this type of CPU and
     its file is the one the gate passed (hashed here, once), else None and the reason.
 
-    The verdict holds for one machine class, as bf16's does: the CPU plugin picks its integer kernels by ISA, and
+    The verdict holds for one type of CPU, as bf16's does: the CPU plugin picks its integer kernels by ISA, and
     without VNNI or AMX the u8 x s8 products go through VPMADDUBSW, which saturates each pair's sum to int16, where
     VNNI's VPDPBUSD and AMX accumulate in int32. A repository carried to another CPU serves FP32 (or bf16) until
-    ``make`` runs its gates there (the machine stamp changes, so it does)."""
+    ``make`` runs its gates there (the stamp names the CPU type, so it does)."""
     directory = repo.model_dir(name)
     entry = _entries(directory / GATE_FILE).get("int8")
     if why := _not_here(entry, "INT8 gate", repo.load(name).onnx_sha256):

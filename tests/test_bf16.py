@@ -21,7 +21,7 @@ from engines.declarations import (
     ModelDeclaration,
     declaration_for,
 )
-from engines.machine import GATE_RECORD, has_bf16, machine_class, write_stamp
+from engines.machine import GATE_RECORD, cpu_type, has_bf16, machine_class, type_of, usable_cpus, write_stamp
 from engines.precision import GATE_FILE, passed_bf16, write_bf16_part, write_gate
 from engines.repository import ModelRepository
 from engines.runtime.cpu_choice import gated_pipelines
@@ -39,12 +39,12 @@ def test_declarations_name_the_cpu_precisions_and_pipelines_of_each_model() -> N
         ModelDeclaration("m", "generic", (), (), BatcherConfig(), cpu_precisions=("bf16",))
 
 
-def test_the_machine_class_names_the_isa_and_the_stamp_changes_only_with_it(tmp_path: Path) -> None:
+def test_the_cpu_type_names_the_isa_and_the_stamp_changes_only_with_it(tmp_path: Path) -> None:
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    assert machine_class().endswith(f"x{__import__('os').cpu_count()}")
-    assert ("bf16" in machine_class().split("[")[-1]) == ("avx512_bf16" in flags.split())
+    assert machine_class() == f"{cpu_type()} x{usable_cpus()}" and type_of(machine_class()) == cpu_type()
+    assert ("bf16" in cpu_type().split("[")[-1]) == ("avx512_bf16" in flags.split())
     stamp = tmp_path / "stamp"
-    assert write_stamp(stamp) and stamp.read_text().splitlines() == [machine_class(), f"gate record {GATE_RECORD}"]
+    assert write_stamp(stamp) and stamp.read_text().splitlines() == [cpu_type(), f"gate record {GATE_RECORD}"]
     mtime = stamp.stat().st_mtime_ns
     assert not write_stamp(stamp) and stamp.stat().st_mtime_ns == mtime  # untouched: make re-runs nothing
     stamp.write_text(f"another CPU\ngate record {GATE_RECORD}\n")
@@ -52,6 +52,10 @@ def test_the_machine_class_names_the_isa_and_the_stamp_changes_only_with_it(tmp_
     # A repository whose gates wrote the older record (INT8 verdicts without their class) has them run once more.
     stamp.write_text(f"{machine_class()}\n")
     assert write_stamp(stamp)
+    # A stamp from before the types (the class, with a CPU count, any count) of this type stands: nothing re-runs.
+    for count in (usable_cpus(), usable_cpus() + 62):
+        stamp.write_text(f"{cpu_type()} x{count}\ngate record {GATE_RECORD}\n")
+        assert not write_stamp(stamp)
 
 
 @pytest.mark.weights
@@ -74,6 +78,12 @@ def test_gate_entries_merge_and_a_verdict_holds_only_where_it_was_measured(repos
     (tmp_path / name / GATE_FILE).write_text(json.dumps(entries))
     assert passed_bf16(repo, name, [LIVENESS]) == (False, "bf16: the liveness gate ran on another CPU "
                                                           "(Some Other CPU x2)")
+    # The same type of CPU with another CPU count (a pod with another CPU limit), or recorded with its count before
+    # verdicts named the type: the verdict holds (the count never changed an output of the gated models).
+    for machine in (f"{cpu_type()} x{usable_cpus() + 62}", machine_class()):
+        entries["bf16"]["parts"][LIVENESS]["machine"] = machine
+        (tmp_path / name / GATE_FILE).write_text(json.dumps(entries))
+        assert passed_bf16(repo, name, [LIVENESS]) == (True, "bf16 passed its gate (liveness: ok)")
     write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "ok"})
     entries = json.loads((tmp_path / name / GATE_FILE).read_text())
     entries["bf16"]["parts"][LIVENESS]["source_onnx_sha256"] = "0" * 64
@@ -103,7 +113,7 @@ def test_every_bf16_part_records_its_numbers_and_its_verdict_follows_them(reposi
         if "bf16" not in decl.cpu_precisions:
             continue
         for pipeline, part in _parts(repository_dir, name).items():
-            assert pipeline in decl.pipelines and part["machine"] == machine_class()
+            assert pipeline in decl.pipelines and type_of(str(part["machine"])) == cpu_type()
             if pipeline == LIVENESS and "verdicts_changed" in part:
                 assert part["parity_images"] >= 50  # type: ignore[operator]
                 assert part["passed"] == (part["verdicts_changed"] == 0 and part["max_score_gap"] <= 0.02)  # type: ignore[operator]

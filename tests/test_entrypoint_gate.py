@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.machine import machine_class
+from engines.machine import cpu_type
 from engines.precision import GATE_FILE
 from engines.specs import DETECTOR, LIVENESS_SPECS
 from server.auth.tokens import new_token
@@ -45,7 +45,7 @@ def test_the_entrypoint_runs_the_liveness_gate_once_per_cpu_class(repository_dir
     gates = {name: json.loads((work / "model_repository" / name / GATE_FILE).read_text()) for name in
              (s.name for s in LIVENESS_SPECS)}
     for entries in gates.values():
-        assert entries["int8"]["machine"] == machine_class() and entries["int8"]["parity_images"] >= 50
+        assert entries["int8"]["machine"] == cpu_type() and entries["int8"]["parity_images"] >= 50
     # The server then chose with those verdicts: its reasons name them.
     assert "INT8 failed its parity gate" in first or "INT8 passed its parity gate" in first, first[-2000:]
     stamp = {name: (work / "model_repository" / name / GATE_FILE).stat().st_mtime_ns for name in gates}

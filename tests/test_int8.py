@@ -80,7 +80,7 @@ def test_a_passed_variant_runs_and_a_failed_or_swapped_one_is_never_served(repos
         entry["int8"]["passed"] = True
         (copy / name / GATE_FILE).write_text(json.dumps(entry))
         assert int8_variant(crepo, name)[0] is not None
-        # A verdict measured on another machine class, or written before verdicts named theirs, is not this one's.
+        # A verdict measured on another type of CPU, or written before verdicts named theirs, is not this one's.
         for machine, shown in (("Some Other CPU (family 23 model 1) x2", "Some Other CPU (family 23 model 1) x2"),
                                (None, "not recorded")):
             other = json.loads(json.dumps(entry))

@@ -10,7 +10,7 @@ check does) is unchanged with the passing members in that precision. Where the C
 also prepared with the detector in bf16 (its face box decides every crop): the detector's identification part
 passes if the FP32 members' embeddings of those crops keep cosine >= 0.99 to the all-FP32 ones and rank-1 is
 unchanged, and where it passes, each member precision must pass on those crops too. The outcome, with its
-numbers, goes to each model's ``precision.json`` (bf16 as this pipeline's part, for this machine class); a failed
+numbers, goes to each model's ``precision.json`` (bf16 as this pipeline's part, for this type of CPU); a failed
 variant is reported and FP32 is served. All of this is on synthetic clips.
 """
 
