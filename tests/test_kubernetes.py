@@ -7,6 +7,7 @@ timings, the probe ports, the GPU request, the replica count left to the autosca
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tomllib
@@ -100,6 +101,20 @@ def test_drain_probes_and_services_agree_with_the_server_settings(overlay: str) 
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "facegate-engines"
         assert "emptyDir" not in volumes["models"]
+
+
+def test_the_adapter_rule_feeds_the_autoscaler_the_metric_the_server_exports() -> None:
+    """deploy/prometheus-adapter/values.yaml: the custom metric it names is the one the HPA reads, made from the
+    gauge the server exports (``facegate_model_queue_depth``, on /metrics in tests/test_metrics.py), per pod."""
+    (rule,) = yaml.safe_load((ROOT / "deploy" / "prometheus-adapter" / "values.yaml").read_text())["rules"]["custom"]
+    hpa = by_kind(render("cpu"), "HorizontalPodAutoscaler")
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    exported = "facegate_model_queue_depth"
+    assert re.fullmatch(rule["name"]["matches"], exported)
+    assert rule["seriesQuery"].startswith(exported + "{")
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert rule["metricsQuery"].startswith("sum(") and "by (<<.GroupBy>>)" in rule["metricsQuery"]
 
 
 def test_a_typo_fails_validation() -> None:
