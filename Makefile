@@ -67,7 +67,7 @@ stubs: $(VENV)/.stubs client-deps
 # Toolchains for the example clients, from Debian and npm (root on this machine; skipped when present).
 CLIENT_DEBS := protobuf-compiler protobuf-compiler-grpc libgrpc++-dev pkg-config golang-go golang-google-grpc-dev \
 	golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc libgrpc-java \
-	protobuf-compiler-grpc-java-plugin libprotobuf-java libnetty-java libperfmark-java
+	protobuf-compiler-grpc-java-plugin libprotobuf-java libnetty-java libperfmark-java libnetty-tcnative-java
 client-deps:
 	@missing=$$(for p in $(CLIENT_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
