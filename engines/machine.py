@@ -66,6 +66,12 @@ def type_of(machine: str) -> str:
     return head if head and count.isdigit() else machine
 
 
+def is_this_type(recorded: str) -> bool:
+    """Whether a recorded CPU type, or machine class, is this CPU's type (compared whole first: a type whose name
+    itself ends in " x<digits>" is not cut short)."""
+    return recorded == cpu_type() or type_of(recorded) == cpu_type()
+
+
 @functools.cache
 def cpu_capabilities() -> tuple[str, ...]:
     """What OpenVINO's CPU plugin says it can do here (FP32, BF16, INT8, ...); empty without OpenVINO."""
@@ -93,7 +99,7 @@ def write_stamp(path: Path) -> bool:
     current = f"{cpu_type()}\ngate record {GATE_RECORD}\n"
     if path.is_file():
         recorded = path.read_text().split("\n", 1)
-        if len(recorded) == 2 and f"{type_of(recorded[0])}\n{recorded[1]}" == current:
+        if len(recorded) == 2 and is_this_type(recorded[0]) and recorded[1] == f"gate record {GATE_RECORD}\n":
             return False
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, current)

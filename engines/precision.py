@@ -27,7 +27,7 @@ import numpy as np
 
 from engines.atomic_write import write_atomically
 from engines.file_lock import exclusive
-from engines.machine import cpu_type, has_bf16, type_of
+from engines.machine import cpu_type, has_bf16, is_this_type
 from engines.repository import ModelRepository
 from engines.weights import sha256_file
 
@@ -97,7 +97,7 @@ def _not_here(entry: Mapping[str, Any] | None, gate: str, onnx_sha256: str) -> s
         return f"no {gate} has run for this model"
     if entry.get("source_onnx_sha256") != onnx_sha256:
         return f"the {gate} ran on another version of the model"
-    if type_of(str(entry.get("machine", ""))) != cpu_type():
+    if not is_this_type(str(entry.get("machine", ""))):
         return f"the {gate} ran on another CPU ({entry.get('machine', 'not recorded')})"
     return None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import engines.machine as machine
 import engines.precision as precision
 from engines.batching import BatcherConfig
 from engines.declarations import (
@@ -21,7 +22,16 @@ from engines.declarations import (
     ModelDeclaration,
     declaration_for,
 )
-from engines.machine import GATE_RECORD, cpu_type, has_bf16, machine_class, type_of, usable_cpus, write_stamp
+from engines.machine import (
+    GATE_RECORD,
+    cpu_type,
+    has_bf16,
+    is_this_type,
+    machine_class,
+    type_of,
+    usable_cpus,
+    write_stamp,
+)
 from engines.precision import GATE_FILE, passed_bf16, write_bf16_part, write_gate
 from engines.repository import ModelRepository
 from engines.runtime.cpu_choice import gated_pipelines
@@ -42,6 +52,7 @@ def test_declarations_name_the_cpu_precisions_and_pipelines_of_each_model() -> N
 def test_the_cpu_type_names_the_isa_and_the_stamp_changes_only_with_it(tmp_path: Path) -> None:
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     assert machine_class() == f"{cpu_type()} x{usable_cpus()}" and type_of(machine_class()) == cpu_type()
+    assert is_this_type(cpu_type()) and is_this_type(machine_class()) and not is_this_type("Some Other CPU x2")
     assert ("bf16" in cpu_type().split("[")[-1]) == ("avx512_bf16" in flags.split())
     stamp = tmp_path / "stamp"
     assert write_stamp(stamp) and stamp.read_text().splitlines() == [cpu_type(), f"gate record {GATE_RECORD}"]
@@ -56,6 +67,14 @@ def test_the_cpu_type_names_the_isa_and_the_stamp_changes_only_with_it(tmp_path:
     for count in (usable_cpus(), usable_cpus() + 62):
         stamp.write_text(f"{cpu_type()} x{count}\ngate record {GATE_RECORD}\n")
         assert not write_stamp(stamp)
+
+
+def test_a_type_whose_name_ends_like_a_count_is_still_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU named "... x86" (no family or ISA fields to follow it) looks like a class with a count; it is
+    compared whole first, so its own verdicts and stamp still hold."""
+    monkeypatch.setattr(machine, "cpu_type", lambda: "Made-up CPU x86")
+    assert is_this_type("Made-up CPU x86") and is_this_type("Made-up CPU x86 x2")
+    assert not is_this_type("Made-up CPU") and not is_this_type("Made-up CPU x2")
 
 
 @pytest.mark.weights
@@ -80,8 +99,8 @@ def test_gate_entries_merge_and_a_verdict_holds_only_where_it_was_measured(repos
                                                           "(Some Other CPU x2)")
     # The same type of CPU with another CPU count (a pod with another CPU limit), or recorded with its count before
     # verdicts named the type: the verdict holds (the count never changed an output of the gated models).
-    for machine in (f"{cpu_type()} x{usable_cpus() + 62}", machine_class()):
-        entries["bf16"]["parts"][LIVENESS]["machine"] = machine
+    for recorded in (f"{cpu_type()} x{usable_cpus() + 62}", machine_class()):
+        entries["bf16"]["parts"][LIVENESS]["machine"] = recorded
         (tmp_path / name / GATE_FILE).write_text(json.dumps(entries))
         assert passed_bf16(repo, name, [LIVENESS]) == (True, "bf16 passed its gate (liveness: ok)")
     write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "ok"})
@@ -113,7 +132,7 @@ def test_every_bf16_part_records_its_numbers_and_its_verdict_follows_them(reposi
         if "bf16" not in decl.cpu_precisions:
             continue
         for pipeline, part in _parts(repository_dir, name).items():
-            assert pipeline in decl.pipelines and type_of(str(part["machine"])) == cpu_type()
+            assert pipeline in decl.pipelines and is_this_type(str(part["machine"]))
             if pipeline == LIVENESS and "verdicts_changed" in part:
                 assert part["parity_images"] >= 50  # type: ignore[operator]
                 assert part["passed"] == (part["verdicts_changed"] == 0 and part["max_score_gap"] <= 0.02)  # type: ignore[operator]
