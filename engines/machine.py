@@ -6,6 +6,7 @@ the thread pools are sized for."""
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -22,10 +23,15 @@ def usable_cpus() -> int:
     as Kubernetes' static CPU manager gives a Guaranteed pod, or taskset) and its CPU quota rounded up (a
     container's CPU limit, cgroup v1 or v2), by joblib's container-aware count; ``LOKY_MAX_CPU_COUNT`` lowers it
     further. ``os.cpu_count()`` counts the node's CPUs: a pod limited to 2 CPUs of a 64-CPU node sized its thread
-    pools and recorded its machine class for 64."""
+    pools and recorded its machine class for 64. A ``LOKY_MAX_CPU_COUNT`` that is not a whole number is a
+    ValueError naming it (joblib's own is a bare int() error)."""
     import joblib  # here, not at the top: the Triton peer's venv imports this module for has_bf16 only
 
-    return max(1, int(joblib.cpu_count()))
+    try:
+        return max(1, int(joblib.cpu_count()))
+    except ValueError as exc:
+        raise ValueError(f"LOKY_MAX_CPU_COUNT={os.environ.get('LOKY_MAX_CPU_COUNT', '')!r} must be a whole number "
+                         f"of CPUs ({exc})") from None
 
 
 @functools.cache
@@ -34,7 +40,8 @@ def cpu_type() -> str:
     parity gate's verdict holds for. A virtual machine may report a bare "AMD EPYC" for an AVX2-only host and for
     an AVX-512/BF16 one (both seen here), so the name alone is not a type. The CPU count is not part of it: the
     gates' models gave bitwise the same outputs on 1 and 2 threads (bf16, INT8 and FP32; AMX Xeon), and the gates
-    compile with every usable CPU while the server runs one or two threads a model."""
+    never ran the served thread counts anyway (the identification gate compiles with every usable CPU, the
+    liveness gate with one or two threads)."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

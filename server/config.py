@@ -93,7 +93,7 @@ class ServerConfig:
     CPUs the process may use; false leaves placement to the OS, which stacks nice-19 threads on one core while the
     event loop's idles (``server/placement.py``: CheckLiveness and IdentifyFromClip 1.2x at saturation, measured on
     2 cores). Linux only."""
-    cpu_workers: int = max(2, min(8, usable_cpus()))
+    cpu_workers: int = field(default_factory=lambda: max(2, min(8, usable_cpus())))
     """Threads for decoding, resizing and the gallery search: one per CPU this process may use (its container's
     CPU limit or cpuset, ``engines.machine.usable_cpus``), 2 to 8. They release the GIL in native code but
     take it back between frames, and every extra thread is one more waiting for it: with 4 on 2 cores the cores

@@ -94,3 +94,13 @@ def test_a_cpu_limit_sizes_the_pools(quota_us: int, expected: int) -> None:
         group.rmdir()
     # The 3 members outnumber the CPUs either way: a thread per usable CPU each.
     assert limited == {"usable": expected, "class": f"x{expected}", "member_threads": expected, "cpu_workers": 2}
+
+
+def test_a_mistyped_cpu_override_is_a_clear_configuration_error(tmp_path: Path) -> None:
+    """``LOKY_MAX_CPU_COUNT`` (the documented way to lower the count) that is not a whole number stops the server
+    before it starts anything, naming the variable, as a bad setting in the TOML does (exit 2)."""
+    out = subprocess.run([sys.executable, "-m", "server", "--port", "0", "--model-repository", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "LOKY_MAX_CPU_COUNT": "two"})
+    assert out.returncode == 2
+    assert "bad configuration: LOKY_MAX_CPU_COUNT='two' must be a whole number of CPUs" in out.stderr
