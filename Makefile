@@ -26,13 +26,14 @@ ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
 .PHONY: bench-metrics k8s-deps bench-cpu tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-gallery client-deps clients test-clients proto-check identify-controls
-.PHONY: FORCE help install stubs models identify-models engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
+.PHONY: FORCE help install stubs models identify-models ensemble-bundle engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
 	@echo "make serve          set up everything and start the server on $(HOST):$(PORT) (CPU default)"
 	@echo "make test           set up everything and run the test suite"
 	@echo "make lint           ruff + mypy"
 	@echo "make identify-models train the CPU identification ensemble on synthetic clips (cached)"
+	@echo "make ensemble-bundle pack that ensemble as one file for pods (dist/; FACEGATE_ENSEMBLE in the README)"
 	@echo "make bench-liveness liveness benchmarks (numbers in benchmarks/results/)"
 	@echo "make bench-identify identification benchmarks (numbers in benchmarks/results/)"
 	@echo "make bench-security authentication overhead and overload shedding (numbers in benchmarks/results/)"
@@ -136,6 +137,11 @@ $(IDENTIFY_GATE): $(ENSEMBLE_FILE) $(REPOSITORY)/retinaface/model.onnx $(MACHINE
 	$(PY) -m engines.identify.int8_gate --root $(SYNTH_DIR) --repository $(REPOSITORY) --report $@
 
 identify-models: models $(IDENTIFY_GATE)
+
+# The ensemble as one reproducible, sha256-pinned file for the images' entrypoint (FACEGATE_ENSEMBLE): pods install
+# it rather than train their own (engines/identify/bundle.py). Prints the sha256 to pin.
+ensemble-bundle: identify-models
+	@$(PY) -m engines.identify.bundle pack --repository $(REPOSITORY) --ensemble $(ENSEMBLE) --out dist
 
 serve: models identify-models
 	$(PY) -m server --host $(HOST) --port $(PORT) --model-repository $(REPOSITORY) $(SERVE_ARGS)

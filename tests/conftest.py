@@ -116,6 +116,28 @@ def samples() -> Path:
     return SAMPLES
 
 
+@pytest.fixture(scope="session")
+def trained(repository_dir: Path) -> dict[str, Any]:
+    """The trained ensemble's evaluation report (``make identify-models``), with where its synthetic clips are."""
+    import json
+
+    reports = sorted((repository_dir / "reports").glob("*.json"))
+    if not reports or not (repository_dir / "ensembles").is_dir():
+        _need(f"a trained identification ensemble in {repository_dir} (make identify-models)")
+    report: dict[str, Any] = json.loads(reports[0].read_text())
+    synth = Path(os.environ.get("FACEGATE_SYNTHETIC_DIR") or ROOT / ".cache" / "synthetic" / "motion")
+    if not (synth / "CASME2-coding.csv").is_file():
+        _need(f"the synthetic clips in {synth} (make identify-models)")
+    report["synthetic_dir"] = synth
+    return report
+
+
+def clip_dir(report: dict[str, Any], key: str) -> Path:
+    """The folder of frames of a clip the report names (``casme2/subNN/EPxx_yy``)."""
+    _, subject, clip = key.split("/")
+    return Path(report["synthetic_dir"]) / "CASME2_RAW" / subject / clip
+
+
 @dataclass
 class RunningServer:
     address: str

@@ -4,8 +4,6 @@ trained on (``make identify-models``). Results must match the offline evaluation
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc,
 from facegate_client.client import clip_from_folder, field_violations
 from server.gallery.store import GalleryStore
 from tests.bad_inputs import video as video_file
-from tests.conftest import ROOT, RunningServer, _need, start_server, stop_server
+from tests.conftest import RunningServer, clip_dir, start_server, stop_server
 from tests.images import encode, gradient, mjpeg_avi
 
 if TYPE_CHECKING:
@@ -30,24 +28,6 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.weights, pytest.mark.slow]
 
 FPS = 200.0
-
-
-@pytest.fixture(scope="module")
-def trained(repository_dir: Path) -> dict:
-    reports = sorted((repository_dir / "reports").glob("*.json"))
-    if not reports or not (repository_dir / "ensembles").is_dir():
-        _need(f"a trained identification ensemble in {repository_dir} (make identify-models)")
-    report = json.loads(reports[0].read_text())
-    synth = Path(os.environ.get("FACEGATE_SYNTHETIC_DIR") or ROOT / ".cache" / "synthetic" / "motion")
-    if not (synth / "CASME2-coding.csv").is_file():
-        _need(f"the synthetic clips in {synth} (make identify-models)")
-    report["synthetic_dir"] = synth
-    return report
-
-
-def clip_dir(report: dict, key: str) -> Path:
-    _, subject, clip = key.split("/")
-    return Path(report["synthetic_dir"]) / "CASME2_RAW" / subject / clip
 
 
 @pytest.fixture(scope="module")

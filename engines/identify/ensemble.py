@@ -7,8 +7,9 @@ evaluation reports.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def find_ensemble(repository: Path, name: str = "") -> Ensemble | None:
     return Ensemble(name=m["name"], version=m["version"], members=tuple(m["members"]),
                     threshold=float(m["threshold"]), margin=float(m["margin"]), spec=ClipSpec(**m["clip"]),
                     embedding_dim=int(m["slowfast"]["embed_dim"]))
+
+
+def ensemble_version(onnx_sha256s: Sequence[str]) -> str:
+    """An ensemble's version: its members' ONNX files in member order. Training writes it in the manifest; a
+    collection records it, so templates are only ever compared with embeddings of the same models."""
+    return hashlib.sha256("|".join(onnx_sha256s).encode()).hexdigest()[:16]
 
 
 def combine(ensemble: Ensemble, member_scores: Mapping[str, Mapping[str, float]], top_k: int,

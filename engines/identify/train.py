@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from engines.atomic_write import write_atomically
 from engines.declarations import slowfast_member
 from engines.identify.datasets import READERS
+from engines.identify.ensemble import ensemble_version
 from engines.identify.matching import choose_threshold, person_scores, rank
 from engines.identify.preprocess import PreparedClip, prepare_all
 from engines.models.slowfast import PRESETS, SlowFast, SlowFastConfig
@@ -232,7 +233,7 @@ def export_members(models: dict[str, SlowFast], cfg: SlowFastConfig, spec: ClipS
             max_batch_size=64,
         ))
         names.append(name)
-    version = sha256_of([repo.load(n).onnx_sha256 for n in names])
+    version = ensemble_version([repo.load(n).onnx_sha256 for n in names])
     manifest = {"name": ensemble, "version": version, "members": names, "threshold": report["threshold"],
                 "margin": report["margin"], "clip": asdict(spec), "slowfast": cfg.to_dict(),
                 "trained_on": report["dataset"], "evaluation": report["summary"]}
@@ -240,12 +241,6 @@ def export_members(models: dict[str, SlowFast], cfg: SlowFastConfig, spec: ClipS
     d.mkdir(parents=True, exist_ok=True)
     write_atomically(d / f"{ensemble}.json", json.dumps(manifest, indent=2))
     return manifest
-
-
-def sha256_of(parts: Sequence[str]) -> str:
-    import hashlib
-
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
