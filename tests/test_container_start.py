@@ -18,15 +18,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.server_process import free_port
+from engines.identify.bundle import pack
+from engines.identify.ensemble import find_ensemble
 from engines.weights import MANIFEST, sha256_file
-from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
+from facegate_client.client import clip_from_folder
 from server.auth.tokens import new_token
-from tests.conftest import ROOT, image_python, serve_folder, start_entrypoint
+from tests.conftest import ROOT, clip_dir, image_python, serve_folder, start_entrypoint
+from tests.served import gated_precisions
 from tests.test_kubernetes import by_kind, render
 
 pytestmark = pytest.mark.weights
 
 LIVENESS_MODELS = ("retinaface", "minifasnet_v2", "minifasnet_v1se")
+FPS = 200.0
 
 
 def image_env(dockerfile: Path) -> dict[str, str]:
@@ -113,6 +118,27 @@ class Pod:
                 liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=image)), metadata=metadata,
                 timeout=60)
 
+    def identifies(self, trained: dict[str, Any], subjects: int = 4) -> float:
+        """Enrol ``subjects`` people from the clips the offline evaluation enrolled; the share of their test clips
+        whose first candidate is the right person."""
+        metadata = (("authorization", f"Bearer {self.token}"),)
+        keys: list[str] = trained["enrol2_gallery"]
+        people = sorted({k.split("/")[1] for k in keys})[:subjects]
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            stub = identification_pb2_grpc.IdentificationServiceStub(channel)
+            stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection="pod"), metadata=metadata,
+                                  timeout=30)
+            for person in people:
+                clips = [clip_from_folder(clip_dir(trained, k), FPS) for k in keys if k.split("/")[1] == person]
+                stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+                    collection="pod", person_id=person, clips=clips), metadata=metadata, timeout=120)
+            probes = [k for k in trained["test_probes"] if k.split("/")[1] in people][::2]
+            hits = [stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
+                collection="pod", clip=clip_from_folder(clip_dir(trained, k), FPS), top_k=1), metadata=metadata,
+                timeout=120).candidates[0].person_id == k.split("/")[1] for k in probes]
+        assert len(hits) >= 2 * subjects
+        return sum(hits) / len(hits)
+
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -128,8 +154,8 @@ def running() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_exporting_again(
-        tmp_path: Path, weights_dir: Path, samples: Path, postgres: Any,
-        running: list[subprocess.Popen[str]]) -> None:
+        tmp_path: Path, weights_dir: Path, samples: Path, postgres: Any, repository_dir: Path,
+        trained: dict[str, Any], running: list[subprocess.Popen[str]]) -> None:
     with serve_folder(weights_dir) as mirror:  # the pod downloads its weights, as the manifests' default does
         pod = Pod(tmp_path, {"FACEGATE_WEIGHTS_URL": mirror}, postgres.url)
         repository = pod.mounts["/app/model_repository"]
@@ -155,13 +181,25 @@ def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_expor
     assert pod.health() == {"": SERVING, "facegate.v1.LivenessService": SERVING,
                             "facegate.v1.IdentificationService": NOT_SERVING}
 
-    # The container restarts (same pod, same volume): nothing is exported again.
+    # The container restarts (same pod, same volume), now with the operator's ensemble bundle named (the
+    # identification component's variables): nothing is exported again, the bundle is downloaded and installed,
+    # and IdentifyFromClip serves.
     proc.kill()
     proc.wait(30)
     stamps = {name: (repository / name / "model.onnx").stat().st_mtime_ns for name in LIVENESS_MODELS}
-    proc, again = pod.start()
-    running.append(proc)
+    archive, digest = pack(repository_dir, tmp_path / "dist")
+    with serve_folder(archive.parent) as artefacts:
+        pod.env.update(FACEGATE_ENSEMBLE=artefacts + archive.name, FACEGATE_ENSEMBLE_SHA256=digest)
+        proc, again = pod.start()
+        running.append(proc)
     assert "models warm; SERVING" in again, again[-3000:]
-    assert all(f"{name}: up to date" in again for name in LIVENESS_MODELS) and "downloading" not in again
+    assert all(f"{name}: up to date" in again for name in LIVENESS_MODELS) and "downloading http" not in again
     assert {name: (repository / name / "model.onnx").stat().st_mtime_ns for name in LIVENESS_MODELS} == stamps
+    ensemble = find_ensemble(repository_dir)
+    assert ensemble is not None and f"ensemble {ensemble.name} version {ensemble.version}: installed" in again
+    assert pod.written_outside_volumes() == []
     assert pod.check((samples / "image_F1.jpg").read_bytes()).decision == liveness_pb2.DECISION_SPOOF
+    assert pod.health()["facegate.v1.IdentificationService"] == SERVING
+    for member in ensemble.members:  # its gates' verdicts came with it: the precisions they allow on this CPU type
+        assert gated_precisions(repository, member) == gated_precisions(repository_dir, member)
+    assert pod.identifies(trained) >= 0.9

@@ -49,16 +49,19 @@ def test_every_resource_of_every_overlay_validates(overlay: str) -> None:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
+def with_component(overlay: str, component: str, folder: Path) -> list[dict[str, Any]]:
+    """An overlay with an opt-in component added in an overlay of one's own, as the README shows; what it renders."""
+    up = Path(os.path.relpath(KUBE, folder))  # kustomize refuses absolute paths
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(up / "overlays" / overlay)], "components": [str(up / "components" / component)]}))
+    return render(folder)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_prometheus_operator_component_scrapes_the_service(overlay: str, tmp_path: Path) -> None:
-    """The opt-in component, added to an overlay as the README shows: its ServiceMonitor selects the regular
-    Service and scrapes a port that Service names."""
-    up = Path(os.path.relpath(KUBE, tmp_path))  # kustomize refuses absolute paths
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [str(up / "overlays" / overlay)],
-        "components": [str(up / "components" / "prometheus-operator")]}))
-    docs = render(tmp_path)
+    """The opt-in component: its ServiceMonitor selects the regular Service and scrapes a port that Service names."""
+    docs = with_component(overlay, "prometheus-operator", tmp_path)
     assert len(docs) == len(render(overlay)) + 1
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -66,6 +69,24 @@ def test_the_prometheus_operator_component_scrapes_the_service(overlay: str, tmp
     port_names = {p["name"] for p in service["spec"]["ports"]}
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_identification_component_names_the_ensemble_bundle_for_the_entrypoint(overlay: str,
+                                                                                   tmp_path: Path) -> None:
+    """The opt-in component adds the two variables the entrypoint installs an ensemble bundle from, taken from the
+    operator's ConfigMap, to the container's own; every resource still validates."""
+    docs = with_component(overlay, "identification", tmp_path)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    (container,) = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (plain,) = by_kind(render(overlay), "Deployment")["spec"]["template"]["spec"]["containers"]
+    added = [e for e in container["env"] if e not in plain["env"]]
+    assert {e["name"]: e["valueFrom"]["configMapKeyRef"] for e in added} == {
+        "FACEGATE_ENSEMBLE": {"name": "facegate-ensemble", "key": "source"},
+        "FACEGATE_ENSEMBLE_SHA256": {"name": "facegate-ensemble", "key": "sha256"}}
+    entrypoint = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert all(f'"${{{e["name"]}:' in entrypoint for e in added)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
