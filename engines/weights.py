@@ -10,15 +10,12 @@ mirror is trusted for nothing but availability.
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
-import tempfile
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from engines.download import TooLargeError, download
+
 
 WEIGHTS_DIR_ENV = "FACEGATE_WEIGHTS_DIR"
 WEIGHTS_URL_ENV = "FACEGATE_WEIGHTS_URL"
@@ -73,24 +70,17 @@ def verify(path: Path, spec: WeightFile) -> None:
 
 
 def _download(spec: WeightFile, dest: Path, url: str, timeout_s: float) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s", url)
-    # Write to a temporary file and rename only after the hash checks out: no half-written weights. Reading stops
-    # one byte past the pinned size, so a wrong or hostile server cannot fill the disk.
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-    tmp = Path(tmp_name)
+    # Renamed into place only after the hash checks out: no half-written or wrong weights.
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310
-            received = 0
-            while received <= spec.size and (chunk := resp.read(min(1 << 20, spec.size + 1 - received))):
-                out.write(chunk)
-                received += len(chunk)
-        if received > spec.size:
-            raise WeightsError(f"weight file {spec.relpath} from {url} is larger than its pinned {spec.size} bytes")
-        verify(tmp, spec)
-        tmp.replace(dest)
+        tmp = download(url, dest.parent, dest.name, spec.size, timeout_s)
+    except TooLargeError as exc:
+        raise WeightsError(f"weight file {spec.relpath} from {url} is larger than its pinned {spec.size} "
+                           "bytes") from exc
     except (OSError, ValueError) as exc:  # ValueError: urllib's word for a malformed URL (a mistyped mirror)
         raise WeightsError(f"could not download weight file {spec.relpath} from {url}: {exc}") from exc
+    try:
+        verify(tmp, spec)
+        tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -193,7 +193,9 @@ def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_expor
         proc, again = pod.start()
         running.append(proc)
     assert "models warm; SERVING" in again, again[-3000:]
-    assert all(f"{name}: up to date" in again for name in LIVENESS_MODELS) and "downloading http" not in again
+    assert all(f"{name}: up to date" in again for name in LIVENESS_MODELS)
+    assert [line.split()[-1] for line in again.splitlines() if "downloading http" in line] == [
+        artefacts + archive.name]  # the bundle, and no weights
     assert {name: (repository / name / "model.onnx").stat().st_mtime_ns for name in LIVENESS_MODELS} == stamps
     ensemble = find_ensemble(repository_dir)
     assert ensemble is not None and f"ensemble {ensemble.name} version {ensemble.version}: installed" in again

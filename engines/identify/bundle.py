@@ -36,13 +36,13 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from engines.atomic_write import write_atomically
+from engines.download import TooLargeError, download
 from engines.file_lock import exclusive
 from engines.identify.ensemble import ensemble_version
 from engines.precision import GATE_FILE, INT8_FILE
@@ -174,23 +174,12 @@ def _fetch(source: str, sha256: str, into: Path, max_bytes: int, timeout_s: floa
     """The archive as a local file whose sha256 is ``sha256``: ``source`` itself, or downloaded into ``into`` (the
     caller removes the download)."""
     if _is_url(source):
-        fd, name = tempfile.mkstemp(dir=into, prefix=".ensemble-", suffix=".tar.gz.part")
-        path = Path(name)
         try:
-            log.info("downloading the ensemble bundle from %s", source)
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(source, timeout=timeout_s) as resp:  # noqa: S310
-                received = 0
-                while chunk := resp.read(min(1 << 20, max_bytes + 1 - received)):
-                    out.write(chunk)
-                    received += len(chunk)
-                    if received > max_bytes:
-                        raise BundleError(f"the ensemble bundle at {source} is larger than {max_bytes} bytes")
+            path = download(source, into, ".ensemble-", max_bytes, timeout_s)
+        except TooLargeError as exc:
+            raise BundleError(f"the ensemble bundle at {source} is larger than {max_bytes} bytes") from exc
         except (OSError, ValueError) as exc:  # ValueError: urllib's word for a malformed URL
-            path.unlink(missing_ok=True)
             raise BundleError(f"could not download the ensemble bundle from {source}: {exc}") from exc
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
     else:
         path = Path(source.removeprefix("file://"))
         if not path.is_file():
