@@ -16,7 +16,6 @@ from pathlib import Path
 
 from engines.download import TooLargeError, download
 
-
 WEIGHTS_DIR_ENV = "FACEGATE_WEIGHTS_DIR"
 WEIGHTS_URL_ENV = "FACEGATE_WEIGHTS_URL"
 
