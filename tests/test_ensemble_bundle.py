@@ -68,6 +68,11 @@ def test_a_bundle_packs_reproducibly_and_installs_the_trained_ensemble(
     # A restart (or a second replica) with the same archive writes nothing.
     assert not install(str(archive), digest, repository).changed
     assert {p: p.stat().st_mtime_ns for p in repository.rglob("*") if p.is_file()} == stamps
+    # Unless a member was lost since (a volume tidied by hand): then it is installed again.
+    shutil.rmtree(repository / members(source)[-1])
+    assert install(str(archive), digest, repository).changed
+    assert sha256_file(repository / members(source)[-1] / "model.onnx") == sha256_file(
+        source / members(source)[-1] / "model.onnx")
 
 
 def test_replicas_installing_together_install_it_once(bundle: tuple[Path, str], tmp_path: Path) -> None:

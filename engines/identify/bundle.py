@@ -36,6 +36,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,9 @@ def _already_installed(repository: Path, sha256: str) -> Installed | None:
             manifest = json.loads((folder / f"{record['ensemble']}.json").read_text())
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if record.get("sha256") == sha256 and manifest.get("version") == record.get("version"):
+        in_place = all((repository / m / f).is_file()
+                       for m in manifest.get("members", []) for f in REQUIRED_MEMBER_FILES)
+        if record.get("sha256") == sha256 and manifest.get("version") == record.get("version") and in_place:
             return Installed(record["ensemble"], record["version"], changed=False)
     return None
 
@@ -259,7 +262,7 @@ def _unpack(archive: Path, staging: Path) -> dict[str, Any]:
                         out.write(chunk)
                 if digest.hexdigest() != expected["sha256"]:
                     raise BundleError(f"{info.name} in the bundle does not match its sha256 in {INDEX}")
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:  # (gzip.BadGzipFile is an OSError)
         raise BundleError(f"the bundle {archive} cannot be read: {exc}") from exc
     if missing := sorted(set(files) - seen):
         raise BundleError(f"the bundle lacks {', '.join(missing)}, which its {INDEX} names")
