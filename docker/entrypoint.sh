@@ -14,6 +14,16 @@
 # FACEGATE_PREPARE=0 skips the export and engine build (models already in the volume); FACEGATE_TENSORRT=0 (the CPU
 # image) skips the engine build alone.
 set -euo pipefail
+# IdentifyFromClip needs an identification ensemble, which the image does not train (no SlowFast weights exist; the
+# project trains its own on synthetic clips, and every replica sharing a gallery must serve the same one). Pack it
+# once where it was trained (`make ensemble-bundle`) and name the file: FACEGATE_ENSEMBLE, a path in a mounted volume
+# or an http(s) URL, and FACEGATE_ENSEMBLE_SHA256, its pinned sha256. It is checked, then installed into the models
+# volume (once; a restart finds it), before the engine build so that a GPU pod builds the members' engines too. A
+# bundle that does not check out stops the start, with the reason.
+if [ -n "${FACEGATE_ENSEMBLE:-}" ]; then
+  python3 -m engines.identify.bundle install "$FACEGATE_ENSEMBLE" --repository model_repository \
+    --sha256 "${FACEGATE_ENSEMBLE_SHA256:?FACEGATE_ENSEMBLE_SHA256 must pin the bundle that FACEGATE_ENSEMBLE names}"
+fi
 if [ "${FACEGATE_PREPARE:-1}" != 0 ]; then
   python3 -m engines.prepare --repository model_repository --cache-dir model_repository/.weights
   if [ "${FACEGATE_TENSORRT:-1}" != 0 ]; then
@@ -28,15 +38,6 @@ fi
 if [ -n "${FACEGATE_LIVENESS_SAMPLES:-}" ]; then
   python3 -m engines.liveness_gate --if-stale --samples "$FACEGATE_LIVENESS_SAMPLES" --repository model_repository \
     >/dev/null || echo "entrypoint: the liveness parity gate did not run (see above); models without a verdict for this CPU serve FP32" >&2
-fi
-# IdentifyFromClip needs an identification ensemble, which the image does not train (no SlowFast weights exist; the
-# project trains its own on synthetic clips, and every replica sharing a gallery must serve the same one). Pack it
-# once where it was trained (`make ensemble-bundle`) and name the file here: FACEGATE_ENSEMBLE, a path in a mounted
-# volume or an http(s) URL, and FACEGATE_ENSEMBLE_SHA256, its pinned sha256. It is checked, then installed into the
-# models volume (once; a restart finds it). A bundle that does not check out stops the start, with the reason.
-if [ -n "${FACEGATE_ENSEMBLE:-}" ]; then
-  python3 -m engines.identify.bundle install "$FACEGATE_ENSEMBLE" --repository model_repository \
-    --sha256 "${FACEGATE_ENSEMBLE_SHA256:?FACEGATE_ENSEMBLE_SHA256 must pin the bundle that FACEGATE_ENSEMBLE names}"
 fi
 args=(--host 0.0.0.0 --port "${PORT:-50051}" --model-repository model_repository --audit-log "${FACEGATE_AUDIT_LOG:--}")
 token_file="${FACEGATE_TOKEN_FILE:-/run/secrets/facegate_token}"
