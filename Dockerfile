@@ -7,6 +7,9 @@
 #       -v /path/to/weights:/weights -e FACEGATE_WEIGHTS_DIR=/weights \
 #       -v /path/to/token:/run/secrets/facegate_token:ro facegate
 # The entrypoint always starts with authentication (a token secret, caller config and/or mutual TLS; see it).
+# IdentifyFromClip: name the ensemble `make ensemble-bundle` packed, pinned by its sha256 (-e FACEGATE_ENSEMBLE=<URL
+# or mounted path> -e FACEGATE_ENSEMBLE_SHA256=<hex>); it is installed before the engine build, so its members get
+# engines too.
 # Pick a base whose TensorRT matches what you want to run (NGC tags are YY.MM; 25.xx ships TensorRT 10.x).
 ARG BASE=nvcr.io/nvidia/tensorrt:25.10-py3
 FROM ${BASE}
