@@ -18,6 +18,7 @@ import torch
 log = logging.getLogger(__name__)
 
 OPSET = 18
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # the node metadata where torch.onnx records the Python stack
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, input
     proto = onnx.load(str(tmp))
     onnx.checker.check_model(proto)
     _name_batch_axis(proto)
+    _drop_source_locations(proto)
     onnx.save(proto, str(tmp))
     tmp.replace(path)
 
@@ -60,6 +62,19 @@ def _name_batch_axis(proto: onnx.ModelProto) -> None:
         dim0 = value.type.tensor_type.shape.dim[0]
         dim0.ClearField("dim_value")
         dim0.dim_param = "batch"
+
+
+def _drop_source_locations(proto: onnx.ModelProto) -> None:
+    # The exporter records, on every node, the Python stack that made it: absolute paths of this checkout and line
+    # numbers. They made the same weights a different file (so a different onnx_sha256 and ensemble version, other
+    # gate verdicts and compiled caches) in every folder the code was checked out to, and after any edit of a
+    # model's source file. Nothing reads them.
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
 
 
 def verify_onnx(model: torch.nn.Module, path: Path, sample: np.ndarray,
