@@ -3,8 +3,8 @@
 No SlowFast weights exist, so the ensemble is the project's own model, and every replica that shares a gallery must
 embed with the same one: a collection records the ensemble version its templates came from. Pods therefore do not
 train one each: that takes the synthetic clips and minutes, and on another CPU type need not give the same weights.
-It is trained once (``make identify-models``), packed (``make ensemble-bundle``), and every pod installs that same file at start
-(``docker/entrypoint.sh``: ``FACEGATE_ENSEMBLE``, a path or an http(s) URL, and its pinned
+It is trained once (``make identify-models``), packed (``make ensemble-bundle``), and every pod installs that same
+file at start (``docker/entrypoint.sh``: ``FACEGATE_ENSEMBLE``, a path or an http(s) URL, and its pinned
 ``FACEGATE_ENSEMBLE_SHA256``).
 
 ``python -m engines.identify.bundle pack --repository R --out DIR`` writes ``DIR/<name>-<version>.tar.gz`` and
