@@ -69,8 +69,7 @@ def _drop_source_locations(proto: onnx.ModelProto) -> None:
     # numbers. They made the same weights a different file (so a different onnx_sha256 and ensemble version, other
     # gate verdicts and compiled caches) in every folder the code was checked out to, and after any edit of a
     # model's source file. Nothing reads them.
-    graphs = [proto.graph, *(f for f in proto.functions)]
-    for graph in graphs:
+    for graph in (proto.graph, *proto.functions):
         for node in graph.node:
             kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
             del node.metadata_props[:]

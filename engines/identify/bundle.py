@@ -45,9 +45,9 @@ from typing import IO, Any
 from engines.atomic_write import write_atomically
 from engines.download import TooLargeError, download
 from engines.file_lock import exclusive
-from engines.identify.ensemble import ensemble_version
+from engines.identify.ensemble import ensemble_version, manifest_path
 from engines.precision import GATE_FILE, INT8_FILE
-from engines.repository import METADATA_FILE, ONNX_FILE, ModelMetadata
+from engines.repository import METADATA_FILE, ONNX_FILE, ModelMetadata, ModelNotFoundError
 from engines.weights import sha256_file
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,6 @@ class Installed:
 
 # -- pack ----------------------------------------------------------------------------------------------------------
 
-def _manifest_path(repository: Path, name: str) -> Path:
-    folder = repository / "ensembles"
-    if name:
-        return folder / f"{name}.json"
-    found = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    if not found:
-        raise BundleError(f"no identification ensemble in {folder} (run `make identify-models`)")
-    return found[0]
-
-
 def _checked_name(name: object, what: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise BundleError(f"{what} {name!r} is not a plain name (letters, digits, '_', '.', '-')")
@@ -97,28 +87,33 @@ def _checked_name(name: object, what: str) -> str:
 def pack(repository: Path, out_dir: Path, name: str = "") -> tuple[Path, str]:
     """Write the ensemble ``name`` (the only one, if not named) of ``repository`` as a bundle in ``out_dir``; its
     path and sha256."""
-    manifest_path = _manifest_path(repository, name)
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        path = manifest_path(repository, name)
+    except ModelNotFoundError as exc:
+        raise BundleError(str(exc)) from exc
+    if path is None:
+        raise BundleError(f"no identification ensemble in {repository / 'ensembles'} (run `make identify-models`)")
+    manifest = json.loads(path.read_text())
     name = _checked_name(manifest["name"], "ensemble")
     members = [_checked_name(m, "member") for m in manifest["members"]]
-    files: dict[str, Path] = {f"ensembles/{name}.json": manifest_path}
-    shas = []
+    files: dict[str, Path] = {f"ensembles/{name}.json": path}
     for member in members:
         folder = repository / member
         for required in REQUIRED_MEMBER_FILES:
             if not (folder / required).is_file():
                 raise BundleError(f"member {member} has no {required} in {folder}")
-        onnx_sha = sha256_file(folder / ONNX_FILE)
-        if ModelMetadata.from_dict(json.loads((folder / METADATA_FILE).read_text())).onnx_sha256 != onnx_sha:
-            raise BundleError(f"member {member}: {ONNX_FILE} is not the file its {METADATA_FILE} describes")
-        shas.append(onnx_sha)
         files.update({f"{member}/{f}": folder / f for f in MEMBER_FILES if (folder / f).is_file()})
-    version = ensemble_version(shas)
+    digests = {rel: sha256_file(file) for rel, file in files.items()}  # each file read once, here
+    for member in members:
+        meta = ModelMetadata.from_dict(json.loads(files[f"{member}/{METADATA_FILE}"].read_text()))
+        if meta.onnx_sha256 != digests[f"{member}/{ONNX_FILE}"]:
+            raise BundleError(f"member {member}: {ONNX_FILE} is not the file its {METADATA_FILE} describes")
+    version = ensemble_version([digests[f"{m}/{ONNX_FILE}"] for m in members])
     if manifest["version"] != version:
         raise BundleError(f"ensemble {name}: its manifest says version {manifest['version']}, its members' ONNX "
                           f"files give {version} (retrain or re-export it)")
     index = {"format": FORMAT, "ensemble": name, "version": version, "members": members,
-             "files": {rel: {"sha256": sha256_file(p), "size": p.stat().st_size} for rel, p in files.items()}}
+             "files": {rel: {"sha256": digests[rel], "size": file.stat().st_size} for rel, file in files.items()}}
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}-{version}.tar.gz"
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -126,8 +121,8 @@ def pack(repository: Path, out_dir: Path, name: str = "") -> tuple[Path, str]:
         with tmp.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
                 tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             _add(tar, INDEX, io.BytesIO(json.dumps(index, indent=2, sort_keys=True).encode()))
-            for rel, path in files.items():
-                with path.open("rb") as f:
+            for rel, file in files.items():
+                with file.open("rb") as f:
                     _add(tar, rel, f)
         tmp.replace(out)
     finally:
@@ -283,9 +278,10 @@ def _check_ensemble(staging: Path, index: dict[str, Any]) -> None:
         raise BundleError(f"the bundle's manifest does not name ensemble {name} with members {members}")
     shas = []
     for m in members:
-        if not (staging / m / ONNX_FILE).is_file():
+        entry = index["files"].get(f"{m}/{ONNX_FILE}")
+        if entry is None:
             raise BundleError(f"the bundle has no {ONNX_FILE} for member {m}")
-        sha = sha256_file(staging / m / ONNX_FILE)
+        sha = entry["sha256"]  # checked against the unpacked bytes as they were written
         if metas[m].onnx_sha256 != sha or metas[m].name != m:
             raise BundleError(f"member {m}: its {METADATA_FILE} does not describe its {ONNX_FILE}")
         shas.append(sha)

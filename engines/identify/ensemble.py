@@ -37,17 +37,24 @@ class Identification:
     votes: list[MemberVote]
 
 
-def find_ensemble(repository: Path, name: str = "") -> Ensemble | None:
-    """The identification ensemble manifest to serve (``<repository>/ensembles/<name>.json``), if any."""
+def manifest_path(repository: Path, name: str = "") -> Path | None:
+    """Where the manifest of the ensemble ``name`` (the first one, if not named) is: ``<repository>/ensembles/
+    <name>.json``; None where there is none."""
     folder = repository / "ensembles"
     paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if name:
         paths = [p for p in paths if p.stem == name]
         if not paths:
             raise ModelNotFoundError(f"no identification ensemble {name!r} in {folder}")
-    if not paths:
+    return paths[0] if paths else None
+
+
+def find_ensemble(repository: Path, name: str = "") -> Ensemble | None:
+    """The identification ensemble manifest to serve (``<repository>/ensembles/<name>.json``), if any."""
+    path = manifest_path(repository, name)
+    if path is None:
         return None
-    m = json.loads(paths[0].read_text())
+    m = json.loads(path.read_text())
     return Ensemble(name=m["name"], version=m["version"], members=tuple(m["members"]),
                     threshold=float(m["threshold"]), margin=float(m["margin"]), spec=ClipSpec(**m["clip"]),
                     embedding_dim=int(m["slowfast"]["embed_dim"]))
