@@ -28,6 +28,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from engines.weights import sha256_file
+
 # Anchor points of facial regions, as fractions of the face box (x, y).
 REGIONS: dict[str, tuple[float, float]] = {
     "left_brow": (0.30, 0.22), "right_brow": (0.70, 0.22), "left_eye": (0.30, 0.38), "right_eye": (0.70, 0.38),
@@ -256,7 +258,11 @@ def generate(root: Path, cfg: SyntheticConfig, base_image: Path | None = None,
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    # The photo's sha256 and face box with the settings make the set reproducible elsewhere (the generator is
+    # seeded): a pod regenerates it from them to run the identification gate (engines/identify/gate_set.py).
     meta = {"config": asdict(cfg), "base_image": str(base_image) if base_image else None,
+            "base_image_sha256": sha256_file(base_image) if base_image else None,
+            "face_box": list(face_box) if face_box else None,
             "identities": [{"subject": f"{i:02d}", "units": [asdict(u) for u in us], "appearance": asdict(lk)}
                            for i, (us, lk) in enumerate(people, start=1)]}
     (root / "synthetic.json").write_text(json.dumps(meta, indent=1))
