@@ -12,6 +12,11 @@ passes if the FP32 members' embeddings of those crops keep cosine >= 0.99 to the
 unchanged, and where it passes, each member precision must pass on those crops too. The outcome, with its
 numbers, goes to each model's ``precision.json`` (bf16 as this pipeline's part, for this type of CPU); a failed
 variant is reported and FP32 is served. All of this is on synthetic clips.
+
+Where the ensemble was installed from a bundle rather than trained (a pod on another CPU type),
+``engines/identify/gate_set.py`` regenerates the clips from the bundle's recipe and runs this gate with ``--split``
+(the recipe's evaluation split) and ``--keep-int8`` (the installed INT8 files are gated as they are, not made
+again, so the verdict is about the file that serves).
 """
 
 from __future__ import annotations
@@ -25,14 +30,22 @@ from typing import Any
 
 import numpy as np
 
-from engines.declarations import IDENTIFICATION
+from engines.declarations import IDENTIFICATION, LIVENESS
 from engines.identify.datasets import READERS
 from engines.identify.ensemble import find_ensemble
 from engines.identify.preprocess import prepare_all
 from engines.identify.train import _batch, cmc, identify
 from engines.machine import has_bf16, usable_cpus
-from engines.precision import INT8_FILE, gate_main, quantize_int8, write_bf16_part, write_gate
-from engines.repository import ModelRepository
+from engines.precision import (
+    INT8_FILE,
+    gate_main,
+    passed_bf16,
+    quantize_int8,
+    verdict_is_current,
+    write_bf16_part,
+    write_gate,
+)
+from engines.repository import METADATA_FILE, ModelRepository
 from engines.specs import DETECTOR
 
 log = logging.getLogger("engines.identify.int8_gate")
@@ -77,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ens = find_ensemble(args.repository)
     if ens is None:
         raise SystemExit(f"no identification ensemble in {args.repository} (make identify-models)")
-    report = json.loads((args.repository / "reports" / f"{ens.name}.json").read_text())
+    report = json.loads((args.split or args.repository / "reports" / f"{ens.name}.json").read_text())
     records = READERS["casme2"](args.root, args.annotation)
     clips = prepare_all(records, repo.onnx_path(DETECTOR), ens.spec, args.cache)
     index = {c.record.key: i for i, c in enumerate(clips)}
@@ -86,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [index[k] for k in report["unknown_probes"]]
     held_out = set(test) | set(unknown)
     calib = [i for i in range(len(clips)) if i not in held_out][: args.calibration]
-    x_cal = _batch(clips, calib, ens.spec, None).numpy()
+    x_cal: np.ndarray | None = None
     parity = enrol + test + unknown
     x_par = _batch(clips, parity, ens.spec, None).numpy()
     bf16 = has_bf16()
@@ -95,9 +108,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ens.members:
         src = repo.onnx_path(name)
         dst = repo.model_dir(name) / INT8_FILE
-        input_name = repo.load(name).inputs[0].name
-        quantize_int8(src, dst, ({input_name: x_cal[i:i + 8]} for i in range(0, len(x_cal), 8)), args.method,
-                      keep_fp32=embedding_projection(src))
+        if not (args.keep_int8 and dst.is_file()):
+            if x_cal is None:
+                x_cal = _batch(clips, calib, ens.spec, None).numpy()
+            batches = x_cal
+            input_name = repo.load(name).inputs[0].name
+            quantize_int8(src, dst, ({input_name: batches[i:i + 8]} for i in range(0, len(batches), 8)),
+                          args.method, keep_fp32=embedding_projection(src))
         files["fp32"][name], files["int8"][name], files["bf16"][name] = src, dst, src
     n_enrol, n_test = len(enrol), len(test)
     labels = [clips[k].record.subject for k in enrol]
@@ -190,11 +207,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def stale(repository: Path) -> list[str]:
+    """The verdicts this gate writes that do not hold for the served ensemble on this type of CPU (missing, for
+    other models, another CPU type, another INT8 file): ``model precision`` each, [] when there is nothing to do."""
+    repo, ens = ModelRepository(repository), find_ensemble(repository)
+    if ens is None:
+        return []
+    judged = [(name, "int8") for name in ens.members]
+    if has_bf16():
+        judged += [(name, "bf16") for name in ens.members]
+        # The detector serves bf16 only where the liveness pipeline's part passed too; where it did not, this
+        # part would change nothing served, so it alone is no reason to run.
+        if (repository / DETECTOR / METADATA_FILE).is_file() and passed_bf16(repo, DETECTOR, [LIVENESS])[0]:
+            judged.append((DETECTOR, "bf16"))
+    return [f"{name} {kind}" for name, kind in judged if not verdict_is_current(repo, name, kind, IDENTIFICATION)]
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, required=True, help="the (synthetic) CASME II layout the ensemble used")
     p.add_argument("--annotation", type=Path)
     p.add_argument("--cache", type=Path, default=Path(".cache/clips"))
     p.add_argument("--calibration", type=int, default=128, help="training-half clips to calibrate on")
+    p.add_argument("--split", type=Path, help="the evaluation split (enrol2_gallery, test_probes, unknown_probes; "
+                   "default: the ensemble's training report)")
+    p.add_argument("--keep-int8", action="store_true",
+                   help="gate the members' INT8 files as they are (an installed bundle's) instead of quantising")
 
 
 def main(argv: list[str] | None = None) -> int:
