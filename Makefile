@@ -141,7 +141,8 @@ identify-models: models $(IDENTIFY_GATE)
 # The ensemble as one reproducible, sha256-pinned file for the images' entrypoint (FACEGATE_ENSEMBLE): pods install
 # it rather than train their own (engines/identify/bundle.py). Prints the sha256 to pin.
 ensemble-bundle: identify-models
-	@$(PY) -m engines.identify.bundle pack --repository $(REPOSITORY) --ensemble $(ENSEMBLE) --out dist
+	@$(PY) -m engines.identify.bundle pack --repository $(REPOSITORY) --ensemble $(ENSEMBLE) --out dist \
+		--synthetic $(SYNTH_DIR)
 
 serve: models identify-models
 	$(PY) -m server --host $(HOST) --port $(PORT) --model-repository $(REPOSITORY) $(SERVE_ARGS)

@@ -6,8 +6,10 @@ the pod's own start, run on this machine."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from benchmarks.server_process import free_port
 from engines.identify.bundle import pack
 from engines.identify.ensemble import find_ensemble
+from engines.machine import cpu_type
+from engines.precision import GATE_FILE, INT8_FILE
 from engines.weights import MANIFEST, sha256_file
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from facegate_client.client import clip_from_folder
@@ -31,6 +35,7 @@ from tests.test_kubernetes import by_kind, render
 pytestmark = pytest.mark.weights
 
 LIVENESS_MODELS = ("retinaface", "minifasnet_v2", "minifasnet_v1se")
+OTHER_CPU = "AMD EPYC (family 25 model 17) [avx2 fma]"
 FPS = 200.0
 
 
@@ -153,6 +158,7 @@ def running() -> Iterator[list[subprocess.Popen[str]]]:
         proc.wait(30)
 
 
+@pytest.mark.timeout(600)  # the restart regenerates the gate's clips and runs it: a minute or two on 2 cores
 def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_exporting_again(
         tmp_path: Path, weights_dir: Path, samples: Path, postgres: Any, repository_dir: Path,
         trained: dict[str, Any], running: list[subprocess.Popen[str]]) -> None:
@@ -182,14 +188,18 @@ def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_expor
                             "facegate.v1.IdentificationService": NOT_SERVING}
 
     # The container restarts (same pod, same volume), now with the operator's ensemble bundle named (the
-    # identification component's variables): nothing is exported again, the bundle is downloaded and installed,
-    # and IdentifyFromClip serves.
+    # identification component's variables) and the liveness samples mounted: nothing is exported again, the
+    # bundle is downloaded and installed, and IdentifyFromClip serves. The bundle was packed on "another CPU type"
+    # (its verdicts say so), with its clips' recipe: the pod regenerates the clips from a sample photo and runs the
+    # identification gate for this CPU type.
     proc.kill()
     proc.wait(30)
     stamps = {name: (repository / name / "model.onnx").stat().st_mtime_ns for name in LIVENESS_MODELS}
-    archive, digest = pack(repository_dir, tmp_path / "dist")
+    archive, digest = pack(packed_elsewhere(repository_dir, tmp_path / "elsewhere"), tmp_path / "dist",
+                           synthetic=trained["synthetic_dir"])
     with serve_folder(archive.parent) as artefacts:
-        pod.env.update(FACEGATE_ENSEMBLE=artefacts + archive.name, FACEGATE_ENSEMBLE_SHA256=digest)
+        pod.env.update(FACEGATE_ENSEMBLE=artefacts + archive.name, FACEGATE_ENSEMBLE_SHA256=digest,
+                       FACEGATE_LIVENESS_SAMPLES=str(samples))
         proc, again = pod.start()
         running.append(proc)
     assert "models warm; SERVING" in again, again[-3000:]
@@ -202,6 +212,26 @@ def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_expor
     assert pod.written_outside_volumes() == []
     assert pod.check((samples / "image_F1.jpg").read_bytes()).decision == liveness_pb2.DECISION_SPOOF
     assert pod.health()["facegate.v1.IdentificationService"] == SERVING
-    for member in ensemble.members:  # its gates' verdicts came with it: the precisions they allow on this CPU type
+    assert "identification gate: running for " in again and not list(repository.glob(".gate-set-*"))
+    for member in ensemble.members:  # measured here, for this CPU type: the precisions the gates allow here
         assert gated_precisions(repository, member) == gated_precisions(repository_dir, member)
+        assert json.loads((repository / member / GATE_FILE).read_text())["int8"]["machine"] == cpu_type()
+        # (the INT8 file is the bundle's, gated as installed)
+        assert sha256_file(repository / member / INT8_FILE) == sha256_file(repository_dir / member / INT8_FILE)
     assert pod.identifies(trained) >= 0.9
+
+
+def packed_elsewhere(source: Path, copy: Path) -> Path:
+    """The ensemble of ``source`` as a machine of another CPU type would have it: its verdicts name that type."""
+    ensemble = find_ensemble(source)
+    assert ensemble is not None
+    for part in ("ensembles", "reports", *ensemble.members):
+        shutil.copytree(source / part, copy / part)
+    for member in ensemble.members:
+        path = copy / member / GATE_FILE
+        entries = json.loads(path.read_text())
+        for entry in (entries["int8"], *entries.get("bf16", {}).get("parts", {}).values()):
+            entry["machine"] = OTHER_CPU
+        path.write_text(json.dumps(entries))
+        assert gated_precisions(copy, member) == {"fp32"}
+    return copy

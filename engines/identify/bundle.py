@@ -11,7 +11,10 @@ file at start (``docker/entrypoint.sh``: ``FACEGATE_ENSEMBLE``, a path or an htt
 its ``.sha256``. The archive is reproducible (sorted entries, no times or owners), so packing the same models
 again gives the same sha256. It holds ``bundle.json`` (every other entry's sha256 and size), the manifest
 ``ensembles/<name>.json`` and, per member, ``metadata.json`` and ``model.onnx``, with its INT8 file and gate
-verdicts where the gates ran (they carry the CPU type they hold for, so another type serves FP32).
+verdicts where the gates ran (they carry the CPU type they hold for). Packed with ``--synthetic`` (as ``make
+ensemble-bundle`` does), it also holds ``ensembles/<name>.gate-set``, the recipe of the synthetic clips the
+ensemble was evaluated on, from which a pod on another CPU type runs the identification gate
+(``engines/identify/gate_set.py``); without it, another type serves the members in FP32.
 
 ``python -m engines.identify.bundle install SOURCE --sha256 HEX --repository R`` checks the archive's sha256 before
 reading it (a mirror is trusted for nothing but availability), unpacks only the entries ``bundle.json`` names, each
@@ -45,6 +48,7 @@ from typing import IO, Any
 from engines.atomic_write import write_atomically
 from engines.download import TooLargeError, download
 from engines.file_lock import exclusive
+from engines.identify import gate_set
 from engines.identify.ensemble import ensemble_version, manifest_path
 from engines.precision import GATE_FILE, INT8_FILE
 from engines.repository import METADATA_FILE, ONNX_FILE, ModelMetadata, ModelNotFoundError
@@ -84,9 +88,10 @@ def _checked_name(name: object, what: str) -> str:
     return name
 
 
-def pack(repository: Path, out_dir: Path, name: str = "") -> tuple[Path, str]:
+def pack(repository: Path, out_dir: Path, name: str = "", synthetic: Path | None = None) -> tuple[Path, str]:
     """Write the ensemble ``name`` (the only one, if not named) of ``repository`` as a bundle in ``out_dir``; its
-    path and sha256."""
+    path and sha256. With ``synthetic``, the folder of the clips it was trained on, the bundle carries their recipe
+    (``engines/identify/gate_set.py``), so that a pod on another CPU type can run the identification gate."""
     try:
         path = manifest_path(repository, name)
     except ModelNotFoundError as exc:
@@ -104,6 +109,16 @@ def pack(repository: Path, out_dir: Path, name: str = "") -> tuple[Path, str]:
                 raise BundleError(f"member {member} has no {required} in {folder}")
         files.update({f"{member}/{f}": folder / f for f in MEMBER_FILES if (folder / f).is_file()})
     digests = {rel: sha256_file(file) for rel, file in files.items()}  # each file read once, here
+    made: dict[str, bytes] = {}  # entries written from memory
+    if synthetic is not None:
+        try:
+            report = json.loads((repository / "reports" / f"{name}.json").read_text())
+            recipe = gate_set.make_recipe(synthetic, report)
+        except (OSError, ValueError, KeyError) as exc:  # (GateSetError is a ValueError)
+            raise BundleError(f"no gate set for ensemble {name}: {exc}") from exc
+        rel = gate_set.recipe_name(name)
+        made[rel] = json.dumps(recipe, indent=1, sort_keys=True).encode()
+        digests[rel] = hashlib.sha256(made[rel]).hexdigest()
     for member in members:
         meta = ModelMetadata.from_dict(json.loads(files[f"{member}/{METADATA_FILE}"].read_text()))
         if meta.onnx_sha256 != digests[f"{member}/{ONNX_FILE}"]:
@@ -112,8 +127,9 @@ def pack(repository: Path, out_dir: Path, name: str = "") -> tuple[Path, str]:
     if manifest["version"] != version:
         raise BundleError(f"ensemble {name}: its manifest says version {manifest['version']}, its members' ONNX "
                           f"files give {version} (retrain or re-export it)")
+    sizes = {**{rel: file.stat().st_size for rel, file in files.items()}, **{rel: len(b) for rel, b in made.items()}}
     index = {"format": FORMAT, "ensemble": name, "version": version, "members": members,
-             "files": {rel: {"sha256": digests[rel], "size": file.stat().st_size} for rel, file in files.items()}}
+             "files": {rel: {"sha256": digests[rel], "size": size} for rel, size in sizes.items()}}
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}-{version}.tar.gz"
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -124,6 +140,8 @@ def pack(repository: Path, out_dir: Path, name: str = "") -> tuple[Path, str]:
             for rel, file in files.items():
                 with file.open("rb") as f:
                     _add(tar, rel, f)
+            for rel, data in made.items():
+                _add(tar, rel, io.BytesIO(data))
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -215,7 +233,8 @@ def _index(info: tarfile.TarInfo, data: IO[bytes]) -> dict[str, Any]:
         raise BundleError(f"the bundle's {INDEX} is not format {FORMAT}")
     name = _checked_name(index.get("ensemble"), "ensemble")
     members = [_checked_name(m, "member") for m in index["members"]]
-    allowed = {f"ensembles/{name}.json"} | {f"{m}/{f}" for m in members for f in MEMBER_FILES}
+    allowed = ({f"ensembles/{name}.json", gate_set.recipe_name(name)}
+               | {f"{m}/{f}" for m in members for f in MEMBER_FILES})
     total = 0
     for rel, entry in index["files"].items():
         if rel not in allowed:
@@ -315,6 +334,11 @@ def _put_in_place(repository: Path, staging: Path, index: dict[str, Any], sha256
         if target.exists():
             target.rename(repository / f".{member}.replaced-{os.getpid()}")
         (staging / member).rename(target)
+    recipe = gate_set.recipe_name(name)
+    if (staging / recipe).is_file():
+        (staging / recipe).replace(repository / recipe)
+    else:  # a bundle without one: an earlier bundle's recipe describes other models
+        (repository / recipe).unlink(missing_ok=True)
     (staging / "ensembles" / f"{name}.json").replace(folder / f"{name}.json")
     write_atomically(_marker(repository, name), json.dumps({"ensemble": name, "version": index["version"],
                                                             "sha256": sha256}))
@@ -364,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--ensemble", default="", help="its name (default: the only one)")
     p.add_argument("--out", type=Path, default=Path("dist"))
+    p.add_argument("--synthetic", type=Path, help="the synthetic clips it was trained on: the bundle then carries "
+                   "their recipe, for the identification gate on other CPU types")
     i = sub.add_parser("install", help="check a bundle against its pinned sha256 and install it")
     i.add_argument("source", help="a path, or an http(s) URL")
     i.add_argument("--sha256", required=True, help="the bundle's sha256, as `pack` printed it")
@@ -373,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         if args.command == "pack":
-            path, digest = pack(args.repository, args.out, args.ensemble)
+            path, digest = pack(args.repository, args.out, args.ensemble, args.synthetic)
             print(f"{digest}  {path}")
             return 0
         done = install(args.source, args.sha256, args.repository, args.max_bytes)
