@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.server_process import free_port
-from engines.identify.bundle import pack
+from engines.identify.bundle_pack import pack
 from engines.identify.ensemble import find_ensemble
 from engines.machine import cpu_type
 from engines.precision import GATE_FILE, INT8_FILE

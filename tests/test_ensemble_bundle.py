@@ -16,7 +16,8 @@ from typing import Any
 import onnx
 import pytest
 
-from engines.identify.bundle import INDEX, BundleError, install, pack
+from engines.identify.bundle import INDEX, BundleError, install
+from engines.identify.bundle_pack import pack
 from engines.identify.ensemble import ensemble_version, find_ensemble
 from engines.repository import ModelRepository
 from engines.weights import sha256_file

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from engines.identify import gate_set
-from engines.identify.bundle import install, pack
+from engines.identify.bundle import install
+from engines.identify.bundle_pack import pack
 from engines.identify.ensemble import find_ensemble
 from engines.identify.synthetic import SyntheticConfig, generate
 from engines.precision import GATE_FILE
