@@ -35,7 +35,7 @@ from benchmarks.engine_timing import onnxruntime_throughput
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_server
 from benchmarks.stats import median_row, paired_ratios
-from engines.identify.ensemble import find_ensemble
+from engines.identify.ensemble import find_ensemble, report_path
 from facegate.v1 import common_pb2, identification_pb2
 from facegate_client.client import FacegateClient, clip_from_folder
 from server.servicers.identification import clip_from_proto
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ensemble = find_ensemble(args.repository)
     if ensemble is None:
         raise SystemExit("no identification ensemble: run `make identify-models` first")
-    report = json.loads((args.repository / "reports" / f"{ensemble.name}.json").read_text())
+    report = json.loads(report_path(args.repository, ensemble.name).read_text())
     root = args.synthetic / "CASME2_RAW"
 
     def folder(key: str) -> Path:

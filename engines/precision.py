@@ -169,17 +169,24 @@ def int8_variant(repo: ModelRepository, name: str) -> tuple[Path | None, str]:
     return (repo.model_dir(name) / INT8_FILE if entry is not None else None), why
 
 
-def gate_main(description: str, argv: list[str] | None, add_arguments: Callable[[argparse.ArgumentParser], None],
-              run: Callable[[argparse.Namespace], Mapping[str, Any]]) -> int:
-    """The command line every parity gate shares: its own arguments, then --repository, --method and --report;
-    prints the outcome as JSON (and writes it to --report: the quantiser prints on stdout too)."""
+def gate_parser(description: str, add_arguments: Callable[[argparse.ArgumentParser], None]
+                ) -> argparse.ArgumentParser:
+    """A gate's arguments and those every gate shares, with their defaults: also how a gate run in process (not
+    from its command line) gets them."""
     p = argparse.ArgumentParser(description=description)
     add_arguments(p)
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--method", choices=["MinMax", "Entropy", "Percentile"], default="Entropy",
                    help="ONNX Runtime's calibration method")
     p.add_argument("--report", type=Path, help="also write the outcome (JSON) to this file")
-    args = p.parse_args(argv)
+    return p
+
+
+def gate_main(description: str, argv: list[str] | None, add_arguments: Callable[[argparse.ArgumentParser], None],
+              run: Callable[[argparse.Namespace], Mapping[str, Any]]) -> int:
+    """The command line every parity gate shares: its own arguments, then --repository, --method and --report;
+    prints the outcome as JSON (and writes it to --report: the quantiser prints on stdout too)."""
+    args = gate_parser(description, add_arguments).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Replicas on one volume run the gate at their first start together: one measures, the others then find its
     # verdicts current (--if-stale) instead of rewriting them.

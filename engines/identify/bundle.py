@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         if args.command == "pack":
-            from engines.identify.bundle_pack import pack  # (packing imports the gate set's recipe code)
+            from engines.identify.bundle_pack import pack  # (here: bundle_pack imports this module)
 
             path, digest = pack(args.repository, args.out, args.ensemble, args.synthetic)
             print(f"{digest}  {path}")

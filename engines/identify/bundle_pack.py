@@ -15,7 +15,7 @@ from typing import IO
 from engines.atomic_write import write_atomically
 from engines.identify import gate_set
 from engines.identify.bundle import FORMAT, INDEX, MEMBER_FILES, REQUIRED_MEMBER_FILES, BundleError, checked_name
-from engines.identify.ensemble import ensemble_version, manifest_path
+from engines.identify.ensemble import ensemble_version, manifest_path, report_path
 from engines.repository import METADATA_FILE, ONNX_FILE, ModelMetadata, ModelNotFoundError
 from engines.weights import sha256_file
 
@@ -44,7 +44,7 @@ def pack(repository: Path, out_dir: Path, name: str = "", synthetic: Path | None
     made: dict[str, bytes] = {}  # entries written from memory
     if synthetic is not None:
         try:
-            report = json.loads((repository / "reports" / f"{name}.json").read_text())
+            report = json.loads(report_path(repository, name).read_text())
             recipe = gate_set.make_recipe(synthetic, report)
         except (OSError, ValueError, KeyError) as exc:  # (GateSetError is a ValueError)
             raise BundleError(f"no gate set for ensemble {name}: {exc}") from exc

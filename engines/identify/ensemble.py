@@ -49,6 +49,11 @@ def manifest_path(repository: Path, name: str = "") -> Path | None:
     return paths[0] if paths else None
 
 
+def report_path(repository: Path, name: str) -> Path:
+    """The evaluation report training wrote for ensemble ``name`` (its split: enrolment, test and unknown clips)."""
+    return repository / "reports" / f"{name}.json"
+
+
 def find_ensemble(repository: Path, name: str = "") -> Ensemble | None:
     """The identification ensemble manifest to serve (``<repository>/ensembles/<name>.json``), if any."""
     path = manifest_path(repository, name)

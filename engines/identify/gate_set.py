@@ -35,6 +35,7 @@ from engines.atomic_write import write_atomically
 from engines.file_lock import exclusive
 from engines.identify.ensemble import find_ensemble
 from engines.machine import usable_cpus
+from engines.precision import gate_parser
 from engines.weights import sha256_file
 
 log = logging.getLogger("engines.identify.gate_set")
@@ -149,8 +150,9 @@ def run(repository: Path, samples: Path) -> dict[str, Any]:
             t1 = time.monotonic()
             split = scratch / "split.json"
             write_atomically(split, json.dumps(recipe["split"]))
-            args = argparse.Namespace(repository=repository, root=root, annotation=None, cache=scratch / "prepared",
-                                      calibration=128, method="Entropy", split=split, keep_int8=True)
+            args = gate_parser("", int8_gate.arguments).parse_args(
+                ["--repository", str(repository), "--root", str(root), "--cache", str(scratch / "prepared"),
+                 "--split", str(split), "--keep-int8"])
             outcome = int8_gate.run(args)
             log.info("identification gate: clips generated in %.0f s, gate %.0f s", t1 - t0, time.monotonic() - t1)
         finally:

@@ -32,7 +32,7 @@ import numpy as np
 
 from engines.declarations import IDENTIFICATION, LIVENESS
 from engines.identify.datasets import READERS
-from engines.identify.ensemble import find_ensemble
+from engines.identify.ensemble import find_ensemble, report_path
 from engines.identify.preprocess import prepare_all
 from engines.identify.train import _batch, cmc, identify
 from engines.machine import has_bf16, usable_cpus
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ens = find_ensemble(args.repository)
     if ens is None:
         raise SystemExit(f"no identification ensemble in {args.repository} (make identify-models)")
-    report = json.loads((args.split or args.repository / "reports" / f"{ens.name}.json").read_text())
+    report = json.loads((args.split or report_path(args.repository, ens.name)).read_text())
     records = READERS["casme2"](args.root, args.annotation)
     clips = prepare_all(records, repo.onnx_path(DETECTOR), ens.spec, args.cache)
     index = {c.record.key: i for i, c in enumerate(clips)}
@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [index[k] for k in report["unknown_probes"]]
     held_out = set(test) | set(unknown)
     calib = [i for i in range(len(clips)) if i not in held_out][: args.calibration]
-    x_cal: np.ndarray | None = None
+    # Calibration clips are prepared only where a member is quantised (--keep-int8 keeps the files there are).
+    to_quantise = [n for n in ens.members if not (args.keep_int8 and (repo.model_dir(n) / INT8_FILE).is_file())]
+    x_cal = _batch(clips, calib, ens.spec, None).numpy() if to_quantise else None
     parity = enrol + test + unknown
     x_par = _batch(clips, parity, ens.spec, None).numpy()
     bf16 = has_bf16()
@@ -108,13 +110,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ens.members:
         src = repo.onnx_path(name)
         dst = repo.model_dir(name) / INT8_FILE
-        if not (args.keep_int8 and dst.is_file()):
-            if x_cal is None:
-                x_cal = _batch(clips, calib, ens.spec, None).numpy()
-            batches = x_cal
+        if name in to_quantise:
+            assert x_cal is not None  # (made above for every member quantised)
             input_name = repo.load(name).inputs[0].name
-            quantize_int8(src, dst, ({input_name: batches[i:i + 8]} for i in range(0, len(batches), 8)),
-                          args.method, keep_fp32=embedding_projection(src))
+            quantize_int8(src, dst, ({input_name: x_cal[i:i + 8]} for i in range(0, len(x_cal), 8)), args.method,
+                          keep_fp32=embedding_projection(src))
         files["fp32"][name], files["int8"][name], files["bf16"][name] = src, dst, src
     n_enrol, n_test = len(enrol), len(test)
     labels = [clips[k].record.subject for k in enrol]
@@ -223,7 +223,7 @@ def stale(repository: Path) -> list[str]:
     return [f"{name} {kind}" for name, kind in judged if not verdict_is_current(repo, name, kind, IDENTIFICATION)]
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, required=True, help="the (synthetic) CASME II layout the ensemble used")
     p.add_argument("--annotation", type=Path)
     p.add_argument("--cache", type=Path, default=Path(".cache/clips"))
@@ -235,7 +235,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return gate_main(__doc__.splitlines()[0], argv, _arguments, run)
+    return gate_main(__doc__.splitlines()[0], argv, arguments, run)
 
 
 if __name__ == "__main__":
