@@ -31,6 +31,7 @@ from engines.machine import has_bf16
 from engines.precision import (
     INT8_FILE,
     gate_main,
+    int8_vouched,
     quantize_int8,
     verdict_is_current,
     write_bf16_part,
@@ -155,15 +156,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"skipped": f"no sample images in {args.samples}"}
     detector = OnnxDetector(repo.onnx_path(DETECTOR))
     parity_images = [v for img in images for v in variants(img, True)]
+    # An INT8 file another CPU type's verdict vouches for is gated as it is: quantising again would void that verdict.
+    keep = [int8_vouched(repo, spec.name) for spec in LIVENESS_SPECS]
     calib_images = [v for img in images for v in variants(img, False)]
-    calib = crops_at(calib_images, boxes_of(detector, calib_images))
-    int8_paths = []
-    for spec, xs in zip(LIVENESS_SPECS, calib, strict=True):
-        dst = repo.model_dir(spec.name) / INT8_FILE
-        name = repo.load(spec.name).inputs[0].name
+    calib = crops_at(calib_images, boxes_of(detector, calib_images)) if not all(keep) else []
+    int8_paths = [repo.model_dir(spec.name) / INT8_FILE for spec in LIVENESS_SPECS]
+    for k, (spec, dst) in enumerate(zip(LIVENESS_SPECS, int8_paths, strict=True)):
+        if keep[k]:
+            log.info("%s: gating the INT8 file there is, as it is", spec.name)
+            continue
+        xs, name = calib[k], repo.load(spec.name).inputs[0].name
         quantize_int8(repo.onnx_path(spec.name), dst, ({name: np.stack(xs[i:i + 8])} for i in range(0, len(xs), 8)),
                       args.method)
-        int8_paths.append(dst)
     fp32_paths = [repo.onnx_path(s.name) for s in LIVENESS_SPECS]
     classifiers = {"fp32": Classifiers(repo, fp32_paths, "fp32"), "int8": Classifiers(repo, int8_paths, "int8")}
     detectors = {"fp32": boxes_of(detector, parity_images)}
@@ -190,8 +194,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     data = f"{len(images)} sample images under scale, crop, brightness, flip and JPEG quality changes"
     int8 = verdict("int8")
-    for spec in LIVENESS_SPECS:
-        write_gate(repo, spec.name, {**int8, "calibration_images": len(calib[0]), "data": data})
+    for k, spec in enumerate(LIVENESS_SPECS):
+        made = {"quantised_here": False} if keep[k] else {"quantised_here": True, "calibration_images": len(calib[k])}
+        write_gate(repo, spec.name, {**int8, **made, "data": data})
     out: dict[str, Any] = {"passed": int8["passed"], "summary": int8["summary"],
                            "parity_images": int8["parity_images"]}
     if bf16:

@@ -11,6 +11,13 @@ bf16 needs no file: it is OpenVINO's inference precision hint, offered only wher
 type of CPU, and each writes its own part of the model's ``bf16`` entry (the detector serves both pipelines,
 so it needs both parts where an identification ensemble is served); bf16 is offered only where every part it
 needs passed, for the current FP32 model, on this type of CPU.
+
+Verdicts are kept per CPU type (``{"format": 2, "cpu_types": {type: {"int8": ..., "bf16": {"parts": ...}}}}``): a
+gate writes its own type's and keeps the others', so pods of two CPU types sharing one models volume each find
+their own verdicts current instead of re-running the gates after each other. Verdicts for an FP32 model (or an INT8
+file) the repository no longer has are dropped on the next write, which bounds the file. The INT8 file is one per
+model, whatever the type: a gate on another type gates the file another type's verdict vouches for as it is
+(``int8_vouched``) rather than quantising again, which would void those verdicts.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from engines.weights import sha256_file
 
 INT8_FILE = "model.int8.onnx"
 GATE_FILE = "precision.json"
+FORMAT = 2  # verdicts kept per CPU type (format 1, with no "format" key: one verdict each, of one type)
 
 
 def quantize_int8(src: Path, dst: Path, calibration: Iterable[Mapping[str, np.ndarray]],
@@ -73,20 +81,94 @@ def _write_entries(path: Path, entries: Mapping[str, Any]) -> None:
     write_atomically(path, json.dumps(entries, indent=2))
 
 
-def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any]) -> None:
-    """Record an INT8 gate's outcome (``passed`` and its numbers) beside the model (other precisions' entries
-    are kept), with the FP32 model, the INT8 file and the CPU type it was measured on."""
+def stored_verdicts(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every CPU type's verdicts for the model in ``directory``: type -> ``{"int8": entry, "bf16": {"parts":
+    {pipeline: entry}}}``. A file written before verdicts were kept per type (a bundle packed then, a volume
+    written then) held one INT8 entry and one bf16 part per pipeline, each naming its type or machine class: each is
+    read under the name it recorded (one naming none, under "")."""
+    raw = _entries(directory / GATE_FILE)
+    if "cpu_types" in raw:
+        return {str(t): dict(block) for t, block in raw["cpu_types"].items()}
+    types: dict[str, dict[str, Any]] = {}
+    if isinstance(raw.get("int8"), dict):
+        types.setdefault(str(raw["int8"].get("machine", "")), {})["int8"] = raw["int8"]
+    for pipeline, part in raw.get("bf16", {}).get("parts", {}).items():
+        block = types.setdefault(str(part.get("machine", "")), {})
+        block.setdefault("bf16", {"parts": {}})["parts"][pipeline] = part
+    return types
+
+
+def _split(types: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(this type's verdicts, the other types'): an old file may name this type twice, by its type and by its
+    machine class (the type and a CPU count), so this type's blocks are merged."""
+    here: dict[str, Any] = {}
+    others: dict[str, dict[str, Any]] = {}
+    for recorded, block in types.items():
+        if not is_this_type(recorded):
+            others[recorded] = dict(block)
+            continue
+        if "int8" in block:
+            here["int8"] = block["int8"]
+        for pipeline, part in block.get("bf16", {}).get("parts", {}).items():
+            here.setdefault("bf16", {"parts": {}})["parts"][pipeline] = part
+    return here, others
+
+
+def verdicts_here(directory: Path) -> dict[str, Any]:
+    """This CPU type's verdicts for the model in ``directory`` ({} where none)."""
+    return _split(stored_verdicts(directory))[0]
+
+
+def _still_valid(block: Mapping[str, Any], onnx_sha256: str, int8_sha256: str) -> dict[str, Any]:
+    """The verdicts of ``block`` that are about the FP32 model (and INT8 file) the repository has now: no other can
+    hold again."""
+    kept: dict[str, Any] = {}
+    int8 = block.get("int8")
+    if int8 and int8.get("source_onnx_sha256") == onnx_sha256 and int8.get("int8_sha256") == int8_sha256:
+        kept["int8"] = int8
+    parts = {p: e for p, e in block.get("bf16", {}).get("parts", {}).items()
+             if e.get("source_onnx_sha256") == onnx_sha256}
+    if parts:
+        kept["bf16"] = {"parts": parts}
+    return kept
+
+
+def _record(repo: ModelRepository, name: str, put: Callable[[dict[str, Any]], None]) -> None:
+    """Change this CPU type's verdicts for ``name`` with ``put``, keeping every other type's that still holds."""
     directory = repo.model_dir(name)
-    entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256, "int8_sha256": _int8_digest(directory),
-             "machine": cpu_type()}
-    path = directory / GATE_FILE
-    _write_entries(path, {**_entries(path), "int8": entry})
+    onnx_sha256, int8_sha256 = repo.load(name).onnx_sha256, _int8_digest(directory)
+    here, types = _split(stored_verdicts(directory))
+    put(here)
+    types[cpu_type()] = here
+    kept = {t: v for t, v in ((t, _still_valid(b, onnx_sha256, int8_sha256)) for t, b in types.items()) if v}
+    _write_entries(directory / GATE_FILE, {"format": FORMAT, "cpu_types": kept})
+
+
+def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any]) -> None:
+    """Record an INT8 gate's outcome (``passed`` and its numbers) for this CPU type (its other precisions' entries
+    and other types' verdicts are kept), with the FP32 model, the INT8 file and the CPU type it was measured on."""
+    entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256,
+             "int8_sha256": _int8_digest(repo.model_dir(name)), "machine": cpu_type()}
+    _record(repo, name, lambda here: here.__setitem__("int8", entry))
 
 
 def _int8_digest(directory: Path) -> str:
     """The sha256 of the model's INT8 file, "" where there is none."""
     file = directory / INT8_FILE
     return sha256_file(file) if file.is_file() else ""
+
+
+def int8_vouched(repo: ModelRepository, name: str) -> bool:
+    """Whether the model's INT8 file is one an INT8 gate measured, on any CPU type, for the FP32 model the
+    repository has now. A gate then keeps it as it is: quantising again (the calibration runs in FP32 on this CPU,
+    so the file need not come out byte for byte the same) would void the other types' verdicts on a shared
+    volume."""
+    directory = repo.model_dir(name)
+    digest = _int8_digest(directory)
+    onnx_sha256 = repo.load(name).onnx_sha256
+    return bool(digest) and any(
+        b.get("int8", {}).get("source_onnx_sha256") == onnx_sha256 and b["int8"].get("int8_sha256") == digest
+        for b in stored_verdicts(directory).values())
 
 
 def _not_here(entry: Mapping[str, Any] | None, gate: str, onnx_sha256: str) -> str | None:
@@ -102,14 +184,24 @@ def _not_here(entry: Mapping[str, Any] | None, gate: str, onnx_sha256: str) -> s
     return None
 
 
+def _entry(block: Mapping[str, Any], kind: str, pipeline: str = "") -> Any:
+    """A block's INT8 entry (``kind`` "int8") or its bf16 part for ``pipeline``; None where it has none."""
+    return block.get("int8") if kind == "int8" else block.get("bf16", {}).get("parts", {}).get(pipeline)
+
+
+def _why_absent(directory: Path, gate: str, kind: str, pipeline: str = "") -> str:
+    """Why no verdict holds here where this type has none: other types' (named as they recorded themselves) or
+    none at all."""
+    others = sorted({str(e.get("machine", "not recorded")) for b in stored_verdicts(directory).values()
+                     if isinstance(e := _entry(b, kind, pipeline), Mapping)})
+    return f"the {gate} ran on another CPU ({'; '.join(others)})" if others else f"no {gate} has run for this model"
+
+
 def write_bf16_part(repo: ModelRepository, name: str, pipeline: str, result: Mapping[str, Any]) -> None:
-    """Record one pipeline's bf16 gate outcome for a model (its other pipelines' parts are kept), with the FP32
-    model and the CPU type it was measured for."""
-    path = repo.model_dir(name) / GATE_FILE
-    entries = _entries(path)
-    parts = dict(entries.get("bf16", {}).get("parts", {}))
-    parts[pipeline] = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256, "machine": cpu_type()}
-    _write_entries(path, {**entries, "bf16": {"parts": parts}})
+    """Record one pipeline's bf16 gate outcome for a model on this CPU type (its other pipelines' parts and other
+    types' verdicts are kept), with the FP32 model and the CPU type it was measured for."""
+    entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256, "machine": cpu_type()}
+    _record(repo, name, lambda here: here.setdefault("bf16", {"parts": {}})["parts"].__setitem__(pipeline, entry))
 
 
 def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> tuple[bool, str]:
@@ -117,14 +209,16 @@ def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> t
     in ``pipelines`` passed for the current FP32 model on this type of CPU."""
     if not has_bf16():
         return False, "bf16: this CPU has no bf16 arithmetic"
-    parts = _entries(repo.model_dir(name) / GATE_FILE).get("bf16", {}).get("parts", {})
+    directory = repo.model_dir(name)
+    parts = verdicts_here(directory).get("bf16", {}).get("parts", {})
     sha = repo.load(name).onnx_sha256
     passed = []
     for pipeline in pipelines:
         part = parts.get(pipeline)
+        if part is None:
+            return False, "bf16: " + _why_absent(directory, f"{pipeline} gate", "bf16", pipeline)
         if why := _not_here(part, f"{pipeline} gate", sha):
             return False, f"bf16: {why}"
-        assert part is not None  # (_not_here)
         if not part.get("passed"):
             return False, f"bf16 failed its {pipeline} gate ({part.get('summary', 'see precision.json')})"
         passed.append(f"{pipeline}: {part.get('summary', '')}")
@@ -135,8 +229,7 @@ def verdict_is_current(repo: ModelRepository, name: str, kind: str, pipeline: st
     """Whether a gate's verdict for ``name`` (``kind`` "int8", or "bf16" with its ``pipeline`` part) was measured
     on this type of CPU for the FP32 model (and INT8 file) the repository has now, whatever it said: a gate whose
     verdicts are all current has nothing to do."""
-    entries = _entries(repo.model_dir(name) / GATE_FILE)
-    entry = entries.get("int8") if kind == "int8" else entries.get("bf16", {}).get("parts", {}).get(pipeline)
+    entry = _entry(verdicts_here(repo.model_dir(name)), kind, pipeline)
     if entry is None or _not_here(entry, "gate", repo.load(name).onnx_sha256) is not None:
         return False
     return kind != "int8" or _int8_digest(repo.model_dir(name)) == entry.get("int8_sha256")
@@ -149,12 +242,13 @@ def passed_int8(repo: ModelRepository, name: str) -> tuple[dict[str, Any] | None
     The verdict holds for one type of CPU, as bf16's does: the CPU plugin picks its integer kernels by ISA, and
     without VNNI or AMX the u8 x s8 products go through VPMADDUBSW, which saturates each pair's sum to int16, where
     VNNI's VPDPBUSD and AMX accumulate in int32. A repository carried to another CPU serves FP32 (or bf16) until
-    ``make`` runs its gates there (the stamp names the CPU type, so it does)."""
+    its gates run there (``make``, or the entrypoint's), which add that type's verdicts to the others'."""
     directory = repo.model_dir(name)
-    entry = _entries(directory / GATE_FILE).get("int8")
+    entry = verdicts_here(directory).get("int8")
+    if entry is None:
+        return None, _why_absent(directory, "INT8 gate", "int8")
     if why := _not_here(entry, "INT8 gate", repo.load(name).onnx_sha256):
         return None, why
-    assert entry is not None  # (_not_here)
     if not entry.get("passed"):
         return None, f"INT8 failed its parity gate ({entry.get('summary', 'see precision.json')})"
     digest = _int8_digest(directory)

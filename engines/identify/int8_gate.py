@@ -39,6 +39,7 @@ from engines.machine import has_bf16, usable_cpus
 from engines.precision import (
     INT8_FILE,
     gate_main,
+    int8_vouched,
     passed_bf16,
     quantize_int8,
     verdict_is_current,
@@ -99,8 +100,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [index[k] for k in report["unknown_probes"]]
     held_out = set(test) | set(unknown)
     calib = [i for i in range(len(clips)) if i not in held_out][: args.calibration]
-    # Calibration clips are prepared only where a member is quantised (--keep-int8 keeps the files there are).
-    to_quantise = [n for n in ens.members if not (args.keep_int8 and (repo.model_dir(n) / INT8_FILE).is_file())]
+    # Calibration clips are prepared only where a member is quantised: --keep-int8 keeps the files there are, and
+    # a file another CPU type's verdict vouches for is kept anyway (quantising again would void that verdict).
+    to_quantise = [n for n in ens.members
+                   if not ((args.keep_int8 and (repo.model_dir(n) / INT8_FILE).is_file()) or int8_vouched(repo, n))]
+    if kept := [n for n in ens.members if n not in to_quantise]:
+        log.info("gating the INT8 files there are, as they are, for %s", ", ".join(kept))
     x_cal = _batch(clips, calib, ens.spec, None).numpy() if to_quantise else None
     parity = enrol + test + unknown
     x_par = _batch(clips, parity, ens.spec, None).numpy()
@@ -196,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "calibration_clips": len(calib), "parity_clips": len(parity),
                      "data": "synthetic clips (no real micro-expression data)"}
             if p == "int8":
-                write_gate(repo, name, entry)
+                write_gate(repo, name, {**entry, "quantised_here": name in to_quantise})
             else:
                 write_bf16_part(repo, name, IDENTIFICATION, entry)
         out[p] = {"members": r["members"], f"rank1_{p}": r["rank1"], "top1_changed": r["top1_changed"]}
