@@ -32,11 +32,12 @@ from engines.machine import (
     usable_cpus,
     write_stamp,
 )
-from engines.precision import GATE_FILE, passed_bf16, write_bf16_part, write_gate
+from engines.precision import GATE_FILE, passed_bf16, verdicts_here, write_bf16_part, write_gate
 from engines.repository import ModelRepository
 from engines.runtime.cpu_choice import gated_pipelines
 from engines.runtime.factory import EngineFactory, RuntimeSettings
 from engines.specs import DETECTOR, LIVENESS_SPECS
+from tests.verdicts import as_format1
 
 
 def test_declarations_name_the_cpu_precisions_and_pipelines_of_each_model() -> None:
@@ -89,10 +90,12 @@ def test_gate_entries_merge_and_a_verdict_holds_only_where_it_was_measured(repos
     write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "ok"})
     write_gate(repo, name, {"passed": False, "summary": "int8 failed"})  # an INT8 verdict keeps the bf16 part
     assert passed_bf16(repo, name, [LIVENESS]) == (True, "bf16 passed its gate (liveness: ok)")
-    assert json.loads((tmp_path / name / GATE_FILE).read_text())["int8"]["summary"] == "int8 failed"
+    assert verdicts_here(tmp_path / name)["int8"]["summary"] == "int8 failed"
     assert passed_bf16(repo, name, [LIVENESS, IDENTIFICATION])[1] == "bf16: no identification gate has run for " \
                                                                      "this model"
-    entries = json.loads((tmp_path / name / GATE_FILE).read_text())
+    # A file written before verdicts were kept per CPU type (format 1: one part per pipeline, naming its type): one
+    # measured on another type is not this one's.
+    entries = json.loads(as_format1(verdicts_here(tmp_path / name)))
     entries["bf16"]["parts"][LIVENESS]["machine"] = "Some Other CPU x2"
     (tmp_path / name / GATE_FILE).write_text(json.dumps(entries))
     assert passed_bf16(repo, name, [LIVENESS]) == (False, "bf16: the liveness gate ran on another CPU "
@@ -103,8 +106,10 @@ def test_gate_entries_merge_and_a_verdict_holds_only_where_it_was_measured(repos
         entries["bf16"]["parts"][LIVENESS]["machine"] = recorded
         (tmp_path / name / GATE_FILE).write_text(json.dumps(entries))
         assert passed_bf16(repo, name, [LIVENESS]) == (True, "bf16 passed its gate (liveness: ok)")
-    write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "ok"})
-    entries = json.loads((tmp_path / name / GATE_FILE).read_text())
+    write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "ok"})  # written back per CPU type
+    assert json.loads((tmp_path / name / GATE_FILE).read_text())["format"] == 2
+    assert verdicts_here(tmp_path / name)["int8"]["summary"] == "int8 failed"
+    entries = json.loads(as_format1(verdicts_here(tmp_path / name)))
     entries["bf16"]["parts"][LIVENESS]["source_onnx_sha256"] = "0" * 64
     (tmp_path / name / GATE_FILE).write_text(json.dumps(entries))
     assert passed_bf16(repo, name, [LIVENESS])[1] == "bf16: the liveness gate ran on another version of the model"
@@ -116,9 +121,60 @@ def test_gate_entries_merge_and_a_verdict_holds_only_where_it_was_measured(repos
     assert passed_bf16(repo, name, [LIVENESS]) == (False, "bf16: this CPU has no bf16 arithmetic")
 
 
+@pytest.mark.weights
+def test_each_cpu_type_keeps_its_own_verdicts_on_a_shared_volume(repository_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two CPU types writing verdicts for one model (pods of both on one volume): each finds its own current,
+    whatever the other wrote since, and only verdicts about files the repository no longer has are dropped."""
+    name = LIVENESS_SPECS[0].name
+    shutil.copytree(repository_dir / name, tmp_path / name, ignore=shutil.ignore_patterns("engines"))
+    (tmp_path / name / GATE_FILE).unlink(missing_ok=True)
+    int8_file = tmp_path / name / precision.INT8_FILE
+    int8_file.write_bytes((tmp_path / name / "model.onnx").read_bytes())  # an INT8 file's bytes are all the gate checks
+    repo = ModelRepository(tmp_path)
+    monkeypatch.setattr(precision, "has_bf16", lambda: True)
+
+    def be(cpu: str) -> None:
+        monkeypatch.setattr(machine, "cpu_type", lambda: cpu)
+        monkeypatch.setattr(precision, "cpu_type", lambda: cpu)
+
+    a, b = "CPU A (family 6 model 207) [avx512 amx]", "CPU B (family 25 model 17) [avx2]"
+    be(a)
+    assert not precision.int8_vouched(repo, name)  # nothing measured this file yet: a gate quantises
+    write_gate(repo, name, {"passed": True, "summary": "A int8"})
+    write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "A bf16"})
+    be(b)
+    assert precision.passed_int8(repo, name) == (None, f"the INT8 gate ran on another CPU ({a})")
+    assert not precision.verdict_is_current(repo, name, "int8")
+    assert precision.int8_vouched(repo, name)  # A's verdict is about this file: B gates it as it is
+    write_gate(repo, name, {"passed": False, "summary": "B int8"})
+    write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "B bf16"})
+    stored = json.loads((tmp_path / name / GATE_FILE).read_text())
+    assert stored["format"] == 2 and set(stored["cpu_types"]) == {a, b}
+    for cpu, int8, bf16 in ((a, "INT8 passed its parity gate (A int8)", "bf16 passed its gate (liveness: A bf16)"),
+                            (b, "INT8 failed its parity gate (B int8)", "bf16 passed its gate (liveness: B bf16)")):
+        be(cpu)
+        assert precision.passed_int8(repo, name)[1] == int8 and passed_bf16(repo, name, [LIVENESS])[1] == bf16
+        assert precision.verdict_is_current(repo, name, "int8")
+        assert precision.verdict_is_current(repo, name, "bf16", LIVENESS)
+    # Another INT8 file: no type's INT8 verdict holds, and the next write drops them (bf16 does not rest on it).
+    int8_file.write_bytes(int8_file.read_bytes() + b"\0")
+    assert not precision.int8_vouched(repo, name)
+    be(a)
+    assert precision.passed_int8(repo, name)[1] == "the INT8 file is missing or not the one the gate passed"
+    write_bf16_part(repo, name, LIVENESS, {"passed": False, "summary": "A bf16 again"})
+    assert {t: set(v) for t, v in precision.stored_verdicts(tmp_path / name).items()} == {a: {"bf16"}, b: {"bf16"}}
+    # A type's verdicts for an FP32 model the repository no longer has are dropped on the next write.
+    stored = json.loads((tmp_path / name / GATE_FILE).read_text())
+    stored["cpu_types"][b]["bf16"]["parts"][LIVENESS]["source_onnx_sha256"] = "0" * 64
+    (tmp_path / name / GATE_FILE).write_text(json.dumps(stored))
+    write_gate(repo, name, {"passed": True, "summary": "A int8 again"})
+    assert set(precision.stored_verdicts(tmp_path / name)) == {a}
+
+
 def _parts(repository_dir: Path, name: str) -> dict[str, dict[str, object]]:
     path = repository_dir / name / GATE_FILE
-    parts = json.loads(path.read_text()).get("bf16", {}).get("parts", {}) if path.is_file() else {}
+    parts = verdicts_here(path.parent).get("bf16", {}).get("parts", {}) if path.is_file() else {}
     if not parts:
         pytest.skip(f"no bf16 gate has run for {name} (a CPU without bf16 arithmetic: {not has_bf16()})")
     return parts

@@ -6,7 +6,6 @@ the pod's own start, run on this machine."""
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
@@ -23,7 +22,7 @@ from benchmarks.server_process import free_port
 from engines.identify.bundle_pack import pack
 from engines.identify.ensemble import find_ensemble
 from engines.machine import cpu_type
-from engines.precision import GATE_FILE, INT8_FILE
+from engines.precision import INT8_FILE, stored_verdicts, verdicts_here
 from engines.weights import MANIFEST, sha256_file
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from facegate_client.client import clip_from_folder
@@ -31,11 +30,11 @@ from server.auth.tokens import new_token
 from tests.conftest import ROOT, clip_dir, image_python, serve_folder, start_entrypoint
 from tests.served import gated_precisions
 from tests.test_kubernetes import by_kind, render
+from tests.verdicts import OTHER_CPU, move_to_another_type
 
 pytestmark = pytest.mark.weights
 
 LIVENESS_MODELS = ("retinaface", "minifasnet_v2", "minifasnet_v1se")
-OTHER_CPU = "AMD EPYC (family 25 model 17) [avx2 fma]"
 FPS = 200.0
 
 
@@ -215,7 +214,10 @@ def test_a_cpu_pod_serves_from_an_empty_models_volume_and_restarts_without_expor
     assert "identification gate: running for " in again and not list(repository.glob(".gate-set-*"))
     for member in ensemble.members:  # measured here, for this CPU type: the precisions the gates allow here
         assert gated_precisions(repository, member) == gated_precisions(repository_dir, member)
-        assert json.loads((repository / member / GATE_FILE).read_text())["int8"]["machine"] == cpu_type()
+        assert verdicts_here(repository / member)["int8"]["machine"] == cpu_type()
+        # The other type's verdicts, as the bundle carried them, are kept beside this type's.
+        assert stored_verdicts(repository / member)[OTHER_CPU] == stored_verdicts(
+            tmp_path / "elsewhere" / member)[OTHER_CPU]
         # (the INT8 file is the bundle's, gated as installed)
         assert sha256_file(repository / member / INT8_FILE) == sha256_file(repository_dir / member / INT8_FILE)
     assert pod.identifies(trained) >= 0.9
@@ -228,10 +230,6 @@ def packed_elsewhere(source: Path, copy: Path) -> Path:
     for part in ("ensembles", "reports", *ensemble.members):
         shutil.copytree(source / part, copy / part)
     for member in ensemble.members:
-        path = copy / member / GATE_FILE
-        entries = json.loads(path.read_text())
-        for entry in (entries["int8"], *entries.get("bf16", {}).get("parts", {}).values()):
-            entry["machine"] = OTHER_CPU
-        path.write_text(json.dumps(entries))
+        move_to_another_type(copy / member, OTHER_CPU)
         assert gated_precisions(copy, member) == {"fp32"}
     return copy

@@ -17,9 +17,9 @@ from engines.identify.bundle import install
 from engines.identify.bundle_pack import pack
 from engines.identify.ensemble import find_ensemble
 from engines.identify.synthetic import SyntheticConfig, generate
-from engines.precision import GATE_FILE
 from engines.weights import sha256_file
 from tests.conftest import _need
+from tests.verdicts import move_to_another_type
 
 pytestmark = pytest.mark.weights
 
@@ -101,10 +101,7 @@ def test_the_gate_runs_only_where_a_verdict_is_stale_and_the_photo_is_at_hand(
     assert "current" in gate_set.run(repository, samples)["skipped"]
     copy = tmp_path / "repository"
     shutil.copytree(repository, copy)
-    member = copy / ensemble.members[0] / GATE_FILE
-    entries = json.loads(member.read_text())
-    entries["int8"]["machine"] = "Another CPU (family 25 model 17) [avx2 fma]"
-    member.write_text(json.dumps(entries))
+    move_to_another_type(copy / ensemble.members[0])
     # Stale, but the photo is not in the folder named: nothing is generated, the member stays in FP32.
     elsewhere = tmp_path / "photos"
     elsewhere.mkdir()
