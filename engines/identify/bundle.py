@@ -11,7 +11,7 @@ file at start (``docker/entrypoint.sh``: ``FACEGATE_ENSEMBLE``, a path or an htt
 ``DIR/<name>-<version>.tar.gz`` and its ``.sha256``. The archive is reproducible (sorted entries, no times or
 owners), so packing the same models again gives the same sha256. It holds ``bundle.json`` (every other entry's
 sha256 and size), the manifest ``ensembles/<name>.json`` and, per member, ``metadata.json`` and ``model.onnx``,
-with its INT8 file and gate verdicts where the gates ran (they carry the CPU type they hold for). Packed with
+with its INT8 file and gate verdicts where the gates ran (each CPU type's, named). Packed with
 ``--synthetic`` (as ``make ensemble-bundle`` does), it also holds ``ensembles/<name>.gate-set``, the recipe of the
 synthetic clips the ensemble was evaluated on, from which a pod on another CPU type runs the identification gate
 (``engines/identify/gate_set.py``); without it, another type serves the members in FP32.
