@@ -49,6 +49,11 @@ def manifest_path(repository: Path, name: str = "") -> Path | None:
     return paths[0] if paths else None
 
 
+# The training report's evaluation split: the clips the parity gate runs on (the rest are for training and, in the
+# gate, calibration).
+SPLIT_KEYS = ("enrol2_gallery", "test_probes", "unknown_probes")
+
+
 def report_path(repository: Path, name: str) -> Path:
     """The evaluation report training wrote for ensemble ``name`` (its split: enrolment, test and unknown clips)."""
     return repository / "reports" / f"{name}.json"

@@ -33,7 +33,7 @@ from typing import Any
 
 from engines.atomic_write import write_atomically
 from engines.file_lock import exclusive
-from engines.identify.ensemble import find_ensemble
+from engines.identify.ensemble import SPLIT_KEYS, find_ensemble
 from engines.machine import usable_cpus
 from engines.precision import gate_parser
 from engines.weights import sha256_file
@@ -43,7 +43,6 @@ log = logging.getLogger("engines.identify.gate_set")
 # this module for the recipe's name alone.
 
 FORMAT = 1
-SPLIT_KEYS = ("enrol2_gallery", "test_probes", "unknown_probes")
 SCRATCH_PREFIX = ".gate-set-"
 # Bounds on looking for the photo in a mounted folder: files read, and the size of one.
 MAX_CANDIDATES = 1000

@@ -32,7 +32,7 @@ import numpy as np
 
 from engines.declarations import IDENTIFICATION, LIVENESS
 from engines.identify.datasets import READERS
-from engines.identify.ensemble import find_ensemble, report_path
+from engines.identify.ensemble import SPLIT_KEYS, find_ensemble, report_path
 from engines.identify.preprocess import prepare_all
 from engines.identify.train import _batch, cmc, identify
 from engines.machine import has_bf16, usable_cpus
@@ -92,20 +92,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if ens is None:
         raise SystemExit(f"no identification ensemble in {args.repository} (make identify-models)")
     report = json.loads((args.split or report_path(args.repository, ens.name)).read_text())
+    # Decided before anything is prepared: --keep-int8 keeps the INT8 files there are, and a file another CPU type's
+    # verdict vouches for is kept anyway (quantising again would void that verdict).
+    to_quantise = [n for n in ens.members
+                   if not ((args.keep_int8 and (repo.model_dir(n) / INT8_FILE).is_file()) or int8_vouched(repo, n))]
+    if kept := [n for n in ens.members if n not in to_quantise]:
+        log.info("gating the INT8 files there are, as they are, for %s", ", ".join(kept))
     records = READERS["casme2"](args.root, args.annotation)
+    if not to_quantise:  # no calibration: only the split's clips are prepared (232 of 384 for the project's set)
+        wanted = {k for key in SPLIT_KEYS for k in report[key]}
+        records = [r for r in records if r.key in wanted]
     clips = prepare_all(records, repo.onnx_path(DETECTOR), ens.spec, args.cache)
     index = {c.record.key: i for i, c in enumerate(clips)}
     enrol = [index[k] for k in report["enrol2_gallery"]]
     test = [index[k] for k in report["test_probes"]]
     unknown = [index[k] for k in report["unknown_probes"]]
     held_out = set(test) | set(unknown)
-    calib = [i for i in range(len(clips)) if i not in held_out][: args.calibration]
-    # Calibration clips are prepared only where a member is quantised: --keep-int8 keeps the files there are, and
-    # a file another CPU type's verdict vouches for is kept anyway (quantising again would void that verdict).
-    to_quantise = [n for n in ens.members
-                   if not ((args.keep_int8 and (repo.model_dir(n) / INT8_FILE).is_file()) or int8_vouched(repo, n))]
-    if kept := [n for n in ens.members if n not in to_quantise]:
-        log.info("gating the INT8 files there are, as they are, for %s", ", ".join(kept))
+    calib = [i for i in range(len(clips)) if i not in held_out][: args.calibration] if to_quantise else []
     x_cal = _batch(clips, calib, ens.spec, None).numpy() if to_quantise else None
     parity = enrol + test + unknown
     x_par = _batch(clips, parity, ens.spec, None).numpy()
@@ -157,8 +160,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results = {p: check(embed(p, x_par), p) for p in precisions}
     detector: dict[str, Any] | None = None
-    if bf16:  # the same clips with the detector in bf16: its box decides every crop
-        clips_b = prepare_all(records, repo.onnx_path(DETECTOR), ens.spec, args.cache, detector_precision="bf16")
+    # The detector serves bf16 only where its liveness part passed too: where that part failed on this CPU type, its
+    # identification part (and the members' checks on its crops) would change nothing served.
+    detector_refused = (verdict_is_current(repo, DETECTOR, "bf16", LIVENESS)
+                        and not passed_bf16(repo, DETECTOR, [LIVENESS])[0])
+    if bf16 and detector_refused:
+        log.info("detector bf16 failed its liveness gate on this CPU type: its identification part is not run")
+    elif bf16:  # the same clips with the detector in bf16: its box decides every crop
+        # (only the parity clips: nothing else is embedded from these crops)
+        clips_b = prepare_all([clips[i].record for i in parity], repo.onnx_path(DETECTOR), ens.spec, args.cache,
+                              detector_precision="bf16")
         index_b = {c.record.key: i for i, c in enumerate(clips_b)}
         found = [index_b.get(clips[i].record.key) for i in parity]
         parity_b = [j for j in found if j is not None]
@@ -198,16 +209,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             f"{extra}; ensemble rank-1 on the synthetic test split {r['rank1']:.4f} vs FP32 "
                             f"{base:.4f}, {r['top1_changed']} of {n_test} top-1 persons changed")
             entry = {**m, "rank1_fp32": base, f"rank1_{p}": r["rank1"], "top1_changed": r["top1_changed"],
-                     "calibration_clips": len(calib), "parity_clips": len(parity),
-                     "data": "synthetic clips (no real micro-expression data)"}
+                     "parity_clips": len(parity), "data": "synthetic clips (no real micro-expression data)"}
             if p == "int8":
-                write_gate(repo, name, {**entry, "quantised_here": name in to_quantise})
+                made = {"calibration_clips": len(calib)} if name in to_quantise else {}
+                write_gate(repo, name, {**entry, **made, "quantised_here": name in to_quantise})
             else:
                 write_bf16_part(repo, name, IDENTIFICATION, entry)
         out[p] = {"members": r["members"], f"rank1_{p}": r["rank1"], "top1_changed": r["top1_changed"]}
     if detector is not None:
         out["detector_bf16"] = detector
-    else:
+    if not bf16:
         log.info("this CPU has no bf16 arithmetic: no bf16 gate runs (bf16 is never served here)")
     return out
 
