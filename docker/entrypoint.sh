@@ -39,7 +39,7 @@ if [ -n "${FACEGATE_LIVENESS_SAMPLES:-}" ]; then
   python3 -m engines.liveness_gate --if-stale --samples "$FACEGATE_LIVENESS_SAMPLES" --repository model_repository \
     >/dev/null || echo "entrypoint: the liveness parity gate did not run (see above); models without a verdict for this CPU serve FP32" >&2
   # The identification gate too, where an installed ensemble's verdicts are for another CPU type: its bundle's gate
-  # set names the face photo (one of these samples) its synthetic clips are regenerated from (about a minute or two
+  # set names the face photo (one of these samples) its synthetic clips are regenerated from (about 45 s
   # on 2 CPUs, once per volume and CPU type; the clips are removed after).
   python3 -m engines.identify.gate_set --samples "$FACEGATE_LIVENESS_SAMPLES" --repository model_repository \
     >/dev/null || echo "entrypoint: the identification parity gate did not run (see above); members without a verdict for this CPU serve FP32" >&2
