@@ -149,6 +149,8 @@ def box_shift(a: list[Box | None], b: list[Box | None]) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     repo = ModelRepository(args.repository)
+    # What the verdicts are about: another process replacing a model meanwhile voids them (precision._record).
+    measured = {name: repo.load(name).onnx_sha256 for name in (DETECTOR, *(s.name for s in LIVENESS_SPECS))}
     samples = sorted(p for p in args.samples.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     images = [img for img in (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in samples) if img is not None]
     if not images:
@@ -196,17 +198,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     int8 = verdict("int8")
     for k, spec in enumerate(LIVENESS_SPECS):
         made = {"quantised_here": False} if keep[k] else {"quantised_here": True, "calibration_images": len(calib[k])}
-        write_gate(repo, spec.name, {**int8, **made, "data": data})
+        write_gate(repo, spec.name, {**int8, **made, "data": data}, measured[spec.name])
     out: dict[str, Any] = {"passed": int8["passed"], "summary": int8["summary"],
                            "parity_images": int8["parity_images"]}
     if bf16:
         b = verdict("bf16")
         for spec in LIVENESS_SPECS:
-            write_bf16_part(repo, spec.name, LIVENESS, {**b, "data": data})
+            write_bf16_part(repo, spec.name, LIVENESS, {**b, "data": data}, measured[spec.name])
         det = combos[("bf16", "fp32")]
         shift = box_shift(detectors["fp32"], detectors["bf16"])
         write_bf16_part(repo, DETECTOR, LIVENESS, {**det, "summary": f"{det['summary']}; boxes moved by up to "
-                                                   f"{shift:.0f} px", "max_box_shift_px": shift, "data": data})
+                                                   f"{shift:.0f} px", "max_box_shift_px": shift, "data": data},
+                        measured[DETECTOR])
         out["bf16"] = {"classifiers": b["summary"], "classifiers_passed": b["passed"],
                        "detector": det["summary"], "detector_passed": det["passed"], "max_box_shift_px": shift}
     else:

@@ -40,6 +40,8 @@ from engines.weights import sha256_file
 
 INT8_FILE = "model.int8.onnx"
 GATE_FILE = "precision.json"
+GATE_LOCK = ".gate.lock"  # in the repository: held by each gate while it runs, and by an ensemble install
+log = logging.getLogger(__name__)
 FORMAT = 2  # verdicts kept per CPU type (format 1, with no "format" key: one verdict each, of one type)
 
 
@@ -133,23 +135,32 @@ def _still_valid(block: Mapping[str, Any], onnx_sha256: str, int8_sha256: str) -
     return kept
 
 
-def _record(repo: ModelRepository, name: str, put: Callable[[dict[str, Any]], None]) -> None:
-    """Change this CPU type's verdicts for ``name`` with ``put``, keeping every other type's that still holds."""
+def _record(repo: ModelRepository, name: str, put: Callable[[dict[str, Any]], None], measured: str | None) -> bool:
+    """Change this CPU type's verdicts for ``name`` with ``put``, keeping every other type's that still holds.
+    Where the FP32 model is no longer the one the gate ``measured`` (its sha256; another process replaced it while
+    the gate ran, as a pod of another image version on a shared volume could), nothing is written: the verdict would
+    name a model it was not measured on. False then."""
     directory = repo.model_dir(name)
     onnx_sha256, int8_sha256 = repo.load(name).onnx_sha256, _int8_digest(directory)
+    if measured is not None and measured != onnx_sha256:
+        log.warning("%s: its FP32 model changed while the gate ran (measured %s, now %s); its verdict is not recorded",
+                    name, measured[:12], onnx_sha256[:12])
+        return False
     here, types = _split(stored_verdicts(directory))
     put(here)
     types[cpu_type()] = here
     kept = {t: v for t, v in ((t, _still_valid(b, onnx_sha256, int8_sha256)) for t, b in types.items()) if v}
     _write_entries(directory / GATE_FILE, {"format": FORMAT, "cpu_types": kept})
+    return True
 
 
-def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any]) -> None:
+def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any], measured: str | None = None) -> bool:
     """Record an INT8 gate's outcome (``passed`` and its numbers) for this CPU type (its other precisions' entries
-    and other types' verdicts are kept), with the FP32 model, the INT8 file and the CPU type it was measured on."""
+    and other types' verdicts are kept), with the FP32 model, the INT8 file and the CPU type it was measured on
+    (``measured``: the FP32 model's sha256 when the gate began, see ``_record``)."""
     entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256,
              "int8_sha256": _int8_digest(repo.model_dir(name)), "machine": cpu_type()}
-    _record(repo, name, lambda here: here.__setitem__("int8", entry))
+    return _record(repo, name, lambda here: here.__setitem__("int8", entry), measured)
 
 
 def _int8_digest(directory: Path) -> str:
@@ -197,11 +208,17 @@ def _why_absent(directory: Path, gate: str, kind: str, pipeline: str = "") -> st
     return f"the {gate} ran on another CPU ({'; '.join(others)})" if others else f"no {gate} has run for this model"
 
 
-def write_bf16_part(repo: ModelRepository, name: str, pipeline: str, result: Mapping[str, Any]) -> None:
+def write_bf16_part(repo: ModelRepository, name: str, pipeline: str, result: Mapping[str, Any],
+                    measured: str | None = None) -> bool:
     """Record one pipeline's bf16 gate outcome for a model on this CPU type (its other pipelines' parts and other
-    types' verdicts are kept), with the FP32 model and the CPU type it was measured for."""
+    types' verdicts are kept), with the FP32 model and the CPU type it was measured for (``measured``: as for
+    ``write_gate``)."""
     entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256, "machine": cpu_type()}
-    _record(repo, name, lambda here: here.setdefault("bf16", {"parts": {}})["parts"].__setitem__(pipeline, entry))
+
+    def put(here: dict[str, Any]) -> None:
+        here.setdefault("bf16", {"parts": {}})["parts"][pipeline] = entry
+
+    return _record(repo, name, put, measured)
 
 
 def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> tuple[bool, str]:
@@ -284,7 +301,7 @@ def gate_main(description: str, argv: list[str] | None, add_arguments: Callable[
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Replicas on one volume run the gate at their first start together: one measures, the others then find its
     # verdicts current (--if-stale) instead of rewriting them.
-    with exclusive(args.repository / ".gate.lock"):
+    with exclusive(args.repository / GATE_LOCK):
         outcome = json.dumps(run(args), indent=1)
     print(outcome)
     if args.report is not None:

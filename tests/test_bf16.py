@@ -170,6 +170,11 @@ def test_each_cpu_type_keeps_its_own_verdicts_on_a_shared_volume(repository_dir:
     (tmp_path / name / GATE_FILE).write_text(json.dumps(stored))
     write_gate(repo, name, {"passed": True, "summary": "A int8 again"})
     assert set(precision.stored_verdicts(tmp_path / name)) == {a}
+    # A gate whose FP32 model was replaced while it ran (another process on the volume) records nothing.
+    assert not write_gate(repo, name, {"passed": False, "summary": "measured on another model"}, measured="0" * 64)
+    assert not write_bf16_part(repo, name, LIVENESS, {"passed": True, "summary": "likewise"}, measured="0" * 64)
+    assert verdicts_here(tmp_path / name)["int8"]["summary"] == "A int8 again"
+    assert verdicts_here(tmp_path / name)["bf16"]["parts"][LIVENESS]["summary"] == "A bf16 again"
 
 
 def _parts(repository_dir: Path, name: str) -> dict[str, dict[str, object]]:

@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import tarfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ from typing import Any
 import onnx
 import pytest
 
+from engines.file_lock import exclusive
 from engines.identify.bundle import INDEX, BundleError, install
 from engines.identify.bundle_pack import pack
 from engines.identify.ensemble import ensemble_version, find_ensemble
+from engines.precision import GATE_LOCK
 from engines.repository import ModelRepository
 from engines.weights import sha256_file
 from tests.conftest import _need, run_together, serve_folder
@@ -82,6 +85,27 @@ def test_replicas_installing_together_install_it_once(bundle: tuple[Path, str], 
               "print(install(sys.argv[1], sys.argv[2], Path(sys.argv[3])).changed)")
     outputs = run_together(script, str(archive), digest, str(tmp_path / "shared"), copies=3)
     assert sorted(o.strip() for o in outputs) == ["False", "False", "True"]
+
+
+def test_an_install_waits_while_a_gate_runs(bundle: tuple[Path, str], tmp_path: Path) -> None:
+    """A gate (another replica's) measures the members' files and writes verdicts beside them: an install puts new
+    members in place only after it."""
+    archive, digest = bundle
+    repository = tmp_path / "repository"
+    done = threading.Event()
+
+    def install_then_say() -> None:
+        install(str(archive), digest, repository)
+        done.set()
+
+    thread = threading.Thread(target=install_then_say)
+    with exclusive(repository / GATE_LOCK):
+        thread.start()
+        assert not done.wait(5.0)  # (unpacked and checked in about a second, then waiting)
+        assert find_ensemble(repository) is None
+    assert done.wait(120.0)
+    thread.join()
+    assert find_ensemble(repository) is not None
 
 
 def test_a_bundle_is_downloaded_from_a_mirror_within_its_size_limit(bundle: tuple[Path, str], tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ within its stated size, into a staging folder in the repository, checks every fi
 files give the manifest's version, and only then puts it in place, the manifest last. An interrupted install
 leaves no ensemble (IdentificationService says FAILED_PRECONDITION), never one whose manifest names other files; the
 next start installs it again. Replicas on a shared volume take turns, and one that finds the same archive installed
-does nothing.
+does nothing. Members are put in place only while no parity gate runs (``precision.GATE_LOCK``): a gate measures
+the members' files and writes its verdicts beside them.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from engines.download import TooLargeError, download
 from engines.file_lock import exclusive
 from engines.identify import gate_set
 from engines.identify.ensemble import ensemble_version
-from engines.precision import GATE_FILE, INT8_FILE
+from engines.precision import GATE_FILE, GATE_LOCK, INT8_FILE
 from engines.repository import METADATA_FILE, ONNX_FILE, ModelMetadata
 from engines.weights import sha256_file
 
@@ -298,7 +299,10 @@ def install(source: str, sha256: str, repository: Path, max_bytes: int = MAX_BUN
         staging = Path(tempfile.mkdtemp(dir=repository, prefix=".ensemble-"))
         try:
             index = _unpack(archive, staging)
-            _put_in_place(repository, staging, index, sha256)
+            # Not while a gate runs (another replica's): it measures the members' files, and its verdicts must be
+            # about the files they will sit beside.
+            with exclusive(repository / GATE_LOCK):
+                _put_in_place(repository, staging, index, sha256)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if _is_url(source):

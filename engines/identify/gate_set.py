@@ -35,7 +35,7 @@ from engines.atomic_write import write_atomically
 from engines.file_lock import exclusive
 from engines.identify.ensemble import SPLIT_KEYS, find_ensemble
 from engines.machine import usable_cpus
-from engines.precision import gate_parser
+from engines.precision import GATE_LOCK, gate_parser
 from engines.weights import sha256_file
 
 log = logging.getLogger("engines.identify.gate_set")
@@ -135,7 +135,7 @@ def run(repository: Path, samples: Path) -> dict[str, Any]:
         return {"skipped": f"no file in {samples} has the gate set's photo sha256 {recipe['base_image_sha256']}; "
                            "members without verdicts for this CPU serve FP32"}
     # Replicas on one volume take turns; one that waited finds the verdicts current.
-    with exclusive(repository / ".gate.lock"):
+    with exclusive(repository / GATE_LOCK):
         if not (todo := int8_gate.stale(repository)):
             return {"skipped": "every identification verdict is current (another process ran the gate)"}
         _remove_scratch(repository)

@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if ens is None:
         raise SystemExit(f"no identification ensemble in {args.repository} (make identify-models)")
     report = json.loads((args.split or report_path(args.repository, ens.name)).read_text())
+    # What the verdicts are about: another process replacing a model meanwhile voids them (precision._record).
+    measured = {name: repo.load(name).onnx_sha256 for name in (DETECTOR, *ens.members)}
     # Decided before anything is prepared: --keep-int8 keeps the INT8 files there are, and a file another CPU type's
     # verdict vouches for is kept anyway (quantising again would void that verdict).
     to_quantise = [n for n in ens.members
@@ -197,7 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results[p]["unchanged"] = results[p]["unchanged"] and on_b["unchanged"]
         log.info("detector bf16 (identification): %s", detector["summary"])
         write_bf16_part(repo, DETECTOR, IDENTIFICATION, {**detector, "parity_clips": len(parity),
-                                                         "data": "synthetic clips (no real micro-expression data)"})
+                                                         "data": "synthetic clips (no real micro-expression data)"},
+                        measured[DETECTOR])
     out: dict[str, Any] = {"rank1_fp32": base}
     for p in precisions:
         r = results[p]
@@ -212,9 +215,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "parity_clips": len(parity), "data": "synthetic clips (no real micro-expression data)"}
             if p == "int8":
                 made = {"calibration_clips": len(calib)} if name in to_quantise else {}
-                write_gate(repo, name, {**entry, **made, "quantised_here": name in to_quantise})
+                write_gate(repo, name, {**entry, **made, "quantised_here": name in to_quantise}, measured[name])
             else:
-                write_bf16_part(repo, name, IDENTIFICATION, entry)
+                write_bf16_part(repo, name, IDENTIFICATION, entry, measured[name])
         out[p] = {"members": r["members"], f"rank1_{p}": r["rank1"], "top1_changed": r["top1_changed"]}
     if detector is not None:
         out["detector_bf16"] = detector
