@@ -163,6 +163,20 @@ def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any], meas
     return _record(repo, name, lambda here: here.__setitem__("int8", entry), measured)
 
 
+def adopt_verdicts(repo: ModelRepository, name: str, source: Path) -> list[str]:
+    """Add to ``name``'s verdicts those in the model folder ``source`` (a bundle's copy of the same model) for CPU
+    types the repository has none for, where they are about its files (an INT8 verdict about another INT8 file is
+    not); the types added."""
+    directory = repo.model_dir(name)
+    onnx_sha256, int8_sha256 = repo.load(name).onnx_sha256, _int8_digest(directory)
+    have = stored_verdicts(directory)
+    added = {t: v for t, b in stored_verdicts(source).items()
+             if t not in have and (v := _still_valid(b, onnx_sha256, int8_sha256))}
+    if added:
+        _write_entries(directory / GATE_FILE, {"format": FORMAT, "cpu_types": {**have, **added}})
+    return sorted(added)
+
+
 def _int8_digest(directory: Path) -> str:
     """The sha256 of the model's INT8 file, "" where there is none."""
     file = directory / INT8_FILE

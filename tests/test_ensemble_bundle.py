@@ -21,11 +21,13 @@ from engines.file_lock import exclusive
 from engines.identify.bundle import INDEX, BundleError, install
 from engines.identify.bundle_pack import pack
 from engines.identify.ensemble import ensemble_version, find_ensemble
-from engines.precision import GATE_LOCK
+from engines.machine import is_this_type
+from engines.precision import GATE_LOCK, stored_verdicts
 from engines.repository import ModelRepository
 from engines.weights import sha256_file
 from tests.conftest import _need, run_together, serve_folder
 from tests.served import gated_precisions
+from tests.verdicts import OTHER_CPU, move_to_another_type
 
 pytestmark = pytest.mark.weights
 
@@ -85,6 +87,25 @@ def test_replicas_installing_together_install_it_once(bundle: tuple[Path, str], 
               "print(install(sys.argv[1], sys.argv[2], Path(sys.argv[3])).changed)")
     outputs = run_together(script, str(archive), digest, str(tmp_path / "shared"), copies=3)
     assert sorted(o.strip() for o in outputs) == ["False", "False", "True"]
+
+
+def test_an_install_keeping_a_member_adds_the_bundles_verdicts_for_other_cpu_types(
+        source: Path, bundle: tuple[Path, str], tmp_path: Path) -> None:
+    """A volume whose members were gated on another CPU type gets a bundle with the same members (a new ensemble
+    version that left them unchanged): they are kept, with both types' verdicts, and serve here as packed."""
+    archive, digest = bundle
+    repository = tmp_path / "repository"
+    install(str(archive), digest, repository)
+    ensemble = find_ensemble(repository)
+    assert ensemble is not None
+    theirs = {m: move_to_another_type(repository / m) for m in ensemble.members}
+    assert all(gated_precisions(repository, m) == {"fp32"} for m in ensemble.members)
+    (repository / "ensembles" / f"{ensemble.name}.bundle").unlink()  # as if another archive held these members
+    assert install(str(archive), digest, repository).changed
+    for member in ensemble.members:
+        verdicts = stored_verdicts(repository / member)
+        assert verdicts[OTHER_CPU] == theirs[member] and [is_this_type(t) for t in verdicts if t != OTHER_CPU] == [True]
+        assert gated_precisions(repository, member) == gated_precisions(source, member)
 
 
 def test_an_install_waits_while_a_gate_runs(bundle: tuple[Path, str], tmp_path: Path) -> None:

@@ -49,8 +49,8 @@ from engines.download import TooLargeError, download
 from engines.file_lock import exclusive
 from engines.identify import gate_set
 from engines.identify.ensemble import ensemble_version
-from engines.precision import GATE_FILE, GATE_LOCK, INT8_FILE
-from engines.repository import METADATA_FILE, ONNX_FILE, ModelMetadata
+from engines.precision import GATE_FILE, GATE_LOCK, INT8_FILE, adopt_verdicts
+from engines.repository import METADATA_FILE, ONNX_FILE, ModelMetadata, ModelRepository
 from engines.weights import sha256_file
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,9 @@ def _put_in_place(repository: Path, staging: Path, index: dict[str, Any], sha256
     for member in members:
         target = repository / member
         if target.is_dir() and _same_model(target, staging / member):
-            # The same model: keep its compiled caches, measurements and verdicts (each checked against its ONNX).
+            # The same model: keep its compiled caches, measurements and verdicts (each checked against its ONNX),
+            # and add the bundle's verdicts for CPU types the volume has none for.
+            adopt_verdicts(ModelRepository(repository), member, staging / member)
             continue
         if target.exists():
             target.rename(repository / f".{member}.replaced-{os.getpid()}")
