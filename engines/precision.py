@@ -42,6 +42,7 @@ INT8_FILE = "model.int8.onnx"
 GATE_FILE = "precision.json"
 GATE_LOCK = ".gate.lock"  # in the repository: held by each gate while it runs, and by an ensemble install
 log = logging.getLogger(__name__)
+_UNREADABLE: set[Path] = set()  # verdict files this process warned of
 FORMAT = 2  # verdicts kept per CPU type (format 1, with no "format" key: one verdict each, of one type)
 
 
@@ -76,7 +77,18 @@ def quantize_int8(src: Path, dst: Path, calibration: Iterable[Mapping[str, np.nd
 
 
 def _entries(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The file's JSON object; {} where there is none or it cannot be read (a hand edit, a disk error): its
+    models then serve FP32 until a gate runs and writes the file afresh."""
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        if path not in _UNREADABLE:  # once a process: every model choice reads the file again
+            _UNREADABLE.add(path)
+            log.warning("%s cannot be read (%s): no verdicts are taken from it", path, exc)
+        return {}
+    return entries if isinstance(entries, dict) else {}
 
 
 def _write_entries(path: Path, entries: Mapping[str, Any]) -> None:
@@ -90,14 +102,29 @@ def stored_verdicts(directory: Path) -> dict[str, dict[str, Any]]:
     read under the name it recorded (one naming none, under "")."""
     raw = _entries(directory / GATE_FILE)
     if "cpu_types" in raw:
-        return {str(t): dict(block) for t, block in raw["cpu_types"].items()}
+        blocks = raw["cpu_types"] if isinstance(raw["cpu_types"], dict) else {}
+        return {str(t): _well_formed(block) for t, block in blocks.items() if isinstance(block, dict)}
     types: dict[str, dict[str, Any]] = {}
-    if isinstance(raw.get("int8"), dict):
-        types.setdefault(str(raw["int8"].get("machine", "")), {})["int8"] = raw["int8"]
-    for pipeline, part in raw.get("bf16", {}).get("parts", {}).items():
+    old = _well_formed(raw)
+    if "int8" in old:
+        types.setdefault(str(old["int8"].get("machine", "")), {})["int8"] = old["int8"]
+    for pipeline, part in old.get("bf16", {}).get("parts", {}).items():
         block = types.setdefault(str(part.get("machine", "")), {})
         block.setdefault("bf16", {"parts": {}})["parts"][pipeline] = part
     return types
+
+
+def _well_formed(block: Mapping[str, Any]) -> dict[str, Any]:
+    """A type's verdicts with only what has the shape the readers expect (an entry is an object): a hand-edited
+    file loses what it broke, and nothing else."""
+    out: dict[str, Any] = {}
+    if isinstance(block.get("int8"), dict):
+        out["int8"] = block["int8"]
+    bf16 = block.get("bf16")
+    parts = bf16.get("parts") if isinstance(bf16, dict) else None
+    if isinstance(parts, dict) and (kept := {str(p): e for p, e in parts.items() if isinstance(e, dict)}):
+        out["bf16"] = {"parts": kept}
+    return out
 
 
 def _split(types: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -177,6 +177,24 @@ def test_each_cpu_type_keeps_its_own_verdicts_on_a_shared_volume(repository_dir:
     assert verdicts_here(tmp_path / name)["bf16"]["parts"][LIVENESS]["summary"] == "A bf16 again"
 
 
+@pytest.mark.weights
+def test_a_verdict_file_that_cannot_be_read_gives_no_verdicts_and_is_written_afresh(repository_dir: Path,
+                                                                                     tmp_path: Path) -> None:
+    """A hand-edited or damaged precision.json: its model serves FP32 (the server still starts), and the next gate
+    writes the file afresh."""
+    name = LIVENESS_SPECS[0].name
+    shutil.copytree(repository_dir / name, tmp_path / name, ignore=shutil.ignore_patterns("engines"))
+    repo, path = ModelRepository(tmp_path), tmp_path / name / GATE_FILE
+    for broken in ('{"format": 2, "cpu_types": {"x": 5}', "[1, 2]", '{"int8": "yes", "bf16": [1]}',
+                   json.dumps({"format": 2, "cpu_types": {cpu_type(): {"int8": 3, "bf16": {"parts": [1]}}}}),
+                   json.dumps({"format": 2, "cpu_types": [cpu_type()]})):
+        path.write_text(broken)
+        assert precision.passed_int8(repo, name) == (None, "no INT8 gate has run for this model"), broken
+        assert not precision.verdict_is_current(repo, name, "bf16", LIVENESS)
+    write_gate(repo, name, {"passed": False, "summary": "written afresh"})
+    assert verdicts_here(tmp_path / name)["int8"]["summary"] == "written afresh"
+
+
 def _parts(repository_dir: Path, name: str) -> dict[str, dict[str, object]]:
     path = repository_dir / name / GATE_FILE
     parts = verdicts_here(path.parent).get("bf16", {}).get("parts", {}) if path.is_file() else {}
