@@ -26,7 +26,7 @@ import argparse
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +105,8 @@ def stored_verdicts(directory: Path) -> dict[str, dict[str, Any]]:
         blocks = raw["cpu_types"] if isinstance(raw["cpu_types"], dict) else {}
         return {str(t): _well_formed(block) for t, block in blocks.items() if isinstance(block, dict)}
     types: dict[str, dict[str, Any]] = {}
-    old = _well_formed(raw)
-    if "int8" in old:
-        types.setdefault(str(old["int8"].get("machine", "")), {})["int8"] = old["int8"]
-    for pipeline, part in old.get("bf16", {}).get("parts", {}).items():
-        block = types.setdefault(str(part.get("machine", "")), {})
-        block.setdefault("bf16", {"parts": {}})["parts"][pipeline] = part
+    for kind, pipeline, entry in _each(_well_formed(raw)):
+        _put(types.setdefault(str(entry.get("machine", "")), {}), kind, pipeline, entry)
     return types
 
 
@@ -136,10 +132,8 @@ def _split(types: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], dict
         if not is_this_type(recorded):
             others[recorded] = dict(block)
             continue
-        if "int8" in block:
-            here["int8"] = block["int8"]
-        for pipeline, part in block.get("bf16", {}).get("parts", {}).items():
-            here.setdefault("bf16", {"parts": {}})["parts"][pipeline] = part
+        for kind, pipeline, entry in _each(block):
+            _put(here, kind, pipeline, entry)
     return here, others
 
 
@@ -148,33 +142,53 @@ def verdicts_here(directory: Path) -> dict[str, Any]:
     return _split(stored_verdicts(directory))[0]
 
 
+def _each(block: Mapping[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(kind, pipeline, entry) of every verdict in one type's block: its INT8 entry ("int8", "") and its bf16
+    parts ("bf16", pipeline)."""
+    if "int8" in block:
+        yield "int8", "", block["int8"]
+    for pipeline, part in block.get("bf16", {}).get("parts", {}).items():
+        yield "bf16", pipeline, part
+
+
+def _put(block: dict[str, Any], kind: str, pipeline: str, entry: dict[str, Any]) -> None:
+    """Set one verdict of a type's block (``_each``'s inverse)."""
+    if kind == "int8":
+        block["int8"] = entry
+    else:
+        block.setdefault("bf16", {"parts": {}})["parts"][pipeline] = entry
+
+
 def _still_valid(block: Mapping[str, Any], onnx_sha256: str, int8_sha256: str) -> dict[str, Any]:
     """The verdicts of ``block`` that are about the FP32 model (and INT8 file) the repository has now: no other can
     hold again."""
     kept: dict[str, Any] = {}
-    int8 = block.get("int8")
-    if int8 and int8.get("source_onnx_sha256") == onnx_sha256 and int8.get("int8_sha256") == int8_sha256:
-        kept["int8"] = int8
-    parts = {p: e for p, e in block.get("bf16", {}).get("parts", {}).items()
-             if e.get("source_onnx_sha256") == onnx_sha256}
-    if parts:
-        kept["bf16"] = {"parts": parts}
+    for kind, pipeline, entry in _each(block):
+        if entry.get("source_onnx_sha256") == onnx_sha256 and (
+                kind != "int8" or entry.get("int8_sha256") == int8_sha256):
+            _put(kept, kind, pipeline, entry)
     return kept
 
 
-def _record(repo: ModelRepository, name: str, put: Callable[[dict[str, Any]], None], measured: str | None) -> bool:
-    """Change this CPU type's verdicts for ``name`` with ``put``, keeping every other type's that still holds.
-    Where the FP32 model is no longer the one the gate ``measured`` (its sha256; another process replaced it while
-    the gate ran, as a pod of another image version on a shared volume could), nothing is written: the verdict would
-    name a model it was not measured on. False then."""
+def _record(repo: ModelRepository, name: str, kind: str, pipeline: str, result: Mapping[str, Any],
+            measured: str | None) -> bool:
+    """Record a gate's outcome (``passed`` and its numbers) for ``name`` on this CPU type: its INT8 verdict
+    (``kind`` "int8") or one pipeline's bf16 part. The entry names the FP32 model, the CPU type and, for INT8, the
+    file it was measured on; every other verdict of this type and of the others is kept where it still holds.
+    Where the FP32 model is no longer the one the gate ``measured`` (its sha256 when the gate began; another process
+    replaced it while the gate ran, as a pod of another image version on a shared volume could), nothing is
+    written: the verdict would name a model it was not measured on. False then."""
     directory = repo.model_dir(name)
     onnx_sha256, int8_sha256 = repo.load(name).onnx_sha256, _int8_digest(directory)
     if measured is not None and measured != onnx_sha256:
         log.warning("%s: its FP32 model changed while the gate ran (measured %s, now %s); its verdict is not recorded",
                     name, measured[:12], onnx_sha256[:12])
         return False
+    entry = {**result, "source_onnx_sha256": onnx_sha256, "machine": cpu_type()}
+    if kind == "int8":
+        entry["int8_sha256"] = int8_sha256
     here, types = _split(stored_verdicts(directory))
-    put(here)
+    _put(here, kind, pipeline, entry)
     types[cpu_type()] = here
     kept = {t: v for t, v in ((t, _still_valid(b, onnx_sha256, int8_sha256)) for t, b in types.items()) if v}
     _write_entries(directory / GATE_FILE, {"format": FORMAT, "cpu_types": kept})
@@ -182,12 +196,9 @@ def _record(repo: ModelRepository, name: str, put: Callable[[dict[str, Any]], No
 
 
 def write_gate(repo: ModelRepository, name: str, result: Mapping[str, Any], measured: str | None = None) -> bool:
-    """Record an INT8 gate's outcome (``passed`` and its numbers) for this CPU type (its other precisions' entries
-    and other types' verdicts are kept), with the FP32 model, the INT8 file and the CPU type it was measured on
-    (``measured``: the FP32 model's sha256 when the gate began, see ``_record``)."""
-    entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256,
-             "int8_sha256": _int8_digest(repo.model_dir(name)), "machine": cpu_type()}
-    return _record(repo, name, lambda here: here.__setitem__("int8", entry), measured)
+    """Record an INT8 gate's outcome for this CPU type (``_record``; ``measured``: the FP32 model's sha256 when the
+    gate began)."""
+    return _record(repo, name, "int8", "", result, measured)
 
 
 def adopt_verdicts(repo: ModelRepository, name: str, source: Path) -> list[str]:
@@ -218,22 +229,8 @@ def int8_vouched(repo: ModelRepository, name: str) -> bool:
     directory = repo.model_dir(name)
     digest = _int8_digest(directory)
     onnx_sha256 = repo.load(name).onnx_sha256
-    return bool(digest) and any(
-        b.get("int8", {}).get("source_onnx_sha256") == onnx_sha256 and b["int8"].get("int8_sha256") == digest
-        for b in stored_verdicts(directory).values())
-
-
-def _not_here(entry: Mapping[str, Any] | None, gate: str, onnx_sha256: str) -> str | None:
-    """Why a recorded verdict does not hold for the FP32 model the repository has now on this type of CPU
-    (missing, another model, another CPU type), or None where it holds, whatever it said. Verdicts recorded with a
-    machine class (the type and a CPU count, before the types) hold for that type."""
-    if entry is None:
-        return f"no {gate} has run for this model"
-    if entry.get("source_onnx_sha256") != onnx_sha256:
-        return f"the {gate} ran on another version of the model"
-    if not is_this_type(str(entry.get("machine", ""))):
-        return f"the {gate} ran on another CPU ({entry.get('machine', 'not recorded')})"
-    return None
+    return bool(digest) and any("int8" in _still_valid(b, onnx_sha256, digest)
+                                for b in stored_verdicts(directory).values())
 
 
 def _entry(block: Mapping[str, Any], kind: str, pipeline: str = "") -> Any:
@@ -241,25 +238,28 @@ def _entry(block: Mapping[str, Any], kind: str, pipeline: str = "") -> Any:
     return block.get("int8") if kind == "int8" else block.get("bf16", {}).get("parts", {}).get(pipeline)
 
 
-def _why_absent(directory: Path, gate: str, kind: str, pipeline: str = "") -> str:
-    """Why no verdict holds here where this type has none: other types' (named as they recorded themselves) or
-    none at all."""
-    others = sorted({str(e.get("machine", "not recorded")) for b in stored_verdicts(directory).values()
-                     if isinstance(e := _entry(b, kind, pipeline), Mapping)})
-    return f"the {gate} ran on another CPU ({'; '.join(others)})" if others else f"no {gate} has run for this model"
+def _why_not(types: Mapping[str, Mapping[str, Any]], gate: str, onnx_sha256: str, kind: str,
+             pipeline: str = "") -> tuple[dict[str, Any] | None, str]:
+    """(this type's entry, None if it holds): the verdict of ``gate`` for the FP32 model the repository has now on
+    this type of CPU, whatever it said; else None and why not (another model, other types' verdicts only, named as
+    they recorded themselves, or none at all). ``types`` is ``stored_verdicts``, read once by the caller."""
+    here, others = _split(types)
+    entry = _entry(here, kind, pipeline)
+    if entry is None:
+        names = sorted({str(e.get("machine", "not recorded")) for b in others.values()
+                        if isinstance(e := _entry(b, kind, pipeline), Mapping)})
+        return None, (f"the {gate} ran on another CPU ({'; '.join(names)})" if names
+                      else f"no {gate} has run for this model")
+    if entry.get("source_onnx_sha256") != onnx_sha256:
+        return None, f"the {gate} ran on another version of the model"
+    return entry, ""
 
 
 def write_bf16_part(repo: ModelRepository, name: str, pipeline: str, result: Mapping[str, Any],
                     measured: str | None = None) -> bool:
-    """Record one pipeline's bf16 gate outcome for a model on this CPU type (its other pipelines' parts and other
-    types' verdicts are kept), with the FP32 model and the CPU type it was measured for (``measured``: as for
+    """Record one pipeline's bf16 gate outcome for a model on this CPU type (``_record``; ``measured``: as for
     ``write_gate``)."""
-    entry = {**result, "source_onnx_sha256": repo.load(name).onnx_sha256, "machine": cpu_type()}
-
-    def put(here: dict[str, Any]) -> None:
-        here.setdefault("bf16", {"parts": {}})["parts"][pipeline] = entry
-
-    return _record(repo, name, put, measured)
+    return _record(repo, name, "bf16", pipeline, result, measured)
 
 
 def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> tuple[bool, str]:
@@ -267,15 +267,11 @@ def passed_bf16(repo: ModelRepository, name: str, pipelines: Sequence[str]) -> t
     in ``pipelines`` passed for the current FP32 model on this type of CPU."""
     if not has_bf16():
         return False, "bf16: this CPU has no bf16 arithmetic"
-    directory = repo.model_dir(name)
-    parts = verdicts_here(directory).get("bf16", {}).get("parts", {})
-    sha = repo.load(name).onnx_sha256
+    types, sha = stored_verdicts(repo.model_dir(name)), repo.load(name).onnx_sha256
     passed = []
     for pipeline in pipelines:
-        part = parts.get(pipeline)
+        part, why = _why_not(types, f"{pipeline} gate", sha, "bf16", pipeline)
         if part is None:
-            return False, "bf16: " + _why_absent(directory, f"{pipeline} gate", "bf16", pipeline)
-        if why := _not_here(part, f"{pipeline} gate", sha):
             return False, f"bf16: {why}"
         if not part.get("passed"):
             return False, f"bf16 failed its {pipeline} gate ({part.get('summary', 'see precision.json')})"
@@ -287,8 +283,8 @@ def verdict_is_current(repo: ModelRepository, name: str, kind: str, pipeline: st
     """Whether a gate's verdict for ``name`` (``kind`` "int8", or "bf16" with its ``pipeline`` part) was measured
     on this type of CPU for the FP32 model (and INT8 file) the repository has now, whatever it said: a gate whose
     verdicts are all current has nothing to do."""
-    entry = _entry(verdicts_here(repo.model_dir(name)), kind, pipeline)
-    if entry is None or _not_here(entry, "gate", repo.load(name).onnx_sha256) is not None:
+    entry, _ = _why_not(stored_verdicts(repo.model_dir(name)), "gate", repo.load(name).onnx_sha256, kind, pipeline)
+    if entry is None:
         return False
     return kind != "int8" or _int8_digest(repo.model_dir(name)) == entry.get("int8_sha256")
 
@@ -302,10 +298,8 @@ def passed_int8(repo: ModelRepository, name: str) -> tuple[dict[str, Any] | None
     VNNI's VPDPBUSD and AMX accumulate in int32. A repository carried to another CPU serves FP32 (or bf16) until
     its gates run there (``make``, or the entrypoint's), which add that type's verdicts to the others'."""
     directory = repo.model_dir(name)
-    entry = verdicts_here(directory).get("int8")
+    entry, why = _why_not(stored_verdicts(directory), "INT8 gate", repo.load(name).onnx_sha256, "int8")
     if entry is None:
-        return None, _why_absent(directory, "INT8 gate", "int8")
-    if why := _not_here(entry, "INT8 gate", repo.load(name).onnx_sha256):
         return None, why
     if not entry.get("passed"):
         return None, f"INT8 failed its parity gate ({entry.get('summary', 'see precision.json')})"
