@@ -19,7 +19,7 @@ FROM ${BASE}
 # sha256-checked) into the model volume.
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HOME=/tmp
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY proto proto
 COPY server server
 COPY engines engines
@@ -27,10 +27,11 @@ COPY clients/python clients/python
 COPY benchmarks benchmarks
 # torch (pinned) is only used to export ONNX on first start: its CPU wheel, installed first so the project's pin is
 # met (PyPI's Linux wheel of the same version pulls gigabytes of CUDA packages that the export never uses, as here
-# on Python 3.12: nvidia-cublas, -cudnn-cu13, -nccl-cu13, ...). cuda-python drives the TensorRT runtime; the base
-# image already provides tensorrt.
-RUN python3 -m pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
- && python3 -m pip install -e '.[export]' "cuda-python>=12.6" \
+# on Python 3.12: nvidia-cublas, -cudnn-cu13, -nccl-cu13, ...). Without its dependencies: they come next, from PyPI
+# at the lock's versions (constraints.txt, what CI tested). cuda-python drives the TensorRT runtime; the base image
+# already provides tensorrt.
+RUN python3 -m pip install --no-deps --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+ && python3 -m pip install -c constraints.txt -e '.[export]' "cuda-python>=12.6" \
  && python3 -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(find proto -name '*.proto') \
  && python3 -m pip install --no-deps -e .
 COPY docker/entrypoint.sh /entrypoint.sh
