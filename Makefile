@@ -163,6 +163,7 @@ BENCH_PACKAGES := "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12 matplotli
 	"onnxruntime>=1.20" "openvino>=2025.0" "numpy<2"
 $(BENCH_VENV)/.installed: Makefile $(BENCH_LOCK)
 	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q -c $(BENCH_LOCK) --upgrade pip
 	$(BENCH_VENV)/bin/pip install -q -c $(BENCH_LOCK) $(BENCH_PACKAGES)
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libb64-0d; } \
 		|| echo "note: apt libb64-0d is needed by perf_analyzer"
