@@ -66,12 +66,13 @@ $(VENV)/.stubs: $(VENV)/.deps $(PROTOS)
 install: $(VENV)/.stubs
 
 # Client code for every language, generated into clients/<language>/ build folders (git-ignored): Python (above),
-# C++, Go, Java, and TypeScript types for Node (which loads the .proto files at run time).
+# C++, Go, Java, and TypeScript types for Node (which loads the .proto files at run time). Node's packages come
+# from its package-lock.json exactly (npm ci: it stops where package.json and the lock disagree).
 stubs: $(VENV)/.stubs client-deps
 	$(MAKE) -C clients/cpp gen-only
 	$(MAKE) -C clients/go gen-only
 	$(MAKE) -C clients/java build/gen/.stamp
-	cd clients/node && npm install --silent --no-audit --no-fund && npm run -s types
+	cd clients/node && npm ci --silent --no-audit --no-fund && npm run -s types
 
 # Toolchains for the example clients, from Debian and npm (root on this machine; skipped when present).
 CLIENT_DEBS := protobuf-compiler protobuf-compiler-grpc libgrpc++-dev pkg-config golang-go golang-google-grpc-dev \
