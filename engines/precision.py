@@ -179,7 +179,7 @@ def _record(repo: ModelRepository, name: str, kind: str, pipeline: str, result: 
     replaced it while the gate ran, as a pod of another image version on a shared volume could), nothing is
     written: the verdict would name a model it was not measured on. False then."""
     directory = repo.model_dir(name)
-    onnx_sha256, int8_sha256 = repo.load(name).onnx_sha256, _int8_digest(directory)
+    onnx_sha256, int8_sha256 = _files_now(repo, name)
     if measured is not None and measured != onnx_sha256:
         log.warning("%s: its FP32 model changed while the gate ran (measured %s, now %s); its verdict is not recorded",
                     name, measured[:12], onnx_sha256[:12])
@@ -206,7 +206,7 @@ def adopt_verdicts(repo: ModelRepository, name: str, source: Path) -> list[str]:
     types the repository has none for, where they are about its files (an INT8 verdict about another INT8 file is
     not); the types added."""
     directory = repo.model_dir(name)
-    onnx_sha256, int8_sha256 = repo.load(name).onnx_sha256, _int8_digest(directory)
+    onnx_sha256, int8_sha256 = _files_now(repo, name)
     have = stored_verdicts(directory)
     added = {t: v for t, b in stored_verdicts(source).items()
              if t not in have and (v := _still_valid(b, onnx_sha256, int8_sha256))}
@@ -221,16 +221,19 @@ def _int8_digest(directory: Path) -> str:
     return sha256_file(file) if file.is_file() else ""
 
 
+def _files_now(repo: ModelRepository, name: str) -> tuple[str, str]:
+    """(FP32 model sha256, INT8 file sha256 or ""): the files a verdict must name to hold for ``name`` now."""
+    return repo.load(name).onnx_sha256, _int8_digest(repo.model_dir(name))
+
+
 def int8_vouched(repo: ModelRepository, name: str) -> bool:
     """Whether the model's INT8 file is one an INT8 gate measured, on any CPU type, for the FP32 model the
     repository has now. A gate then keeps it as it is: quantising again (the calibration runs in FP32 on this CPU,
     so the file need not come out byte for byte the same) would void the other types' verdicts on a shared
     volume."""
-    directory = repo.model_dir(name)
-    digest = _int8_digest(directory)
-    onnx_sha256 = repo.load(name).onnx_sha256
+    onnx_sha256, digest = _files_now(repo, name)
     return bool(digest) and any("int8" in _still_valid(b, onnx_sha256, digest)
-                                for b in stored_verdicts(directory).values())
+                                for b in stored_verdicts(repo.model_dir(name)).values())
 
 
 def _entry(block: Mapping[str, Any], kind: str, pipeline: str = "") -> Any:
