@@ -6,13 +6,15 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from engines.repository import ModelNotFoundError
 from server.app import serve
-from server.config import load_config
+from server.auth.reload import TlsFilesError
+from server.config import ServerConfig, load_config
 from server.gallery.migrations import SchemaError
 from server.workers import for_worker, supervise, worker_index
 
@@ -41,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    # SIGHUP reloads the credentials once serving; before that (loading the models) it must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    index = worker_index()
+
+    def build() -> ServerConfig:
+        """The settings from the file and the command line; read again on a credentials reload."""
         auth = {"client_ca": args.client_ca, "token_file": args.token_file,
                 "token_file_scopes": tuple(args.token_scopes.split(",")) if args.token_scopes else None,
                 "insecure_public": True if args.insecure_public else None}
@@ -56,19 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.audit_log:
             config = replace(config, audit=replace(config.audit,
                                                    path=None if args.audit_log == "-" else Path(args.audit_log)))
+        return for_worker(config, index) if index is not None else config
+
+    try:
+        config = build()
     except (ValueError, OSError) as exc:
         logging.getLogger("server").error("bad configuration: %s", exc)
         return 2
-    index = worker_index()
     if index is None and config.workers > 1:
         return supervise(list(argv if argv is not None else sys.argv[1:]), config)
-    if index is not None:
-        config = for_worker(config, index)
     try:
         # Past the first, a worker binds only once its models are warm: the kernel hands it connections as soon
         # as it listens, and the first worker already answers health checks (NOT_SERVING until it is warm).
-        asyncio.run(serve(config, bind_after_load=bool(index)))
-    except (ModelNotFoundError, ConnectionError, SchemaError) as exc:  # named, with the URL minus its password
+        asyncio.run(serve(config, bind_after_load=bool(index), load=build, config_path=args.config))
+    except (ModelNotFoundError, ConnectionError, SchemaError, TlsFilesError) as exc:  # named, without secrets
         logging.getLogger("server").error("%s", exc)
         return 2
     return 0

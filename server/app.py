@@ -6,8 +6,11 @@ import asyncio
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,6 +33,7 @@ from server.admission import Budget, WaitGate
 from server.audit import AuditLog
 from server.auth.callers import Authenticator
 from server.auth.interceptor import AuthInterceptor
+from server.auth.reload import CredentialReloader
 from server.config import ServerConfig
 from server.gallery.store import GalleryStore
 from server.metrics import Metrics, MetricsInterceptor
@@ -57,7 +61,10 @@ class FacegateServer:
     """Lifecycle: ``start()`` binds and answers health (NOT_SERVING); ``load()`` loads and warms the models and
     flips health to SERVING; ``stop()`` drains."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, load: Callable[[], ServerConfig] | None = None,
+                 config_path: Path | None = None) -> None:
+        """``load`` reads the configuration again (as it was read for ``config``, from ``config_path`` and the
+        command line): credentials can then be reloaded while serving (server.auth.reload)."""
         self.config = config
         self.registry = ModelRegistry(ModelRepository(config.model_repository), config)
         # The first pool placed, before any model's: its threads begin on the first CPU.
@@ -92,6 +99,11 @@ class FacegateServer:
         self.metrics = Metrics()
         self.metrics.watch_models(self.registry)
         self.metrics.watch_gates(self.gates)
+        self.reloader = CredentialReloader(
+            config, self.auth.install, load, config_path, on_outcome=self._reloaded,
+            audit=lambda why, outcome, reason: self.audit.record(rpc="ReloadCredentials", caller=f"operator ({why})",
+                                                                 outcome=outcome, reason=reason))
+        self.metrics.credentials_loaded.set(time.time())
         self.metrics.gallery_templates.set_function(
             lambda: self.identification.gallery.templates() if self.identification is not None else 0)
         self._draining = False
@@ -125,14 +137,9 @@ class FacegateServer:
 
     async def start(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls_cert is not None and self.config.tls_key is not None:
-            ca = self.config.auth.client_ca
-            creds = grpc.ssl_server_credentials(
-                [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())],
-                root_certificates=ca.read_bytes() if ca is not None else None, require_client_auth=ca is not None)
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        creds = self.reloader.server_credentials()  # TLS material gRPC asks for again at each new handshake
+        self.port = (self.server.add_secure_port(address, creds) if creds is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         if self._loading:  # a worker that binds after loading is already SERVING
@@ -192,6 +199,11 @@ class FacegateServer:
         log.info("identification: ensemble %s v%s (%d members), gallery %s", ensemble.name, ensemble.version,
                  len(members), store.url)
 
+    def _reloaded(self, outcome: str) -> None:
+        self.metrics.credential_reloads.labels(outcome).inc()
+        if outcome == "applied":
+            self.metrics.credentials_loaded.set(self.reloader.loaded_at)
+
     def _unrecoverable(self) -> None:
         broken = set(self.registry.broken)
         log.error("a model is broken (%s); health -> NOT_SERVING where it is needed", ", ".join(sorted(broken)))
@@ -214,6 +226,7 @@ class FacegateServer:
         delay = self.config.drain_delay_s if delay_s is None else delay_s
         if delay > 0:
             await asyncio.sleep(delay)
+        await self.reloader.close()
         self.auth.close_streams()  # watchers were told NOT_SERVING; the grace period is for calls in flight
         await self.server.stop(self.config.drain_grace_s if grace_s is None else grace_s)
         await self.registry.stop()
@@ -225,16 +238,23 @@ class FacegateServer:
         self.audit.close()
 
 
-async def serve(config: ServerConfig, bind_after_load: bool = False) -> None:
+async def serve(config: ServerConfig, bind_after_load: bool = False, load: Callable[[], ServerConfig] | None = None,
+                config_path: Path | None = None) -> None:
     """Listen, load and warm the models, serve until SIGTERM/SIGINT, then drain. ``bind_after_load``: listen only
-    once warm (a worker joining others on a shared port)."""
-    server = FacegateServer(config)
+    once warm (a worker joining others on a shared port). With ``load``, SIGHUP and changed credential files
+    reload the credentials."""
+    server = FacegateServer(config, load, config_path)
     if not bind_after_load:
         await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watching: asyncio.Task[None] | None = None
+    if server.reloader.enabled:
+        loop.add_signal_handler(signal.SIGHUP, server.reloader.request, "SIGHUP")
+        if config.auth.reload_poll_s > 0:
+            watching = asyncio.create_task(server.reloader.watch(config.auth.reload_poll_s))
     load_task = asyncio.create_task(server.load())
     stop_task = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -251,5 +271,7 @@ async def serve(config: ServerConfig, bind_after_load: bool = False) -> None:
     log.info("signal received: draining (%.1f s accepting, then up to %.1f s for calls in flight)",
              config.drain_delay_s, config.drain_grace_s)
     load_task.cancel()
+    if watching is not None:
+        watching.cancel()
     await server.stop()
     log.info("stopped")

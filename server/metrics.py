@@ -98,6 +98,11 @@ class Metrics:
                                 "(CheckLiveness), clip (a clip's frames) or video (a clip's video container), in "
                                 "IdentifyFromClip and each clip of EnrollFromClip",
                                 ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.credential_reloads = Counter("facegate_credential_reloads", "Credential reloads (SIGHUP or changed "
+                                          "files), by outcome: applied, or refused (the credentials in force kept)",
+                                          ["outcome"], registry=r)
+        self.credentials_loaded = Gauge("facegate_credentials_loaded_timestamp_seconds",
+                                        "When the credentials in force were read (Unix time)", registry=r)
         self.gallery_templates = Gauge("facegate_gallery_templates", "Templates held in memory for search, over "
                                        "all collections and members", registry=r)
 

@@ -6,8 +6,9 @@ calls wait in gRPC's transport and are refused there as UNAVAILABLE instead of R
 same port with SO_REUSEPORT; the kernel spreads connections over them, and each refuses on its own loop.
 
 The supervisor (the process started by the user) starts the workers and forwards SIGTERM/SIGINT to them, so each
-drains as a single server does. If a worker exits on its own, the supervisor stops the others and exits with an
-error: the orchestrator restarts the whole set rather than leaving a server at a fraction of its capacity.
+drains as a single server does, and SIGHUP, so each reloads its credentials. If a worker exits on its own, the
+supervisor stops the others and exits with an error: the orchestrator restarts the whole set rather than leaving a
+server at a fraction of its capacity.
 """
 
 from __future__ import annotations
@@ -57,8 +58,14 @@ def supervise(argv: list[str], config: ServerConfig) -> int:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    def hang_up(signum: int, _frame: FrameType | None) -> None:  # each worker reloads its credentials
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    signal.signal(signal.SIGHUP, hang_up)
     while all(c.poll() is None for c in children):
         time.sleep(0.2)
     first = next(c for c in children if c.poll() is not None)

@@ -46,10 +46,15 @@ class AuthConfig:
     token_file_scopes: tuple[str, ...] = SCOPES
     insecure_public: bool = False
     """Allow serving a non-loopback address without authentication (never the default)."""
+    reload_poll_s: float = 10.0
+    """How often the credential files (the --config file, the token file, the TLS files) are checked for changes
+    while serving; a change is reloaded (server.auth.reload). 0: only on SIGHUP."""
 
     def __post_init__(self) -> None:
         for s in self.token_file_scopes:
             Scope.parse(s)
+        if self.reload_poll_s < 0:
+            raise ValueError(f"reload_poll_s must be >= 0 (0: reload only on SIGHUP), got {self.reload_poll_s}")
         names = [c.name for c in self.callers]
         if len(set(names)) != len(names):
             raise ValueError(f"caller names must be unique, got {names}")
@@ -86,6 +91,10 @@ class Authenticator:
             entry.hashes.extend(parse_hash(h) for h in c.token_hashes)
         self._anonymous = Caller("anonymous (loopback, authentication off)", tuple(Scope(s) for s in SCOPES),
                                  "loopback")
+
+    @property
+    def caller_names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
 
     def from_token(self, token: str) -> Caller | None:
         # Every entry is checked (no early exit) so the time taken does not tell which caller came close.

@@ -91,6 +91,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                                method, context, caller.name)
         return caller
 
+    def install(self, authenticator: Authenticator) -> None:
+        """New credentials (server.auth.reload), for every check made from now on."""
+        self._auth = authenticator
+
     def check_collection(self, caller: Caller, scope: str, request: Any, method: str,
                          context: grpc.aio.ServicerContext) -> None:
         collection = getattr(request, "collection", None)
