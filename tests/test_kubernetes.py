@@ -117,6 +117,12 @@ def test_drain_probes_and_services_agree_with_the_server_settings(overlay: str) 
     assert headless["spec"]["ports"][0]["appProtocol"] == "grpc"
     secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
     assert "facegate-gallery" in secrets  # the PostgreSQL URL comes from a Secret
+    # The settings and the caller token are mounted as folders: a file mounted with subPath is never updated, and
+    # the server reloads credentials only from files that change (server.auth.reload).
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    for name, variable in (("config", "FACEGATE_CONFIG"), ("token", "FACEGATE_TOKEN_FILE")):
+        assert "subPath" not in mounts[name] and env[variable].startswith(mounts[name]["mountPath"] + "/")
     if overlay == "gpu":
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         volumes = {v["name"]: v for v in pod["volumes"]}

@@ -1,5 +1,6 @@
-"""Several workers on one port (``--workers``): both serve, a signal drains them all, and a worker that dies takes
-the set down (so the orchestrator restarts it) instead of leaving a server at half its capacity."""
+"""Several workers on one port (``--workers``): both serve, a signal drains them all (SIGHUP reaches each), and a
+worker that dies takes the set down (so the orchestrator restarts it) instead of leaving a server at half its
+capacity."""
 
 from __future__ import annotations
 
@@ -65,6 +66,14 @@ def test_both_workers_serve_and_sigterm_stops_them_all(workers) -> None:  # type
             models_pb2_grpc.ModelServiceStub(ch).ListModels(models_pb2.ListModelsRequest(), timeout=10)
     calls = [list_models_calls(metrics_text(metrics + i) or "") for i in (0, 1)]
     assert sum(calls) == 24 and min(calls) > 0, calls  # chance of all 24 on one worker: 2**-23
+    # SIGHUP to the supervisor reaches every worker (each reloads its credentials) and stops nothing.
+    proc.send_signal(signal.SIGHUP)
+    reloaded = 'facegate_credential_reloads_total{outcome="applied"} 1.0'
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not all(reloaded in (metrics_text(metrics + i) or "") for i in (0, 1)):
+        time.sleep(0.1)
+    assert all(reloaded in (metrics_text(metrics + i) or "") for i in (0, 1))
+    assert proc.poll() is None and len(children_of(proc.pid)) == 2
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
