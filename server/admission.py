@@ -46,6 +46,38 @@ class Budget:
             self.in_use -= amount
 
 
+class CallerLimit:
+    """Calls in flight per caller, each held to the caller's own ``max_in_flight`` (0: no limit of its own), so
+    one caller's burst takes at most its share and the others are still admitted. The limit is read at each call, so
+    a credentials reload changes it for the next call; the calls a caller already has in flight stay counted. Used
+    from the event loop only."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+
+    def in_flight(self, caller: str) -> int:
+        return self._held.get(caller, 0)
+
+    @contextmanager
+    def hold(self, caller: str, limit: int) -> Iterator[None]:
+        if limit <= 0:
+            yield
+            return
+        held = self._held.get(caller, 0)
+        if held >= limit:
+            raise ResourceExhaustedError(f"caller {caller!r} has {held} calls in flight, its max_in_flight; retry "
+                                         "when one of them has ended")
+        self._held[caller] = held + 1
+        try:
+            yield
+        finally:
+            left = self._held[caller] - 1
+            if left:
+                self._held[caller] = left
+            else:
+                del self._held[caller]
+
+
 # Busy time over which one completion-rate sample is taken: long enough to span several batches, short enough
 # that the estimate follows a change of load (or of the machine's speed) within a second or two.
 _RATE_WINDOW_S = 0.5

@@ -9,7 +9,7 @@ accepts calls only on loopback (refused at start-up elsewhere unless ``insecure_
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.auth.scopes import SCOPES, Scope
@@ -25,10 +25,16 @@ class CallerConfig:
     """liveness, identify, enrol, operator; identify and enrol may be limited to one collection (enrol:staff)."""
     token_hashes: tuple[str, ...] = ()
     """Salted hashes of the caller's bearer tokens (``facegate token hash``); never the tokens themselves."""
+    max_in_flight: int = 0
+    """Calls this caller may have in flight at once (every RPC but health checks and streams); one more is
+    RESOURCE_EXHAUSTED for this caller alone. 0: only the server-wide limits."""
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isprintable() or len(self.name) > 256:
             raise ValueError(f"caller name must be 1 to 256 printable characters, got {self.name!r}")
+        if self.max_in_flight < 0:
+            raise ValueError(f"caller {self.name!r}: max_in_flight must be >= 0 (0: no limit of its own), got "
+                             f"{self.max_in_flight}")
         for s in self.scopes:
             Scope.parse(s)
         for h in self.token_hashes:
@@ -69,6 +75,7 @@ class Caller:
     name: str
     scopes: tuple[Scope, ...]
     via: str  # "token", "mtls" or "loopback" (authentication off)
+    max_in_flight: int = 0  # 0: no limit of its own
 
 
 @dataclass
@@ -87,7 +94,7 @@ class Authenticator:
             callers.append(CallerConfig(config.token_file_caller, config.token_file_scopes, (hash_token(token),)))
         for c in callers:
             scopes = tuple(Scope.parse(s) for s in c.scopes)
-            entry = self._entries.setdefault(c.name, _Entry(Caller(c.name, scopes, "token")))
+            entry = self._entries.setdefault(c.name, _Entry(Caller(c.name, scopes, "token", c.max_in_flight)))
             entry.hashes.extend(parse_hash(h) for h in c.token_hashes)
         self._anonymous = Caller("anonymous (loopback, authentication off)", tuple(Scope(s) for s in SCOPES),
                                  "loopback")
@@ -109,7 +116,7 @@ class Authenticator:
         for ident in identities:
             entry = self._entries.get(ident)
             if entry is not None:
-                return Caller(entry.caller.name, entry.caller.scopes, "mtls")
+                return replace(entry.caller, via="mtls")
         return None
 
     def anonymous(self) -> Caller:

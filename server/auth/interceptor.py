@@ -27,7 +27,7 @@ from engines.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from server.admission import Budget, WaitGate
+from server.admission import Budget, CallerLimit, WaitGate
 from server.audit import AuditLog
 from server.auth.callers import Authenticator, Caller, bearer_token, certificate_identities
 from server.auth.scopes import COLLECTION_SCOPES, grants, required_scope
@@ -58,6 +58,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # again, with the deadline).
         self._gates = dict(gates or {})
         self._default_deadline_s = default_deadline_s
+        self._per_caller = CallerLimit()  # each caller's own max_in_flight
         self._streams: set[asyncio.Task[Any]] = set()  # the tasks serving open streams (event loop only)
         self._closing = False
 
@@ -132,15 +133,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(parse_request(parse, await _read_one(context, deadline)), context)
             caller = self.identify(context, method, scope)
             try:
-                if gate is not None:
-                    gate.check()
-                with self._calls.hold(1):
-                    raw = await _read_one(context, deadline)  # only now is the request received
-                    with self._bytes.hold(len(raw)):
-                        request = parse_request(parse, raw)
-                        self.check_collection(caller, scope, request, method, context)
-                        CURRENT_CALLER.set(caller)
-                        return await inner(request, context)
+                with self._per_caller.hold(caller.name, caller.max_in_flight):
+                    if gate is not None:
+                        gate.check()
+                    with self._calls.hold(1):
+                        raw = await _read_one(context, deadline)  # only now is the request received
+                        with self._bytes.hold(len(raw)):
+                            request = parse_request(parse, raw)
+                            self.check_collection(caller, scope, request, method, context)
+                            CURRENT_CALLER.set(caller)
+                            return await inner(request, context)
             except ResourceExhaustedError as err:  # shed load is a refused call too: counted, summarised
                 self._audit.record_shed(rpc=method, caller=caller.name, reason=str(err))
                 raise
