@@ -12,7 +12,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from facegate.v1 import (
     common_pb2,
@@ -31,9 +33,10 @@ from server.config import load_config
 from tests.certs import CertAuthority
 from tests.conftest import ROOT, RunningServer, image_python, start_entrypoint, start_server, stop_server
 
-TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops")}
+TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops", "burst")}
 SCOPES = {"live": ("liveness",), "enrol": ("enrol", "identify", "liveness"), "staff": ("enrol:staff", "identify:staff"),
-          "ops": ("operator",)}
+          "ops": ("operator",), "burst": ("liveness",)}
+MAX_IN_FLIGHT = {"burst": 2}
 SYNTH = Path(os.environ.get("FACEGATE_SYNTHETIC_DIR") or ROOT / ".cache" / "synthetic" / "motion") / "CASME2_RAW"
 
 
@@ -52,7 +55,8 @@ def token_server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory,
                  ) -> Iterator[RunningServer]:
     if not SYNTH.is_dir():
         pytest.fail(f"the synthetic clips are missing in {SYNTH} (make identify-models)")
-    callers = tuple(CallerConfig(f"svc-{n}", SCOPES[n], (hash_token(t),)) for n, t in TOKENS.items())
+    callers = tuple(CallerConfig(f"svc-{n}", SCOPES[n], (hash_token(t),), MAX_IN_FLIGHT.get(n, 0))
+                    for n, t in TOKENS.items())
     running, thread = start_server(repository_dir, gallery_path=tmp_path_factory.mktemp("g") / "g.sqlite",
                                    auth=AuthConfig(callers=callers), audit=AuditConfig(path=audit_path))
     yield running
@@ -91,6 +95,26 @@ def test_tokens_identify_callers_and_scopes_gate_each_rpc(token_server: RunningS
     # Health stays open for probes.
     health = health_pb2_grpc.HealthStub(token_server.channel())
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_caller_over_its_own_max_in_flight_is_refused_while_others_are_served(token_server: RunningServer,
+                                                                              samples: Path) -> None:
+    """svc-burst may have 2 calls in flight: of 32 sent at once, those beyond its 2 get RESOURCE_EXHAUSTED (naming
+    its limit, with RetryInfo), while another caller's call in the middle of the burst is served."""
+    image = (samples / "image_T1.jpg").read_bytes()
+    stub = liveness_pb2_grpc.LivenessServiceStub(token_server.channel())
+    req = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=image))
+    burst = [stub.CheckLiveness.future(req, metadata=as_caller("burst"), timeout=30) for _ in range(32)]
+    assert check(token_server, image, "live").decision == liveness_pb2.DECISION_LIVE
+    codes = [f.code() for f in burst]
+    ok, full = codes.count(grpc.StatusCode.OK), codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert ok >= 2 and full >= 1 and ok + full == len(codes), codes
+    refused = next(f for f in burst if f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "svc-burst" in refused.details() and "max_in_flight" in refused.details()
+    status = rpc_status.from_call(refused)
+    assert status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+    # Its calls in flight went back to none: it is served again.
+    assert check(token_server, image, "burst").decision == liveness_pb2.DECISION_LIVE
 
 
 def test_enrolment_needs_the_enrol_scope_and_never_takes_over_a_person(token_server: RunningServer,
