@@ -3,7 +3,7 @@
 # Later starts find both cached in /app/model_repository and start at once.
 #
 # Authentication is always on (the server refuses a public address without it):
-#   FACEGATE_TOKEN_FILE   a mounted secret holding one bearer token (default /run/secrets/facegate_token);
+#   FACEGATE_TOKEN_FILE   a mounted secret of bearer tokens, one a line (default /run/secrets/facegate_token);
 #                         its caller gets FACEGATE_TOKEN_SCOPES (default: all scopes)
 #   FACEGATE_CONFIG       a TOML file with [[auth.callers]] (token hashes, scopes), e.g. from a mounted Secret
 #   FACEGATE_TLS_CERT / FACEGATE_TLS_KEY, and FACEGATE_CLIENT_CA for mutual TLS

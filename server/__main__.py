@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-only", action="store_true", help="never use a GPU runtime")
     p.add_argument("--client-ca", type=Path, help="PEM CA: require client certificates signed by it (mutual TLS)")
     p.add_argument("--token-file", type=Path,
-                   help="file holding one bearer token (a mounted secret); its caller gets --token-scopes")
+                   help="file of bearer tokens, one a line (a mounted secret); its caller gets --token-scopes")
     p.add_argument("--token-scopes", help="comma-separated scopes of the --token-file caller (default: all)")
     p.add_argument("--insecure-public", action="store_true",
                    help="allow a non-loopback address without authentication (never do this on a shared network)")

@@ -47,7 +47,9 @@ class AuthConfig:
     """PEM CA bundle: clients must present a certificate signed by it (mutual TLS; needs tls_cert and tls_key)."""
     callers: tuple[CallerConfig, ...] = ()
     token_file: Path | None = None
-    """A file holding one bearer token (a mounted secret); hashed at start-up for caller ``token_file_caller``."""
+    """A file of bearer tokens (a mounted secret), one a line (``#`` lines and blank lines skipped), all for caller
+    ``token_file_caller``; hashed when read. Two lines let a rotation overlap: old and new both work until the old
+    line is removed."""
     token_file_caller: str = "default"  # noqa: S105 - a caller name, not a secret
     token_file_scopes: tuple[str, ...] = SCOPES
     insecure_public: bool = False
@@ -90,8 +92,11 @@ class Authenticator:
         self._entries: dict[str, _Entry] = {}
         callers = list(config.callers)
         if config.token_file is not None:
-            token = config.token_file.read_text().strip()
-            callers.append(CallerConfig(config.token_file_caller, config.token_file_scopes, (hash_token(token),)))
+            tokens = token_lines(config.token_file.read_text())
+            if not tokens:
+                raise ValueError(f"the token file {config.token_file} holds no token")
+            callers.append(CallerConfig(config.token_file_caller, config.token_file_scopes,
+                                        tuple(hash_token(t) for t in tokens)))
         for c in callers:
             scopes = tuple(Scope.parse(s) for s in c.scopes)
             entry = self._entries.setdefault(c.name, _Entry(Caller(c.name, scopes, "token", c.max_in_flight)))
@@ -121,6 +126,12 @@ class Authenticator:
 
     def anonymous(self) -> Caller:
         return self._anonymous
+
+
+def token_lines(text: str) -> list[str]:
+    """The tokens of a token file: one a line; blank lines and ``#`` comments skipped (a token never starts with
+    ``#``: ``facegate token new`` makes URL-safe base64)."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
