@@ -204,30 +204,43 @@ def _secret_version(secret: Path, version: str, token: str) -> None:
         (secret / "token").symlink_to("..data/token")
 
 
-def test_a_secret_updated_in_place_is_polled_and_a_refused_one_is_not_retried(tmp_path: Path) -> None:
+def test_a_secret_rotated_in_place_is_polled_and_a_refused_one_is_not_retried(tmp_path: Path) -> None:
+    """A token rotated with an overlap, as the README tells: the Secret holds the old token, then old and new (one
+    a line, while the clients move), then the new one alone; each version is picked up by the poll with no signal.
+    A version that holds no valid token is refused once, with the tokens in force kept."""
     secret = tmp_path / "secret"
     secret.mkdir()
-    first, second = new_token(), new_token()
-    _secret_version(secret, "..v1", first)
+    old, new = new_token(), new_token()
+    _secret_version(secret, "..v1", old)
     config = ServerConfig(port=0, auth=AuthConfig(token_file=secret / "token", reload_poll_s=0.02))
     installed: list[Authenticator] = []
     outcomes: list[str] = []
     reloader = CredentialReloader(config, installed.append, lambda: config, on_outcome=outcomes.append)
+    accepted: list[tuple[bool, bool]] = []
+
+    async def next_outcome(count: int) -> None:
+        for _ in range(250):
+            if len(outcomes) >= count:
+                break
+            await asyncio.sleep(0.02)
+        assert len(outcomes) == count, outcomes
+        accepted.append((installed[-1].from_token(old) is not None, installed[-1].from_token(new) is not None))
 
     async def run() -> None:
         watching = asyncio.create_task(reloader.watch(0.02))
         await asyncio.sleep(0.3)
         assert outcomes == []  # nothing changed: nothing read again
-        _secret_version(secret, "..v2", second)
-        for _ in range(200):
-            if outcomes:
-                break
-            await asyncio.sleep(0.02)
-        assert outcomes == ["applied"]
-        _secret_version(secret, "..v3", "too short")  # not a token: refused, and not tried again at each poll
+        _secret_version(secret, "..v2", f"# rotating\n{old}\n{new}\n")
+        await next_outcome(1)
+        _secret_version(secret, "..v3", f"{new}\n")
+        await next_outcome(2)
+        _secret_version(secret, "..v4", "too short")  # not a token: refused, and not tried again at each poll
         await asyncio.sleep(0.5)
-        assert outcomes == ["applied", "refused"]
+        _secret_version(secret, "..v5", "# no token left\n")
+        await asyncio.sleep(0.5)
         watching.cancel()
 
     asyncio.run(run())
-    assert installed[-1].from_token(second) is not None and installed[-1].from_token(first) is None
+    assert accepted == [(True, True), (False, True)]
+    assert outcomes == ["applied", "applied", "refused", "refused"]
+    assert installed[-1].from_token(new) is not None
