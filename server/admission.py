@@ -55,9 +55,6 @@ class CallerLimit:
     def __init__(self) -> None:
         self._held: dict[str, int] = {}
 
-    def in_flight(self, caller: str) -> int:
-        return self._held.get(caller, 0)
-
     @contextmanager
     def hold(self, caller: str, limit: int) -> Iterator[None]:
         if limit <= 0:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -103,7 +102,7 @@ class FacegateServer:
             config, self.auth.install, load, config_path, on_outcome=self._reloaded,
             audit=lambda why, outcome, reason: self.audit.record(rpc="ReloadCredentials", caller=f"operator ({why})",
                                                                  outcome=outcome, reason=reason))
-        self.metrics.credentials_loaded.set(time.time())
+        self.metrics.credentials_loaded.set(self.reloader.loaded_at)
         self.metrics.gallery_templates.set_function(
             lambda: self.identification.gallery.templates() if self.identification is not None else 0)
         self._draining = False

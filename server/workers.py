@@ -51,21 +51,19 @@ def supervise(argv: list[str], config: ServerConfig) -> int:
     log.info("%d workers on port %d (pids %s)", len(children), config.port, ", ".join(str(c.pid) for c in children))
     stopping = False
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
+    def pass_on(signum: int, _frame: FrameType | None) -> None:  # SIGHUP: each worker reloads its credentials
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    def hang_up(signum: int, _frame: FrameType | None) -> None:  # each worker reloads its credentials
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        pass_on(signum, frame)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    signal.signal(signal.SIGHUP, hang_up)
+    signal.signal(signal.SIGHUP, pass_on)
     while all(c.poll() is None for c in children):
         time.sleep(0.2)
     first = next(c for c in children if c.poll() is not None)

@@ -13,7 +13,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,16 @@ def run_together(script: str, *args: str, copies: int = 2, timeout_s: float = 60
     outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * copies
     return outputs
+
+
+def wait_until(ok: Callable[[], bool], timeout_s: float = 15.0) -> bool:
+    """Whether ``ok()`` comes true within ``timeout_s`` (asked every 0.1 s): for what a server does a moment later."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if ok():
+            return True
+        time.sleep(0.1)
+    return ok()
 
 
 def image_python(folder: Path) -> str:

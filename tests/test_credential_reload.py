@@ -16,8 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,19 +32,10 @@ from server.auth.reload import CredentialReloader
 from server.auth.tokens import hash_token, new_token
 from server.config import ServerConfig
 from tests.certs import CertAuthority, Pem
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 TOKENS = {name: new_token() for name in ("a", "b")}
 HASHES = {name: hash_token(t) for name, t in TOKENS.items()}
-
-
-def until(ok: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if ok():
-            return True
-        time.sleep(0.1)
-    return ok()
 
 
 @dataclass
@@ -76,7 +66,7 @@ class Served:
         """SIGHUP, then until the metrics count ``count`` reloads with ``outcome``."""
         self.proc.send_signal(signal.SIGHUP)
         line = f'facegate_credential_reloads_total{{outcome="{outcome}"}} {float(count)}'
-        assert until(lambda: line in (metrics_text(self.metrics_port) or "")), f"no {line!r} in the metrics"
+        assert wait_until(lambda: line in (metrics_text(self.metrics_port) or "")), f"no {line!r} in the metrics"
 
 
 def write_config(path: Path, *callers: str, bad: bool = False) -> None:
@@ -128,7 +118,7 @@ def served(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory,
                 return proc.poll() is not None
 
     try:
-        assert until(serving, 180) and proc.poll() is None, log.read_text()[-2000:]
+        assert wait_until(serving, 180) and proc.poll() is None, log.read_text()[-2000:]
         yield running
     finally:
         proc.terminate()

@@ -19,7 +19,7 @@ import pytest
 from benchmarks.server_process import children_of, free_port, metrics_text, wait_for_metrics, wait_serving
 from facegate.v1 import models_pb2, models_pb2_grpc
 from server.workers import for_worker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]
 
@@ -69,10 +69,7 @@ def test_both_workers_serve_and_sigterm_stops_them_all(workers) -> None:  # type
     # SIGHUP to the supervisor reaches every worker (each reloads its credentials) and stops nothing.
     proc.send_signal(signal.SIGHUP)
     reloaded = 'facegate_credential_reloads_total{outcome="applied"} 1.0'
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not all(reloaded in (metrics_text(metrics + i) or "") for i in (0, 1)):
-        time.sleep(0.1)
-    assert all(reloaded in (metrics_text(metrics + i) or "") for i in (0, 1))
+    assert wait_until(lambda: all(reloaded in (metrics_text(metrics + i) or "") for i in (0, 1)))
     assert proc.poll() is None and len(children_of(proc.pid)) == 2
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0

@@ -129,7 +129,8 @@ class CredentialReloader:
         self._lock = threading.Lock()
         self._pending_tls: grpc.ServerCertificateConfiguration | None = None
         self._seen = fingerprint(watched_files(config, config_path))
-        self._running: asyncio.Lock | None = None
+        self._running = asyncio.Lock()  # one reload at a time
+        self._tls: TlsMaterial | None = None  # what gRPC was given last (None: plaintext)
         self._tasks: set[asyncio.Task[bool]] = set()
         self.loaded_at = time.time()
 
@@ -142,7 +143,7 @@ class CredentialReloader:
         c = self._current
         if c.tls_cert is None or c.tls_key is None:
             return None
-        tls = read_tls(c.tls_cert, c.tls_key, c.auth.client_ca)
+        self._tls = tls = read_tls(c.tls_cert, c.tls_key, c.auth.client_ca)
         return grpc.dynamic_ssl_server_credentials(tls.certificate_configuration(), self._fetch_tls,
                                                    require_client_authentication=tls.client_ca is not None)
 
@@ -170,7 +171,8 @@ class CredentialReloader:
 
     def apply(self, prepared: Prepared, why: str) -> None:
         self._install(prepared.authenticator)
-        if prepared.tls is not None:
+        if prepared.tls is not None and prepared.tls != self._tls:  # (unchanged files: gRPC keeps what it has)
+            self._tls = prepared.tls
             with self._lock:
                 self._pending_tls = prepared.tls.certificate_configuration()
         later = restart_needed(self._current, prepared.config)
@@ -185,8 +187,6 @@ class CredentialReloader:
     async def reload_async(self, why: str) -> bool:
         """Prepare (the files read on a worker thread) and apply, one reload at a time; or keep the credentials
         in force. True when applied."""
-        if self._running is None:
-            self._running = asyncio.Lock()
         async with self._running:
             self._seen = fingerprint(watched_files(self._current, self._config_path))
             try:
