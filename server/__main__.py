@@ -13,7 +13,7 @@ from pathlib import Path
 
 from engines.repository import ModelNotFoundError
 from server.app import serve
-from server.auth.reload import TlsFilesError
+from server.auth.callers import CredentialFilesError
 from server.config import ServerConfig, load_config
 from server.gallery.migrations import SchemaError
 from server.workers import for_worker, supervise, worker_index
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         # Past the first, a worker binds only once its models are warm: the kernel hands it connections as soon
         # as it listens, and the first worker already answers health checks (NOT_SERVING until it is warm).
         asyncio.run(serve(config, bind_after_load=bool(index), load=build, config_path=args.config))
-    except (ModelNotFoundError, ConnectionError, SchemaError, TlsFilesError) as exc:  # named, without secrets
+    except (ModelNotFoundError, ConnectionError, SchemaError, CredentialFilesError) as exc:  # named, without secrets
         logging.getLogger("server").error("%s", exc)
         return 2
     return 0

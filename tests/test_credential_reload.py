@@ -170,17 +170,21 @@ def test_credentials_are_replaced_whole_or_not_at_all_while_serving(
 
 
 @pytest.mark.weights
-def test_tls_files_that_openssl_refuses_stop_the_start_with_the_reason(
+def test_credential_files_that_cannot_serve_stop_the_start_with_the_reason(
         repository_dir: Path, tmp_path: Path, cas: tuple[CertAuthority, CertAuthority]) -> None:
     sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
     cert = cas[0].issue("start-one", "localhost", sans, server=True).cert
     key = cas[1].issue("start-two", "localhost", sans, server=True).key
-    for tls in ([str(cert), str(key)], [str(cert), str(tmp_path / "missing.key")]):
+    (tmp_path / "empty").write_text("# no token yet\n\n")
+    cases = {"KEY_VALUES_MISMATCH": ["--tls-cert", str(cert), "--tls-key", str(key)],
+             "cannot read the TLS files": ["--tls-cert", str(cert), "--tls-key", str(tmp_path / "missing.key")],
+             "it holds no token": ["--token-file", str(tmp_path / "empty")],
+             "No such file or directory": ["--token-file", str(tmp_path / "missing.token")]}
+    for reason, args in cases.items():
         run = subprocess.run([sys.executable, "-m", "server", "--port", "0", "--model-repository", str(repository_dir),
-                              "--tls-cert", tls[0], "--tls-key", tls[1], "--metrics-port", "0"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+                              "--metrics-port", "0", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
-        assert ("KEY_VALUES_MISMATCH" if tls[1] == str(key) else "cannot read the TLS files") in run.stderr
+        assert reason in run.stderr
 
 
 def _secret_version(secret: Path, version: str, token: str) -> None:

@@ -16,6 +16,12 @@ from server.auth.scopes import SCOPES, Scope
 from server.auth.tokens import hash_token, matches, parse_hash
 
 
+class CredentialFilesError(ValueError):
+    """A credential file (the token file, the TLS files) that cannot be read or holds nothing usable. At start-up
+    the server does not start (named, with the reason and never the file's content); a reload keeps what is in
+    force."""
+
+
 @dataclass(frozen=True)
 class CallerConfig:
     name: str
@@ -92,11 +98,8 @@ class Authenticator:
         self._entries: dict[str, _Entry] = {}
         callers = list(config.callers)
         if config.token_file is not None:
-            tokens = token_lines(config.token_file.read_text())
-            if not tokens:
-                raise ValueError(f"the token file {config.token_file} holds no token")
             callers.append(CallerConfig(config.token_file_caller, config.token_file_scopes,
-                                        tuple(hash_token(t) for t in tokens)))
+                                        read_token_file(config.token_file)))
         for c in callers:
             scopes = tuple(Scope.parse(s) for s in c.scopes)
             entry = self._entries.setdefault(c.name, _Entry(Caller(c.name, scopes, "token", c.max_in_flight)))
@@ -132,6 +135,18 @@ def token_lines(text: str) -> list[str]:
     """The tokens of a token file: one a line; blank lines and ``#`` comments skipped (a token never starts with
     ``#``: ``facegate token new`` makes URL-safe base64)."""
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_token_file(path: Path) -> tuple[str, ...]:
+    """The salted hashes of the tokens in ``path`` (one a line, see ``token_lines``)."""
+    try:
+        tokens = token_lines(path.read_text())
+        if not tokens:
+            raise ValueError("it holds no token")
+        return tuple(hash_token(t) for t in tokens)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # (a token's own text is never in these messages)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CredentialFilesError(f"the token file {path}: {reason}") from None
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from server.auth.callers import AuthConfig, Authenticator
+from server.auth.callers import AuthConfig, Authenticator, CredentialFilesError
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
@@ -40,8 +40,8 @@ _RELOADED_AUTH = frozenset({"callers", "token_file", "token_file_caller", "token
 _RELOADED_SERVER = frozenset({"auth", "tls_cert", "tls_key"})
 
 
-class TlsFilesError(ValueError):
-    """TLS files that cannot be read, or that OpenSSL refuses (at start-up: the server does not start)."""
+class TlsFilesError(CredentialFilesError):
+    """TLS files that cannot be read, or that OpenSSL refuses."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def read_tls(cert: Path, key: Path, client_ca: Path | None) -> TlsMaterial:
         if read() != first:
             raise TlsFilesError(f"the TLS files ({files}) changed while they were read")
     except ssl.SSLError as exc:  # its reason alone, e.g. KEY_VALUES_MISMATCH
-        raise TlsFilesError(f"OpenSSL refused the TLS files ({files}): {exc.reason or exc.__class__.__name__}"
+        raise TlsFilesError(f"OpenSSL refused the TLS files ({files}): {exc.reason or exc}"
                             ) from None
     except OSError as exc:
         raise TlsFilesError(f"cannot read the TLS files ({files}): {exc.strerror or exc}") from None
@@ -121,6 +121,7 @@ class CredentialReloader:
                  on_outcome: Callable[[str], None] | None = None,
                  audit: Callable[[str, str, str], None] | None = None) -> None:
         self._current = config
+        self._started = config  # what the settings a reload does not apply stay at until the next start
         self._install = install
         self._load = load
         self._config_path = config_path
@@ -175,7 +176,7 @@ class CredentialReloader:
             self._tls = prepared.tls
             with self._lock:
                 self._pending_tls = prepared.tls.certificate_configuration()
-        later = restart_needed(self._current, prepared.config)
+        later = restart_needed(self._started, prepared.config)
         self._current = prepared.config
         self.loaded_at = time.time()
         log.info("credentials reloaded (%s): %d caller(s)%s%s", why, len(prepared.authenticator.caller_names),
