@@ -103,6 +103,15 @@ class Metrics:
                                           ["outcome"], registry=r)
         self.credentials_loaded = Gauge("facegate_credentials_loaded_timestamp_seconds",
                                         "When the credentials in force were read (Unix time)", registry=r)
+        self.credentials_reload_ok = Gauge("facegate_credentials_last_reload_successful",
+                                           "1 when the last credential reload was applied (or none was tried since "
+                                           "the start), 0 when it was refused: the files hold what is not served",
+                                           registry=r)
+        self.credentials_reload_ok.set(1)
+        self.certificate_expiry = Gauge("facegate_tls_certificate_expiration_timestamp_seconds",
+                                        "When the TLS certificate in force stops being valid (Unix time): the "
+                                        "served one (server), the first CA to expire of those client "
+                                        "certificates are checked against (client_ca)", ["certificate"], registry=r)
         self.gallery_templates = Gauge("facegate_gallery_templates", "Templates held in memory for search, over "
                                        "all collections and members", registry=r)
 

@@ -32,33 +32,40 @@ def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurv
     return Pem(c, k)
 
 
+# A certificate's validity, from and until, relative to now: by default from 5 minutes ago for a day.
+VALID = (dt.timedelta(minutes=-5), dt.timedelta(days=1))
+
+
 class CertAuthority:
-    def __init__(self, folder: Path, name: str = "facegate test CA") -> None:
+    def __init__(self, folder: Path, name: str = "facegate test CA",
+                 valid: tuple[dt.timedelta, dt.timedelta] = VALID) -> None:
         self.folder = folder
         self.key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         self.cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
                      .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                     .not_valid_before(now + valid[0]).not_valid_after(now + valid[1])
                      .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                      .sign(self.key, hashes.SHA256()))
         self.pem = _write(folder, name.replace(" ", "_"), self.cert, self.key)
 
-    def issue(self, stem: str, cn: str, sans: list[x509.GeneralName], server: bool = False) -> Pem:
+    def issue(self, stem: str, cn: str, sans: list[x509.GeneralName], server: bool = False,
+              valid: tuple[dt.timedelta, dt.timedelta] = VALID) -> Pem:
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         usage = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
         cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(self.cert.subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                .not_valid_before(now + valid[0]).not_valid_after(now + valid[1])
                 .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                 .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
                 .sign(self.key, hashes.SHA256()))
         return _write(self.folder, stem, cert, key)
 
-    def server_cert(self) -> Pem:
-        return self.issue("server", "localhost", [x509.DNSName("localhost"),
-                                                  x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], server=True)
+    def server_cert(self, stem: str = "server", valid: tuple[dt.timedelta, dt.timedelta] = VALID) -> Pem:
+        return self.issue(stem, "localhost", [x509.DNSName("localhost"),
+                                              x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], server=True,
+                          valid=valid)
 
     def client_cert(self, stem: str, uri: str) -> Pem:
         return self.issue(stem, stem, [x509.UniformResourceIdentifier(uri)])

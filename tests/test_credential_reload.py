@@ -3,13 +3,15 @@
 End to end, a real server process started as an operator starts it (``--config``, ``--tls-cert/--tls-key``,
 ``reload_poll_s = 0``, so only SIGHUP reloads): a token revoked and another granted, a bad configuration refused with
 the credentials in force kept, the TLS certificate replaced while a connection stays open, a key that does not
-match its certificate refused; counted in the metrics, audited, and no token, hash or key in the log. The poll that
+match its certificate and an expired certificate refused; counted in the metrics (with the served certificate's
+end of validity), audited, and no token, hash or key in the log. The poll that
 picks up a Kubernetes Secret updated in place (its symlinks swapped, no signal) is tested on the reloader itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.server_process import free_port, metrics_text
 from facegate.v1 import models_pb2, models_pb2_grpc
@@ -36,6 +39,7 @@ from tests.conftest import ROOT, wait_until
 
 TOKENS = {name: new_token() for name in ("a", "b")}
 HASHES = {name: hash_token(t) for name, t in TOKENS.items()}
+DAY = dt.timedelta(days=1)
 
 
 @dataclass
@@ -62,11 +66,25 @@ class Served:
             if channel is None:
                 ch.close()
 
+    def expiry(self) -> float:
+        """What the metrics say the served certificate's end of validity is."""
+        families = text_string_to_metric_families(metrics_text(self.metrics_port) or "")
+        (sample,) = [s for f in families if f.name == "facegate_tls_certificate_expiration_timestamp_seconds"
+                     for s in f.samples]
+        assert sample.labels == {"certificate": "server"}
+        return float(sample.value)
+
     def reload(self, outcome: str, count: int) -> None:
         """SIGHUP, then until the metrics count ``count`` reloads with ``outcome``."""
         self.proc.send_signal(signal.SIGHUP)
         line = f'facegate_credential_reloads_total{{outcome="{outcome}"}} {float(count)}'
         assert wait_until(lambda: line in (metrics_text(self.metrics_port) or "")), f"no {line!r} in the metrics"
+        last = f"facegate_credentials_last_reload_successful {float(outcome == 'applied')}"
+        assert last in (metrics_text(self.metrics_port) or "")  # (what FacegateCredentialReloadRefused reads)
+
+
+def not_after(cert: Path) -> float:
+    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc.timestamp()
 
 
 def write_config(path: Path, *callers: str, bad: bool = False) -> None:
@@ -132,6 +150,7 @@ def test_credentials_are_replaced_whole_or_not_at_all_while_serving(
     one, two = cas
     ok, refused = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED
     assert (served.code(one, "a"), served.code(one, "b")) == (ok, refused)
+    assert served.expiry() == not_after(served.folder / "tls.crt")
 
     # A token revoked and another granted, with one signal and without a restart.
     write_config(served.folder / "facegate.toml", "b")
@@ -154,16 +173,26 @@ def test_credentials_are_replaced_whole_or_not_at_all_while_serving(
     assert served.code(one, "b", kept) == ok  # and the open connection was not dropped
     kept.close()
 
+    assert served.expiry() == not_after(served.folder / "tls.crt")  # (the metric follows the certificate)
+
     # A key that does not match the certificate is refused at the reload, not at every later handshake.
     install_pem(one.server_cert(), served.folder, cert=False)
     served.reload("refused", 2)
     assert served.code(two, "b") == ok
     assert served.proc.poll() is None
 
+    # An expired certificate (a renewal that failed) is refused: OpenSSL would load it and gRPC serve it, and
+    # every client's handshake would then fail.
+    install_pem(two.server_cert("expired", valid=(-2 * DAY, -dt.timedelta(minutes=1))), served.folder)
+    served.reload("refused", 3)
+    assert served.code(two, "b") == ok
+    assert served.expiry() > dt.datetime.now(dt.UTC).timestamp()
+
     audit = [json.loads(line) for line in (served.folder / "audit.jsonl").read_text().splitlines()]
     reloads = [(r["caller"], r["outcome"]) for r in audit if r["rpc"] == "ReloadCredentials"]
-    assert reloads == [("operator (SIGHUP)", o) for o in ("applied", "refused", "applied", "refused")]
-    assert "KEY_VALUES_MISMATCH" in [r for r in audit if r["rpc"] == "ReloadCredentials"][-1]["reason"]
+    assert reloads == [("operator (SIGHUP)", o) for o in ("applied", "refused", "applied", "refused", "refused")]
+    reasons = [r.get("reason", "") for r in audit if r["rpc"] == "ReloadCredentials"]
+    assert "KEY_VALUES_MISMATCH" in reasons[-2] and "tls.crt expired at" in reasons[-1]
     text = served.log.read_text() + (served.folder / "audit.jsonl").read_text()
     for secret in (*TOKENS.values(), *HASHES.values(), "PRIVATE KEY"):
         assert secret not in text
@@ -176,7 +205,9 @@ def test_credential_files_that_cannot_serve_stop_the_start_with_the_reason(
     cert = cas[0].issue("start-one", "localhost", sans, server=True).cert
     key = cas[1].issue("start-two", "localhost", sans, server=True).key
     (tmp_path / "empty").write_text("# no token yet\n\n")
+    expired = cas[0].server_cert("start-expired", valid=(-2 * DAY, -DAY))
     cases = {"KEY_VALUES_MISMATCH": ["--tls-cert", str(cert), "--tls-key", str(key)],
+             "start-expired.crt expired at": ["--tls-cert", str(expired.cert), "--tls-key", str(expired.key)],
              "cannot read the TLS files": ["--tls-cert", str(cert), "--tls-key", str(tmp_path / "missing.key")],
              "it holds no token": ["--token-file", str(tmp_path / "empty")],
              "No such file or directory": ["--token-file", str(tmp_path / "missing.token")]}

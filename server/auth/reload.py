@@ -22,13 +22,14 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
-from server.auth.callers import AuthConfig, Authenticator, CredentialFilesError
+from server.auth.callers import AuthConfig, Authenticator
+from server.auth.certificates import TlsFilesError, validity
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
@@ -40,23 +41,21 @@ _RELOADED_AUTH = frozenset({"callers", "token_file", "token_file_caller", "token
 _RELOADED_SERVER = frozenset({"auth", "tls_cert", "tls_key"})
 
 
-class TlsFilesError(CredentialFilesError):
-    """TLS files that cannot be read, or that OpenSSL refuses."""
-
-
 @dataclass(frozen=True)
 class TlsMaterial:
     key: bytes
     cert: bytes
     client_ca: bytes | None
+    not_after: tuple[tuple[str, float], ...] = ()
+    """When the served certificate and the client CA stop being valid (server.auth.certificates)."""
 
     def certificate_configuration(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.client_ca)
 
 
 def read_tls(cert: Path, key: Path, client_ca: Path | None) -> TlsMaterial:
-    """The TLS files, checked as OpenSSL will use them: a key that does not match its certificate, or a file that
-    is not PEM, is refused here instead of failing every later handshake."""
+    """The TLS files, checked as OpenSSL will use them: a key that does not match its certificate, a file that is
+    not PEM, or a certificate that is not valid now, is refused here instead of failing every later handshake."""
 
     def read() -> TlsMaterial:
         return TlsMaterial(key.read_bytes(), cert.read_bytes(), client_ca.read_bytes() if client_ca else None)
@@ -77,7 +76,7 @@ def read_tls(cert: Path, key: Path, client_ca: Path | None) -> TlsMaterial:
                             ) from None
     except OSError as exc:
         raise TlsFilesError(f"cannot read the TLS files ({files}): {exc.strerror or exc}") from None
-    return first
+    return replace(first, not_after=validity(first.cert, cert, first.client_ca, client_ca))
 
 
 def watched_files(config: ServerConfig, config_path: Path | None) -> tuple[Path, ...]:
@@ -147,6 +146,10 @@ class CredentialReloader:
         self._tls = tls = read_tls(c.tls_cert, c.tls_key, c.auth.client_ca)
         return grpc.dynamic_ssl_server_credentials(tls.certificate_configuration(), self._fetch_tls,
                                                    require_client_authentication=tls.client_ca is not None)
+
+    def not_after(self, certificate: str) -> float:
+        """When the ``server`` certificate or the ``client_ca`` in force stops being valid (Unix time; 0: none)."""
+        return dict(self._tls.not_after).get(certificate, 0.0) if self._tls is not None else 0.0
 
     def _fetch_tls(self) -> grpc.ServerCertificateConfiguration | None:
         # Called by gRPC on one of its threads at each handshake: None keeps the configuration it has.

@@ -1,0 +1,75 @@
+"""The TLS certificates' validity dates (server.auth.certificates), on certificates made for each case: an expired
+or not-yet-valid served certificate is refused with the date, a fresh one from a signer whose clock runs a little
+ahead is not; a client CA bundle is refused only when none of its CAs is valid, and reports the first to expire;
+a certificate close to its end is logged. The server's start-up and reload with such files: tests/
+test_credential_reload.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from server.auth.certificates import CLOCK_SKEW_S, TlsFilesError, validity
+from server.auth.reload import read_tls
+from tests.certs import CertAuthority
+
+DAY = dt.timedelta(days=1)
+
+
+def _not_after(path: Path) -> float:
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
+
+
+@pytest.fixture()
+def ca(tmp_path: Path) -> CertAuthority:
+    return CertAuthority(tmp_path, "validity CA", valid=(-DAY, 30 * DAY))
+
+
+def test_the_served_certificate_must_be_valid_now(ca: CertAuthority) -> None:
+    good = ca.server_cert("good", valid=(-DAY, 20 * DAY))
+    assert validity(good.cert.read_bytes(), good.cert, None, None) == (("server", _not_after(good.cert)),)
+    assert dict(read_tls(good.cert, good.key, None).not_after) == {"server": _not_after(good.cert)}
+
+    expired = ca.server_cert("expired", valid=(-2 * DAY, -dt.timedelta(seconds=1)))
+    with pytest.raises(TlsFilesError, match=r"expired\.crt expired at 20\d\d-\d\d-\d\dT"):
+        read_tls(expired.cert, expired.key, None)  # (OpenSSL itself loads it without a word)
+
+    early = ca.server_cert("early", valid=(DAY, 2 * DAY))
+    with pytest.raises(TlsFilesError, match="is not valid before"):
+        validity(early.cert.read_bytes(), early.cert, None, None)
+    # Issued by a signer whose clock runs a minute ahead of ours: accepted.
+    fresh = ca.server_cert("fresh", valid=(dt.timedelta(seconds=CLOCK_SKEW_S / 5), 20 * DAY))
+    assert validity(fresh.cert.read_bytes(), fresh.cert, None, None)[0][0] == "server"
+
+
+def test_a_client_ca_bundle_is_refused_only_when_none_of_its_cas_is_valid(tmp_path: Path,
+                                                                          ca: CertAuthority) -> None:
+    (tmp_path / "old").mkdir()
+    old = CertAuthority(tmp_path / "old", "retired CA", valid=(-30 * DAY, -DAY))
+    served = ca.server_cert("served", valid=(-DAY, 20 * DAY))
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(old.pem.cert.read_bytes() + ca.pem.cert.read_bytes())
+    # Old and new CAs side by side (a CA rotation): accepted, and the first to expire is what an alert must see,
+    # here already past (the retired CA is still in the file).
+    found = dict(read_tls(served.cert, served.key, bundle).not_after)
+    assert found == {"server": _not_after(served.cert), "client_ca": _not_after(old.pem.cert)}
+    assert found["client_ca"] < dt.datetime.now(dt.UTC).timestamp()
+
+    with pytest.raises(TlsFilesError, match=r"none of the 1 certificate\(s\) in the client CA file .* is valid now"):
+        read_tls(served.cert, served.key, old.pem.cert)
+
+
+def test_a_certificate_close_to_its_end_is_logged_when_read(ca: CertAuthority,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    ending = ca.server_cert("ending", valid=(-DAY, 2 * DAY))
+    lasting = ca.server_cert("lasting", valid=(-DAY, 20 * DAY))
+    with caplog.at_level(logging.WARNING, logger="server.auth.certificates"):
+        validity(lasting.cert.read_bytes(), lasting.cert, None, None)
+        assert caplog.records == []
+        validity(ending.cert.read_bytes(), ending.cert, None, None)
+    (record,) = caplog.records
+    assert "server certificate expires at" in record.getMessage() and "in 2.0 days" in record.getMessage()
