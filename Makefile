@@ -84,10 +84,21 @@ client-deps:
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
-# kubectl (its kustomize renders the manifests under deploy/kubernetes for the validation test), from Debian.
-k8s-deps:
+# kubectl (its kustomize renders the manifests under deploy/kubernetes for the validation test), from Debian; and
+# promtool (checks and unit-tests the alert rules, lints /metrics), unpacked from Debian's prometheus package into
+# .cache/prometheus: installing the package would also enable and start a Prometheus server where systemd runs.
+PROMTOOL := .cache/prometheus/usr/bin/promtool
+k8s-deps: $(PROMTOOL)
 	@command -v kubectl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 		kubernetes-client; }
+
+$(PROMTOOL):
+	@rm -rf .cache/prometheus.tmp && mkdir -p .cache/prometheus.tmp
+	cd .cache/prometheus.tmp && { apt-get download -qq prometheus 2>/dev/null || \
+		{ apt-get update -qq && apt-get download -qq prometheus; }; }
+	dpkg-deb -x .cache/prometheus.tmp/prometheus_*.deb .cache/prometheus.tmp/root
+	rm -rf .cache/prometheus && mv .cache/prometheus.tmp/root .cache/prometheus && rm -rf .cache/prometheus.tmp
+	$(PROMTOOL) --version | head -1
 
 # PostgreSQL for the replica tests and the gallery benchmark (a throwaway cluster per run; from Debian).
 pg-deps:

@@ -54,6 +54,14 @@ def wait_until(ok: Callable[[], bool], timeout_s: float = 15.0) -> bool:
     return ok()
 
 
+def promtool() -> str:
+    """Debian's promtool, unpacked by `make test` (k8s-deps) without installing the Prometheus server."""
+    for candidate in (ROOT / ".cache" / "prometheus" / "usr" / "bin" / "promtool", shutil.which("promtool")):
+        if candidate is not None and Path(candidate).is_file():
+            return str(candidate)
+    pytest.fail("promtool is not there (make test unpacks Debian's prometheus package into .cache/prometheus)")
+
+
 def image_python(folder: Path) -> str:
     """A ``python3`` in ``folder`` that runs this interpreter, as the image's entrypoint calls it; the PATH to use."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -60,9 +60,12 @@ def with_component(overlay: str, component: str, folder: Path) -> list[dict[str,
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_prometheus_operator_component_scrapes_the_service(overlay: str, tmp_path: Path) -> None:
-    """The opt-in component: its ServiceMonitor selects the regular Service and scrapes a port that Service names."""
+    """The opt-in component: its ServiceMonitor selects the regular Service and scrapes a port that Service names;
+    its PrometheusRule (the alerts, tested in tests/test_alert_rules.py) comes with it."""
     docs = with_component(overlay, "prometheus-operator", tmp_path)
-    assert len(docs) == len(render(overlay)) + 1
+    assert len(docs) == len(render(overlay)) + 2
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["spec"]["groups"]
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     service = next(d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None")

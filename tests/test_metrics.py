@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -11,17 +12,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.server_process import free_port
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
-from tests.conftest import start_server, stop_server
+from tests.conftest import promtool, start_server, stop_server
 
 pytestmark = pytest.mark.weights
 METHOD = "/facegate.v1.LivenessService/CheckLiveness"
 Sample = tuple[str, tuple[tuple[str, str], ...]]  # (metric name, sorted label pairs)
 
 
+def exposition(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()  # type: ignore[no-any-return]
+
+
 def scrape(port: int) -> dict[Sample, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(exposition(port)):
         for s in family.samples:
             out[s.name, tuple(sorted(s.labels.items()))] = s.value
     return out
@@ -68,6 +72,10 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
                  "identification"}
         assert all(v in ("OK", "INVALID_ARGUMENT") or v.startswith("/") or v in known or v.replace(".", "").isdigit()
             or v.startswith("slowfast") or k in ("le", "reason") for (_, labels) in final for k, v in labels)
+        # Prometheus's own linter finds nothing to say of the exposition (names, units, suffixes, help texts).
+        lint = subprocess.run([promtool(), "check", "metrics"], input=exposition(port), capture_output=True,
+                              text=True, timeout=60)
+        assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint.stdout + lint.stderr
     finally:
         stop_server(running, thread)
 

@@ -1,0 +1,131 @@
+"""The alerts (deploy/kubernetes/components/prometheus-operator/prometheusrule.yaml), checked and unit-tested with
+Prometheus's own promtool: each alert fires on the series it is for, after its ``for``, with its labels and texts,
+and stays silent on the healthy series beside them; every metric an alert reads is one the server exports."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client import generate_latest
+
+from server.admission import WaitGate
+from server.metrics import Metrics
+from tests.conftest import ROOT, promtool
+
+RULE = ROOT / "deploy" / "kubernetes" / "components" / "prometheus-operator" / "prometheusrule.yaml"
+NS = {"namespace": "ns"}
+
+
+def rules() -> dict[str, Any]:
+    doc = yaml.safe_load(RULE.read_text())
+    assert doc["kind"] == "PrometheusRule" and doc["apiVersion"] == "monitoring.coreos.com/v1"
+    return doc["spec"]  # type: ignore[no-any-return]
+
+
+def series(name: str, values: str, **labels: str) -> dict[str, str]:
+    text = ",".join(f'{k}="{v}"' for k, v in sorted({**NS, **labels}.items()))
+    return {"series": f"{name}{{{text}}}", "values": values}
+
+
+def alert(name: str, at: str, *fired: tuple[dict[str, str], dict[str, str]]) -> dict[str, Any]:
+    return {"eval_time": at, "alertname": name,
+            "exp_alerts": [{"exp_labels": {**NS, **labels}, "exp_annotations": notes} for labels, notes in fired]}
+
+
+EXPIRY = "facegate_tls_certificate_expiration_timestamp_seconds"
+REQUESTS = "facegate_requests_total"
+
+
+def _expiring(pod: str, certificate: str, left: str, severity: str) -> tuple[dict[str, str], dict[str, str]]:
+    if severity == "warning":
+        summary = f"facegate's TLS {certificate} certificate expires within a week"
+        tail = (". Its renewal has failed, or the renewed files have not reached the pod (see "
+                "FacegateCredentialReloadRefused).")
+    else:
+        summary = f"facegate's TLS {certificate} certificate expires within a day"
+        tail = "; after that every client's TLS handshake fails."
+    return ({"pod": pod, "certificate": certificate, "severity": severity},
+            {"summary": summary,
+             "description": f"The TLS {certificate} certificate of ns/{pod} expires in {left}{tail}"})
+
+
+CASES: list[dict[str, Any]] = [
+    {   # time() starts at 0: a value is the seconds left at the start
+        "interval": "1m",
+        "input_series": [series(EXPIRY, "259200x40", pod="p-1", certificate="server"),  # 3 days
+                         series(EXPIRY, "50000x40", pod="p-1", certificate="client_ca"),  # 13.9 hours
+                         series(EXPIRY, "2592000x40", pod="p-2", certificate="server")],  # 30 days
+        "alert_rule_test": [
+            alert("FacegateTLSCertificateExpiresSoon", "10m",  # the warning's 15 minutes not yet over
+                  _expiring("p-1", "client_ca", "13h 43m 20s", "critical")),
+            alert("FacegateTLSCertificateExpiresSoon", "20m",
+                  _expiring("p-1", "server", "2d 23h 40m 0s", "warning"),
+                  _expiring("p-1", "client_ca", "13h 33m 20s", "warning"),
+                  _expiring("p-1", "client_ca", "13h 33m 20s", "critical")),
+        ],
+    },
+    {
+        "interval": "1m",
+        "input_series": [series("facegate_credentials_last_reload_successful", "1 1 0x20", pod="p-1"),
+                         series("facegate_credentials_last_reload_successful", "1 0 0 1x20", pod="p-2")],
+        "alert_rule_test": [
+            alert("FacegateCredentialReloadRefused", "5m"),  # refused 3 minutes ago: pending
+            alert("FacegateCredentialReloadRefused", "8m", (
+                {"pod": "p-1", "severity": "warning"},
+                {"summary": "facegate refused its new credential files and serves the previous ones",
+                 "description": "ns/p-1 refused the last change to its callers, token file or TLS files; the reason "
+                                'is in its log and audit ("rpc": "ReloadCredentials").'})),
+        ],
+    },
+    {   # p-1 refuses 10 of every 110 calls, p-2 2 of 102
+        "interval": "1m",
+        "input_series": [series(REQUESTS, "0+100x30", pod="p-1", code="OK", method="/m"),
+                         series(REQUESTS, "0+10x30", pod="p-1", code="RESOURCE_EXHAUSTED", method="/m"),
+                         series(REQUESTS, "0+100x30", pod="p-2", code="OK", method="/m"),
+                         series(REQUESTS, "0+2x30", pod="p-2", code="RESOURCE_EXHAUSTED", method="/m"),
+                         series(REQUESTS, "0+60x30", pod="p-2", code="INVALID_ARGUMENT", method="/m"),
+                         series(REQUESTS, "0+6x30", pod="p-3", code="INTERNAL", method="/m")],
+        "alert_rule_test": [
+            alert("FacegateShedding", "10m"),  # (the rate needs two samples, then 10 minutes)
+            alert("FacegateShedding", "20m", (
+                {"pod": "p-1", "severity": "warning"},
+                {"summary": "facegate refuses over 5 % of its calls as RESOURCE_EXHAUSTED",
+                 "description": "ns/p-1 refused 9.091% of its calls in the last 5 minutes as RESOURCE_EXHAUSTED."})),
+            alert("FacegateInternalErrors", "20m", (
+                {"pod": "p-3", "severity": "critical"},
+                {"summary": "facegate answers calls with INTERNAL, UNKNOWN or DATA_LOSS",
+                 "description": "ns/p-3 answered 0.10 calls a second with INTERNAL, UNKNOWN or DATA_LOSS over the "
+                                "last 5 minutes; its log has the traceback."})),
+        ],
+    },
+]
+
+
+def test_the_rules_are_valid_promql_and_fire_as_meant(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
+    check = subprocess.run([promtool(), "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0 and "SUCCESS: 5 rules found" in check.stdout, check.stdout + check.stderr
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(
+        {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": CASES}, sort_keys=False))
+    run = subprocess.run([promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    tested = {t["alertname"] for case in CASES for t in case["alert_rule_test"]}
+    assert tested == {r["alert"] for g in rules()["groups"] for r in g["rules"]}  # every alert has a case
+
+
+def test_every_metric_an_alert_reads_is_exported_by_the_server() -> None:
+    metrics = Metrics()
+    metrics.watch_gates({"liveness": WaitGate("liveness", 1.0, 1)})
+    exported = set()
+    for line in generate_latest(metrics.registry).decode().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            exported |= {name} if kind != "histogram" else {f"{name}_{s}" for s in ("bucket", "sum", "count")}
+    read = {m for g in rules()["groups"] for r in g["rules"] for m in re.findall(r"facegate_[a-z_]+", r["expr"])}
+    assert read and read <= exported, read - exported
