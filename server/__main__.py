@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-file", type=Path,
                    help="file of bearer tokens, one a line (a mounted secret); its caller gets --token-scopes")
     p.add_argument("--token-scopes", help="comma-separated scopes of the --token-file caller (default: all)")
+    p.add_argument("--token-max-in-flight", type=int,
+                   help="calls the --token-file caller may have in flight at once (default 0: no own limit)")
     p.add_argument("--insecure-public", action="store_true",
                    help="allow a non-loopback address without authentication (never do this on a shared network)")
     p.add_argument("--audit-log", help="audit log file (JSON lines, rotated); '-' for stderr")
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         """The settings from the file and the command line; read again on a credentials reload."""
         auth = {"client_ca": args.client_ca, "token_file": args.token_file,
                 "token_file_scopes": tuple(args.token_scopes.split(",")) if args.token_scopes else None,
+                "token_file_max_in_flight": args.token_max_in_flight,
                 "insecure_public": True if args.insecure_public else None}
         config = load_config(
             args.config, auth, gallery_url=args.gallery_url or os.environ.get("FACEGATE_GALLERY_URL") or None,

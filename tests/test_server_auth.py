@@ -27,7 +27,7 @@ from facegate.v1 import (
 )
 from facegate_client.client import FacegateClient, clip_from_folder, tls_credentials
 from server.audit import AuditConfig
-from server.auth.callers import AuthConfig, CallerConfig
+from server.auth.callers import AuthConfig, Authenticator, CallerConfig
 from server.auth.tokens import hash_token, new_token
 from server.config import load_config
 from tests.certs import CertAuthority
@@ -195,6 +195,21 @@ def test_a_public_address_without_authentication_is_refused_at_start_up(tmp_path
     proc = subprocess.run([sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", "0"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "refusing to serve biometric RPCs on 0.0.0.0" in proc.stderr
+
+
+def test_the_token_file_caller_has_its_own_limit_when_given_one(tmp_path: Path) -> None:
+    """``--token-max-in-flight`` (``[auth] token_file_max_in_flight``) gives the token file's caller the
+    ``max_in_flight`` a configured caller has (enforced as in the test above); a negative one stops the start."""
+    token = tmp_path / "token"
+    token.write_text(new_token() + "\n")
+    limited = load_config(None, {"token_file": token, "token_file_max_in_flight": 3}).auth
+    caller = Authenticator(limited).from_token(token.read_text().strip())
+    assert caller is not None and (caller.name, caller.max_in_flight) == ("default", 3)
+    unlimited = Authenticator(load_config(None, {"token_file": token}).auth).from_token(token.read_text().strip())
+    assert unlimited is not None and unlimited.max_in_flight == 0
+    proc = subprocess.run([sys.executable, "-m", "server", "--port", "0", "--token-file", str(token),
+                           "--token-max-in-flight", "-1"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "token_file_max_in_flight must be >= 0" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_the_docker_entrypoint_starts_with_authentication(tmp_path: Path, repository_dir: Path) -> None:

@@ -58,6 +58,8 @@ class AuthConfig:
     line is removed."""
     token_file_caller: str = "default"  # noqa: S105 - a caller name, not a secret
     token_file_scopes: tuple[str, ...] = SCOPES
+    token_file_max_in_flight: int = 0
+    """The token file's caller's own limit on calls in flight, as a caller's ``max_in_flight``. 0: none."""
     insecure_public: bool = False
     """Allow serving a non-loopback address without authentication (never the default)."""
     reload_poll_s: float = 10.0
@@ -67,6 +69,9 @@ class AuthConfig:
     def __post_init__(self) -> None:
         for s in self.token_file_scopes:
             Scope.parse(s)
+        if self.token_file_max_in_flight < 0:
+            raise ValueError(f"token_file_max_in_flight must be >= 0 (0: no limit of its own), got "
+                             f"{self.token_file_max_in_flight}")
         if self.reload_poll_s < 0:
             raise ValueError(f"reload_poll_s must be >= 0 (0: reload only on SIGHUP), got {self.reload_poll_s}")
         names = [c.name for c in self.callers]
@@ -99,7 +104,7 @@ class Authenticator:
         callers = list(config.callers)
         if config.token_file is not None:
             callers.append(CallerConfig(config.token_file_caller, config.token_file_scopes,
-                                        read_token_file(config.token_file)))
+                                        read_token_file(config.token_file), config.token_file_max_in_flight))
         for c in callers:
             scopes = tuple(Scope.parse(s) for s in c.scopes)
             entry = self._entries.setdefault(c.name, _Entry(Caller(c.name, scopes, "token", c.max_in_flight)))

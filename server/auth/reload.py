@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # What a reload applies; every other setting takes effect at the next start.
-_RELOADED_AUTH = frozenset({"callers", "token_file", "token_file_caller", "token_file_scopes", "client_ca"})
+_RELOADED_AUTH = frozenset({"callers", "token_file", "token_file_caller", "token_file_scopes",
+                            "token_file_max_in_flight", "client_ca"})
 _RELOADED_SERVER = frozenset({"auth", "tls_cert", "tls_key"})
 
 
