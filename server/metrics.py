@@ -47,7 +47,12 @@ class ModelCollector(Collector):
         rejected = CounterMetricFamily("facegate_model_rejected", "Requests refused because the model's queue was "
                                        "full", labels=["model"])
         batches = HistogramMetricFamily("facegate_model_batch_size", "Executed batch sizes", labels=["model"])
+        # Which engine serves each model here: `auto` picks per machine class, so pods on different nodes can
+        # serve different runtimes and precisions, and a fleet is seen only through a metric (always 1).
+        info = GaugeMetricFamily("facegate_model_info", "The model version this server serves and the runtime "
+                                 "and precision serving it (always 1)", labels=["model", "version", "runtime"])
         for name, served in list(self._registry.models.items()):
+            info.add_metric([name, served.meta.version, served.engine.runtime], 1)
             stats = served.batcher.stats
             depth.add_metric([name], served.batcher.queued)
             inferences.add_metric([name], stats.inference_count)
@@ -62,7 +67,7 @@ class ModelCollector(Collector):
             total = sum(b.executions for _, b in sizes)
             batches.add_metric([name], [*cumulative, ("+Inf", total)],
                                sum_value=sum(s * b.executions for s, b in sizes))
-        yield from (depth, inferences, executions, queue, compute, rejected, batches)
+        yield from (info, depth, inferences, executions, queue, compute, rejected, batches)
 
 
 class GateCollector(Collector):

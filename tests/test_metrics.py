@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import urllib.request
@@ -57,6 +58,11 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         assert after[ok] - before.get(ok, 0.0) == 10
         assert after[count] - before.get(count, 0.0) == 10
         assert ("facegate_model_queue_depth", (("model", "retinaface"),)) in after
+        info = {dict(labels)["model"]: dict(labels) for (name, labels), v in after.items()
+                if name == "facegate_model_info" and v == 1}
+        assert {"retinaface", "minifasnet_v2", "minifasnet_v1se"} <= set(info)
+        for model in info.values():  # the same runtime string ListModels and every response carry
+            assert model["version"] and re.fullmatch(r"(onnxruntime|openvino|tensorrt)\S*", model["runtime"])
         assert after[("facegate_model_inferences_total", (("model", "minifasnet_v2"),))] >= 10
         assert ("facegate_decode_duration_seconds_count", (("kind", "image"),)) in after
         assert after[("facegate_admission_shed_total", (("pipeline", "liveness"),))] == 0
@@ -71,7 +77,8 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         known = {"retinaface", "minifasnet_v2", "minifasnet_v1se", "image", "clip", "video", "+Inf", "liveness",
                  "identification"}
         assert all(v in ("OK", "INVALID_ARGUMENT") or v.startswith("/") or v in known or v.replace(".", "").isdigit()
-            or v.startswith("slowfast") or k in ("le", "reason") for (_, labels) in final for k, v in labels)
+            or v.startswith("slowfast") or k in ("le", "reason", "version", "runtime")
+            for (_, labels) in final for k, v in labels)
         # Prometheus's own linter finds nothing to say of the exposition (names, units, suffixes, help texts).
         lint = subprocess.run([promtool(), "check", "metrics"], input=exposition(port), capture_output=True,
                               text=True, timeout=60)
