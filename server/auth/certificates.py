@@ -1,8 +1,8 @@
 """When the TLS certificates stop being valid: checked whenever they are read (start-up and every reload), and
 exported so that an alert fires before they expire.
 
-OpenSSL loads an expired certificate without complaint, and gRPC serves it: every client's handshake then fails
-(the clients see UNAVAILABLE) while the server reports itself healthy. cert-manager renews a certificate in
+OpenSSL loads an expired certificate without complaint, and gRPC serves it: the server starts and runs, and every
+call then fails in the TLS handshake (the clients see UNAVAILABLE). cert-manager renews a certificate in
 place well before it expires, so an expired one in the files means the renewal failed: at start-up the server
 refuses it with the reason, and a reload keeps the certificate in force (still valid, or it would have been
 refused in its turn) instead of swapping in one that no client can accept.
