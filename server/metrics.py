@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from server.admission import WaitGate
 from server.gpu_metrics import GpuCollector
 from server.model_registry import ModelRegistry
+from server.servicers.call_context import caller_label
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -92,8 +93,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("facegate_requests", "RPCs answered, by method and gRPC status code",
-                                ["method", "code"], registry=r)
+        self.requests = Counter("facegate_requests", "RPCs answered, by method, gRPC status code and caller (a "
+                                "configured caller's name, anonymous with authentication off, none when no caller "
+                                "was identified)", ["method", "code", "caller"], registry=r)
         self.latency = Histogram("facegate_request_duration_seconds", "RPC latency as the server sees it",
                                  ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("facegate_requests_in_flight", "RPCs being served now", registry=r)
@@ -166,7 +168,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 m.in_flight.dec()
                 name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-                m.requests.labels(method, name).inc()
+                m.requests.labels(method, name, caller_label()).inc()
                 m.latency.labels(method).observe(time.perf_counter() - t0)
                 if code in _REASONS:
                     m.refused.labels(_REASONS[code]).inc()

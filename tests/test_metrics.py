@@ -53,7 +53,7 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         for _ in range(10):
             stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(image=image), timeout=30)
         after = scrape(port)
-        ok = ("facegate_requests_total", (("code", "OK"), ("method", METHOD)))
+        ok = ("facegate_requests_total", (("caller", "anonymous"), ("code", "OK"), ("method", METHOD)))
         count = ("facegate_request_duration_seconds_count", (("method", METHOD),))
         assert after[ok] - before.get(ok, 0.0) == 10
         assert after[count] - before.get(count, 0.0) == 10
@@ -70,7 +70,8 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         # A refused call is counted with its code, and by reason.
         with pytest.raises(Exception):  # noqa: B017 - any gRPC error; the code is checked below
             stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(), timeout=30)
-        refused = ("facegate_requests_total", (("code", "INVALID_ARGUMENT"), ("method", METHOD)))
+        refused = ("facegate_requests_total",
+                   (("caller", "anonymous"), ("code", "INVALID_ARGUMENT"), ("method", METHOD)))
         final = scrape_until(port, refused)
         assert final[refused] == 1
         # No caller-supplied string is ever a label value.
@@ -78,7 +79,7 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
                  "identification"}
         assert all(v in ("OK", "INVALID_ARGUMENT") or v.startswith("/") or v in known or v.replace(".", "").isdigit()
             or v.startswith("slowfast") or k in ("le", "reason", "version", "runtime")
-            for (_, labels) in final for k, v in labels)
+            or (k, v) == ("caller", "anonymous") for (_, labels) in final for k, v in labels)
         # Prometheus's own linter finds nothing to say of the exposition (names, units, suffixes, help texts).
         lint = subprocess.run([promtool(), "check", "metrics"], input=exposition(port), capture_output=True,
                               text=True, timeout=60)

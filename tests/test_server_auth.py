@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.server_process import free_port
 from facegate.v1 import (
     common_pb2,
     identification_pb2,
@@ -51,14 +55,20 @@ def audit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def token_server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory, audit_path: Path
-                 ) -> Iterator[RunningServer]:
+def token_metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def token_server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory, audit_path: Path,
+                 token_metrics_port: int) -> Iterator[RunningServer]:
     if not SYNTH.is_dir():
         pytest.fail(f"the synthetic clips are missing in {SYNTH} (make identify-models)")
     callers = tuple(CallerConfig(f"svc-{n}", SCOPES[n], (hash_token(t),), MAX_IN_FLIGHT.get(n, 0))
                     for n, t in TOKENS.items())
     running, thread = start_server(repository_dir, gallery_path=tmp_path_factory.mktemp("g") / "g.sqlite",
-                                   auth=AuthConfig(callers=callers), audit=AuditConfig(path=audit_path))
+                                   auth=AuthConfig(callers=callers), audit=AuditConfig(path=audit_path),
+                                   metrics_port=token_metrics_port)
     yield running
     stop_server(running, thread)
 
@@ -97,13 +107,14 @@ def test_tokens_identify_callers_and_scopes_gate_each_rpc(token_server: RunningS
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_a_caller_over_its_own_max_in_flight_is_refused_while_others_are_served(token_server: RunningServer,
-                                                                              samples: Path) -> None:
+def test_a_caller_over_its_own_max_in_flight_is_refused_while_others_are_served(
+        token_server: RunningServer, token_metrics_port: int, samples: Path) -> None:
     """svc-burst may have 2 calls in flight: of 32 sent at once, those beyond its 2 get RESOURCE_EXHAUSTED (naming
     its limit, with RetryInfo), while another caller's call in the middle of the burst is served."""
     image = (samples / "image_T1.jpg").read_bytes()
     stub = liveness_pb2_grpc.LivenessServiceStub(token_server.channel())
     req = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=image))
+    before = per_caller(token_metrics_port)
     burst = [stub.CheckLiveness.future(req, metadata=as_caller("burst"), timeout=30) for _ in range(32)]
     assert check(token_server, image, "live").decision == liveness_pb2.DECISION_LIVE
     codes = [f.code() for f in burst]
@@ -115,6 +126,29 @@ def test_a_caller_over_its_own_max_in_flight_is_refused_while_others_are_served(
     assert status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
     # Its calls in flight went back to none: it is served again.
     assert check(token_server, image, "burst").decision == liveness_pb2.DECISION_LIVE
+    # The metrics count each caller's calls apart, its refusals included (a call with no credential as "none").
+    assert code_of(lambda: check(token_server, image, None)) == grpc.StatusCode.UNAUTHENTICATED
+    counted = {k: v - before.get(k, 0.0) for k, v in per_caller(token_metrics_port).items() if v != before.get(k)}
+    assert counted == {("svc-burst", "OK"): ok + 1, ("svc-burst", "RESOURCE_EXHAUSTED"): full,
+                       ("svc-live", "OK"): 1, ("none", "UNAUTHENTICATED"): 1}, counted
+
+
+def per_caller(metrics_port: int) -> dict[tuple[str, str], float]:
+    """CheckLiveness calls counted in the metrics, by (caller, code), once the counts stop moving (a refused
+    call is counted a moment after its client holds the error)."""
+    def read() -> dict[tuple[str, str], float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        return {(s.labels["caller"], s.labels["code"]): s.value for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.name == "facegate_requests_total" and s.labels["method"].endswith("/CheckLiveness")}
+    last = read()
+    for _ in range(50):
+        time.sleep(0.1)
+        now = read()
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def test_enrolment_needs_the_enrol_scope_and_never_takes_over_a_person(token_server: RunningServer,

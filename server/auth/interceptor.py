@@ -71,7 +71,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def identify(self, context: grpc.aio.ServicerContext, method: str, scope: str) -> Caller:
         if not self._auth.enabled:
-            return self._auth.anonymous()
+            CURRENT_CALLER.set(anonymous := self._auth.anonymous())
+            return anonymous
         token = bearer_token(context.invocation_metadata())
         caller: Caller | None = None
         claimed = ""
@@ -87,6 +88,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                    f"client certificate {claimed!r} matches no configured caller" if claimed else
                    "no credential: send 'authorization: Bearer <token>' metadata or a client certificate")
             raise self._refuse(UnauthenticatedError(why), method, context, claimed)
+        CURRENT_CALLER.set(caller)  # (also what the metrics count the call under, refused from here on or not)
         if not grants(caller.scopes, scope):
             raise self._refuse(PermissionDeniedError(f"caller {caller.name!r} lacks the {scope!r} scope"),
                                method, context, caller.name)
@@ -141,7 +143,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                         with self._bytes.hold(len(raw)):
                             request = parse_request(parse, raw)
                             self.check_collection(caller, scope, request, method, context)
-                            CURRENT_CALLER.set(caller)
                             return await inner(request, context)
             except ResourceExhaustedError as err:  # shed load is a refused call too: counted, summarised
                 self._audit.record_shed(rpc=method, caller=caller.name, reason=str(err))
@@ -156,7 +157,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         interceptor around this one to turn into its status), held to the side budget, and ended with UNAVAILABLE
         by ``close_streams``."""
         if scope is not None:
-            CURRENT_CALLER.set(self.identify(context, method, scope))
+            self.identify(context, method, scope)
         if self._closing:
             raise UnavailableError("the server is shutting down; reconnect")
         task = asyncio.current_task()

@@ -21,13 +21,23 @@ REQUEST_ID_METADATA = "x-request-id"
 # Set by the servicer once it knows the request id (its own or the client's), read by the error interceptor: the
 # handler runs in the interceptor's task, so the value is visible there after the handler raises.
 CURRENT_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-# Set by the auth interceptor once the caller is identified and authorised; read by servicers that record who
-# changed what.
+# Set by the auth interceptor once the caller is identified (a servicer runs only once it is also authorised);
+# read by servicers that record who changed what, and by the metrics interceptor around it (the same task) to count
+# the call under its caller.
 CURRENT_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
 # Set by the auth interceptor when a call opens, on the event-loop clock: the caller's deadline, or the server's
 # default_deadline_s from then when the caller set none. Read by deadline_from.
 CURRENT_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 DEFAULT_DEADLINE_S = 30.0
+
+
+def caller_label() -> str:
+    """The call's caller as a metrics label: a configured caller's name (never a string the client chose), else
+    ``anonymous`` (authentication off) or ``none`` (no caller identified: refused, or a health check)."""
+    caller = CURRENT_CALLER.get()
+    if caller is None:
+        return "none"
+    return "anonymous" if caller.via == "loopback" else caller.name
 
 
 def caller_name() -> str:
