@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class TlsFilesError(CredentialFilesError):
     """TLS files that cannot be read, that OpenSSL refuses, or whose certificates are not valid now."""
 
+
 # A certificate issued a moment ago by a signer whose clock runs ahead of ours is not refused.
 CLOCK_SKEW_S = 300.0
 # Below this, every read logs a warning (the metric and its alert are the real watch).
@@ -56,8 +57,7 @@ def validity(cert_pem: bytes, cert_path: Path, client_ca_pem: bytes | None, clie
     if leaf.not_valid_after_utc <= now:
         raise TlsFilesError(f"the TLS certificate {cert_path} expired at {_when(leaf.not_valid_after_utc)}")
     if not _valid(leaf, now):
-        raise TlsFilesError(f"the TLS certificate {cert_path} is not valid before "
-                                   f"{_when(leaf.not_valid_before_utc)}")
+        raise TlsFilesError(f"the TLS certificate {cert_path} is not valid before {_when(leaf.not_valid_before_utc)}")
     out = [("server", leaf.not_valid_after_utc)]
     if client_ca_pem is not None and client_ca_path is not None:
         cas = _certificates(client_ca_pem, client_ca_path)
