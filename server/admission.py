@@ -8,6 +8,7 @@ into memory and past every deadline.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -73,6 +74,34 @@ class CallerLimit:
                 self._held[caller] = left
             else:
                 del self._held[caller]
+
+
+class CallerRate:
+    """Calls started per caller, each held to the caller's own ``rate_per_s`` on average with bursts of up to
+    ``burst`` (a token bucket: ``burst`` tokens, refilled at ``rate_per_s``; a call takes one). A call over it is
+    refused at once, for that caller alone, with the time until a token is back as RetryInfo. The rate is read at
+    each call, so a credentials reload changes it for the next one. Used from the event loop only.
+
+    Not the ``limits`` package: its in-memory storage keeps a timer thread waking every 10 ms and counts on the wall
+    clock, where one bucket per configured caller is two floats and the monotonic clock."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when counted)
+
+    def take(self, caller: str, rate_per_s: float, burst: int) -> None:
+        if rate_per_s <= 0:
+            return
+        size = burst or max(1, math.ceil(rate_per_s))
+        now = self._clock()
+        tokens, then = self._buckets.get(caller, (float(size), now))
+        tokens = min(float(size), tokens + (now - then) * rate_per_s)
+        if tokens < 1.0:
+            wait = (1.0 - tokens) / rate_per_s
+            self._buckets[caller] = (tokens, now)
+            raise ResourceExhaustedError(f"caller {caller!r} is over its rate_per_s = {rate_per_s:g} (burst {size}); "
+                                         f"retry in {wait:.2f} s", retry_after_s=wait)
+        self._buckets[caller] = (tokens - 1.0, now)
 
 
 # Busy time over which one completion-rate sample is taken: long enough to span several batches, short enough

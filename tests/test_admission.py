@@ -17,7 +17,8 @@ from PIL import Image
 
 from engines.errors import ResourceExhaustedError
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
-from server.admission import Budget
+from server.admission import Budget, CallerRate
+from server.config import load_config
 from server.pipelines.clip_input import ClipLimits
 from tests.conftest import start_server, stop_server
 
@@ -36,6 +37,43 @@ def test_a_budget_refuses_what_does_not_fit_and_gives_back_what_was_held() -> No
     with pytest.raises(RuntimeError), b.hold(10):
         raise RuntimeError("the work failed")
     assert b.in_use == 0 and b.refused == 2
+
+
+def test_a_callers_rate_allows_its_burst_then_its_rate_and_says_when_to_retry() -> None:
+    now = [100.0]
+    rate = CallerRate(clock=lambda: now[0])
+    for _ in range(3):  # a full bucket: the burst at once
+        rate.take("a", 2.0, 3)
+    with pytest.raises(ResourceExhaustedError, match=r"caller 'a' is over its rate_per_s = 2 \(burst 3\); retry in "
+                       r"0\.50 s") as refused:
+        rate.take("a", 2.0, 3)
+    assert refused.value.retry_after_s == pytest.approx(0.5)
+    rate.take("b", 2.0, 3)  # another caller has its own bucket
+    rate.take("a", 0.0, 0)  # no rate of its own: never refused
+    now[0] += 0.5  # one token back
+    rate.take("a", 2.0, 3)
+    with pytest.raises(ResourceExhaustedError):
+        rate.take("a", 2.0, 3)
+    now[0] += 60.0  # a quiet minute refills the bucket to its size, not beyond
+    for _ in range(3):
+        rate.take("a", 2.0, 3)
+    with pytest.raises(ResourceExhaustedError):
+        rate.take("a", 2.0, 3)
+    now[0] += 60.0  # burst 0: one second's worth (here 2.5 -> 3)
+    for _ in range(3):
+        rate.take("a", 2.5, 0)
+    with pytest.raises(ResourceExhaustedError, match=r"\(burst 3\)"):
+        rate.take("a", 2.5, 0)
+
+
+@pytest.mark.parametrize("setting", ["rate_per_s = -1.0", "rate_per_s = nan", "rate_per_s = inf", "burst = -2",
+                                     'rate_per_s = "fast"'])
+def test_a_bad_rate_stops_the_start(setting: str, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(f'[[auth.callers]]\nname = "x"\nscopes = ["liveness"]\n{setting}\n')
+    with pytest.raises(ValueError, match=r"rate_per_s|burst"):
+        load_config(tmp_path / "c.toml")
+    (tmp_path / "c.toml").write_text('[[auth.callers]]\nname = "x"\nscopes = ["liveness"]\nrate_per_s = 20\n')
+    assert load_config(tmp_path / "c.toml").auth.callers[0].rate_per_s == 20
 
 
 def test_an_image_over_the_pixel_budget_is_resource_exhausted_with_retry_info(repository_dir: Path,

@@ -37,10 +37,11 @@ from server.config import load_config
 from tests.certs import CertAuthority
 from tests.conftest import ROOT, RunningServer, image_python, start_entrypoint, start_server, stop_server
 
-TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops", "burst")}
+TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops", "burst", "paced")}
 SCOPES = {"live": ("liveness",), "enrol": ("enrol", "identify", "liveness"), "staff": ("enrol:staff", "identify:staff"),
-          "ops": ("operator",), "burst": ("liveness",)}
+          "ops": ("operator",), "burst": ("liveness",), "paced": ("liveness",)}
 MAX_IN_FLIGHT = {"burst": 2}
+RATE = {"paced": (1.0, 2)}  # (rate_per_s, burst)
 SYNTH = Path(os.environ.get("FACEGATE_SYNTHETIC_DIR") or ROOT / ".cache" / "synthetic" / "motion") / "CASME2_RAW"
 
 
@@ -64,8 +65,8 @@ def token_server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory,
                  token_metrics_port: int) -> Iterator[RunningServer]:
     if not SYNTH.is_dir():
         pytest.fail(f"the synthetic clips are missing in {SYNTH} (make identify-models)")
-    callers = tuple(CallerConfig(f"svc-{n}", SCOPES[n], (hash_token(t),), MAX_IN_FLIGHT.get(n, 0))
-                    for n, t in TOKENS.items())
+    callers = tuple(CallerConfig(f"svc-{n}", SCOPES[n], (hash_token(t),), MAX_IN_FLIGHT.get(n, 0),
+                                 *RATE.get(n, (0.0, 0))) for n, t in TOKENS.items())
     running, thread = start_server(repository_dir, gallery_path=tmp_path_factory.mktemp("g") / "g.sqlite",
                                    auth=AuthConfig(callers=callers), audit=AuditConfig(path=audit_path),
                                    metrics_port=token_metrics_port)
@@ -131,6 +132,40 @@ def test_a_caller_over_its_own_max_in_flight_is_refused_while_others_are_served(
     counted = {k: v - before.get(k, 0.0) for k, v in per_caller(token_metrics_port).items() if v != before.get(k)}
     assert counted == {("svc-burst", "OK"): ok + 1, ("svc-burst", "RESOURCE_EXHAUSTED"): full,
                        ("svc-live", "OK"): 1, ("none", "UNAUTHENTICATED"): 1}, counted
+
+
+def test_a_caller_over_its_own_rate_is_told_when_to_retry_while_others_are_served(
+        token_server: RunningServer, token_metrics_port: int, samples: Path) -> None:
+    """svc-paced may start 1 call a second, in bursts of 2: of 6 calls one after another (empty requests, a few ms
+    each: the rate counts calls started, before their request is read) the first 2 are admitted and the rest get
+    RESOURCE_EXHAUSTED naming its rate, with RetryInfo saying when a call is allowed again; another caller is
+    served meanwhile, and svc-paced is served again once that time has passed."""
+    image = (samples / "image_T1.jpg").read_bytes()
+    stub = liveness_pb2_grpc.LivenessServiceStub(token_server.channel())
+    before = per_caller(token_metrics_port)
+    codes, refusals = [], []
+    for _ in range(6):
+        try:
+            stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(), metadata=as_caller("paced"), timeout=30)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+            refusals.append(err)
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 2 + [exhausted] * 4, codes
+    assert "'svc-paced' is over its rate_per_s = 1 (burst 2)" in refusals[2].details()
+    status = rpc_status.from_call(refusals[-1])  # type: ignore[arg-type]
+    assert status is not None
+    (retry,) = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+    info = error_details_pb2.RetryInfo()
+    retry.Unpack(info)
+    delay = info.retry_delay.ToTimedelta().total_seconds()
+    assert 0.0 < delay <= 1.0
+    assert check(token_server, image, "live").decision == liveness_pb2.DECISION_LIVE
+    time.sleep(delay + 0.05)
+    assert check(token_server, image, "paced").decision == liveness_pb2.DECISION_LIVE
+    counted = {k: v - before.get(k, 0.0) for k, v in per_caller(token_metrics_port).items() if v != before.get(k)}
+    assert counted == {("svc-paced", "INVALID_ARGUMENT"): 2, ("svc-paced", "RESOURCE_EXHAUSTED"): 4,
+                       ("svc-paced", "OK"): 1, ("svc-live", "OK"): 1}, counted
 
 
 def per_caller(metrics_port: int) -> dict[tuple[str, str], float]:

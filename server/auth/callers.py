@@ -8,6 +8,7 @@ accepts calls only on loopback (refused at start-up elsewhere unless ``insecure_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,11 @@ class CallerConfig:
     max_in_flight: int = 0
     """Calls this caller may have in flight at once (every RPC but health checks and streams); one more is
     RESOURCE_EXHAUSTED for this caller alone. 0: only the server-wide limits."""
+    rate_per_s: float = 0.0
+    """Calls this caller may start a second, on average (the same calls as max_in_flight); one over is
+    RESOURCE_EXHAUSTED for this caller alone, with the time until it may call again. 0: no rate of its own."""
+    burst: int = 0
+    """Calls it may start at once above ``rate_per_s`` after a quiet spell. 0: one second's worth (at least 1)."""
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isprintable() or len(self.name) > 256:
@@ -41,6 +47,9 @@ class CallerConfig:
         if self.max_in_flight < 0:
             raise ValueError(f"caller {self.name!r}: max_in_flight must be >= 0 (0: no limit of its own), got "
                              f"{self.max_in_flight}")
+        if not (math.isfinite(self.rate_per_s) and self.rate_per_s >= 0) or self.burst < 0:
+            raise ValueError(f"caller {self.name!r}: rate_per_s must be a finite number >= 0 and burst >= 0 (0: "
+                             f"none of its own / one second's worth), got {self.rate_per_s} and {self.burst}")
         for s in self.scopes:
             Scope.parse(s)
         for h in self.token_hashes:
@@ -89,6 +98,8 @@ class Caller:
     scopes: tuple[Scope, ...]
     via: str  # "token", "mtls" or "loopback" (authentication off)
     max_in_flight: int = 0  # 0: no limit of its own
+    rate_per_s: float = 0.0  # 0: no rate of its own
+    burst: int = 0  # 0: one second's worth
 
 
 @dataclass
@@ -107,7 +118,8 @@ class Authenticator:
                                         read_token_file(config.token_file), config.token_file_max_in_flight))
         for c in callers:
             scopes = tuple(Scope.parse(s) for s in c.scopes)
-            entry = self._entries.setdefault(c.name, _Entry(Caller(c.name, scopes, "token", c.max_in_flight)))
+            entry = self._entries.setdefault(c.name, _Entry(Caller(c.name, scopes, "token", c.max_in_flight,
+                                                                   c.rate_per_s, c.burst)))
             entry.hashes.extend(parse_hash(h) for h in c.token_hashes)
         self._anonymous = Caller("anonymous (loopback, authentication off)", tuple(Scope(s) for s in SCOPES),
                                  "loopback")

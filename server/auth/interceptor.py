@@ -27,7 +27,7 @@ from engines.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from server.admission import Budget, CallerLimit, WaitGate
+from server.admission import Budget, CallerLimit, CallerRate, WaitGate
 from server.audit import AuditLog
 from server.auth.callers import Authenticator, Caller, bearer_token, certificate_identities
 from server.auth.scopes import COLLECTION_SCOPES, grants, required_scope
@@ -59,6 +59,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._gates = dict(gates or {})
         self._default_deadline_s = default_deadline_s
         self._per_caller = CallerLimit()  # each caller's own max_in_flight
+        self._per_caller_rate = CallerRate()  # and its own rate_per_s
         self._streams: set[asyncio.Task[Any]] = set()  # the tasks serving open streams (event loop only)
         self._closing = False
 
@@ -135,6 +136,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(parse_request(parse, await _read_one(context, deadline)), context)
             caller = self.identify(context, method, scope)
             try:
+                self._per_caller_rate.take(caller.name, caller.rate_per_s, caller.burst)
                 with self._per_caller.hold(caller.name, caller.max_in_flight):
                     if gate is not None:
                         gate.check()
