@@ -30,6 +30,10 @@ class ResourceExhaustedError(FacegateError):
         self.retry_after_s = retry_after_s
 
 
+class RateLimitedError(ResourceExhaustedError):
+    """A caller over its own rate: ``retry_after_s`` is when it may call again, exactly, not an estimate."""
+
+
 class DeadlineExceededError(FacegateError):
     """The request's deadline passed before its work could run."""
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
-from engines.errors import ResourceExhaustedError
+from engines.errors import RateLimitedError, ResourceExhaustedError
 
 
 class Budget:
@@ -99,8 +99,8 @@ class CallerRate:
         if tokens < 1.0:
             wait = (1.0 - tokens) / rate_per_s
             self._buckets[caller] = (tokens, now)
-            raise ResourceExhaustedError(f"caller {caller!r} is over its rate_per_s = {rate_per_s:g} (burst {size}); "
-                                         f"retry in {wait:.2f} s", retry_after_s=wait)
+            raise RateLimitedError(f"caller {caller!r} is over its rate_per_s = {rate_per_s:g} (burst {size}); "
+                                   f"retry in {wait:.2f} s", retry_after_s=wait)
         self._buckets[caller] = (tokens - 1.0, now)
 
 

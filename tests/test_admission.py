@@ -1,4 +1,4 @@
-"""Server-wide budgets: what does not fit is refused at once with RESOURCE_EXHAUSTED and RetryInfo."""
+"""Budgets, server-wide and per caller: what does not fit is refused at once with RESOURCE_EXHAUSTED and RetryInfo."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from engines.errors import ResourceExhaustedError
+from engines.errors import RateLimitedError, ResourceExhaustedError
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
 from server.admission import Budget, CallerRate
 from server.config import load_config
 from server.pipelines.clip_input import ClipLimits
+from server.servicers.error_interceptor import status_for
 from tests.conftest import start_server, stop_server
 
 
@@ -64,6 +65,19 @@ def test_a_callers_rate_allows_its_burst_then_its_rate_and_says_when_to_retry() 
         rate.take("a", 2.5, 0)
     with pytest.raises(ResourceExhaustedError, match=r"\(burst 3\)"):
         rate.take("a", 2.5, 0)
+
+
+def test_a_rates_retry_time_is_sent_as_it_is_and_an_estimate_bounded() -> None:
+    def retry_s(err: ResourceExhaustedError) -> float:
+        trailer = dict(status_for(err).trailing_metadata)["grpc-status-details-bin"]
+        (detail,) = [d for d in status_pb2.Status.FromString(trailer).details
+                     if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+        info = error_details_pb2.RetryInfo()
+        detail.Unpack(info)
+        return float(info.retry_delay.ToTimedelta().total_seconds())
+
+    assert retry_s(RateLimitedError("over its rate", retry_after_s=90.0)) == 90.0
+    assert retry_s(ResourceExhaustedError("queue full", retry_after_s=90.0)) == 5.0
 
 
 @pytest.mark.parametrize("setting", ["rate_per_s = -1.0", "rate_per_s = nan", "rate_per_s = inf", "burst = -2",

@@ -26,6 +26,7 @@ from engines.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    RateLimitedError,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
@@ -63,8 +64,10 @@ def status_for(err: FacegateError, request_id: str | None = None) -> grpc.Status
     if isinstance(err, ResourceExhaustedError | UnavailableError):
         retry = error_details_pb2.RetryInfo()
         after = err.retry_after_s if isinstance(err, ResourceExhaustedError) else None
-        # The server's own estimate of when there will be room, bounded; else a short default back-off.
-        retry.retry_delay.FromMilliseconds(int(min(max(after, 0.05), 5.0) * 1e3) if after is not None else 100)
+        # The server's own estimate of when there will be room, bounded; a rate's time as it is (known, not
+        # estimated: a client told to come back sooner would only be refused again); else a short back-off.
+        bound = 3600.0 if isinstance(err, RateLimitedError) else 5.0
+        retry.retry_delay.FromMilliseconds(int(min(max(after, 0.05), bound) * 1e3) if after is not None else 100)
         details.append(_pack(retry))
     if request_id:
         details.append(_pack(error_details_pb2.RequestInfo(request_id=request_id)))
