@@ -1,12 +1,15 @@
 """The alerts (deploy/kubernetes/components/prometheus-operator/prometheusrule.yaml), checked and unit-tested with
 Prometheus's own promtool: each alert fires on the series it is for, after its ``for``, with its labels and texts,
-and stays silent on the healthy series beside them; every metric an alert reads is one the server exports."""
+and stays silent on the healthy series beside them; every metric an alert reads is one the server exports. The
+Grafana dashboard beside them: its queries are valid PromQL on exported metrics."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -16,7 +19,9 @@ from server.admission import WaitGate
 from server.metrics import Metrics
 from tests.conftest import ROOT, promtool
 
-RULE = ROOT / "deploy" / "kubernetes" / "components" / "prometheus-operator" / "prometheusrule.yaml"
+COMPONENT = ROOT / "deploy" / "kubernetes" / "components" / "prometheus-operator"
+RULE = COMPONENT / "prometheusrule.yaml"
+DASHBOARD = COMPONENT / "grafana-dashboard.json"
 NS = {"namespace": "ns"}
 
 
@@ -119,13 +124,39 @@ def test_the_rules_are_valid_promql_and_fire_as_meant(tmp_path: Path) -> None:
     assert tested == {r["alert"] for g in rules()["groups"] for r in g["rules"]}  # every alert has a case
 
 
-def test_every_metric_an_alert_reads_is_exported_by_the_server() -> None:
+def exported() -> set[str]:
+    """The names of the series the server exports: its registry as a scrape sees it, with the per-model and
+    per-pipeline collectors (here over no models: their families are named all the same)."""
     metrics = Metrics()
     metrics.watch_gates({"liveness": WaitGate("liveness", 1.0, 1)})
-    exported = set()
+    metrics.watch_models(SimpleNamespace(models={}))  # type: ignore[arg-type]
+    names: set[str] = set()
     for line in generate_latest(metrics.registry).decode().splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split()
-            exported |= {name} if kind != "histogram" else {f"{name}_{s}" for s in ("bucket", "sum", "count")}
+            names |= {name} if kind != "histogram" else {f"{name}_{s}" for s in ("bucket", "sum", "count")}
+    return names
+
+
+def test_every_metric_an_alert_reads_is_exported_by_the_server() -> None:
     read = {m for g in rules()["groups"] for r in g["rules"] for m in re.findall(r"facegate_[a-z_]+", r["expr"])}
-    assert read and read <= exported, read - exported
+    assert read and read <= exported(), read - exported()
+
+
+def test_the_dashboards_queries_are_valid_promql_on_exported_metrics(tmp_path: Path) -> None:
+    """Each panel's query, its Grafana variables given values, checked by promtool as a recording rule's
+    expression; every metric it reads is exported."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "facegate"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) == len(dashboard["panels"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert all("$namespace" in e and "$pod" in e for e in exprs)  # every panel follows the chosen pods
+    concrete = [e.replace("$__rate_interval", "5m").replace("$namespace", "ns").replace("$pod", ".*") for e in exprs]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": [
+        {"record": f"facegate:dashboard_{i}", "expr": e} for i, e in enumerate(concrete)]}]}))
+    check = subprocess.run([promtool(), "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0 and f"SUCCESS: {len(exprs)} rules found" in check.stdout, check.stdout + check.stderr
+    read = {m for e in exprs for m in re.findall(r"facegate_[a-z_]+", e)}
+    assert read <= exported(), read - exported()

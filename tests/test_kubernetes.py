@@ -6,6 +6,7 @@ timings, the probe ports, the GPU request, the replica count left to the autosca
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -61,11 +62,16 @@ def with_component(overlay: str, component: str, folder: Path) -> list[dict[str,
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_prometheus_operator_component_scrapes_the_service(overlay: str, tmp_path: Path) -> None:
     """The opt-in component: its ServiceMonitor selects the regular Service and scrapes a port that Service names;
-    its PrometheusRule (the alerts, tested in tests/test_alert_rules.py) comes with it."""
+    its PrometheusRule (the alerts, tested in tests/test_alert_rules.py) and Grafana dashboard come with it."""
     docs = with_component(overlay, "prometheus-operator", tmp_path)
-    assert len(docs) == len(render(overlay)) + 2
+    assert len(docs) == len(render(overlay)) + 3
     rule = next(d for d in docs if d["kind"] == "PrometheusRule")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["spec"]["groups"]
+    # The Grafana dashboard, in a ConfigMap Grafana's sidecar picks up by its label (a built-in kind: validated).
+    (board,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "facegate-grafana-dashboard"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(board["data"]["grafana-dashboard.json"])["uid"] == "facegate"
+    kubernetes_validate.validate(board, K8S_VERSION, strict=True)
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     service = next(d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None")
