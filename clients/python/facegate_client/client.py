@@ -2,7 +2,8 @@
 
 Deadlines are on by default (a call never hangs), and only UNAVAILABLE is retried (with jittered exponential
 backoff): it is the one status that means the request did no work. RESOURCE_EXHAUSTED is surfaced, not
-retried, so load shedding reaches the caller's own back-off logic.
+retried, so load shedding reaches the caller's own back-off logic (``retry_after(err)``: the wait the server asks
+for).
 """
 
 from __future__ import annotations
@@ -99,6 +100,20 @@ def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
             detail.Unpack(bad)
             out.extend((v.field, v.description) for v in bad.field_violations)
     return out
+
+
+def retry_after(err: grpc.RpcError) -> float | None:
+    """Seconds the server asks to wait before calling again (google.rpc.RetryInfo on RESOURCE_EXHAUSTED and
+    UNAVAILABLE): over a caller's own rate, the exact time until a call is allowed; under load, the server's
+    estimate. None when the error carries none. RESOURCE_EXHAUSTED is not retried by this client: this is for the
+    caller's own back-off."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToTimedelta().total_seconds())
+    return None
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor):
