@@ -137,9 +137,8 @@ class FacegateServer:
     async def start(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
         creds = self.reloader.server_credentials()  # TLS material gRPC asks for again at each new handshake
-        if creds is not None:  # (read at each scrape, so a reload's new certificate shows at once)
-            for name in ("server", "client_ca") if self.config.auth.client_ca is not None else ("server",):
-                self.metrics.certificate_expiry.labels(name).set_function(partial(self.reloader.not_after, name))
+        for name in self.reloader.certificates:  # (read at each scrape, so a reload's new certificate shows at once)
+            self.metrics.certificate_expiry.labels(name).set_function(partial(self.reloader.not_after, name))
         self.port = (self.server.add_secure_port(address, creds) if creds is not None
                      else self.server.add_insecure_port(address))
         if self.port == 0:

@@ -36,6 +36,11 @@ def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurv
 VALID = (dt.timedelta(minutes=-5), dt.timedelta(days=1))
 
 
+def not_after(cert: Path) -> float:
+    """When the (first) certificate in ``cert`` stops being valid, as Unix time."""
+    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc.timestamp()
+
+
 class CertAuthority:
     def __init__(self, folder: Path, name: str = "facegate test CA",
                  valid: tuple[dt.timedelta, dt.timedelta] = VALID) -> None:

@@ -54,6 +54,21 @@ def wait_until(ok: Callable[[], bool], timeout_s: float = 15.0) -> bool:
     return ok()
 
 
+Sample = tuple[str, tuple[tuple[str, str], ...]]  # (metric name, sorted label pairs)
+
+
+def scrape(port: int) -> dict[Sample, float]:
+    """Every sample on /metrics at 127.0.0.1:``port``, read as a scraper reads it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from benchmarks.server_process import metrics_text
+
+    text = metrics_text(port)
+    assert text is not None, f"nothing answers on metrics port {port}"
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def promtool() -> str:
     """Debian's promtool, unpacked by `make test` (k8s-deps) without installing the Prometheus server."""
     for candidate in (ROOT / ".cache" / "prometheus" / "usr" / "bin" / "promtool", shutil.which("promtool")):

@@ -140,7 +140,8 @@ def exported() -> set[str]:
 
 def test_every_metric_an_alert_reads_is_exported_by_the_server() -> None:
     read = {m for g in rules()["groups"] for r in g["rules"] for m in re.findall(r"facegate_[a-z_]+", r["expr"])}
-    assert read and read <= exported(), read - exported()
+    names = exported()
+    assert read and read <= names, read - names
 
 
 def test_the_dashboards_queries_are_valid_promql_on_exported_metrics(tmp_path: Path) -> None:
@@ -159,4 +160,5 @@ def test_the_dashboards_queries_are_valid_promql_on_exported_metrics(tmp_path: P
                            text=True, timeout=60)
     assert check.returncode == 0 and f"SUCCESS: {len(exprs)} rules found" in check.stdout, check.stdout + check.stderr
     read = {m for e in exprs for m in re.findall(r"facegate_[a-z_]+", e)}
-    assert read <= exported(), read - exported()
+    names = exported()
+    assert read <= names, read - names

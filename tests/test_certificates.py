@@ -11,17 +11,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 
 from server.auth.certificates import CLOCK_SKEW_S, TlsFilesError, validity
 from server.auth.reload import read_tls
-from tests.certs import CertAuthority
+from tests.certs import CertAuthority, not_after
 
 DAY = dt.timedelta(days=1)
-
-
-def _not_after(path: Path) -> float:
-    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
 
 
 @pytest.fixture()
@@ -31,8 +26,8 @@ def ca(tmp_path: Path) -> CertAuthority:
 
 def test_the_served_certificate_must_be_valid_now(ca: CertAuthority) -> None:
     good = ca.server_cert("good", valid=(-DAY, 20 * DAY))
-    assert validity(good.cert.read_bytes(), good.cert, None, None) == (("server", _not_after(good.cert)),)
-    assert dict(read_tls(good.cert, good.key, None).not_after) == {"server": _not_after(good.cert)}
+    assert validity(good.cert.read_bytes(), good.cert, None, None) == (("server", not_after(good.cert)),)
+    assert dict(read_tls(good.cert, good.key, None).not_after) == {"server": not_after(good.cert)}
 
     expired = ca.server_cert("expired", valid=(-2 * DAY, -dt.timedelta(seconds=1)))
     with pytest.raises(TlsFilesError, match=r"expired\.crt expired at 20\d\d-\d\d-\d\dT"):
@@ -56,7 +51,7 @@ def test_a_client_ca_bundle_is_refused_only_when_none_of_its_cas_is_valid(tmp_pa
     # Old and new CAs side by side (a CA rotation): accepted, and the first to expire is what an alert must see,
     # here already past (the retired CA is still in the file).
     found = dict(read_tls(served.cert, served.key, bundle).not_after)
-    assert found == {"server": _not_after(served.cert), "client_ca": _not_after(old.pem.cert)}
+    assert found == {"server": not_after(served.cert), "client_ca": not_after(old.pem.cert)}
     assert found["client_ca"] < dt.datetime.now(dt.UTC).timestamp()
 
     with pytest.raises(TlsFilesError, match=r"none of the 1 certificate\(s\) in the client CA file .* is valid now"):

@@ -26,7 +26,6 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.server_process import free_port, metrics_text
 from facegate.v1 import models_pb2, models_pb2_grpc
@@ -34,8 +33,8 @@ from server.auth.callers import AuthConfig, Authenticator
 from server.auth.reload import CredentialReloader
 from server.auth.tokens import hash_token, new_token
 from server.config import ServerConfig
-from tests.certs import CertAuthority, Pem
-from tests.conftest import ROOT, wait_until
+from tests.certs import CertAuthority, Pem, not_after
+from tests.conftest import ROOT, scrape, wait_until
 
 TOKENS = {name: new_token() for name in ("a", "b")}
 HASHES = {name: hash_token(t) for name, t in TOKENS.items()}
@@ -68,11 +67,10 @@ class Served:
 
     def expiry(self) -> float:
         """What the metrics say the served certificate's end of validity is."""
-        families = text_string_to_metric_families(metrics_text(self.metrics_port) or "")
-        (sample,) = [s for f in families if f.name == "facegate_tls_certificate_expiration_timestamp_seconds"
-                     for s in f.samples]
-        assert sample.labels == {"certificate": "server"}
-        return float(sample.value)
+        (sample,) = [(dict(labels), value) for (name, labels), value in scrape(self.metrics_port).items()
+                     if name == "facegate_tls_certificate_expiration_timestamp_seconds"]
+        assert sample[0] == {"certificate": "server"}
+        return sample[1]
 
     def reload(self, outcome: str, count: int) -> None:
         """SIGHUP, then until the metrics count ``count`` reloads with ``outcome``."""
@@ -81,10 +79,6 @@ class Served:
         assert wait_until(lambda: line in (metrics_text(self.metrics_port) or "")), f"no {line!r} in the metrics"
         last = f"facegate_credentials_last_reload_successful {float(outcome == 'applied')}"
         assert last in (metrics_text(self.metrics_port) or "")  # (what FacegateCredentialReloadRefused reads)
-
-
-def not_after(cert: Path) -> float:
-    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc.timestamp()
 
 
 def write_config(path: Path, *callers: str, bad: bool = False) -> None:

@@ -5,33 +5,16 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.server_process import free_port
+from benchmarks.server_process import free_port, metrics_text
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
-from tests.conftest import promtool, start_server, stop_server
+from tests.conftest import Sample, promtool, scrape, start_server, stop_server
 
 pytestmark = pytest.mark.weights
 METHOD = "/facegate.v1.LivenessService/CheckLiveness"
-Sample = tuple[str, tuple[tuple[str, str], ...]]  # (metric name, sorted label pairs)
-
-
-def exposition(port: int) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()  # type: ignore[no-any-return]
-
-
-def scrape(port: int) -> dict[Sample, float]:
-    out = {}
-    for family in text_string_to_metric_families(exposition(port)):
-        for s in family.samples:
-            out[s.name, tuple(sorted(s.labels.items()))] = s.value
-    return out
-
-
 def scrape_until(port: int, key: Sample, timeout: float = 5.0) -> dict[Sample, float]:
     """Scrape until `key` is present. grpc.aio's context.abort() sends the status to the client before it raises,
     so the interceptor's count of a refused call can land a moment after the client already holds the error."""
@@ -81,7 +64,7 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
             or v.startswith("slowfast") or k in ("le", "reason", "version", "runtime")
             or (k, v) == ("caller", "anonymous") for (_, labels) in final for k, v in labels)
         # Prometheus's own linter finds nothing to say of the exposition (names, units, suffixes, help texts).
-        lint = subprocess.run([promtool(), "check", "metrics"], input=exposition(port), capture_output=True,
+        lint = subprocess.run([promtool(), "check", "metrics"], input=metrics_text(port), capture_output=True,
                               text=True, timeout=60)
         assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint.stdout + lint.stderr
     finally:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.server_process import free_port
 from facegate.v1 import (
@@ -35,7 +33,7 @@ from server.auth.callers import AuthConfig, Authenticator, CallerConfig
 from server.auth.tokens import hash_token, new_token
 from server.config import load_config
 from tests.certs import CertAuthority
-from tests.conftest import ROOT, RunningServer, image_python, start_entrypoint, start_server, stop_server
+from tests.conftest import ROOT, RunningServer, image_python, scrape, start_entrypoint, start_server, stop_server
 
 TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops", "burst", "paced")}
 SCOPES = {"live": ("liveness",), "enrol": ("enrol", "identify", "liveness"), "staff": ("enrol:staff", "identify:staff"),
@@ -168,10 +166,9 @@ def per_caller(metrics_port: int) -> dict[tuple[str, str], float]:
     """CheckLiveness calls counted in the metrics, by (caller, code), once the counts stop moving (a refused
     call is counted a moment after its client holds the error)."""
     def read() -> dict[tuple[str, str], float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        return {(s.labels["caller"], s.labels["code"]): s.value for f in text_string_to_metric_families(text)
-                for s in f.samples
-                if s.name == "facegate_requests_total" and s.labels["method"].endswith("/CheckLiveness")}
+        return {(labels["caller"], labels["code"]): value
+                for (name, pairs), value in scrape(metrics_port).items() if name == "facegate_requests_total"
+                and (labels := dict(pairs))["method"].endswith("/CheckLiveness")}
     last = read()
     for _ in range(50):
         time.sleep(0.1)

@@ -148,6 +148,12 @@ class CredentialReloader:
         return grpc.dynamic_ssl_server_credentials(tls.certificate_configuration(), self._fetch_tls,
                                                    require_client_authentication=tls.client_ca is not None)
 
+    @property
+    def certificates(self) -> tuple[str, ...]:
+        """The certificates in force whose end of validity ``not_after`` gives: ``server`` and, with mutual TLS,
+        ``client_ca`` (fixed from start-up: a reload cannot turn TLS or mutual TLS on or off)."""
+        return tuple(name for name, _ in self._tls.not_after) if self._tls is not None else ()
+
     def not_after(self, certificate: str) -> float:
         """When the ``server`` certificate or the ``client_ca`` in force stops being valid (Unix time; 0: none)."""
         return dict(self._tls.not_after).get(certificate, 0.0) if self._tls is not None else 0.0

@@ -88,18 +88,25 @@ def clip_from_folder(folder: Path, fps: float, apex_frame: int | None = None) ->
     return clip
 
 
+D = TypeVar("D", error_details_pb2.BadRequest, error_details_pb2.RetryInfo)
+
+
+def _details(err: grpc.RpcError, kind: type[D]) -> list[D]:
+    """The google.rpc details of type ``kind`` that an error's status carries."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    out = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            detail.Unpack(message)
+            out.append(message)
+    return out
+
+
 def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
     """The google.rpc.BadRequest field violations carried by an INVALID_ARGUMENT error, if any."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    out: list[tuple[str, str]] = []
-    if status is None:
-        return out
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out.extend((v.field, v.description) for v in bad.field_violations)
-    return out
+    return [(v.field, v.description) for bad in _details(err, error_details_pb2.BadRequest)
+            for v in bad.field_violations]
 
 
 def retry_after(err: grpc.RpcError) -> float | None:
@@ -107,13 +114,8 @@ def retry_after(err: grpc.RpcError) -> float | None:
     UNAVAILABLE): over a caller's own rate, the exact time until a call is allowed; under load, the server's
     estimate. None when the error carries none. RESOURCE_EXHAUSTED is not retried by this client: this is for the
     caller's own back-off."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return float(info.retry_delay.ToTimedelta().total_seconds())
-    return None
+    infos = _details(err, error_details_pb2.RetryInfo)
+    return float(infos[0].retry_delay.ToTimedelta().total_seconds()) if infos else None
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor):
