@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Protocol
 
 from engines.errors import RateLimitedError, ResourceExhaustedError
 
@@ -47,6 +48,38 @@ class Budget:
             self.in_use -= amount
 
 
+class CallerAdmission(Protocol):
+    """Each caller's own ``max_in_flight`` (``hold``) and ``rate_per_s`` (``take``): ``PerCaller`` in one process,
+    ``server.shared_admission.SharedCallerState`` across the workers of one server."""
+
+    def hold(self, caller: str, limit: int) -> AbstractContextManager[None]: ...
+
+    def take(self, caller: str, rate_per_s: float, burst: int) -> None: ...
+
+
+def over_in_flight(caller: str, held: int) -> ResourceExhaustedError:
+    return ResourceExhaustedError(f"caller {caller!r} has {held} calls in flight, its max_in_flight; retry when one "
+                                  "of them has ended")
+
+
+def bucket_size(rate_per_s: float, burst: int) -> int:
+    """A caller's bucket: ``burst`` calls, or one second's worth (at least one) when burst is 0."""
+    return burst or max(1, math.ceil(rate_per_s))
+
+
+def refilled(tokens: float, elapsed_s: float, rate_per_s: float, size: int) -> float:
+    """A bucket's tokens ``elapsed_s`` after they were counted (never above its size; a clock read out of order by
+    another process counts as no time)."""
+    return min(float(size), tokens + max(0.0, elapsed_s) * rate_per_s)
+
+
+def over_rate(caller: str, rate_per_s: float, size: int, tokens: float) -> RateLimitedError:
+    """The refusal of a call with ``tokens`` (< 1) left: RetryInfo says when the next token is back."""
+    wait = (1.0 - tokens) / rate_per_s
+    return RateLimitedError(f"caller {caller!r} is over its rate_per_s = {rate_per_s:g} (burst {size}); retry in "
+                            f"{wait:.2f} s", retry_after_s=wait)
+
+
 class CallerLimit:
     """Calls in flight per caller, each held to the caller's own ``max_in_flight`` (0: no limit of its own), so
     one caller's burst takes at most its share and the others are still admitted. The limit is read at each call, so
@@ -63,8 +96,7 @@ class CallerLimit:
             return
         held = self._held.get(caller, 0)
         if held >= limit:
-            raise ResourceExhaustedError(f"caller {caller!r} has {held} calls in flight, its max_in_flight; retry "
-                                         "when one of them has ended")
+            raise over_in_flight(caller, held)
         self._held[caller] = held + 1
         try:
             yield
@@ -92,16 +124,28 @@ class CallerRate:
     def take(self, caller: str, rate_per_s: float, burst: int) -> None:
         if rate_per_s <= 0:
             return
-        size = burst or max(1, math.ceil(rate_per_s))
+        size = bucket_size(rate_per_s, burst)
         now = self._clock()
         tokens, then = self._buckets.get(caller, (float(size), now))
-        tokens = min(float(size), tokens + (now - then) * rate_per_s)
+        tokens = refilled(tokens, now - then, rate_per_s, size)
         if tokens < 1.0:
-            wait = (1.0 - tokens) / rate_per_s
             self._buckets[caller] = (tokens, now)
-            raise RateLimitedError(f"caller {caller!r} is over its rate_per_s = {rate_per_s:g} (burst {size}); "
-                                   f"retry in {wait:.2f} s", retry_after_s=wait)
+            raise over_rate(caller, rate_per_s, size, tokens)
         self._buckets[caller] = (tokens - 1.0, now)
+
+
+class PerCaller:
+    """``CallerLimit`` and ``CallerRate`` together: every caller's own limits, in this process."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = CallerLimit()
+        self.rate = CallerRate(clock)
+
+    def hold(self, caller: str, limit: int) -> AbstractContextManager[None]:
+        return self.limit.hold(caller, limit)
+
+    def take(self, caller: str, rate_per_s: float, burst: int) -> None:
+        self.rate.take(caller, rate_per_s, burst)
 
 
 # Busy time over which one completion-rate sample is taken: long enough to span several batches, short enough

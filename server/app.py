@@ -28,7 +28,7 @@ from facegate.v1 import (
     models_pb2_grpc,
 )
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
-from server.admission import Budget, WaitGate
+from server.admission import Budget, PerCaller, WaitGate
 from server.audit import AuditLog
 from server.auth.callers import Authenticator
 from server.auth.interceptor import AuthInterceptor
@@ -46,6 +46,8 @@ from server.servicers.inference import InferenceServicer
 from server.servicers.liveness import LivenessServicer
 from server.servicers.models import ModelServicer, model_version
 from server.services.identification import IdentificationService
+from server.shared_admission import SharedCallerState
+from server.workers import caller_table
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,10 @@ class FacegateServer:
                  f"/{IDENTIFICATION_SERVICE}/IdentifyFromClip": self.gates["identification"],
                  f"/{IDENTIFICATION_SERVICE}/EnrollFromClip": self.gates["identification"]}
         side = Budget("health checks and streams", config.max_health_and_stream_calls, "calls")
+        table = caller_table()  # with --workers, each caller's own limits hold for the set of workers
+        self.per_caller = SharedCallerState(table) if table is not None else PerCaller()
         self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls, gated,
-                                    side, config.default_deadline_s)
+                                    side, config.default_deadline_s, self.per_caller)
         self.metrics = Metrics()
         self.metrics.watch_models(self.registry)
         self.metrics.watch_gates(self.gates)

@@ -9,22 +9,30 @@ The supervisor (the process started by the user) starts the workers and forwards
 drains as a single server does, and SIGHUP, so each reloads its credentials. If a worker exits on its own, the
 supervisor stops the others and exits with an error: the orchestrator restarts the whole set rather than leaving a
 server at a fraction of its capacity.
+
+Each caller's own limits (``max_in_flight``, ``rate_per_s``) hold for the set, not for each worker: the supervisor
+makes the table the workers count them in (``server.shared_admission``) and names it to them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 from types import FrameType
 
 from server.config import ServerConfig
+from server.shared_admission import create_table
 
 WORKER_ENV = "FACEGATE_WORKER"
+CALLER_TABLE_ENV = "FACEGATE_CALLER_TABLE"
 log = logging.getLogger("facegate.workers")
 
 
@@ -32,6 +40,12 @@ def worker_index() -> int | None:
     """This process's index among the workers, or None in a single server or the supervisor."""
     value = os.environ.get(WORKER_ENV)
     return int(value) if value is not None else None
+
+
+def caller_table() -> Path | None:
+    """The table of the callers' counts this worker shares with the others, or None outside a set of workers."""
+    value = os.environ.get(CALLER_TABLE_ENV) if worker_index() is not None else None
+    return Path(value) if value else None
 
 
 def for_worker(config: ServerConfig, index: int) -> ServerConfig:
@@ -46,7 +60,19 @@ def for_worker(config: ServerConfig, index: int) -> ServerConfig:
 def supervise(argv: list[str], config: ServerConfig) -> int:
     """Run ``config.workers`` copies of ``python -m server argv`` until a signal (forwarded to each), or until one
     exits by itself (the others are then stopped). Returns the exit status."""
-    children = [subprocess.Popen([sys.executable, "-m", "server", *argv], env={**os.environ, WORKER_ENV: str(i)})
+    # In a directory of its own (mode 0700), removed when the set stops.
+    table_dir = Path(tempfile.mkdtemp(prefix="facegate-callers-"))
+    try:
+        create_table(table_dir / "table")
+        env = {**os.environ, CALLER_TABLE_ENV: str(table_dir / "table")}
+        return _run(argv, config, env)
+    finally:
+        shutil.rmtree(table_dir, ignore_errors=True)
+
+
+def _run(argv: list[str], config: ServerConfig, env: dict[str, str]) -> int:
+    """The workers, with ``env``, until a signal or until one of them exits by itself."""
+    children = [subprocess.Popen([sys.executable, "-m", "server", *argv], env={**env, WORKER_ENV: str(i)})
                 for i in range(config.workers)]
     log.info("%d workers on port %d (pids %s)", len(children), config.port, ", ".join(str(c.pid) for c in children))
     stopping = False

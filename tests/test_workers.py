@@ -1,6 +1,6 @@
-"""Several workers on one port (``--workers``): both serve, a signal drains them all (SIGHUP reaches each), and a
-worker that dies takes the set down (so the orchestrator restarts it) instead of leaving a server at half its
-capacity."""
+"""Several workers on one port (``--workers``): both serve, a caller's own rate holds for the set (not for each
+worker), a signal drains them all (SIGHUP reaches each), and a worker that dies takes the set down (so the
+orchestrator restarts it) instead of leaving a server at half its capacity."""
 
 from __future__ import annotations
 
@@ -17,16 +17,36 @@ import grpc
 import pytest
 
 from benchmarks.server_process import children_of, free_port, metrics_text, wait_for_metrics, wait_serving
-from facegate.v1 import models_pb2, models_pb2_grpc
+from facegate.v1 import liveness_pb2, liveness_pb2_grpc, models_pb2, models_pb2_grpc
+from server.auth.tokens import hash_token, new_token
 from server.workers import for_worker
 from tests.conftest import ROOT, wait_until
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]
+TOKENS = {"lister": new_token(), "paced": new_token()}
+# "paced" may start 3 calls, then one every 1,000 s.
+CALLERS = f"""
+[[auth.callers]]
+name = "lister"
+scopes = ["operator"]
+token_hashes = ["{hash_token(TOKENS['lister'])}"]
+
+[[auth.callers]]
+name = "paced"
+scopes = ["liveness"]
+token_hashes = ["{hash_token(TOKENS['paced'])}"]
+rate_per_s = 0.001
+burst = 3
+"""
 
 
-def list_models_calls(text: str) -> float:
+def as_caller(name: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {TOKENS[name]}"),)
+
+
+def calls(text: str, method: str, caller: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("facegate_requests_total") and "ListModels" in line)
+               if line.startswith("facegate_requests_total") and method in line and f'caller="{caller}"' in line)
 
 
 @pytest.fixture
@@ -35,9 +55,11 @@ def workers(repository_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.P
     while metrics + 1 == port:  # worker 1 serves metrics on metrics + 1
         metrics = free_port()
     audit = tmp_path / "audit.jsonl"
+    (tmp_path / "callers.toml").write_text(CALLERS)
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--port", str(port), "--model-repository", str(repository_dir),
-         "--workers", "2", "--metrics-port", str(metrics), "--audit-log", str(audit), "--log-level", "WARNING"],
+         "--config", str(tmp_path / "callers.toml"), "--workers", "2", "--metrics-port", str(metrics),
+         "--audit-log", str(audit), "--log-level", "WARNING"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ},
     )
     address = f"127.0.0.1:{port}"
@@ -63,9 +85,28 @@ def test_both_workers_serve_and_sigterm_stops_them_all(workers) -> None:  # type
     # Separate connections (a distinct channel argument each): the kernel spreads them over the two workers.
     for i in range(24):
         with grpc.insecure_channel(address, options=[("grpc.test_connection", i)]) as ch:
-            models_pb2_grpc.ModelServiceStub(ch).ListModels(models_pb2.ListModelsRequest(), timeout=10)
-    calls = [list_models_calls(metrics_text(metrics + i) or "") for i in (0, 1)]
-    assert sum(calls) == 24 and min(calls) > 0, calls  # chance of all 24 on one worker: 2**-23
+            models_pb2_grpc.ModelServiceStub(ch).ListModels(models_pb2.ListModelsRequest(), metadata=as_caller(
+                "lister"), timeout=10)
+    listed = [calls(metrics_text(metrics + i) or "", "ListModels", "lister") for i in (0, 1)]
+    assert sum(listed) == 24 and min(listed) > 0, listed  # chance of all 24 on one worker: 2**-23
+    # The paced caller's 3 calls are 3 for the set: of 16 calls over 16 connections, 3 are admitted (empty
+    # requests: INVALID_ARGUMENT) and 13 refused for its rate, though both workers took some of them.
+    codes = []
+    for i in range(16):
+        with grpc.insecure_channel(address, options=[("grpc.test_connection", 100 + i)]) as ch:
+            try:
+                liveness_pb2_grpc.LivenessServiceStub(ch).CheckLiveness(
+                    liveness_pb2.CheckLivenessRequest(), metadata=as_caller("paced"), timeout=10)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+    assert codes.count(grpc.StatusCode.INVALID_ARGUMENT) == 3, codes
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 13, codes
+
+    def paced() -> list[float]:
+        return [calls(metrics_text(metrics + i) or "", "CheckLiveness", "paced") for i in (0, 1)]
+
+    assert wait_until(lambda: sum(paced()) == 16)  # (a refused call is counted a moment after its answer)
+    assert min(paced()) > 0, paced()  # chance of all 16 on one worker: 2**-15
     # SIGHUP to the supervisor reaches every worker (each reloads its credentials) and stops nothing.
     proc.send_signal(signal.SIGHUP)
     reloaded = 'facegate_credential_reloads_total{outcome="applied"} 1.0'

@@ -27,7 +27,7 @@ from engines.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from server.admission import Budget, CallerLimit, CallerRate, WaitGate
+from server.admission import Budget, CallerAdmission, PerCaller, WaitGate
 from server.audit import AuditLog
 from server.auth.callers import Authenticator, Caller, bearer_token, certificate_identities
 from server.auth.scopes import COLLECTION_SCOPES, grants, required_scope
@@ -45,7 +45,8 @@ from server.servicers.streams import relay
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, audit: AuditLog, request_bytes: Budget,
                  calls: Budget | None = None, gates: Mapping[str, WaitGate] | None = None,
-                 side: Budget | None = None, default_deadline_s: float = DEFAULT_DEADLINE_S) -> None:
+                 side: Budget | None = None, default_deadline_s: float = DEFAULT_DEADLINE_S,
+                 per_caller: CallerAdmission | None = None) -> None:
         self._auth = authenticator
         self._audit = audit
         self._bytes = request_bytes
@@ -58,8 +59,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # again, with the deadline).
         self._gates = dict(gates or {})
         self._default_deadline_s = default_deadline_s
-        self._per_caller = CallerLimit()  # each caller's own max_in_flight
-        self._per_caller_rate = CallerRate()  # and its own rate_per_s
+        # Each caller's own max_in_flight and rate_per_s: in this process, or shared by a server's workers.
+        self._per_caller = per_caller or PerCaller()
         self._streams: set[asyncio.Task[Any]] = set()  # the tasks serving open streams (event loop only)
         self._closing = False
 
@@ -136,7 +137,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(parse_request(parse, await _read_one(context, deadline)), context)
             caller = self.identify(context, method, scope)
             try:
-                self._per_caller_rate.take(caller.name, caller.rate_per_s, caller.burst)
+                self._per_caller.take(caller.name, caller.rate_per_s, caller.burst)
                 with self._per_caller.hold(caller.name, caller.max_in_flight):
                     if gate is not None:
                         gate.check()
