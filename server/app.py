@@ -143,6 +143,7 @@ class FacegateServer:
         creds = self.reloader.server_credentials()  # TLS material gRPC asks for again at each new handshake
         for name in self.reloader.certificates:  # (read at each scrape, so a reload's new certificate shows at once)
             self.metrics.certificate_expiry.labels(name).set_function(partial(self.reloader.not_after, name))
+            self.metrics.certificate_start.labels(name).set_function(partial(self.reloader.not_before, name))
         self.port = (self.server.add_secure_port(address, creds) if creds is not None
                      else self.server.add_insecure_port(address))
         if self.port == 0:

@@ -119,6 +119,11 @@ class Metrics:
                                         "When the TLS certificate in force stops being valid (Unix time): the "
                                         "served one (server), the first CA to expire of those client "
                                         "certificates are checked against (client_ca)", ["certificate"], registry=r)
+        # With the expiry, the certificate's life: an alert on the share of it left holds for 90-day and 1-hour
+        # certificates alike.
+        self.certificate_start = Gauge("facegate_tls_certificate_not_before_timestamp_seconds",
+                                       "When the TLS certificate in force became valid (Unix time), labelled as "
+                                       "its expiration", ["certificate"], registry=r)
         self.gallery_templates = Gauge("facegate_gallery_templates", "Templates held in memory for search, over "
                                        "all collections and members", registry=r)
 

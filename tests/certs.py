@@ -36,9 +36,15 @@ def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurv
 VALID = (dt.timedelta(minutes=-5), dt.timedelta(days=1))
 
 
+def dates(cert: Path) -> tuple[float, float]:
+    """When the (first) certificate in ``cert`` becomes and stops being valid, as Unix time."""
+    c = x509.load_pem_x509_certificate(cert.read_bytes())
+    return c.not_valid_before_utc.timestamp(), c.not_valid_after_utc.timestamp()
+
+
 def not_after(cert: Path) -> float:
     """When the (first) certificate in ``cert`` stops being valid, as Unix time."""
-    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc.timestamp()
+    return dates(cert)[1]
 
 
 class CertAuthority:

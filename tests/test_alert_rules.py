@@ -42,35 +42,52 @@ def alert(name: str, at: str, *fired: tuple[dict[str, str], dict[str, str]]) -> 
 
 
 EXPIRY = "facegate_tls_certificate_expiration_timestamp_seconds"
+START = "facegate_tls_certificate_not_before_timestamp_seconds"
 REQUESTS = "facegate_requests_total"
 
 
 def _expiring(pod: str, certificate: str, left: str, severity: str) -> tuple[dict[str, str], dict[str, str]]:
     if severity == "warning":
-        summary = f"facegate's TLS {certificate} certificate expires within a week"
+        summary = (f"facegate's TLS {certificate} certificate expires within a quarter of its life or a week, "
+                   "whichever is shorter")
         tail = (". Its renewal has failed, or the renewed files have not reached the pod (see "
                 "FacegateCredentialReloadRefused).")
     else:
-        summary = f"facegate's TLS {certificate} certificate expires within a day"
+        summary = (f"facegate's TLS {certificate} certificate expires within a tenth of its life or a day, "
+                   "whichever is shorter")
         tail = "; after that every client's TLS handshake fails."
     return ({"pod": pod, "certificate": certificate, "severity": severity},
             {"summary": summary,
              "description": f"The TLS {certificate} certificate of ns/{pod} expires in {left}{tail}"})
 
 
+def _certificate(pod: str, certificate: str, left_s: int, life_s: int) -> list[dict[str, str]]:
+    """A certificate's two series, with ``left_s`` of its ``life_s`` left at time 0 (where promtool's time()
+    starts)."""
+    return [series(EXPIRY, f"{left_s}x40", pod=pod, certificate=certificate),
+            series(START, f"{left_s - life_s}x40", pod=pod, certificate=certificate)]
+
+
+DAY_S = 86400
 CASES: list[dict[str, Any]] = [
-    {   # time() starts at 0: a value is the seconds left at the start
+    {
         "interval": "1m",
-        "input_series": [series(EXPIRY, "259200x40", pod="p-1", certificate="server"),  # 3 days
-                         series(EXPIRY, "50000x40", pod="p-1", certificate="client_ca"),  # 13.9 hours
-                         series(EXPIRY, "2592000x40", pod="p-2", certificate="server")],  # 30 days
+        "input_series": [*_certificate("p-1", "server", 3 * DAY_S, 90 * DAY_S),  # a week at most: warned
+                         *_certificate("p-1", "client_ca", 50000, 3650 * DAY_S),  # 13.9 hours: both
+                         *_certificate("p-2", "server", 30 * DAY_S, 90 * DAY_S),  # a third left: quiet
+                         # a day-long certificate with half its life left: quiet (a fixed week fired here)
+                         *_certificate("p-3", "server", DAY_S // 2, DAY_S),
+                         *_certificate("p-4", "server", 7200, DAY_S)],  # 2 hours of a day-long one: both
         "alert_rule_test": [
             alert("FacegateTLSCertificateExpiresSoon", "10m",  # the warning's 15 minutes not yet over
-                  _expiring("p-1", "client_ca", "13h 43m 20s", "critical")),
+                  _expiring("p-1", "client_ca", "13h 43m 20s", "critical"),
+                  _expiring("p-4", "server", "1h 50m 0s", "critical")),
             alert("FacegateTLSCertificateExpiresSoon", "20m",
                   _expiring("p-1", "server", "2d 23h 40m 0s", "warning"),
                   _expiring("p-1", "client_ca", "13h 33m 20s", "warning"),
-                  _expiring("p-1", "client_ca", "13h 33m 20s", "critical")),
+                  _expiring("p-1", "client_ca", "13h 33m 20s", "critical"),
+                  _expiring("p-4", "server", "1h 40m 0s", "warning"),
+                  _expiring("p-4", "server", "1h 40m 0s", "critical")),
         ],
     },
     {

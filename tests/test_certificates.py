@@ -1,8 +1,8 @@
 """The TLS certificates' validity dates (server.auth.certificates), on certificates made for each case: an expired
 or not-yet-valid served certificate is refused with the date, a fresh one from a signer whose clock runs a little
 ahead is not; a client CA bundle is refused only when none of its CAs is valid, and reports the first to expire;
-a certificate close to its end is logged. The server's start-up and reload with such files: tests/
-test_credential_reload.py."""
+a certificate close to its end (a quarter of its life left, at most a week) is logged. The server's start-up and
+reload with such files: tests/test_credential_reload.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from server.auth.certificates import CLOCK_SKEW_S, TlsFilesError, validity
 from server.auth.reload import read_tls
-from tests.certs import CertAuthority, not_after
+from tests.certs import CertAuthority, dates, not_after
 
 DAY = dt.timedelta(days=1)
 
@@ -26,8 +26,8 @@ def ca(tmp_path: Path) -> CertAuthority:
 
 def test_the_served_certificate_must_be_valid_now(ca: CertAuthority) -> None:
     good = ca.server_cert("good", valid=(-DAY, 20 * DAY))
-    assert validity(good.cert.read_bytes(), good.cert, None, None) == (("server", not_after(good.cert)),)
-    assert dict(read_tls(good.cert, good.key, None).not_after) == {"server": not_after(good.cert)}
+    assert validity(good.cert.read_bytes(), good.cert, None, None) == (("server", *dates(good.cert)),)
+    assert read_tls(good.cert, good.key, None).validity == (("server", *dates(good.cert)),)
 
     expired = ca.server_cert("expired", valid=(-2 * DAY, -dt.timedelta(seconds=1)))
     with pytest.raises(TlsFilesError, match=r"expired\.crt expired at 20\d\d-\d\d-\d\dT"):
@@ -50,7 +50,7 @@ def test_a_client_ca_bundle_is_refused_only_when_none_of_its_cas_is_valid(tmp_pa
     bundle.write_bytes(old.pem.cert.read_bytes() + ca.pem.cert.read_bytes())
     # Old and new CAs side by side (a CA rotation): accepted, and the first to expire is what an alert must see,
     # here already past (the retired CA is still in the file).
-    found = dict(read_tls(served.cert, served.key, bundle).not_after)
+    found = {v.certificate: v.not_after for v in read_tls(served.cert, served.key, bundle).validity}
     assert found == {"server": not_after(served.cert), "client_ca": not_after(old.pem.cert)}
     assert found["client_ca"] < dt.datetime.now(dt.UTC).timestamp()
 
@@ -60,11 +60,20 @@ def test_a_client_ca_bundle_is_refused_only_when_none_of_its_cas_is_valid(tmp_pa
 
 def test_a_certificate_close_to_its_end_is_logged_when_read(ca: CertAuthority,
                                                             caplog: pytest.LogCaptureFixture) -> None:
-    ending = ca.server_cert("ending", valid=(-DAY, 2 * DAY))
-    lasting = ca.server_cert("lasting", valid=(-DAY, 20 * DAY))
+    """Under a quarter of its life left, and at most a week: a 62-day certificate with 2 days left and a 1-hour one
+    with 10 minutes left are logged; a 21-day one with 20 days left and a 1-hour one with half an hour left (a
+    healthy rotation, which a fixed week would have flagged) are not."""
+    minute = dt.timedelta(minutes=1)
+    quiet = [ca.server_cert("lasting", valid=(-DAY, 20 * DAY)),
+             ca.server_cert("hour", valid=(-30 * minute, 30 * minute))]
+    ending = [ca.server_cert("ending", valid=(-60 * DAY, 2 * DAY)),
+              ca.server_cert("hour-end", valid=(-50 * minute, 10 * minute))]
     with caplog.at_level(logging.WARNING, logger="server.auth.certificates"):
-        validity(lasting.cert.read_bytes(), lasting.cert, None, None)
+        for pem in quiet:
+            validity(pem.cert.read_bytes(), pem.cert, None, None)
         assert caplog.records == []
-        validity(ending.cert.read_bytes(), ending.cert, None, None)
-    (record,) = caplog.records
-    assert "server certificate expires at" in record.getMessage() and "in 2.0 days" in record.getMessage()
+        for pem in ending:
+            validity(pem.cert.read_bytes(), pem.cert, None, None)
+    long, short = (r.getMessage() for r in caplog.records)
+    assert "server certificate expires at" in long and "in 2.0 days (3 % of its life)" in long
+    assert "in 0.0 days (17 % of its life)" in short

@@ -33,7 +33,7 @@ from server.auth.callers import AuthConfig, Authenticator
 from server.auth.reload import CredentialReloader
 from server.auth.tokens import hash_token, new_token
 from server.config import ServerConfig
-from tests.certs import CertAuthority, Pem, not_after
+from tests.certs import CertAuthority, Pem, dates
 from tests.conftest import ROOT, scrape, wait_until
 
 TOKENS = {name: new_token() for name in ("a", "b")}
@@ -65,12 +65,15 @@ class Served:
             if channel is None:
                 ch.close()
 
-    def expiry(self) -> float:
-        """What the metrics say the served certificate's end of validity is."""
-        (sample,) = [(dict(labels), value) for (name, labels), value in scrape(self.metrics_port).items()
-                     if name == "facegate_tls_certificate_expiration_timestamp_seconds"]
-        assert sample[0] == {"certificate": "server"}
-        return sample[1]
+    def dates(self) -> tuple[float, float]:
+        """What the metrics say the served certificate's validity is: from, to."""
+        found = scrape(self.metrics_port)
+        (start,) = [(dict(labels), value) for (name, labels), value in found.items()
+                    if name == "facegate_tls_certificate_not_before_timestamp_seconds"]
+        (end,) = [(dict(labels), value) for (name, labels), value in found.items()
+                  if name == "facegate_tls_certificate_expiration_timestamp_seconds"]
+        assert start[0] == end[0] == {"certificate": "server"}
+        return start[1], end[1]
 
     def reload(self, outcome: str, count: int) -> None:
         """SIGHUP, then until the metrics count ``count`` reloads with ``outcome``."""
@@ -144,7 +147,7 @@ def test_credentials_are_replaced_whole_or_not_at_all_while_serving(
     one, two = cas
     ok, refused = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED
     assert (served.code(one, "a"), served.code(one, "b")) == (ok, refused)
-    assert served.expiry() == not_after(served.folder / "tls.crt")
+    assert served.dates() == dates(served.folder / "tls.crt")
 
     # A token revoked and another granted, with one signal and without a restart.
     write_config(served.folder / "facegate.toml", "b")
@@ -167,7 +170,7 @@ def test_credentials_are_replaced_whole_or_not_at_all_while_serving(
     assert served.code(one, "b", kept) == ok  # and the open connection was not dropped
     kept.close()
 
-    assert served.expiry() == not_after(served.folder / "tls.crt")  # (the metric follows the certificate)
+    assert served.dates() == dates(served.folder / "tls.crt")  # (the metric follows the certificate)
 
     # A key that does not match the certificate is refused at the reload, not at every later handshake.
     install_pem(one.server_cert(), served.folder, cert=False)
@@ -180,7 +183,7 @@ def test_credentials_are_replaced_whole_or_not_at_all_while_serving(
     install_pem(two.server_cert("expired", valid=(-2 * DAY, -dt.timedelta(minutes=1))), served.folder)
     served.reload("refused", 3)
     assert served.code(two, "b") == ok
-    assert served.expiry() > dt.datetime.now(dt.UTC).timestamp()
+    assert served.dates()[1] > dt.datetime.now(dt.UTC).timestamp()
 
     audit = [json.loads(line) for line in (served.folder / "audit.jsonl").read_text().splitlines()]
     reloads = [(r["caller"], r["outcome"]) for r in audit if r["rpc"] == "ReloadCredentials"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 
@@ -27,8 +28,22 @@ class TlsFilesError(CredentialFilesError):
 
 # A certificate issued a moment ago by a signer whose clock runs ahead of ours is not refused.
 CLOCK_SKEW_S = 300.0
-# Below this, every read logs a warning (the metric and its alert are the real watch).
+# With less than this left, every read logs a warning (the metrics and their alert are the real watch): a quarter of
+# the certificate's life, at most a week. cert-manager renews at a third left (30 days of 90), a SPIFFE agent at
+# half, so a healthy rotation never comes this close, whether a certificate lives 90 days or one hour.
 WARN_BEFORE_S = 7 * 86400.0
+WARN_BEFORE_LIFE = 0.25
+
+
+class Validity(NamedTuple):
+    certificate: str  # server, or client_ca
+    not_before: float  # Unix time
+    not_after: float
+
+
+def warn_before_s(lifetime_s: float) -> float:
+    """How long before its end a certificate that lives ``lifetime_s`` is warned about (the alert's rule too)."""
+    return min(WARN_BEFORE_S, WARN_BEFORE_LIFE * lifetime_s)
 
 
 def _when(ts: dt.datetime) -> str:
@@ -47,9 +62,9 @@ def _valid(cert: x509.Certificate, now: dt.datetime) -> bool:
 
 
 def validity(cert_pem: bytes, cert_path: Path, client_ca_pem: bytes | None, client_ca_path: Path | None,
-             now: dt.datetime | None = None) -> tuple[tuple[str, float], ...]:
-    """When each certificate in force stops being valid (Unix time): ``server`` (the served certificate, the first
-    in its file) and ``client_ca`` (the first to expire of the CAs that client certificates are checked against).
+             now: dt.datetime | None = None) -> tuple[Validity, ...]:
+    """When each certificate in force is valid from and to: ``server`` (the served certificate, the first in its
+    file) and ``client_ca`` (the first to expire of the CAs that client certificates are checked against).
     Raises TlsFilesError for a served certificate that has expired or is not valid yet, or a CA file
     none of whose certificates is valid now."""
     now = now or dt.datetime.now(dt.UTC)
@@ -58,16 +73,20 @@ def validity(cert_pem: bytes, cert_path: Path, client_ca_pem: bytes | None, clie
         raise TlsFilesError(f"the TLS certificate {cert_path} expired at {_when(leaf.not_valid_after_utc)}")
     if not _valid(leaf, now):
         raise TlsFilesError(f"the TLS certificate {cert_path} is not valid before {_when(leaf.not_valid_before_utc)}")
-    out = [("server", leaf.not_valid_after_utc)]
+    out = [("server", leaf)]
     if client_ca_pem is not None and client_ca_path is not None:
         cas = _certificates(client_ca_pem, client_ca_path)
         if not any(_valid(c, now) for c in cas):
             last = max(c.not_valid_after_utc for c in cas)
             raise TlsFilesError(f"none of the {len(cas)} certificate(s) in the client CA file {client_ca_path} is "
                                 f"valid now (the last expiry: {_when(last)})")
-        out.append(("client_ca", min(c.not_valid_after_utc for c in cas)))
-    for name, until in out:
-        if (until - now).total_seconds() < WARN_BEFORE_S:
-            log.warning("the TLS %s certificate expires at %s, in %.1f days", name.replace("_", " "), _when(until),
-                        (until - now).total_seconds() / 86400)
-    return tuple((name, until.timestamp()) for name, until in out)
+        out.append(("client_ca", min(cas, key=lambda c: c.not_valid_after_utc)))
+    found = tuple(Validity(name, c.not_valid_before_utc.timestamp(), c.not_valid_after_utc.timestamp())
+                  for name, c in out)
+    for v in found:
+        left = v.not_after - now.timestamp()
+        if left < warn_before_s(v.not_after - v.not_before):
+            log.warning("the TLS %s certificate expires at %s, in %.1f days (%.0f %% of its life)",
+                        v.certificate.replace("_", " "), _when(dt.datetime.fromtimestamp(v.not_after, dt.UTC)),
+                        left / 86400, 100 * left / (v.not_after - v.not_before))
+    return found

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from server.auth.callers import AuthConfig, Authenticator
-from server.auth.certificates import TlsFilesError, validity
+from server.auth.certificates import TlsFilesError, Validity, validity
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
@@ -47,8 +47,8 @@ class TlsMaterial:
     key: bytes
     cert: bytes
     client_ca: bytes | None
-    not_after: tuple[tuple[str, float], ...] = ()
-    """When the served certificate and the client CA stop being valid (server.auth.certificates)."""
+    validity: tuple[Validity, ...] = ()
+    """When the served certificate and the client CA are valid (server.auth.certificates)."""
 
     def certificate_configuration(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.client_ca)
@@ -77,7 +77,7 @@ def read_tls(cert: Path, key: Path, client_ca: Path | None) -> TlsMaterial:
                             ) from None
     except OSError as exc:
         raise TlsFilesError(f"cannot read the TLS files ({files}): {exc.strerror or exc}") from None
-    return replace(first, not_after=validity(first.cert, cert, first.client_ca, client_ca))
+    return replace(first, validity=validity(first.cert, cert, first.client_ca, client_ca))
 
 
 def watched_files(config: ServerConfig, config_path: Path | None) -> tuple[Path, ...]:
@@ -150,13 +150,22 @@ class CredentialReloader:
 
     @property
     def certificates(self) -> tuple[str, ...]:
-        """The certificates in force whose end of validity ``not_after`` gives: ``server`` and, with mutual TLS,
-        ``client_ca`` (fixed from start-up: a reload cannot turn TLS or mutual TLS on or off)."""
-        return tuple(name for name, _ in self._tls.not_after) if self._tls is not None else ()
+        """The certificates in force whose dates ``not_before`` and ``not_after`` give: ``server`` and, with mutual
+        TLS, ``client_ca`` (fixed from start-up: a reload cannot turn TLS or mutual TLS on or off)."""
+        return tuple(v.certificate for v in self._tls.validity) if self._tls is not None else ()
+
+    def _dates(self, certificate: str) -> Validity | None:
+        return next((v for v in self._tls.validity if v.certificate == certificate), None) if self._tls else None
 
     def not_after(self, certificate: str) -> float:
         """When the ``server`` certificate or the ``client_ca`` in force stops being valid (Unix time; 0: none)."""
-        return dict(self._tls.not_after).get(certificate, 0.0) if self._tls is not None else 0.0
+        v = self._dates(certificate)
+        return v.not_after if v is not None else 0.0
+
+    def not_before(self, certificate: str) -> float:
+        """When it became valid (Unix time; 0: none)."""
+        v = self._dates(certificate)
+        return v.not_before if v is not None else 0.0
 
     def _fetch_tls(self) -> grpc.ServerCertificateConfiguration | None:
         # Called by gRPC on one of its threads at each handshake: None keeps the configuration it has.
