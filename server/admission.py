@@ -54,7 +54,7 @@ class CallerAdmission(Protocol):
 
     def hold(self, caller: str, limit: int) -> AbstractContextManager[None]: ...
 
-    def take(self, caller: str, rate_per_s: float, burst: int) -> None: ...
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None: ...
 
 
 def over_in_flight(caller: str, held: int) -> ResourceExhaustedError:
@@ -73,11 +73,12 @@ def refilled(tokens: float, elapsed_s: float, rate_per_s: float, size: int) -> f
     return min(float(size), tokens + max(0.0, elapsed_s) * rate_per_s)
 
 
-def over_rate(caller: str, rate_per_s: float, size: int, tokens: float) -> RateLimitedError:
-    """The refusal of a call with ``tokens`` (< 1) left: RetryInfo says when the next token is back."""
-    wait = (1.0 - tokens) / rate_per_s
-    return RateLimitedError(f"caller {caller!r} is over its rate_per_s = {rate_per_s:g} (burst {size}); retry in "
-                            f"{wait:.2f} s", retry_after_s=wait)
+def over_rate(caller: str, rate_per_s: float, size: int, tokens: float, cost: float = 1.0) -> RateLimitedError:
+    """The refusal of a call of ``cost`` with ``tokens`` (< cost) left: RetryInfo says when enough are back."""
+    wait = (cost - tokens) / rate_per_s
+    costs = f"; this call costs {cost:g}" if cost != 1.0 else ""
+    return RateLimitedError(f"caller {caller!r} is over its rate_per_s = {rate_per_s:g} (burst {size}{costs}); "
+                            f"retry in {wait:.2f} s", retry_after_s=wait)
 
 
 class CallerLimit:
@@ -121,17 +122,18 @@ class CallerRate:
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when counted)
 
-    def take(self, caller: str, rate_per_s: float, burst: int) -> None:
-        if rate_per_s <= 0:
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None:
+        """One call of ``cost`` tokens (server.auth.costs; 1 unless set) taken, or refused."""
+        if rate_per_s <= 0 or cost <= 0:
             return
         size = bucket_size(rate_per_s, burst)
         now = self._clock()
         tokens, then = self._buckets.get(caller, (float(size), now))
         tokens = refilled(tokens, now - then, rate_per_s, size)
-        if tokens < 1.0:
+        if tokens < cost:
             self._buckets[caller] = (tokens, now)
-            raise over_rate(caller, rate_per_s, size, tokens)
-        self._buckets[caller] = (tokens - 1.0, now)
+            raise over_rate(caller, rate_per_s, size, tokens, cost)
+        self._buckets[caller] = (tokens - cost, now)
 
 
 class PerCaller:
@@ -144,8 +146,8 @@ class PerCaller:
     def hold(self, caller: str, limit: int) -> AbstractContextManager[None]:
         return self.limit.hold(caller, limit)
 
-    def take(self, caller: str, rate_per_s: float, burst: int) -> None:
-        self.rate.take(caller, rate_per_s, burst)
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None:
+        self.rate.take(caller, rate_per_s, burst, cost)
 
 
 # Busy time over which one completion-rate sample is taken: long enough to span several batches, short enough

@@ -96,21 +96,21 @@ class SharedCallerState:
             log.warning("the workers' table of callers is full (%d): callers past it are limited per worker", SLOTS)
         return None
 
-    def take(self, caller: str, rate_per_s: float, burst: int) -> None:
-        if rate_per_s <= 0:
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None:
+        if rate_per_s <= 0 or cost <= 0:
             return
         offset = self._offset(caller)
         if offset is None:
-            self._local.take(caller, rate_per_s, burst)
+            self._local.take(caller, rate_per_s, burst, cost)
             return
         size = bucket_size(rate_per_s, burst)
         with self._locked():
             key, held, tokens, then = self._read(offset)
             now = self._clock()  # read under the lock: the workers count in the order they hold it
             tokens = float(size) if math.isnan(tokens) else refilled(tokens, now - then, rate_per_s, size)
-            SLOT.pack_into(self._map, offset, key, held, tokens - 1.0 if tokens >= 1.0 else tokens, now)
-        if tokens < 1.0:
-            raise over_rate(caller, rate_per_s, size, tokens)
+            SLOT.pack_into(self._map, offset, key, held, tokens - cost if tokens >= cost else tokens, now)
+        if tokens < cost:
+            raise over_rate(caller, rate_per_s, size, tokens, cost)
 
     def hold(self, caller: str, limit: int) -> AbstractContextManager[None]:
         offset = self._offset(caller) if limit > 0 else None

@@ -18,6 +18,7 @@ from PIL import Image
 from engines.errors import RateLimitedError, ResourceExhaustedError
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
 from server.admission import Budget, CallerRate
+from server.auth.callers import Authenticator
 from server.config import load_config
 from server.pipelines.clip_input import ClipLimits
 from server.servicers.error_interceptor import status_for
@@ -65,6 +66,59 @@ def test_a_callers_rate_allows_its_burst_then_its_rate_and_says_when_to_retry() 
         rate.take("a", 2.5, 0)
     with pytest.raises(ResourceExhaustedError, match=r"\(burst 3\)"):
         rate.take("a", 2.5, 0)
+
+
+def test_a_costly_call_takes_its_cost_from_the_callers_bucket() -> None:
+    """[auth.call_costs]: a call of cost 4 takes 4 tokens, waits until 4 are back, and cost 0 is not counted."""
+    now = [100.0]
+    rate = CallerRate(clock=lambda: now[0])
+    rate.take("a", 1.0, 5, cost=4.0)
+    with pytest.raises(ResourceExhaustedError, match=r"over its rate_per_s = 1 \(burst 5; this call costs 4\); "
+                       r"retry in 3\.00 s") as refused:
+        rate.take("a", 1.0, 5, cost=4.0)
+    assert refused.value.retry_after_s == pytest.approx(3.0)
+    rate.take("a", 1.0, 5)  # the one token left serves a call of cost 1
+    for _ in range(10):
+        rate.take("a", 1.0, 5, cost=0.0)  # not counted
+    now[0] += 3.9
+    with pytest.raises(ResourceExhaustedError, match=r"retry in 0\.10 s"):
+        rate.take("a", 1.0, 5, cost=4.0)
+    now[0] += 0.1
+    rate.take("a", 1.0, 5, cost=4.0)
+
+
+@pytest.mark.parametrize(("costs", "why"), [
+    ("Identify = 4", r"unknown method\(s\) \['Identify'\]; known: \[.*'IdentifyFromClip'"),
+    ("IdentifyFromClip = -1", "from 0 to 1000"), ("IdentifyFromClip = nan", "from 0 to 1000"),
+    ('IdentifyFromClip = "4"', "from 0 to 1000"), ("IdentifyFromClip = true", "from 0 to 1000"),
+    ("CheckLiveness = 6", r"caller 'x': its bucket \(5 at rate_per_s = 5, burst = 0\) is smaller than the "
+                          r"costliest call in \[auth.call_costs\] it may make \(6\)"),
+])
+def test_bad_call_costs_stop_the_start(costs: str, why: str, tmp_path: Path) -> None:
+    caller = '[[auth.callers]]\nname = "x"\nscopes = ["liveness"]\nrate_per_s = 5\n'
+    (tmp_path / "c.toml").write_text(f"[auth.call_costs]\n{costs}\n\n{caller}")
+    with pytest.raises(ValueError, match=why):
+        load_config(tmp_path / "c.toml")
+    # A cost over its bucket on a method the caller may not call is no obstacle (x has only "liveness").
+    (tmp_path / "c.toml").write_text(f"[auth.call_costs]\nCheckLiveness = 5\nIdentifyFromClip = 50\n"
+                                     f"ListModels = 0\n\n{caller}")
+    config = load_config(tmp_path / "c.toml")
+    authenticator = Authenticator(config.auth)
+    assert authenticator.cost("/facegate.v1.IdentificationService/IdentifyFromClip") == 50.0
+    assert authenticator.cost("/facegate.v1.ModelService/ListModels") == 0.0
+    assert authenticator.cost("/facegate.v1.LivenessService/CheckLiveness") == 5.0
+    assert authenticator.cost("/facegate.v1.ModelService/GetModelStatistics") == 1.0
+
+
+def test_call_costs_are_applied_by_a_credentials_reload(tmp_path: Path) -> None:
+    """A reload applies new costs with the callers (not listed as waiting for a restart); a server setting is."""
+    from server.auth.reload import restart_needed
+
+    (tmp_path / "a.toml").write_text("[auth.call_costs]\nIdentifyFromClip = 5\n")
+    (tmp_path / "b.toml").write_text("[server]\nmax_queue_wait_s = 0.25\n\n[auth.call_costs]\nIdentifyFromClip = 2\n")
+    old, new = load_config(tmp_path / "a.toml"), load_config(tmp_path / "b.toml")
+    assert new.auth.call_costs != old.auth.call_costs
+    assert restart_needed(old, new) == ["max_queue_wait_s"]
 
 
 def test_a_rates_retry_time_is_sent_as_it_is_and_an_estimate_bounded() -> None:

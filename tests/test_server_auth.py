@@ -35,11 +35,12 @@ from server.config import load_config
 from tests.certs import CertAuthority
 from tests.conftest import ROOT, RunningServer, image_python, scrape, start_entrypoint, start_server, stop_server
 
-TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops", "burst", "paced")}
+TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops", "burst", "paced", "metered")}
 SCOPES = {"live": ("liveness",), "enrol": ("enrol", "identify", "liveness"), "staff": ("enrol:staff", "identify:staff"),
-          "ops": ("operator",), "burst": ("liveness",), "paced": ("liveness",)}
+          "ops": ("operator",), "burst": ("liveness",), "paced": ("liveness",), "metered": ("operator",)}
 MAX_IN_FLIGHT = {"burst": 2}
-RATE = {"paced": (1.0, 2)}  # (rate_per_s, burst)
+RATE = {"paced": (1.0, 2), "metered": (1.0, 3)}  # (rate_per_s, burst)
+CALL_COSTS = {"ListModels": 3.0}  # only "metered" has a rate of its own among the callers of ListModels
 SYNTH = Path(os.environ.get("FACEGATE_SYNTHETIC_DIR") or ROOT / ".cache" / "synthetic" / "motion") / "CASME2_RAW"
 
 
@@ -66,7 +67,8 @@ def token_server(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory,
     callers = tuple(CallerConfig(f"svc-{n}", SCOPES[n], (hash_token(t),), MAX_IN_FLIGHT.get(n, 0),
                                  *RATE.get(n, (0.0, 0))) for n, t in TOKENS.items())
     running, thread = start_server(repository_dir, gallery_path=tmp_path_factory.mktemp("g") / "g.sqlite",
-                                   auth=AuthConfig(callers=callers), audit=AuditConfig(path=audit_path),
+                                   auth=AuthConfig(callers=callers, call_costs=CALL_COSTS),
+                                   audit=AuditConfig(path=audit_path),
                                    metrics_port=token_metrics_port)
     yield running
     stop_server(running, thread)
@@ -160,6 +162,26 @@ def test_a_caller_over_its_own_rate_is_told_when_to_retry_while_others_are_serve
     counted = {k: v - before.get(k, 0.0) for k, v in per_caller(token_metrics_port).items() if v != before.get(k)}
     assert counted == {("svc-paced", "INVALID_ARGUMENT"): 2, ("svc-paced", "RESOURCE_EXHAUSTED"): 4,
                        ("svc-paced", "OK"): 1, ("svc-live", "OK"): 1}, counted
+
+
+def test_a_costly_call_takes_its_cost_from_the_callers_rate(token_server: RunningServer) -> None:
+    """[auth.call_costs] ListModels = 3: svc-metered (1 a second, bursts of 3) lists the models once, then is told
+    to wait ~3 s for another list and ~1 s for a call of cost 1; a caller without a rate is not held to it."""
+    models = models_pb2_grpc.ModelServiceStub(token_server.channel())
+    assert models.ListModels(models_pb2.ListModelsRequest(), metadata=as_caller("metered"), timeout=10).models
+    with pytest.raises(grpc.RpcError) as listing:
+        models.ListModels(models_pb2.ListModelsRequest(), metadata=as_caller("metered"), timeout=10)
+    assert listing.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "'svc-metered' is over its rate_per_s = 1 (burst 3; this call costs 3)" in listing.value.details()
+    delay = retry_after(listing.value)
+    assert delay is not None and 2.5 < delay <= 3.0
+    with pytest.raises(grpc.RpcError) as stats:
+        models.GetModelStatistics(models_pb2.GetModelStatisticsRequest(), metadata=as_caller("metered"), timeout=10)
+    assert stats.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "costs" not in stats.value.details()
+    delay = retry_after(stats.value)
+    assert delay is not None and 0.5 < delay <= 1.0
+    for _ in range(3):
+        assert models.ListModels(models_pb2.ListModelsRequest(), metadata=as_caller("ops"), timeout=10).models
 
 
 def per_caller(metrics_port: int) -> dict[tuple[str, str], float]:

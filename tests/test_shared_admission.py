@@ -70,6 +70,17 @@ def test_a_callers_rate_is_one_bucket_whichever_worker_it_calls(views) -> None: 
     assert [admitted(a.take, "desk", 2.0, 3) for _ in range(4)] == [True, True, True, False]
 
 
+def test_a_costly_call_takes_its_cost_on_any_worker(views) -> None:  # type: ignore[no-untyped-def]
+    a, b, clock = views
+    a.take("desk", 1.0, 5, 4.0)
+    with pytest.raises(RateLimitedError, match="this call costs 4") as err:
+        b.take("desk", 1.0, 5, 4.0)
+    assert err.value.retry_after_s == pytest.approx(3.0)
+    b.take("desk", 1.0, 5)  # the last token
+    clock.now += 4.0
+    b.take("desk", 1.0, 5, 4.0)
+
+
 def test_a_callers_calls_in_flight_count_on_every_worker(views) -> None:  # type: ignore[no-untyped-def]
     a, b, _ = views
     with a.hold("desk", 2), b.hold("desk", 2):

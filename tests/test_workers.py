@@ -60,7 +60,9 @@ def workers(repository_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.P
         [sys.executable, "-m", "server", "--port", str(port), "--model-repository", str(repository_dir),
          "--config", str(tmp_path / "callers.toml"), "--workers", "2", "--metrics-port", str(metrics),
          "--audit-log", str(audit), "--log-level", "WARNING"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ},
+        # (TMPDIR: the supervisor's table of callers, left behind if the test kills it, goes with tmp_path)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     address = f"127.0.0.1:{port}"
     try:
@@ -79,7 +81,7 @@ def workers(repository_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.P
 
 
 def test_both_workers_serve_and_sigterm_stops_them_all(workers) -> None:  # type: ignore[no-untyped-def]
-    proc, address, metrics, _ = workers
+    proc, address, metrics, audit = workers
     kids = children_of(proc.pid)
     assert len(kids) == 2
     # Separate connections (a distinct channel argument each): the kernel spreads them over the two workers.
@@ -112,8 +114,11 @@ def test_both_workers_serve_and_sigterm_stops_them_all(workers) -> None:  # type
     reloaded = 'facegate_credential_reloads_total{outcome="applied"} 1.0'
     assert wait_until(lambda: all(reloaded in (metrics_text(metrics + i) or "") for i in (0, 1)))
     assert proc.poll() is None and len(children_of(proc.pid)) == 2
+    tables = list(audit.parent.glob("facegate-callers-*/table"))
+    assert len(tables) == 1 and tables[0].stat().st_size == 131072
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
+    assert not list(audit.parent.glob("facegate-callers-*"))  # removed with the set
     assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
                for pid in kids)
 

@@ -13,7 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from server.auth.scopes import SCOPES, Scope
+from server.admission import bucket_size
+from server.auth.costs import by_method
+from server.auth.scopes import SCOPES, Scope, grants, required_scope
 from server.auth.tokens import hash_token, matches, parse_hash
 
 
@@ -74,6 +76,9 @@ class AuthConfig:
     reload_poll_s: float = 10.0
     """How often the credential files (the --config file, the token file, the TLS files) are checked for changes
     while serving; a change is reloaded (server.auth.reload). 0: only on SIGHUP."""
+    call_costs: Mapping[str, float] = field(default_factory=dict)
+    """What one call of a method takes from its caller's ``rate_per_s`` bucket, by method name
+    (``IdentifyFromClip = 4``); 1 unless set, 0: not counted (server.auth.costs)."""
 
     def __post_init__(self) -> None:
         for s in self.token_file_scopes:
@@ -86,6 +91,15 @@ class AuthConfig:
         names = [c.name for c in self.callers]
         if len(set(names)) != len(names):
             raise ValueError(f"caller names must be unique, got {names}")
+        costs = by_method(self.call_costs)
+        for c in self.callers:  # a bucket smaller than a call the caller may make would refuse that call for good
+            scopes = [Scope.parse(s) for s in c.scopes]
+            top = max((cost for method, cost in costs.items() if grants(scopes, required_scope(method) or "")),
+                      default=1.0)
+            if c.rate_per_s > 0 and bucket_size(c.rate_per_s, c.burst) < top:
+                raise ValueError(f"caller {c.name!r}: its bucket ({bucket_size(c.rate_per_s, c.burst)} at "
+                                 f"rate_per_s = {c.rate_per_s:g}, burst = {c.burst}) is smaller than the costliest "
+                                 f"call in [auth.call_costs] it may make ({top:g}), which it could then never make")
 
     @property
     def enabled(self) -> bool:
@@ -123,6 +137,11 @@ class Authenticator:
             entry.hashes.extend(parse_hash(h) for h in c.token_hashes)
         self._anonymous = Caller("anonymous (loopback, authentication off)", tuple(Scope(s) for s in SCOPES),
                                  "loopback")
+        self._costs = by_method(config.call_costs)
+
+    def cost(self, method: str) -> float:
+        """What a call of ``method`` (``/package.Service/Method``) takes from its caller's rate."""
+        return self._costs.get(method, 1.0)
 
     @property
     def caller_names(self) -> tuple[str, ...]:

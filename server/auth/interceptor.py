@@ -137,7 +137,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(parse_request(parse, await _read_one(context, deadline)), context)
             caller = self.identify(context, method, scope)
             try:
-                self._per_caller.take(caller.name, caller.rate_per_s, caller.burst)
+                self._per_caller.take(caller.name, caller.rate_per_s, caller.burst, self._auth.cost(method))
                 with self._per_caller.hold(caller.name, caller.max_in_flight):
                     if gate is not None:
                         gate.check()

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # What a reload applies; every other setting takes effect at the next start.
 _RELOADED_AUTH = frozenset({"callers", "token_file", "token_file_caller", "token_file_scopes",
-                            "token_file_max_in_flight", "client_ca"})
+                            "token_file_max_in_flight", "client_ca", "call_costs"})
 _RELOADED_SERVER = frozenset({"auth", "tls_cert", "tls_key"})
 
 
