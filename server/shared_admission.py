@@ -1,8 +1,8 @@
 """Each caller's own limits held across the workers of one server (``--workers N``).
 
 Worker processes each have their own event loop, so counting a caller's calls in flight and its token bucket in
-each process would let it have N times its ``max_in_flight`` and ``rate_per_s`` (and one channel, which lands on
-one worker, only its share of it). The supervisor makes one small table in a file of its own; every worker maps it
+each process would let a caller whose connections the kernel spreads over them have up to N times its
+``max_in_flight`` and ``rate_per_s``. The supervisor makes one small table in a file of its own; every worker maps it
 and reads and writes a caller's counts under an exclusive ``flock`` on that file, held only for the few
 microseconds of one count (never across an await). The monotonic clock is the system's, the same in every process.
 
