@@ -67,10 +67,12 @@ def bucket_size(rate_per_s: float, burst: int) -> int:
     return burst or max(1, math.ceil(rate_per_s))
 
 
-def refilled(tokens: float, elapsed_s: float, rate_per_s: float, size: int) -> float:
-    """A bucket's tokens ``elapsed_s`` after they were counted (never above its size; a clock read out of order by
-    another process counts as no time)."""
-    return min(float(size), tokens + max(0.0, elapsed_s) * rate_per_s)
+def spend(tokens: float | None, elapsed_s: float, rate_per_s: float, size: int, cost: float) -> tuple[float, bool]:
+    """A bucket of ``size`` that held ``tokens`` ``elapsed_s`` ago (None: a fresh one, full), refilled at
+    ``rate_per_s`` (never above its size; a clock read out of order by another process counts as no time), and a
+    call of ``cost`` taken from it: the tokens left, and whether the call was admitted (if not, nothing is taken)."""
+    have = float(size) if tokens is None else min(float(size), tokens + max(0.0, elapsed_s) * rate_per_s)
+    return (have - cost, True) if have >= cost else (have, False)
 
 
 def over_rate(caller: str, rate_per_s: float, size: int, tokens: float, cost: float = 1.0) -> RateLimitedError:
@@ -120,7 +122,7 @@ class CallerRate:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when counted)
+        self._buckets: dict[str, tuple[float | None, float]] = {}  # caller -> (tokens, when counted)
 
     def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None:
         """One call of ``cost`` tokens (server.auth.costs; 1 unless set) taken, or refused."""
@@ -128,12 +130,11 @@ class CallerRate:
             return
         size = bucket_size(rate_per_s, burst)
         now = self._clock()
-        tokens, then = self._buckets.get(caller, (float(size), now))
-        tokens = refilled(tokens, now - then, rate_per_s, size)
-        if tokens < cost:
-            self._buckets[caller] = (tokens, now)
-            raise over_rate(caller, rate_per_s, size, tokens, cost)
-        self._buckets[caller] = (tokens - cost, now)
+        tokens, then = self._buckets.get(caller, (None, now))
+        left, admitted = spend(tokens, now - then, rate_per_s, size, cost)
+        self._buckets[caller] = (left, now)
+        if not admitted:
+            raise over_rate(caller, rate_per_s, size, left, cost)
 
 
 class PerCaller:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from server.admission import PerCaller, bucket_size, over_in_flight, over_rate, refilled
+from server.admission import PerCaller, bucket_size, over_in_flight, over_rate, spend
 
 SLOT = struct.Struct("<Qqdd")  # the caller's key, its calls in flight, its tokens, when they were counted
 SLOTS = 4096  # 128 KiB
@@ -107,10 +107,10 @@ class SharedCallerState:
         with self._locked():
             key, held, tokens, then = self._read(offset)
             now = self._clock()  # read under the lock: the workers count in the order they hold it
-            tokens = float(size) if math.isnan(tokens) else refilled(tokens, now - then, rate_per_s, size)
-            SLOT.pack_into(self._map, offset, key, held, tokens - cost if tokens >= cost else tokens, now)
-        if tokens < cost:
-            raise over_rate(caller, rate_per_s, size, tokens, cost)
+            left, admitted = spend(None if math.isnan(tokens) else tokens, now - then, rate_per_s, size, cost)
+            SLOT.pack_into(self._map, offset, key, held, left, now)
+        if not admitted:
+            raise over_rate(caller, rate_per_s, size, left, cost)
 
     def hold(self, caller: str, limit: int) -> AbstractContextManager[None]:
         offset = self._offset(caller) if limit > 0 else None

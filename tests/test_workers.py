@@ -20,7 +20,7 @@ from benchmarks.server_process import children_of, free_port, metrics_text, wait
 from facegate.v1 import liveness_pb2, liveness_pb2_grpc, models_pb2, models_pb2_grpc
 from server.auth.tokens import hash_token, new_token
 from server.workers import for_worker
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, scrape, wait_until
 
 pytestmark = [pytest.mark.weights, pytest.mark.slow]
 TOKENS = {"lister": new_token(), "paced": new_token()}
@@ -44,9 +44,10 @@ def as_caller(name: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {TOKENS[name]}"),)
 
 
-def calls(text: str, method: str, caller: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("facegate_requests_total") and method in line and f'caller="{caller}"' in line)
+def calls(metrics_port: int, method: str, caller: str) -> float:
+    """The calls of ``method`` one worker counted under ``caller``, whatever their status."""
+    return sum(value for (name, pairs), value in scrape(metrics_port).items() if name == "facegate_requests_total"
+               and (labels := dict(pairs))["method"].endswith(f"/{method}") and labels["caller"] == caller)
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_both_workers_serve_and_sigterm_stops_them_all(workers) -> None:  # type
         with grpc.insecure_channel(address, options=[("grpc.test_connection", i)]) as ch:
             models_pb2_grpc.ModelServiceStub(ch).ListModels(models_pb2.ListModelsRequest(), metadata=as_caller(
                 "lister"), timeout=10)
-    listed = [calls(metrics_text(metrics + i) or "", "ListModels", "lister") for i in (0, 1)]
+    listed = [calls(metrics + i, "ListModels", "lister") for i in (0, 1)]
     assert sum(listed) == 24 and min(listed) > 0, listed  # chance of all 24 on one worker: 2**-23
     # The paced caller's 3 calls are 3 for the set: of 16 calls over 16 connections, 3 are admitted (empty
     # requests: INVALID_ARGUMENT) and 13 refused for its rate, though both workers took some of them.
@@ -105,7 +106,7 @@ def test_both_workers_serve_and_sigterm_stops_them_all(workers) -> None:  # type
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 13, codes
 
     def paced() -> list[float]:
-        return [calls(metrics_text(metrics + i) or "", "CheckLiveness", "paced") for i in (0, 1)]
+        return [calls(metrics + i, "CheckLiveness", "paced") for i in (0, 1)]
 
     assert wait_until(lambda: sum(paced()) == 16)  # (a refused call is counted a moment after its answer)
     assert min(paced()) > 0, paced()  # chance of all 16 on one worker: 2**-15

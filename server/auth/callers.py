@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from server.admission import bucket_size
@@ -91,7 +92,7 @@ class AuthConfig:
         names = [c.name for c in self.callers]
         if len(set(names)) != len(names):
             raise ValueError(f"caller names must be unique, got {names}")
-        costs = by_method(self.call_costs)
+        costs = self.costs
         for c in self.callers:  # a bucket smaller than a call the caller may make would refuse that call for good
             scopes = [Scope.parse(s) for s in c.scopes]
             top = max((cost for method, cost in costs.items() if grants(scopes, required_scope(method) or "")),
@@ -100,6 +101,11 @@ class AuthConfig:
                 raise ValueError(f"caller {c.name!r}: its bucket ({bucket_size(c.rate_per_s, c.burst)} at "
                                  f"rate_per_s = {c.rate_per_s:g}, burst = {c.burst}) is smaller than the costliest "
                                  f"call in [auth.call_costs] it may make ({top:g}), which it could then never make")
+
+    @cached_property
+    def costs(self) -> dict[str, float]:
+        """``call_costs`` checked and keyed by full method name (``/package.Service/Method``)."""
+        return by_method(self.call_costs)
 
     @property
     def enabled(self) -> bool:
@@ -137,7 +143,7 @@ class Authenticator:
             entry.hashes.extend(parse_hash(h) for h in c.token_hashes)
         self._anonymous = Caller("anonymous (loopback, authentication off)", tuple(Scope(s) for s in SCOPES),
                                  "loopback")
-        self._costs = by_method(config.call_costs)
+        self._costs = config.costs
 
     def cost(self, method: str) -> float:
         """What a call of ``method`` (``/package.Service/Method``) takes from its caller's rate."""
