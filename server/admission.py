@@ -54,7 +54,8 @@ class CallerAdmission(Protocol):
 
     def hold(self, caller: str, limit: int) -> AbstractContextManager[None]: ...
 
-    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None: ...
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False
+             ) -> None: ...
 
 
 def over_in_flight(caller: str, held: int) -> ResourceExhaustedError:
@@ -67,12 +68,14 @@ def bucket_size(rate_per_s: float, burst: int) -> int:
     return burst or max(1, math.ceil(rate_per_s))
 
 
-def spend(tokens: float | None, elapsed_s: float, rate_per_s: float, size: int, cost: float) -> tuple[float, bool]:
+def spend(tokens: float | None, elapsed_s: float, rate_per_s: float, size: int, cost: float,
+          only_check: bool = False) -> tuple[float, bool]:
     """A bucket of ``size`` that held ``tokens`` ``elapsed_s`` ago (None: a fresh one, full), refilled at
     ``rate_per_s`` (never above its size; a clock read out of order by another process counts as no time), and a
-    call of ``cost`` taken from it: the tokens left, and whether the call was admitted (if not, nothing is taken)."""
+    call of ``cost`` taken from it: the tokens left, and whether the call was admitted (if not, nothing is taken;
+    with ``only_check``, nothing is taken either way)."""
     have = float(size) if tokens is None else min(float(size), tokens + max(0.0, elapsed_s) * rate_per_s)
-    return (have - cost, True) if have >= cost else (have, False)
+    return (have - (0.0 if only_check else cost), True) if have >= cost else (have, False)
 
 
 def over_rate(caller: str, rate_per_s: float, size: int, tokens: float, cost: float = 1.0) -> RateLimitedError:
@@ -124,14 +127,17 @@ class CallerRate:
         self._clock = clock
         self._buckets: dict[str, tuple[float | None, float]] = {}  # caller -> (tokens, when counted)
 
-    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None:
-        """One call of ``cost`` tokens (server.auth.costs; 1 unless set) taken, or refused."""
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False
+             ) -> None:
+        """One call of ``cost`` tokens (server.auth.costs; 1 unless set) taken, or refused. ``only_check``: refused
+        as it would be, but nothing taken (a call whose whole cost is known only from its request, checked for one
+        unit's cost before that request is received)."""
         if rate_per_s <= 0 or cost <= 0:
             return
         size = bucket_size(rate_per_s, burst)
         now = self._clock()
         tokens, then = self._buckets.get(caller, (None, now))
-        left, admitted = spend(tokens, now - then, rate_per_s, size, cost)
+        left, admitted = spend(tokens, now - then, rate_per_s, size, cost, only_check)
         self._buckets[caller] = (left, now)
         if not admitted:
             raise over_rate(caller, rate_per_s, size, left, cost)
@@ -147,8 +153,9 @@ class PerCaller:
     def hold(self, caller: str, limit: int) -> AbstractContextManager[None]:
         return self.limit.hold(caller, limit)
 
-    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None:
-        self.rate.take(caller, rate_per_s, burst, cost)
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False
+             ) -> None:
+        self.rate.take(caller, rate_per_s, burst, cost, only_check)
 
 
 # Busy time over which one completion-rate sample is taken: long enough to span several batches, short enough

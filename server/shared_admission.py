@@ -96,18 +96,20 @@ class SharedCallerState:
             log.warning("the workers' table of callers is full (%d): callers past it are limited per worker", SLOTS)
         return None
 
-    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0) -> None:
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False
+             ) -> None:
         if rate_per_s <= 0 or cost <= 0:
             return
         offset = self._offset(caller)
         if offset is None:
-            self._local.take(caller, rate_per_s, burst, cost)
+            self._local.take(caller, rate_per_s, burst, cost, only_check)
             return
         size = bucket_size(rate_per_s, burst)
         with self._locked():
             key, held, tokens, then = self._read(offset)
             now = self._clock()  # read under the lock: the workers count in the order they hold it
-            left, admitted = spend(None if math.isnan(tokens) else tokens, now - then, rate_per_s, size, cost)
+            fresh = None if math.isnan(tokens) else tokens
+            left, admitted = spend(fresh, now - then, rate_per_s, size, cost, only_check)
             SLOT.pack_into(self._map, offset, key, held, left, now)
         if not admitted:
             raise over_rate(caller, rate_per_s, size, left, cost)

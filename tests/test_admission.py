@@ -16,9 +16,11 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from engines.errors import RateLimitedError, ResourceExhaustedError
-from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+from facegate.v1 import common_pb2, identification_pb2, liveness_pb2, liveness_pb2_grpc
+from inference import grpc_service_pb2 as oip
 from server.admission import Budget, CallerRate
 from server.auth.callers import Authenticator
+from server.auth.costs import units_by_method
 from server.config import load_config
 from server.pipelines.clip_input import ClipLimits
 from server.servicers.error_interceptor import status_for
@@ -85,6 +87,34 @@ def test_a_costly_call_takes_its_cost_from_the_callers_bucket() -> None:
         rate.take("a", 1.0, 5, cost=4.0)
     now[0] += 0.1
     rate.take("a", 1.0, 5, cost=4.0)
+
+
+def test_a_check_for_one_unit_takes_nothing() -> None:
+    """``only_check`` (a request charged per unit, checked for one unit before it is received): refused exactly as
+    a take would be, and nothing is taken when it is admitted."""
+    now = [100.0]
+    rate = CallerRate(clock=lambda: now[0])
+    for _ in range(5):
+        rate.take("a", 1.0, 3, cost=2.0, only_check=True)
+    rate.take("a", 1.0, 3, cost=3.0)  # the whole bucket is still there
+    with pytest.raises(ResourceExhaustedError, match=r"this call costs 2\); retry in 2\.00 s"):
+        rate.take("a", 1.0, 3, cost=2.0, only_check=True)
+    now[0] += 2.0
+    rate.take("a", 1.0, 3, cost=2.0, only_check=True)
+    rate.take("a", 1.0, 3, cost=2.0)
+
+
+def test_enrolments_and_batches_are_charged_per_unit() -> None:
+    """The methods charged per unit of their request, and the units counted in a parsed one."""
+    units = units_by_method()
+    assert set(units) == {"/facegate.v1.IdentificationService/EnrollFromClip",
+                          "/inference.GRPCInferenceService/ModelInfer"}
+    enrol = units["/facegate.v1.IdentificationService/EnrollFromClip"]
+    assert enrol.count(identification_pb2.EnrollFromClipRequest(clips=[identification_pb2.Clip()] * 4)) == 4
+    infer = units["/inference.GRPCInferenceService/ModelInfer"]
+    tensor = oip.ModelInferRequest.InferInputTensor
+    assert infer.count(oip.ModelInferRequest(inputs=[tensor(shape=[7, 3, 80, 80]), tensor(shape=[7, 5])])) == 7
+    assert infer.count(oip.ModelInferRequest()) == 1  # (refused by the servicer: no inputs)
 
 
 @pytest.mark.parametrize(("costs", "why"), [

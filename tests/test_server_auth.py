@@ -27,7 +27,15 @@ from facegate.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
-from facegate_client.client import FacegateClient, clip_from_folder, retry_after, tls_credentials
+from facegate_client.client import (
+    FacegateClient,
+    clip_from_folder,
+    field_violations,
+    retry_after,
+    tls_credentials,
+)
+from inference import grpc_service_pb2 as inference_pb2
+from inference import grpc_service_pb2_grpc as inference_grpc
 from server.audit import AuditConfig
 from server.auth.callers import AuthConfig, Authenticator, CallerConfig
 from server.auth.tokens import hash_token, new_token
@@ -35,12 +43,13 @@ from server.config import load_config
 from tests.certs import CertAuthority
 from tests.conftest import ROOT, RunningServer, image_python, scrape, start_entrypoint, start_server, stop_server
 
-TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops", "burst", "paced", "metered")}
+TOKENS = {name: new_token() for name in ("live", "enrol", "staff", "ops", "burst", "paced", "metered", "batched")}
 SCOPES = {"live": ("liveness",), "enrol": ("enrol", "identify", "liveness"), "staff": ("enrol:staff", "identify:staff"),
-          "ops": ("operator",), "burst": ("liveness",), "paced": ("liveness",), "metered": ("operator",)}
+          "ops": ("operator",), "burst": ("liveness",), "paced": ("liveness",), "metered": ("operator",),
+          "batched": ("operator",)}
 MAX_IN_FLIGHT = {"burst": 2}
-RATE = {"paced": (1.0, 2), "metered": (1.0, 3)}  # (rate_per_s, burst)
-CALL_COSTS = {"ListModels": 3.0}  # only "metered" has a rate of its own among the callers of ListModels
+RATE = {"paced": (1.0, 2), "metered": (1.0, 3), "batched": (1.0, 3)}  # (rate_per_s, burst)
+CALL_COSTS = {"ListModels": 3.0}  # "metered" lists; "batched" only infers (ModelInfer costs 1 a batch item)
 SYNTH = Path(os.environ.get("FACEGATE_SYNTHETIC_DIR") or ROOT / ".cache" / "synthetic" / "motion") / "CASME2_RAW"
 
 
@@ -182,6 +191,36 @@ def test_a_costly_call_takes_its_cost_from_the_callers_rate(token_server: Runnin
     assert delay is not None and 0.5 < delay <= 1.0
     for _ in range(3):
         assert models.ListModels(models_pb2.ListModelsRequest(), metadata=as_caller("ops"), timeout=10).models
+
+
+def test_an_inference_request_pays_for_each_item_of_its_batch(token_server: RunningServer) -> None:
+    """ModelInfer costs 1 a batch item: svc-batched (1 a second, bursts of 3) is told that a batch of 4 can never
+    fit its bucket (INVALID_ARGUMENT on the shape, nothing taken), is served a batch of 2, is told to wait ~1 s for
+    another 2 (1 token left, where a per-call cost would have admitted it), and is served it after that wait."""
+    stub = inference_grpc.GRPCInferenceServiceStub(token_server.channel())
+
+    def infer(n: int) -> inference_pb2.ModelInferResponse:
+        x = np.zeros((n, 3, 80, 80), np.float32)
+        return stub.ModelInfer(inference_pb2.ModelInferRequest(
+            model_name="minifasnet_v2", inputs=[inference_pb2.ModelInferRequest.InferInputTensor(
+                name="input", datatype="FP32", shape=x.shape)], raw_input_contents=[x.tobytes()]),
+            metadata=as_caller("batched"), timeout=30)
+
+    with pytest.raises(grpc.RpcError) as big:
+        infer(4)
+    assert big.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(big.value) == [("inputs[0].shape", (
+        "4 batch items at a cost of 1 each cost 4, more than the rate bucket of caller 'svc-batched' ever holds "
+        "(3 at rate_per_s = 1, burst = 3); send at most 3 a request"))]
+    assert infer(2).outputs
+    with pytest.raises(grpc.RpcError) as again:
+        infer(2)
+    assert again.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "'svc-batched' is over its rate_per_s = 1 (burst 3; this call costs 2)" in again.value.details()
+    delay = retry_after(again.value)
+    assert delay is not None and 0.5 < delay <= 1.0
+    time.sleep(delay + 0.05)
+    assert infer(2).outputs
 
 
 def per_caller(metrics_port: int) -> dict[tuple[str, str], float]:

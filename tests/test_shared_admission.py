@@ -81,6 +81,19 @@ def test_a_costly_call_takes_its_cost_on_any_worker(views) -> None:  # type: ign
     b.take("desk", 1.0, 5, 4.0)
 
 
+def test_a_check_for_one_unit_takes_nothing_on_any_worker(views) -> None:  # type: ignore[no-untyped-def]
+    a, b, clock = views
+    for view in (a, b, a):
+        view.take("desk", 1.0, 3, 2.0, only_check=True)
+    b.take("desk", 1.0, 3, 3.0)  # the whole bucket is still there
+    with pytest.raises(RateLimitedError, match="this call costs 2") as err:
+        a.take("desk", 1.0, 3, 2.0, only_check=True)
+    assert err.value.retry_after_s == pytest.approx(2.0)
+    clock.now += 2.0
+    a.take("desk", 1.0, 3, 2.0, only_check=True)
+    b.take("desk", 1.0, 3, 2.0)
+
+
 def test_a_callers_calls_in_flight_count_on_every_worker(views) -> None:  # type: ignore[no-untyped-def]
     a, b, _ = views
     with a.hold("desk", 2), b.hold("desk", 2):

@@ -79,7 +79,8 @@ class AuthConfig:
     while serving; a change is reloaded (server.auth.reload). 0: only on SIGHUP."""
     call_costs: Mapping[str, float] = field(default_factory=dict)
     """What one call of a method takes from its caller's ``rate_per_s`` bucket, by method name
-    (``IdentifyFromClip = 5``); 1 unless set, 0: not counted (server.auth.costs)."""
+    (``IdentifyFromClip = 5``), or one unit of it where a request carries several (each clip of an EnrollFromClip,
+    each batch item of a ModelInfer); 1 unless set, 0: not counted (server.auth.costs)."""
 
     def __post_init__(self) -> None:
         for s in self.token_file_scopes:

@@ -27,9 +27,10 @@ from engines.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from server.admission import Budget, CallerAdmission, PerCaller, WaitGate
+from server.admission import Budget, CallerAdmission, PerCaller, WaitGate, bucket_size
 from server.audit import AuditLog
 from server.auth.callers import Authenticator, Caller, bearer_token, certificate_identities
+from server.auth.costs import Units, units_by_method
 from server.auth.scopes import COLLECTION_SCOPES, grants, required_scope
 from server.servicers.call_context import (
     CURRENT_CALLER,
@@ -109,6 +110,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 f"caller {caller.name!r} lacks the {scope!r} scope on collection {collection!r}"),
                 method, context, caller.name, collection)
 
+    def _charge(self, caller: Caller, cost: float, units: Units, request: Any) -> None:
+        """The whole cost of a parsed request of several ``units`` (its clips, its batch), taken from its caller's
+        bucket; refused, with nothing taken, when the bucket does not hold it yet (RESOURCE_EXHAUSTED, RetryInfo),
+        or never could (INVALID_ARGUMENT: a retry would be refused alike; a smaller request would not)."""
+        if caller.rate_per_s <= 0 or cost <= 0:
+            return
+        count = max(1, units.count(request))
+        size = bucket_size(caller.rate_per_s, caller.burst)
+        if count * cost > size:
+            raise InvalidArgumentError(FieldViolation(units.field, (
+                f"{count} {units.noun} at a cost of {cost:g} each cost {count * cost:g}, more than the rate bucket "
+                f"of caller {caller.name!r} ever holds ({size} at rate_per_s = {caller.rate_per_s:g}, burst = "
+                f"{caller.burst}); send at most {int(size // cost)} a request")))
+        self._per_caller.take(caller.name, caller.rate_per_s, caller.burst, count * cost)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -127,6 +143,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
         parse = handler.request_deserializer
         gate = self._gates.get(method)
+        units = units_by_method().get(method)
 
         async def guarded(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             # The call's deadline is fixed now, for the servicer too: the request itself must arrive before it.
@@ -136,8 +153,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 with self._side.hold(1):
                     return await inner(parse_request(parse, await _read_one(context, deadline)), context)
             caller = self.identify(context, method, scope)
+            cost = self._auth.cost(method)  # (read once: a reload may install other costs while the call runs)
             try:
-                self._per_caller.take(caller.name, caller.rate_per_s, caller.burst, self._auth.cost(method))
+                # A request of several units is checked for one unit's cost now and charged in full once parsed.
+                self._per_caller.take(caller.name, caller.rate_per_s, caller.burst, cost,
+                                      only_check=units is not None)
                 with self._per_caller.hold(caller.name, caller.max_in_flight):
                     if gate is not None:
                         gate.check()
@@ -146,6 +166,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                         with self._bytes.hold(len(raw)):
                             request = parse_request(parse, raw)
                             self.check_collection(caller, scope, request, method, context)
+                            if units is not None:
+                                self._charge(caller, cost, units, request)
                             return await inner(request, context)
             except ResourceExhaustedError as err:  # shed load is a refused call too: counted, summarised
                 self._audit.record_shed(rpc=method, caller=caller.name, reason=str(err))
