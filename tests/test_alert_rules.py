@@ -179,3 +179,25 @@ def test_the_dashboards_queries_are_valid_promql_on_exported_metrics(tmp_path: P
     read = {m for e in exprs for m in re.findall(r"facegate_[a-z_]+", e)}
     names = exported()
     assert read <= names, read - names
+
+
+def test_the_certificate_panel_shows_the_share_of_life_the_alert_reads(tmp_path: Path) -> None:
+    """The dashboard's share-of-life panel, evaluated by promtool on two certificates (half of 90 days left, a
+    quarter of a day left), and its threshold lines at the alert's shares (a tenth: critical; a quarter: warning)."""
+    panel = next(p for p in json.loads(DASHBOARD.read_text())["panels"]
+                 if p["title"] == "Share of each TLS certificate's life left")
+    assert [s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]] == [None, 0.1, 0.25]
+    expr = panel["targets"][0]["expr"].replace("$namespace", "ns").replace("$pod", ".*")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m",
+                                                         "tests": [{
+        "interval": "1m",
+        "input_series": [*_certificate("p-1", "server", 45 * DAY_S, 90 * DAY_S),
+                         *_certificate("p-2", "server", DAY_S // 4, DAY_S)],
+        "promql_expr_test": [{"expr": expr, "eval_time": "0m", "exp_samples": [
+            {"labels": '{certificate="server", namespace="ns", pod="p-1"}', "value": 0.5},
+            {"labels": '{certificate="server", namespace="ns", pod="p-2"}', "value": 0.25}]}],
+    }]}, sort_keys=False))
+    run = subprocess.run([promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
