@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-batching", action="store_true", help="run every request alone (baseline)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--tls-server-name", action="append",
+                   help="a DNS name or IP address clients dial, which the certificate must name (repeatable)")
     p.add_argument("--cpu-only", action="store_true", help="never use a GPU runtime")
     p.add_argument("--client-ca", type=Path, help="PEM CA: require client certificates signed by it (mutual TLS)")
     p.add_argument("--token-file", type=Path,
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config, auth, gallery_url=args.gallery_url or os.environ.get("FACEGATE_GALLERY_URL") or None,
             host=args.host, metrics_port=args.metrics_port, port=args.port, model_repository=args.model_repository,
             batching_enabled=False if args.no_batching else None, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_server_names=tuple(args.tls_server_name) if args.tls_server_name else None,
             workers=args.workers,
         )
         if args.cpu_only:

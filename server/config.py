@@ -33,6 +33,10 @@ class ServerConfig:
     tls_cert: Path | None = None
     """PEM certificate chain: with tls_key, the server listens with TLS instead of plaintext."""
     tls_key: Path | None = None
+    tls_server_names: tuple[str, ...] = ()
+    """DNS names and IP addresses clients dial: the certificate must name each in its SANs, checked at start-up and
+    at every reload (a certificate that does not is refused: every client's handshake would fail). Empty: no
+    check."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest request accepted by gRPC; larger ones get RESOURCE_EXHAUSTED from the transport."""
     max_inflight_calls: int = 256
@@ -132,6 +136,14 @@ class ServerConfig:
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(f"tls_cert ({self.tls_cert}) and tls_key ({self.tls_key}) must be given together")
+        if not isinstance(self.tls_server_names, tuple):
+            raise ValueError(f"tls_server_names must be a list of names, got {self.tls_server_names!r}")
+        if self.tls_server_names and self.tls_cert is None:
+            raise ValueError(f"tls_server_names ({list(self.tls_server_names)}) needs tls_cert and tls_key")
+        for name in self.tls_server_names:
+            if not isinstance(name, str) or not name or "*" in name or any(c.isspace() for c in name):
+                raise ValueError(f"tls_server_names: {name!r} is not a name a client dials (a DNS name or an IP "
+                                 f"address, no wildcard)")
         if self.runtime.tensorrt_precision not in ("fp16", "fp32"):
             raise ValueError(f"tensorrt_precision must be fp16 or fp32, got {self.runtime.tensorrt_precision!r}")
         if not 0 <= self.compute_nice <= 19:
@@ -233,6 +245,8 @@ def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None,
     for key in ("model_repository", "gallery_path", "tls_cert", "tls_key"):
         if key in server:
             server[key] = Path(server[key])
+    if isinstance(server.get("tls_server_names"), list):
+        server["tls_server_names"] = tuple(server["tls_server_names"])
     auth_section = dict(data.get("auth", {}))
     callers = tuple(_build(CallerConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()},
                            "[[auth.callers]]") for c in auth_section.pop("callers", []))

@@ -11,9 +11,11 @@ import logging
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from server.auth.certificates import CLOCK_SKEW_S, TlsFilesError, validity
 from server.auth.reload import read_tls
+from server.config import ServerConfig, load_config
 from tests.certs import CertAuthority, dates, not_after
 
 DAY = dt.timedelta(days=1)
@@ -77,3 +79,34 @@ def test_a_certificate_close_to_its_end_is_logged_when_read(ca: CertAuthority,
     long, short = (r.getMessage() for r in caplog.records)
     assert "server certificate expires at" in long and "in 2.0 days (3 % of its life)" in long
     assert "in 0.0 days (17 % of its life)" in short
+
+
+def test_the_served_certificate_must_be_for_a_server_and_name_what_clients_dial(ca: CertAuthority) -> None:
+    served = ca.server_cert("named", valid=(-DAY, 20 * DAY))  # localhost and 127.0.0.1
+    read_tls(served.cert, served.key, None, ("localhost", "LOCALHOST.", "127.0.0.1"))
+    with pytest.raises(TlsFilesError, match=r"named\.crt does not name \['facegate\.ns\.svc', '::1'\], which clients "
+                       r"dial \(\[server\] tls_server_names\); its SANs: \['localhost', '127\.0\.0\.1'\]"):
+        read_tls(served.cert, served.key, None, ("localhost", "facegate.ns.svc", "::1"))
+    wild = ca.issue("wild", "facegate", [x509.DNSName("*.ns.svc")], server=True)
+    read_tls(wild.cert, wild.key, None, ("facegate.ns.svc",))
+    for name in ("ns.svc", "a.facegate.ns.svc", ".ns.svc"):  # a wildcard stands for one whole label
+        with pytest.raises(TlsFilesError, match="does not name"):
+            read_tls(wild.cert, wild.key, None, (name,))
+    # A client certificate installed as the server's: refused whatever the names (clients check serverAuth).
+    client = ca.issue("client", "desk", [x509.UniformResourceIdentifier("spiffe://corp.example/desk")])
+    with pytest.raises(TlsFilesError, match=r"client\.crt is not for a server: its extended key usage \(clientAuth\) "
+                       "leaves out serverAuth"):
+        read_tls(client.cert, client.key, None)
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ('tls_server_names = ["facegate.ns.svc"]', "needs tls_cert and tls_key"),
+    ('tls_cert = "c"\ntls_key = "k"\ntls_server_names = "facegate.ns.svc"', "must be a list of names"),
+    ('tls_cert = "c"\ntls_key = "k"\ntls_server_names = ["*.ns.svc"]', "'\\*.ns.svc' is not a name a client dials"),
+    ('tls_cert = "c"\ntls_key = "k"\ntls_server_names = [""]', "'' is not a name a client dials"),
+])
+def test_tls_server_names_are_names_a_client_dials(text: str, why: str, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(f"[server]\n{text}\n")
+    with pytest.raises(ValueError, match=why):
+        load_config(tmp_path / "c.toml")
+    assert ServerConfig(tls_cert=Path("c"), tls_key=Path("k"), tls_server_names=("a.b", "10.0.0.1")).tls_server_names

@@ -85,7 +85,7 @@ class Served:
 
 
 def write_config(path: Path, *callers: str, bad: bool = False) -> None:
-    text = "[auth]\nreload_poll_s = 0.0\n"
+    text = '[server]\ntls_server_names = ["localhost"]\n\n[auth]\nreload_poll_s = 0.0\n'
     for name in callers:
         text += f'[[auth.callers]]\nname = "ops-{name}"\nscopes = ["operator"]\n'
         text += f'token_hashes = ["{"sha256$00$00" if bad else HASHES[name]}"]\n'
@@ -185,11 +185,19 @@ def test_credentials_are_replaced_whole_or_not_at_all_while_serving(
     assert served.code(two, "b") == ok
     assert served.dates()[1] > dt.datetime.now(dt.UTC).timestamp()
 
+    # A valid certificate that does not name the address clients dial ([server] tls_server_names): refused too.
+    install_pem(two.issue("elsewhere", "elsewhere", [x509.DNSName("elsewhere.example")], server=True),
+                served.folder)
+    served.reload("refused", 4)
+    assert served.code(two, "b") == ok
+
     audit = [json.loads(line) for line in (served.folder / "audit.jsonl").read_text().splitlines()]
     reloads = [(r["caller"], r["outcome"]) for r in audit if r["rpc"] == "ReloadCredentials"]
-    assert reloads == [("operator (SIGHUP)", o) for o in ("applied", "refused", "applied", "refused", "refused")]
+    assert reloads == [("operator (SIGHUP)", o)
+                       for o in ("applied", "refused", "applied", "refused", "refused", "refused")]
     reasons = [r.get("reason", "") for r in audit if r["rpc"] == "ReloadCredentials"]
-    assert "KEY_VALUES_MISMATCH" in reasons[-2] and "tls.crt expired at" in reasons[-1]
+    assert "KEY_VALUES_MISMATCH" in reasons[-3] and "tls.crt expired at" in reasons[-2]
+    assert "tls.crt does not name ['localhost'], which clients dial" in reasons[-1]
     text = served.log.read_text() + (served.folder / "audit.jsonl").read_text()
     for secret in (*TOKENS.values(), *HASHES.values(), "PRIVATE KEY"):
         assert secret not in text
@@ -203,7 +211,11 @@ def test_credential_files_that_cannot_serve_stop_the_start_with_the_reason(
     key = cas[1].issue("start-two", "localhost", sans, server=True).key
     (tmp_path / "empty").write_text("# no token yet\n\n")
     expired = cas[0].server_cert("start-expired", valid=(-2 * DAY, -DAY))
+    good = cas[0].server_cert("start-good")
     cases = {"KEY_VALUES_MISMATCH": ["--tls-cert", str(cert), "--tls-key", str(key)],
+             "does not name ['facegate.example']": ["--tls-cert", str(good.cert), "--tls-key", str(good.key),
+                                                     "--tls-server-name", "localhost",
+                                                     "--tls-server-name", "facegate.example"],
              "start-expired.crt expired at": ["--tls-cert", str(expired.cert), "--tls-key", str(expired.key)],
              "cannot read the TLS files": ["--tls-cert", str(cert), "--tls-key", str(tmp_path / "missing.key")],
              "it holds no token": ["--token-file", str(tmp_path / "empty")],

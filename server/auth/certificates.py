@@ -6,16 +6,23 @@ call then fails in the TLS handshake (the clients see UNAVAILABLE). cert-manager
 place well before it expires, so an expired one in the files means the renewal failed: at start-up the server
 refuses it with the reason, and a reload keeps the certificate in force (still valid, or it would have been
 refused in its turn) instead of swapping in one that no client can accept.
+
+The same holds for a certificate that clients refuse whatever its dates: one whose extended key usage leaves out
+serverAuth (a client certificate installed by mistake), or one that does not name the address clients dial (the
+names in ``[server] tls_server_names``; the server cannot know them otherwise). Both are refused when read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from server.auth.callers import CredentialFilesError
 
@@ -90,3 +97,53 @@ def validity(cert_pem: bytes, cert_path: Path, client_ca_pem: bytes | None, clie
                         v.certificate.replace("_", " "), _when(dt.datetime.fromtimestamp(v.not_after, dt.UTC)),
                         left / 86400, 100 * left / (v.not_after - v.not_before))
     return found
+
+
+def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _covers(pattern: str, name: str) -> bool:
+    """Whether a SAN DNS name covers ``name`` (RFC 6125: case-insensitive; a wildcard only as the whole left-most
+    label, standing for exactly one label)."""
+    pattern, name = pattern.rstrip(".").lower(), name.rstrip(".").lower()
+    if pattern.startswith("*."):
+        first, _, rest = name.partition(".")
+        return bool(first) and rest == pattern[2:]
+    return pattern == name
+
+
+_USAGES = {ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth", ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+           ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection", ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+           ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning"}
+
+
+def check_served(cert_pem: bytes, cert_path: Path, names: Sequence[str]) -> None:
+    """Raises TlsFilesError for a served certificate that clients refuse whatever its dates: its extended key usage
+    leaves out serverAuth, or its SANs (not its CN, which today's clients ignore) leave out one of ``names``, the
+    DNS names and IP addresses that clients dial."""
+    leaf = _certificates(cert_pem, cert_path)[0]
+    usage = _extension(leaf, x509.ExtendedKeyUsage)
+    if isinstance(usage, x509.ExtendedKeyUsage) and not {ExtendedKeyUsageOID.SERVER_AUTH,
+                                                         ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(usage):
+        raise TlsFilesError(f"the TLS certificate {cert_path} is not for a server: its extended key usage "
+                            f"({', '.join(_USAGES.get(u, u.dotted_string) for u in usage)}) leaves out serverAuth")
+    if not names:
+        return
+    san = _extension(leaf, x509.SubjectAlternativeName)
+    dns = san.get_values_for_type(x509.DNSName) if isinstance(san, x509.SubjectAlternativeName) else []
+    ips = san.get_values_for_type(x509.IPAddress) if isinstance(san, x509.SubjectAlternativeName) else []
+
+    def named(name: str) -> bool:
+        try:
+            return ipaddress.ip_address(name) in ips
+        except ValueError:
+            return any(_covers(pattern, name) for pattern in dns)
+
+    missing = [n for n in names if not named(n)]
+    if missing:
+        raise TlsFilesError(f"the TLS certificate {cert_path} does not name {missing}, which clients dial ([server] "
+                            f"tls_server_names); its SANs: {[*dns, *(str(ip) for ip in ips)] or 'none'}")

@@ -21,7 +21,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from server.auth.callers import AuthConfig, Authenticator
-from server.auth.certificates import TlsFilesError, Validity, validity
+from server.auth.certificates import TlsFilesError, Validity, check_served, validity
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # What a reload applies; every other setting takes effect at the next start.
 _RELOADED_AUTH = frozenset({"callers", "token_file", "token_file_caller", "token_file_scopes",
                             "token_file_max_in_flight", "client_ca", "call_costs"})
-_RELOADED_SERVER = frozenset({"auth", "tls_cert", "tls_key"})
+_RELOADED_SERVER = frozenset({"auth", "tls_cert", "tls_key", "tls_server_names"})
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,10 @@ class TlsMaterial:
         return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.client_ca)
 
 
-def read_tls(cert: Path, key: Path, client_ca: Path | None) -> TlsMaterial:
+def read_tls(cert: Path, key: Path, client_ca: Path | None, names: Sequence[str] = ()) -> TlsMaterial:
     """The TLS files, checked as OpenSSL will use them: a key that does not match its certificate, a file that is
-    not PEM, or a certificate that is not valid now, is refused here instead of failing every later handshake."""
+    not PEM, a certificate that is not valid now, not for a server, or that does not name each of ``names``
+    (server.auth.certificates), is refused here instead of failing every later handshake."""
 
     def read() -> TlsMaterial:
         return TlsMaterial(key.read_bytes(), cert.read_bytes(), client_ca.read_bytes() if client_ca else None)
@@ -77,6 +78,7 @@ def read_tls(cert: Path, key: Path, client_ca: Path | None) -> TlsMaterial:
                             ) from None
     except OSError as exc:
         raise TlsFilesError(f"cannot read the TLS files ({files}): {exc.strerror or exc}") from None
+    check_served(first.cert, cert, names)
     return replace(first, validity=validity(first.cert, cert, first.client_ca, client_ca))
 
 
@@ -144,7 +146,7 @@ class CredentialReloader:
         c = self._current
         if c.tls_cert is None or c.tls_key is None:
             return None
-        self._tls = tls = read_tls(c.tls_cert, c.tls_key, c.auth.client_ca)
+        self._tls = tls = read_tls(c.tls_cert, c.tls_key, c.auth.client_ca, c.tls_server_names)
         return grpc.dynamic_ssl_server_credentials(tls.certificate_configuration(), self._fetch_tls,
                                                    require_client_authentication=tls.client_ca is not None)
 
@@ -186,7 +188,7 @@ class CredentialReloader:
         authenticator = Authenticator(new.auth)
         tls = None
         if new.tls_cert is not None and new.tls_key is not None:
-            tls = read_tls(new.tls_cert, new.tls_key, new.auth.client_ca)
+            tls = read_tls(new.tls_cert, new.tls_key, new.auth.client_ca, new.tls_server_names)
         return Prepared(new, authenticator, tls)
 
     def apply(self, prepared: Prepared, why: str) -> None:
