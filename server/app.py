@@ -47,6 +47,7 @@ from server.servicers.liveness import LivenessServicer
 from server.servicers.models import ModelServicer, model_version
 from server.services.identification import IdentificationService
 from server.shared_admission import SharedCallerState
+from server.tracing import Tracing, TracingInterceptor, package_version
 from server.workers import caller_table
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,13 @@ class FacegateServer:
         self.metrics.gallery_templates.set_function(
             lambda: self.identification.gallery.templates() if self.identification is not None else 0)
         self._draining = False
+        self.tracing = Tracing(config.tracing, package_version()) if config.tracing.enabled else None
         self.server = grpc.aio.server(
-            # Metrics outermost (they see the final status); then errors mapped, so refusals from the auth
+            # Metrics and spans outermost (they see the final status); then errors mapped, so refusals from the auth
             # interceptor get the same status details.
-            # Without a metrics port nothing is counted: metrics off cost nothing.
+            # Without a metrics port nothing is counted, without a collector nothing traced: off costs nothing.
             interceptors=[*([MetricsInterceptor(self.metrics)] if config.metrics_port else []),
+                          *([TracingInterceptor(self.tracing.tracer)] if self.tracing is not None else []),
                           ErrorMappingInterceptor(on_unrecoverable=self._unrecoverable), self.auth],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -243,6 +246,8 @@ class FacegateServer:
         self.video_pool.shutdown(wait=True)
         self.cpu_pool.shutdown(wait=True)
         self.audit.close()
+        if self.tracing is not None:
+            self.tracing.close()
 
 
 async def serve(config: ServerConfig, bind_after_load: bool = False, load: Callable[[], ServerConfig] | None = None,

@@ -22,6 +22,7 @@ from server.auth.callers import AuthConfig, CallerConfig
 from server.pipelines.clip_input import ClipLimits
 from server.pipelines.liveness import LivenessConfig
 from server.pipelines.quality import QualityConfig
+from server.tracing import TracingConfig
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class ServerConfig:
     """Caller identity and scopes ([auth], [[auth.callers]]). Off is allowed only on a loopback address."""
     audit: AuditConfig = field(default_factory=AuditConfig)
     """Where the audit log goes ([audit])."""
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    """OpenTelemetry spans to a collector ([tracing]; off unless otlp_endpoint is set)."""
     drain_delay_s: float = 1.0
     """On SIGTERM: health turns NOT_SERVING at once but RPCs are still accepted for this long, so load balancers
     stop routing here and calls already on the wire are taken in (grpc cancels calls not yet accepted)."""
@@ -227,7 +230,7 @@ def _build(cls: type, data: Any, where: str, base: Any = None) -> Any:
     return cls(**data)
 
 
-_SECTIONS = frozenset({"server", "auth", "audit", "liveness", "identification", "runtime", "batching"})
+_SECTIONS = frozenset({"server", "auth", "audit", "tracing", "liveness", "identification", "runtime", "batching"})
 
 
 def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None, **overrides: Any) -> ServerConfig:
@@ -261,6 +264,10 @@ def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None,
     if "path" in audit_section:
         audit_section["path"] = Path(audit_section["path"]) if audit_section["path"] != "-" else None
     audit = _build(AuditConfig, audit_section, "[audit]")
+    tracing_section = dict(data.get("tracing", {}))
+    if "ca_file" in tracing_section:
+        tracing_section["ca_file"] = Path(tracing_section["ca_file"])
+    tracing = _build(TracingConfig, tracing_section, "[tracing]")
     live = dict(data.get("liveness", {}))
     image = _build(ImageLimits, live.pop("image", {}), "[liveness.image]")
     quality = _build(QualityConfig, live.pop("quality", {}), "[liveness.quality]")
@@ -281,7 +288,8 @@ def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None,
         batching[model] = _build(BatcherConfig, section, f"[batching.{model}]", _declared_batching(model))
     given = {k: v for k, v in overrides.items() if v is not None}
     return _build(ServerConfig, {**server, "batching": batching, "liveness": liveness, "runtime": runtime,
-                                 "auth": auth, "audit": audit, "clip_limits": clip_limits, **given}, "[server]")
+                                 "auth": auth, "audit": audit, "tracing": tracing, "clip_limits": clip_limits, **given},
+                  "[server]")
 
 
 def _asdict(cfg: Any) -> dict[str, Any]:

@@ -11,7 +11,6 @@ at scrape time, so serving pays nothing for them.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -24,7 +23,7 @@ from prometheus_client.registry import Collector
 from server.admission import WaitGate
 from server.gpu_metrics import GpuCollector
 from server.model_registry import ModelRegistry
-from server.servicers.call_context import caller_label
+from server.servicers.call_context import caller_label, final_code
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -168,7 +167,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return await answer
             except BaseException as err:  # aborts (the mapped status is on the context), cancellation, anything else
-                code = context.code() or _unset_code(err, context)
+                code = context.code() or final_code(err, context)
                 raise
             finally:
                 m.in_flight.dec()
@@ -196,11 +195,3 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                                                         handler.response_serializer)
         return handler
 
-
-def _unset_code(err: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status of a call that ended without one set: cancelled by gRPC when its deadline passed or its client
-    went away (the client sees DEADLINE_EXCEEDED or CANCELLED), else an error nothing mapped."""
-    if isinstance(err, asyncio.CancelledError):
-        left = context.time_remaining()
-        return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN

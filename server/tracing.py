@@ -1,0 +1,190 @@
+"""Distributed tracing: one OpenTelemetry span per call, exported over OTLP/gRPC to a collector (``[tracing]``).
+
+Off unless ``otlp_endpoint`` is set. A call that arrives with a W3C ``traceparent`` continues its caller's trace and
+follows its caller's sampling decision; any other call starts a trace, sampled at ``sample_ratio``. A span names the
+method, the status code, the caller, the request id, the models that served the call and the time of each stage.
+It never carries an image, a frame, an embedding, a score, a decision, a person or a collection, as the logs never
+do. Spans wait in a bounded queue (``max_queue``; past it they are dropped) for a background thread that exports
+them, so a slow or absent collector costs a call only the queueing, never a wait.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import socket
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from server.servicers.call_context import CURRENT_REQUEST_ID, caller_label, final_code
+
+log = logging.getLogger(__name__)
+
+# OpenTelemetry's semantic conventions for gRPC servers: these codes are the server's fault, so the span is an error;
+# the others (a bad argument, a refusal) are the caller's, and leave the span's status unset.
+_SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+                            grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
+_PROPAGATOR = TraceContextTextMapPropagator()
+_UNTRACED = ("/grpc.health.v1.Health/",)
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    otlp_endpoint: str = ""
+    """The collector's OTLP/gRPC address: ``http://host:4317`` (plaintext, e.g. a sidecar on the pod's loopback)
+    or ``https://host:4317`` (TLS). Empty: no tracing."""
+    sample_ratio: float = 0.01
+    """Share of the calls that arrive without a trace of their own that are traced. A call with a ``traceparent``
+    follows its caller's decision."""
+    ca_file: Path | None = None
+    """PEM CA that the collector's certificate is checked against (https only; default: the system's)."""
+    service_name: str = "facegate"
+    max_queue: int = 2048
+    """Spans waiting for export; past this, new ones are dropped (bounded memory when the collector is slow)."""
+    export_timeout_s: float = 5.0
+    """Longest one export may take, and what a stop waits for the last spans."""
+
+    def __post_init__(self) -> None:
+        if self.otlp_endpoint:
+            url = urlsplit(self.otlp_endpoint)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(f"[tracing] otlp_endpoint must be http://HOST:PORT or https://HOST:PORT, got "
+                                 f"{self.otlp_endpoint!r}")
+            if self.ca_file is not None and url.scheme != "https":
+                raise ValueError("[tracing] ca_file needs an https:// otlp_endpoint")
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ValueError(f"[tracing] sample_ratio must lie in [0, 1], got {self.sample_ratio}")
+        if self.max_queue < 1 or not 0 < self.export_timeout_s <= 60:
+            raise ValueError(f"[tracing] max_queue must be >= 1 and export_timeout_s in (0, 60], got "
+                             f"{self.max_queue}, {self.export_timeout_s}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.otlp_endpoint)
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("facegate")
+    except importlib.metadata.PackageNotFoundError:  # (run from a source tree that was never installed)
+        return ""
+
+
+class Tracing:
+    """The tracer of one server process and the exporter behind it (not the global provider: each server in a
+    process, as in the tests, has its own)."""
+
+    def __init__(self, config: TracingConfig, version: str = "") -> None:
+        secure = urlsplit(config.otlp_endpoint).scheme == "https"
+        credentials = None
+        if secure:
+            root = config.ca_file.read_bytes() if config.ca_file is not None else None
+            credentials = grpc.ssl_channel_credentials(root_certificates=root)
+        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=not secure, credentials=credentials,
+                                    timeout=config.export_timeout_s)
+        self._timeout_s = config.export_timeout_s
+        resource = Resource.create({"service.name": config.service_name, "service.version": version,
+                                    "service.instance.id": f"{socket.gethostname()}-{os.getpid()}"})
+        self._provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+        self._provider.add_span_processor(BatchSpanProcessor(
+            exporter, max_queue_size=config.max_queue, max_export_batch_size=min(512, config.max_queue),
+            export_timeout_millis=int(config.export_timeout_s * 1e3)))
+        self.tracer: Tracer = self._provider.get_tracer("facegate.server")
+        log.info("tracing: spans to %s, %g of the calls without a trace of their own sampled", config.otlp_endpoint,
+                 config.sample_ratio)
+
+    def close(self) -> None:
+        """The spans still queued exported, waiting at most ``export_timeout_s`` (a collector that is down must not
+        hold the server's stop)."""
+        done = threading.Thread(target=self._provider.shutdown, name="tracing-shutdown", daemon=True)
+        done.start()
+        done.join(self._timeout_s + 1.0)
+        if done.is_alive():
+            log.warning("tracing: the last spans were not exported within %.1f s; dropped", self._timeout_s)
+
+
+def _annotate(span: Any, response: Any) -> None:
+    """What a response may say in a span: the time of each stage and the models that served it."""
+    timings = getattr(response, "timings", None)
+    if timings is not None and hasattr(timings, "ListFields"):
+        for field, value in timings.ListFields():
+            span.set_attribute(f"facegate.stage.{field.name}", float(value))
+    models = getattr(response, "models", None)
+    if models:
+        span.set_attribute("facegate.models", [f"{m.name} {m.version} {m.runtime}".strip() for m in models])
+
+
+class TracingInterceptor(grpc.aio.ServerInterceptor):
+    """Outside the error mapping (the span sees the final status): one server span per call that has one
+    response (the unary methods, which the auth interceptor serves as stream-unary)."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or (handler.stream_unary is None and handler.unary_unary is None) or \
+                method.startswith(_UNTRACED):
+            return handler  # (streams: health watches and reflection; health checks: a probe every few seconds)
+        service, _, name = method.lstrip("/").partition("/")
+        carrier = {k: v for k, v in (details.invocation_metadata or ()) if k in ("traceparent", "tracestate")
+                   and isinstance(v, str)}
+
+        async def traced(answer: Awaitable[Any], context: grpc.aio.ServicerContext) -> Any:
+            span = self._tracer.start_span(method.lstrip("/"), context=_PROPAGATOR.extract(carrier),
+                                           kind=SpanKind.SERVER, attributes={
+                                               "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+            if not span.is_recording():  # not sampled: nothing more to pay
+                return await answer
+            code = grpc.StatusCode.OK
+            try:
+                response = await answer
+                _annotate(span, response)
+                return response
+            except BaseException as err:  # aborts (the mapped status is on the context), cancellation, the rest
+                code = context.code() or final_code(err, context)
+                raise
+            finally:
+                code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                span.set_attribute("facegate.caller", caller_label())
+                if (request_id := CURRENT_REQUEST_ID.get()) is not None:
+                    span.set_attribute("facegate.request_id", request_id)
+                if code in _SERVER_ERRORS:
+                    span.set_status(Status(StatusCode.ERROR, code.name))
+                span.end()
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await traced(inner_uu(request, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await traced(inner_su(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
+                                                    handler.response_serializer)

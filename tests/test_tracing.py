@@ -1,0 +1,139 @@
+"""OpenTelemetry spans (server.tracing), received by a real OTLP/gRPC endpoint in the test (the collector's own
+service, from opentelemetry-proto): a call that brings a sampled ``traceparent`` continues that trace; one that brings
+an unsampled parent, or none at a ratio of 0, and a health check, are not traced; a span carries the status, the
+stages and the models, and no score, decision or image; a collector that is down never holds the server's stop."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from benchmarks.server_process import free_port
+from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+from server.config import load_config
+from server.tracing import Tracing, TracingConfig
+from tests.conftest import start_server, stop_server, wait_until
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """What the OpenTelemetry Collector's OTLP receiver does with spans, minus the pipeline: keeps them."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self._lock = threading.Lock()
+
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,  # noqa: N802 - the proto's name
+               context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+        with self._lock:
+            self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self) -> list[tuple[dict[str, Any], Any]]:
+        """Every span received, with its resource's attributes."""
+        with self._lock:
+            return [({a.key: a.value.string_value for a in rs.resource.attributes}, span)
+                    for r in self.requests for rs in r.resource_spans for ss in rs.scope_spans for span in ss.spans]
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[tuple[Collector, int]]:
+    found = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(found, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield found, port
+    server.stop(0)
+
+
+def attributes(span: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for a in span.attributes:
+        v = a.value
+        kind = v.WhichOneof("value")
+        out[a.key] = [x.string_value for x in v.array_value.values] if kind == "array_value" else getattr(v, kind)
+    return out
+
+
+@pytest.mark.weights
+def test_calls_are_traced_as_their_callers_ask(repository_dir: Path, samples: Path,
+                                               collector: tuple[Collector, int]) -> None:
+    found, port = collector
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # (the SDK's 5 s default between exports)
+    try:
+        running, thread = start_server(repository_dir, tracing=TracingConfig(
+            otlp_endpoint=f"http://127.0.0.1:{port}", sample_ratio=0.0))
+    finally:
+        del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
+    stub = liveness_pb2_grpc.LivenessServiceStub(running.channel())
+    live = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=(samples / "image_T1.jpg").read_bytes()))
+    bad = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=b"not an image"))
+    try:
+        answer = stub.CheckLiveness(live, metadata=(("traceparent", f"00-{TRACE}-{PARENT}-01"),
+                                                    ("x-request-id", "traced-1")), timeout=30)
+        with pytest.raises(grpc.RpcError):
+            stub.CheckLiveness(bad, metadata=(("traceparent", f"00-{TRACE}-{PARENT}-01"),), timeout=30)
+        unsampled = "0af7651916cd43dd8448eb211c80319c"
+        stub.CheckLiveness(live, metadata=(("traceparent", f"00-{unsampled}-b7ad6b7169203331-00"),), timeout=30)
+        stub.CheckLiveness(live, timeout=30)  # no trace of its own, at a ratio of 0
+        health = health_pb2_grpc.HealthStub(running.channel())  # probes are not traced, even when asked
+        health.Check(health_pb2.HealthCheckRequest(), metadata=(("traceparent", f"00-{unsampled[::-1]}-{PARENT}-01"),),
+                     timeout=10)
+        assert wait_until(lambda: len(found.spans()) >= 2, 10), found.spans()
+        time.sleep(0.5)  # (anything else would have been exported by now)
+    finally:
+        stop_server(running, thread)
+
+    spans = found.spans()
+    assert [s.trace_id.hex() for _, s in spans] == [TRACE, TRACE]  # none for the unsampled, untraced, probe
+    (resource, ok), (_, refused) = sorted(spans, key=lambda rs: rs[1].start_time_unix_nano)
+    assert resource["service.name"] == "facegate" and resource["service.instance.id"]
+    assert ok.name == "facegate.v1.LivenessService/CheckLiveness" and ok.kind == ok.SPAN_KIND_SERVER
+    assert ok.parent_span_id.hex() == PARENT and ok.end_time_unix_nano > ok.start_time_unix_nano
+    seen = attributes(ok)
+    assert seen["rpc.system"] == "grpc" and seen["rpc.method"] == "CheckLiveness"
+    assert seen["rpc.grpc.status_code"] == 0 and seen["facegate.request_id"] == "traced-1"
+    assert seen["facegate.caller"] == "anonymous"
+    assert seen["facegate.stage.total_ms"] == pytest.approx(answer.timings.total_ms)
+    assert {m.split()[0] for m in seen["facegate.models"]} == {m.name for m in answer.models}
+    assert not [k for k in seen if any(w in k for w in ("score", "decision", "image", "probab"))], seen
+    assert ok.status.code == ok.status.STATUS_CODE_UNSET
+    # The caller's error: its code, and the span's status left unset (OpenTelemetry's rule for gRPC servers).
+    assert attributes(refused)["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert refused.status.code == refused.status.STATUS_CODE_UNSET
+
+
+def test_a_collector_that_is_down_does_not_hold_the_stop() -> None:
+    tracing = Tracing(TracingConfig(otlp_endpoint=f"http://127.0.0.1:{free_port()}", sample_ratio=1.0,
+                                    export_timeout_s=1.0))
+    for _ in range(10):
+        tracing.tracer.start_span("call").end()
+    t0 = time.monotonic()
+    tracing.close()
+    assert time.monotonic() - t0 < 3.0
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ('otlp_endpoint = "collector:4317"', "must be http://HOST:PORT or https://HOST:PORT"),
+    ('otlp_endpoint = "http://collector:4317"\nsample_ratio = 1.5', r"sample_ratio must lie in \[0, 1\]"),
+    ('otlp_endpoint = "http://collector:4317"\nca_file = "ca.pem"', "ca_file needs an https://"),
+    ('otlp_endpoint = "https://collector:4317"\nmax_queue = 0', "max_queue must be >= 1"),
+    ('endpoint = "http://collector:4317"', r"unknown setting\(s\) \['endpoint'\]"),
+])
+def test_bad_tracing_settings_stop_the_start(text: str, why: str, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(f"[tracing]\n{text}\n")
+    with pytest.raises(ValueError, match=why):
+        load_config(tmp_path / "c.toml")
