@@ -23,7 +23,8 @@ from prometheus_client.registry import Collector
 from server.admission import WaitGate
 from server.gpu_metrics import GpuCollector
 from server.model_registry import ModelRegistry
-from server.servicers.call_context import caller_label, final_code
+from server.servicers.answers import around_answer, final_code
+from server.servicers.call_context import caller_label
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -177,21 +178,5 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 if code in _REASONS:
                     m.refused.labels(_REASONS[code]).inc()
 
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await measured(inner_uu(request, context), context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await measured(inner_su(requests, context), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
-                                                        handler.response_serializer)
-        return handler
+        return around_answer(handler, measured)
 

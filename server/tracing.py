@@ -30,7 +30,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from server.servicers.call_context import CURRENT_REQUEST_ID, caller_label, final_code
+from server.servicers.answers import around_answer, final_code
+from server.servicers.call_context import CURRENT_REQUEST_ID, caller_label
 
 log = logging.getLogger(__name__)
 
@@ -173,18 +174,4 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                     span.set_status(Status(StatusCode.ERROR, code.name))
                 span.end()
 
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await traced(inner_uu(request, context), context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await traced(inner_su(requests, context), context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
-                                                    handler.response_serializer)
+        return around_answer(handler, traced)

@@ -75,13 +75,3 @@ def deadline_from(context: grpc.aio.ServicerContext, default_s: float = DEFAULT_
     if remaining is None or remaining > 1e9:  # grpc reports "no deadline" as None or a huge value
         remaining = default_s
     return asyncio.get_running_loop().time() + remaining
-
-
-def final_code(err: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status of a call that ended without one set (for the interceptors that count or trace it): cancelled by
-    gRPC when its deadline passed or its client went away (the client sees DEADLINE_EXCEEDED or CANCELLED), else an
-    error nothing mapped."""
-    if isinstance(err, asyncio.CancelledError):
-        left = context.time_remaining()
-        return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
