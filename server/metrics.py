@@ -168,7 +168,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return await answer
             except BaseException as err:  # aborts (the mapped status is on the context), cancellation, anything else
-                code = context.code() or final_code(err, context)
+                code = final_code(err, context)
                 raise
             finally:
                 m.in_flight.dec()

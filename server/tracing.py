@@ -101,9 +101,9 @@ class Tracing:
         resource = Resource.create({"service.name": config.service_name, "service.version": version,
                                     "service.instance.id": f"{socket.gethostname()}-{os.getpid()}"})
         self._provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+        # (The exporter's timeout bounds an export: the processor's own export_timeout_millis is not used by the SDK.)
         self._provider.add_span_processor(BatchSpanProcessor(
-            exporter, max_queue_size=config.max_queue, max_export_batch_size=min(512, config.max_queue),
-            export_timeout_millis=int(config.export_timeout_s * 1e3)))
+            exporter, max_queue_size=config.max_queue, max_export_batch_size=min(512, config.max_queue)))
         self.tracer: Tracer = self._provider.get_tracer("facegate.server")
         log.info("tracing: spans to %s, %g of the calls without a trace of their own sampled", config.otlp_endpoint,
                  config.sample_ratio)
@@ -143,9 +143,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method = details.method
-        if handler is None or (handler.stream_unary is None and handler.unary_unary is None) or \
-                method.startswith(_UNTRACED):
-            return handler  # (streams: health watches and reflection; health checks: a probe every few seconds)
+        if handler is None or method.startswith(_UNTRACED):
+            return handler  # (health checks: a probe every few seconds; streams pass through around_answer)
         service, _, name = method.lstrip("/").partition("/")
         carrier = {k: v for k, v in (details.invocation_metadata or ()) if k in ("traceparent", "tracestate")
                    and isinstance(v, str)}
@@ -162,7 +161,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                 _annotate(span, response)
                 return response
             except BaseException as err:  # aborts (the mapped status is on the context), cancellation, the rest
-                code = context.code() or final_code(err, context)
+                code = final_code(err, context)
                 raise
             finally:
                 code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN

@@ -69,13 +69,15 @@ def _valid(cert: x509.Certificate, now: dt.datetime) -> bool:
 
 
 def validity(cert_pem: bytes, cert_path: Path, client_ca_pem: bytes | None, client_ca_path: Path | None,
-             now: dt.datetime | None = None) -> tuple[Validity, ...]:
+             now: dt.datetime | None = None, names: Sequence[str] = ()) -> tuple[Validity, ...]:
     """When each certificate in force is valid from and to: ``server`` (the served certificate, the first in its
     file) and ``client_ca`` (the first to expire of the CAs that client certificates are checked against).
-    Raises TlsFilesError for a served certificate that has expired or is not valid yet, or a CA file
-    none of whose certificates is valid now."""
+    Raises TlsFilesError for a served certificate that has expired or is not valid yet, that clients refuse
+    whatever its dates (``_check_served``, with the ``names`` they dial), or a CA file none of whose certificates
+    is valid now."""
     now = now or dt.datetime.now(dt.UTC)
     leaf = _certificates(cert_pem, cert_path)[0]
+    _check_served(leaf, cert_path, names)
     if leaf.not_valid_after_utc <= now:
         raise TlsFilesError(f"the TLS certificate {cert_path} expired at {_when(leaf.not_valid_after_utc)}")
     if not _valid(leaf, now):
@@ -121,11 +123,10 @@ _USAGES = {ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth", ExtendedKeyUsageOID.CO
            ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning"}
 
 
-def check_served(cert_pem: bytes, cert_path: Path, names: Sequence[str]) -> None:
+def _check_served(leaf: x509.Certificate, cert_path: Path, names: Sequence[str]) -> None:
     """Raises TlsFilesError for a served certificate that clients refuse whatever its dates: its extended key usage
     leaves out serverAuth, or its SANs (not its CN, which today's clients ignore) leave out one of ``names``, the
     DNS names and IP addresses that clients dial."""
-    leaf = _certificates(cert_pem, cert_path)[0]
     usage = _extension(leaf, x509.ExtendedKeyUsage)
     if isinstance(usage, x509.ExtendedKeyUsage) and not {ExtendedKeyUsageOID.SERVER_AUTH,
                                                          ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(usage):

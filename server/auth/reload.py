@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from server.auth.callers import AuthConfig, Authenticator
-from server.auth.certificates import TlsFilesError, Validity, check_served, validity
+from server.auth.certificates import TlsFilesError, Validity, validity
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
@@ -78,8 +78,7 @@ def read_tls(cert: Path, key: Path, client_ca: Path | None, names: Sequence[str]
                             ) from None
     except OSError as exc:
         raise TlsFilesError(f"cannot read the TLS files ({files}): {exc.strerror or exc}") from None
-    check_served(first.cert, cert, names)
-    return replace(first, validity=validity(first.cert, cert, first.client_ca, client_ca))
+    return replace(first, validity=validity(first.cert, cert, first.client_ca, client_ca, names=names))
 
 
 def watched_files(config: ServerConfig, config_path: Path | None) -> tuple[Path, ...]:

@@ -35,8 +35,12 @@ def around_answer(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMet
 
 
 def final_code(err: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status of a call that ended without one set: cancelled by gRPC when its deadline passed or its client went
-    away (the client sees DEADLINE_EXCEEDED or CANCELLED), else an error nothing mapped."""
+    """The status of a call that ended with ``err``: the one set on its context (an abort carries the mapped status),
+    else, with none set, cancelled by gRPC when its deadline passed or its client went away (the client sees
+    DEADLINE_EXCEEDED or CANCELLED), else an error nothing mapped."""
+    code = context.code()
+    if code:
+        return code  # type: ignore[no-any-return]
     if isinstance(err, asyncio.CancelledError):
         left = context.time_remaining()
         return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
