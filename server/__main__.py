@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--tls-server-name", action="append",
                    help="a DNS name or IP address clients dial, which the certificate must name (repeatable)")
+    p.add_argument("--tls-trust-roots", type=Path,
+                   help="PEM roots clients trust: the served chain must verify up to one of them")
     p.add_argument("--cpu-only", action="store_true", help="never use a GPU runtime")
     p.add_argument("--client-ca", type=Path, help="PEM CA: require client certificates signed by it (mutual TLS)")
     p.add_argument("--token-file", type=Path,
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host, metrics_port=args.metrics_port, port=args.port, model_repository=args.model_repository,
             batching_enabled=False if args.no_batching else None, tls_cert=args.tls_cert, tls_key=args.tls_key,
             tls_server_names=tuple(args.tls_server_name) if args.tls_server_name else None,
+            tls_trust_roots=args.tls_trust_roots,
             workers=args.workers,
         )
         if args.cpu_only:

@@ -38,6 +38,11 @@ class ServerConfig:
     """DNS names and IP addresses clients dial: the certificate must name each in its SANs, checked at start-up and
     at every reload (a certificate that does not is refused: every client's handshake would fail). Empty: no
     check."""
+    tls_trust_roots: Path | None = None
+    """PEM certificates that clients trust as roots (a cert-manager Secret's ``ca.crt``, or the bundle the clients
+    use): the served chain must verify up to one of them for each of tls_server_names, every certificate in it
+    valid now, checked by a TLS handshake in memory at start-up and at every reload (a chain that fails is
+    refused: every client's handshake would fail). Unset: the chain is not checked."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest request accepted by gRPC; larger ones get RESOURCE_EXHAUSTED from the transport."""
     max_inflight_calls: int = 256
@@ -143,6 +148,8 @@ class ServerConfig:
             raise ValueError(f"tls_server_names must be a list of names, got {self.tls_server_names!r}")
         if self.tls_server_names and self.tls_cert is None:
             raise ValueError(f"tls_server_names ({list(self.tls_server_names)}) needs tls_cert and tls_key")
+        if self.tls_trust_roots is not None and self.tls_cert is None:
+            raise ValueError(f"tls_trust_roots ({self.tls_trust_roots}) needs tls_cert and tls_key")
         for name in self.tls_server_names:
             if not isinstance(name, str) or not name or "*" in name or any(c.isspace() for c in name):
                 raise ValueError(f"tls_server_names: {name!r} is not a name a client dials (a DNS name or an IP "
@@ -245,7 +252,7 @@ def load_config(path: Path | None, auth_overrides: dict[str, Any] | None = None,
         raise ValueError(f"{path}: {stray} outside the known sections {sorted(_SECTIONS)}; every setting belongs to "
                          f"one (e.g. [server] max_queue_wait_s = 0.5)")
     server = dict(data.get("server", {}))
-    for key in ("model_repository", "gallery_path", "tls_cert", "tls_key"):
+    for key in ("model_repository", "gallery_path", "tls_cert", "tls_key", "tls_trust_roots"):
         if key in server:
             server[key] = Path(server[key])
     if isinstance(server.get("tls_server_names"), list):

@@ -48,17 +48,32 @@ def not_after(cert: Path) -> float:
 
 
 class CertAuthority:
+    """A root CA, or with ``parent`` an intermediate CA that the parent signs (a leaf it issues is written with the
+    intermediate after it, as a served chain is)."""
+
     def __init__(self, folder: Path, name: str = "facegate test CA",
-                 valid: tuple[dt.timedelta, dt.timedelta] = VALID) -> None:
+                 valid: tuple[dt.timedelta, dt.timedelta] = VALID, parent: CertAuthority | None = None) -> None:
         self.folder = folder
-        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.parent = parent
+        self.key: ec.EllipticCurvePrivateKey = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
-        self.cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(now + valid[0]).not_valid_after(now + valid[1])
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
+        builder = (x509.CertificateBuilder().subject_name(_name(name))
+                   .issuer_name(parent.cert.subject if parent else _name(name))
+                   .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now + valid[0]).not_valid_after(now + valid[1])
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                                key_cert_sign=True, crl_sign=True, encipher_only=False,
+                                                decipher_only=False), critical=True))
+        self.cert: x509.Certificate = builder.sign(parent.key if parent else self.key, hashes.SHA256())
         self.pem = _write(folder, name.replace(" ", "_"), self.cert, self.key)
+
+    def chain_pem(self) -> bytes:
+        """This CA's certificate and those above it, root excluded: what follows a leaf in a served file."""
+        if self.parent is None:
+            return b""
+        return self.cert.public_bytes(serialization.Encoding.PEM) + self.parent.chain_pem()
 
     def issue(self, stem: str, cn: str, sans: list[x509.GeneralName], server: bool = False,
               valid: tuple[dt.timedelta, dt.timedelta] = VALID) -> Pem:
@@ -71,7 +86,10 @@ class CertAuthority:
                 .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                 .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
                 .sign(self.key, hashes.SHA256()))
-        return _write(self.folder, stem, cert, key)
+        pem = _write(self.folder, stem, cert, key)
+        if self.parent is not None:
+            pem.cert.write_bytes(pem.cert.read_bytes() + self.chain_pem())
+        return pem
 
     def server_cert(self, stem: str = "server", valid: tuple[dt.timedelta, dt.timedelta] = VALID) -> Pem:
         return self.issue(stem, "localhost", [x509.DNSName("localhost"),

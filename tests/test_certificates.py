@@ -110,3 +110,51 @@ def test_tls_server_names_are_names_a_client_dials(text: str, why: str, tmp_path
     with pytest.raises(ValueError, match=why):
         load_config(tmp_path / "c.toml")
     assert ServerConfig(tls_cert=Path("c"), tls_key=Path("k"), tls_server_names=("a.b", "10.0.0.1")).tls_server_names
+
+
+def test_the_served_chain_must_verify_up_to_the_roots_clients_trust(ca: CertAuthority, tmp_path: Path) -> None:
+    """With ``tls_trust_roots``, a TLS handshake in memory checks the whole chain as a client would: through the
+    intermediate the file must carry, every certificate valid now, to a root the clients trust."""
+    issuing = CertAuthority(tmp_path, "issuing CA", valid=(-DAY, 30 * DAY), parent=ca)
+    served = issuing.server_cert("chained")
+    assert len(x509.load_pem_x509_certificates(served.cert.read_bytes())) == 2
+    for names in ((), ("localhost", "127.0.0.1")):
+        read_tls(served.cert, served.key, None, names, trust_roots=ca.pem.cert)
+    read_tls(served.cert, served.key, None, trust_roots=ca.pem.cert)
+
+    # The renewal wrote the leaf alone: OpenSSL loads it, the server would serve it, and clients cannot link it to
+    # their root. Without the roots nothing here can tell.
+    leaf_only = tmp_path / "leaf_only.crt"
+    leaf_only.write_bytes(served.cert.read_bytes().split(b"-----END CERTIFICATE-----")[0]
+                          + b"-----END CERTIFICATE-----\n")
+    read_tls(leaf_only, served.key, None, ("localhost",))
+    with pytest.raises(TlsFilesError, match=r"a client that trusts .*validity_CA\.crt would refuse the TLS certificate "
+                       r"chain in .*leaf_only\.crt dialled as 'localhost': unable to get local issuer certificate\. "
+                       r"The file holds: CN=localhost issued by CN=issuing CA, until "):
+        read_tls(leaf_only, served.key, None, ("localhost",), trust_roots=ca.pem.cert)
+
+    # An intermediate that expired while the leaf it signed is still valid.
+    lapsed = CertAuthority(tmp_path, "lapsed CA", valid=(-10 * DAY, -DAY), parent=ca).server_cert("lapsed")
+    with pytest.raises(TlsFilesError, match=r"would refuse the TLS certificate chain in .*lapsed\.crt: certificate has "
+                       "expired"):
+        read_tls(lapsed.cert, lapsed.key, None, trust_roots=ca.pem.cert)
+
+    # A certificate from an issuer the clients do not trust.
+    other = CertAuthority(tmp_path, "other CA")
+    with pytest.raises(TlsFilesError, match="unable to get local issuer certificate"):
+        read_tls(served.cert, served.key, None, trust_roots=other.pem.cert)
+
+    not_pem = tmp_path / "roots.txt"
+    not_pem.write_text("not a certificate\n")
+    with pytest.raises(TlsFilesError, match=r"the trusted roots \(.*roots\.txt\) hold no certificate OpenSSL reads"):
+        read_tls(served.cert, served.key, None, trust_roots=not_pem)
+    with pytest.raises(TlsFilesError, match="cannot read the trusted roots"):
+        read_tls(served.cert, served.key, None, trust_roots=tmp_path / "absent.crt")
+
+
+def test_tls_trust_roots_need_tls(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('[server]\ntls_trust_roots = "ca.crt"\n')
+    with pytest.raises(ValueError, match=r"tls_trust_roots \(ca\.crt\) needs tls_cert and tls_key"):
+        load_config(tmp_path / "c.toml")
+    config = ServerConfig(tls_cert=Path("c"), tls_key=Path("k"), tls_trust_roots=Path("ca.crt"))
+    assert config.tls_trust_roots == Path("ca.crt")

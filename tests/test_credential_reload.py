@@ -85,7 +85,10 @@ class Served:
 
 
 def write_config(path: Path, *callers: str, bad: bool = False) -> None:
-    text = '[server]\ntls_server_names = ["localhost"]\n\n[auth]\nreload_poll_s = 0.0\n'
+    """The settings with these callers; the served chain checked for ``localhost`` up to the roots in ``ca.crt``
+    beside them (a cert-manager Secret's ``ca.crt``)."""
+    text = (f'[server]\ntls_server_names = ["localhost"]\ntls_trust_roots = "{path.parent / "ca.crt"}"\n\n'
+            '[auth]\nreload_poll_s = 0.0\n')
     for name in callers:
         text += f'[[auth.callers]]\nname = "ops-{name}"\nscopes = ["operator"]\n'
         text += f'token_hashes = ["{"sha256$00$00" if bad else HASHES[name]}"]\n'
@@ -112,6 +115,7 @@ def served(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory,
            cas: tuple[CertAuthority, CertAuthority]) -> Iterator[Served]:
     folder = tmp_path_factory.mktemp("reload")
     install_pem(cas[0].server_cert(), folder)
+    shutil.copyfile(cas[0].pem.cert, folder / "ca.crt")
     write_config(folder / "facegate.toml", "a")
     port, metrics_port = free_port(), free_port()
     log = folder / "server.log"
@@ -164,6 +168,8 @@ def test_credentials_are_replaced_whole_or_not_at_all_while_serving(
     kept = served.channel(one)
     assert served.code(one, "b", kept) == ok
     install_pem(two.server_cert(), served.folder)
+    # (the roots clients trust during the move: both CAs)
+    (served.folder / "ca.crt").write_bytes(one.pem.cert.read_bytes() + two.pem.cert.read_bytes())
     served.reload("applied", 2)
     assert served.code(two, "b") == ok  # new connections get the new certificate
     assert served.code(one, "b") == grpc.StatusCode.UNAVAILABLE  # (the old CA no longer verifies it)
@@ -191,13 +197,29 @@ def test_credentials_are_replaced_whole_or_not_at_all_while_serving(
     served.reload("refused", 4)
     assert served.code(two, "b") == ok
 
+    # A certificate from an intermediate CA, renewed into a file without that intermediate: valid, for a server,
+    # naming localhost, loaded by OpenSSL, and no client can link it to the root it trusts ([server]
+    # tls_trust_roots). Refused; the same certificate with its intermediate is applied and verifies for clients.
+    chained = CertAuthority(served.folder, "reload issuing CA", parent=two).server_cert("chained")
+    leaf = chained.cert.read_bytes().split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n"
+    install_pem(chained, served.folder)
+    (served.folder / "tls.crt").write_bytes(leaf)
+    served.reload("refused", 5)
+    assert served.code(two, "b") == ok
+    install_pem(chained, served.folder)
+    served.reload("applied", 3)
+    assert served.code(two, "b") == ok
+    assert served.dates() == dates(served.folder / "tls.crt")
+
     audit = [json.loads(line) for line in (served.folder / "audit.jsonl").read_text().splitlines()]
     reloads = [(r["caller"], r["outcome"]) for r in audit if r["rpc"] == "ReloadCredentials"]
-    assert reloads == [("operator (SIGHUP)", o)
-                       for o in ("applied", "refused", "applied", "refused", "refused", "refused")]
+    assert reloads == [("operator (SIGHUP)", o) for o in ("applied", "refused", "applied", "refused", "refused",
+                                                          "refused", "refused", "applied")]
     reasons = [r.get("reason", "") for r in audit if r["rpc"] == "ReloadCredentials"]
-    assert "KEY_VALUES_MISMATCH" in reasons[-3] and "tls.crt expired at" in reasons[-2]
-    assert "tls.crt does not name ['localhost'], which clients dial" in reasons[-1]
+    assert "KEY_VALUES_MISMATCH" in reasons[-5] and "tls.crt expired at" in reasons[-4]
+    assert "tls.crt does not name ['localhost'], which clients dial" in reasons[-3]
+    assert "would refuse the TLS certificate chain in" in reasons[-2]
+    assert "dialled as 'localhost': unable to get local issuer certificate" in reasons[-2]
     text = served.log.read_text() + (served.folder / "audit.jsonl").read_text()
     for secret in (*TOKENS.values(), *HASHES.values(), "PRIVATE KEY"):
         assert secret not in text
@@ -217,6 +239,9 @@ def test_credential_files_that_cannot_serve_stop_the_start_with_the_reason(
                                                      "--tls-server-name", "localhost",
                                                      "--tls-server-name", "facegate.example"],
              "start-expired.crt expired at": ["--tls-cert", str(expired.cert), "--tls-key", str(expired.key)],
+             # (start-good is from CA one, whose root is not CA two)
+             "would refuse the TLS certificate chain": ["--tls-cert", str(good.cert), "--tls-key", str(good.key),
+                                                        "--tls-trust-roots", str(cas[1].pem.cert)],
              "cannot read the TLS files": ["--tls-cert", str(cert), "--tls-key", str(tmp_path / "missing.key")],
              "it holds no token": ["--token-file", str(tmp_path / "empty")],
              "No such file or directory": ["--token-file", str(tmp_path / "missing.token")]}

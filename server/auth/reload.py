@@ -30,6 +30,7 @@ import grpc
 
 from server.auth.callers import AuthConfig, Authenticator
 from server.auth.certificates import TlsFilesError, Validity, validity
+from server.auth.chain import check_chain
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 # What a reload applies; every other setting takes effect at the next start.
 _RELOADED_AUTH = frozenset({"callers", "token_file", "token_file_caller", "token_file_scopes",
                             "token_file_max_in_flight", "client_ca", "call_costs"})
-_RELOADED_SERVER = frozenset({"auth", "tls_cert", "tls_key", "tls_server_names"})
+_RELOADED_SERVER = frozenset({"auth", "tls_cert", "tls_key", "tls_server_names", "tls_trust_roots"})
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,12 @@ class TlsMaterial:
         return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.client_ca)
 
 
-def read_tls(cert: Path, key: Path, client_ca: Path | None, names: Sequence[str] = ()) -> TlsMaterial:
+def read_tls(cert: Path, key: Path, client_ca: Path | None, names: Sequence[str] = (),
+             trust_roots: Path | None = None) -> TlsMaterial:
     """The TLS files, checked as OpenSSL will use them: a key that does not match its certificate, a file that is
     not PEM, a certificate that is not valid now, not for a server, or that does not name each of ``names``
-    (server.auth.certificates), is refused here instead of failing every later handshake."""
+    (server.auth.certificates), and with ``trust_roots`` a chain that clients trusting them would refuse
+    (server.auth.chain), is refused here instead of failing every later handshake."""
 
     def read() -> TlsMaterial:
         return TlsMaterial(key.read_bytes(), cert.read_bytes(), client_ca.read_bytes() if client_ca else None)
@@ -78,11 +81,15 @@ def read_tls(cert: Path, key: Path, client_ca: Path | None, names: Sequence[str]
                             ) from None
     except OSError as exc:
         raise TlsFilesError(f"cannot read the TLS files ({files}): {exc.strerror or exc}") from None
-    return replace(first, validity=validity(first.cert, cert, first.client_ca, client_ca, names=names))
+    dates = validity(first.cert, cert, first.client_ca, client_ca, names=names)
+    if trust_roots is not None:  # (after the checks above, whose reasons are more precise)
+        check_chain(cert, key, first.cert, trust_roots, names)
+    return replace(first, validity=dates)
 
 
 def watched_files(config: ServerConfig, config_path: Path | None) -> tuple[Path, ...]:
-    paths = (config_path, config.auth.token_file, config.tls_cert, config.tls_key, config.auth.client_ca)
+    paths = (config_path, config.auth.token_file, config.tls_cert, config.tls_key, config.auth.client_ca,
+             config.tls_trust_roots)
     return tuple(p for p in paths if p is not None)
 
 
@@ -145,7 +152,7 @@ class CredentialReloader:
         c = self._current
         if c.tls_cert is None or c.tls_key is None:
             return None
-        self._tls = tls = read_tls(c.tls_cert, c.tls_key, c.auth.client_ca, c.tls_server_names)
+        self._tls = tls = read_tls(c.tls_cert, c.tls_key, c.auth.client_ca, c.tls_server_names, c.tls_trust_roots)
         return grpc.dynamic_ssl_server_credentials(tls.certificate_configuration(), self._fetch_tls,
                                                    require_client_authentication=tls.client_ca is not None)
 
@@ -187,7 +194,8 @@ class CredentialReloader:
         authenticator = Authenticator(new.auth)
         tls = None
         if new.tls_cert is not None and new.tls_key is not None:
-            tls = read_tls(new.tls_cert, new.tls_key, new.auth.client_ca, new.tls_server_names)
+            tls = read_tls(new.tls_cert, new.tls_key, new.auth.client_ca, new.tls_server_names,
+                           new.tls_trust_roots)
         return Prepared(new, authenticator, tls)
 
     def apply(self, prepared: Prepared, why: str) -> None:
