@@ -112,6 +112,8 @@ class FacegateServer:
             lambda: self.identification.gallery.templates() if self.identification is not None else 0)
         self._draining = False
         self.tracing = Tracing(config.tracing, package_version()) if config.tracing.enabled else None
+        if self.tracing is not None:
+            self.metrics.watch_tracing(self.tracing.counts)
         self.server = grpc.aio.server(
             # Metrics and spans outermost (they see the final status); then errors mapped, so refusals from the auth
             # interceptor get the same status details.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -25,6 +25,9 @@ from server.gpu_metrics import GpuCollector
 from server.model_registry import ModelRegistry
 from server.servicers.answers import around_answer, final_code
 from server.servicers.call_context import caller_label
+
+if TYPE_CHECKING:
+    from server.tracing import SpanCounts
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -89,6 +92,27 @@ class GateCollector(Collector):
         yield from (wait, shed)
 
 
+class SpanCollector(Collector):
+    """What became of the sampled spans ([tracing]): a collector that is down or slow shows as failed or dropped
+    spans here, not only in the SDK's log."""
+
+    def __init__(self, counts: SpanCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Any]:
+        c = self._counts
+        spans = CounterMetricFamily("facegate_trace_spans", "Sampled spans by outcome: exported (the collector took "
+                                    "them), failed (refused, or not delivered after the exporter's retries), dropped "
+                                    "(the export queue was full)", labels=["outcome"])
+        for outcome, n in (("exported", c.exported), ("failed", c.failed), ("dropped", c.dropped)):
+            spans.add_metric([outcome], n)
+        waiting = GaugeMetricFamily("facegate_trace_spans_queued", "Sampled spans waiting for export",
+                                    value=c.waiting)
+        capacity = GaugeMetricFamily("facegate_trace_spans_queue_capacity", "Spans the export queue holds before "
+                                     "new ones are dropped ([tracing] max_queue)", value=c.max_queue)
+        yield from (spans, waiting, capacity)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -135,6 +159,9 @@ class Metrics:
 
     def watch_gates(self, gates: Mapping[str, WaitGate]) -> None:
         self.registry.register(GateCollector(gates))
+
+    def watch_tracing(self, counts: SpanCounts) -> None:
+        self.registry.register(SpanCollector(counts))
 
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)

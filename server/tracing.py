@@ -5,7 +5,8 @@ follows its caller's sampling decision; any other call starts a trace, sampled a
 method, the status code, the caller, the request id, the models that served the call and the time of each stage.
 It never carries an image, a frame, an embedding, a score, a decision, a person or a collection, as the logs never
 do. Spans wait in a bounded queue (``max_queue``; past it they are dropped) for a background thread that exports
-them, so a slow or absent collector costs a call only the queueing, never a wait.
+them, so a slow or absent collector costs a call only the queueing, never a wait. What becomes of each span
+(exported, failed, dropped) is counted for the metrics (``SpanCounts``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -78,6 +80,86 @@ class TracingConfig:
         return bool(self.otlp_endpoint)
 
 
+class SpanCounts:
+    """What became of the sampled spans: handed to the collector (``exported``), refused by it or not delivered
+    after the exporter's retries (``failed``), or ``dropped`` because the queue was full, and how many wait now.
+
+    The SDK's batch processor drops silently past its queue (one log line in 20 s; its own counters need
+    OpenTelemetry metrics, which facegate does not export). So the count of spans waiting is kept here, from the
+    spans handed in and the spans the exporter took, and a span that would overflow the queue is dropped here,
+    counted, before the SDK's queue sees it: its queue never fills, and no drop goes uncounted. (Between the
+    exporter thread taking a batch and the count of it, the count runs high: a span can be dropped a moment before
+    the queue was really full, never after.)"""
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self._lock = threading.Lock()
+        self.queued_in = self.taken = self.exported = self.failed = self.dropped = 0
+
+    @property
+    def waiting(self) -> int:
+        return self.queued_in - self.taken
+
+    def admit(self) -> bool:
+        with self._lock:
+            if self.queued_in - self.taken >= self.max_queue:
+                self.dropped += 1
+                return False
+            self.queued_in += 1
+            return True
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            self.taken += n
+
+    def done(self, n: int, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self.exported += n
+            else:
+                self.failed += n
+
+
+class _CountingExporter(SpanExporter):
+    def __init__(self, inner: SpanExporter, counts: SpanCounts) -> None:
+        self._inner, self._counts = inner, counts
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self._counts.take(len(spans))
+        result = SpanExportResult.FAILURE
+        try:
+            result = self._inner.export(spans)
+            return result
+        finally:
+            self._counts.done(len(spans), result is SpanExportResult.SUCCESS)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class _BoundedProcessor(SpanProcessor):
+    """The batch processor behind a queue bound that counts what it drops (SpanCounts)."""
+
+    def __init__(self, inner: SpanProcessor, counts: SpanCounts) -> None:
+        self._inner, self._counts = inner, counts
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._counts.admit():
+            self._inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
 def package_version() -> str:
     try:
         return importlib.metadata.version("facegate")
@@ -95,15 +177,17 @@ class Tracing:
         if secure:
             root = config.ca_file.read_bytes() if config.ca_file is not None else None
             credentials = grpc.ssl_channel_credentials(root_certificates=root)
-        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=not secure, credentials=credentials,
-                                    timeout=config.export_timeout_s)
+        self.counts = SpanCounts(config.max_queue)
+        exporter = _CountingExporter(OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=not secure,
+                                                      credentials=credentials, timeout=config.export_timeout_s),
+                                     self.counts)
         self._timeout_s = config.export_timeout_s
         resource = Resource.create({"service.name": config.service_name, "service.version": version,
                                     "service.instance.id": f"{socket.gethostname()}-{os.getpid()}"})
         self._provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
         # (The exporter's timeout bounds an export: the processor's own export_timeout_millis is not used by the SDK.)
-        self._provider.add_span_processor(BatchSpanProcessor(
-            exporter, max_queue_size=config.max_queue, max_export_batch_size=min(512, config.max_queue)))
+        self._provider.add_span_processor(_BoundedProcessor(BatchSpanProcessor(
+            exporter, max_queue_size=config.max_queue, max_export_batch_size=min(512, config.max_queue)), self.counts))
         self.tracer: Tracer = self._provider.get_tracer("facegate.server")
         log.info("tracing: spans to %s, %g of the calls without a trace of their own sampled", config.otlp_endpoint,
                  config.sample_ratio)

@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 
 from server.admission import WaitGate
 from server.metrics import Metrics
+from server.tracing import SpanCounts
 from tests.conftest import ROOT, promtool
 
 COMPONENT = ROOT / "deploy" / "kubernetes" / "components" / "prometheus-operator"
@@ -44,6 +45,7 @@ def alert(name: str, at: str, *fired: tuple[dict[str, str], dict[str, str]]) -> 
 EXPIRY = "facegate_tls_certificate_expiration_timestamp_seconds"
 START = "facegate_tls_certificate_not_before_timestamp_seconds"
 REQUESTS = "facegate_requests_total"
+SPANS = "facegate_trace_spans_total"
 
 
 def _expiring(pod: str, certificate: str, left: str, severity: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -124,6 +126,22 @@ CASES: list[dict[str, Any]] = [
                                 "last 5 minutes; its log has the traceback."})),
         ],
     },
+    {   # p-1 fails to export 30 spans a minute (its collector is down); p-2 exports all of its own
+        "interval": "1m",
+        "input_series": [series(SPANS, "0+30x40", pod="p-1", outcome="failed"),
+                         series(SPANS, "0+0x40", pod="p-1", outcome="dropped"),
+                         series(SPANS, "0+600x40", pod="p-2", outcome="exported"),
+                         series(SPANS, "0+0x40", pod="p-2", outcome="dropped")],
+        "alert_rule_test": [
+            alert("FacegateTraceSpansLost", "15m"),  # (pending: 15 minutes from its first firing evaluation)
+            alert("FacegateTraceSpansLost", "25m", (
+                {"pod": "p-1", "severity": "warning"},
+                {"summary": "facegate loses trace spans on the way to its OpenTelemetry collector",
+                 "description": "ns/p-1 lost 0.50 spans a second over the last 5 minutes (facegate_trace_spans_total: "
+                                "failed when the collector is down or refuses them, dropped when the export queue "
+                                "is full)."})),
+        ],
+    },
 ]
 
 
@@ -131,7 +149,7 @@ def test_the_rules_are_valid_promql_and_fire_as_meant(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
     check = subprocess.run([promtool(), "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=60)
-    assert check.returncode == 0 and "SUCCESS: 5 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 6 rules found" in check.stdout, check.stdout + check.stderr
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(
         {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": CASES}, sort_keys=False))
     run = subprocess.run([promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True,
@@ -147,6 +165,7 @@ def exported() -> set[str]:
     metrics = Metrics()
     metrics.watch_gates({"liveness": WaitGate("liveness", 1.0, 1)})
     metrics.watch_models(SimpleNamespace(models={}))  # type: ignore[arg-type]
+    metrics.watch_tracing(SpanCounts(1))
     names: set[str] = set()
     for line in generate_latest(metrics.registry).decode().splitlines():
         if line.startswith("# TYPE "):

@@ -1,7 +1,8 @@
 """OpenTelemetry spans (server.tracing), received by a real OTLP/gRPC endpoint in the test (the collector's own
 service, from opentelemetry-proto): a call that brings a sampled ``traceparent`` continues that trace; one that brings
 an unsampled parent, or none at a ratio of 0, and a health check, are not traced; a span carries the status, the
-stages and the models, and no score, decision or image; a collector that is down never holds the server's stop."""
+stages and the models, and no score, decision or image; a collector that is down never holds the server's stop; the
+metrics count the spans exported, failed and dropped from a full queue."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from benchmarks.server_process import free_port
 from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
 from server.config import load_config
+from server.metrics import SpanCollector
 from server.tracing import Tracing, TracingConfig
 from tests.conftest import start_server, stop_server, wait_until
 
@@ -94,8 +97,12 @@ def test_calls_are_traced_as_their_callers_ask(repository_dir: Path, samples: Pa
                      timeout=10)
         assert wait_until(lambda: len(found.spans()) >= 2, 10), found.spans()
         time.sleep(0.5)  # (anything else would have been exported by now)
+        registry = running.server.metrics.registry  # type: ignore[attr-defined]
+        counted = {o: registry.get_sample_value("facegate_trace_spans_total", {"outcome": o})
+                   for o in ("exported", "failed", "dropped")}
     finally:
         stop_server(running, thread)
+    assert counted == {"exported": 2.0, "failed": 0.0, "dropped": 0.0}
 
     spans = found.spans()
     assert [s.trace_id.hex() for _, s in spans] == [TRACE, TRACE]  # none for the unsampled, untraced, probe
@@ -116,6 +123,50 @@ def test_calls_are_traced_as_their_callers_ask(repository_dir: Path, samples: Pa
     assert refused.status.code == refused.status.STATUS_CODE_UNSET
 
 
+class SlowCollector(Collector):
+    """A collector whose first export waits until it is let go, as one under load or across a slow link."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,  # noqa: N802 - the proto's name
+               context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.release.wait(10)
+        return super().Export(request, context)
+
+
+def test_spans_that_a_full_queue_drops_are_counted() -> None:
+    """The SDK drops past its queue with a log line at most once in 20 s: the metrics count every drop."""
+    slow = SlowCollector()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(slow, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    tracing = Tracing(TracingConfig(otlp_endpoint=f"http://127.0.0.1:{port}", sample_ratio=1.0, max_queue=4,
+                                    export_timeout_s=10.0))
+    registry = CollectorRegistry()
+    registry.register(SpanCollector(tracing.counts))
+    try:
+        for _ in range(4):  # a full batch: the exporter takes it and waits on the collector
+            tracing.tracer.start_span("call").end()
+        assert wait_until(lambda: tracing.counts.taken == 4, 5)
+        for _ in range(10):  # 4 fill the queue again, 6 find it full
+            tracing.tracer.start_span("call").end()
+        assert registry.get_sample_value("facegate_trace_spans_queued") == 4
+        assert registry.get_sample_value("facegate_trace_spans_queue_capacity") == 4
+        assert registry.get_sample_value("facegate_trace_spans_total", {"outcome": "dropped"}) == 6
+        slow.release.set()
+        tracing.close()
+    finally:
+        slow.release.set()
+        server.stop(0)
+    assert len(slow.spans()) == 8
+    assert {o: registry.get_sample_value("facegate_trace_spans_total", {"outcome": o})
+            for o in ("exported", "failed", "dropped")} == {"exported": 8, "failed": 0, "dropped": 6}
+    assert registry.get_sample_value("facegate_trace_spans_queued") == 0
+
+
 def test_a_collector_that_is_down_does_not_hold_the_stop() -> None:
     tracing = Tracing(TracingConfig(otlp_endpoint=f"http://127.0.0.1:{free_port()}", sample_ratio=1.0,
                                     export_timeout_s=1.0))
@@ -124,6 +175,8 @@ def test_a_collector_that_is_down_does_not_hold_the_stop() -> None:
     t0 = time.monotonic()
     tracing.close()
     assert time.monotonic() - t0 < 3.0
+    counts = tracing.counts  # (what the exporter had given up on by the stop is counted as failed)
+    assert counts.exported == counts.dropped == 0 and counts.failed + counts.waiting == 10
 
 
 @pytest.mark.parametrize(("text", "why"), [
