@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="allow a non-loopback address without authentication (never do this on a shared network)")
     p.add_argument("--audit-log", help="audit log file (JSON lines, rotated); '-' for stderr")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 8002; 0: off)")
+    p.add_argument("--health-port", type=int,
+                   help="a plaintext port serving grpc.health.v1 alone, for probes that cannot speak TLS (0: none)")
     p.add_argument("--gallery-url", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: "
                    "$FACEGATE_GALLERY_URL, else the configured SQLite file)")
     p.add_argument("--workers", type=int, help="serving processes sharing the port (default 1; see README)")
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                 "insecure_public": True if args.insecure_public else None}
         config = load_config(
             args.config, auth, gallery_url=args.gallery_url or os.environ.get("FACEGATE_GALLERY_URL") or None,
-            host=args.host, metrics_port=args.metrics_port, port=args.port, model_repository=args.model_repository,
+            host=args.host, metrics_port=args.metrics_port, health_port=args.health_port, port=args.port,
+            model_repository=args.model_repository,
             batching_enabled=False if args.no_batching else None, tls_cert=args.tls_cert, tls_key=args.tls_key,
             tls_server_names=tuple(args.tls_server_name) if args.tls_server_name else None,
             tls_trust_roots=args.tls_trust_roots,

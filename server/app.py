@@ -35,6 +35,7 @@ from server.auth.interceptor import AuthInterceptor
 from server.auth.reload import CredentialReloader
 from server.config import ServerConfig
 from server.gallery.store import GalleryStore
+from server.health_port import HealthPort
 from server.metrics import Metrics, MetricsInterceptor
 from server.model_registry import ModelRegistry
 from server.pipelines.identification import ClipPipeline
@@ -142,6 +143,8 @@ class FacegateServer:
         reflection.enable_server_reflection(
             (*SERVICES[1:], health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
+        self.health_port = (HealthPort(self.health, config.host, config.health_port, config.max_health_and_stream_calls,
+                                       reuse_port=config.workers > 1) if config.health_port else None)
 
     async def start(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
@@ -157,6 +160,8 @@ class FacegateServer:
             for service in SERVICES:
                 await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.health_port is not None:
+            await self.health_port.start()
         if self.config.metrics_port:
             try:
                 self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
@@ -241,6 +246,8 @@ class FacegateServer:
         await self.reloader.close()
         self.auth.close_streams()  # watchers were told NOT_SERVING; the grace period is for calls in flight
         await self.server.stop(self.config.drain_grace_s if grace_s is None else grace_s)
+        if self.health_port is not None:  # (it answered NOT_SERVING through the drain)
+            await self.health_port.stop()
         await self.registry.stop()
         if self.identification is not None:
             await self.identification.close()

@@ -83,6 +83,10 @@ class ServerConfig:
     """Prometheus metrics over HTTP (GET /metrics) on this port; 0 turns them off."""
     metrics_host: str = "127.0.0.1"
     """Where the metrics endpoint listens (loopback by default; 0.0.0.0 for a scraper in the cluster)."""
+    health_port: int = 0
+    """A second port on ``host``, always plaintext, that serves grpc.health.v1 alone: for probes that cannot
+    present TLS or a client certificate (Kubernetes' gRPC probes; server.health_port). 0: none (health is served
+    on the main port in any case)."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """Caller identity and scopes ([auth], [[auth.callers]]). Off is allowed only on a loopback address."""
     audit: AuditConfig = field(default_factory=AuditConfig)
@@ -137,6 +141,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must lie in [0, 65535], got {self.port}")
+        if not 0 <= self.health_port <= 65535 or (self.health_port and self.health_port in (
+                self.port, self.metrics_port)):
+            raise ValueError(f"health_port must lie in [1, 65535] and differ from port and metrics_port (0: none), "
+                             f"got {self.health_port}")
         if self.max_message_bytes < self.liveness.image.max_bytes:
             raise ValueError(
                 f"max_message_bytes ({self.max_message_bytes}) must be at least liveness.image.max_bytes "

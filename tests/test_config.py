@@ -114,3 +114,12 @@ def test_a_bad_clip_limit_is_refused_at_start_up(tmp_path: Path, text: str, mess
     cfg.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_config(cfg)
+
+
+@pytest.mark.parametrize("text", ["health_port = 50051\nport = 50051", "health_port = 8002", "health_port = -1",
+                                  "health_port = 70000"])
+def test_the_health_port_is_a_port_of_its_own(text: str, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(f"[server]\n{text}\n")
+    with pytest.raises(ValueError, match="health_port must lie in"):
+        load_config(tmp_path / "c.toml")
+    assert ServerConfig(health_port=8081).health_port == 8081

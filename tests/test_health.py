@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.server_process import free_port
 from facegate.v1 import identification_pb2, identification_pb2_grpc
 from facegate_client.client import clip_from_folder
 from inference import grpc_service_pb2 as pb
@@ -59,14 +60,22 @@ def test_a_broken_slowfast_member_takes_down_identification_only(repository_dir:
 def test_readiness_is_false_while_draining(repository_dir: Path, tmp_path: Path) -> None:
     import asyncio
 
-    running, thread = start_server(repository_dir, gallery_path=tmp_path / "g.sqlite", drain_delay_s=2.0)
+    probe_port = free_port()
+    running, thread = start_server(repository_dir, gallery_path=tmp_path / "g.sqlite", drain_delay_s=2.0,
+                                   health_port=probe_port)
     oip = pb_grpc.GRPCInferenceServiceStub(running.channel())
+    probe = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{probe_port}"))
     assert oip.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+    assert status(probe, LIVENESS) == health_pb2.HealthCheckResponse.SERVING
     future = asyncio.run_coroutine_threadsafe(running.server.stop(1.0, 2.0), running.loop)  # type: ignore[attr-defined]
     time.sleep(0.5)  # within the drain delay: still accepting calls, but no longer ready
     assert not oip.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
     assert not oip.ModelReady(pb.ModelReadyRequest(name="retinaface"), timeout=10).ready
+    # The probes' own port says so too (server.health_port): the pod leaves the Service's endpoints.
+    assert status(probe, LIVENESS) == health_pb2.HealthCheckResponse.NOT_SERVING
     future.result(30)
+    with pytest.raises(grpc.RpcError):  # and it closes with the server
+        status(probe, "")
     running.loop.call_soon_threadsafe(running.loop.stop)
     thread.join(30)
 
