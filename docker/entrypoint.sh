@@ -6,7 +6,11 @@
 #   FACEGATE_TOKEN_FILE   a mounted secret of bearer tokens, one a line (default /run/secrets/facegate_token);
 #                         its caller gets FACEGATE_TOKEN_SCOPES (default: all scopes)
 #   FACEGATE_CONFIG       a TOML file with [[auth.callers]] (token hashes, scopes), e.g. from a mounted Secret
-#   FACEGATE_TLS_CERT / FACEGATE_TLS_KEY, and FACEGATE_CLIENT_CA for mutual TLS
+#   FACEGATE_TLS_CERT / FACEGATE_TLS_KEY, and FACEGATE_CLIENT_CA for mutual TLS; with TLS, FACEGATE_TLS_SERVER_NAMES
+#                         (the names clients dial, comma-separated: the certificate must name each) and
+#                         FACEGATE_TLS_TRUST_ROOTS (the roots clients trust: the served chain must verify up to them)
+#   FACEGATE_HEALTH_PORT  a plaintext port serving grpc.health.v1 alone, for Kubernetes' gRPC probes, which cannot
+#                         speak TLS
 # Weights: FACEGATE_WEIGHTS_DIR names a mounted folder laid out like shared/models; without it they are downloaded
 # from their pinned upstream, or from a mirror laid out the same way (FACEGATE_WEIGHTS_URL), sha256-checked, into
 # the model volume once per volume (the only place the image's user can write: Kubernetes runs it as an unnamed
@@ -52,4 +56,10 @@ fi
 [ -n "${FACEGATE_CONFIG:-}" ] && args+=(--config "$FACEGATE_CONFIG")
 [ -n "${FACEGATE_TLS_CERT:-}" ] && args+=(--tls-cert "$FACEGATE_TLS_CERT" --tls-key "${FACEGATE_TLS_KEY:?FACEGATE_TLS_KEY}")
 [ -n "${FACEGATE_CLIENT_CA:-}" ] && args+=(--client-ca "$FACEGATE_CLIENT_CA")
+[ -n "${FACEGATE_TLS_TRUST_ROOTS:-}" ] && args+=(--tls-trust-roots "$FACEGATE_TLS_TRUST_ROOTS")
+if [ -n "${FACEGATE_TLS_SERVER_NAMES:-}" ]; then
+  IFS=, read -ra names <<< "$FACEGATE_TLS_SERVER_NAMES"
+  for name in "${names[@]}"; do args+=(--tls-server-name "$name"); done
+fi
+[ -n "${FACEGATE_HEALTH_PORT:-}" ] && args+=(--health-port "$FACEGATE_HEALTH_PORT")
 exec python3 -m server "${args[@]}" "$@"

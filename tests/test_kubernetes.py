@@ -99,6 +99,44 @@ def test_the_identification_component_names_the_ensemble_bundle_for_the_entrypoi
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_tls_component_serves_its_certificate_and_probes_the_health_port(overlay: str, tmp_path: Path) -> None:
+    """The opt-in component: a cert-manager Certificate whose Secret is mounted as a folder and named to the
+    entrypoint (certificate, key, the roots clients trust), whose DNS names are the names the server checks and
+    those of the Services, and the three probes moved to the plaintext health port (kubelet's gRPC probes cannot
+    speak TLS). Every built-in resource still validates; the Certificate, a custom resource, is checked here."""
+    docs = with_component(overlay, "tls", tmp_path)
+    assert len(docs) == len(render(overlay)) + 1
+    for doc in docs:
+        if doc["kind"] != "Certificate":
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    (cert,) = [d for d in docs if d["kind"] == "Certificate"]
+    assert cert["apiVersion"] == "cert-manager.io/v1" and "server auth" in cert["spec"]["usages"]
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == cert["spec"]["secretName"]]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert "subPath" not in mount and mount["readOnly"]
+    for variable, key in (("FACEGATE_TLS_CERT", "tls.crt"), ("FACEGATE_TLS_KEY", "tls.key"),
+                          ("FACEGATE_TLS_TRUST_ROOTS", "ca.crt")):
+        assert env[variable] == f"{mount['mountPath']}/{key}"
+    names = env["FACEGATE_TLS_SERVER_NAMES"].split(",")
+    assert names == cert["spec"]["dnsNames"]
+    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    assert services <= {n.split(".")[0] for n in names}
+    config = tomllib.loads(by_kind(docs, "ConfigMap")["data"]["facegate.toml"])["server"]
+    health = int(env["FACEGATE_HEALTH_PORT"])
+    assert health not in (config["port"], config["metrics_port"])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["health"] == health
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["grpc"]["port"] == health
+    assert container["readinessProbe"]["grpc"]["service"] == "facegate.v1.LivenessService"
+    entrypoint = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert all(f'"${{{name}:' in entrypoint for name in env if name.startswith("FACEGATE_TLS_") or
+               name == "FACEGATE_HEALTH_PORT")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_autoscaler_owns_the_replica_count(overlay: str) -> None:
     """A Deployment that an HPA scales has no spec.replicas (Kubernetes' advice): with one, every kubectl apply
     would scale a scaled-out Deployment back to it. The HPA's floor keeps more than the one pod the PDB lets go."""

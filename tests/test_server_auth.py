@@ -354,6 +354,44 @@ def test_the_docker_entrypoint_starts_with_authentication(tmp_path: Path, reposi
     assert "authentication on" in lines.splitlines()[-1], lines
 
 
+def test_the_docker_entrypoint_serves_tls_as_the_tls_component_sets_it(tmp_path: Path, repository_dir: Path) -> None:
+    """deploy/kubernetes/components/tls's variables, with the Secret's three files made here: TLS on the main port
+    with the names and roots checked, and the probes' plaintext health port answering while the models load."""
+    ca = CertAuthority(tmp_path)
+    issuing = CertAuthority(tmp_path, "issuing CA", parent=ca)
+    served = issuing.server_cert()
+    work = tmp_path / "app"
+    work.mkdir()
+    (work / "model_repository").symlink_to(repository_dir)
+    token = tmp_path / "token"
+    token.write_text(new_token())
+    port, probe_port = free_port(), free_port()
+    env = {**os.environ, "PATH": image_python(tmp_path / "bin"), "FACEGATE_PREPARE": "0", "PORT": str(port),
+           "PYTHONPATH": str(ROOT), "FACEGATE_TOKEN_FILE": str(token), "FACEGATE_TLS_CERT": str(served.cert),
+           "FACEGATE_TLS_KEY": str(served.key), "FACEGATE_TLS_TRUST_ROOTS": str(ca.pem.cert),
+           "FACEGATE_TLS_SERVER_NAMES": "localhost,127.0.0.1", "FACEGATE_HEALTH_PORT": str(probe_port)}
+    proc, lines = start_entrypoint(work, env, until="listening on")
+    try:
+        assert proc.poll() is None and "(TLS; authentication on" in lines.splitlines()[-1], lines
+        assert f"health checks (grpc.health.v1 alone, plaintext) on 0.0.0.0:{probe_port}" in lines
+        loading = health_pb2.HealthCheckResponse.NOT_SERVING  # (the models are still loading)
+        with grpc.insecure_channel(f"127.0.0.1:{probe_port}") as plain:
+            assert health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                loading
+        creds = grpc.ssl_channel_credentials(ca.pem.cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{port}", creds) as secure:
+            assert health_pb2_grpc.HealthStub(secure).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                loading
+    finally:
+        proc.kill()
+        proc.wait(30)
+    # A name the certificate lacks stops the start.
+    env["FACEGATE_TLS_SERVER_NAMES"] = "localhost,facegate.facegate.svc"
+    refused = subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh")], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "does not name ['facegate.facegate.svc']" in refused.stderr
+
+
 # --- mutual TLS ---------------------------------------------------------------------------------------------
 
 
@@ -369,7 +407,7 @@ def mtls(repository_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     callers = (CallerConfig("spiffe://facegate.test/svc-a", ("liveness",)),
                CallerConfig("spiffe://facegate.test/svc-b", ("identify",)))
     running, thread = start_server(repository_dir, tls_cert=server_pem.cert, tls_key=server_pem.key,
-                                   auth=AuthConfig(client_ca=ca.pem.cert, callers=callers))
+                                   auth=AuthConfig(client_ca=ca.pem.cert, callers=callers), health_port=free_port())
     yield running, folder
     stop_server(running, thread)
 
@@ -398,6 +436,34 @@ def test_mutual_tls_identifies_callers_by_certificate(mtls: tuple[RunningServer,
     assert code_of(lambda: mtls_check(server, folder, "rogue", image)) == grpc.StatusCode.UNAVAILABLE
     # The server still serves after the refusals.
     assert mtls_check(server, folder, "svc-a", image).decision == liveness_pb2.DECISION_SPOOF
+
+
+def test_probes_that_cannot_speak_tls_use_the_health_port_which_serves_nothing_else(
+        mtls: tuple[RunningServer, Path], samples: Path) -> None:
+    """A Kubernetes gRPC probe dials without TLS or a certificate: on the mutual-TLS port it fails; on the health
+    port ([server] health_port) it gets the same statuses, and nothing but health is served there."""
+    server, _ = mtls
+    main = server.address.rsplit(":", 1)[1]
+    probe_port = server.server.config.health_port  # type: ignore[attr-defined]
+    with grpc.insecure_channel(f"127.0.0.1:{main}") as plain:
+        assert code_of(lambda: health_pb2_grpc.HealthStub(plain).Check(
+            health_pb2.HealthCheckRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(f"127.0.0.1:{probe_port}") as plain:
+        probe = health_pb2_grpc.HealthStub(plain)
+        for service in ("", "facegate.v1.LivenessService", "facegate.v1.IdentificationService"):
+            assert probe.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        assert code_of(lambda: probe.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+                       ) == grpc.StatusCode.NOT_FOUND
+        assert code_of(lambda: probe.Check(health_pb2.HealthCheckRequest(service="x" * 10_000), timeout=5)
+                       ) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        image = common_pb2.Image(data=(samples / "image_F1.jpg").read_bytes())
+        assert code_of(lambda: liveness_pb2_grpc.LivenessServiceStub(plain).CheckLiveness(
+            liveness_pb2.CheckLivenessRequest(image=image), timeout=10)) == grpc.StatusCode.UNIMPLEMENTED
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+        assert code_of(lambda: list(reflection_pb2_grpc.ServerReflectionStub(plain).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+                       ) == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_reflection_is_an_operator_rpc(token_server: RunningServer) -> None:
