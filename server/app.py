@@ -170,10 +170,12 @@ class FacegateServer:
                 log.error("metrics endpoint %s:%d not started: %s", self.config.metrics_host,
                           self.config.metrics_port, exc)
         auth = self.config.auth
-        log.info("listening on %s:%d (%s; authentication %s; NOT_SERVING until models are warm)", self.config.host,
+        log.info("listening on %s:%d (%s; authentication %s; %s)", self.config.host,
                  self.port, "mutual TLS" if auth.client_ca else "TLS" if self.config.tls_cert else "plaintext",
                  "on" if auth.enabled else "OFF (loopback only)" if not auth.insecure_public else
-                 "OFF on a public address (--insecure-public)")
+                 "OFF on a public address (--insecure-public)",
+                 # (a worker joining others binds once warm: it is SERVING already)
+                 "NOT_SERVING until models are warm" if self._loading else "SERVING")
         return self.port
 
     async def load(self) -> None:
