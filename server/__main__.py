@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audit-log", help="audit log file (JSON lines, rotated); '-' for stderr")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 8002; 0: off)")
     p.add_argument("--health-port", type=int,
-                   help="a plaintext port serving grpc.health.v1 alone, for probes that cannot speak TLS (0: none)")
+                   help="a plaintext port serving health checks alone, for probes that cannot speak TLS (0: none)")
     p.add_argument("--gallery-url", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: "
                    "$FACEGATE_GALLERY_URL, else the configured SQLite file)")
     p.add_argument("--workers", type=int, help="serving processes sharing the port (default 1; see README)")

@@ -97,10 +97,11 @@ class FacegateServer:
                  f"/{IDENTIFICATION_SERVICE}/IdentifyFromClip": self.gates["identification"],
                  f"/{IDENTIFICATION_SERVICE}/EnrollFromClip": self.gates["identification"]}
         side = Budget("health checks and streams", config.max_health_and_stream_calls, "calls")
+        streams = Budget("streams", config.stream_calls(), "calls")
         table = caller_table()  # with --workers, each caller's own limits hold for the set of workers
         self.per_caller = SharedCallerState(table) if table is not None else PerCaller()
         self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls, gated,
-                                    side, config.default_deadline_s, self.per_caller)
+                                    side, config.default_deadline_s, self.per_caller, streams)
         self.metrics = Metrics()
         self.metrics.watch_models(self.registry)
         self.metrics.watch_gates(self.gates)

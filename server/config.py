@@ -53,7 +53,8 @@ class ServerConfig:
     stream stays open as long as its client likes, each holding one of gRPC's max_concurrent_rpcs slots; so they
     are bounded apart from the calls, and the two bounds together fit in gRPC's: no number of health checks,
     watches or slow uploads to them can lock the biometric calls out. More are refused at once with
-    RESOURCE_EXHAUSTED."""
+    RESOURCE_EXHAUSTED. Streams may hold only ``stream_calls`` of them: the rest stay free for health checks, so
+    that no number of open watches can make the probes fail."""
     max_concurrent_rpcs: int = 512
     """gRPC's own limit (a backstop above max_inflight_calls + max_health_and_stream_calls): beyond it
     RESOURCE_EXHAUSTED before any work."""
@@ -84,9 +85,9 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     """Where the metrics endpoint listens (loopback by default; 0.0.0.0 for a scraper in the cluster)."""
     health_port: int = 0
-    """A second port on ``host``, always plaintext, that serves grpc.health.v1 alone: for probes that cannot
-    present TLS or a client certificate (Kubernetes' gRPC probes; server.health_port). 0: none (health is served
-    on the main port in any case)."""
+    """A second port on ``host``, always plaintext, that serves health checks (grpc.health.v1 Check) alone: for
+    probes that cannot present TLS or a client certificate (Kubernetes' gRPC probes; server.health_port). 0: none
+    (health is served on the main port in any case)."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """Caller identity and scopes ([auth], [[auth.callers]]). Off is allowed only on a loopback address."""
     audit: AuditConfig = field(default_factory=AuditConfig)
@@ -194,6 +195,12 @@ class ServerConfig:
         if self.max_inflight_pixels < self.clip_limits.max_request_pixels:
             raise ValueError(f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least "
                              f"identification.max_request_pixels ({self.clip_limits.max_request_pixels})")
+
+    def stream_calls(self) -> int:
+        """Of max_health_and_stream_calls, what streams may hold: a quarter (at least one) is kept for health
+        checks. A kubelet's probe is a check, and 64 watches held open had taken every slot: the probes failed."""
+        side = self.max_health_and_stream_calls
+        return side - max(1, side // 4) if side > 1 else side
 
     def gallery_target(self) -> Path | str:
         """The gallery's database: a SQLite path, or a URL."""

@@ -5,7 +5,9 @@ Kubernetes' native gRPC probes, like most load balancers' health checks, dial wi
 certificate: against a TLS port every probe fails, so a deployment that turns TLS on would otherwise lose its
 readiness, liveness and startup probes. This port answers from the same health servicer as the main port (the same
 statuses, the drain's NOT_SERVING included) and serves no other service, not even reflection: no token, image or
-template ever crosses it. Its calls are bounded apart from the main port's, by ``max_health_and_stream_calls``.
+template ever crosses it. Of the health service it serves Check alone, which is what probes call: a Watch stays
+open as long as its client likes, and enough of them would hold every slot and fail the probes (64 did, before).
+Its calls are bounded apart from the main port's, by ``max_health_and_stream_calls``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +31,17 @@ class HealthPort:
             options=[("grpc.max_receive_message_length", _MAX_REQUEST_BYTES),
                      ("grpc.so_reuseport", 1 if reuse_port else 0)],  # (--workers: every worker binds it)
             maximum_concurrent_rpcs=max_calls)
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, self.server)
+        check = grpc.unary_unary_rpc_method_handler(
+            servicer.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(health.SERVICE_NAME,
+                                                                                   {"Check": check}),))
 
     async def start(self) -> None:
         if self.server.add_insecure_port(self._address) == 0:
             raise OSError(f"could not bind the health port {self._address}")
         await self.server.start()
-        log.info("health checks (grpc.health.v1 alone, plaintext) on %s", self._address)
+        log.info("health checks (grpc.health.v1 Check alone, plaintext) on %s", self._address)
 
     async def stop(self) -> None:
         await self.server.stop(0)

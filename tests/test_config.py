@@ -123,3 +123,9 @@ def test_the_health_port_is_a_port_of_its_own(text: str, tmp_path: Path) -> None
     with pytest.raises(ValueError, match="health_port must lie in"):
         load_config(tmp_path / "c.toml")
     assert ServerConfig(health_port=8081).health_port == 8081
+
+
+def test_streams_leave_room_for_health_checks() -> None:
+    """Health watches and reflection streams may hold three quarters of the health-and-stream bound (at least one
+    slot is kept for checks, which probes make)."""
+    assert [ServerConfig(max_health_and_stream_calls=n).stream_calls() for n in (1, 2, 3, 4, 64)] == [1, 1, 2, 3, 48]

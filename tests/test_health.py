@@ -80,10 +80,11 @@ def test_readiness_is_false_while_draining(repository_dir: Path, tmp_path: Path)
     thread.join(30)
 
 
-def test_open_health_watches_are_bounded_and_cannot_lock_calls_out(repository_dir: Path, tmp_path: Path,
-                                                                    samples: Path) -> None:
+def test_open_health_watches_are_bounded_and_cannot_lock_calls_or_probes_out(repository_dir: Path, tmp_path: Path,
+                                                                              samples: Path) -> None:
     """A health watch needs no credential and stays open as long as its client likes, holding one of gRPC's
-    concurrent-RPC slots: without a bound of their own, enough watches would refuse every biometric call."""
+    concurrent-RPC slots: without a bound of their own, enough watches would refuse every biometric call. Nor may
+    they take the whole bound: a probe's health check must still be answered."""
     import asyncio
 
     from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
@@ -101,7 +102,9 @@ def test_open_health_watches_are_bounded_and_cannot_lock_calls_out(repository_di
                 opened.append(w)
             except grpc.RpcError as err:
                 refused.append(err.code())  # type: ignore[attr-defined]
-        assert len(opened) == 3 and refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 7
+        # Of the 3 side slots, streams may hold 2: the third is kept for health checks.
+        assert len(opened) == 2 and refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 8
+        assert status(health, LIVENESS) == health_pb2.HealthCheckResponse.SERVING
         image = common_pb2.Image(data=(samples / "image_T1.jpg").read_bytes())
         live = liveness_pb2_grpc.LivenessServiceStub(channel)
         assert live.CheckLiveness(liveness_pb2.CheckLivenessRequest(image=image), timeout=30).decision == \

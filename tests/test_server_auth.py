@@ -373,7 +373,7 @@ def test_the_docker_entrypoint_serves_tls_as_the_tls_component_sets_it(tmp_path:
     proc, lines = start_entrypoint(work, env, until="listening on")
     try:
         assert proc.poll() is None and "(TLS; authentication on" in lines.splitlines()[-1], lines
-        assert f"health checks (grpc.health.v1 alone, plaintext) on 0.0.0.0:{probe_port}" in lines
+        assert f"health checks (grpc.health.v1 Check alone, plaintext) on 0.0.0.0:{probe_port}" in lines
         loading = health_pb2.HealthCheckResponse.NOT_SERVING  # (the models are still loading)
         with grpc.insecure_channel(f"127.0.0.1:{probe_port}") as plain:
             assert health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
@@ -457,6 +457,9 @@ def test_probes_that_cannot_speak_tls_use_the_health_port_which_serves_nothing_e
                        ) == grpc.StatusCode.NOT_FOUND
         assert code_of(lambda: probe.Check(health_pb2.HealthCheckRequest(service="x" * 10_000), timeout=5)
                        ) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Check alone: a Watch would hold a slot as long as its client liked, and enough of them fail the probes.
+        assert code_of(lambda: next(probe.Watch(health_pb2.HealthCheckRequest(), timeout=5))
+                       ) == grpc.StatusCode.UNIMPLEMENTED
         image = common_pb2.Image(data=(samples / "image_F1.jpg").read_bytes())
         assert code_of(lambda: liveness_pb2_grpc.LivenessServiceStub(plain).CheckLiveness(
             liveness_pb2.CheckLivenessRequest(image=image), timeout=10)) == grpc.StatusCode.UNIMPLEMENTED

@@ -47,7 +47,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, audit: AuditLog, request_bytes: Budget,
                  calls: Budget | None = None, gates: Mapping[str, WaitGate] | None = None,
                  side: Budget | None = None, default_deadline_s: float = DEFAULT_DEADLINE_S,
-                 per_caller: CallerAdmission | None = None) -> None:
+                 per_caller: CallerAdmission | None = None, streams: Budget | None = None) -> None:
         self._auth = authenticator
         self._audit = audit
         self._bytes = request_bytes
@@ -55,6 +55,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # Health checks (no credential) and streams (each open as long as its client likes): bounded apart from the
         # calls, so that they can never take the gRPC slots the calls need.
         self._side = side or Budget("health checks and streams", 1 << 30, "calls")
+        # Streams hold part of that budget only: the rest is kept for health checks (the probes).
+        self._stream_slots = streams or Budget("streams", 1 << 30, "calls")
         # Full method name -> the wait gate of the pipeline it enters: while that pipeline sheds, its calls are
         # refused here, before their request is received or any servicer code runs (the pipeline itself checks
         # again, with the deadline).
@@ -187,7 +189,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise UnavailableError("the server is shutting down; reconnect")
         task = asyncio.current_task()
         assert task is not None  # (gRPC runs each call's handler in a task of its own)
-        with self._side.hold(1):
+        with self._stream_slots.hold(1), self._side.hold(1):
             self._streams.add(task)
             try:
                 await work()
