@@ -57,7 +57,7 @@ def _when(ts: dt.datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _certificates(pem: bytes, path: Path) -> list[x509.Certificate]:
+def load_certificates(pem: bytes, path: Path) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(pem)
     except ValueError as exc:  # (OpenSSL read the file; this is a bundle cryptography cannot parse)
@@ -76,7 +76,7 @@ def validity(cert_pem: bytes, cert_path: Path, client_ca_pem: bytes | None, clie
     whatever its dates (``_check_served``, with the ``names`` they dial), or a CA file none of whose certificates
     is valid now."""
     now = now or dt.datetime.now(dt.UTC)
-    leaf = _certificates(cert_pem, cert_path)[0]
+    leaf = load_certificates(cert_pem, cert_path)[0]
     _check_served(leaf, cert_path, names)
     if leaf.not_valid_after_utc <= now:
         raise TlsFilesError(f"the TLS certificate {cert_path} expired at {_when(leaf.not_valid_after_utc)}")
@@ -84,7 +84,7 @@ def validity(cert_pem: bytes, cert_path: Path, client_ca_pem: bytes | None, clie
         raise TlsFilesError(f"the TLS certificate {cert_path} is not valid before {_when(leaf.not_valid_before_utc)}")
     out = [("server", leaf)]
     if client_ca_pem is not None and client_ca_path is not None:
-        cas = _certificates(client_ca_pem, client_ca_path)
+        cas = load_certificates(client_ca_pem, client_ca_path)
         if not any(_valid(c, now) for c in cas):
             last = max(c.not_valid_after_utc for c in cas)
             raise TlsFilesError(f"none of the {len(cas)} certificate(s) in the client CA file {client_ca_path} is "

@@ -17,22 +17,16 @@ import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
-from cryptography import x509
-
-from server.auth.certificates import TlsFilesError
+from server.auth.certificates import TlsFilesError, load_certificates
 
 # A full handshake is two flights each way, in TLS 1.2 and 1.3 alike; the rest is slack.
 _MAX_FLIGHTS = 8
 
 
-def _describe(cert_pem: bytes) -> str:
+def _describe(cert_pem: bytes, cert: Path) -> str:
     """The certificates in the served file, leaf first: whom each names and who issued it, until when."""
-    try:
-        certs = x509.load_pem_x509_certificates(cert_pem)
-    except ValueError:
-        return "(unparsed)"
     return "; ".join(f"{c.subject.rfc4514_string()} issued by {c.issuer.rfc4514_string()}, until "
-                     f"{c.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}" for c in certs)
+                     f"{c.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}" for c in load_certificates(cert_pem, cert))
 
 
 def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str | None) -> None:
@@ -57,33 +51,30 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str | None)
     raise ssl.SSLError("the handshake did not complete")
 
 
-def check_chain(cert: Path, key: Path, cert_pem: bytes, roots: Path, names: Sequence[str]) -> None:
-    """Raises TlsFilesError when a client that trusts the certificates in ``roots`` would refuse the chain in
-    ``cert`` (served with ``key``) for any of ``names`` (or, with no names, whatever name it dialled)."""
+def check_chain(server: ssl.SSLContext, cert: Path, cert_pem: bytes, roots: Path, names: Sequence[str]) -> None:
+    """Raises TlsFilesError when a client that trusts the certificates in ``roots`` would refuse the chain that
+    ``server`` (the context read_tls loaded from ``cert``, whose text is ``cert_pem``) serves, for any of ``names``
+    (or, with no names, whatever name it dialled)."""
     try:
         roots_pem = roots.read_bytes()
     except OSError as exc:
         raise TlsFilesError(f"cannot read the trusted roots ({roots}): {exc.strerror or exc}") from None
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # (certificate and name required, as in every gRPC client)
     try:
-        server.load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as exc:  # (read_tls loaded them a moment ago: they changed since)
-        raise TlsFilesError(f"cannot load the TLS files ({cert}, {key}) again: {exc}") from None
+        client.load_verify_locations(cadata=roots_pem.decode("ascii", "replace"))
+    except ssl.SSLError as exc:
+        raise TlsFilesError(f"the trusted roots ({roots}) hold no certificate OpenSSL reads: "
+                            f"{exc.reason or exc}") from None
+    client.check_hostname = bool(names)
     targets: list[str | None] = [*names] or [None]
     for name in targets:
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # (certificate and name required, as in every gRPC client)
-        try:
-            client.load_verify_locations(cadata=roots_pem.decode("ascii", "replace"))
-        except ssl.SSLError as exc:
-            raise TlsFilesError(f"the trusted roots ({roots}) hold no certificate OpenSSL reads: "
-                                f"{exc.reason or exc}") from None
-        client.check_hostname = name is not None
         try:
             _handshake(server, client, name)
         except ssl.SSLCertVerificationError as exc:
             dialled = f" dialled as {name!r}" if name is not None else ""
             raise TlsFilesError(f"a client that trusts {roots} would refuse the TLS certificate chain in {cert}"
-                                f"{dialled}: {exc.verify_message}. The file holds: {_describe(cert_pem)}") from None
+                                f"{dialled}: {exc.verify_message}. The file holds: {_describe(cert_pem, cert)}"
+                                ) from None
         except ssl.SSLError as exc:
             raise TlsFilesError(f"a TLS handshake with the certificate chain in {cert} failed: "
                                 f"{exc.reason or exc}") from None

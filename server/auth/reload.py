@@ -83,7 +83,7 @@ def read_tls(cert: Path, key: Path, client_ca: Path | None, names: Sequence[str]
         raise TlsFilesError(f"cannot read the TLS files ({files}): {exc.strerror or exc}") from None
     dates = validity(first.cert, cert, first.client_ca, client_ca, names=names)
     if trust_roots is not None:  # (after the checks above, whose reasons are more precise)
-        check_chain(cert, key, first.cert, trust_roots, names)
+        check_chain(context, cert, first.cert, trust_roots, names)  # (the context that loaded them above)
     return replace(first, validity=dates)
 
 

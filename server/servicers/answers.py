@@ -15,22 +15,13 @@ Around = Callable[[Awaitable[Any], grpc.aio.ServicerContext], Awaitable[Any]]
 
 def around_answer(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMethodHandler:
     """``handler`` with its answer awaited inside ``around``; a handler with a streaming response as it is."""
-    if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
+    for inner, make in ((handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+                        (handler.stream_unary, grpc.stream_unary_rpc_method_handler)):
+        if inner is not None:
+            async def answered(request: Any, context: grpc.aio.ServicerContext, inner: Any = inner) -> Any:
+                return await around(inner(request, context), context)
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await around(inner_uu(request, context), context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                   handler.response_serializer)
-    if handler.stream_unary is not None:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await around(inner_su(requests, context), context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
-                                                    handler.response_serializer)
+            return make(answered, handler.request_deserializer, handler.response_serializer)
     return handler
 
 
