@@ -1,8 +1,12 @@
-"""Distributed tracing: one OpenTelemetry span per call, exported over OTLP/gRPC to a collector (``[tracing]``).
+"""Distributed tracing: a server span per call, with a child span for each stage of its pipeline and each model
+request it made, exported over OTLP/gRPC to a collector (``[tracing]``).
 
 Off unless ``otlp_endpoint`` is set. A call that arrives with a W3C ``traceparent`` continues its caller's trace and
 follows its caller's sampling decision; any other call starts a trace, sampled at ``sample_ratio``. A span names the
 method, the status code, the caller, the request id, the models that served the call and the time of each stage.
+Under it, the stages (decode, detect, ...) are spans of their own, and a model request is a span under the stage
+that made it, with its model, its batch's size, its wait in the queue and its batch's compute time
+(server.stages); a slow call then shows whether it queued or computed, and where.
 It never carries an image, a frame, an embedding, a score, a decision, a person or a collection, as the logs never
 do. Spans wait in a bounded queue (``max_queue``; past it they are dropped) for a background thread that exports
 them, so a slow or absent collector costs a call only the queueing, never a wait. What becomes of each span
@@ -29,11 +33,12 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from server.servicers.answers import around_answer, final_code
 from server.servicers.call_context import CURRENT_REQUEST_ID, caller_label
+from server.stages import CURRENT_STAGES, StageLog
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +220,8 @@ def _annotate(span: Any, response: Any) -> None:
 
 class TracingInterceptor(grpc.aio.ServerInterceptor):
     """Outside the error mapping (the span sees the final status): one server span per call that has one
-    response (the unary methods, which the auth interceptor serves as stream-unary)."""
+    response (the unary methods, which the auth interceptor serves as stream-unary), and its children from the
+    ``StageLog`` it opens for a sampled call (unsampled calls open none)."""
 
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
@@ -239,6 +245,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                                                "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
             if not span.is_recording():  # not sampled: nothing more to pay
                 return await answer
+            stages = StageLog()
+            token = CURRENT_STAGES.set(stages)
             code = grpc.StatusCode.OK
             try:
                 response = await answer
@@ -255,6 +263,23 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                     span.set_attribute("facegate.request_id", request_id)
                 if code in _SERVER_ERRORS:
                     span.set_status(Status(StatusCode.ERROR, code.name))
+                CURRENT_STAGES.reset(token)
+                self._children(span, stages)
                 span.end()
 
         return around_answer(handler, traced)
+
+    def _children(self, span: Any, stages: StageLog) -> None:
+        """The call's stages and model requests as child spans, each under the shortest interval that contains it
+        (a model request under the stage that made it), else under the call's span."""
+        intervals, parents = stages.intervals, stages.parents()
+        made: dict[int, Any] = {}
+        # Longest first: an interval's parent is strictly longer, so its span exists by the time the child is made.
+        for i in sorted(range(len(intervals)), key=lambda i: intervals[i].start_ns - intervals[i].end_ns):
+            up, interval = parents[i], intervals[i]
+            made[i] = self._tracer.start_span(
+                interval.name, context=set_span_in_context(span if up is None else made[up]),
+                kind=SpanKind.INTERNAL, start_time=interval.start_ns, attributes=interval.attributes)
+            made[i].end(end_time=interval.end_ns)
+        if stages.dropped:
+            span.set_attribute("facegate.stages_dropped", stages.dropped)

@@ -21,11 +21,12 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from prometheus_client import CollectorRegistry
 
 from benchmarks.server_process import free_port
-from facegate.v1 import common_pb2, liveness_pb2, liveness_pb2_grpc
+from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
+from facegate_client.client import clip_from_folder
 from server.config import load_config
 from server.metrics import SpanCollector
 from server.tracing import Tracing, TracingConfig
-from tests.conftest import start_server, stop_server, wait_until
+from tests.conftest import clip_dir, start_server, stop_server, wait_until
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -102,11 +103,12 @@ def test_calls_are_traced_as_their_callers_ask(repository_dir: Path, samples: Pa
                    for o in ("exported", "failed", "dropped")}
     finally:
         stop_server(running, thread)
-    assert counted == {"exported": 2.0, "failed": 0.0, "dropped": 0.0}
-
     spans = found.spans()
-    assert [s.trace_id.hex() for _, s in spans] == [TRACE, TRACE]  # none for the unsampled, untraced, probe
-    (resource, ok), (_, refused) = sorted(spans, key=lambda rs: rs[1].start_time_unix_nano)
+    # none for the unsampled, untraced, probe
+    assert {s.trace_id.hex() for _, s in spans} == {TRACE}, [s.name for _, s in spans]
+    (resource, ok), (_, refused) = sorted((rs for rs in spans if rs[1].kind == rs[1].SPAN_KIND_SERVER),
+                                          key=lambda rs: rs[1].start_time_unix_nano)
+    assert counted == {"exported": float(len(spans)), "failed": 0.0, "dropped": 0.0}
     assert resource["service.name"] == "facegate" and resource["service.instance.id"]
     assert ok.name == "facegate.v1.LivenessService/CheckLiveness" and ok.kind == ok.SPAN_KIND_SERVER
     assert ok.parent_span_id.hex() == PARENT and ok.end_time_unix_nano > ok.start_time_unix_nano
@@ -118,9 +120,92 @@ def test_calls_are_traced_as_their_callers_ask(repository_dir: Path, samples: Pa
     assert {m.split()[0] for m in seen["facegate.models"]} == {m.name for m in answer.models}
     assert not [k for k in seen if any(w in k for w in ("score", "decision", "image", "probab"))], seen
     assert ok.status.code == ok.status.STATUS_CODE_UNSET
+    assert_stage_spans(ok, [s for _, s in spans if s.kind == s.SPAN_KIND_INTERNAL], answer)
     # The caller's error: its code, and the span's status left unset (OpenTelemetry's rule for gRPC servers).
     assert attributes(refused)["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert refused.status.code == refused.status.STATUS_CODE_UNSET
+
+
+def assert_stage_spans(call: Any, children: list[Any], answer: liveness_pb2.CheckLivenessResponse) -> None:
+    """The call's stages as child spans of its span, each as long as the response says, and each model request
+    under the stage that made it, with its batch; no score or image in any of them (the refused call had none: it
+    failed before its first stage)."""
+    by_name = {s.name: s for s in children}
+    stages = ("decode", "detect", "crop", "classify")
+    infers = {f"infer {m.name}" for m in answer.models}
+    assert sorted(by_name) == sorted([*stages, *infers]) and len(children) == len(by_name), sorted(by_name)
+    for name in stages:
+        span = by_name[name]
+        assert span.parent_span_id == call.span_id and span.trace_id == call.trace_id
+        assert (call.start_time_unix_nano <= span.start_time_unix_nano <= span.end_time_unix_nano
+                <= call.end_time_unix_nano)
+        took_ms = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+        assert took_ms == pytest.approx(getattr(answer.timings, f"{name}_ms"), abs=0.01), name
+    order = [by_name[n].start_time_unix_nano for n in stages]
+    assert order == sorted(order)  # one after the other, as they ran
+    classifiers = {s.model for s in answer.model_scores}
+    for name in infers:
+        span, seen = by_name[name], attributes(by_name[name])
+        stage = "classify" if seen["facegate.model"] in classifiers else "detect"
+        assert span.parent_span_id == by_name[stage].span_id, (name, stage)
+        assert seen["facegate.model"] == name.split()[1] and seen["facegate.batch_size"] >= 1
+        assert seen["facegate.queue_ms"] >= 0 and seen["facegate.compute_ms"] > 0
+        assert seen["facegate.queue_ms"] + seen["facegate.compute_ms"] <= (
+            span.end_time_unix_nano - span.start_time_unix_nano) / 1e6 + 0.01
+    for span in children:
+        assert not [k for k in attributes(span) if any(w in k for w in ("score", "decision", "image", "probab"))]
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+def test_an_identification_traces_its_stages_members_and_liveness_check(
+        repository_dir: Path, trained: dict[str, Any], tmp_path: Path) -> None:
+    """Every stage under the call; each member's request under the embedding stage; the liveness check's own
+    stages under its stage, and its classifiers' requests under its classification."""
+    found = Collector()
+    receiver = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(found, receiver)
+    port = receiver.add_insecure_port("127.0.0.1:0")
+    receiver.start()
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"
+    try:
+        running, thread = start_server(repository_dir, gallery_path=tmp_path / "gallery.sqlite", tracing=TracingConfig(
+            otlp_endpoint=f"http://127.0.0.1:{port}", sample_ratio=1.0))
+    finally:
+        del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
+    try:
+        stub = identification_pb2_grpc.IdentificationServiceStub(running.channel())
+        stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection="traced"), timeout=10)
+        answer = stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
+            collection="traced", clip=clip_from_folder(clip_dir(trained, trained["test_probes"][0]), 200.0),
+            check_liveness=True), timeout=120)
+        members = {m.name for m in answer.models} - {m.name for m in answer.liveness.models} - {"retinaface"}
+        assert wait_until(lambda: sum(s.name.startswith("infer ") for _, s in found.spans()) >= len(members) + 2, 10)
+        time.sleep(0.5)
+    finally:
+        stop_server(running, thread)
+        receiver.stop(0)
+    spans = [s for _, s in found.spans()]
+    (call,) = [s for s in spans if s.name.endswith("/IdentifyFromClip")]
+    under: dict[bytes, list[Any]] = {}
+    for span in spans:
+        under.setdefault(span.parent_span_id, []).append(span)
+
+    def took_ms(group: list[Any]) -> float:
+        return sum(s.end_time_unix_nano - s.start_time_unix_nano for s in group) / 1e6
+
+    stages = {name: [s for s in under[call.span_id] if s.name == name]
+              for name in ("decode", "detect", "window", "embed", "match", "liveness")}
+    for name, group in stages.items():  # a stage timed in pieces (decoding, here) is one span a piece
+        assert group and took_ms(group) == pytest.approx(getattr(answer.timings, f"{name}_ms"), abs=0.01), name
+    assert {s.name for s in under[call.span_id]} == set(stages)
+    assert sorted(s.name for s in under[stages["embed"][0].span_id]) == sorted(f"infer {m}" for m in members)
+    assert all(s.name == "infer retinaface" for d in stages["detect"] for s in under[d.span_id])
+    (check,) = stages["liveness"]
+    inner = {s.name: s for s in under[check.span_id]}
+    assert set(inner) == {"decode", "detect", "crop", "classify"}
+    classifiers = sorted(f"infer {x.model}" for x in answer.liveness.model_scores)
+    assert len(classifiers) == 2 and sorted(s.name for s in under[inner["classify"].span_id]) == classifiers
 
 
 class SlowCollector(Collector):

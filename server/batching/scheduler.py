@@ -30,6 +30,7 @@ from engines.errors import (
 from engines.runtime.base import EngineInstance, InferTimings, Model
 from server.batching.policy import QueueState, decide
 from server.batching.stats import ModelStats
+from server.stages import CURRENT_STAGES, Attributes, StageLog
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class _Item:
     enqueued: float
     deadline: float | None  # loop clock (monotonic) seconds
     finish: Callable[[Tensors], Any] | None = None  # run on the engine thread on this item's outputs
+    stages: StageLog | None = None  # the caller's, while its call is traced
 
 
 @dataclass
@@ -167,7 +169,7 @@ class DynamicBatcher:
             )
         self._note_arrival(now)
         key: ShapeKey = tuple((n, tuple(a.shape)) for n, a in inputs.items())
-        item = _Item(inputs, key, loop.create_future(), now, deadline, finish)
+        item = _Item(inputs, key, loop.create_future(), now, deadline, finish, CURRENT_STAGES.get())
         self._queue.append(item)
         self._changed.set()
         return await item.future
@@ -280,6 +282,7 @@ class DynamicBatcher:
                 self._broken = exc
             err = InternalError(f"{self.name}: inference failed")
             end = loop.time()
+            self._log_items(batch, end, None)
             for it in batch.items:
                 self.stats.fail.add(int((end - it.enqueued) * 1e9))
                 if not it.future.done():
@@ -290,6 +293,7 @@ class DynamicBatcher:
             t = batch.timings
             self.stats.record_batch(len(batch.items), t.input_ns, t.infer_ns, t.output_ns)
             end = loop.time()
+            self._log_items(batch, end, t)
             for it, out in zip(batch.items, batch.outputs, strict=True):
                 self.stats.success.add(int((end - it.enqueued) * 1e9))
                 if it.future.done():
@@ -302,6 +306,19 @@ class DynamicBatcher:
             self._busy -= 1
             self._idle.append(instance)
             self._changed.set()
+
+    def _log_items(self, batch: _Batch, end: float, t: InferTimings | None) -> None:
+        """Each traced item's request as an interval of its call: queued from ``enqueued``, run in a batch from
+        ``dispatched`` to ``end`` (loop clock); ``t`` None: the batch failed."""
+        for it in batch.items:
+            if it.stages is not None:
+                attributes: Attributes = {"facegate.model": self.name, "facegate.batch_size": len(batch.items),
+                                          "facegate.queue_ms": (batch.dispatched - it.enqueued) * 1e3}
+                if t is None:
+                    attributes["facegate.failed"] = True
+                else:
+                    attributes["facegate.compute_ms"] = (t.input_ns + t.infer_ns + t.output_ns) / 1e6
+                it.stages.add_request(f"infer {self.name}", it.enqueued, end, attributes)
 
     @property
     def broken(self) -> bool:

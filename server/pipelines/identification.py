@@ -47,6 +47,7 @@ from server.pipelines.clip_input import (
 )
 from server.pipelines.decode_plan import pool_chunk, reduction, scaled_box
 from server.pipelines.face_detection import BatchedFaceDetector
+from server.stages import Stages
 from server.tasks import gather_or_cancel
 
 
@@ -204,10 +205,12 @@ class ClipPipeline:
         boxes = await self._detect([frames[i] for i in sampled], deadline)
         box, coverage = stable_box(list(boxes))
         t2 = time.perf_counter()
-        timings = {"decode": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3}
+        stages = Stages()
+        stages.add("decode", t0, t1)
+        stages.add("detect", t1, t2)
         apex = clip.apex_hint if clip.apex_hint is not None else len(frames) // 2
         if box is None:
-            return self._no_face(clip, len(frames), apex, self._encoded(clip, frames, apex), timings)
+            return self._no_face(clip, len(frames), apex, self._encoded(clip, frames, apex), stages)
         h, w = frames[0].shape[:2]
         crop = square_crop_box(box, w, h, spec.crop_scale)
         if clip.apex_hint is None:
@@ -216,9 +219,9 @@ class ClipPipeline:
                 self.executor, lambda: spot_apex([grey_thumbnail(f, crop) for f in frames], float(clip.fps)))
         tensor, win = await loop.run_in_executor(self.executor, model_input, frames, crop, apex, float(clip.fps),
                                                  spec)
-        timings["window"] = (time.perf_counter() - t2) * 1e3
+        stages.add("window", t2, time.perf_counter())
         return await self._run_members(clip, len(frames), tensor, win, coverage, box,
-                                       self._encoded(clip, frames, apex), timings, deadline)
+                                       self._encoded(clip, frames, apex), stages, deadline)
 
     def _thumbnail_chunk(self, probed: ProbedClip, indices: Sequence[int], reduce: int,
                          crop: tuple[int, int, int, int]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
@@ -287,8 +290,11 @@ class ClipPipeline:
             # No face: a corrupt frame is reported as such rather than hidden behind "no face", so every frame
             # is decoded, at 1/8 (the cheapest proof it decodes).
             await self._decode_frames(probed, range(n), 8)
-            timings = {"decode": (t1 - t0 + time.perf_counter() - t2) * 1e3, "detect": (t2 - t1) * 1e3}
-            return self._no_face(clip, n, n // 2, clip.frames[n // 2], timings)
+            stages = Stages()
+            stages.add("decode", t0, t1)
+            stages.add("detect", t1, t2)
+            stages.add("decode", t2, time.perf_counter())
+            return self._no_face(clip, n, n // 2, clip.frames[n // 2], stages)
         h, w = detect[0].shape[:2]
         crop = square_crop_box(box, w, h, spec.crop_scale)
         # The model window is always decoded whole: the members read micro-movements, and a window decoded at 1/2
@@ -310,9 +316,14 @@ class ClipPipeline:
         tensor, win = await self._window_tensor(whole, needed, n, crop, apex, fps)
         # decode: every decoding step (the spotter's include cutting its thumbnails); window: spotting and the
         # model input
-        timings = {"decode": (t1 - t0 + t3 - t2 + t5 - t4) * 1e3, "detect": (t2 - t1) * 1e3,
-                   "window": (t4 - t3 + time.perf_counter() - t5) * 1e3}
-        return await self._run_members(clip, n, tensor, win, coverage, box, clip.frames[apex], timings, deadline)
+        stages = Stages()
+        stages.add("decode", t0, t1)
+        stages.add("detect", t1, t2)
+        stages.add("decode", t2, t3)
+        stages.add("window", t3, t4)
+        stages.add("decode", t4, t5)
+        stages.add("window", t5, time.perf_counter())
+        return await self._run_members(clip, n, tensor, win, coverage, box, clip.frames[apex], stages, deadline)
 
     async def _embed_hinted(self, probed: ProbedClip, deadline: float | None) -> ClipEmbedding:
         """The client named the apex, so nothing needs the spotter: only the detection frames and the model window
@@ -330,14 +341,16 @@ class ClipPipeline:
         boxes = await self._detect([decoded[i] for i in sampled], deadline)
         box, coverage = stable_box(list(boxes))
         t2 = time.perf_counter()
-        timings = {"decode": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3}
+        stages = Stages()
+        stages.add("decode", t0, t1)
+        stages.add("detect", t1, t2)
         if box is None:
-            return self._no_face(clip, n, apex, clip.frames[apex], timings)
+            return self._no_face(clip, n, apex, clip.frames[apex], stages)
         h, w = decoded[needed[0]].shape[:2]
         crop = square_crop_box(box, w, h, spec.crop_scale)
         tensor, win = await self._window_tensor(decoded, needed, n, crop, apex, float(clip.fps))
-        timings["window"] = (time.perf_counter() - t2) * 1e3
-        return await self._run_members(clip, n, tensor, win, coverage, box, clip.frames[apex], timings, deadline)
+        stages.add("window", t2, time.perf_counter())
+        return await self._run_members(clip, n, tensor, win, coverage, box, clip.frames[apex], stages, deadline)
 
     def _window_indices(self, n: int, fps: float, apex: int) -> list[int]:
         """The source frames the model window reads (each once, in order)."""
@@ -352,23 +365,21 @@ class ClipPipeline:
         return await asyncio.get_running_loop().run_in_executor(self.executor, model_input, frames, crop, apex, fps,
                                                                 self.ensemble.spec)
 
-    def _no_face(self, clip: ClipInput, n: int, apex: int, apex_frame: bytes, timings: dict[str, float]
-                 ) -> ClipEmbedding:
+    def _no_face(self, clip: ClipInput, n: int, apex: int, apex_frame: bytes, stages: Stages) -> ClipEmbedding:
         diag = ClipDiagnostics(n, 0, 0, 0.0, apex, clip.apex_hint is not None, float(clip.fps),
                                self.ensemble.spec.fps, None)
-        return ClipEmbedding(None, diag, apex_frame, timings)
+        return ClipEmbedding(None, diag, apex_frame, stages.ms)
 
     async def _run_members(self, clip: ClipInput, n: int, tensor: np.ndarray, win: Window, coverage: float,
-                           box: Box, apex_frame: bytes, timings: dict[str, float], deadline: float | None
-                           ) -> ClipEmbedding:
+                           box: Box, apex_frame: bytes, stages: Stages, deadline: float | None) -> ClipEmbedding:
         """Every member on the window (batched across requests), and the clip's diagnostics."""
         t0 = time.perf_counter()
         outs = await gather_or_cancel(*[m.infer({"clip": tensor}, deadline) for m in self.members])
-        timings["embed"] = (time.perf_counter() - t0) * 1e3
+        stages.add("embed", t0, time.perf_counter())
         diag = ClipDiagnostics(n, len(set(win.indices)), win.padded, coverage, win.apex_index,
                                clip.apex_hint is not None, float(clip.fps), self.ensemble.spec.fps, box)
         embeddings = {m.name: o["embedding"].astype(np.float32) for m, o in zip(self.members, outs, strict=True)}
-        return ClipEmbedding(embeddings, diag, apex_frame, timings)
+        return ClipEmbedding(embeddings, diag, apex_frame, stages.ms)
 
     @staticmethod
     def _encoded(clip: ClipInput, frames: Sequence[np.ndarray], index: int) -> bytes:

@@ -24,6 +24,7 @@ from server.admission import Budget, WaitGate, admitted
 from server.batching.scheduler import DynamicBatcher
 from server.pipelines.face_detection import BatchedFaceDetector
 from server.pipelines.quality import QualityConfig, QualityIssue, assess_face
+from server.stages import Stages
 from server.tasks import gather_or_cancel
 
 
@@ -128,38 +129,38 @@ class LivenessPipeline:
         threshold = self.config.threshold if req.threshold is None else float(req.threshold)
         margin = self.config.uncertainty_margin
         loop = asyncio.get_running_loop()
-        timings: dict[str, float] = {}
+        stages = Stages()
         t0 = time.perf_counter()
         image, det_input = await loop.run_in_executor(self.executor, self._decode_and_prepare, req.image, header)
         t1 = time.perf_counter()
-        timings["decode"] = (t1 - t0) * 1e3
+        stages.add("decode", t0, t1)
         faces = await self.detector.faces(det_input, req.deadline)
         t2 = time.perf_counter()
-        timings["detect"] = (t2 - t1) * 1e3
+        stages.add("detect", t1, t2)
         if not faces:
-            timings["total"] = (t2 - t0) * 1e3
+            stages.ms["total"] = (t2 - t0) * 1e3
             return LivenessResult(Decision.UNSPECIFIED, 0.0, threshold, margin, None,
-                                  [QualityIssue.FACE_NOT_FOUND], [], image, timings)
+                                  [QualityIssue.FACE_NOT_FOUND], [], image, stages.ms)
         best = faces[0]
         box = best.pixel_box(image.width, image.height)
         crops, issues = await loop.run_in_executor(self.executor, self._crops_and_quality, image, box)
         if len(faces) > 1:
             issues.insert(0, QualityIssue.MULTIPLE_FACES)
         t3 = time.perf_counter()
-        timings["crop"] = (t3 - t2) * 1e3
+        stages.add("crop", t2, t3)
         outputs = await gather_or_cancel(*[
             batcher.infer({"input": crop}, req.deadline)
             for (_, batcher), crop in zip(self.classifiers, crops, strict=True)
         ])
         t4 = time.perf_counter()
-        timings["classify"] = (t4 - t3) * 1e3
+        stages.add("classify", t3, t4)
         scores = []
         for (spec, batcher), out in zip(self.classifiers, outputs, strict=True):
             probs = softmax(out["logits"].astype(np.float64))
             scores.append(ModelScore(batcher.name, tuple(float(p) for p in probs), float(probs[spec.live_class])))
         live_score = float(np.mean([s.live_probability for s in scores]))
-        timings["total"] = (t4 - t0) * 1e3
+        stages.ms["total"] = (t4 - t0) * 1e3
         x, y, w, h = box
         face = FaceResult(box, (x / image.width, y / image.height, w / image.width, h / image.height), best.score)
         return LivenessResult(decide(live_score, threshold, margin), live_score, threshold, margin, face, issues,
-                              scores, image, timings)
+                              scores, image, stages.ms)

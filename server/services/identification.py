@@ -27,6 +27,7 @@ from server.pipelines.clip_input import ClipInput, video_share
 from server.pipelines.identification import ClipDiagnostics, ClipPipeline
 from server.pipelines.liveness import LivenessPipeline, LivenessRequest, LivenessResult
 from server.pipelines.quality import QualityIssue
+from server.stages import Stages
 from server.tasks import gather_or_cancel
 
 T = TypeVar("T")
@@ -274,8 +275,13 @@ class IdentificationService:
             if QualityIssue.FACE_NOT_FOUND in out.liveness.quality_issues and result.embeddings is not None:
                 out.quality_issues.append(QualityIssue.FACE_NOT_FOUND)
         end = time.perf_counter()
-        out.timings_ms = {**result.timings_ms, "match": (t_live - t_match) * 1e3, "liveness": (end - t_live) * 1e3,
-                          "total": (end - t0) * 1e3}
+        stages = Stages()
+        stages.ms.update(result.timings_ms)
+        stages.add("match", t_match, t_live)
+        if liveness is not None:
+            stages.add("liveness", t_live, end)
+        stages.ms["total"] = (end - t0) * 1e3
+        out.timings_ms = stages.ms
         return out
 
     async def delete_person(self, collection: str, person_id: str, caller: str = "", request_id: str = "") -> None:

@@ -1,0 +1,97 @@
+"""Where one call's time went, as intervals: each stage of its pipeline (decode, detect, ...) and each model request
+it made (its wait in the batcher's queue, then its batch's run). The stage durations the responses report
+(``timings``) are summed from these intervals (``Stages``), traced or not; the intervals themselves are kept only
+while the call is traced, for its child spans (server.tracing opens a ``StageLog`` for the call in
+``CURRENT_STAGES``). Untraced, recording costs a context variable read.
+
+Intervals are recorded from coroutines on the event loop only (never from pool threads), so a log needs no lock.
+A log holds at most ``MAX_INTERVALS``; past that, intervals are counted, not kept: a large enrolment must not make
+its trace unbounded. Intervals carry names, models, batch sizes and times, never what a request or response held.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+MAX_INTERVALS = 64
+
+Attributes = dict[str, str | int | float | bool]
+
+
+@dataclass(frozen=True)
+class Interval:
+    name: str
+    start_ns: int  # on the wall clock (time.time_ns), as spans are
+    end_ns: int
+    attributes: Attributes = field(default_factory=dict)
+    stage: bool = True  # a stage may hold others; a model request holds none (requests that run side by side can
+    # lie one within another without one having made the other)
+
+    def contains(self, other: Interval) -> bool:
+        return (self.stage and self.start_ns <= other.start_ns and other.end_ns <= self.end_ns
+                and self.end_ns - self.start_ns > other.end_ns - other.start_ns)
+
+
+class StageLog:
+    """The intervals of one traced call, in the order they ended."""
+
+    def __init__(self, limit: int = MAX_INTERVALS) -> None:
+        self.intervals: list[Interval] = []
+        self.dropped = 0
+        self._limit = limit
+        now = time.time_ns()
+        # Stages are timed on perf_counter and batchers on the event loop's clock (monotonic): both are turned into
+        # wall-clock times with the offsets read once here, so a call's intervals line up with one another.
+        self._perf_offset = now - time.perf_counter_ns()
+        self._mono_offset = now - time.monotonic_ns()
+
+    def _keep(self, interval: Interval) -> None:
+        if len(self.intervals) >= self._limit:
+            self.dropped += 1
+        else:
+            self.intervals.append(interval)
+
+    def add(self, name: str, start: float, end: float) -> None:
+        """A stage, timed on ``time.perf_counter`` (seconds)."""
+        start_ns = round(start * 1e9) + self._perf_offset
+        self._keep(Interval(name, start_ns, max(start_ns, round(end * 1e9) + self._perf_offset),
+                            {"facegate.stage": name}))
+
+    def add_request(self, name: str, start: float, end: float, attributes: Attributes) -> None:
+        """A model request, timed on ``time.monotonic`` (seconds), the clock of asyncio's ``loop.time()``."""
+        start_ns = round(start * 1e9) + self._mono_offset
+        self._keep(Interval(name, start_ns, max(start_ns, round(end * 1e9) + self._mono_offset), attributes,
+                            stage=False))
+
+    def parents(self) -> list[int | None]:
+        """For each interval, the index of the shortest other interval that contains it (None: the call's own span
+        holds it), so a model request nests under the stage that made it."""
+        out: list[int | None] = []
+        for inner in self.intervals:
+            best: int | None = None
+            for j, outer in enumerate(self.intervals):
+                if outer.contains(inner) and (best is None or outer.end_ns - outer.start_ns
+                                              < self.intervals[best].end_ns - self.intervals[best].start_ns):
+                    best = j
+            out.append(best)
+        return out
+
+
+CURRENT_STAGES: ContextVar[StageLog | None] = ContextVar("stages", default=None)
+
+
+class Stages:
+    """One call's (or one clip's) stage durations in ms, ``ms``, which responses report as their timings; a stage
+    timed in several pieces sums them. Each piece is also logged while the call is traced."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._log = CURRENT_STAGES.get()
+
+    def add(self, name: str, start: float, end: float) -> None:
+        """The stage ``name`` ran from ``start`` to ``end`` (``time.perf_counter`` seconds)."""
+        self.ms[name] = self.ms.get(name, 0.0) + (end - start) * 1e3
+        if self._log is not None:
+            self._log.add(name, start, end)
