@@ -48,7 +48,7 @@ from server.servicers.liveness import LivenessServicer
 from server.servicers.models import ModelServicer, model_version
 from server.services.identification import IdentificationService
 from server.shared_admission import SharedCallerState
-from server.tracing import Tracing, TracingInterceptor, package_version
+from server.tracing import Tracing, package_version
 from server.workers import caller_table
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class FacegateServer:
             # interceptor get the same status details.
             # Without a metrics port nothing is counted, without a collector nothing traced: off costs nothing.
             interceptors=[*([MetricsInterceptor(self.metrics)] if config.metrics_port else []),
-                          *([TracingInterceptor(self.tracing.tracer)] if self.tracing is not None else []),
+                          *([self.tracing.interceptor()] if self.tracing is not None else []),
                           ErrorMappingInterceptor(on_unrecoverable=self._unrecoverable), self.auth],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),

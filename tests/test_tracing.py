@@ -208,6 +208,26 @@ def test_an_identification_traces_its_stages_members_and_liveness_check(
     assert len(classifiers) == 2 and sorted(s.name for s in under[inner["classify"].span_id]) == classifiers
 
 
+@pytest.mark.weights
+def test_without_stage_spans_a_call_is_one_span(repository_dir: Path, samples: Path) -> None:
+    found = Collector()
+    receiver = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(found, receiver)
+    port = receiver.add_insecure_port("127.0.0.1:0")
+    receiver.start()
+    config = TracingConfig(otlp_endpoint=f"http://127.0.0.1:{port}", sample_ratio=1.0, stage_spans=False)
+    running, thread = start_server(repository_dir, tracing=config)
+    try:
+        stub = liveness_pb2_grpc.LivenessServiceStub(running.channel())
+        answer = stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(
+            image=common_pb2.Image(data=(samples / "image_T1.jpg").read_bytes())), timeout=30)
+    finally:
+        stop_server(running, thread)  # (the stop exports what is queued)
+        receiver.stop(0)
+    (span,) = [s for _, s in found.spans()]
+    assert attributes(span)["facegate.stage.classify_ms"] == pytest.approx(answer.timings.classify_ms)
+
+
 class SlowCollector(Collector):
     """A collector whose first export waits until it is let go, as one under load or across a slow link."""
 
@@ -270,6 +290,7 @@ def test_a_collector_that_is_down_does_not_hold_the_stop() -> None:
     ('otlp_endpoint = "http://collector:4317"\nca_file = "ca.pem"', "ca_file needs an https://"),
     ('otlp_endpoint = "https://collector:4317"\nmax_queue = 0', "max_queue must be >= 1"),
     ('endpoint = "http://collector:4317"', r"unknown setting\(s\) \['endpoint'\]"),
+    ('otlp_endpoint = "http://collector:4317"\nstage_spans = "no"', "stage_spans must be bool"),
 ])
 def test_bad_tracing_settings_stop_the_start(text: str, why: str, tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text(f"[tracing]\n{text}\n")
