@@ -108,14 +108,15 @@ class FacegateServer:
         self.reloader = CredentialReloader(
             config, self.auth.install, load, config_path, on_outcome=self._reloaded,
             audit=lambda why, outcome, reason: self.audit.record(rpc="ReloadCredentials", caller=f"operator ({why})",
-                                                                 outcome=outcome, reason=reason))
+                                                                 outcome=outcome, reason=reason),
+            adjust=lambda new: self.tracing.adjust(new.tracing) if self.tracing is not None else "")
         self.metrics.credentials_loaded.set(self.reloader.loaded_at)
         self.metrics.gallery_templates.set_function(
             lambda: self.identification.gallery.templates() if self.identification is not None else 0)
         self._draining = False
         self.tracing = Tracing(config.tracing, package_version()) if config.tracing.enabled else None
-        if self.tracing is not None:
-            self.metrics.watch_tracing(self.tracing.counts)
+        if (tracing := self.tracing) is not None:
+            self.metrics.watch_tracing(tracing.counts, lambda: tracing.sample_ratio)
         self.server = grpc.aio.server(
             # Metrics and spans outermost (they see the final status); then errors mapped, so refusals from the auth
             # interceptor get the same status details.

@@ -96,8 +96,9 @@ class SpanCollector(Collector):
     """What became of the sampled spans ([tracing]): a collector that is down or slow shows as failed or dropped
     spans here, not only in the SDK's log."""
 
-    def __init__(self, counts: SpanCounts) -> None:
+    def __init__(self, counts: SpanCounts, sample_ratio: Callable[[], float] | None = None) -> None:
         self._counts = counts
+        self._sample_ratio = sample_ratio
 
     def collect(self) -> Iterable[Any]:
         c = self._counts
@@ -111,6 +112,9 @@ class SpanCollector(Collector):
         capacity = GaugeMetricFamily("facegate_trace_spans_queue_capacity", "Spans the export queue holds before "
                                      "new ones are dropped ([tracing] max_queue)", value=c.max_queue)
         yield from (spans, waiting, capacity)
+        if self._sample_ratio is not None:  # (a reload may change it: the one in force)
+            yield GaugeMetricFamily("facegate_trace_sample_ratio", "Share of the calls without a trace of their own "
+                                    "that are traced ([tracing] sample_ratio in force)", value=self._sample_ratio())
 
 
 class Metrics:
@@ -160,8 +164,8 @@ class Metrics:
     def watch_gates(self, gates: Mapping[str, WaitGate]) -> None:
         self.registry.register(GateCollector(gates))
 
-    def watch_tracing(self, counts: SpanCounts) -> None:
-        self.registry.register(SpanCollector(counts))
+    def watch_tracing(self, counts: SpanCounts, sample_ratio: Callable[[], float]) -> None:
+        self.registry.register(SpanCollector(counts, sample_ratio))
 
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -32,7 +32,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -176,9 +176,24 @@ def package_version() -> str:
         return ""
 
 
+class _AdjustableRatio(Sampler):
+    """The SDK's ratio sampler, which a reload may replace (the SDK's samplers are fixed once made): an operator
+    can trace every call for the length of an incident, then go back, without a restart."""
+
+    def __init__(self, ratio: float) -> None:
+        self.inner = TraceIdRatioBased(ratio)
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        return self.inner.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return f"AdjustableRatio{{{self.inner.rate}}}"
+
+
 class Tracing:
     """The tracer of one server process and the exporter behind it (not the global provider: each server in a
-    process, as in the tests, has its own)."""
+    process, as in the tests, has its own). ``adjust`` applies the settings a reload may change: ``sample_ratio``
+    and ``stage_spans``."""
 
     def __init__(self, config: TracingConfig, version: str = "") -> None:
         secure = urlsplit(config.otlp_endpoint).scheme == "https"
@@ -193,7 +208,8 @@ class Tracing:
         self._timeout_s = config.export_timeout_s
         resource = Resource.create({"service.name": config.service_name, "service.version": version,
                                     "service.instance.id": f"{socket.gethostname()}-{os.getpid()}"})
-        self._provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+        self._root = _AdjustableRatio(config.sample_ratio)
+        self._provider = TracerProvider(resource=resource, sampler=ParentBased(self._root))
         # (The exporter's timeout bounds an export: the processor's own export_timeout_millis is not used by the SDK.)
         self._provider.add_span_processor(_BoundedProcessor(BatchSpanProcessor(
             exporter, max_queue_size=config.max_queue, max_export_batch_size=min(512, config.max_queue)), self.counts))
@@ -202,8 +218,24 @@ class Tracing:
         log.info("tracing: spans to %s, %g of the calls without a trace of their own sampled", config.otlp_endpoint,
                  config.sample_ratio)
 
+    @property
+    def sample_ratio(self) -> float:
+        return float(self._root.inner.rate)
+
+    def adjust(self, config: TracingConfig) -> str:
+        """Apply a reloaded ``sample_ratio`` and ``stage_spans`` to the calls that start from now on; returns what
+        changed, for the log ("" if nothing)."""
+        changed = []
+        if config.sample_ratio != self.sample_ratio:
+            changed.append(f"sample_ratio {self.sample_ratio:g} -> {config.sample_ratio:g}")
+            self._root.inner = TraceIdRatioBased(config.sample_ratio)  # (one assignment: read whole by any call)
+        if config.stage_spans != self.stage_spans:
+            changed.append(f"stage_spans {str(self.stage_spans).lower()} -> {str(config.stage_spans).lower()}")
+            self.stage_spans = config.stage_spans
+        return ", ".join(changed)
+
     def interceptor(self) -> TracingInterceptor:
-        return TracingInterceptor(self.tracer, self.stage_spans)
+        return TracingInterceptor(self.tracer, lambda: self.stage_spans)
 
     def close(self) -> None:
         """The spans still queued exported, waiting at most ``export_timeout_s`` (a collector that is down must not
@@ -231,9 +263,9 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
     response (the unary methods, which the auth interceptor serves as stream-unary), and its children from the
     ``StageLog`` it opens for a sampled call (unsampled calls open none)."""
 
-    def __init__(self, tracer: Tracer, stage_spans: bool = True) -> None:
+    def __init__(self, tracer: Tracer, stage_spans: Callable[[], bool] = lambda: True) -> None:
         self._tracer = tracer
-        self._stage_spans = stage_spans
+        self._stage_spans = stage_spans  # (read at each call: a reload may change it)
 
     async def intercept_service(
         self,
@@ -254,7 +286,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                                                "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
             if not span.is_recording():  # not sampled: nothing more to pay
                 return await answer
-            stages = StageLog() if self._stage_spans else None
+            stages = StageLog() if self._stage_spans() else None
             token = CURRENT_STAGES.set(stages)
             code = grpc.StatusCode.OK
             try:

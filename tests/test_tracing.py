@@ -7,6 +7,9 @@ metrics count the spans exported, failed and dropped from a full queue."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,13 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from benchmarks.server_process import free_port
+from benchmarks.server_process import free_port, metrics_text
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from facegate_client.client import clip_from_folder
-from server.config import load_config
+from server.config import ServerConfig, load_config
 from server.metrics import SpanCollector
 from server.tracing import Tracing, TracingConfig
-from tests.conftest import clip_dir, start_server, stop_server, wait_until
+from tests.conftest import ROOT, clip_dir, scrape, start_server, stop_server, wait_until
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -226,6 +229,93 @@ def test_without_stage_spans_a_call_is_one_span(repository_dir: Path, samples: P
         receiver.stop(0)
     (span,) = [s for _, s in found.spans()]
     assert attributes(span)["facegate.stage.classify_ms"] == pytest.approx(answer.timings.classify_ms)
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+def test_a_reload_changes_the_sampling_without_a_restart(repository_dir: Path, samples: Path, tmp_path: Path) -> None:
+    """A server process started as an operator starts it (``--config``, SIGHUP to reload): at ratio 0 a call is not
+    traced; after a reload to ratio 1 without stage spans, one span a call; after another with them, the children
+    too. A new collector address is reported as waiting for a start, and the spans go on to the first collector."""
+    found = Collector()
+    receiver = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(found, receiver)
+    port = receiver.add_insecure_port("127.0.0.1:0")
+    receiver.start()
+    config, log = tmp_path / "facegate.toml", tmp_path / "server.log"
+
+    def settings(ratio: float, stage_spans: bool, endpoint: str = f"http://127.0.0.1:{port}") -> None:
+        config.write_text(f'[auth]\nreload_poll_s = 0.0\n\n[tracing]\notlp_endpoint = "{endpoint}"\n'
+                          f"sample_ratio = {ratio}\nstage_spans = {str(stage_spans).lower()}\n")
+
+    settings(0.0, True)
+    grpc_port, metrics_port = free_port(), free_port()
+    env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "--config", str(config), "--port", str(grpc_port),
+                                 "--model-repository", str(repository_dir), "--metrics-port", str(metrics_port),
+                                 "--gallery-url", f"sqlite:///{tmp_path / 'gallery.sqlite'}",
+                                 "--audit-log", str(tmp_path / "audit.jsonl")],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    request = liveness_pb2.CheckLivenessRequest(image=common_pb2.Image(data=(samples / "image_T1.jpg").read_bytes()))
+    received: list[int] = []
+
+    def call_and_count(reloads: int) -> None:
+        """(After a reload, once the metrics count it:) one call, then the spans it made."""
+        if reloads:
+            proc.send_signal(signal.SIGHUP)
+            line = f'facegate_credential_reloads_total{{outcome="applied"}} {float(reloads)}'
+            assert wait_until(lambda: line in (metrics_text(metrics_port) or ""), 20), log.read_text()[-2000:]
+        before = len(found.spans())
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            liveness_pb2_grpc.LivenessServiceStub(channel).CheckLiveness(request, timeout=30)
+        wait_until(lambda: len(found.spans()) > before, 3)
+        time.sleep(0.5)  # (anything else would have been exported by now)
+        received.append(len(found.spans()) - before)
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            assert wait_until(lambda: proc.poll() is not None or _serving(channel), 180), log.read_text()[-2000:]
+        call_and_count(0)
+        settings(1.0, False)
+        call_and_count(1)
+        ratio = scrape(metrics_port)[("facegate_trace_sample_ratio", ())]
+        settings(1.0, True)
+        call_and_count(2)
+        settings(1.0, True, endpoint=f"http://127.0.0.1:{free_port()}")
+        call_and_count(3)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        receiver.stop(0)
+    assert received == [0, 1, 8, 8] and ratio == 1.0
+    text = log.read_text()
+    assert "tracing: sample_ratio 0 -> 1, stage_spans true -> false" in text
+    assert "tracing: stage_spans false -> true" in text
+    assert "take effect at the next start: tracing.otlp_endpoint" in text
+
+
+def test_a_reload_applies_the_sampling_and_reports_the_rest_of_tracing(tmp_path: Path) -> None:
+    from server.auth.reload import restart_needed
+
+    def config(text: str) -> ServerConfig:
+        (tmp_path / "c.toml").write_text(f"[tracing]\n{text}\n")
+        return load_config(tmp_path / "c.toml")
+
+    on = config('otlp_endpoint = "http://collector:4317"')
+    assert restart_needed(on, config('otlp_endpoint = "http://collector:4317"\nsample_ratio = 1.0\n'
+                                     "stage_spans = false\nmax_queue = 16")) == ["tracing.max_queue"]
+    # Off at the start, there is no tracer to adjust: turning it on, at any ratio, waits for a start.
+    assert restart_needed(config(""), config('otlp_endpoint = "http://collector:4317"\nsample_ratio = 1.0')) == [
+        "tracing.otlp_endpoint", "tracing.sample_ratio"]
+
+
+def _serving(channel: grpc.Channel) -> bool:
+    try:
+        return bool(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
 
 
 class SlowCollector(Collector):

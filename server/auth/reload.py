@@ -7,7 +7,9 @@ certificate the same way, so a server that read its files only at start-up went 
 until it expired. A reload goes through the same loader and checks as a start, and is applied whole or not at
 all: on any error the credentials in force stay, and the error is logged, counted and audited (file names and the
 reason; never a token, a hash or a key). Whether TLS and mutual TLS are on is fixed at start-up (it decides how the
-port listens); everything else the new settings change outside these files is reported as needing a restart.
+port listens). A reload also applies the trace sampling (``[tracing] sample_ratio`` and ``stage_spans``, through
+``adjust``), so that every call can be traced through an incident and no longer after it; everything else the new
+settings change is reported as needing a restart.
 
 New TLS material reaches gRPC through its dynamic server credentials: gRPC asks for it at each new handshake, so
 connections already open keep their session and new ones get the new certificate.
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 # What a reload applies; every other setting takes effect at the next start.
 _RELOADED_AUTH = frozenset({"callers", "token_file", "token_file_caller", "token_file_scopes",
                             "token_file_max_in_flight", "client_ca", "call_costs"})
-_RELOADED_SERVER = frozenset({"auth", "tls_cert", "tls_key", "tls_server_names", "tls_trust_roots"})
+_RELOADED_SERVER = frozenset({"auth", "tracing", "tls_cert", "tls_key", "tls_server_names", "tls_trust_roots"})
+_RELOADED_TRACING = frozenset({"sample_ratio", "stage_spans"})
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,12 @@ def restart_needed(old: ServerConfig, new: ServerConfig) -> list[str]:
                and getattr(old, f.name) != getattr(new, f.name)]
     changed += [f"auth.{f.name}" for f in fields(AuthConfig) if f.name not in _RELOADED_AUTH
                 and getattr(old.auth, f.name) != getattr(new.auth, f.name)]
+    if not old.tracing.enabled:  # (no tracer to adjust: any change of [tracing] waits for a start)
+        changed += [f"tracing.{f.name}" for f in fields(old.tracing)
+                    if getattr(old.tracing, f.name) != getattr(new.tracing, f.name)]
+    else:
+        changed += [f"tracing.{f.name}" for f in fields(old.tracing) if f.name not in _RELOADED_TRACING
+                    and getattr(old.tracing, f.name) != getattr(new.tracing, f.name)]
     return changed
 
 
@@ -127,8 +136,10 @@ class CredentialReloader:
     def __init__(self, config: ServerConfig, install: Callable[[Authenticator], None],
                  load: Callable[[], ServerConfig] | None = None, config_path: Path | None = None,
                  on_outcome: Callable[[str], None] | None = None,
-                 audit: Callable[[str, str, str], None] | None = None) -> None:
+                 audit: Callable[[str, str, str], None] | None = None,
+                 adjust: Callable[[ServerConfig], str] | None = None) -> None:
         self._current = config
+        self._adjust = adjust or (lambda _: "")  # the other settings a reload applies; says what changed
         self._started = config  # what the settings a reload does not apply stay at until the next start
         self._install = install
         self._load = load
@@ -205,10 +216,12 @@ class CredentialReloader:
             with self._lock:
                 self._pending_tls = prepared.tls.certificate_configuration()
         later = restart_needed(self._started, prepared.config)
+        adjusted = self._adjust(prepared.config)
         self._current = prepared.config
         self.loaded_at = time.time()
-        log.info("credentials reloaded (%s): %d caller(s)%s%s", why, len(prepared.authenticator.caller_names),
+        log.info("credentials reloaded (%s): %d caller(s)%s%s%s", why, len(prepared.authenticator.caller_names),
                  "; TLS files read again" if prepared.tls is not None else "",
+                 f"; tracing: {adjusted}" if adjusted else "",
                  f"; these changed settings take effect at the next start: {', '.join(later)}" if later else "")
         self._on_outcome("applied")
         self._audit(why, "applied", "")
