@@ -165,7 +165,7 @@ def exported() -> set[str]:
     metrics = Metrics()
     metrics.watch_gates({"liveness": WaitGate("liveness", 1.0, 1)})
     metrics.watch_models(SimpleNamespace(models={}))  # type: ignore[arg-type]
-    metrics.watch_tracing(SpanCounts(1))
+    metrics.watch_tracing(SpanCounts(1), lambda: 0.01)
     names: set[str] = set()
     for line in generate_latest(metrics.registry).decode().splitlines():
         if line.startswith("# TYPE "):
