@@ -4,7 +4,9 @@ it made (its wait in the batcher's queue, then its batch's run). The stage durat
 while the call is traced, for its child spans (server.tracing opens a ``StageLog`` for the call in
 ``CURRENT_STAGES``). Untraced, recording costs a context variable read.
 
-Intervals are recorded from coroutines on the event loop only (never from pool threads), so a log needs no lock.
+Parts of a call that run side by side (an enrolment's clips, ``as_part``) keep their stages and requests apart:
+each nests only within its own part. Intervals are recorded from coroutines on the event loop only (never from
+pool threads), so a log needs no lock.
 A log holds at most ``MAX_INTERVALS``; past that, intervals are counted, not kept: a large enrolment must not make
 its trace unbounded. Intervals carry names, models, batch sizes and times, never what a request or response held.
 """
@@ -12,10 +14,14 @@ its trace unbounded. Intervals carry names, models, batch sizes and times, never
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-MAX_INTERVALS = 64
+T = TypeVar("T")
+
+MAX_INTERVALS = 256
 
 Attributes = dict[str, str | int | float | bool]
 
@@ -28,10 +34,11 @@ class Interval:
     attributes: Attributes = field(default_factory=dict)
     stage: bool = True  # a stage may hold others; a model request holds none (requests that run side by side can
     # lie one within another without one having made the other)
+    part: int = 0  # the part of the call it belongs to (``as_part``; 0: the call itself)
 
     def contains(self, other: Interval) -> bool:
-        return (self.stage and self.start_ns <= other.start_ns and other.end_ns <= self.end_ns
-                and self.end_ns - self.start_ns > other.end_ns - other.start_ns)
+        return (self.stage and self.part in (0, other.part) and self.start_ns <= other.start_ns
+                and other.end_ns <= self.end_ns and self.end_ns - self.start_ns > other.end_ns - other.start_ns)
 
 
 class StageLog:
@@ -53,17 +60,18 @@ class StageLog:
         else:
             self.intervals.append(interval)
 
-    def add(self, name: str, start: float, end: float) -> None:
-        """A stage, timed on ``time.perf_counter`` (seconds)."""
+    def add(self, name: str, start: float, end: float, attributes: Attributes | None = None) -> None:
+        """A stage of the current part, timed on ``time.perf_counter`` (seconds)."""
         start_ns = round(start * 1e9) + self._perf_offset
         self._keep(Interval(name, start_ns, max(start_ns, round(end * 1e9) + self._perf_offset),
-                            {"facegate.stage": name}))
+                            attributes or {"facegate.stage": name}, part=CURRENT_PART.get()))
 
-    def add_request(self, name: str, start: float, end: float, attributes: Attributes) -> None:
-        """A model request, timed on ``time.monotonic`` (seconds), the clock of asyncio's ``loop.time()``."""
+    def add_request(self, name: str, start: float, end: float, attributes: Attributes, part: int = 0) -> None:
+        """A model request of ``part``, timed on ``time.monotonic`` (seconds), the clock of asyncio's
+        ``loop.time()``."""
         start_ns = round(start * 1e9) + self._mono_offset
         self._keep(Interval(name, start_ns, max(start_ns, round(end * 1e9) + self._mono_offset), attributes,
-                            stage=False))
+                            stage=False, part=part))
 
     def parents(self) -> list[int | None]:
         """For each interval, the index of the shortest other interval that contains it (None: the call's own span
@@ -80,6 +88,23 @@ class StageLog:
 
 
 CURRENT_STAGES: ContextVar[StageLog | None] = ContextVar("stages", default=None)
+CURRENT_PART: ContextVar[int] = ContextVar("stage_part", default=0)
+
+
+async def as_part(name: str, index: int, work: Awaitable[T]) -> T:
+    """``work`` as part ``index`` of its call, for parts that run side by side (an enrolment's clips): it is one
+    stage, ``name``, and its own stages and model requests nest only within it, never in another part's, which
+    may lie around them in time. Run each part in a task of its own (``gather_or_cancel`` does), so that the part
+    set here is that task's alone."""
+    log = CURRENT_STAGES.get()
+    if log is None:
+        return await work
+    CURRENT_PART.set(index + 1)
+    start = time.perf_counter()
+    try:
+        return await work
+    finally:
+        log.add(name, start, time.perf_counter(), {"facegate.stage": name, "facegate.part": index})
 
 
 class Stages:

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from engines.batching import BatcherConfig
 from engines.errors import InternalError
 from server.batching.scheduler import DynamicBatcher
-from server.stages import CURRENT_STAGES, MAX_INTERVALS, StageLog, Stages
+from server.stages import CURRENT_PART, CURRENT_STAGES, MAX_INTERVALS, StageLog, Stages, as_part
 from server.tracing import TracingInterceptor
 from tests.fakes import FakeModel
 
@@ -131,3 +131,31 @@ def test_the_batcher_logs_each_traced_request_with_its_wait_and_batch() -> None:
     assert (b.end_ns - b.start_ns) / 1e6 >= float(b.attributes["facegate.queue_ms"]) + 45
     assert float(b.attributes["facegate.compute_ms"]) > 0 and b.start_ns < a.end_ns < b.end_ns
     assert f.attributes["facegate.failed"] is True and "facegate.compute_ms" not in f.attributes
+
+
+def test_parts_that_run_side_by_side_hold_only_their_own_stages_and_requests() -> None:
+    """An enrolment's clips: clip 1's embedding and its request lie within clip 0's embedding in time, and nest
+    under clip 1 all the same."""
+    log = StageLog()
+
+    async def clip(index: int, wait_s: float, embed_s: float) -> None:
+        async def work() -> None:
+            await asyncio.sleep(wait_s)
+            start, mono = time.perf_counter(), time.monotonic()
+            await asyncio.sleep(embed_s)
+            log.add_request("infer m", mono + 0.001, time.monotonic() - 0.001, {}, CURRENT_PART.get())
+            Stages().add("embed", start, time.perf_counter())
+        await as_part(f"clip {index}", index, work())
+
+    async def main() -> None:
+        CURRENT_STAGES.set(log)
+        await asyncio.gather(clip(0, 0.0, 0.08), clip(1, 0.02, 0.03))
+
+    asyncio.run(main())
+    keys = [f"{i.name}/{i.part}" for i in log.intervals]
+    by_key = dict(zip(keys, log.intervals, strict=True))
+    outer, inner = by_key["embed/1"], by_key["infer m/2"]  # clip 0's embedding holds clip 1's request in time
+    assert outer.start_ns < inner.start_ns < inner.end_ns < outer.end_ns and not outer.contains(inner)
+    assert {k: keys[p] if p is not None else None for k, p in zip(keys, log.parents(), strict=True)} == {
+        "embed/1": "clip 0/1", "infer m/1": "embed/1", "embed/2": "clip 1/2", "infer m/2": "embed/2",
+        "clip 0/1": None, "clip 1/2": None}

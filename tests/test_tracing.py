@@ -179,11 +179,16 @@ def test_an_identification_traces_its_stages_members_and_liveness_check(
     try:
         stub = identification_pb2_grpc.IdentificationServiceStub(running.channel())
         stub.CreateCollection(identification_pb2.CreateCollectionRequest(collection="traced"), timeout=10)
+        enrolled = stub.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+            collection="traced", person_id="p1", clips=[clip_from_folder(clip_dir(trained, k), 200.0)
+                                                        for k in trained["enrol2_gallery"][:2]]), timeout=120)
+        assert enrolled.clips_accepted == 2
         answer = stub.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
             collection="traced", clip=clip_from_folder(clip_dir(trained, trained["test_probes"][0]), 200.0),
             check_liveness=True), timeout=120)
         members = {m.name for m in answer.models} - {m.name for m in answer.liveness.models} - {"retinaface"}
-        assert wait_until(lambda: sum(s.name.startswith("infer ") for _, s in found.spans()) >= len(members) + 2, 10)
+        assert wait_until(lambda: sum(s.name.startswith("infer ") for _, s in found.spans())
+                          >= 3 * len(members) + 2, 10)
         time.sleep(0.5)
     finally:
         stop_server(running, thread)
@@ -209,6 +214,12 @@ def test_an_identification_traces_its_stages_members_and_liveness_check(
     assert set(inner) == {"decode", "detect", "crop", "classify"}
     classifiers = sorted(f"infer {x.model}" for x in answer.liveness.model_scores)
     assert len(classifiers) == 2 and sorted(s.name for s in under[inner["classify"].span_id]) == classifiers
+    # An enrolment's clips run side by side: each clip's stages and requests under its own clip, never another's.
+    (enrolment,) = [s for s in spans if s.name.endswith("/EnrollFromClip")]
+    assert sorted(s.name for s in under[enrolment.span_id]) == ["clip 0", "clip 1"]
+    for clip in under[enrolment.span_id]:
+        (embed,) = [s for s in under[clip.span_id] if s.name == "embed"]
+        assert sorted(s.name for s in under[embed.span_id]) == sorted(f"infer {m}" for m in members), clip.name
 
 
 @pytest.mark.weights

@@ -30,7 +30,7 @@ from engines.errors import (
 from engines.runtime.base import EngineInstance, InferTimings, Model
 from server.batching.policy import QueueState, decide
 from server.batching.stats import ModelStats
-from server.stages import CURRENT_STAGES, Attributes, StageLog
+from server.stages import CURRENT_PART, CURRENT_STAGES, Attributes, StageLog
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class _Item:
     deadline: float | None  # loop clock (monotonic) seconds
     finish: Callable[[Tensors], Any] | None = None  # run on the engine thread on this item's outputs
     stages: StageLog | None = None  # the caller's, while its call is traced
+    part: int = 0  # (server.stages.as_part)
 
 
 @dataclass
@@ -169,7 +170,7 @@ class DynamicBatcher:
             )
         self._note_arrival(now)
         key: ShapeKey = tuple((n, tuple(a.shape)) for n, a in inputs.items())
-        item = _Item(inputs, key, loop.create_future(), now, deadline, finish, CURRENT_STAGES.get())
+        item = _Item(inputs, key, loop.create_future(), now, deadline, finish, CURRENT_STAGES.get(), CURRENT_PART.get())
         self._queue.append(item)
         self._changed.set()
         return await item.future
@@ -318,7 +319,7 @@ class DynamicBatcher:
                     attributes["facegate.failed"] = True
                 else:
                     attributes["facegate.compute_ms"] = (t.input_ns + t.infer_ns + t.output_ns) / 1e6
-                it.stages.add_request(f"infer {self.name}", it.enqueued, end, attributes)
+                it.stages.add_request(f"infer {self.name}", it.enqueued, end, attributes, it.part)
 
     @property
     def broken(self) -> bool:

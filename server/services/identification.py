@@ -27,7 +27,7 @@ from server.pipelines.clip_input import ClipInput, video_share
 from server.pipelines.identification import ClipDiagnostics, ClipPipeline
 from server.pipelines.liveness import LivenessPipeline, LivenessRequest, LivenessResult
 from server.pipelines.quality import QualityIssue
-from server.stages import Stages
+from server.stages import Stages, as_part
 from server.tasks import gather_or_cancel
 
 T = TypeVar("T")
@@ -202,7 +202,8 @@ class IdentificationService:
                   for i, c in enumerate(req.clips)]
         loop = asyncio.get_running_loop()
         key = req.request_key or await loop.run_in_executor(self.clips.executor, derive_request_key, req)
-        results = await gather_or_cancel(*[self.clips.embed(p, req.deadline) for p in probed])
+        results = await gather_or_cancel(*[as_part(f"clip {i}", i, self.clips.embed(p, req.deadline))
+                                           for i, p in enumerate(probed)])
         verdicts: list[ClipVerdict] = []
         accepted = []
         for i, r in enumerate(results):
