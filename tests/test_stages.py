@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from engines.batching import BatcherConfig
-from engines.errors import InternalError
+from engines.errors import DeadlineExceededError, InternalError
 from server.batching.scheduler import DynamicBatcher
 from server.stages import CURRENT_PART, CURRENT_STAGES, MAX_INTERVALS, StageLog, Stages, as_part
 from server.tracing import TracingInterceptor
@@ -159,3 +159,22 @@ def test_parts_that_run_side_by_side_hold_only_their_own_stages_and_requests() -
     assert {k: keys[p] if p is not None else None for k, p in zip(keys, log.parents(), strict=True)} == {
         "embed/1": "clip 0/1", "infer m/1": "embed/1", "embed/2": "clip 1/2", "infer m/2": "embed/2",
         "clip 0/1": None, "clip 1/2": None}
+
+
+def test_a_request_that_expires_in_the_queue_shows_its_wait() -> None:
+    async def main() -> StageLog:
+        batcher = DynamicBatcher(FakeModel(delay_s=0.2), BatcherConfig(max_batch_size=1, max_queue_delay_us=0))
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        blocker = asyncio.create_task(batcher.infer({"x": np.zeros(2, np.float32)}))  # holds the only instance
+        await asyncio.sleep(0.02)
+        log = StageLog()
+        CURRENT_STAGES.set(log)
+        with contextlib.suppress(DeadlineExceededError):
+            await batcher.infer({"x": np.ones(2, np.float32)}, deadline=loop.time() + 0.05)
+        await blocker
+        await batcher.stop()
+        return log
+
+    (expired,) = asyncio.run(main()).intervals
+    assert expired.attributes["facegate.expired"] is True and float(expired.attributes["facegate.queue_ms"]) >= 50

@@ -197,11 +197,18 @@ class DynamicBatcher:
             if head.future.done():
                 self._queue.popleft()
             elif head.deadline is not None and now >= head.deadline:
-                self._queue.popleft()
-                self.stats.expired_before_run += 1
-                head.future.set_exception(DeadlineExceededError(f"{self.name}: deadline passed while queued"))
+                self._expire(self._queue.popleft(), now)
             else:
                 return
+
+    def _expire(self, item: _Item, now: float) -> None:
+        """Fail a queued request whose deadline has passed; its call's trace shows how long it waited."""
+        self.stats.expired_before_run += 1
+        if item.stages is not None:
+            item.stages.add_request(f"infer {self.name}", item.enqueued, now, {
+                "facegate.model": self.name, "facegate.queue_ms": (now - item.enqueued) * 1e3,
+                "facegate.expired": True}, item.part)
+        item.future.set_exception(DeadlineExceededError(f"{self.name}: deadline passed while queued"))
 
     def _compatible(self, limit: int) -> int:
         head_key = self._queue[0].key
@@ -224,8 +231,7 @@ class DynamicBatcher:
             if it.key != head_key:
                 kept.append(it)
             elif it.deadline is not None and now >= it.deadline:
-                self.stats.expired_before_run += 1
-                it.future.set_exception(DeadlineExceededError(f"{self.name}: deadline passed while queued"))
+                self._expire(it, now)
             else:
                 taken.append(it)
         kept.extend(self._queue)
