@@ -37,7 +37,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, set_span_i
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from server.servicers.answers import around_answer, final_code
-from server.servicers.call_context import CURRENT_REQUEST_ID, caller_label
+from server.servicers.call_context import CURRENT_REQUEST_ID, CURRENT_TRACE_ID, caller_label
 from server.stages import CURRENT_STAGES, StageLog
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                                                "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
             if not span.is_recording():  # not sampled: nothing more to pay
                 return await answer
+            CURRENT_TRACE_ID.set(format(span.get_span_context().trace_id, "032x"))  # (for the metrics' exemplar)
             stages = StageLog() if self._stage_spans() else None
             token = CURRENT_STAGES.set(stages)
             code = grpc.StatusCode.OK

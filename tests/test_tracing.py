@@ -7,11 +7,13 @@ metrics count the spans exported, failed and dropped from a full queue."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -291,6 +293,7 @@ def test_a_reload_changes_the_sampling_without_a_restart(repository_dir: Path, s
         settings(1.0, False)
         call_and_count(1)
         ratio = scrape(metrics_port)[("facegate_trace_sample_ratio", ())]
+        exemplars = openmetrics_exemplars(metrics_port, "CheckLiveness")
         settings(1.0, True)
         call_and_count(2)
         settings(1.0, True, endpoint=f"http://127.0.0.1:{free_port()}")
@@ -300,6 +303,10 @@ def test_a_reload_changes_the_sampling_without_a_restart(repository_dir: Path, s
         proc.wait(60)
         receiver.stop(0)
     assert received == [0, 1, 8, 8] and ratio == 1.0
+    # The traced call's latency names its trace, for a scrape that asks for OpenMetrics (as Prometheus does with
+    # exemplar storage on); the untraced call before it left none.
+    (traced,) = [sp for _, sp in found.spans() if sp.kind == sp.SPAN_KIND_SERVER][:1]
+    assert exemplars == {traced.trace_id.hex()}
     text = log.read_text()
     assert "tracing: sample_ratio 0 -> 1, stage_spans true -> false" in text
     assert "tracing: stage_spans false -> true" in text
@@ -319,6 +326,16 @@ def test_a_reload_applies_the_sampling_and_reports_the_rest_of_tracing(tmp_path:
     # Off at the start, there is no tracer to adjust: turning it on, at any ratio, waits for a start.
     assert restart_needed(config(""), config('otlp_endpoint = "http://collector:4317"\nsample_ratio = 1.0')) == [
         "tracing.otlp_endpoint", "tracing.sample_ratio"]
+
+
+def openmetrics_exemplars(port: int, method: str) -> set[str]:
+    """The trace ids in the exemplars of ``method``'s latency buckets, scraped as OpenMetrics."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        text = answer.read().decode()
+    return {m.group(1) for line in text.splitlines() if line.startswith("facegate_request_duration_seconds_bucket")
+            and f"/{method}\"" in line and (m := re.search(r'# \{trace_id="([0-9a-f]{32})"\}', line))}
 
 
 def _serving(channel: grpc.Channel) -> bool:

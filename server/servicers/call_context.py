@@ -28,6 +28,9 @@ CURRENT_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("
 # Set by the auth interceptor when a call opens, on the event-loop clock: the caller's deadline, or the server's
 # default_deadline_s from then when the caller set none. Read by deadline_from.
 CURRENT_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+# Set by the tracing interceptor on a sampled call (its trace id, hex); read by the metrics interceptor around it (the
+# same task) to attach the call's latency to its trace as an exemplar.
+CURRENT_TRACE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 DEFAULT_DEADLINE_S = 30.0
 
 
