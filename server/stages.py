@@ -36,9 +36,13 @@ class Interval:
     # lie one within another without one having made the other)
     part: int = 0  # the part of the call it belongs to (``as_part``; 0: the call itself)
 
+    @property
+    def length(self) -> int:
+        return self.end_ns - self.start_ns
+
     def contains(self, other: Interval) -> bool:
         return (self.stage and self.part in (0, other.part) and self.start_ns <= other.start_ns
-                and other.end_ns <= self.end_ns and self.end_ns - self.start_ns > other.end_ns - other.start_ns)
+                and other.end_ns <= self.end_ns and self.length > other.length)
 
 
 class StageLog:
@@ -54,24 +58,25 @@ class StageLog:
         self._perf_offset = now - time.perf_counter_ns()
         self._mono_offset = now - time.monotonic_ns()
 
-    def _keep(self, interval: Interval) -> None:
+    def _keep(self, name: str, start: float, end: float, offset: int, attributes: Attributes, stage: bool,
+              part: int) -> None:
+        """An interval from ``start`` to ``end`` (seconds on a clock ``offset`` ns behind the wall clock)."""
         if len(self.intervals) >= self._limit:
             self.dropped += 1
-        else:
-            self.intervals.append(interval)
+            return
+        start_ns = round(start * 1e9) + offset
+        self.intervals.append(Interval(name, start_ns, max(start_ns, round(end * 1e9) + offset), attributes, stage,
+                                       part))
 
     def add(self, name: str, start: float, end: float, attributes: Attributes | None = None) -> None:
         """A stage of the current part, timed on ``time.perf_counter`` (seconds)."""
-        start_ns = round(start * 1e9) + self._perf_offset
-        self._keep(Interval(name, start_ns, max(start_ns, round(end * 1e9) + self._perf_offset),
-                            attributes or {"facegate.stage": name}, part=CURRENT_PART.get()))
+        self._keep(name, start, end, self._perf_offset, attributes or {"facegate.stage": name}, True,
+                   CURRENT_PART.get())
 
     def add_request(self, name: str, start: float, end: float, attributes: Attributes, part: int = 0) -> None:
         """A model request of ``part``, timed on ``time.monotonic`` (seconds), the clock of asyncio's
         ``loop.time()``."""
-        start_ns = round(start * 1e9) + self._mono_offset
-        self._keep(Interval(name, start_ns, max(start_ns, round(end * 1e9) + self._mono_offset), attributes,
-                            stage=False, part=part))
+        self._keep(name, start, end, self._mono_offset, attributes, False, part)
 
     def parents(self) -> list[int | None]:
         """For each interval, the index of the shortest other interval that contains it (None: the call's own span
@@ -87,8 +92,7 @@ class StageLog:
             best: int | None = None
             for j in (*holders.get(inner.part, ()), *(holders.get(0, ()) if inner.part else ())):
                 outer = self.intervals[j]
-                if outer.contains(inner) and (best is None or outer.end_ns - outer.start_ns
-                                              < self.intervals[best].end_ns - self.intervals[best].start_ns):
+                if outer.contains(inner) and (best is None or outer.length < self.intervals[best].length):
                     best = j
             out.append(best)
         return out

@@ -33,7 +33,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, SamplingResult, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, set_span_in_context
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, format_trace_id, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from server.servicers.answers import around_answer, final_code
@@ -286,7 +286,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                                                "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
             if not span.is_recording():  # not sampled: nothing more to pay
                 return await answer
-            CURRENT_TRACE_ID.set(format(span.get_span_context().trace_id, "032x"))  # (for the metrics' exemplar)
+            CURRENT_TRACE_ID.set(format_trace_id(span.get_span_context().trace_id))  # (the metrics' exemplar)
             stages = StageLog() if self._stage_spans() else None
             token = CURRENT_STAGES.set(stages)
             code = grpc.StatusCode.OK
@@ -318,7 +318,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         intervals, parents = stages.intervals, stages.parents()
         made: dict[int, Any] = {}
         # Longest first: an interval's parent is strictly longer, so its span exists by the time the child is made.
-        for i in sorted(range(len(intervals)), key=lambda i: intervals[i].start_ns - intervals[i].end_ns):
+        for i in sorted(range(len(intervals)), key=lambda i: -intervals[i].length):
             up, interval = parents[i], intervals[i]
             made[i] = self._tracer.start_span(
                 interval.name, context=set_span_in_context(span if up is None else made[up]),

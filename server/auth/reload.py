@@ -114,12 +114,10 @@ def restart_needed(old: ServerConfig, new: ServerConfig) -> list[str]:
                and getattr(old, f.name) != getattr(new, f.name)]
     changed += [f"auth.{f.name}" for f in fields(AuthConfig) if f.name not in _RELOADED_AUTH
                 and getattr(old.auth, f.name) != getattr(new.auth, f.name)]
-    if not old.tracing.enabled:  # (no tracer to adjust: any change of [tracing] waits for a start)
-        changed += [f"tracing.{f.name}" for f in fields(old.tracing)
-                    if getattr(old.tracing, f.name) != getattr(new.tracing, f.name)]
-    else:
-        changed += [f"tracing.{f.name}" for f in fields(old.tracing) if f.name not in _RELOADED_TRACING
-                    and getattr(old.tracing, f.name) != getattr(new.tracing, f.name)]
+    # (off at the start, there is no tracer to adjust: any change of [tracing] waits for a start)
+    reloaded = _RELOADED_TRACING if old.tracing.enabled else frozenset()
+    changed += [f"tracing.{f.name}" for f in fields(old.tracing) if f.name not in reloaded
+                and getattr(old.tracing, f.name) != getattr(new.tracing, f.name)]
     return changed
 
 

@@ -204,10 +204,7 @@ class DynamicBatcher:
     def _expire(self, item: _Item, now: float) -> None:
         """Fail a queued request whose deadline has passed; its call's trace shows how long it waited."""
         self.stats.expired_before_run += 1
-        if item.stages is not None:
-            item.stages.add_request(f"infer {self.name}", item.enqueued, now, {
-                "facegate.model": self.name, "facegate.queue_ms": (now - item.enqueued) * 1e3,
-                "facegate.expired": True}, item.part)
+        self._log(item, now, now, {"facegate.expired": True})
         item.future.set_exception(DeadlineExceededError(f"{self.name}: deadline passed while queued"))
 
     def _compatible(self, limit: int) -> int:
@@ -315,17 +312,22 @@ class DynamicBatcher:
             self._changed.set()
 
     def _log_items(self, batch: _Batch, end: float, t: InferTimings | None) -> None:
-        """Each traced item's request as an interval of its call: queued from ``enqueued``, run in a batch from
-        ``dispatched`` to ``end`` (loop clock); ``t`` None: the batch failed."""
+        """Each item of a batch that ran from ``dispatched`` to ``end``; ``t`` None: the batch failed."""
+        outcome: Attributes = {"facegate.batch_size": len(batch.items)}
+        if t is None:
+            outcome["facegate.failed"] = True
+        else:
+            outcome["facegate.compute_ms"] = (t.input_ns + t.infer_ns + t.output_ns) / 1e6
         for it in batch.items:
-            if it.stages is not None:
-                attributes: Attributes = {"facegate.model": self.name, "facegate.batch_size": len(batch.items),
-                                          "facegate.queue_ms": (batch.dispatched - it.enqueued) * 1e3}
-                if t is None:
-                    attributes["facegate.failed"] = True
-                else:
-                    attributes["facegate.compute_ms"] = (t.input_ns + t.infer_ns + t.output_ns) / 1e6
-                it.stages.add_request(f"infer {self.name}", it.enqueued, end, attributes, it.part)
+            self._log(it, batch.dispatched, end, outcome)
+
+    def _log(self, item: _Item, dequeued: float, end: float, outcome: Attributes) -> None:
+        """A traced item's request as an interval of its call: queued from ``enqueued`` to ``dequeued``, ended at
+        ``end`` (loop clock), with ``outcome``."""
+        if item.stages is not None:
+            item.stages.add_request(f"infer {self.name}", item.enqueued, end, {
+                "facegate.model": self.name, "facegate.queue_ms": (dequeued - item.enqueued) * 1e3, **outcome},
+                item.part)
 
     @property
     def broken(self) -> bool:
