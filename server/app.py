@@ -31,6 +31,7 @@ from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.admission import Budget, PerCaller, WaitGate
 from server.audit import AuditLog
 from server.auth.callers import Authenticator
+from server.auth.deployment_rates import DeploymentRates, DeploymentShare, replica_id
 from server.auth.interceptor import AuthInterceptor
 from server.auth.reload import CredentialReloader
 from server.config import ServerConfig
@@ -49,7 +50,7 @@ from server.servicers.models import ModelServicer, model_version
 from server.services.identification import IdentificationService
 from server.shared_admission import SharedCallerState
 from server.tracing import Tracing, package_version
-from server.workers import caller_table
+from server.workers import caller_table, worker_index
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,15 @@ class FacegateServer:
         streams = Budget("streams", config.stream_calls(), "calls")
         table = caller_table()  # with --workers, each caller's own limits hold for the set of workers
         self.per_caller = SharedCallerState(table) if table is not None else PerCaller()
+        # With rate_scope = "deployment", the buckets refill at this replica's share of each caller's rate.
+        self.rates = (DeploymentRates(config.shared_rates_url, config.auth.rate_sync_s, replica_id(),
+                                      worker_index() or 0, on_sync=lambda o: self.metrics.rate_syncs.labels(o).inc())
+                      if config.shared_rates_url else None)
+        self._rates_task: asyncio.Task[None] | None = None
         self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls, gated,
-                                    side, config.default_deadline_s, self.per_caller, streams)
+                                    side, config.default_deadline_s,
+                                    self.per_caller if self.rates is None else DeploymentShare(self.per_caller,
+                                                                                               self.rates), streams)
         self.metrics = Metrics()
         self.metrics.watch_models(self.registry)
         self.metrics.watch_gates(self.gates)
@@ -164,6 +172,8 @@ class FacegateServer:
         await self.server.start()
         if self.health_port is not None:
             await self.health_port.start()
+        if self.rates is not None:
+            self._rates_task = asyncio.get_running_loop().create_task(self.rates.run(self.db_pool))
         if self.config.metrics_port:
             try:
                 self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
@@ -255,6 +265,11 @@ class FacegateServer:
         await self.registry.stop()
         if self.identification is not None:
             await self.identification.close()
+        if self._rates_task is not None:
+            self._rates_task.cancel()
+            await asyncio.gather(self._rates_task, return_exceptions=True)
+        if self.rates is not None:
+            await asyncio.get_running_loop().run_in_executor(self.db_pool, self.rates.close)
         self.db_pool.shutdown(wait=True)
         self.video_pool.shutdown(wait=True)
         self.cpu_pool.shutdown(wait=True)

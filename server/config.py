@@ -146,6 +146,10 @@ class ServerConfig:
                 self.port, self.metrics_port)):
             raise ValueError(f"health_port must lie in [1, 65535] and differ from port and metrics_port (0: none), "
                              f"got {self.health_port}")
+        if self.auth.rate_scope == "deployment" and self.gallery_url.split(":", 1)[0].lower() not in (
+                "postgresql", "postgres"):
+            raise ValueError('[auth] rate_scope = "deployment" shares callers\' rates through the gallery\'s '
+                             "PostgreSQL database: set gallery_url to a postgresql:// URL")
         if self.max_message_bytes < self.liveness.image.max_bytes:
             raise ValueError(
                 f"max_message_bytes ({self.max_message_bytes}) must be at least liveness.image.max_bytes "
@@ -201,6 +205,11 @@ class ServerConfig:
         checks. A kubelet's probe is a check, and 64 watches held open had taken every slot: the probes failed."""
         side = self.max_health_and_stream_calls
         return side - max(1, side // 4) if side > 1 else side
+
+    @property
+    def shared_rates_url(self) -> str:
+        """The database the replicas share callers' rates through ("" when each holds them on its own)."""
+        return self.gallery_url if self.auth.rate_scope == "deployment" else ""
 
     def gallery_target(self) -> Path | str:
         """The gallery's database: a SQLite path, or a URL."""

@@ -136,6 +136,10 @@ class Metrics:
         self.credential_reloads = Counter("facegate_credential_reloads", "Credential reloads (SIGHUP or changed "
                                           "files), by outcome: applied, or refused (the credentials in force kept)",
                                           ["outcome"], registry=r)
+        self.rate_syncs = Counter("facegate_deployment_rate_syncs", "Exchanges of what callers ask for with the "
+                                  "other replicas ([auth] rate_scope = \"deployment\"), by outcome: ok, or failed "
+                                  "(the database unreachable; after 3 in a row each replica holds the whole rate)",
+                                  ["outcome"], registry=r)
         self.credentials_loaded = Gauge("facegate_credentials_loaded_timestamp_seconds",
                                         "When the credentials in force were read (Unix time)", registry=r)
         self.credentials_reload_ok = Gauge("facegate_credentials_last_reload_successful",

@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
+from server.auth.deployment_rates import REPLICA_ENV, replica_id
 from server.config import ServerConfig
 from server.shared_admission import create_table
 
@@ -64,7 +65,8 @@ def supervise(argv: list[str], config: ServerConfig) -> int:
     table_dir = Path(tempfile.mkdtemp(prefix="facegate-callers-"))
     try:
         create_table(table_dir / "table")
-        env = {**os.environ, CALLER_TABLE_ENV: str(table_dir / "table")}
+        # (one replica id for the set: the workers share each caller's bucket, and so its share of the deployment's)
+        env = {**os.environ, CALLER_TABLE_ENV: str(table_dir / "table"), REPLICA_ENV: replica_id()}
         return _run(argv, config, env)
     finally:
         shutil.rmtree(table_dir, ignore_errors=True)

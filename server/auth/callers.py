@@ -82,7 +82,19 @@ class AuthConfig:
     (``IdentifyFromClip = 5``), or one unit of it where a request carries several (each clip of an EnrollFromClip,
     each batch item of a ModelInfer); 1 unless set, 0: not counted (server.auth.costs)."""
 
+    rate_scope: str = "replica"
+    """What each caller's ``rate_per_s`` holds for: ``replica`` (each server on its own: a caller spread over N
+    replicas may start N times its rate) or ``deployment`` (the replicas share it through the gallery's PostgreSQL
+    database; server.auth.deployment_rates). ``max_in_flight`` and ``burst`` stay per replica."""
+    rate_sync_s: float = 1.0
+    """With ``rate_scope = "deployment"``: how often each server exchanges what its callers ask for with the others
+    (the shares follow a change of load within one or two of these)."""
+
     def __post_init__(self) -> None:
+        if self.rate_scope not in ("replica", "deployment"):
+            raise ValueError(f'rate_scope must be "replica" or "deployment", got {self.rate_scope!r}')
+        if not (math.isfinite(self.rate_sync_s) and 0.05 <= self.rate_sync_s <= 60):
+            raise ValueError(f"rate_sync_s must lie in [0.05, 60] seconds, got {self.rate_sync_s}")
         for s in self.token_file_scopes:
             Scope.parse(s)
         if self.token_file_max_in_flight < 0:
