@@ -46,6 +46,7 @@ EXPIRY = "facegate_tls_certificate_expiration_timestamp_seconds"
 START = "facegate_tls_certificate_not_before_timestamp_seconds"
 REQUESTS = "facegate_requests_total"
 SPANS = "facegate_trace_spans_total"
+SYNCS = "facegate_deployment_rate_syncs_total"
 
 
 def _expiring(pod: str, certificate: str, left: str, severity: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -126,6 +127,23 @@ CASES: list[dict[str, Any]] = [
                                 "last 5 minutes; its log has the traceback."})),
         ],
     },
+    {   # p-1 cannot reach the database it shares callers' rates through (a sync a second); p-2 can
+        "interval": "1m",
+        "input_series": [series(SYNCS, "0+60x40", pod="p-1", outcome="failed"),
+                         series(SYNCS, "0+0x40", pod="p-1", outcome="ok"),
+                         series(SYNCS, "0+60x40", pod="p-2", outcome="ok"),
+                         series(SYNCS, "0+0x40", pod="p-2", outcome="failed")],
+        "alert_rule_test": [
+            alert("FacegateDeploymentRatesUnshared", "10m"),  # (pending)
+            alert("FacegateDeploymentRatesUnshared", "20m", (
+                {"pod": "p-1", "severity": "warning"},
+                {"summary": "facegate cannot share callers' rates with the other replicas",
+                 "description": "ns/p-1 failed 100% of its exchanges with the other replicas over the last 5 "
+                                "minutes (the gallery's PostgreSQL is unreachable from it): it holds each caller to "
+                                "its whole rate_per_s, so a caller spread over N replicas may start up to N times "
+                                "its rate."})),
+        ],
+    },
     {   # p-1 fails to export 30 spans a minute (its collector is down); p-2 exports all of its own
         "interval": "1m",
         "input_series": [series(SPANS, "0+30x40", pod="p-1", outcome="failed"),
@@ -149,7 +167,7 @@ def test_the_rules_are_valid_promql_and_fire_as_meant(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
     check = subprocess.run([promtool(), "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=60)
-    assert check.returncode == 0 and "SUCCESS: 6 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 7 rules found" in check.stdout, check.stdout + check.stderr
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(
         {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": CASES}, sort_keys=False))
     run = subprocess.run([promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True,

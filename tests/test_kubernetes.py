@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from server.config import load_config
 from tests.conftest import ROOT
 
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -147,6 +148,18 @@ def test_the_autoscaler_owns_the_replica_count(overlay: str) -> None:
                                              "name": deployment["metadata"]["name"]}
     assert "replicas" not in deployment["spec"]
     assert hpa["spec"]["minReplicas"] > pdb["spec"]["maxUnavailable"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_pods_share_each_callers_rate_through_the_gallery_database(overlay: str, tmp_path: Path) -> None:
+    docs = render(overlay)
+    (config := tmp_path / "facegate.toml").write_text(by_kind(docs, "ConfigMap")["data"]["facegate.toml"])
+    (container,) = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "FACEGATE_GALLERY_URL" in {e["name"] for e in container["env"]}
+    token = {"token_file": tmp_path / "token"}  # (FACEGATE_TOKEN_FILE: the pod's caller)
+    assert load_config(config, token, gallery_url="postgresql://u@db/facegate").shared_rates_url
+    with pytest.raises(ValueError, match="postgresql://"):  # (a pod without the database would not start)
+        load_config(config, token, gallery_url="sqlite:///data/gallery.sqlite")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
