@@ -103,7 +103,7 @@ class FacegateServer:
         self.per_caller = SharedCallerState(table) if table is not None else PerCaller()
         # With rate_scope = "deployment", the buckets refill at this replica's share of each caller's rate.
         self.rates = (DeploymentRates(config.shared_rates_url, config.auth.rate_sync_s, replica_id(),
-                                      worker_index() or 0, on_sync=lambda o: self.metrics.rate_syncs.labels(o).inc())
+                                      worker_index() or 0, on_sync=self._rates_synced)
                       if config.shared_rates_url else None)
         self._rates_task: asyncio.Task[None] | None = None
         self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls, gated,
@@ -228,6 +228,12 @@ class FacegateServer:
         self.identification = IdentificationService(clips, store, self.db_pool, self.liveness, self.audit)
         log.info("identification: ensemble %s v%s (%d members), gallery %s", ensemble.name, ensemble.version,
                  len(members), store.url)
+
+    def _rates_synced(self, outcome: str) -> None:
+        self.metrics.rate_syncs.labels(outcome).inc()
+        if self.rates is not None:  # each caller's share, read at each scrape (so it shows going stale too)
+            for caller in self.rates.callers:
+                self.metrics.rate_share.labels(caller).set_function(partial(self.rates.fraction, caller))
 
     def _reloaded(self, outcome: str) -> None:
         self.metrics.credential_reloads.labels(outcome).inc()

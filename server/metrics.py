@@ -140,6 +140,9 @@ class Metrics:
                                   "other replicas ([auth] rate_scope = \"deployment\"), by outcome: ok, or failed "
                                   "(the database unreachable; after 3 in a row each replica holds the whole rate)",
                                   ["outcome"], registry=r)
+        self.rate_share = Gauge("facegate_caller_rate_share", "With rate_scope = \"deployment\": the part of a "
+                                "caller's rate_per_s that this server refills its bucket at now (1: all of it, as when "
+                                "the shares are stale), by caller", ["caller"], registry=r)
         self.credentials_loaded = Gauge("facegate_credentials_loaded_timestamp_seconds",
                                         "When the credentials in force were read (Unix time)", registry=r)
         self.credentials_reload_ok = Gauge("facegate_credentials_last_reload_successful",

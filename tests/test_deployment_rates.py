@@ -237,7 +237,12 @@ def test_two_servers_hold_a_caller_spread_over_both_to_one_rate(two_replicas: li
     # Then 4 s on the first alone: its share grows back to the whole rate (about 40; half would be about 20).
     pinned = admitted_over(stubs[:1], 4.0)
     assert 28 <= pinned <= 50, pinned
+    shares = []
     for _, metrics in two_replicas:
-        synced = sum(v for (name, labels), v in scrape(metrics).items()
+        samples = scrape(metrics)
+        synced = sum(v for (name, labels), v in samples.items()
                      if name == "facegate_deployment_rate_syncs_total" and dict(labels)["outcome"] == "ok")
         assert synced >= 10
+        shares.append(samples[("facegate_caller_rate_share", (("caller", "lister"),))])
+    # The first holds (about) all of the rate, the other the floor (a quarter of an equal part of two).
+    assert shares[0] >= 0.9 and shares[1] == pytest.approx(0.125), shares

@@ -98,8 +98,17 @@ class DeploymentRates:
         ``rate_per_s``, or all of it while the shares are stale. From the event loop only."""
         self._asked[caller] = self._asked.get(caller, 0.0) + cost
         self._rates[caller] = rate_per_s
+        return rate_per_s * self.fraction(caller)
+
+    def fraction(self, caller: str) -> float:
+        """The part of ``caller``'s rate in force here: its share from the last sync, or 1 while that is stale."""
         fresh = self._clock() - self._synced_at <= STALE_SYNCS * self.sync_s
-        return rate_per_s * self._fractions.get(caller, 1.0) if fresh else rate_per_s
+        return self._fractions.get(caller, 1.0) if fresh else 1.0
+
+    @property
+    def callers(self) -> list[str]:
+        """The callers with a rate seen here (each has a share once a sync has run)."""
+        return list(self._rates)
 
     def _take_asks(self) -> tuple[dict[str, float], dict[str, float]]:
         """(From the event loop) each caller's asks a second since the last call, and the callers' rates.
