@@ -122,6 +122,7 @@ def test_a_share_refills_the_callers_bucket_and_the_refusal_says_whose_rate_it_i
 def test_an_unreachable_database_leaves_each_replica_the_whole_rate(tmp_path: Path, clock: list[float]) -> None:
     outcomes: list[str] = []
     rates = rates_on(f"postgresql://nobody@/facegate?host={tmp_path}", "lonely", clock, outcomes)
+    assert asyncio.run(rates.sync()) and outcomes == []  # no caller with a rate yet: the database is not asked
     ask(rates, "desk", 20, clock)
     assert not asyncio.run(rates.sync())
     assert outcomes == ["failed"]

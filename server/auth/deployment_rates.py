@@ -176,6 +176,9 @@ class DeploymentRates:
         """One exchange with the other replicas; the shares then follow it. False (and the shares left to go
         stale) when the database could not be reached."""
         wants, rates = self._take_asks()
+        if not rates:  # no caller with a rate has called: nothing to share, and no connection held for it
+            self._synced_at = self._clock()
+            return True
         try:
             asks = await asyncio.get_running_loop().run_in_executor(executor, self._exchange, wants, list(rates))
         except Exception as exc:  # the database: the shares go stale and the whole rate applies
