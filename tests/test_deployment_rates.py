@@ -5,6 +5,7 @@ and two server processes on one database answering a caller spread over both (an
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import grpc
 import psycopg
 import pytest
 
-from benchmarks.server_process import free_port, terminate, wait_serving
+from benchmarks.server_process import free_port, terminate, wait_for_metrics, wait_serving
 from engines.errors import RateLimitedError
 from facegate.v1 import models_pb2, models_pb2_grpc
 from server.admission import PerCaller
@@ -247,3 +248,33 @@ def test_two_servers_hold_a_caller_spread_over_both_to_one_rate(two_replicas: li
         shares.append(samples[("facegate_caller_rate_share", (("caller", "lister"),))])
     # The first holds (about) all of the rate, the other the floor (a quarter of an equal part of two).
     assert shares[0] >= 0.9 and shares[1] == pytest.approx(0.125), shares
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+def test_the_workers_of_one_server_count_as_one_replica(repository_dir: Path, postgres: Any, tmp_path: Path) -> None:
+    """``--workers 2``: both workers write their asks under the supervisor's one replica id, so the server holds
+    the whole rate (a worker counted as a replica of its own would hold half of it)."""
+    (tmp_path / "callers.toml").write_text(CALLER)
+    port, metrics = free_port(), free_port()
+    while metrics + 1 == port:  # worker 1 serves metrics on metrics + 1
+        metrics = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", str(port), "--model-repository", str(repository_dir),
+         "--gallery-url", postgres.url, "--config", str(tmp_path / "callers.toml"), "--workers", "2",
+         "--metrics-port", str(metrics), "--audit-log", str(tmp_path / "audit.jsonl"), "--log-level", "WARNING"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        wait_serving(f"127.0.0.1:{port}", 180)
+        wait_for_metrics(metrics + 1)  # the second worker listens once its models are warm
+        # Separate connections (a distinct channel argument each): the kernel spreads them over both workers.
+        stubs = [models_pb2_grpc.ModelServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+            ("grpc.test_connection", i)])) for i in range(8)]
+        admitted = admitted_over(stubs, 4.0)
+        with psycopg.connect(postgres.url) as conn:
+            rows = conn.execute("SELECT replica, worker FROM facegate_caller_asks WHERE caller = 'lister' "
+                                "ORDER BY worker").fetchall()
+    finally:
+        stop(proc)
+    assert len({replica for replica, _ in rows}) == 1 and [w for _, w in rows] == [0, 1], rows
+    assert 35 <= admitted <= 60, admitted  # the rate for 4 s and a burst: about 45; half the rate: about 25
