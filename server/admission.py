@@ -54,8 +54,8 @@ class CallerAdmission(Protocol):
 
     def hold(self, caller: str, limit: int) -> AbstractContextManager[None]: ...
 
-    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False
-             ) -> None: ...
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False,
+             share: float | None = None) -> None: ...
 
 
 def over_in_flight(caller: str, held: int) -> ResourceExhaustedError:
@@ -78,12 +78,17 @@ def spend(tokens: float | None, elapsed_s: float, rate_per_s: float, size: int, 
     return (have - (0.0 if only_check else cost), True) if have >= cost else (have, False)
 
 
-def over_rate(caller: str, rate_per_s: float, size: int, tokens: float, cost: float = 1.0) -> RateLimitedError:
-    """The refusal of a call of ``cost`` with ``tokens`` (< cost) left: RetryInfo says when enough are back."""
-    wait = (cost - tokens) / rate_per_s
+def over_rate(caller: str, rate_per_s: float, size: int, tokens: float, cost: float = 1.0,
+              share: float | None = None) -> RateLimitedError:
+    """The refusal of a call of ``cost`` with ``tokens`` (< cost) left: RetryInfo says when enough are back.
+    ``share``: the part of the rate this replica holds (server.auth.deployment_rates; None: all of it, alone)."""
+    refill = rate_per_s * (1.0 if share is None else share)
+    wait = (cost - tokens) / refill
     costs = f"; this call costs {cost:g}" if cost != 1.0 else ""
-    return RateLimitedError(f"caller {caller!r} is over its rate_per_s = {rate_per_s:g} (burst {size}{costs}); "
-                            f"retry in {wait:.2f} s", retry_after_s=wait)
+    rate = (f"rate_per_s = {rate_per_s:g}" if share is None else f"share on this replica ({refill:.3g} a second "
+            f"now) of its rate_per_s = {rate_per_s:g} for the deployment")
+    return RateLimitedError(f"caller {caller!r} is over its {rate} (burst {size}{costs}); retry in {wait:.2f} s",
+                            retry_after_s=wait)
 
 
 class CallerLimit:
@@ -127,20 +132,22 @@ class CallerRate:
         self._clock = clock
         self._buckets: dict[str, tuple[float | None, float]] = {}  # caller -> (tokens, when counted)
 
-    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False
-             ) -> None:
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False,
+             share: float | None = None) -> None:
         """One call of ``cost`` tokens (server.auth.costs; 1 unless set) taken, or refused. ``only_check``: refused
         as it would be, but nothing taken (a call whose whole cost is known only from its request, checked for one
-        unit's cost before that request is received)."""
+        unit's cost before that request is received). ``share``: the bucket (of the same size) refills at that part
+        of the rate (server.auth.deployment_rates)."""
         if rate_per_s <= 0 or cost <= 0:
             return
         size = bucket_size(rate_per_s, burst)
         now = self._clock()
         tokens, then = self._buckets.get(caller, (None, now))
-        left, admitted = spend(tokens, now - then, rate_per_s, size, cost, only_check)
+        left, admitted = spend(tokens, now - then, rate_per_s * (1.0 if share is None else share), size, cost,
+                               only_check)
         self._buckets[caller] = (left, now)
         if not admitted:
-            raise over_rate(caller, rate_per_s, size, left, cost)
+            raise over_rate(caller, rate_per_s, size, left, cost, share)
 
 
 class PerCaller:
@@ -153,9 +160,9 @@ class PerCaller:
     def hold(self, caller: str, limit: int) -> AbstractContextManager[None]:
         return self.limit.hold(caller, limit)
 
-    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False
-             ) -> None:
-        self.rate.take(caller, rate_per_s, burst, cost, only_check)
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False,
+             share: float | None = None) -> None:
+        self.rate.take(caller, rate_per_s, burst, cost, only_check, share)
 
 
 # Busy time over which one completion-rate sample is taken: long enough to span several batches, short enough

@@ -106,6 +106,7 @@ class FacegateServer:
                                       worker_index() or 0, on_sync=self._rates_synced)
                       if config.shared_rates_url else None)
         self._rates_task: asyncio.Task[None] | None = None
+        self._shares_shown: set[str] = set()  # callers whose share the metrics read
         self.auth = AuthInterceptor(Authenticator(config.auth), self.audit, self.request_bytes, self.calls, gated,
                                     side, config.default_deadline_s,
                                     self.per_caller if self.rates is None else DeploymentShare(self.per_caller,
@@ -231,9 +232,10 @@ class FacegateServer:
 
     def _rates_synced(self, outcome: str) -> None:
         self.metrics.rate_syncs.labels(outcome).inc()
-        if self.rates is not None:  # each caller's share, read at each scrape (so it shows going stale too)
-            for caller in self.rates.callers:
+        if self.rates is not None:  # each new caller's share, read at each scrape (so it shows going stale too)
+            for caller in set(self.rates.callers) - self._shares_shown:
                 self.metrics.rate_share.labels(caller).set_function(partial(self.rates.fraction, caller))
+                self._shares_shown.add(caller)
 
     def _reloaded(self, outcome: str) -> None:
         self.metrics.credential_reloads.labels(outcome).inc()

@@ -19,6 +19,7 @@ from engines.tensorrt.cache import BuilderSettings
 from engines.vision.imaging import ImageLimits
 from server.audit import AuditConfig
 from server.auth.callers import AuthConfig, CallerConfig
+from server.gallery.dialects import is_postgresql
 from server.pipelines.clip_input import ClipLimits
 from server.pipelines.liveness import LivenessConfig
 from server.pipelines.quality import QualityConfig
@@ -146,8 +147,7 @@ class ServerConfig:
                 self.port, self.metrics_port)):
             raise ValueError(f"health_port must lie in [1, 65535] and differ from port and metrics_port (0: none), "
                              f"got {self.health_port}")
-        if self.auth.rate_scope == "deployment" and self.gallery_url.split(":", 1)[0].lower() not in (
-                "postgresql", "postgres"):
+        if self.auth.rate_scope == "deployment" and not is_postgresql(self.gallery_url):
             raise ValueError('[auth] rate_scope = "deployment" shares callers\' rates through the gallery\'s '
                              "PostgreSQL database: set gallery_url to a postgresql:// URL")
         if self.max_message_bytes < self.liveness.image.max_bytes:

@@ -96,23 +96,24 @@ class SharedCallerState:
             log.warning("the workers' table of callers is full (%d): callers past it are limited per worker", SLOTS)
         return None
 
-    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False
-             ) -> None:
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False,
+             share: float | None = None) -> None:
         if rate_per_s <= 0 or cost <= 0:
             return
         offset = self._offset(caller)
         if offset is None:
-            self._local.take(caller, rate_per_s, burst, cost, only_check)
+            self._local.take(caller, rate_per_s, burst, cost, only_check, share)
             return
         size = bucket_size(rate_per_s, burst)
         with self._locked():
             key, held, tokens, then = self._read(offset)
             now = self._clock()  # read under the lock: the workers count in the order they hold it
             fresh = None if math.isnan(tokens) else tokens
-            left, admitted = spend(fresh, now - then, rate_per_s, size, cost, only_check)
+            left, admitted = spend(fresh, now - then, rate_per_s * (1.0 if share is None else share), size, cost,
+                                   only_check)
             SLOT.pack_into(self._map, offset, key, held, left, now)
         if not admitted:
-            raise over_rate(caller, rate_per_s, size, left, cost)
+            raise over_rate(caller, rate_per_s, size, left, cost, share)
 
     def hold(self, caller: str, limit: int) -> AbstractContextManager[None]:
         offset = self._offset(caller) if limit > 0 else None

@@ -35,7 +35,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from engines.errors import RateLimitedError
-from server.admission import CallerAdmission, bucket_size
+from server.admission import CallerAdmission
 
 STALE_SYNCS = 3  # intervals after which a replica's asks (and this replica's shares) no longer count
 REPLICA_ENV = "FACEGATE_REPLICA_ID"  # one id for a server's workers (they share one bucket per caller)
@@ -219,7 +219,7 @@ class DeploymentRates:
 
 class DeploymentShare:
     """A ``CallerAdmission`` whose rates are this replica's shares: ``inner`` counts the calls, with its bucket
-    refilled at what ``rates`` says."""
+    refilled at the share ``rates`` says (``share`` given here is ignored: the share is this class's to set)."""
 
     def __init__(self, inner: CallerAdmission, rates: DeploymentRates) -> None:
         self._inner = inner
@@ -228,22 +228,17 @@ class DeploymentShare:
     def hold(self, caller: str, limit: int) -> AbstractContextManager[None]:
         return self._inner.hold(caller, limit)
 
-    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False
-             ) -> None:
+    def take(self, caller: str, rate_per_s: float, burst: int, cost: float = 1.0, only_check: bool = False,
+             share: float | None = None) -> None:
         if rate_per_s <= 0 or cost <= 0:
             return
         # (A call checked for one unit now is charged, and counted as asked, in full once its request is parsed;
         # only a refusal of that check counts now.)
-        rate = self._rates.rate(caller, rate_per_s, 0.0 if only_check else cost)
-        size = bucket_size(rate_per_s, burst)  # (the configured bucket: each replica keeps its own burst)
+        share = self._rates.rate(caller, rate_per_s, 0.0 if only_check else cost) / rate_per_s
         try:
-            self._inner.take(caller, rate, size, cost, only_check)
-        except RateLimitedError as exc:
+            self._inner.take(caller, rate_per_s, burst, cost, only_check, share)
+        except RateLimitedError:
             if only_check:
                 self._rates.rate(caller, rate_per_s, cost)
-            costs = f"; this call costs {cost:g}" if cost != 1.0 else ""
-            raise RateLimitedError(
-                f"caller {caller!r} is over its share on this replica ({rate:.3g} a second now) of its rate_per_s = "
-                f"{rate_per_s:g} for the deployment (burst {size}{costs}); retry in {exc.retry_after_s or 0:.2f} s",
-                retry_after_s=exc.retry_after_s) from None
+            raise
 

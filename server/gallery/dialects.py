@@ -194,6 +194,11 @@ class PostgresDialect(Dialect):
         self._pool.close()
 
 
+def is_postgresql(url: str) -> bool:
+    """Whether ``url`` names a PostgreSQL database (``postgresql://`` or ``postgres://``)."""
+    return url.split(":", 1)[0].lower() in ("postgresql", "postgres")
+
+
 def open_dialect(url: str) -> Dialect:
     """``sqlite:///relative/or/absolute/path`` or ``postgresql://user[:password]@host[:port]/db[?host=/socket]``."""
     scheme = url.split(":", 1)[0].lower()
@@ -203,6 +208,6 @@ def open_dialect(url: str) -> Dialect:
         if not path:
             raise ValueError(f"gallery_url {url!r}: give a file, e.g. sqlite:///data/gallery.sqlite")
         return SqliteDialect(Path(path))
-    if scheme in ("postgresql", "postgres"):
+    if is_postgresql(url):
         return PostgresDialect(url)
     raise ValueError(f"gallery_url {redact(url)!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
