@@ -29,7 +29,9 @@ async def gather_or_cancel(*parts: Awaitable[T]) -> list[T]:
             t.cancel()
         if running:
             await asyncio.wait(running)
-    for t in tasks:  # every outcome retrieved, so none is logged as "never retrieved"
-        if not t.cancelled() and (err := t.exception()) is not None:
-            raise err
+        # Every outcome retrieved here, also when the caller was cancelled (its cancellation then goes on): a
+        # part that failed last, as the caller was cancelled, was otherwise logged as "never retrieved".
+        failures = [err for t in tasks if not t.cancelled() and (err := t.exception()) is not None]
+    if failures:
+        raise failures[0]
     return [t.result() for t in tasks]
