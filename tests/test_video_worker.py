@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -223,3 +224,33 @@ def test_an_abandoned_decode_stops_its_worker(tmp_path: Path) -> None:
     # Set from the start, nothing is decoded at all.
     with pytest.raises(video_mod.DecodeAbandonedError):
         decode_video(data, VideoLimits(), "clip", abandon)
+
+
+_DECODE_CUT_VIDEO = """
+import sys
+from pathlib import Path
+from engines.vision.video import decode_video
+from server.pipelines.clip_input import ClipLimits
+if __name__ == "__main__":
+    data = Path(sys.argv[1]).read_bytes()
+    try:
+        print(len(decode_video(data, ClipLimits().video(), "clip.video")), "frames")
+    except Exception as exc:
+        print(type(exc).__name__)
+"""
+
+
+def test_ffmpeg_writes_nothing_to_the_servers_stderr_about_a_broken_stream(tmp_path: Path) -> None:
+    """A Motion JPEG cut mid-frame made FFmpeg print "[mjpeg @ 0x...] overread 8" to the server's stderr, once per
+    bad packet, so a hostile video chose what and how much went to the log. Run in a fresh process so that its
+    video workers write to a stderr this test reads."""
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(video(tmp_path / "c.avi", _frames(40))[:30000])
+    script = tmp_path / "decode.py"
+    script.write_text(_DECODE_CUT_VIDEO)
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(script), str(cut)], capture_output=True, text=True, timeout=120,
+                         cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("frames") or out.stdout.strip() == "InvalidArgumentError"
+    assert "@ 0x" not in out.stderr and out.stderr.strip() == "", out.stderr

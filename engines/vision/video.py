@@ -194,6 +194,10 @@ class _Placement:
 
 def _worker(data: bytes, limits: VideoLimits, spool_dir: str, placement: _Placement, out: Connection) -> None:
     placement.apply()
+    # FFmpeg's own complaints about a broken stream ("[mjpeg @ 0x...] overread 8") went to the server's stderr,
+    # one line per bad packet: a hostile video chose how much the server's log got. What was wrong reaches the
+    # caller as one status instead. (Read by OpenCV when it first opens a capture, so before any is opened.)
+    os.environ["OPENCV_FFMPEG_LOGLEVEL"] = "-8"  # AV_LOG_QUIET
     with contextlib.suppress(OSError):  # under memory pressure the kernel kills a decoder before the server
         Path("/proc/self/oom_score_adj").write_text("1000")
     try:
