@@ -25,7 +25,7 @@ IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
-.PHONY: bench-metrics k8s-deps bench-cpu tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-gallery client-deps clients test-clients proto-check identify-controls
+.PHONY: bench-metrics k8s-deps bench-cpu tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-soak bench-gallery client-deps clients test-clients proto-check identify-controls
 .PHONY: lock FORCE help install stubs models identify-models ensemble-bundle engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -38,6 +38,7 @@ help:
 	@echo "make bench-liveness liveness benchmarks (numbers in benchmarks/results/)"
 	@echo "make bench-identify identification benchmarks (numbers in benchmarks/results/)"
 	@echo "make bench-security authentication overhead and overload shedding (numbers in benchmarks/results/)"
+	@echo "make bench-soak      10 minutes of mixed traffic: growth of memory, threads, descriptors (SOAK_S=seconds)"
 
 # Every install is held to the lock (constraints.txt; constraints-bench.txt for the peers' venv): the ranges in
 # pyproject.toml say what works, the lock says what was tested, so a fresh machine gets the versions CI passed
@@ -239,6 +240,12 @@ bench-metrics: models
 bench-security: models
 	$(PY) -m benchmarks.security --repository $(REPOSITORY) --out benchmarks/results
 
+# Mixed traffic (good, hostile, refused, cancelled) for SOAK_S seconds: does memory, threads or descriptors grow?
+SOAK_S ?= 600
+bench-soak: models identify-models
+	$(PY) -m benchmarks.soak --repository $(REPOSITORY) --synthetic $(SYNTH_DIR)/CASME2_RAW --out benchmarks/results \
+		--duration $(SOAK_S)
+
 # TensorRT for RTX (PyPI wheels, about 90 MB): its builder needs no GPU, so CI builds real engines with it.
 $(VENV)/.tensorrt-rtx: $(VENV)/.deps
 	$(PY) -m pip install -q -c $(LOCK) -e '.[export,dev,tensorrt-rtx]'
@@ -268,8 +275,8 @@ bench-compare: models bench-env
 	$(PY) -m benchmarks.compare --repository $(REPOSITORY) --bench-venv $(BENCH_VENV) --out benchmarks/results \
 		--engine auto --triton-engine onnxruntime
 
-# The whole suite, bounded (about 15 minutes on two cores once models are prepared).
-bench: bench-liveness bench-identify bench-compare bench-security bench-gallery
+# The whole suite, bounded (about 70 minutes on two cores once models are prepared).
+bench: bench-liveness bench-identify bench-compare bench-security bench-gallery bench-soak
 
 # The controls reported beside the motion-only result: an appearance-only set (identities differ in appearance,
 # motion carries no identity) and the stricter session protocol on the motion-only set. One member each; reports
