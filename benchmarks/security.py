@@ -15,7 +15,6 @@ Writes benchmarks/results/security.json and .md. Loopback only, bounded in time 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.server_process import children_of, facegate_process, free_port, wait_for_metrics
+from benchmarks.server_process import facegate_process, free_port, process_tree_usage, wait_for_metrics
 from server.auth.tokens import hash_token, new_token
 
 
@@ -43,12 +42,7 @@ def loadgen(address: str, images: list[Path], token: Path | None, *mode: str, du
 
 def rss_bytes(pid: int) -> int:
     """Resident memory of ``pid`` and its children (the workers of a server started with --workers)."""
-    total = 0
-    for p in (pid, *children_of(pid)):
-        with contextlib.suppress(FileNotFoundError, StopIteration):  # a worker may end between ps and here
-            total += next(int(ln.split()[1]) * 1024 for ln in Path(f"/proc/{p}/status").read_text().splitlines()
-                          if ln.startswith("VmRSS:"))
-    return total
+    return process_tree_usage(pid)["rss"]
 
 
 def rss_sampler(pid: int, stop: threading.Event, samples: list[int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -78,6 +79,21 @@ def children_of(pid: int) -> list[int]:
     """Process ids whose parent is ``pid`` (the workers of a server started with --workers)."""
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]
+
+
+def process_tree_usage(pid: int) -> dict[str, int]:
+    """Resident memory (bytes), threads and open descriptors of ``pid`` and its children (a server's workers)."""
+    rss = threads = fds = 0
+    for p in (pid, *children_of(pid)):
+        try:
+            status = Path(f"/proc/{p}/status").read_text().splitlines()
+            fds += len(os.listdir(f"/proc/{p}/fd"))
+        except FileNotFoundError:  # a worker may end between the listing and here
+            continue
+        fields = {ln.split(":")[0]: ln.split()[1] for ln in status if ":" in ln and len(ln.split()) > 1}
+        rss += int(fields.get("VmRSS", 0)) * 1024
+        threads += int(fields.get("Threads", 0))
+    return {"rss": rss, "threads": threads, "fds": fds}
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:

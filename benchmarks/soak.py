@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import sys
 import time
@@ -33,7 +32,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.server_process import children_of, facegate_process
+from benchmarks.server_process import facegate_process, process_tree_usage
 from benchmarks.soak_report import markdown, summarize_samples
 from facegate.v1 import (
     common_pb2,
@@ -194,21 +193,6 @@ async def one_call(kind: str, t: Traffic, rng: random.Random, tally: Tally) -> N
     tally.record(kind, code, expected, message=msg)
 
 
-def proc_sample(pid: int) -> dict[str, int]:
-    """Resident memory, threads and open descriptors of the server and its workers."""
-    rss = threads = fds = 0
-    for p in (pid, *children_of(pid)):
-        try:
-            status = Path(f"/proc/{p}/status").read_text().splitlines()
-            fds += len(os.listdir(f"/proc/{p}/fd"))
-        except FileNotFoundError:  # a worker may end between the listing and here
-            continue
-        fields = {ln.split(":")[0]: ln.split()[1] for ln in status if ":" in ln and len(ln.split()) > 1}
-        rss += int(fields.get("VmRSS", 0)) * 1024
-        threads += int(fields.get("Threads", 0))
-    return {"rss": rss, "threads": threads, "fds": fds}
-
-
 async def soak(t: Traffic, pid: int, duration_s: float, concurrency: int, sample_s: float, seed: int,
                audit: Path, only: tuple[str, ...] = ()) -> dict[str, Any]:
     tally = Tally()
@@ -225,7 +209,7 @@ async def soak(t: Traffic, pid: int, duration_s: float, concurrency: int, sample
 
     async def sampler() -> None:
         while time.monotonic() < end:
-            s = proc_sample(pid)
+            s = process_tree_usage(pid)
             audit_bytes = sum(p.stat().st_size for p in audit.parent.glob(audit.name + "*"))
             samples.append({"t_s": time.monotonic() - t0, "calls": tally.calls, **s, "audit_bytes": audit_bytes})
             print(f"[bench-soak] {samples[-1]['t_s']:.0f} s: {tally.calls} calls, RSS {s['rss'] / 2**20:.1f} MiB, "
@@ -233,7 +217,7 @@ async def soak(t: Traffic, pid: int, duration_s: float, concurrency: int, sample
             await asyncio.sleep(sample_s)
 
     await asyncio.gather(sampler(), *[worker(i) for i in range(concurrency)])
-    samples.append({"t_s": time.monotonic() - t0, "calls": tally.calls, **proc_sample(pid),
+    samples.append({"t_s": time.monotonic() - t0, "calls": tally.calls, **process_tree_usage(pid),
                     "audit_bytes": sum(p.stat().st_size for p in audit.parent.glob(audit.name + "*"))})
     return {"calls": tally.calls, "wall_s": time.monotonic() - t0, "samples": samples,
             "by_kind": {f"{k} {c}": n for (k, c), n in sorted(tally.by_kind.items())},
