@@ -239,6 +239,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 # Reads still in flight for calls that stopped waiting for them (asyncio holds tasks only weakly).
 _READS: set[asyncio.Future[Any]] = set()
+
+
+def _let_go(read: asyncio.Future[Any]) -> None:
+    """A finished read is dropped and its failure retrieved: one that ended after its call stopped waiting raises
+    what gRPC raises then (the call's own abort, "RPC already finished"), which nobody reads."""
+    _READS.discard(read)
+    if not read.cancelled():
+        read.exception()
+
+
 _MISSING = FieldViolation("request", "is missing: the call ended before its request message")
 
 
@@ -256,7 +266,7 @@ async def _read_one(context: grpc.aio.ServicerContext, deadline: float) -> bytes
     # the read ends when the call does: at its deadline, or once the status below is sent.
     read = asyncio.ensure_future(context.read())
     _READS.add(read)
-    read.add_done_callback(_READS.discard)
+    read.add_done_callback(_let_go)
     try:
         async with asyncio.timeout_at(deadline):
             raw = await asyncio.shield(read)
