@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -14,6 +13,7 @@ import pytest
 
 from engines.errors import DeadlineExceededError, UnrecoverableError
 from server.servicers.error_interceptor import ErrorMappingInterceptor
+from tests.bare_server import bare_server
 
 
 @pytest.fixture
@@ -28,29 +28,9 @@ def late_server() -> Iterator[str]:
         time.sleep(left + 0.05)  # noqa: ASYNC251 - blocking on purpose: the loop cannot see the cancellation
         raise DeadlineExceededError("deadline passed before the request was queued")
 
-    ready = threading.Event()
-    address: list[str] = []
-    stopping: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-
-    async def serve() -> None:
-        server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            "t.Late", {"Call": grpc.stream_unary_rpc_method_handler(late)})])
-        address.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-        await server.start()
-        stop = asyncio.Event()
-        stopping.append((asyncio.get_running_loop(), stop))
-        ready.set()
-        await stop.wait()
-        await server.stop(None)
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield address[0]
-    loop, stop = stopping[0]
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
+    with bare_server("t.Late", {"Call": grpc.stream_unary_rpc_method_handler(late)},
+                     [ErrorMappingInterceptor()]) as address:
+        yield address
 
 
 def test_a_late_refusal_after_the_deadline_logs_no_error(late_server: str, caplog: pytest.LogCaptureFixture

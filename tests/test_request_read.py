@@ -7,7 +7,6 @@ left ~16 KB a late CheckLiveness behind for good (1.0 -> 2.4 GiB in 120 s of lat
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
@@ -18,6 +17,7 @@ import pytest
 from server.auth.interceptor import _READS, _read_one
 from server.servicers.call_context import deadline_from
 from server.servicers.error_interceptor import ErrorMappingInterceptor
+from tests.bare_server import bare_server
 
 SERVER_WAIT_S = 0.2  # the server's own deadline for the request, when the caller set none
 READ_TASKS: list[asyncio.Task[Any]] = []  # the tasks the reads ran in
@@ -57,29 +57,9 @@ def reading_server() -> Iterator[tuple[str, list[str]]]:
         await _read_one(cast(grpc.aio.ServicerContext, _Watched(context, ends)), deadline)
         return b"read"
 
-    ready = threading.Event()
-    address: list[str] = []
-    stopping: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-
-    async def serve() -> None:
-        server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            "t.Read", {"One": grpc.stream_unary_rpc_method_handler(one)})])
-        address.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-        await server.start()
-        stop = asyncio.Event()
-        stopping.append((asyncio.get_running_loop(), stop))
-        ready.set()
-        await stop.wait()
-        await server.stop(None)
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield address[0], ends
-    loop, stop = stopping[0]
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
+    with bare_server("t.Read", {"One": grpc.stream_unary_rpc_method_handler(one)},
+                     [ErrorMappingInterceptor()]) as address:
+        yield address, ends
 
 
 def _silent(seconds: float) -> Iterator[bytes]:
