@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from server.admission import WaitGate
 from server.gpu_metrics import GpuCollector
+from server.heap_metrics import HeapCollector
 from server.model_registry import ModelRegistry
 from server.servicers.answers import around_answer, final_code
 from server.servicers.call_context import CURRENT_TRACE_ID, caller_label
@@ -161,6 +162,9 @@ class Metrics:
                                        "its expiration", ["certificate"], registry=r)
         self.gallery_templates = Gauge("facegate_gallery_templates", "Templates held in memory for search, over "
                                        "all collections and members", registry=r)
+        heap = HeapCollector()
+        if heap.active:  # glibc's counts where the C library is glibc; nothing elsewhere
+            r.register(heap)
 
     def watch_models(self, registry: ModelRegistry) -> None:
         self.registry.register(ModelCollector(registry))

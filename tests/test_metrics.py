@@ -50,6 +50,9 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         assert ("facegate_decode_duration_seconds_count", (("kind", "image"),)) in after
         assert after[("facegate_admission_shed_total", (("pipeline", "liveness"),))] == 0
         assert ("facegate_admission_expected_wait_seconds", (("pipeline", "identification"),)) in after
+        # The C heap: the models' native memory is in use (glibc here).
+        assert after[("facegate_heap_in_use_bytes", ())] > 100 * 2**20
+        assert after[("facegate_heap_free_bytes", ())] >= 0
         # A refused call is counted with its code, and by reason.
         with pytest.raises(Exception):  # noqa: B017 - any gRPC error; the code is checked below
             stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(), timeout=30)
