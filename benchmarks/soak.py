@@ -32,7 +32,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.server_process import facegate_process, process_tree_usage
+from benchmarks.server_process import facegate_process, free_port, metrics_text, process_tree_usage
 from benchmarks.soak_report import markdown, summarize_samples
 from facegate.v1 import (
     common_pb2,
@@ -193,8 +193,19 @@ async def one_call(kind: str, t: Traffic, rng: random.Random, tally: Tally) -> N
     tally.record(kind, code, expected, message=msg)
 
 
+def heap_usage(metrics_port: int | None) -> dict[str, float]:
+    """The server process's C heap in use and free (its ``facegate_heap_*`` gauges), or nothing where it has none."""
+    text = metrics_text(metrics_port) if metrics_port else None
+    out: dict[str, float] = {}
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("facegate_heap_in_use_bytes", "facegate_heap_free_bytes"):
+            out[name.removeprefix("facegate_").removesuffix("_bytes")] = float(value)
+    return out
+
+
 async def soak(t: Traffic, pid: int, duration_s: float, concurrency: int, sample_s: float, seed: int,
-               audit: Path, only: tuple[str, ...] = ()) -> dict[str, Any]:
+               audit: Path, only: tuple[str, ...] = (), metrics_port: int | None = None) -> dict[str, Any]:
     tally = Tally()
     samples: list[dict[str, Any]] = []
     kinds = [k for k in MIX if not only or k in only]
@@ -209,15 +220,17 @@ async def soak(t: Traffic, pid: int, duration_s: float, concurrency: int, sample
 
     async def sampler() -> None:
         while time.monotonic() < end:
-            s = process_tree_usage(pid)
+            s = {**process_tree_usage(pid), **await asyncio.to_thread(heap_usage, metrics_port)}
             audit_bytes = sum(p.stat().st_size for p in audit.parent.glob(audit.name + "*"))
             samples.append({"t_s": time.monotonic() - t0, "calls": tally.calls, **s, "audit_bytes": audit_bytes})
             print(f"[bench-soak] {samples[-1]['t_s']:.0f} s: {tally.calls} calls, RSS {s['rss'] / 2**20:.1f} MiB, "
-                  f"{s['threads']} threads, {s['fds']} fds, {len(tally.unexpected)} unexpected", file=sys.stderr)
+                  f"heap in use {s.get('heap_in_use', 0) / 2**20:.1f} MiB, {s['threads']} threads, {s['fds']} fds, "
+                  f"{len(tally.unexpected)} unexpected", file=sys.stderr)
             await asyncio.sleep(sample_s)
 
     await asyncio.gather(sampler(), *[worker(i) for i in range(concurrency)])
     samples.append({"t_s": time.monotonic() - t0, "calls": tally.calls, **process_tree_usage(pid),
+                    **heap_usage(metrics_port),
                     "audit_bytes": sum(p.stat().st_size for p in audit.parent.glob(audit.name + "*"))})
     return {"calls": tally.calls, "wall_s": time.monotonic() - t0, "samples": samples,
             "by_kind": {f"{k} {c}": n for (k, c), n in sorted(tally.by_kind.items())},
@@ -298,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         t = await prepare(address, token, limited, images, clip_folders(a.synthetic), work)
         try:
             res = await soak(t, pid, a.duration, a.concurrency, a.sample_s, a.seed, work / "audit.jsonl",
-                             tuple(a.kinds))
+                             tuple(a.kinds), metrics_port)
             # ... and the server still answers, correctly.
             code, _, resp = await _status(t.live.CheckLiveness(liveness_pb2.CheckLivenessRequest(
                 image=common_pb2.Image(data=t.images[0])), metadata=_md(t.token), timeout=30))
@@ -308,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             await t.channel.close()
 
-    with facegate_process(a.repository, ["--config", str(config), "--workers", str(a.workers)],
+    metrics_port = free_port()  # (the heap counts are read from the server's metrics)
+    with facegate_process(a.repository, ["--config", str(config), "--workers", str(a.workers),
+                                         "--metrics-port", str(metrics_port)],
                           work / "server.log") as (address, proc):
         result = asyncio.run(run(address, proc.pid))
     result.update({"machine": machine_info(), "duration_s": a.duration, "concurrency": a.concurrency,

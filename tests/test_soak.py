@@ -34,6 +34,9 @@ def test_growth_is_fitted_after_the_warmup_per_minute_and_per_calls() -> None:
     swung = [{**s, "rss": s["rss"] + (300 * 2**20 if i % 2 else 0)} for i, s in enumerate(samples)]
     g = summarize_samples(swung, warmup=0.25)
     assert g["rss"]["floor_per_minute"] == pytest.approx(2.0, rel=0.05)
+    # A last minute cut short, whose one sample came with big requests in flight, is left out of the floor fit.
+    cut = [*swung[:-1], {**samples[-1], "t_s": 605, "rss": samples[-1]["rss"] + 400 * 2**20}]
+    assert summarize_samples(cut, warmup=0.25)["rss"]["floor_per_minute"] == pytest.approx(2.0, rel=0.05)
     assert slope([1.0], [2.0]) == 0.0 and slope([1.0, 1.0], [2.0, 3.0]) == 0.0
 
 
@@ -57,4 +60,8 @@ def test_a_short_soak_answers_every_call_as_its_kind_allows(repository_dir: Path
         assert r["by_kind"].get(key, 0) > 0, key
     assert len(r["samples"]) >= 5 and all(s["rss"] > 0 and s["threads"] > 0 for s in r["samples"])
     assert r["growth"]["rss"]["samples"] >= 3
+    # The server's C heap, read from its metrics at each sample: the models alone hold more than 100 MiB.
+    assert all(s["heap_in_use"] > 100 * 2**20 and s["heap_free"] >= 0 for s in r["samples"])
+    assert r["growth"]["heap_in_use"]["samples"] == r["growth"]["rss"]["samples"]
+    assert "| C heap in use (server process), MiB |" in markdown(r)
     assert "| resident memory, MiB |" in markdown(r)
