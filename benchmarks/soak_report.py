@@ -48,7 +48,7 @@ def summarize_samples(samples: Sequence[dict[str, Any]], warmup: float) -> dict[
             floors[int(t)] = min(floors.get(int(t), (t, x)), (t, x), key=lambda p: p[1])
             counts[int(t)] = counts.get(int(t), 0) + 1
         # A last minute cut short by the run's end has too few samples for its lowest to be a floor (one sample
-        # with big requests in flight raised the fit from +3.6 to +12 MiB a minute in a 5-minute run).
+        # with big requests in flight raised a 5-minute run's fit of the heap in use from +2.7 to +11.9 MiB a minute).
         last = max(counts)
         if len(counts) > 2 and counts[last] < max(counts.values()) / 2:
             del floors[last]

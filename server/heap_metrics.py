@@ -65,4 +65,4 @@ class HeapCollector(Collector):
                                 "mallinfo2: allocated in its arenas and mapped on its own); a leak raises it",
                                 value=in_use)
         yield GaugeMetricFamily("facegate_heap_free_bytes", "Freed C heap glibc keeps in the server process's "
-                                "arenas for reuse: resident, but not in use", value=free)
+                                "arenas for reuse: not in use, and resident until returned to the system", value=free)
