@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_process, free_port, metrics_text, process_tree_usage
@@ -196,12 +197,9 @@ async def one_call(kind: str, t: Traffic, rng: random.Random, tally: Tally) -> N
 def heap_usage(metrics_port: int | None) -> dict[str, float]:
     """The server process's C heap in use and free (its ``facegate_heap_*`` gauges), or nothing where it has none."""
     text = metrics_text(metrics_port) if metrics_port else None
-    out: dict[str, float] = {}
-    for line in (text or "").splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("facegate_heap_in_use_bytes", "facegate_heap_free_bytes"):
-            out[name.removeprefix("facegate_").removesuffix("_bytes")] = float(value)
-    return out
+    return {s.name.removeprefix("facegate_").removesuffix("_bytes"): s.value
+            for family in text_string_to_metric_families(text or "") for s in family.samples
+            if s.name in ("facegate_heap_in_use_bytes", "facegate_heap_free_bytes")}
 
 
 async def soak(t: Traffic, pid: int, duration_s: float, concurrency: int, sample_s: float, seed: int,
@@ -218,20 +216,22 @@ async def soak(t: Traffic, pid: int, duration_s: float, concurrency: int, sample
         while time.monotonic() < end:
             await one_call(rng.choices(kinds, weights)[0], t, rng, tally)
 
+    def sample() -> dict[str, Any]:
+        return {"t_s": time.monotonic() - t0, "calls": tally.calls, **process_tree_usage(pid),
+                **heap_usage(metrics_port),
+                "audit_bytes": sum(p.stat().st_size for p in audit.parent.glob(audit.name + "*"))}
+
     async def sampler() -> None:
         while time.monotonic() < end:
-            s = {**process_tree_usage(pid), **await asyncio.to_thread(heap_usage, metrics_port)}
-            audit_bytes = sum(p.stat().st_size for p in audit.parent.glob(audit.name + "*"))
-            samples.append({"t_s": time.monotonic() - t0, "calls": tally.calls, **s, "audit_bytes": audit_bytes})
+            s = await asyncio.to_thread(sample)
+            samples.append(s)
             print(f"[bench-soak] {samples[-1]['t_s']:.0f} s: {tally.calls} calls, RSS {s['rss'] / 2**20:.1f} MiB, "
                   f"heap in use {s.get('heap_in_use', 0) / 2**20:.1f} MiB, {s['threads']} threads, {s['fds']} fds, "
                   f"{len(tally.unexpected)} unexpected", file=sys.stderr)
             await asyncio.sleep(sample_s)
 
     await asyncio.gather(sampler(), *[worker(i) for i in range(concurrency)])
-    samples.append({"t_s": time.monotonic() - t0, "calls": tally.calls, **process_tree_usage(pid),
-                    **heap_usage(metrics_port),
-                    "audit_bytes": sum(p.stat().st_size for p in audit.parent.glob(audit.name + "*"))})
+    samples.append(sample())
     return {"calls": tally.calls, "wall_s": time.monotonic() - t0, "samples": samples,
             "by_kind": {f"{k} {c}": n for (k, c), n in sorted(tally.by_kind.items())},
             "unexpected": dict(tally.unexpected.most_common(20)), "unexpected_calls": sum(tally.unexpected.values()),
