@@ -15,7 +15,6 @@ machine, 1 us in an idle process; once a scrape. Where the C library has no ``ma
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,11 +30,10 @@ class _MallInfo2(ctypes.Structure):
 
 def mallinfo2() -> Any | None:
     """glibc's ``mallinfo2`` as a callable returning the struct, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        fn = ctypes.CDLL(name).mallinfo2
+        # (the symbols already loaded into this process, libc's among them: no search for the library, which
+        # ctypes.util.find_library does by running ldconfig)
+        fn = ctypes.CDLL(None).mallinfo2
     except (OSError, AttributeError):
         return None
     fn.restype = _MallInfo2
