@@ -8,8 +8,9 @@ for the same input), an enrolment of a new person and its deletion, every case o
 (tests/bad_inputs.py), calls without a credential or with a wrong one, calls out of the caller's scope, calls over
 its rate, calls past a 2 ms deadline, calls cancelled by the client while they run, and model and health calls.
 
-Every ``--sample-s`` the server's resident memory (with its workers), threads and open file descriptors are read
-from /proc. After the warm-up, their growth is fitted by least squares against time and against calls.
+Every ``--sample-s`` the server's resident memory (with its direct children: its workers, multiprocessing's
+forkserver and resource tracker), threads and open file descriptors are read from /proc, and its C heap from its
+metrics. After the warm-up, their growth is fitted by least squares against time and against calls.
 
 Writes benchmarks/results/soak.json and .md. Loopback only, bounded in time (``--duration``) and count.
 """
