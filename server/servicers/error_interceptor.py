@@ -165,6 +165,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     async def _abort(self, err: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
         """Ends the call with the status for ``err``: a domain error's own, else INTERNAL (traceback to the log)."""
         if isinstance(err, grpc.aio.AbortError):  # already aborted (with its status) further in
+            release_frames(err)
             raise err
         rid = _request_id(context)
         if isinstance(err, FacegateError):
@@ -174,6 +175,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         else:
             log.error("unhandled error in %s (request id %s)", method, rid, exc_info=err)
             status = status_for(InternalError("unexpected failure"), rid)
+        release_frames(err)
         left = context.time_remaining()
         if left is not None and left <= 0:
             # The client's deadline has passed, so it has its DEADLINE_EXCEEDED already and gRPC is ending the call.
@@ -182,6 +184,27 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             # cancelled instead, which gRPC logs at DEBUG and the metrics count as DEADLINE_EXCEEDED (final_code).
             raise asyncio.CancelledError(f"{method}: the deadline passed before the status could be sent")
         await context.abort_with_status(status)
+
+
+def release_frames(err: BaseException) -> None:
+    """Drop the tracebacks of ``err`` and of the exceptions it chains, once they are logged.
+
+    gRPC's asyncio server keeps the exception a status is sent with in the call's state, and its traceback leads
+    back to that state: a reference cycle, freed only when the cyclic garbage collector gets to it. Through the
+    frames of the chained tracebacks the cycle held everything the call's code had in hand (the request's bytes,
+    the parsed message, the probed clip), so refused calls kept their requests for as long as the collector
+    left them: a server refusing big videos reached 5.4 GB (2026-12-07, benchmarks/README.md, *Memory at the
+    limits*). The frames are let go, not cleared: clearing a frame of a coroutine still running elsewhere (one
+    that raised an exception shared with several calls, as a failed batch's is) would close it."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
 
 
 async def _parsed(parse: Callable[[bytes], Any] | None, raws: AsyncIterator[Any]) -> AsyncIterator[Any]:
