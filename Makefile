@@ -25,7 +25,7 @@ IDENTIFY_EPOCHS ?= 12
 ENSEMBLE_FILE := $(REPOSITORY)/ensembles/$(ENSEMBLE).json
 
 
-.PHONY: bench-metrics k8s-deps bench-cpu tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-soak bench-gallery client-deps clients test-clients proto-check identify-controls
+.PHONY: bench-metrics k8s-deps bench-cpu tensorrt-rtx engines-report pg-deps bench-env bench bench-compare bench-security bench-soak bench-memory bench-gallery client-deps clients test-clients proto-check identify-controls
 .PHONY: lock FORCE help install stubs models identify-models ensemble-bundle engines engines-check serve test test-fast lint typecheck bench-liveness bench-identify clean
 
 help:
@@ -39,6 +39,7 @@ help:
 	@echo "make bench-identify identification benchmarks (numbers in benchmarks/results/)"
 	@echo "make bench-security authentication overhead and overload shedding (numbers in benchmarks/results/)"
 	@echo "make bench-soak      10 minutes of mixed traffic: growth of memory, threads, descriptors (SOAK_S=seconds)"
+	@echo "make bench-memory    peak memory under the largest requests the limits admit, against the pod's limit"
 
 # Every install is held to the lock (constraints.txt; constraints-bench.txt for the peers' venv): the ranges in
 # pyproject.toml say what works, the lock says what was tested, so a fresh machine gets the versions CI passed
@@ -246,6 +247,12 @@ bench-soak: models identify-models
 	$(PY) -m benchmarks.soak --repository $(REPOSITORY) --synthetic $(SYNTH_DIR)/CASME2_RAW --out benchmarks/results \
 		--duration $(SOAK_S)
 
+# The largest requests the limits admit, from clients that retry at once: the peak memory against the Deployment's
+# memory limit (about 3 minutes).
+bench-memory: models identify-models
+	$(PY) -m benchmarks.memory_limits --repository $(REPOSITORY) --synthetic $(SYNTH_DIR)/CASME2_RAW \
+		--out benchmarks/results
+
 # TensorRT for RTX (PyPI wheels, about 90 MB): its builder needs no GPU, so CI builds real engines with it.
 $(VENV)/.tensorrt-rtx: $(VENV)/.deps
 	$(PY) -m pip install -q -c $(LOCK) -e '.[export,dev,tensorrt-rtx]'
@@ -275,8 +282,8 @@ bench-compare: models bench-env
 	$(PY) -m benchmarks.compare --repository $(REPOSITORY) --bench-venv $(BENCH_VENV) --out benchmarks/results \
 		--engine auto --triton-engine onnxruntime
 
-# The whole suite, bounded (about 70 minutes on two cores once models are prepared).
-bench: bench-liveness bench-identify bench-compare bench-security bench-gallery bench-soak
+# The whole suite, bounded (about 75 minutes on two cores once models are prepared).
+bench: bench-liveness bench-identify bench-compare bench-security bench-gallery bench-soak bench-memory
 
 # The controls reported beside the motion-only result: an appearance-only set (identities differ in appearance,
 # motion carries no identity) and the stricter session protocol on the motion-only set. One member each; reports

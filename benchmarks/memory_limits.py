@@ -1,0 +1,263 @@
+"""Memory at the limits: the server's peak memory under requests each as large as its limits let through,
+``make bench-memory``.
+
+The limits bound each request (a 40 MP image, a clip's 122.9 MP, a video's frames) and the server's total (250 MP
+of decoded pixels, 256 MiB of request bytes in flight). Whether those bounds fit a pod's memory is what an
+operator needs to know: the Deployment sets a limit (deploy/kubernetes/base/deployment.yaml), and a pod that
+passes it is killed with every call in it. Here a server with the default settings (and token auth, as
+deployed) gets, from ``--concurrency`` clients that retry at once when refused (no back-off: the worst a caller
+can do), one kind of call at a time and then all at once:
+
+- ``big_image``: CheckLiveness of a 7296x5472 JPEG (39.9 MP, just under the 40 MP limit) with a face;
+- ``big_frames``: IdentifyFromClip of 30 frames of 2000x2000 (120 MP, just under a request's 122.9 MP);
+- ``big_video``: IdentifyFromClip of a Motion JPEG video of 360 frames of 640x480 (110.6 MP);
+- ``normal``: CheckLiveness of the sample photos.
+
+The proportional set size (PSS) of the server and every process under it (video workers, multiprocessing's
+forkserver and resource tracker) is read from /proc every 50 ms; PSS counts pages shared between them once.
+Writes benchmarks/results/memory_limits.json and .md. Loopback only, bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+import yaml
+
+from benchmarks.machine import machine_info, write_report
+from benchmarks.server_process import facegate_process
+from benchmarks.soak import clip_folders, settings
+from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
+from server.auth.tokens import new_token
+from tests.images import mjpeg_avi
+
+KINDS = ("big_image", "big_frames", "big_video", "normal")
+DEPLOYMENT = Path("deploy/kubernetes/base/deployment.yaml")
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (children of any of its threads, and theirs)."""
+    out, i = [pid], 0
+    while i < len(out):
+        try:
+            for task in os.listdir(f"/proc/{out[i]}/task"):
+                out += [int(c) for c in Path(f"/proc/{out[i]}/task/{task}/children").read_text().split()]
+        except OSError:  # (ended meanwhile)
+            pass
+        i += 1
+    return out
+
+
+def tree_pss(pid: int) -> tuple[int, int]:
+    """The PSS (bytes) of ``pid`` and its descendants, and how many processes that was."""
+    total = n = 0
+    for p in descendants(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    n += 1
+                    break
+        except OSError:
+            pass
+    return total, n
+
+
+def deployment_limit(path: Path = DEPLOYMENT) -> str | None:
+    """The facegate container's memory limit in the Deployment (as written there, e.g. "4Gi")."""
+    doc = yaml.safe_load(path.read_text())
+    for c in doc["spec"]["template"]["spec"]["containers"]:
+        if c["name"] == "facegate":
+            return c.get("resources", {}).get("limits", {}).get("memory")
+    return None
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1.0, "Gi": 1024.0, "Ti": 1024.0 ** 2}
+    for suffix, scale in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * scale
+    return float(quantity) / 2**20
+
+
+def _read(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path))
+    if img is None:
+        raise SystemExit(f"{path}: not an image")
+    return np.asarray(img)
+
+
+def _jpeg(img: np.ndarray, quality: int = 85) -> bytes:
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+def materials(samples: list[Path], synthetic: Path) -> dict[str, Any]:
+    """The inputs, made once: each as large as the default limits admit."""
+    photo = _read(samples[-1])
+    frames = [_read(f) for f in sorted(clip_folders(synthetic)[0][1].iterdir())[:60]]
+    small = [_jpeg(cv2.resize(f, (640, 480))) for f in frames]
+    return {
+        "big_image": _jpeg(cv2.resize(photo, (7296, 5472))),
+        "big_frames": [_jpeg(cv2.resize(f, (2000, 2000)), 80) for f in frames[:30]],
+        "big_video": mjpeg_avi(small * 6, 640, 480),
+        "normal": [p.read_bytes() for p in samples],
+        "enrol": [_jpeg(f) for f in frames],
+    }
+
+
+class Sampler:
+    """The tree's PSS every ``every_s`` on a thread; ``peak()`` since the last ``reset()``."""
+
+    def __init__(self, pid: int, every_s: float = 0.05) -> None:
+        self._pid, self._every = pid, every_s
+        self._peak, self._procs = 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            pss, n = tree_pss(self._pid)
+            self._peak, self._procs = max(self._peak, pss), max(self._procs, n)
+
+    def reset(self) -> None:
+        self._peak, self._procs = 0, 0
+
+    def peak(self) -> tuple[int, int]:
+        return self._peak, self._procs
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def phase(calls: dict[str, Callable[[], Any]], kinds: tuple[str, ...], concurrency: int,
+                duration_s: float) -> Counter[str]:
+    """``concurrency`` clients, each sending one kind (in turn over ``kinds``) again and again for
+    ``duration_s``; the statuses they got."""
+    got: Counter[str] = Counter()
+    end = time.monotonic() + duration_s
+
+    async def client(i: int) -> None:
+        kind = kinds[i % len(kinds)]
+        while time.monotonic() < end:
+            try:
+                await calls[kind]()
+                got[f"{kind} OK"] += 1
+            except grpc.aio.AioRpcError as err:
+                got[f"{kind} {err.code().name}"] += 1
+
+    await asyncio.gather(*[client(i) for i in range(concurrency)])
+    return got
+
+
+async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, concurrency: int,
+              duration_s: float) -> list[dict[str, Any]]:
+    md = (("authorization", f"Bearer {token}"),)
+    channel = grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+    live = liveness_pb2_grpc.LivenessServiceStub(channel)
+    ident = identification_pb2_grpc.IdentificationServiceStub(channel)
+
+    def clip(**kw: Any) -> identification_pb2.Clip:
+        return identification_pb2.Clip(fps=200.0, **kw)
+
+    await ident.CreateCollection(identification_pb2.CreateCollectionRequest(collection="m"), metadata=md)
+    await ident.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
+        collection="m", person_id="p", clips=[clip(frames=[common_pb2.Image(data=f) for f in m["enrol"]])]),
+        metadata=md)
+    rng = random.Random(14)
+    calls: dict[str, Callable[[], Any]] = {
+        "big_image": lambda: live.CheckLiveness(liveness_pb2.CheckLivenessRequest(
+            image=common_pb2.Image(data=m["big_image"])), metadata=md, timeout=60),
+        "big_frames": lambda: ident.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
+            collection="m", clip=clip(frames=[common_pb2.Image(data=f) for f in m["big_frames"]])),
+            metadata=md, timeout=60),
+        "big_video": lambda: ident.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
+            collection="m", clip=clip(video=m["big_video"])), metadata=md, timeout=60),
+        "normal": lambda: live.CheckLiveness(liveness_pb2.CheckLivenessRequest(
+            image=common_pb2.Image(data=rng.choice(m["normal"]))), metadata=md, timeout=60),
+    }
+    out = []
+    for kinds in [(k,) for k in KINDS] + [KINDS]:
+        await asyncio.sleep(2)  # (what the last phase left in flight ends)
+        sampler.reset()
+        got = await phase(calls, kinds, concurrency, duration_s)
+        peak, procs = sampler.peak()
+        out.append({"kinds": list(kinds), "peak_pss_mib": peak / 2**20, "processes": procs,
+                    "statuses": dict(sorted(got.items()))})
+        print(f"[bench-memory] {'+'.join(kinds)}: peak {peak / 2**20:.0f} MiB, {dict(got)}", file=sys.stderr)
+    await channel.close()
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    limit = f"{r['deployment_limit']} ({r['deployment_limit_mib']:.0f} MiB)" if r["deployment_limit"] else "none"
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['date']}. One server, default limits, token auth; "
+             f"{r['concurrency']} clients retrying at once, {r['duration_s']:.0f} s a phase. The Deployment's memory "
+             f"limit: {limit}. Before the first phase: **{r['base_pss_mib']:.0f} MiB** (PSS of the server and "
+             "the processes under it). The phases run in this order in one server, so a phase's peak includes "
+             "what the allocator kept from those before it.", "",
+             "| sent | peak PSS | over the start | share of the limit | processes | statuses |",
+             "|---|---|---|---|---|---|"]
+    for p in r["phases"]:
+        share = f"{p['peak_pss_mib'] / r['deployment_limit_mib']:.0%}" if r["deployment_limit"] else "-"
+        statuses = ", ".join(f"{k} {v}" for k, v in p["statuses"].items())
+        lines.append(f"| {' + '.join(p['kinds'])} | {p['peak_pss_mib']:.0f} MiB | "
+                     f"+{p['peak_pss_mib'] - r['base_pss_mib']:.0f} MiB | {share} | {p['processes']} | {statuses} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--synthetic", type=Path, default=Path(".cache/synthetic/motion/CASME2_RAW"))
+    p.add_argument("--images", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of each phase")
+    p.add_argument("--concurrency", type=int, default=16)
+    a = p.parse_args(argv)
+    if not 0 < a.duration <= 600 or not 1 <= a.concurrency <= 64:
+        p.error("--duration in (0, 600], --concurrency in [1, 64]")
+    samples = a.images or sorted(Path("../shared/samples/liveness").glob("*.jpg"))
+    if not samples or not a.synthetic.is_dir():
+        raise SystemExit("needs the sample images (--images) and the synthetic clips (make identify-models)")
+    work = a.out / "memory-work"
+    work.mkdir(parents=True, exist_ok=True)
+    for old in (*work.glob("audit.jsonl*"), *work.glob("gallery.sqlite*")):
+        old.unlink()
+    token = new_token()
+    config = settings(work, token, new_token(), 5.0)
+    m = materials(samples, a.synthetic)
+    with facegate_process(a.repository, ["--config", str(config)], work / "server.log") as (address, proc):
+        time.sleep(2)
+        base = tree_pss(proc.pid)[0] / 2**20
+        sampler = Sampler(proc.pid)
+        try:
+            phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration))
+        finally:
+            sampler.stop()
+    limit = deployment_limit()
+    result = {"machine": machine_info(), "duration_s": a.duration, "concurrency": a.concurrency,
+              "base_pss_mib": base, "deployment_limit": limit,
+              "deployment_limit_mib": mebibytes(limit) if limit else None, "phases": phases,
+              "inputs_bytes": {k: len(v) if isinstance(v, bytes) else sum(map(len, v)) for k, v in m.items()}}
+    write_report(a.out, "memory_limits", result, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

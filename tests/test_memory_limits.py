@@ -1,0 +1,50 @@
+"""``make bench-memory``: its sizes and quantities, and a short run against a real server with the default limits,
+in which each kind of largest request is served or refused for room, and the server stays within the
+Deployment's memory limit."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks import memory_limits
+from tests.test_server_auth import SYNTH
+
+
+def test_the_deployment_limit_is_read_and_quantities_convert() -> None:
+    limit = memory_limits.deployment_limit()
+    assert limit is not None and memory_limits.mebibytes(limit) >= 1024
+    assert memory_limits.mebibytes("4Gi") == 4096 and memory_limits.mebibytes("512Mi") == 512
+    assert memory_limits.mebibytes(str(3 * 2**20)) == 3
+
+
+def test_the_tree_counts_this_process_and_its_children() -> None:
+    alone, n = memory_limits.tree_pss(os.getpid())
+    assert n >= 1 and alone > 1 << 20
+    assert memory_limits.descendants(os.getpid())[0] == os.getpid()
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+def test_a_short_run_serves_or_refuses_every_largest_request(repository_dir: Path, samples: Path,
+                                                             tmp_path: Path) -> None:
+    if not SYNTH.is_dir():
+        pytest.fail(f"the synthetic clips are missing in {SYNTH} (make identify-models)")
+    assert memory_limits.main(["--repository", str(repository_dir), "--synthetic", str(SYNTH), "--images",
+                               *map(str, sorted(samples.glob("*.jpg"))), "--out", str(tmp_path),
+                               "--duration", "8", "--concurrency", "8"]) == 0
+    r = json.loads((tmp_path / "memory_limits.json").read_text())
+    assert [p["kinds"] for p in r["phases"]] == [[k] for k in memory_limits.KINDS] + [list(memory_limits.KINDS)]
+    for p in r["phases"][:3]:  # each largest request alone: some served, the rest refused for room
+        kind = p["kinds"][0]
+        assert p["statuses"].get(f"{kind} OK", 0) > 0, p
+        assert p["statuses"].get(f"{kind} RESOURCE_EXHAUSTED", 0) > 0, p
+        # (a video may also run out of its decoding time under this load: INVALID_ARGUMENT, said so)
+        assert set(p["statuses"]) <= {f"{kind} OK", f"{kind} RESOURCE_EXHAUSTED", f"{kind} INVALID_ARGUMENT"}, p
+    assert set(r["phases"][3]["statuses"]) == {"normal OK"}
+    assert r["phases"][2]["processes"] >= 2  # the video workers were counted
+    assert all(r["base_pss_mib"] < p["peak_pss_mib"] < r["deployment_limit_mib"] for p in r["phases"]), r
+    assert "| big_video |" in (tmp_path / "memory_limits.md").read_text()
