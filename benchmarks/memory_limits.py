@@ -11,6 +11,8 @@ can do), one kind of call at a time and then all at once:
 - ``big_image``: CheckLiveness of a 7296x5472 JPEG (39.9 MP, just under the 40 MP limit) with a face;
 - ``big_frames``: IdentifyFromClip of 30 frames of 2000x2000 (120 MP, just under a request's 122.9 MP);
 - ``big_video``: IdentifyFromClip of a Motion JPEG video of 360 frames of 640x480 (110.6 MP);
+- ``big_infer``: ModelInfer of the detector on 3 inputs of 640x640 (its largest side; 14.7 MB of FP32, the most
+  of a batch that fits a message), which the pixel budget does not cover;
 - ``normal``: CheckLiveness of the sample photos.
 
 The proportional set size (PSS) of the server and every process under it (video workers, multiprocessing's
@@ -41,10 +43,12 @@ from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_process
 from benchmarks.soak import clip_folders, settings
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
+from inference import grpc_service_pb2 as oip
+from inference import grpc_service_pb2_grpc as oip_grpc
 from server.auth.tokens import new_token
 from tests.images import mjpeg_avi
 
-KINDS = ("big_image", "big_frames", "big_video", "normal")
+KINDS = ("big_image", "big_frames", "big_video", "big_infer", "normal")
 DEPLOYMENT = Path("deploy/kubernetes/base/deployment.yaml")
 
 
@@ -113,6 +117,7 @@ def materials(samples: list[Path], synthetic: Path) -> dict[str, Any]:
         "big_image": _jpeg(cv2.resize(photo, (7296, 5472))),
         "big_frames": [_jpeg(cv2.resize(f, (2000, 2000)), 80) for f in frames[:30]],
         "big_video": mjpeg_avi(small * 6, 640, 480),
+        "big_infer": np.random.default_rng(14).random((3, 3, 640, 640), np.float32).tobytes(),
         "normal": [p.read_bytes() for p in samples],
         "enrol": [_jpeg(f) for f in frames],
     }
@@ -170,6 +175,7 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
     channel = grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
     live = liveness_pb2_grpc.LivenessServiceStub(channel)
     ident = identification_pb2_grpc.IdentificationServiceStub(channel)
+    infer = oip_grpc.GRPCInferenceServiceStub(channel)
 
     def clip(**kw: Any) -> identification_pb2.Clip:
         return identification_pb2.Clip(fps=200.0, **kw)
@@ -187,6 +193,10 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
             metadata=md, timeout=60),
         "big_video": lambda: ident.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
             collection="m", clip=clip(video=m["big_video"])), metadata=md, timeout=60),
+        "big_infer": lambda: infer.ModelInfer(oip.ModelInferRequest(
+            model_name="retinaface", inputs=[oip.ModelInferRequest.InferInputTensor(
+                name="input", datatype="FP32", shape=[3, 3, 640, 640])], raw_input_contents=[m["big_infer"]]),
+            metadata=md, timeout=60),
         "normal": lambda: live.CheckLiveness(liveness_pb2.CheckLivenessRequest(
             image=common_pb2.Image(data=rng.choice(m["normal"]))), metadata=md, timeout=60),
     }
