@@ -86,6 +86,7 @@ class FacegateServer:
         self.audit = AuditLog(config.audit)
         self.request_bytes = Budget("in-flight request bytes", config.max_inflight_request_bytes, "bytes")
         self.pixels = Budget("decoded pixels", config.max_inflight_pixels, "pixels")
+        self.infer_bytes = Budget("ModelInfer input bytes", config.max_inflight_infer_bytes, "bytes")
         # Threads that wait on video decodes in worker processes: compute work at the compute threads' priority, not
         # placed on one CPU, and never the CPU pool's threads (waiting there stalled every other call's decoding).
         # A worker process takes its CPUs and nice value from its waiting thread.
@@ -149,7 +150,8 @@ class FacegateServer:
             IdentificationServicer(lambda: self.identification, lambda: self._loading,
                                    lambda: self._identify_versions, self.metrics), self.server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.registry, lambda: not self._loading and not self._draining), self.server)
+            InferenceServicer(self.registry, lambda: not self._loading and not self._draining, self.infer_bytes),
+            self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICES[1:], health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

@@ -67,6 +67,12 @@ class ServerConfig:
     """Encoded request bytes all calls in flight may hold together; over it -> RESOURCE_EXHAUSTED (RetryInfo)."""
     max_inflight_pixels: int = 250_000_000
     """Decoded pixels all calls in flight may hold together (3 bytes each); over it -> RESOURCE_EXHAUSTED."""
+    max_inflight_infer_bytes: int = 64 * 1024 * 1024
+    """Input tensor bytes all ModelInfer calls in flight may hold together; over it -> RESOURCE_EXHAUSTED. The
+    pixel budget does not cover them, and a model's activations grow with its inputs: the detector at its largest
+    inputs (640x640) took about 37 MB an input, and 16 callers of its largest requests took the server to 77 % of
+    the Deployment's memory limit with only the request bytes to hold them (benchmarks/README.md, *Memory at the
+    limits*). 64 MiB is 13 such inputs, or 838 of a liveness model's."""
     max_queue_wait_s: float = 0.5
     """Longest a liveness or identification call is expected to take (calls in flight over the measured
     completion rate) before new calls are refused at once with RESOURCE_EXHAUSTED and RetryInfo: overload is
@@ -196,6 +202,9 @@ class ServerConfig:
             raise ValueError(
                 f"max_message_bytes ({self.max_message_bytes}) must be at least identification.frame.max_bytes "
                 f"({self.clip_limits.frame.max_bytes}), or valid frames could never arrive")
+        if self.max_inflight_infer_bytes < self.max_message_bytes:
+            raise ValueError(f"max_inflight_infer_bytes ({self.max_inflight_infer_bytes}) must be at least "
+                             f"max_message_bytes ({self.max_message_bytes}), or a valid ModelInfer could never run")
         if self.max_inflight_pixels < self.clip_limits.max_request_pixels:
             raise ValueError(f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least "
                              f"identification.max_request_pixels ({self.clip_limits.max_request_pixels})")

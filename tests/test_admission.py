@@ -196,6 +196,39 @@ def test_an_image_over_the_pixel_budget_is_resource_exhausted_with_retry_info(re
         stop_server(running, thread)
 
 
+def test_modelinfer_inputs_are_held_to_their_own_budget(repository_dir: Path) -> None:
+    """The pixel budget does not cover ModelInfer's tensors, and a model's activations grow with them (the detector
+    at 640x640 took ~37 MB an input): calls whose inputs would pass ``max_inflight_infer_bytes`` are refused for
+    room with RetryInfo, and served once there is room."""
+    from inference import grpc_service_pb2_grpc as oip_grpc
+    from server.config import ServerConfig
+
+    with pytest.raises(ValueError, match=r"max_inflight_infer_bytes \(1000\) must be at least max_message_bytes"):
+        ServerConfig(max_inflight_infer_bytes=1000)
+    running, thread = start_server(repository_dir, max_message_bytes=8 << 20, max_inflight_infer_bytes=8 << 20)
+    try:
+        budget: Budget = running.server.infer_bytes  # type: ignore[attr-defined]
+        assert budget.capacity == 8 << 20
+        stub = oip_grpc.GRPCInferenceServiceStub(running.channel())
+        request = oip.ModelInferRequest(model_name="retinaface", inputs=[oip.ModelInferRequest.InferInputTensor(
+            name="input", datatype="FP32", shape=[1, 3, 640, 640])], raw_input_contents=[bytes(3 * 640 * 640 * 4)])
+        # Other calls' inputs hold all but 1 MiB of the budget: no room for this call's 4.9 MB.
+        running.loop.call_soon_threadsafe(setattr, budget, "in_use", budget.capacity - (1 << 20))
+        time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ModelInfer input bytes" in (info.value.details() or "")  # type: ignore[attr-defined]
+        status = rpc_status.from_call(info.value)  # type: ignore[arg-type]
+        assert status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+        running.loop.call_soon_threadsafe(setattr, budget, "in_use", 0)
+        time.sleep(0.1)
+        assert stub.ModelInfer(request, timeout=30).outputs  # room again: served
+        assert budget.in_use == 0  # and let go of when it ended
+    finally:
+        stop_server(running, thread)
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = 100.0

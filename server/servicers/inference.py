@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 
 import grpc
 import numpy as np
@@ -17,6 +18,7 @@ from engines.errors import FieldViolation, InvalidArgumentError, NotFoundError
 from engines.runtime.base import TensorSpec
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
+from server.admission import Budget
 from server.batching.stats import Duration
 from server.model_registry import ModelRegistry, ServedModel
 from server.servicers.call_context import deadline_from
@@ -115,9 +117,12 @@ def decode_inputs(req: pb.ModelInferRequest, specs: Sequence[TensorSpec], max_ba
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, ready: Callable[[], bool]) -> None:
+    def __init__(self, registry: ModelRegistry, ready: Callable[[], bool], input_bytes: Budget | None = None
+                 ) -> None:
+        """``input_bytes``: what the input tensors of all ModelInfer calls in flight may hold (None: unbounded)."""
         self._registry = registry
         self._ready = ready
+        self._input_bytes = input_bytes
 
     def _model(self, name: str) -> ServedModel:
         served = self._registry.models.get(name)
@@ -210,13 +215,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgumentError(FieldViolation(f"outputs[{i}].name", f"unknown output {name!r}"))
         n = next(iter(inputs.values())).shape[0]
         deadline = deadline_from(context)
-        # A request of batch n is n items to the dynamic batcher, which may merge them with other requests. The
-        # common batch of one is awaited directly: no task per item on the event loop, no stacking.
-        if n == 1:
-            results = [await served.batcher.infer({k: v[0] for k, v in inputs.items()}, deadline)]
-        else:
-            results = await gather_or_cancel(*[
-                served.batcher.infer({k: v[j] for k, v in inputs.items()}, deadline) for j in range(n)])
+        held = sum(v.nbytes for v in inputs.values())
+        with self._input_bytes.hold(held) if self._input_bytes is not None else nullcontext():
+            # A request of batch n is n items to the dynamic batcher, which may merge them with other requests. The
+            # common batch of one is awaited directly: no task per item on the event loop, no stacking.
+            if n == 1:
+                results = [await served.batcher.infer({k: v[0] for k, v in inputs.items()}, deadline)]
+            else:
+                results = await gather_or_cancel(*[
+                    served.batcher.infer({k: v[j] for k, v in inputs.items()}, deadline) for j in range(n)])
         resp = pb.ModelInferResponse(model_name=e.name, model_version=e.version, id=request.id)
         for name in wanted:
             stacked = results[0][name][None] if n == 1 else np.stack([r[name] for r in results])
