@@ -115,6 +115,9 @@ class FacegateServer:
         self.metrics = Metrics()
         self.metrics.watch_models(self.registry)
         self.metrics.watch_gates(self.gates)
+        self.metrics.watch_budgets({"calls": self.calls, "request_bytes": self.request_bytes,
+                                    "decoded_pixels": self.pixels, "infer_input_bytes": self.infer_bytes,
+                                    "health_and_streams": side, "streams": streams})
         self.reloader = CredentialReloader(
             config, self.auth.install, load, config_path, on_outcome=self._reloaded,
             audit=lambda why, outcome, reason: self.audit.record(rpc="ReloadCredentials", caller=f"operator ({why})",

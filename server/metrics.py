@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from server.admission import WaitGate
+from server.admission import Budget, WaitGate
 from server.gpu_metrics import GpuCollector
 from server.heap_metrics import HeapCollector
 from server.model_registry import ModelRegistry
@@ -91,6 +91,28 @@ class GateCollector(Collector):
             wait.add_metric([name], gate.expected_wait_s() or 0.0)
             shed.add_metric([name], gate.refused)
         yield from (wait, shed)
+
+
+class BudgetCollector(Collector):
+    """Per server-wide budget: what calls in flight hold of it now, its size, and how many calls it refused. When
+    RESOURCE_EXHAUSTED rises, these say which limit sheds (calls, request bytes, decoded pixels, ModelInfer's
+    inputs, health checks and streams)."""
+
+    def __init__(self, budgets: Mapping[str, Budget]) -> None:
+        self._budgets = dict(budgets)
+
+    def collect(self) -> Iterable[Any]:
+        held = GaugeMetricFamily("facegate_budget_in_use", "What the calls in flight hold of a server-wide budget, "
+                                 "in its unit (calls, bytes or pixels)", labels=["budget"])
+        size = GaugeMetricFamily("facegate_budget_capacity", "A server-wide budget's size (its setting)",
+                                 labels=["budget"])
+        refused = CounterMetricFamily("facegate_budget_refused", "Calls refused because a server-wide budget "
+                                      "had no room for them (RESOURCE_EXHAUSTED)", labels=["budget"])
+        for name, budget in self._budgets.items():
+            held.add_metric([name], budget.in_use)  # (ints written on the event loop: a read is never torn)
+            size.add_metric([name], budget.capacity)
+            refused.add_metric([name], budget.refused)
+        yield from (held, size, refused)
 
 
 class SpanCollector(Collector):
@@ -174,6 +196,9 @@ class Metrics:
 
     def watch_gates(self, gates: Mapping[str, WaitGate]) -> None:
         self.registry.register(GateCollector(gates))
+
+    def watch_budgets(self, budgets: Mapping[str, Budget]) -> None:
+        self.registry.register(BudgetCollector(budgets))
 
     def watch_tracing(self, counts: SpanCounts, sample_ratio: Callable[[], float]) -> None:
         self.registry.register(SpanCollector(counts, sample_ratio))

@@ -219,6 +219,7 @@ def test_modelinfer_inputs_are_held_to_their_own_budget(repository_dir: Path) ->
             stub.ModelInfer(request, timeout=30)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "ModelInfer input bytes" in (info.value.details() or "")  # type: ignore[attr-defined]
+        assert budget.refused == 1  # (facegate_budget_refused_total{budget="infer_input_bytes"})
         status = rpc_status.from_call(info.value)  # type: ignore[arg-type]
         assert status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
         running.loop.call_soon_threadsafe(setattr, budget, "in_use", 0)

@@ -50,6 +50,13 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         assert ("facegate_decode_duration_seconds_count", (("kind", "image"),)) in after
         assert after[("facegate_admission_shed_total", (("pipeline", "liveness"),))] == 0
         assert ("facegate_admission_expected_wait_seconds", (("pipeline", "identification"),)) in after
+        # Each server-wide budget: its size, nothing held once the calls have ended, nothing refused.
+        budgets = {"calls": 256, "request_bytes": 256 << 20, "decoded_pixels": 250_000_000,
+                   "infer_input_bytes": 64 << 20, "health_and_streams": 64, "streams": 48}
+        for name, size in budgets.items():
+            assert after[("facegate_budget_capacity", (("budget", name),))] == size
+            assert after[("facegate_budget_in_use", (("budget", name),))] == 0
+            assert after[("facegate_budget_refused_total", (("budget", name),))] == 0
         # The C heap: the models' native memory is in use (glibc here).
         assert after[("facegate_heap_in_use_bytes", ())] > 100 * 2**20
         assert after[("facegate_heap_free_bytes", ())] >= 0
@@ -62,7 +69,7 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         assert final[refused] == 1
         # No caller-supplied string is ever a label value.
         known = {"retinaface", "minifasnet_v2", "minifasnet_v1se", "image", "clip", "video", "+Inf", "liveness",
-                 "identification"}
+                 "identification", *budgets}
         assert all(v in ("OK", "INVALID_ARGUMENT") or v.startswith("/") or v in known or v.replace(".", "").isdigit()
             or v.startswith("slowfast") or k in ("le", "reason", "version", "runtime")
             or (k, v) == ("caller", "anonymous") for (_, labels) in final for k, v in labels)
