@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from prometheus_client import generate_latest
 
-from server.admission import WaitGate
+from server.admission import Budget, WaitGate
 from server.metrics import Metrics
 from server.tracing import SpanCounts
 from tests.conftest import ROOT, promtool
@@ -178,10 +178,11 @@ def test_the_rules_are_valid_promql_and_fire_as_meant(tmp_path: Path) -> None:
 
 
 def exported() -> set[str]:
-    """The names of the series the server exports: its registry as a scrape sees it, with the per-model and
-    per-pipeline collectors (here over no models: their families are named all the same)."""
+    """The names of the series the server exports: its registry as a scrape sees it, with the per-model,
+    per-pipeline and per-budget collectors (here over no models: their families are named all the same)."""
     metrics = Metrics()
     metrics.watch_gates({"liveness": WaitGate("liveness", 1.0, 1)})
+    metrics.watch_budgets({"calls": Budget("calls", 1, "calls")})
     metrics.watch_models(SimpleNamespace(models={}))  # type: ignore[arg-type]
     metrics.watch_tracing(SpanCounts(1), lambda: 0.01)
     names: set[str] = set()
