@@ -41,7 +41,7 @@ import yaml
 
 from benchmarks.machine import machine_info, write_report
 from benchmarks.server_process import facegate_process
-from benchmarks.soak import clip_folders, settings
+from benchmarks.soak import add_inputs, clip_folders, inputs, settings
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
@@ -233,22 +233,13 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--synthetic", type=Path, default=Path(".cache/synthetic/motion/CASME2_RAW"))
-    p.add_argument("--images", type=Path, nargs="+")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    add_inputs(p)
     p.add_argument("--duration", type=float, default=30.0, help="seconds of each phase")
     p.add_argument("--concurrency", type=int, default=16)
     a = p.parse_args(argv)
     if not 0 < a.duration <= 600 or not 1 <= a.concurrency <= 64:
         p.error("--duration in (0, 600], --concurrency in [1, 64]")
-    samples = a.images or sorted(Path("../shared/samples/liveness").glob("*.jpg"))
-    if not samples or not a.synthetic.is_dir():
-        raise SystemExit("needs the sample images (--images) and the synthetic clips (make identify-models)")
-    work = a.out / "memory-work"
-    work.mkdir(parents=True, exist_ok=True)
-    for old in (*work.glob("audit.jsonl*"), *work.glob("gallery.sqlite*")):
-        old.unlink()
+    samples, work = inputs(a, "memory-work")
     token = new_token()
     config = settings(work, token, new_token(), 5.0)
     m = materials(samples, a.synthetic)

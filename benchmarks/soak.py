@@ -265,6 +265,28 @@ async def prepare(address: str, token: str, limited: str, images: list[bytes], c
     return t
 
 
+def add_inputs(p: argparse.ArgumentParser) -> None:
+    """The arguments of a long run against a server process (this one and bench-memory's): the model repository,
+    the synthetic clips, the sample images and where the results go."""
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--synthetic", type=Path, default=Path(".cache/synthetic/motion/CASME2_RAW"))
+    p.add_argument("--images", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+
+
+def inputs(a: argparse.Namespace, work_name: str) -> tuple[list[Path], Path]:
+    """The sample images (``--images``, or ../shared's) and a work directory under ``--out`` without the last
+    run's audit log and gallery; exits saying what is missing."""
+    paths = a.images or sorted(Path("../shared/samples/liveness").glob("*.jpg"))
+    if not paths or not a.synthetic.is_dir():
+        raise SystemExit("needs the sample images (--images) and the synthetic clips (make identify-models)")
+    work = a.out / work_name
+    work.mkdir(parents=True, exist_ok=True)
+    for old in (*work.glob("audit.jsonl*"), *work.glob("gallery.sqlite*")):
+        old.unlink()
+    return paths, work
+
+
 def settings(work: Path, token: str, limited: str, rate_per_s: float) -> Path:
     config = work / "soak.toml"
     config.write_text(
@@ -279,10 +301,7 @@ def settings(work: Path, token: str, limited: str, rate_per_s: float) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--synthetic", type=Path, default=Path(".cache/synthetic/motion/CASME2_RAW"))
-    p.add_argument("--images", type=Path, nargs="+")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    add_inputs(p)
     p.add_argument("--duration", type=float, default=600.0, help="seconds of traffic")
     p.add_argument("--warmup", type=float, default=0.25, help="share of the run left out of the growth fit")
     p.add_argument("--concurrency", type=int, default=8)
@@ -296,13 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not 0 < a.duration <= 24 * 3600 or not 1 <= a.concurrency <= 64 or not 0 <= a.warmup < 1:
         p.error("--duration in (0, 86400], --concurrency in [1, 64], --warmup in [0, 1)")
-    paths = a.images or sorted(Path("../shared/samples/liveness").glob("*.jpg"))
-    if not paths or not a.synthetic.is_dir():
-        raise SystemExit("needs the sample images (--images) and the synthetic clips (make identify-models)")
-    work = a.out / f"{a.stem}-work"
-    work.mkdir(parents=True, exist_ok=True)
-    for old in (*work.glob("audit.jsonl*"), *work.glob("gallery.sqlite*")):
-        old.unlink()
+    paths, work = inputs(a, f"{a.stem}-work")
     token, limited = new_token(), new_token()
     config = settings(work, token, limited, a.rate)
 
