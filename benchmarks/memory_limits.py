@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import sys
 import threading
@@ -40,29 +39,16 @@ import numpy as np
 import yaml
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.server_process import facegate_process
+from benchmarks.server_process import descendants, facegate_process
 from benchmarks.soak import add_inputs, clip_folders, inputs, settings
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
 from server.auth.tokens import new_token
-from tests.images import mjpeg_avi
+from tests.images import encode, mjpeg_avi
 
 KINDS = ("big_image", "big_frames", "big_video", "big_infer", "normal")
 DEPLOYMENT = Path("deploy/kubernetes/base/deployment.yaml")
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process under it (children of any of its threads, and theirs)."""
-    out, i = [pid], 0
-    while i < len(out):
-        try:
-            for task in os.listdir(f"/proc/{out[i]}/task"):
-                out += [int(c) for c in Path(f"/proc/{out[i]}/task/{task}/children").read_text().split()]
-        except OSError:  # (ended meanwhile)
-            pass
-        i += 1
-    return out
 
 
 def tree_pss(pid: int) -> tuple[int, int]:
@@ -105,7 +91,7 @@ def _read(path: Path) -> np.ndarray:
 
 
 def _jpeg(img: np.ndarray, quality: int = 85) -> bytes:
-    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+    return encode(img, "JPEG", quality=quality)
 
 
 def materials(samples: list[Path], synthetic: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import grpc
@@ -76,9 +76,27 @@ def wait_for_metrics(port: int, timeout_s: float = 180) -> None:
 
 
 def children_of(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (the workers of a server started with --workers)."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(x) for x in out.stdout.split()]
+    """Process ids whose parent is ``pid`` (the workers of a server started with --workers): those each of its
+    threads started, from /proc (no ``ps`` run at each sample)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # (ended meanwhile)
+        return []
+    out: list[int] = []
+    for task in tasks:
+        with suppress(OSError):
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it: its children, theirs, and so on (a server's video workers are its
+    forkserver's children)."""
+    out, i = [pid], 0
+    while i < len(out):
+        out += children_of(out[i])
+        i += 1
+    return out
 
 
 def process_tree_usage(pid: int) -> dict[str, int]:
