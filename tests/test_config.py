@@ -89,6 +89,7 @@ def test_a_clips_limits_come_from_the_identification_sections(tmp_path: Path) ->
     cfg = tmp_path / "c.toml"
     cfg.write_text("[server]\nmax_inflight_pixels = 300000000\n"
                    "[identification]\nmax_frames = 120\nmax_request_pixels = 200000000\nvideo_timeout_s = 4\n"
+                   "video_cpu_s = 3\n"
                    "[identification.frame]\nmax_scans = 40\n")
     limits = load_config(cfg).clip_limits
     assert (limits.max_frames, limits.max_request_pixels, limits.video_timeout_s) == (120, 200_000_000, 4)
@@ -96,12 +97,13 @@ def test_a_clips_limits_come_from_the_identification_sections(tmp_path: Path) ->
     # A frame keeps the clip's own defaults where the section is silent (4 MB, 4 MP), not a liveness image's.
     assert (limits.frame.max_scans, limits.frame.max_bytes, limits.frame.max_pixels) == (40, 4 << 20, 4_000_000)
     video = limits.video()
-    assert (video.max_frames, video.timeout_s, video.max_scans) == (120, 4, 40)
+    assert (video.max_frames, video.timeout_s, video.cpu_s, video.max_scans) == (120, 4, 3, 40)
 
 
 @pytest.mark.parametrize("text, message", [
     ("[identification]\nmax_frames = 1\n", r"min_frames \(2\) must be at least 2 and at most max_frames \(1\)"),
     ("[identification]\nvideo_timeout_s = 0\n", "clip limits must be positive: video_timeout_s = 0"),
+    ("[identification]\nvideo_cpu_s = -1\n", "clip limits must be positive: video_cpu_s = -1"),
     ("[identification.frame]\nmax_scans = -1\n", "clip limits must be positive: frame.max_scans = -1"),
     ('[identification]\nmax_clips = "4"\n', "max_clips must be int, got '4'"),
     ("[identification]\nmax_frame = 10\n", r"\[identification\]: unknown setting\(s\) \['max_frame'\]"),

@@ -1,4 +1,4 @@
-"""Decode an untrusted video container in a worker process, with a wall-clock limit and allow lists.
+"""Decode an untrusted video container in a worker process, with CPU and wall-clock limits and allow lists.
 
 FFmpeg (inside OpenCV) parses the container; a hostile or endless stream must not take the server with it, so
 the decode runs in a separate process that is killed when it overruns. Only known containers (AVI, MP4/MOV,
@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -40,6 +42,7 @@ import numpy as np
 
 from engines.errors import FieldViolation, InvalidArgumentError
 from engines.vision.jpeg_header import jpeg_frame, too_many_scans
+from engines.vision.video_watch import Watch
 
 _CONTROL_BYTES = 4096  # the longest control message the parent reads from a worker
 ALLOWED_CODECS = frozenset({"MJPG", "H264", "AVC1", "X264", "VP80", "VP90", "MP4V", "FMP4", "XVID", "DIVX"})
@@ -51,10 +54,12 @@ class VideoLimits:
     max_frame_pixels: int = 4_000_000
     min_side: int = 32
     max_total_pixels: int = 400 * 640 * 480
-    timeout_s: float = 10.0
-    """Wall-clock limit of one decode (the worker is killed after it)."""
+    timeout_s: float = 30.0
+    """Wall-clock limit of one decode (the worker is killed after it; ``video_watch`` says whose fault it was)."""
     max_scans: int = 100
     """Most scans a progressive frame of a Motion JPEG video may have, as for a JPEG frame of a clip."""
+    cpu_s: float = 10.0
+    """CPU time one decode may cost, all the decoder's threads (the worker is killed after it)."""
 
 
 def sniff_container(data: bytes) -> str | None:
@@ -192,8 +197,23 @@ class _Placement:
                     os.setpriority(os.PRIO_PROCESS, 0, self.nice)
 
 
+def _confine(limits: VideoLimits) -> None:
+    """In the worker, before it reads the video: limits the kernel holds it to whatever the decoder does."""
+    with contextlib.suppress(OSError, ValueError):
+        # A decoder that crashed would dump the worker's memory, and the client's video in it, to a core file.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, ValueError):
+        # The parent stops the worker at its CPU limit; this holds if the parent cannot (soft = hard: SIGKILL, where
+        # SIGXCPU would dump a core).
+        cap = math.ceil(limits.cpu_s) + 1
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        if hard == resource.RLIM_INFINITY or hard > cap:
+            resource.setrlimit(resource.RLIMIT_CPU, (cap, cap))
+
+
 def _worker(data: bytes, limits: VideoLimits, spool_dir: str, placement: _Placement, out: Connection) -> None:
     placement.apply()
+    _confine(limits)
     # FFmpeg's own complaints about a broken stream ("[mjpeg @ 0x...] overread 8") went to the server's stderr,
     # one line per bad packet: a hostile video chose how much the server's log got. What was wrong reaches the
     # caller as one status instead. (Read by OpenCV when it first opens a capture, so before any is opened.)
@@ -225,18 +245,27 @@ class DecodeAbandonedError(Exception):
 _ABANDON_POLL_S = 0.05
 
 
-def _receive(receive: Connection, limits: VideoLimits, where: str,
-             abandon: threading.Event | None = None) -> list[np.ndarray]:
+def _receive(receive: Connection, limits: VideoLimits, where: str, abandon: threading.Event | None = None,
+             watch: Watch | None = None) -> list[np.ndarray]:
     """The frames the worker streams, within the time limit, until ``abandon`` is set. Nothing it sends is
     unpickled, and every limit is checked again here before memory is given: the worker parses hostile input, and
-    one an exploit took over must not reach further into the server than its own answer."""
-    deadline = time.monotonic() + limits.timeout_s
+    one an exploit took over must not reach further into the server than its own answer. It tells the ``watch``
+    when it waits for the worker to send."""
+    # The watch kills the worker at the limit, which ends any read; this is for a read the kill did not end.
+    deadline = time.monotonic() + limits.timeout_s + 1.0
 
     def garbled() -> InvalidArgumentError:  # whatever the worker got wrong, the caller learns only this
         return InvalidArgumentError(FieldViolation(where, "could not be decoded"))
 
+    def waiting() -> contextlib.AbstractContextManager[object]:
+        return watch.waiting() if watch is not None else contextlib.nullcontext()
+
     def message(max_bytes: int) -> bytes:
-        while not receive.poll(min(_ABANDON_POLL_S, max(0.0, deadline - time.monotonic()))):
+        while True:
+            with waiting():
+                ready = receive.poll(min(_ABANDON_POLL_S, max(0.0, deadline - time.monotonic())))
+            if ready:
+                break
             if abandon is not None and abandon.is_set():
                 raise DecodeAbandonedError(where)
             if time.monotonic() >= deadline:
@@ -244,7 +273,8 @@ def _receive(receive: Connection, limits: VideoLimits, where: str,
         if abandon is not None and abandon.is_set():  # (a worker streaming steadily never makes poll wait)
             raise DecodeAbandonedError(where)
         try:
-            return receive.recv_bytes(max_bytes)
+            with waiting():  # (a read of bytes that are there already takes well under a millisecond a frame)
+                return receive.recv_bytes(max_bytes)
         except (EOFError, OSError) as exc:  # the worker died (a crash inside the decoder), or sent nonsense
             raise garbled() from exc
 
@@ -286,24 +316,16 @@ def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, s
     proc.start()
     send.close()
     # poll() says only that some bytes wait: a worker that sent half a message and stalled would hold recv_bytes
-    # past the limit. Killed at the limit, it closes its end and the read ends.
-    expired = threading.Event()
-
-    def expire() -> None:
-        expired.set()
-        proc.kill()
-
-    watchdog = threading.Timer(limits.timeout_s, expire)
-    watchdog.daemon = True
-    watchdog.start()
+    # past the limit. Killed at a limit, it closes its end and the read ends.
     try:
-        return _receive(receive, limits, where, abandon)
-    except InvalidArgumentError:
-        if expired.is_set():  # the read ended because the worker was killed at the limit
-            raise InvalidArgumentError(FieldViolation(where, f"did not decode within {limits.timeout_s:g} s")) from None
-        raise
+        with Watch(proc.pid, proc.kill, limits.cpu_s, limits.timeout_s) as watch:
+            try:
+                return _receive(receive, limits, where, abandon, watch)
+            except InvalidArgumentError:
+                if (error := watch.error(where)) is not None:  # the read ended because the watch killed the worker
+                    raise error from None
+                raise
     finally:
-        watchdog.cancel()
         if proc.is_alive():
             proc.kill()
         proc.join(timeout=5)

@@ -24,8 +24,11 @@ class ClipLimits:
     """Decoded pixels one request may need, over all its frames (and clips): 400 frames of 640x480."""
     max_clips: int = 16
     """Clips one enrolment request may carry."""
-    video_timeout_s: float = 10.0
-    """Wall-clock limit of decoding one video container (in a worker process, killed after it)."""
+    video_cpu_s: float = 10.0
+    """CPU time decoding one video container may cost (in a worker process, killed after it): INVALID_ARGUMENT."""
+    video_timeout_s: float = 30.0
+    """Wall-clock limit of decoding one video container (killed after it): RESOURCE_EXHAUSTED if the server was too
+    busy to give the decode its CPU (until 2026-12-07 this was 10 s, the only limit, and always INVALID_ARGUMENT)."""
     frame: ImageLimits = field(default_factory=lambda: ImageLimits(max_bytes=4 * 1024 * 1024,
                                                                    max_pixels=4_000_000))
     """Each frame's limits ([identification.frame]); ``max_scans`` also holds each frame of a Motion JPEG video."""
@@ -38,8 +41,9 @@ class ClipLimits:
                              f"({self.max_frames})")
         positive = {"max_total_bytes": self.max_total_bytes, "max_fps": self.max_fps,
                     "max_request_pixels": self.max_request_pixels, "max_clips": self.max_clips,
-                    "video_timeout_s": self.video_timeout_s, "frame.max_bytes": f.max_bytes,
-                    "frame.max_pixels": f.max_pixels, "frame.min_side": f.min_side, "frame.max_scans": f.max_scans}
+                    "video_cpu_s": self.video_cpu_s, "video_timeout_s": self.video_timeout_s,
+                    "frame.max_bytes": f.max_bytes, "frame.max_pixels": f.max_pixels, "frame.min_side": f.min_side,
+                    "frame.max_scans": f.max_scans}
         if bad := [f"{name} = {value}" for name, value in positive.items() if not value > 0]:
             raise ValueError(f"clip limits must be positive: {', '.join(bad)}")
 
@@ -47,7 +51,7 @@ class ClipLimits:
         """A video's limits; it decodes at most ``max_pixels`` (default: the request's budget)."""
         return VideoLimits(self.max_frames, self.frame.max_pixels, self.frame.min_side,
                            self.max_request_pixels if max_pixels is None else max_pixels, self.video_timeout_s,
-                           self.frame.max_scans)
+                           self.frame.max_scans, self.video_cpu_s)
 
     def videos_at_once(self, pixel_budget: int) -> int:
         """How many video containers decode at once: as many as the server's pixel budget holds of the largest (a
