@@ -37,9 +37,10 @@ import cv2
 import grpc
 import numpy as np
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.server_process import descendants, facegate_process
+from benchmarks.server_process import descendants, facegate_process, free_port, metrics_text
 from benchmarks.soak import add_inputs, clip_folders, inputs, settings
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from inference import grpc_service_pb2 as oip
@@ -155,8 +156,20 @@ async def phase(calls: dict[str, Callable[[], Any]], kinds: tuple[str, ...], con
     return got
 
 
+def refusals(metrics_port: int) -> Counter[str]:
+    """What stopped calls so far, from the server's metrics: each budget's refusals for room, each pipeline's
+    shedding of calls that would wait too long, and each video limit's stops (``busy``: the decode kept from a CPU
+    until the wall-clock limit, RESOURCE_EXHAUSTED)."""
+    families = {"facegate_budget_refused_total": "budget", "facegate_admission_shed_total": "pipeline",
+                "facegate_video_decodes_stopped_total": "reason"}
+    text = metrics_text(metrics_port) or ""
+    return Counter({f"{families[s.name].replace('reason', 'video')} {s.labels[families[s.name]]}": int(s.value)
+                    for family in text_string_to_metric_families(text) for s in family.samples
+                    if s.name in families})
+
+
 async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, concurrency: int,
-              duration_s: float) -> list[dict[str, Any]]:
+              duration_s: float, metrics_port: int) -> list[dict[str, Any]]:
     md = (("authorization", f"Bearer {token}"),)
     channel = grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
     live = liveness_pb2_grpc.LivenessServiceStub(channel)
@@ -190,11 +203,14 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
     for kinds in [(k,) for k in KINDS] + [KINDS]:
         await asyncio.sleep(2)  # (what the last phase left in flight ends)
         sampler.reset()
+        before = refusals(metrics_port)
         got = await phase(calls, kinds, concurrency, duration_s)
         peak, procs = sampler.peak()
+        stopped = +(refusals(metrics_port) - before)  # (+: only what rose)
         out.append({"kinds": list(kinds), "peak_pss_mib": peak / 2**20, "processes": procs,
-                    "statuses": dict(sorted(got.items()))})
-        print(f"[bench-memory] {'+'.join(kinds)}: peak {peak / 2**20:.0f} MiB, {dict(got)}", file=sys.stderr)
+                    "statuses": dict(sorted(got.items())), "stopped_by": dict(sorted(stopped.items()))})
+        print(f"[bench-memory] {'+'.join(kinds)}: peak {peak / 2**20:.0f} MiB, {dict(got)}, stopped by "
+              f"{dict(stopped)}", file=sys.stderr)
     await channel.close()
     return out
 
@@ -207,13 +223,19 @@ def markdown(r: dict[str, Any]) -> str:
              f"limit: {limit}. Before the first phase: **{r['base_pss_mib']:.0f} MiB** (PSS of the server and "
              "the processes under it). The phases run in this order in one server, so a phase's peak includes "
              "what the allocator kept from those before it.", "",
-             "| sent | peak PSS | over the start | share of the limit | processes | statuses |",
-             "|---|---|---|---|---|---|"]
+             "", "*Stopped by*: the server's own count of what refused or stopped the calls: a budget without room "
+             "(`facegate_budget_refused_total`), a pipeline shedding calls that would wait too long "
+             "(`facegate_admission_shed_total`), or a video decode's limit (`facegate_video_decodes_stopped_total`: "
+             "`busy` is RESOURCE_EXHAUSTED, `cpu` and `stalled` INVALID_ARGUMENT).", "",
+             "| sent | peak PSS | over the start | share of the limit | processes | statuses | stopped by |",
+             "|---|---|---|---|---|---|---|"]
     for p in r["phases"]:
         share = f"{p['peak_pss_mib'] / r['deployment_limit_mib']:.0%}" if r["deployment_limit"] else "-"
         statuses = ", ".join(f"{k} {v}" for k, v in p["statuses"].items())
+        stopped = ", ".join(f"{k} {v}" for k, v in p.get("stopped_by", {}).items()) or "-"
         lines.append(f"| {' + '.join(p['kinds'])} | {p['peak_pss_mib']:.0f} MiB | "
-                     f"+{p['peak_pss_mib'] - r['base_pss_mib']:.0f} MiB | {share} | {p['processes']} | {statuses} |")
+                     f"+{p['peak_pss_mib'] - r['base_pss_mib']:.0f} MiB | {share} | {p['processes']} | {statuses} | "
+                     f"{stopped} |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,12 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     token = new_token()
     config = settings(work, token, new_token(), 5.0)
     m = materials(samples, a.synthetic)
-    with facegate_process(a.repository, ["--config", str(config)], work / "server.log") as (address, proc):
+    metrics_port = free_port()
+    with facegate_process(a.repository, ["--config", str(config), "--metrics-port", str(metrics_port)],
+                          work / "server.log") as (address, proc):
         time.sleep(2)
         base = tree_pss(proc.pid)[0] / 2**20
         sampler = Sampler(proc.pid)
         try:
-            phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration))
+            phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration, metrics_port))
         finally:
             sampler.stop()
     limit = deployment_limit()

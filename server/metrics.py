@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from engines.vision.video_watch import STOPS
 from server.admission import Budget, WaitGate
 from server.gpu_metrics import GpuCollector
 from server.heap_metrics import HeapCollector
@@ -115,6 +116,21 @@ class BudgetCollector(Collector):
         yield from (held, size, refused)
 
 
+class VideoStopCollector(Collector):
+    """Video decodes a limit stopped, by which: a rise of ``busy`` says the server is short of CPU for the videos
+    it admits; ``cpu`` and ``stalled`` are callers' videos."""
+
+    def collect(self) -> Iterable[Any]:
+        stops = CounterMetricFamily("facegate_video_decodes_stopped", "Video decodes stopped at a limit: cpu (the "
+                                    "video cost more than video_cpu_s; INVALID_ARGUMENT), busy (video_timeout_s "
+                                    "passed while the server kept the decode from a CPU; RESOURCE_EXHAUSTED), "
+                                    "stalled (video_timeout_s passed while the decoder neither ran nor waited for a "
+                                    "CPU; INVALID_ARGUMENT)", labels=["reason"])
+        for why, n in STOPS.snapshot().items():
+            stops.add_metric([why.value], n)
+        yield stops
+
+
 class SpanCollector(Collector):
     """What became of the sampled spans ([tracing]): a collector that is down or slow shows as failed or dropped
     spans here, not only in the SDK's log."""
@@ -184,6 +200,7 @@ class Metrics:
                                        "its expiration", ["certificate"], registry=r)
         self.gallery_templates = Gauge("facegate_gallery_templates", "Templates held in memory for search, over "
                                        "all collections and members", registry=r)
+        r.register(VideoStopCollector())
         heap = HeapCollector()
         if heap.active:  # glibc's counts where the C library is glibc; nothing elsewhere
             r.register(heap)

@@ -22,7 +22,7 @@ from engines.vision import video as video_mod
 from engines.vision.imaging import ImageLimits
 from engines.vision.jpeg_header import jpeg_scans
 from engines.vision.video import VideoLimits, decode_video
-from engines.vision.video_watch import Stop, Usage, Watch
+from engines.vision.video_watch import STOPS, Stop, Usage, Watch
 from server.pipelines.clip_input import ClipLimits
 from tests.bad_inputs import video
 from tests.images import encode, gradient, mjpeg_avi, with_extra_scans
@@ -59,6 +59,7 @@ def test_no_decode_leaves_the_video_in_the_temporary_directory(tmp_path: Path) -
     assert not _files_holding(root, payloads)
 
     outcomes: list[int | str] = []
+    stopped = STOPS.snapshot()[Stop.CPU]
     for _ in range(4):
         for data, limits in ((avi, VideoLimits()), (mp4, VideoLimits()), (truncated, VideoLimits()),
                              (endless, VideoLimits()), (endless, VideoLimits(max_frames=10_000, cpu_s=0.1))):
@@ -68,6 +69,7 @@ def test_no_decode_leaves_the_video_in_the_temporary_directory(tmp_path: Path) -
                 outcomes.append(exc.violations[0].description)
     assert outcomes[0] == outcomes[1] == 12  # served as before
     assert any("took more than 0.1 s of CPU" in str(o) for o in outcomes)  # the killed worker is among them
+    assert STOPS.snapshot()[Stop.CPU] - stopped == outcomes.count("took more than 0.1 s of CPU to decode") > 0
     assert not _files_holding(root, payloads)  # before 2026-12-04 about half of these decodes left a copy
     assert not [d for d in root.glob("facegate-video-*") if any(d.iterdir())]
 
@@ -295,6 +297,7 @@ def test_a_decode_starved_of_cpu_is_busy_not_a_bad_video(tmp_path: Path) -> None
     cpu = max(os.sched_getaffinity(0))
     hog = subprocess.Popen([sys.executable, "-c", _HOG, str(cpu)])
     outcome: dict[str, object] = {}
+    before = STOPS.snapshot()
 
     def starved() -> None:  # its worker runs where and as this thread does
         os.sched_setaffinity(0, {cpu})
@@ -316,6 +319,8 @@ def test_a_decode_starved_of_cpu_is_busy_not_a_bad_video(tmp_path: Path) -> None
         hog.wait()
     assert isinstance(outcome.get("error"), ResourceExhaustedError), outcome
     assert "too busy to decode it within 1.5 s" in str(outcome["error"])
+    assert outcome["error"].retry_after_s == 1.0  # type: ignore[attr-defined]
+    assert STOPS.snapshot()[Stop.BUSY] - before[Stop.BUSY] == 1  # facegate_video_decodes_stopped_total{reason="busy"}
     assert outcome["took"] < limits.timeout_s + 4.5  # type: ignore[operator]  # (its thread is starved too)
     assert len(decode_video(data, limits, "clip")) == 300  # the CPU free again, the same video is decoded
 

@@ -62,6 +62,25 @@ class Stop(enum.Enum):
     STALLED = "stalled"
 
 
+class StopCounts:
+    """How many decodes in this process each limit stopped (read by the server's metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # watches stop workers from their own threads
+        self._counts = dict.fromkeys(Stop, 0)
+
+    def add(self, why: Stop) -> None:
+        with self._lock:
+            self._counts[why] += 1
+
+    def snapshot(self) -> dict[Stop, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+STOPS = StopCounts()
+
+
 class Watch:
     """Stops a worker past its CPU limit or its wall-clock limit, and remembers which. The reader waits for the
     worker's bytes (in poll, or in a read that has only part of a message) inside ``waiting()``."""
@@ -116,6 +135,7 @@ class Watch:
     def _stop(self, why: Stop) -> None:
         self.stopped = why
         self._kill()
+        STOPS.add(why)
 
     def error(self, where: str) -> FacegateError | None:
         """What the caller is told, if this watch stopped the worker."""
@@ -123,6 +143,7 @@ class Watch:
             return InvalidArgumentError(FieldViolation(where, f"took more than {self.cpu_s:g} s of CPU to decode"))
         if self.stopped is Stop.STALLED:
             return InvalidArgumentError(FieldViolation(where, f"did not decode within {self.wall_s:g} s"))
-        if self.stopped is Stop.BUSY:
-            return ResourceExhaustedError(f"{where}: the server was too busy to decode it within {self.wall_s:g} s")
+        if self.stopped is Stop.BUSY:  # (a second, not the default 100 ms: the decode waited the whole limit)
+            return ResourceExhaustedError(f"{where}: the server was too busy to decode it within {self.wall_s:g} s",
+                                          retry_after_s=1.0)
         return None
