@@ -4,6 +4,7 @@ failed or was killed; and the worker runs on the CPUs, and at the priority, of t
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing
 import os
 import struct
@@ -19,10 +20,11 @@ import pytest
 
 from engines.errors import InvalidArgumentError, ResourceExhaustedError
 from engines.vision import video as video_mod
+from engines.vision.frame_buffer import FrameBuffer, write_frame
 from engines.vision.imaging import ImageLimits
 from engines.vision.jpeg_header import jpeg_scans
 from engines.vision.video import VideoLimits, decode_video
-from engines.vision.video_watch import STOPS, Stop, Usage, Watch
+from engines.vision.video_watch import STOPS, Stop, Usage, late, stalled, unread_bytes
 from server.pipelines.clip_input import ClipLimits
 from tests.bad_inputs import video
 from tests.images import encode, gradient, mjpeg_avi, with_extra_scans
@@ -136,10 +138,10 @@ def test_the_worker_runs_where_and_as_its_caller_may() -> None:
 # --- a worker an exploit took over: the parent must stay within its limits whatever the worker sends ---------
 
 
-def _half_a_frame(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object) -> None:
+def _half_a_message(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object,
+                    frames: object) -> None:
     out.send_bytes(b'{"size": [64, 48]}')  # type: ignore[attr-defined]
-    out.send_bytes(b'{"frame": 0}')  # type: ignore[attr-defined]
-    out._send(struct.pack("!i", 64 * 48 * 3) + b"partial")  # type: ignore[attr-defined]  # then nothing more
+    out._send(struct.pack("!i", 100) + b'{"end"')  # type: ignore[attr-defined]  # then nothing more
     time.sleep(60)
 
 
@@ -148,27 +150,27 @@ class _Payload:
         return (Path.touch, (str(Path(tempfile.gettempdir()) / "facegate-pickle-ran"),))
 
 
-def _pickle_sender(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object) -> None:
+def _pickle_sender(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object,
+                   frames: object) -> None:
     out.send(_Payload())  # type: ignore[attr-defined]
 
 
-def _flood(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object) -> None:
+def _too_many(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object,
+              frames: object) -> None:
     out.send_bytes(b'{"size": [64, 48]}')  # type: ignore[attr-defined]
-    for i in range(10_000):  # far past max_frames
-        out.send_bytes(json.dumps({"frame": i}).encode())  # type: ignore[attr-defined]
-        out.send_bytes(bytes(64 * 48 * 3))  # type: ignore[attr-defined]
-    out.send_bytes(b'{"end": 10000}')  # type: ignore[attr-defined]
+    out.send_bytes(b'{"end": 10000}')  # type: ignore[attr-defined]  # far past max_frames, and the shared buffer
 
 
-def _huge_control(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object) -> None:
+def _huge_control(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object,
+                  frames: object) -> None:
     out.send_bytes(b'{"error": "' + b"x" * 50_000_000 + b'"}')  # type: ignore[attr-defined]
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method")
 @pytest.mark.parametrize(("worker", "expected"), [
-    (_half_a_frame, "did not decode within 0.5 s"),
+    (_half_a_message, "did not decode within 0.5 s"),
     (_pickle_sender, "could not be decoded"),
-    (_flood, "could not be decoded"),
+    (_too_many, "could not be decoded"),
     (_huge_control, "could not be decoded"),
 ])
 def test_a_hostile_worker_gets_no_further_than_a_refusal(worker, expected: str, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
@@ -179,7 +181,7 @@ def test_a_hostile_worker_gets_no_further_than_a_refusal(worker, expected: str, 
     # Only the stalled worker must meet the time limit. The others are refused for what they send, and a child forked
     # from this large test process can take over a second to send it: _huge_control once took 1.15 s, so a 0.5 s
     # limit turned its refusal into a timeout (2 of 4 runs after the admission tests).
-    limits = VideoLimits(max_frames=10, timeout_s=0.5 if worker is _half_a_frame else 5.0)
+    limits = VideoLimits(max_frames=10, timeout_s=0.5 if worker is _half_a_message else 5.0)
     started = time.monotonic()
     with pytest.raises(InvalidArgumentError) as info:
         video_mod._run_worker(multiprocessing.get_context("fork"), b"", limits, str(tmp_path), "clip.video")
@@ -262,7 +264,7 @@ def test_ffmpeg_writes_nothing_to_the_servers_stderr_about_a_broken_stream(tmp_p
 # --- the two time limits: the CPU a video costs is the video's doing; the wall-clock time, also the server's ----
 
 
-def _report_limits(path: str, limits: VideoLimits, out: object) -> None:
+def _report_limits(path: str, limits: VideoLimits, out: object, target: object) -> None:
     import resource
     got = {name: resource.getrlimit(getattr(resource, name)) for name in ("RLIMIT_CORE", "RLIMIT_CPU")}
     out.send_bytes(json.dumps({"error": json.dumps(got)}).encode())  # type: ignore[attr-defined]
@@ -326,14 +328,67 @@ def test_a_decode_starved_of_cpu_is_busy_not_a_bad_video(tmp_path: Path) -> None
 
 
 def test_the_watch_tells_a_stall_from_load() -> None:
-    """At the wall-clock limit: a worker that ran or waited for a CPU most of the time was starved (busy); one that
-    neither ran nor wanted to while the reader waited on it stalled; one whose reader was busy elsewhere was held up
-    by the server. Where /proc cannot say, the video is answered for, as before."""
-    watch = Watch(0, lambda: None, cpu_s=10, wall_s=4)
-    assert watch._why_late(Usage(0.5, 1.6), 4.0) is Stop.BUSY  # ran and waited 2.1 s of 4
-    assert watch._why_late(Usage(0.5, 1.0), 4.0) is Stop.BUSY  # the reader never waited on it
-    with watch.waiting():
-        watch._since = time.monotonic() - 3.0  # the reader has waited on the worker for 3 s
-        assert watch._why_late(Usage(0.5, 1.0), 4.0) is Stop.STALLED
-        assert watch._why_late(None, 4.0) is Stop.STALLED
-    assert watch.idle_s() >= 3.0
+    """A 50 ms tick is a stall when no thread of the worker ran or waited for a CPU and nothing it sent lies unread.
+    At the wall-clock limit, a worker that stalled for half the time or more is answered for; one that ran, waited
+    for a CPU, or slept on a full pipe its reader was too busy to empty, was held up by the server. Where /proc
+    cannot say, the video is answered for, as before."""
+    before = Usage(0.5, 2.0)
+    assert stalled(before, Usage(0.5, 2.0), unread=0)
+    assert not stalled(before, Usage(0.5, 2.0005 + 0.001), unread=0)  # it ran or waited for a CPU
+    assert not stalled(before, Usage(0.5, 2.0), unread=65536)  # asleep on a full pipe: its reader is behind
+    assert not stalled(before, Usage(0.5, 2.0, runnable=True), unread=0)  # starved: its wait is not counted yet
+    assert not stalled(None, Usage(0.5, 2.0), unread=0)
+    assert late(Usage(0.5, 2.0), stalled_s=2.5, elapsed_s=4.0) is Stop.STALLED
+    assert late(Usage(0.5, 2.0), stalled_s=1.5, elapsed_s=4.0) is Stop.BUSY
+    assert late(None, stalled_s=0.0, elapsed_s=4.0) is Stop.STALLED
+    # The pipe's unread bytes, as the kernel counts them.
+    receive, send = multiprocessing.Pipe(duplex=False)
+    assert unread_bytes(receive.fileno()) == 0
+    send.send_bytes(b"x" * 1000)
+    assert unread_bytes(receive.fileno()) == 1000 + 4  # (with the message's length)
+    receive.close()
+    send.close()
+
+
+# --- frames come back through a shared memory file, not the pipe ------------------------------------------------
+
+
+def test_the_frames_are_those_opencv_decodes_and_outlive_their_buffer(tmp_path: Path) -> None:
+    """The frames the worker writes into the shared file are, pixel for pixel, what OpenCV decodes from the same
+    video in this process; they are read-only, and stay valid once the buffer is closed (the mapping lives with
+    them)."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    data = video(tmp_path / "v.avi", [rng.integers(0, 255, (96, 128, 3), np.uint8) for _ in range(7)])
+    cap = cv2.VideoCapture(str(tmp_path / "v.avi"), cv2.CAP_FFMPEG)
+    expected = []
+    while (got := cap.read())[0]:
+        expected.append(got[1])
+    cap.release()
+    frames = decode_video(data, VideoLimits(), "clip")
+    assert len(frames) == len(expected) == 7
+    assert all(np.array_equal(f, e) for f, e in zip(frames, expected, strict=True))
+    assert not frames[0].flags.writeable
+    with pytest.raises(ValueError):
+        frames[0][0, 0, 0] = 1
+
+
+def test_the_shared_file_cannot_be_grown_by_the_worker(tmp_path: Path) -> None:
+    """The worker holds the file's descriptor; sealed, it cannot make the file (and the server's memory) larger
+    than the pixel budget it was given, nor shrink it under the server's mapping."""
+    buffer = FrameBuffer(3 * 64 * 48 * 3, str(tmp_path))
+    fd = buffer.shared().fd
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 1 << 30)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 10)
+        with os.fdopen(os.dup(fd), "r+b") as f, mmap.mmap(f.fileno(), 0) as target:  # as the worker maps it
+            assert len(target) == buffer.size
+            frame = np.full((48, 64, 3), 7, np.uint8)
+            assert write_frame(target, 2, frame)  # the last that fits
+            assert not write_frame(target, 3, frame)
+        assert np.array_equal(buffer.frames(3, 64, 48)[2], frame)
+    finally:
+        buffer.close()

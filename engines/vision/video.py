@@ -6,11 +6,15 @@ Matroska/WebM, sniffed from magic bytes) and codecs are read; the frame size is 
 before the first frame and every frame as it is read, a Motion JPEG's frames are held to the scan limit of a
 clip's JPEG frames before any is decoded, and reading stops at the frame-count and pixel budgets.
 
-The worker streams the frames one at a time, and the parent unpickles nothing from it: control messages are
-small JSON objects and frames raw bytes of the declared size, and the parent checks every limit again before it
-gives memory. The worker parses hostile input; one an exploit took over gets no further than a refusal. (Until
-2026-12-04 it sent all frames as one pickled array: 3.4x their size in the worker, and a pickle the server
-loaded.)
+The worker writes the frames one at a time into a shared memory file the parent sized to the video's pixel budget
+(``frame_buffer``), and the parent unpickles nothing from it: its messages are small JSON objects (the frame size,
+then how many frames), and the parent checks every limit again before it reads a frame. The worker parses hostile
+input; one an exploit took over gets no further than a refusal. (Until 2026-12-04 it sent all frames as one
+pickled array: 3.4x their size in the worker, and a pickle the server loaded. Until 2026-12-07 it sent each frame
+through the pipe, which a server short of the GIL read in 10-30 s instead of 1 s.)
+
+Two time limits hold the worker (``video_watch``): the CPU it costs, which the video answers for, and the
+wall-clock time, which the server's load shares.
 
 The client's video never lies on disk where it could outlive the request: the worker hands it to FFmpeg as an
 anonymous memory file (``memfd_create``), freed by the kernel when the worker exits, killed or not. Where there is
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import multiprocessing as mp
 import os
 import resource
@@ -41,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.errors import FieldViolation, InvalidArgumentError
+from engines.vision.frame_buffer import FrameBuffer, SharedFd, write_frame
 from engines.vision.jpeg_header import jpeg_frame, too_many_scans
 from engines.vision.video_watch import Watch
 
@@ -76,10 +82,10 @@ def _send(out: Connection, **message: object) -> None:
     out.send_bytes(json.dumps(message).encode())
 
 
-def _stream(path: str, limits: VideoLimits, out: Connection) -> None:
-    """In the worker: {"size": [w, h]}, then {"frame": i} and the frame's BGR bytes for each frame as it is decoded,
-    then {"end": n}; or {"error": description} at any point. It holds one frame at a time: collecting the frames
-    and sending them as one array took 3.4x their size (1,213 MiB for 400 frames of 640x480)."""
+def _stream(path: str, limits: VideoLimits, out: Connection, target: mmap.mmap) -> None:
+    """In the worker: {"size": [w, h]}, each frame's BGR pixels written into ``target`` (``frame_buffer``) as it is
+    decoded, then {"end": n}; or {"error": description} at any point. It holds one frame at a time: collecting the
+    frames and sending them as one array took 3.4x their size (1,213 MiB for 400 frames of 640x480)."""
     import cv2
 
     cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
@@ -105,8 +111,8 @@ def _stream(path: str, limits: VideoLimits, out: Connection) -> None:
                 return _send(out, error=f"frame {n} is {frame.shape[1]}x{frame.shape[0]}, not {w}x{h}")
             if error := _count_error(n + 1, w, h, limits):
                 return _send(out, error=error)
-            _send(out, frame=n)
-            out.send_bytes(np.ascontiguousarray(frame).reshape(-1).data)  # flat: send_bytes sizes by len()
+            if not write_frame(target, n, frame):
+                return _send(out, error=f"decodes to more than {len(target) // 3} pixels")
             n += 1
         return _send(out, end=n) if n else _send(out, error="holds no decodable frame")
     finally:
@@ -211,7 +217,8 @@ def _confine(limits: VideoLimits) -> None:
             resource.setrlimit(resource.RLIMIT_CPU, (cap, cap))
 
 
-def _worker(data: bytes, limits: VideoLimits, spool_dir: str, placement: _Placement, out: Connection) -> None:
+def _worker(data: bytes, limits: VideoLimits, spool_dir: str, placement: _Placement, out: Connection,
+            frames: SharedFd) -> None:
     placement.apply()
     _confine(limits)
     # FFmpeg's own complaints about a broken stream ("[mjpeg @ 0x...] overread 8") went to the server's stderr,
@@ -221,8 +228,8 @@ def _worker(data: bytes, limits: VideoLimits, spool_dir: str, placement: _Placem
     with contextlib.suppress(OSError):  # under memory pressure the kernel kills a decoder before the server
         Path("/proc/self/oom_score_adj").write_text("1000")
     try:
-        with _spooled(data, spool_dir) as path:  # OpenCV reads containers only from a path
-            _stream(path, limits, out)
+        with _spooled(data, spool_dir) as path, mmap.mmap(frames.fd, 0) as target:  # (OpenCV reads a path only)
+            _stream(path, limits, out, target)
     except Exception as exc:  # the worker reports, never raises into nothing
         with contextlib.suppress(OSError):
             _send(out, error=f"could not be decoded ({type(exc).__name__})")
@@ -245,27 +252,19 @@ class DecodeAbandonedError(Exception):
 _ABANDON_POLL_S = 0.05
 
 
-def _receive(receive: Connection, limits: VideoLimits, where: str, abandon: threading.Event | None = None,
-             watch: Watch | None = None) -> list[np.ndarray]:
-    """The frames the worker streams, within the time limit, until ``abandon`` is set. Nothing it sends is
-    unpickled, and every limit is checked again here before memory is given: the worker parses hostile input, and
-    one an exploit took over must not reach further into the server than its own answer. It tells the ``watch``
-    when it waits for the worker to send."""
+def _receive(receive: Connection, buffer: FrameBuffer, limits: VideoLimits, where: str,
+             abandon: threading.Event | None = None) -> list[np.ndarray]:
+    """The frames the worker wrote into ``buffer``, within the time limit, until ``abandon`` is set. Nothing it
+    sends is unpickled, and every limit is checked again here: the worker parses hostile input, and one an exploit
+    took over must not reach further into the server than its own answer."""
     # The watch kills the worker at the limit, which ends any read; this is for a read the kill did not end.
     deadline = time.monotonic() + limits.timeout_s + 1.0
 
     def garbled() -> InvalidArgumentError:  # whatever the worker got wrong, the caller learns only this
         return InvalidArgumentError(FieldViolation(where, "could not be decoded"))
 
-    def waiting() -> contextlib.AbstractContextManager[object]:
-        return watch.waiting() if watch is not None else contextlib.nullcontext()
-
     def message(max_bytes: int) -> bytes:
-        while True:
-            with waiting():
-                ready = receive.poll(min(_ABANDON_POLL_S, max(0.0, deadline - time.monotonic())))
-            if ready:
-                break
+        while not receive.poll(min(_ABANDON_POLL_S, max(0.0, deadline - time.monotonic()))):
             if abandon is not None and abandon.is_set():
                 raise DecodeAbandonedError(where)
             if time.monotonic() >= deadline:
@@ -273,8 +272,7 @@ def _receive(receive: Connection, limits: VideoLimits, where: str, abandon: thre
         if abandon is not None and abandon.is_set():  # (a worker streaming steadily never makes poll wait)
             raise DecodeAbandonedError(where)
         try:
-            with waiting():  # (a read of bytes that are there already takes well under a millisecond a frame)
-                return receive.recv_bytes(max_bytes)
+            return receive.recv_bytes(max_bytes)
         except (EOFError, OSError) as exc:  # the worker died (a crash inside the decoder), or sent nonsense
             raise garbled() from exc
 
@@ -294,33 +292,31 @@ def _receive(receive: Connection, limits: VideoLimits, where: str, abandon: thre
             or _size_error(size[0], size[1], limits):
         raise garbled()
     w, h = size
-    frames: list[np.ndarray] = []
-    while True:
-        got = control()
-        if got.get("end") == len(frames) and frames:
-            return frames
-        if got.get("frame") != len(frames) or _count_error(len(frames) + 1, w, h, limits):
-            raise garbled()
-        pixels = message(h * w * 3)
-        if len(pixels) != h * w * 3:
-            raise garbled()
-        frames.append(np.frombuffer(pixels, np.uint8).reshape(h, w, 3))
+    n = control().get("end")
+    if type(n) is not int or n < 1 or _count_error(n, w, h, limits) or n * w * h * 3 > buffer.size:
+        raise garbled()
+    return buffer.frames(n, w, h)  # (the worker is killed before the caller gets them: it cannot change them)
 
 
 def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, spool_dir: str,
                 where: str, abandon: threading.Event | None = None) -> list[np.ndarray]:
     """The decoded frames; the worker is dead when this returns or raises."""
     receive, send = ctx.Pipe(duplex=False)
-    args = (data, limits, spool_dir, _Placement.of_this_thread(), send)
+    buffer = FrameBuffer(limits.max_total_pixels * 3, spool_dir)
+    args = (data, limits, spool_dir, _Placement.of_this_thread(), send, buffer.shared())
     proc = ctx.Process(target=_worker, args=args, daemon=True)  # type: ignore[attr-defined]
-    proc.start()
+    try:
+        proc.start()
+    except BaseException:
+        buffer.close()
+        raise
     send.close()
     # poll() says only that some bytes wait: a worker that sent half a message and stalled would hold recv_bytes
     # past the limit. Killed at a limit, it closes its end and the read ends.
     try:
-        with Watch(proc.pid, proc.kill, limits.cpu_s, limits.timeout_s) as watch:
+        with Watch(proc.pid, proc.kill, limits.cpu_s, limits.timeout_s, receive.fileno()) as watch:
             try:
-                return _receive(receive, limits, where, abandon, watch)
+                return _receive(receive, buffer, limits, where, abandon)
             except InvalidArgumentError:
                 if (error := watch.error(where)) is not None:  # the read ended because the watch killed the worker
                     raise error from None
@@ -330,6 +326,7 @@ def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, s
             proc.kill()
         proc.join(timeout=5)
         receive.close()
+        buffer.close()
 
 
 def decode_video(data: bytes, limits: VideoLimits, field: str,

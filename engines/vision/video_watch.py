@@ -3,27 +3,32 @@
 A video's decode is bounded by the CPU it costs, which the video decides, and by the wall-clock time it takes,
 which the server's load decides as well. Until 2026-12-07 there was only the wall-clock limit (10 s), and its
 refusal said the video was at fault (INVALID_ARGUMENT). Under load that was wrong: in ``make bench-memory``, 16
-clients sending 110.6 MP videos kept both cores busy, and 4 videos that decode in about 0.3 s of CPU "did not decode
-within 10 s". A caller that is told its input is bad does not send it again.
+clients sending 110.6 MP videos kept both cores busy, and 1-4 videos a run that decode in about 0.3 s of CPU "did
+not decode within 10 s". A caller that is told its input is bad does not send it again.
 
 Now the parent reads the worker's CPU time (all its threads) every 50 ms and stops it at ``cpu_s``: the video cost
-too much, INVALID_ARGUMENT. At the wall-clock limit it looks at why the video was late:
-- the worker ran, or waited runnable for a CPU (the kernel's run-queue delay), most of that time: the server was
-  too busy, RESOURCE_EXHAUSTED, and the caller may send it again;
-- the reader was not waiting on the worker most of that time (it was slow to read what the worker sent): busy too;
-- otherwise the worker neither ran nor wanted to while the reader waited on it: it stalled, which a decoder does
-  only on input that breaks it (or one an exploit took over), INVALID_ARGUMENT as before.
+too much, INVALID_ARGUMENT. Each 50 ms it also notes whether the worker stalled: none of its threads ran, waited
+for a CPU or was runnable (the kernel's scheduler statistics and thread states), and nothing it sent lay unread in
+the pipe. At the wall-clock
+limit, a worker that stalled for most of the time is answered for (a decoder stalls only on input that breaks it,
+or when an exploit took it over): INVALID_ARGUMENT, as before. Otherwise the server kept it from a CPU, or was too
+slow to read what it sent: RESOURCE_EXHAUSTED, and the caller may send it again. (A first version asked whether
+the reader was waiting on the worker instead. Under the same flood with a 3 s limit it called 3 of 10 late videos
+stalled: the reader, short of the GIL between the pipe's 64 KiB reads, was "waiting" while the worker slept on a
+full pipe.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import os
+import struct
+import termios
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +38,18 @@ WATCH_S = 0.05  # how often the worker's CPU time is read: its overrun of the CP
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+_ACTIVE_S = 0.001  # less run or run-queue time than this in a 50 ms tick: the worker's threads all slept
+
+
 @dataclass(frozen=True)
 class Usage:
     cpu_s: float
-    """Time it ran on a CPU, all its threads."""
-    waited_s: float
-    """Time its threads waited runnable for a CPU (0 where the kernel keeps no scheduler statistics)."""
+    """Time it ran on a CPU, all its threads, ended ones included."""
+    active_s: float
+    """Time its live threads ran or waited runnable for a CPU (0 where the kernel keeps no scheduler statistics).
+    A thread's wait is added only when it next runs, so a starved one shows as ``runnable`` meanwhile."""
+    runnable: bool = False
+    """A thread of it is running or waiting for a CPU (or in an uninterruptible wait, as on a page fault)."""
 
 
 def usage(pid: int) -> Usage | None:
@@ -49,17 +60,42 @@ def usage(pid: int) -> Usage | None:
         cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime and stime: the 14th and 15th fields
     except (OSError, ValueError, IndexError):
         return None
-    waited = 0
+    active, runnable = 0, False
     for task in proc.glob("task/*"):
         with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that ended meanwhile
-            waited += int((task / "schedstat").read_text().split()[1])  # run-queue delay, ns
-    return Usage(cpu, waited / 1e9)
+            runnable = runnable or (task / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("R", "D")
+            ran, waited = (task / "schedstat").read_text().split()[:2]  # ns on a CPU, ns runnable waiting for one
+            active += int(ran) + int(waited)
+    return Usage(cpu, active / 1e9, runnable)
+
+
+def unread_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe for its reader (0 where the platform cannot say)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
+    except OSError:
+        return 0
+
+
+def stalled(before: Usage | None, after: Usage | None, unread: int) -> bool:
+    """Whether a tick between two readings of a worker saw it stall: no thread ran or waited for a CPU, and
+    nothing it sent lay unread (a worker asleep on a full pipe waits on its reader, not on its input)."""
+    if before is None or after is None:
+        return False
+    return not after.runnable and after.active_s - before.active_s < _ACTIVE_S and unread == 0
 
 
 class Stop(enum.Enum):
     CPU = "cpu"
     BUSY = "busy"
     STALLED = "stalled"
+
+
+def late(seen: Usage | None, stalled_s: float, elapsed_s: float) -> Stop:
+    """Why a worker was still decoding at the wall-clock limit."""
+    if seen is None:  # nothing to tell load from a stall by: the video is answered for, as before
+        return Stop.STALLED
+    return Stop.STALLED if stalled_s >= elapsed_s / 2 else Stop.BUSY
 
 
 class StopCounts:
@@ -82,13 +118,11 @@ STOPS = StopCounts()
 
 
 class Watch:
-    """Stops a worker past its CPU limit or its wall-clock limit, and remembers which. The reader waits for the
-    worker's bytes (in poll, or in a read that has only part of a message) inside ``waiting()``."""
+    """Stops a worker past its CPU limit or its wall-clock limit, and remembers which. ``pipe`` is the file
+    descriptor the parent reads the worker's output from."""
 
-    def __init__(self, pid: int, kill: Callable[[], None], cpu_s: float, wall_s: float) -> None:
-        self.pid, self._kill, self.cpu_s, self.wall_s = pid, kill, cpu_s, wall_s
-        self._idle_s = 0.0
-        self._since: float | None = None  # when the wait now in progress began
+    def __init__(self, pid: int, kill: Callable[[], None], cpu_s: float, wall_s: float, pipe: int) -> None:
+        self.pid, self._kill, self.cpu_s, self.wall_s, self._pipe = pid, kill, cpu_s, wall_s, pipe
         self.stopped: Stop | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="video-watch", daemon=True)
@@ -101,36 +135,18 @@ class Watch:
         self._done.set()
         self._thread.join()
 
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
-        self._since = time.monotonic()
-        try:
-            yield
-        finally:
-            self._idle_s += time.monotonic() - self._since
-            self._since = None
-
-    def idle_s(self) -> float:
-        """Time the reader has waited for the worker, the wait in progress included."""
-        since = self._since  # read once: the reader sets it from its own thread
-        return self._idle_s + (time.monotonic() - since if since is not None else 0.0)
-
     def _run(self) -> None:
-        started = time.monotonic()
+        started = last_t = time.monotonic()
+        last, stalled_s = usage(self.pid), 0.0
         while not self._done.wait(WATCH_S):
-            seen = usage(self.pid)
-            elapsed = time.monotonic() - started
+            seen, now = usage(self.pid), time.monotonic()
             if seen is not None and seen.cpu_s >= self.cpu_s:
                 return self._stop(Stop.CPU)
-            if elapsed >= self.wall_s:
-                return self._stop(self._why_late(seen, elapsed))
-
-    def _why_late(self, seen: Usage | None, elapsed: float) -> Stop:
-        if seen is None:  # nothing to tell load from a stall by: the video is answered for, as before
-            return Stop.STALLED
-        if seen.cpu_s + seen.waited_s >= elapsed / 2 or self.idle_s() < elapsed / 2:
-            return Stop.BUSY
-        return Stop.STALLED
+            if stalled(last, seen, unread_bytes(self._pipe)):
+                stalled_s += now - last_t
+            last, last_t = seen, now
+            if now - started >= self.wall_s:
+                return self._stop(late(seen, stalled_s, now - started))
 
     def _stop(self, why: Stop) -> None:
         self.stopped = why

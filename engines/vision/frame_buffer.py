@@ -1,0 +1,81 @@
+"""Decoded video frames handed from the worker process to the server through shared memory.
+
+Until 2026-12-07 the worker sent each frame through a pipe: 921,600 bytes a 640x480 frame, read 64 KiB at a time,
+each read taking the GIL again. A server whose event loop held the GIL (the load of ``make bench-memory``) read a
+110.6 MP video in 10-30 s: with two threads spinning in Python beside it, 360 frames of 640x480 took over 30 s
+(0.6-0.8 s idle), and the worker, asleep on a full pipe, had decoded them in 0.25 s of CPU.
+
+Now the server makes an anonymous memory file as large as the video's pixel budget allows (its pages are given only
+as the worker writes them), the worker writes each frame into it, and the server reads the frames in place once the
+worker says how many there are. A worker an exploit took over can write only within that file: whatever it writes
+is pixels, as it could send before. It is killed before the server uses the frames, so it cannot change them after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import tempfile
+from multiprocessing import reduction
+
+import numpy as np
+
+
+class SharedFd:
+    """A file descriptor a worker process gets a copy of, however it is started (fork, forkserver or spawn)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[object, tuple[object]]:
+        return (_rebuilt, (reduction.DupFd(self.fd),))  # type: ignore[attr-defined]
+
+
+def _rebuilt(dup: object) -> SharedFd:
+    return SharedFd(dup.detach())  # type: ignore[attr-defined]
+
+
+class FrameBuffer:
+    """The server's side: a memory file of ``size`` bytes, mapped read-only; the worker gets ``shared()``."""
+
+    def __init__(self, size: int, spool_dir: str) -> None:
+        try:
+            self._fd = os.memfd_create("facegate-frames", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except (AttributeError, OSError):  # not Linux: an unlinked file in the parent's private directory
+            with tempfile.TemporaryFile(dir=spool_dir) as f:
+                self._fd = os.dup(f.fileno())
+        try:
+            os.ftruncate(self._fd, size)  # sparse: no page is given until written
+            with contextlib.suppress(AttributeError, OSError):  # its size is final: the worker cannot grow it
+                fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.size = size
+
+    def shared(self) -> SharedFd:
+        return SharedFd(self._fd)
+
+    def frames(self, n: int, width: int, height: int) -> list[np.ndarray]:
+        """The first ``n`` frames, read-only views of the mapping (which lives as long as any of them)."""
+        whole = np.frombuffer(self._map, np.uint8, count=n * height * width * 3)
+        return list(whole.reshape(n, height, width, 3))
+
+    def close(self) -> None:
+        """The descriptor closed (the worker has its own copy while it lives); the mapping too unless frames were
+        taken from it."""
+        os.close(self._fd)
+        with contextlib.suppress(BufferError):  # frames hold it: freed with the last of them
+            self._map.close()
+
+
+def write_frame(target: mmap.mmap, index: int, frame: np.ndarray) -> bool:
+    """In the worker: ``frame`` written at its place in the shared file, or False if it does not fit."""
+    size = frame.size
+    if (index + 1) * size > len(target):
+        return False
+    np.frombuffer(target, np.uint8, count=size, offset=index * size)[:] = frame.reshape(-1)
+    return True
