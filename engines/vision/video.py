@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import mmap
 import multiprocessing as mp
 import os
 import resource
@@ -46,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.errors import FieldViolation, InvalidArgumentError
-from engines.vision.frame_buffer import FrameBuffer, SharedFd, write_frame
+from engines.vision.frame_buffer import FrameBuffer, FrameWriter, SharedFd
 from engines.vision.jpeg_header import jpeg_frame, too_many_scans
 from engines.vision.video_watch import Watch
 
@@ -82,7 +81,7 @@ def _send(out: Connection, **message: object) -> None:
     out.send_bytes(json.dumps(message).encode())
 
 
-def _stream(path: str, limits: VideoLimits, out: Connection, target: mmap.mmap) -> None:
+def _stream(path: str, limits: VideoLimits, out: Connection, target: FrameWriter) -> None:
     """In the worker: {"size": [w, h]}, each frame's BGR pixels written into ``target`` (``frame_buffer``) as it is
     decoded, then {"end": n}; or {"error": description} at any point. It holds one frame at a time: collecting the
     frames and sending them as one array took 3.4x their size (1,213 MiB for 400 frames of 640x480)."""
@@ -111,8 +110,8 @@ def _stream(path: str, limits: VideoLimits, out: Connection, target: mmap.mmap) 
                 return _send(out, error=f"frame {n} is {frame.shape[1]}x{frame.shape[0]}, not {w}x{h}")
             if error := _count_error(n + 1, w, h, limits):
                 return _send(out, error=error)
-            if not write_frame(target, n, frame):
-                return _send(out, error=f"decodes to more than {len(target) // 3} pixels")
+            if not target.write(n, frame):
+                return _send(out, error=f"decodes to more than {target.size // 3} pixels")
             n += 1
         return _send(out, end=n) if n else _send(out, error="holds no decodable frame")
     finally:
@@ -228,8 +227,8 @@ def _worker(data: bytes, limits: VideoLimits, spool_dir: str, placement: _Placem
     with contextlib.suppress(OSError):  # under memory pressure the kernel kills a decoder before the server
         Path("/proc/self/oom_score_adj").write_text("1000")
     try:
-        with _spooled(data, spool_dir) as path, mmap.mmap(frames.fd, 0) as target:  # (OpenCV reads a path only)
-            _stream(path, limits, out, target)
+        with _spooled(data, spool_dir) as path:  # OpenCV reads containers only from a path
+            _stream(path, limits, out, FrameWriter(frames))
     except Exception as exc:  # the worker reports, never raises into nothing
         with contextlib.suppress(OSError):
             _send(out, error=f"could not be decoded ({type(exc).__name__})")
