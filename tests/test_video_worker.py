@@ -23,7 +23,7 @@ from engines.vision.frame_buffer import FrameBuffer, FrameWriter, SharedFd
 from engines.vision.imaging import ImageLimits
 from engines.vision.jpeg_header import jpeg_scans
 from engines.vision.video import VideoLimits, decode_video
-from engines.vision.video_watch import STOPS, Stop, Usage, late, stalled, unread_bytes
+from engines.vision.video_watch import STOPS, Stop, Usage, Watch, late, stalled, unread_bytes, usage
 from server.pipelines.clip_input import ClipLimits
 from tests.bad_inputs import video
 from tests.images import encode, gradient, mjpeg_avi, with_extra_scans
@@ -392,3 +392,25 @@ def test_the_shared_file_cannot_be_grown_by_the_worker(tmp_path: Path) -> None:
         assert not buffer.frames(3, 64, 48)[1].any()  # a frame never written reads as zeros
     finally:
         buffer.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the worker's state from /proc")
+def test_the_watch_leaves_a_worker_that_has_ended() -> None:
+    """A worker that sent its end and exited, while its reader was still on the way to the answer, was stopped at the
+    wall-clock limit as stalled (a zombie neither runs nor waits) and counted, though its call was answered: seen
+    once in a flood with a 3 s limit. An ended worker is no longer watched."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie once it exits
+    receive, send = multiprocessing.Pipe(duplex=False)
+    try:
+        deadline = time.monotonic() + 30
+        while not (u := usage(ended.pid)) or not u.exited:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        killed: list[int] = []
+        with Watch(ended.pid, lambda: killed.append(1), cpu_s=10, wall_s=0.1, pipe=receive.fileno()) as watch:
+            time.sleep(0.4)
+        assert watch.stopped is None and not killed
+    finally:
+        ended.wait()
+        receive.close()
+        send.close()

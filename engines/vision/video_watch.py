@@ -36,6 +36,7 @@ from engines.errors import FacegateError, FieldViolation, InvalidArgumentError, 
 
 WATCH_S = 0.05  # how often the worker's CPU time is read: its overrun of the CPU limit is at most about this
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PROC = Path("/proc/self/stat").exists()  # elsewhere only the wall-clock limit holds, and a late decode is a stall
 
 
 _ACTIVE_S = 0.001  # less run or run-queue time than this in a 50 ms tick: the worker's threads all slept
@@ -50,6 +51,8 @@ class Usage:
     A thread's wait is added only when it next runs, so a starved one shows as ``runnable`` meanwhile."""
     runnable: bool = False
     """A thread of it is running or waiting for a CPU (or in an uninterruptible wait, as on a page fault)."""
+    exited: bool = False
+    """It has ended (a zombie until its parent reaps it)."""
 
 
 def usage(pid: int) -> Usage | None:
@@ -60,6 +63,8 @@ def usage(pid: int) -> Usage | None:
         cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime and stime: the 14th and 15th fields
     except (OSError, ValueError, IndexError):
         return None
+    if fields[0] in ("Z", "X"):
+        return Usage(cpu, 0.0, exited=True)
     active, runnable = 0, False
     for task in proc.glob("task/*"):
         with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that ended meanwhile
@@ -140,6 +145,8 @@ class Watch:
         last, stalled_s = usage(self.pid), 0.0
         while not self._done.wait(WATCH_S):
             seen, now = usage(self.pid), time.monotonic()
+            if _PROC and (seen is None or seen.exited):
+                return  # it has ended: what it sent, or its end of the pipe closing, answers the reader
             if seen is not None and seen.cpu_s >= self.cpu_s:
                 return self._stop(Stop.CPU)
             if stalled(last, seen, unread_bytes(self._pipe)):
@@ -151,10 +158,12 @@ class Watch:
     def _stop(self, why: Stop) -> None:
         self.stopped = why
         self._kill()
-        STOPS.add(why)
 
     def error(self, where: str) -> FacegateError | None:
-        """What the caller is told, if this watch stopped the worker."""
+        """What the caller is told, if this watch stopped the worker (counted in ``STOPS``: call it once, when the
+        stop ended the read)."""
+        if self.stopped is not None:
+            STOPS.add(self.stopped)
         if self.stopped is Stop.CPU:
             return InvalidArgumentError(FieldViolation(where, f"took more than {self.cpu_s:g} s of CPU to decode"))
         if self.stopped is Stop.STALLED:
