@@ -47,6 +47,7 @@ START = "facegate_tls_certificate_not_before_timestamp_seconds"
 REQUESTS = "facegate_requests_total"
 SPANS = "facegate_trace_spans_total"
 SYNCS = "facegate_deployment_rate_syncs_total"
+VIDEO_STOPS = "facegate_video_decodes_stopped_total"
 
 
 def _expiring(pod: str, certificate: str, left: str, severity: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -160,6 +161,22 @@ CASES: list[dict[str, Any]] = [
                                 "is full)."})),
         ],
     },
+    {   # p-1 stops a video a minute because the server kept it from a CPU; p-2 stops them for their own cost only
+        "interval": "1m",
+        "input_series": [series(VIDEO_STOPS, "0+1x40", pod="p-1", reason="busy"),
+                         series(VIDEO_STOPS, "0+0x40", pod="p-1", reason="cpu"),
+                         series(VIDEO_STOPS, "0+0x40", pod="p-2", reason="busy"),
+                         series(VIDEO_STOPS, "0+3x40", pod="p-2", reason="cpu")],
+        "alert_rule_test": [
+            alert("FacegateVideoDecodesStarved", "15m"),  # (pending)
+            alert("FacegateVideoDecodesStarved", "25m", (
+                {"pod": "p-1", "severity": "warning"},
+                {"summary": "facegate is too busy to decode the videos it admits within video_timeout_s",
+                 "description": "ns/p-1 stopped 0.017 video decodes a second over the last 10 minutes because the "
+                                "server kept them from a CPU until video_timeout_s (answered RESOURCE_EXHAUSTED). "
+                                "Add CPU or replicas, or admit fewer videos at once (max_inflight_pixels)."})),
+        ],
+    },
 ]
 
 
@@ -167,7 +184,7 @@ def test_the_rules_are_valid_promql_and_fire_as_meant(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
     check = subprocess.run([promtool(), "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=60)
-    assert check.returncode == 0 and "SUCCESS: 7 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 8 rules found" in check.stdout, check.stdout + check.stderr
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(
         {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": CASES}, sort_keys=False))
     run = subprocess.run([promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True,
