@@ -42,6 +42,7 @@ class FrameBuffer:
     """The server's side: a memory file of ``size`` bytes, mapped read-only; the worker gets ``shared()``."""
 
     def __init__(self, size: int, spool_dir: str) -> None:
+        size = max(size, mmap.PAGESIZE)  # (an empty file cannot be mapped; a budget that small holds no frame)
         try:
             self._fd = os.memfd_create("facegate-frames", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except (AttributeError, OSError):  # not Linux: an unlinked file in the parent's private directory
