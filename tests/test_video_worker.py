@@ -414,3 +414,26 @@ def test_the_watch_leaves_a_worker_that_has_ended() -> None:
         ended.wait()
         receive.close()
         send.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads this process's descriptors and mappings")
+def test_the_shared_files_go_with_their_frames(tmp_path: Path) -> None:
+    """Each decode makes a memory file and maps it: no descriptor is left behind, and the mapping lives exactly as
+    long as frames taken from it (decodes refused, or whose frames were dropped, hold nothing)."""
+    import gc
+
+    def mapped() -> int:
+        return sum("facegate-frames" in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    data = video(tmp_path / "v.avi", [gradient(640, 480)], repeat=30)
+    decode_video(data, VideoLimits(), "clip")
+    gc.collect()
+    fds, maps = len(os.listdir("/proc/self/fd")), mapped()
+    for _ in range(5):
+        frames = decode_video(data, VideoLimits(), "clip")
+        with pytest.raises(InvalidArgumentError):
+            decode_video(data, VideoLimits(max_frames=10), "clip")  # refused: more than 10 frames
+    assert mapped() == maps + 1  # the last decode's frames hold theirs
+    del frames
+    gc.collect()
+    assert (len(os.listdir("/proc/self/fd")), mapped()) == (fds, maps)
