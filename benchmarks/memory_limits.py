@@ -37,10 +37,9 @@ import cv2
 import grpc
 import numpy as np
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.server_process import descendants, facegate_process, free_port, metrics_text
+from benchmarks.server_process import descendants, facegate_process, free_port, metric_samples
 from benchmarks.soak import add_inputs, clip_folders, inputs, settings
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from inference import grpc_service_pb2 as oip
@@ -162,10 +161,8 @@ def refusals(metrics_port: int) -> Counter[str]:
     until the wall-clock limit, RESOURCE_EXHAUSTED)."""
     families = {"facegate_budget_refused_total": "budget", "facegate_admission_shed_total": "pipeline",
                 "facegate_video_decodes_stopped_total": "reason"}
-    text = metrics_text(metrics_port) or ""
     return Counter({f"{families[s.name].replace('reason', 'video')} {s.labels[families[s.name]]}": int(s.value)
-                    for family in text_string_to_metric_families(text) for s in family.samples
-                    if s.name in families})
+                    for s in metric_samples(metrics_port, families)})
 
 
 async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, concurrency: int,

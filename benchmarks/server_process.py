@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 
 def free_port() -> int:
@@ -63,6 +65,12 @@ def metrics_text(port: int) -> str | None:
             return str(r.read().decode())
     except OSError:
         return None
+
+
+def metric_samples(port: int, names: Collection[str]) -> list[Sample]:
+    """The samples of the series ``names`` on the /metrics page on 127.0.0.1:``port`` (none while nothing answers)."""
+    text = metrics_text(port) or ""
+    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name in names]
 
 
 def wait_for_metrics(port: int, timeout_s: float = 180) -> None:

@@ -31,10 +31,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.server_process import facegate_process, free_port, metrics_text, process_tree_usage
+from benchmarks.server_process import facegate_process, free_port, metric_samples, process_tree_usage
 from benchmarks.soak_report import markdown, summarize_samples
 from facegate.v1 import (
     common_pb2,
@@ -197,10 +196,9 @@ async def one_call(kind: str, t: Traffic, rng: random.Random, tally: Tally) -> N
 
 def heap_usage(metrics_port: int | None) -> dict[str, float]:
     """The server process's C heap in use and free (its ``facegate_heap_*`` gauges), or nothing where it has none."""
-    text = metrics_text(metrics_port) if metrics_port else None
+    names = ("facegate_heap_in_use_bytes", "facegate_heap_free_bytes")
     return {s.name.removeprefix("facegate_").removesuffix("_bytes"): s.value
-            for family in text_string_to_metric_families(text or "") for s in family.samples
-            if s.name in ("facegate_heap_in_use_bytes", "facegate_heap_free_bytes")}
+            for s in (metric_samples(metrics_port, names) if metrics_port else [])}
 
 
 async def soak(t: Traffic, pid: int, duration_s: float, concurrency: int, sample_s: float, seed: int,

@@ -7,15 +7,14 @@ clients sending 110.6 MP videos kept both cores busy, and 1-4 videos a run that 
 not decode within 10 s". A caller that is told its input is bad does not send it again.
 
 Now the parent reads the worker's CPU time (all its threads) every 50 ms and stops it at ``cpu_s``: the video cost
-too much, INVALID_ARGUMENT. Each 50 ms it also notes whether the worker stalled: none of its threads ran, waited
-for a CPU or was runnable (the kernel's scheduler statistics and thread states), and nothing it sent lay unread in
-the pipe. At the wall-clock
-limit, a worker that stalled for most of the time is answered for (a decoder stalls only on input that breaks it,
-or when an exploit took it over): INVALID_ARGUMENT, as before. Otherwise the server kept it from a CPU, or was too
-slow to read what it sent: RESOURCE_EXHAUSTED, and the caller may send it again. (A first version asked whether
-the reader was waiting on the worker instead. Under the same flood with a 3 s limit it called 3 of 10 late videos
-stalled: the reader, short of the GIL between the pipe's 64 KiB reads, was "waiting" while the worker slept on a
-full pipe.)
+too much, INVALID_ARGUMENT. Each 50 ms it also notes whether the worker stalled: none of its threads ran, waited for
+a CPU or was runnable (the kernel's scheduler statistics and thread states), and nothing it sent lay unread in the
+pipe. At the wall-clock limit, a worker that stalled for most of the time is answered for (a decoder stalls only on
+input that breaks it, or when an exploit took it over): INVALID_ARGUMENT, as before. Otherwise the server kept it
+from a CPU, or was too slow to read what it sent: RESOURCE_EXHAUSTED, and the caller may send it again. (A first
+version asked whether the reader was waiting on the worker instead. Under the same flood with a 3 s limit it called
+3 of 10 late videos stalled: the reader, short of the GIL between the pipe's 64 KiB reads, was "waiting" while the
+worker slept on a full pipe.)
 """
 
 from __future__ import annotations
@@ -55,11 +54,16 @@ class Usage:
     """It has ended (a zombie until its parent reaps it)."""
 
 
+def _stat(path: Path) -> list[str]:
+    """The fields of a /proc ``stat`` file after the name (in parentheses, it may hold spaces): the state first."""
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
 def usage(pid: int) -> Usage | None:
     """What the process ``pid`` has run and waited; None where /proc cannot say (not Linux, or it is gone)."""
     proc = Path("/proc", str(pid))
     try:
-        fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+        fields = _stat(proc / "stat")
         cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime and stime: the 14th and 15th fields
     except (OSError, ValueError, IndexError):
         return None
@@ -68,7 +72,7 @@ def usage(pid: int) -> Usage | None:
     active, runnable = 0, False
     for task in proc.glob("task/*"):
         with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that ended meanwhile
-            runnable = runnable or (task / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("R", "D")
+            runnable = runnable or _stat(task / "stat")[0] in ("R", "D")
             ran, waited = (task / "schedstat").read_text().split()[:2]  # ns on a CPU, ns runnable waiting for one
             active += int(ran) + int(waited)
     return Usage(cpu, active / 1e9, runnable)
