@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -24,6 +24,7 @@ from engines.vision.video_watch import STOPS
 from server.admission import Budget, WaitGate
 from server.gpu_metrics import GpuCollector
 from server.heap_metrics import HeapCollector
+from server.memory_limit import MemoryLimitCollector
 from server.model_registry import ModelRegistry
 from server.servicers.answers import around_answer, final_code
 from server.servicers.call_context import CURRENT_TRACE_ID, caller_label
@@ -204,6 +205,10 @@ class Metrics:
         heap = HeapCollector()
         if heap.active:  # glibc's counts where the C library is glibc; nothing elsewhere
             r.register(heap)
+        r.register(MemoryLimitCollector())
+        # This process's own resident memory, CPU time and descriptors (process_*), as the library's default
+        # registry has them: per serving worker, where the working set above is the whole group's.
+        ProcessCollector(registry=r)
 
     def watch_models(self, registry: ModelRegistry) -> None:
         self.registry.register(ModelCollector(registry))

@@ -63,6 +63,10 @@ def test_ten_calls_show_as_ten_in_the_counter_and_the_histogram(repository_dir: 
         # The C heap: the models' native memory is in use (glibc here).
         assert after[("facegate_heap_in_use_bytes", ())] > 100 * 2**20
         assert after[("facegate_heap_free_bytes", ())] >= 0
+        # The control group's working set holds the models too (the server runs in this process here), and so does
+        # the process's own resident memory (the client library's process collector).
+        assert after[("facegate_memory_working_set_bytes", ())] > 100 * 2**20
+        assert after[("process_resident_memory_bytes", ())] > 100 * 2**20
         # A refused call is counted with its code, and by reason.
         with pytest.raises(Exception):  # noqa: B017 - any gRPC error; the code is checked below
             stub.CheckLiveness(liveness_pb2.CheckLivenessRequest(), timeout=30)

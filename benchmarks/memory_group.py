@@ -1,0 +1,68 @@
+"""A memory control group with a limit, for a benchmark's server to run under as it would in its pod.
+
+Made under the root of the hierarchy this process sees (cgroup v1's memory controller, or v2 with the memory
+controller enabled for the root's children), where this process may write there: as root on a machine or VM, not
+in an unprivileged container. Elsewhere ``limited_group`` yields None and the caller runs without a limit.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from server.memory_limit import MemoryGroup, own_memory_group
+
+
+def _parent() -> tuple[Path, int] | None:
+    group = own_memory_group()
+    if group is None:
+        return None
+    if group.version == 2:
+        control = group.root / "cgroup.subtree_control"
+        try:
+            if "memory" not in control.read_text().split():
+                control.write_text("+memory")
+        except OSError:
+            return None
+    return group.root, group.version
+
+
+@contextmanager
+def limited_group(limit_bytes: int, name: str = "facegate-bench") -> Iterator[MemoryGroup | None]:
+    """A new group held to ``limit_bytes``, removed once its processes have ended; None where none can be made."""
+    parent = _parent()
+    if parent is None:
+        yield None
+        return
+    root, version = parent
+    path = root / f"{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+    except OSError:
+        yield None
+        return
+    try:
+        (path / ("memory.max" if version == 2 else "memory.limit_in_bytes")).write_text(str(limit_bytes))
+        # No swap beyond it, as in a pod: past the limit the kernel kills, rather than swapping out.
+        swap = path / ("memory.swap.max" if version == 2 else "memory.memsw.limit_in_bytes")
+        if swap.exists():
+            swap.write_text("0" if version == 2 else str(limit_bytes))
+        yield MemoryGroup(path, version, root)
+    finally:
+        for _ in range(50):  # (a process that was in it may take a moment to be reaped)
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def run_in(group: MemoryGroup | None, command: list[str]) -> list[str]:
+    """``command``, made to join ``group`` first (the shell writes its own pid, then becomes the command: what it
+    and its children allocate from the start is charged to the group)."""
+    if group is None:
+        return command
+    return ["sh", "-c", 'echo 0 > "$0/cgroup.procs" && exec "$@"', str(group.path), *command]

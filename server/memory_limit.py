@@ -1,0 +1,145 @@
+"""The memory the server's control group uses, against the limit it runs under, for the metrics endpoint.
+
+The kernel kills the container when its control group's memory reaches the limit (a Deployment's
+``resources.limits.memory``, ``docker run --memory``, systemd's ``MemoryMax``), not when one process's resident
+memory does: the group also holds the video workers, the other serving workers and the page cache. The reading is
+the group's *working set*, its usage less the file pages the kernel reclaims first (``inactive_file``), which is
+how cAdvisor and the kubelet measure it, so that the alerts read the number the kubelet evicts on. The server
+exports it itself so that a deployment without cAdvisor, or one scraping only facegate, can still see how close
+it is to being killed.
+
+The limit is the smallest one on the way from the server's group to the root of the hierarchy it can see: a group
+without its own limit is held to its parent's. No limit found (none set, or no cgroup file system, as outside
+Linux): the limit's family is exported without a sample. Read at scrape time, a few small files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit value; v2 writes "max".
+_UNLIMITED_V1 = 1 << 62
+
+
+@dataclass(frozen=True)
+class MemoryGroup:
+    """One process's memory control group: its directory, and the cgroup version it is of."""
+
+    path: Path
+    version: int  # 1 or 2
+    root: Path  # the hierarchy's mount point: limits are looked for up to it
+
+    def _read(self, name: str, directory: Path | None = None) -> str | None:
+        try:
+            return ((directory or self.path) / name).read_text()
+        except OSError:
+            return None
+
+    def usage(self) -> int | None:
+        text = self._read("memory.current" if self.version == 2 else "memory.usage_in_bytes")
+        return int(text) if text is not None else None
+
+    def working_set(self) -> int | None:
+        """Usage less the inactive file pages (cAdvisor's container_memory_working_set_bytes), at least 0."""
+        usage = self.usage()
+        stat = self._read("memory.stat")
+        if usage is None or stat is None:
+            return None
+        key = "inactive_file" if self.version == 2 else "total_inactive_file"  # (v1: this group and its children)
+        counts = dict(line.split(maxsplit=1) for line in stat.splitlines() if " " in line)
+        return max(0, usage - int(counts.get(key, "0")))
+
+    def oom_kills(self) -> int | None:
+        """Processes the kernel killed in this group for want of memory (a video decoder, a serving worker)."""
+        text = self._read("memory.events" if self.version == 2 else "memory.oom_control")
+        if text is None:
+            return None
+        counts = dict(line.split(maxsplit=1) for line in text.splitlines() if " " in line)
+        return int(counts["oom_kill"]) if "oom_kill" in counts else None
+
+    def limit(self) -> int | None:
+        """The smallest memory limit set on this group or a group above it, in bytes; None when none is."""
+        name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
+        smallest: int | None = None
+        directory = self.path
+        while True:
+            text = self._read(name, directory)
+            if text is not None and text.strip() != "max" and int(text) < _UNLIMITED_V1:
+                smallest = int(text) if smallest is None else min(smallest, int(text))
+            if directory == self.root or directory.parent == directory:
+                return smallest
+            directory = directory.parent
+
+
+def memory_group(cgroup: str, mountinfo: str) -> MemoryGroup | None:
+    """The memory control group that ``cgroup`` (the text of /proc/<pid>/cgroup) names, found through the mounts
+    in ``mountinfo`` (/proc/<pid>/mountinfo): a v1 hierarchy with the memory controller, else the v2 one. A group
+    mounted from within (a container's namespace: the mount's root is the group itself) is found as well."""
+    v1: str | None = None
+    v2: str | None = None
+    for line in cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        elif "memory" in parts[1].split(","):
+            v1 = parts[2]
+    mounts: dict[str, tuple[str, str]] = {}  # kind -> (the mount's root in the hierarchy, its mount point)
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        kind, _, options = line.split(" - ", 1)[1].split()[:3]
+        if kind == "cgroup" and "memory" in options.split(","):
+            mounts.setdefault("v1", (fields[3], fields[4]))
+        elif kind == "cgroup2":
+            mounts.setdefault("v2", (fields[3], fields[4]))
+    for version, group in ((1, v1), (2, v2)):
+        mount = mounts.get(f"v{version}")
+        if group is None or mount is None:
+            continue
+        root, point = mount
+        relative = group[len(root):] if group.startswith(root) else group
+        path = Path(point) / relative.lstrip("/")
+        if version == 2 and not (path / "memory.current").exists():
+            path = Path(point)  # (the memory controller not enabled in the group: read what the mount shows)
+        if (path / ("memory.current" if version == 2 else "memory.usage_in_bytes")).exists():
+            return MemoryGroup(path, version, Path(point))
+    return None
+
+
+def own_memory_group() -> MemoryGroup | None:
+    try:
+        return memory_group(Path("/proc/self/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
+    except OSError:
+        return None
+
+
+class MemoryLimitCollector(Collector):
+    def __init__(self, group: MemoryGroup | None = None) -> None:
+        self._group = group if group is not None else own_memory_group()
+
+    def collect(self) -> Iterable[Any]:
+        working = GaugeMetricFamily("facegate_memory_working_set_bytes", "Memory the server's control group uses "
+                                    "(the server, its workers and video decoders, page cache) less the file pages "
+                                    "the kernel reclaims first: what the kernel's OOM kill and the kubelet's "
+                                    "eviction compare with the limit")
+        limit = GaugeMetricFamily("facegate_memory_limit_bytes", "The memory limit the server's control group runs "
+                                  "under (the smallest set on it or a group above it); no sample when none is")
+        if self._group is not None:
+            if (used := self._group.working_set()) is not None:
+                working.add_metric([], used)
+            if (most := self._group.limit()) is not None:
+                limit.add_metric([], most)
+        kills = CounterMetricFamily("facegate_memory_oom_kills", "Processes of the server's control group the "
+                                    "kernel killed for want of memory (a video decoder, a serving worker)")
+        if self._group is not None and (killed := self._group.oom_kills()) is not None:
+            kills.add_metric([], killed)
+        yield from (working, limit, kills)
