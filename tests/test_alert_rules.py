@@ -48,6 +48,28 @@ REQUESTS = "facegate_requests_total"
 SPANS = "facegate_trace_spans_total"
 SYNCS = "facegate_deployment_rate_syncs_total"
 VIDEO_STOPS = "facegate_video_decodes_stopped_total"
+WORKING_SET = "facegate_memory_working_set_bytes"
+LIMIT = "facegate_memory_limit_bytes"
+GIB = 2**30
+MIB = 2**20
+
+
+def _memory(pod: str, values: str, instances: int = 1) -> list[dict[str, str]]:
+    """A pod's working set (``values``) and 4 GiB limit, as each of its ``instances`` serving workers exports
+    them (the same: they read the one control group)."""
+    return [s for i in range(instances) for s in (series(WORKING_SET, values, pod=pod, instance=f"w{i}"),
+                                                  series(LIMIT, f"{4 * GIB}x70", pod=pod, instance=f"w{i}"))]
+
+
+def _near(pod: str, share: str, severity: str) -> tuple[dict[str, str], dict[str, str]]:
+    minutes, limit = ("15", "80") if severity == "warning" else ("5", "90")
+    tail = (" Compare facegate_heap_in_use_bytes (a leak raises it) and facegate_gallery_templates, and raise the "
+            "limit or lower the budgets (max_inflight_*).") if severity == "warning" else (
+        " the kernel kills it, and every call in flight, at 100 %.")
+    middle = "; the kernel kills it at 100 %." if severity == "warning" else ";"
+    return ({"pod": pod, "severity": severity},
+            {"summary": f"facegate's container uses over {limit} % of its memory limit",
+             "description": f"ns/{pod} has used {share} of its memory limit for {minutes} minutes{middle}{tail}"})
 
 
 def _expiring(pod: str, certificate: str, left: str, severity: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -177,6 +199,27 @@ CASES: list[dict[str, Any]] = [
                                 "Add CPU or replicas, or admit fewer videos at once (max_inflight_pixels)."})),
         ],
     },
+    {   # of a 4 GiB limit: p-1 (two workers) holds 3.5 GiB, p-2 3.875 GiB, p-3 1 GiB; p-4 grows 10 MiB a minute
+        # from 2.2 GiB, p-5 20 MiB a minute from 0.5 GiB (its trend reaches the limit too, but it is under half)
+        "interval": "1m",
+        "input_series": [*_memory("p-1", f"{int(3.5 * GIB)}x70", instances=2),
+                         *_memory("p-2", f"{int(3.875 * GIB)}x70"),
+                         *_memory("p-3", f"{GIB}x70"),
+                         *_memory("p-4", f"{int(2.2 * GIB)}+{10 * MIB}x70"),
+                         *_memory("p-5", f"{GIB // 2}+{20 * MIB}x70")],
+        "alert_rule_test": [
+            alert("FacegateMemoryNearLimit", "10m", _near("p-2", "96.88%", "critical")),
+            alert("FacegateMemoryNearLimit", "20m", _near("p-1", "87.5%", "warning"),
+                  _near("p-2", "96.88%", "warning"), _near("p-2", "96.88%", "critical")),
+            alert("FacegateMemoryFillsUp", "20m"),  # (pending)
+            alert("FacegateMemoryFillsUp", "40m", (
+                {"pod": "p-4", "severity": "warning"},
+                {"summary": "facegate's memory grows to reach its limit within four hours",
+                 "description": "ns/p-4's memory, at the rate it grew over the last two hours, reaches its limit "
+                                "within four hours. A leak raises facegate_heap_in_use_bytes too; free heap kept "
+                                "(facegate_heap_free_bytes) levels off."})),
+        ],
+    },
 ]
 
 
@@ -184,7 +227,7 @@ def test_the_rules_are_valid_promql_and_fire_as_meant(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
     check = subprocess.run([promtool(), "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=60)
-    assert check.returncode == 0 and "SUCCESS: 8 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 11 rules found" in check.stdout, check.stdout + check.stderr
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(
         {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": CASES}, sort_keys=False))
     run = subprocess.run([promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True,
