@@ -17,6 +17,9 @@ can do), one kind of call at a time and then all at once:
 
 The proportional set size (PSS) of the server and every process under it (video workers, multiprocessing's
 forkserver and resource tracker) is read from /proc every 50 ms; PSS counts pages shared between them once.
+Where this process may make a memory control group (root, cgroup v1 or v2), the server runs in one held to the
+Deployment's limit, as in its pod: the group's working set (what the kernel kills on) is read every 50 ms too,
+with the processes the kernel killed in it, and the limit the server itself reports (``facegate_memory_*``).
 Writes benchmarks/results/memory_limits.json and .md. Loopback only, bounded in time.
 """
 
@@ -39,12 +42,14 @@ import numpy as np
 import yaml
 
 from benchmarks.machine import machine_info, write_report
+from benchmarks.memory_group import limited_group
 from benchmarks.server_process import descendants, facegate_process, free_port, metric_samples
 from benchmarks.soak import add_inputs, clip_folders, inputs, settings
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
 from server.auth.tokens import new_token
+from server.memory_limit import MemoryGroup
 from tests.images import encode, mjpeg_avi
 
 KINDS = ("big_image", "big_frames", "big_video", "big_infer", "normal")
@@ -110,11 +115,12 @@ def materials(samples: list[Path], synthetic: Path) -> dict[str, Any]:
 
 
 class Sampler:
-    """The tree's PSS every ``every_s`` on a thread; ``peak()`` since the last ``reset()``."""
+    """The tree's PSS, and its control group's working set, every ``every_s`` on a thread; ``peak()`` since the
+    last ``reset()``."""
 
-    def __init__(self, pid: int, every_s: float = 0.05) -> None:
-        self._pid, self._every = pid, every_s
-        self._peak, self._procs = 0, 0
+    def __init__(self, pid: int, group: MemoryGroup | None, every_s: float = 0.05) -> None:
+        self._pid, self._group, self._every = pid, group, every_s
+        self._peak, self._procs, self._working = 0, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -123,12 +129,17 @@ class Sampler:
         while not self._stop.wait(self._every):
             pss, n = tree_pss(self._pid)
             self._peak, self._procs = max(self._peak, pss), max(self._procs, n)
+            if self._group is not None:
+                self._working = max(self._working, self._group.working_set() or 0)
 
     def reset(self) -> None:
-        self._peak, self._procs = 0, 0
+        self._peak, self._procs, self._working = 0, 0, 0
 
     def peak(self) -> tuple[int, int]:
         return self._peak, self._procs
+
+    def peak_working_set(self) -> int:
+        return self._working
 
     def stop(self) -> None:
         self._stop.set()
@@ -166,7 +177,7 @@ def refusals(metrics_port: int) -> Counter[str]:
 
 
 async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, concurrency: int,
-              duration_s: float, metrics_port: int) -> list[dict[str, Any]]:
+              duration_s: float, metrics_port: int, group: MemoryGroup | None) -> list[dict[str, Any]]:
     md = (("authorization", f"Bearer {token}"),)
     channel = grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
     live = liveness_pb2_grpc.LivenessServiceStub(channel)
@@ -201,13 +212,17 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
         await asyncio.sleep(2)  # (what the last phase left in flight ends)
         sampler.reset()
         before = refusals(metrics_port)
+        kills = group.oom_kills() if group is not None else None
         got = await phase(calls, kinds, concurrency, duration_s)
         peak, procs = sampler.peak()
         stopped = +(refusals(metrics_port) - before)  # (+: only what rose)
         out.append({"kinds": list(kinds), "peak_pss_mib": peak / 2**20, "processes": procs,
-                    "statuses": dict(sorted(got.items())), "stopped_by": dict(sorted(stopped.items()))})
-        print(f"[bench-memory] {'+'.join(kinds)}: peak {peak / 2**20:.0f} MiB, {dict(got)}, stopped by "
-              f"{dict(stopped)}", file=sys.stderr)
+                    "statuses": dict(sorted(got.items())), "stopped_by": dict(sorted(stopped.items())),
+                    **({"peak_working_set_mib": sampler.peak_working_set() / 2**20,
+                        "oom_kills": (group.oom_kills() or 0) - (kills or 0)} if group is not None else {})})
+        print(f"[bench-memory] {'+'.join(kinds)}: peak {peak / 2**20:.0f} MiB (working set "
+              f"{sampler.peak_working_set() / 2**20:.0f} MiB), {dict(got)}, stopped by {dict(stopped)}",
+              file=sys.stderr)
     await channel.close()
     return out
 
@@ -223,17 +238,32 @@ def markdown(r: dict[str, Any]) -> str:
              "", "*Stopped by*: the server's own count of what refused or stopped the calls: a budget without room "
              "(`facegate_budget_refused_total`), a pipeline shedding calls that would wait too long "
              "(`facegate_admission_shed_total`), or a video decode's limit (`facegate_video_decodes_stopped_total`: "
-             "`busy` is RESOURCE_EXHAUSTED, `cpu` and `stalled` INVALID_ARGUMENT).", "",
-             "| sent | peak PSS | over the start | share of the limit | processes | statuses | stopped by |",
-             "|---|---|---|---|---|---|---|"]
+             "`busy` is RESOURCE_EXHAUSTED, `cpu` and `stalled` INVALID_ARGUMENT).", "", _group_line(r), "",
+             "| sent | peak PSS | over the start | share of the limit | peak working set (its group), OOM kills | "
+             "processes | statuses | stopped by |",
+             "|---|---|---|---|---|---|---|---|"]
     for p in r["phases"]:
         share = f"{p['peak_pss_mib'] / r['deployment_limit_mib']:.0%}" if r["deployment_limit"] else "-"
+        working = (f"{p['peak_working_set_mib']:.0f} MiB ({p['peak_working_set_mib'] / r['deployment_limit_mib']:.0%}"
+                   f"), {p['oom_kills']}") if "oom_kills" in p else "-"
         statuses = ", ".join(f"{k} {v}" for k, v in p["statuses"].items())
         stopped = ", ".join(f"{k} {v}" for k, v in p.get("stopped_by", {}).items()) or "-"
         lines.append(f"| {' + '.join(p['kinds'])} | {p['peak_pss_mib']:.0f} MiB | "
-                     f"+{p['peak_pss_mib'] - r['base_pss_mib']:.0f} MiB | {share} | {p['processes']} | {statuses} | "
+                     f"+{p['peak_pss_mib'] - r['base_pss_mib']:.0f} MiB | {share} | {working} | {p['processes']} | "
+                     f"{statuses} | "
                      f"{stopped} |")
     return "\n".join(lines) + "\n"
+
+
+def _group_line(r: dict[str, Any]) -> str:
+    g = r.get("memory_group")
+    if not g:
+        return ("The server ran without a memory limit: this process could not make a memory control group (it "
+                "needs root and cgroup v1 or v2).")
+    return (f"The server ran in a memory control group (cgroup v{g['version']}) held to the Deployment's limit, "
+            f"{g['limit_mib']:.0f} MiB, as in its pod; the limit the server itself reported "
+            f"(`facegate_memory_limit_bytes`): {g['reported_limit_mib']:.0f} MiB. *Working set*: the group's usage "
+            "less its inactive file pages, what the kernel kills on; *OOM kills*: processes the kernel killed in it.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,19 +279,23 @@ def main(argv: list[str] | None = None) -> int:
     config = settings(work, token, new_token(), 5.0)
     m = materials(samples, a.synthetic)
     metrics_port = free_port()
-    with facegate_process(a.repository, ["--config", str(config), "--metrics-port", str(metrics_port)],
-                          work / "server.log") as (address, proc):
+    limit = deployment_limit()
+    with (limited_group(int(mebibytes(limit) * 2**20) if limit else 1 << 62) as group,
+          facegate_process(a.repository, ["--config", str(config), "--metrics-port", str(metrics_port)],
+                           work / "server.log", group) as (address, proc)):
         time.sleep(2)
         base = tree_pss(proc.pid)[0] / 2**20
-        sampler = Sampler(proc.pid)
+        reported = {s.name: s.value for s in metric_samples(metrics_port, {"facegate_memory_limit_bytes"})}
+        sampler = Sampler(proc.pid, group)
         try:
-            phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration, metrics_port))
+            phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration, metrics_port, group))
         finally:
             sampler.stop()
-    limit = deployment_limit()
+        held = {"version": group.version, "limit_mib": (group.limit() or 0) / 2**20,
+                "reported_limit_mib": reported.get("facegate_memory_limit_bytes", 0) / 2**20} if group else None
     result = {"machine": machine_info(), "duration_s": a.duration, "concurrency": a.concurrency,
               "base_pss_mib": base, "deployment_limit": limit,
-              "deployment_limit_mib": mebibytes(limit) if limit else None, "phases": phases,
+              "deployment_limit_mib": mebibytes(limit) if limit else None, "memory_group": held, "phases": phases,
               "inputs_bytes": {k: len(v) if isinstance(v, bytes) else sum(map(len, v)) for k, v in m.items()}}
     write_report(a.out, "memory_limits", result, markdown)
     return 0

@@ -18,6 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from benchmarks.memory_group import run_in
+from server.memory_limit import MemoryGroup
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -141,18 +144,18 @@ def facegate_server(repository: Path, extra_args: list[str] | None = None,
 
 
 @contextmanager
-def facegate_process(repository: Path, extra_args: list[str] | None = None, log_path: Path | None = None
-                     ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Like ``facegate_server``, also yielding the process (for its pid: memory, signals)."""
+def facegate_process(repository: Path, extra_args: list[str] | None = None, log_path: Path | None = None,
+                     group: MemoryGroup | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Like ``facegate_server``, also yielding the process (for its pid: memory, signals); run in the memory
+    control ``group`` when one is given."""
     port = free_port()
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", str(port), "--model-repository", str(repository),
-         "--log-level", "WARNING",
-         # Several servers may run at once here: metrics only where the caller asks for a port.
-         *([] if "--metrics-port" in (extra_args or []) else ["--metrics-port", "0"]), *(extra_args or [])],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    proc = subprocess.Popen(run_in(group, [
+        sys.executable, "-m", "server", "--port", str(port), "--model-repository", str(repository),
+        "--log-level", "WARNING",
+        # Several servers may run at once here: metrics only where the caller asks for a port.
+        *([] if "--metrics-port" in (extra_args or []) else ["--metrics-port", "0"]), *(extra_args or [])]),
+        stdout=log, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
     try:
         wait_serving(address)

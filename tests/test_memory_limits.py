@@ -53,4 +53,9 @@ def test_a_short_run_serves_or_refuses_every_largest_request(repository_dir: Pat
     assert set(r["phases"][4]["statuses"]) == {"normal OK"}
     assert r["phases"][2]["processes"] >= 2  # the video workers were counted
     assert all(r["base_pss_mib"] < p["peak_pss_mib"] < r["deployment_limit_mib"] for p in r["phases"]), r
+    group = r["memory_group"]
+    if group is not None:  # (run in a control group held to the Deployment's limit where one could be made)
+        # The server found the limit of the group it was started in, and nothing in it was killed for memory.
+        assert group["limit_mib"] == group["reported_limit_mib"] == r["deployment_limit_mib"], group
+        assert all(p["oom_kills"] == 0 and 0 < p["peak_working_set_mib"] < group["limit_mib"] for p in r["phases"])
     assert "| big_video |" in (tmp_path / "memory_limits.md").read_text()
