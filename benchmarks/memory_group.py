@@ -2,7 +2,8 @@
 
 Made under the root of the hierarchy this process sees (cgroup v1's memory controller, or v2 with the memory
 controller enabled for the root's children), where this process may write there: as root on a machine or VM, not
-in an unprivileged container. Elsewhere ``limited_group`` yields None and the caller runs without a limit.
+in an unprivileged container. Elsewhere ``limited_group`` yields None and the caller runs without a limit. The
+limit the benchmarks use is the Deployment's (deploy/kubernetes/base/deployment.yaml).
 """
 
 from __future__ import annotations
@@ -13,7 +14,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from server.memory_limit import MemoryGroup, own_memory_group
+
+DEPLOYMENT = Path("deploy/kubernetes/base/deployment.yaml")
+
+
+def deployment_limit(path: Path = DEPLOYMENT) -> str | None:
+    """The facegate container's memory limit in the Deployment (as written there, e.g. "4Gi")."""
+    doc = yaml.safe_load(path.read_text())
+    for c in doc["spec"]["template"]["spec"]["containers"]:
+        if c["name"] == "facegate":
+            return c.get("resources", {}).get("limits", {}).get("memory")
+    return None
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1.0, "Gi": 1024.0, "Ti": 1024.0 ** 2}
+    for suffix, scale in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * scale
+    return float(quantity) / 2**20
+
+
+def pod_limit_bytes() -> int | None:
+    """The Deployment's memory limit in bytes (None when it sets none)."""
+    limit = deployment_limit()
+    return int(mebibytes(limit) * 2**20) if limit else None
 
 
 def _parent() -> tuple[Path, int] | None:

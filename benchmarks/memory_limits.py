@@ -39,10 +39,9 @@ from typing import Any
 import cv2
 import grpc
 import numpy as np
-import yaml
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.memory_group import limited_group
+from benchmarks.memory_group import deployment_limit, limited_group, mebibytes, pod_limit_bytes
 from benchmarks.server_process import descendants, facegate_process, free_port, metric_samples
 from benchmarks.soak import add_inputs, clip_folders, inputs, settings
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
@@ -53,7 +52,6 @@ from server.memory_limit import MemoryGroup
 from tests.images import encode, mjpeg_avi
 
 KINDS = ("big_image", "big_frames", "big_video", "big_infer", "normal")
-DEPLOYMENT = Path("deploy/kubernetes/base/deployment.yaml")
 
 
 def tree_pss(pid: int) -> tuple[int, int]:
@@ -69,23 +67,6 @@ def tree_pss(pid: int) -> tuple[int, int]:
         except OSError:
             pass
     return total, n
-
-
-def deployment_limit(path: Path = DEPLOYMENT) -> str | None:
-    """The facegate container's memory limit in the Deployment (as written there, e.g. "4Gi")."""
-    doc = yaml.safe_load(path.read_text())
-    for c in doc["spec"]["template"]["spec"]["containers"]:
-        if c["name"] == "facegate":
-            return c.get("resources", {}).get("limits", {}).get("memory")
-    return None
-
-
-def mebibytes(quantity: str) -> float:
-    units = {"Ki": 1 / 1024, "Mi": 1.0, "Gi": 1024.0, "Ti": 1024.0 ** 2}
-    for suffix, scale in units.items():
-        if quantity.endswith(suffix):
-            return float(quantity[: -len(suffix)]) * scale
-    return float(quantity) / 2**20
 
 
 def _read(path: Path) -> np.ndarray:
@@ -280,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     m = materials(samples, a.synthetic)
     metrics_port = free_port()
     limit = deployment_limit()
-    with (limited_group(int(mebibytes(limit) * 2**20) if limit else 1 << 62) as group,
+    with (limited_group(pod_limit_bytes() or 1 << 62) as group,  # (without a limit: a group all the same)
           facegate_process(a.repository, ["--config", str(config), "--metrics-port", str(metrics_port)],
                            work / "server.log", group) as (address, proc)):
         time.sleep(2)

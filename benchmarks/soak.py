@@ -10,7 +10,10 @@ its rate, calls past a 2 ms deadline, calls cancelled by the client while they r
 
 Every ``--sample-s`` the server's resident memory (with its direct children: its workers, multiprocessing's
 forkserver and resource tracker), threads and open file descriptors are read from /proc, and its C heap from its
-metrics. After the warm-up, their growth is fitted by least squares against time and against calls.
+metrics. Where this process may make a memory control group, the server runs in one held to the Deployment's
+limit, and the group's working set (what the kernel kills on, and the memory alerts read) is sampled too, from
+the server's own ``facegate_memory_working_set_bytes``. After the warm-up, their growth is fitted by least
+squares against time and against calls.
 
 Writes benchmarks/results/soak.json and .md. Loopback only, bounded in time (``--duration``) and count.
 """
@@ -33,6 +36,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.machine import machine_info, write_report
+from benchmarks.memory_group import limited_group, pod_limit_bytes
 from benchmarks.server_process import facegate_process, free_port, metric_samples, process_tree_usage
 from benchmarks.soak_report import markdown, summarize_samples
 from facegate.v1 import (
@@ -194,15 +198,18 @@ async def one_call(kind: str, t: Traffic, rng: random.Random, tally: Tally) -> N
     tally.record(kind, code, expected, message=msg)
 
 
-def heap_usage(metrics_port: int | None) -> dict[str, float]:
-    """The server process's C heap in use and free (its ``facegate_heap_*`` gauges), or nothing where it has none."""
-    names = ("facegate_heap_in_use_bytes", "facegate_heap_free_bytes")
-    return {s.name.removeprefix("facegate_").removesuffix("_bytes"): s.value
+def heap_usage(metrics_port: int | None, grouped: bool = False) -> dict[str, float]:
+    """The server process's C heap in use and free (its ``facegate_heap_*`` gauges), or nothing where it has none;
+    and, when the server runs in a control group of its own (``grouped``), the group's working set."""
+    names = ("facegate_heap_in_use_bytes", "facegate_heap_free_bytes",
+             *(("facegate_memory_working_set_bytes",) if grouped else ()))
+    return {s.name.removeprefix("facegate_").removeprefix("memory_").removesuffix("_bytes"): s.value
             for s in (metric_samples(metrics_port, names) if metrics_port else [])}
 
 
 async def soak(t: Traffic, pid: int, duration_s: float, concurrency: int, sample_s: float, seed: int,
-               audit: Path, only: tuple[str, ...] = (), metrics_port: int | None = None) -> dict[str, Any]:
+               audit: Path, only: tuple[str, ...] = (), metrics_port: int | None = None,
+               grouped: bool = False) -> dict[str, Any]:
     tally = Tally()
     samples: list[dict[str, Any]] = []
     kinds = [k for k in MIX if not only or k in only]
@@ -217,7 +224,7 @@ async def soak(t: Traffic, pid: int, duration_s: float, concurrency: int, sample
 
     def sample() -> dict[str, Any]:
         return {"t_s": time.monotonic() - t0, "calls": tally.calls, **process_tree_usage(pid),
-                **heap_usage(metrics_port),
+                **heap_usage(metrics_port, grouped),
                 "audit_bytes": sum(p.stat().st_size for p in audit.parent.glob(audit.name + "*"))}
 
     async def sampler() -> None:
@@ -319,11 +326,11 @@ def main(argv: list[str] | None = None) -> int:
 
     images = [q.read_bytes() for q in paths]
 
-    async def run(address: str, pid: int) -> dict[str, Any]:
+    async def run(address: str, pid: int, grouped: bool) -> dict[str, Any]:
         t = await prepare(address, token, limited, images, clip_folders(a.synthetic), work)
         try:
             res = await soak(t, pid, a.duration, a.concurrency, a.sample_s, a.seed, work / "audit.jsonl",
-                             tuple(a.kinds), metrics_port)
+                             tuple(a.kinds), metrics_port, grouped)
             # ... and the server still answers, correctly.
             code, _, resp = await _status(t.live.CheckLiveness(liveness_pb2.CheckLivenessRequest(
                 image=common_pb2.Image(data=t.images[0])), metadata=_md(t.token), timeout=30))
@@ -334,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
             await t.channel.close()
 
     metrics_port = free_port()  # (the heap counts are read from the server's metrics)
-    with facegate_process(a.repository, ["--config", str(config), "--workers", str(a.workers),
-                                         "--metrics-port", str(metrics_port)],
-                          work / "server.log") as (address, proc):
-        result = asyncio.run(run(address, proc.pid))
+    with (limited_group(pod_limit_bytes() or 1 << 62, "facegate-soak") as group,
+          facegate_process(a.repository, ["--config", str(config), "--workers", str(a.workers),
+                                          "--metrics-port", str(metrics_port)], work / "server.log", group)
+          as (address, proc)):
+        result = asyncio.run(run(address, proc.pid, group is not None))
     result.update({"machine": machine_info(), "duration_s": a.duration, "concurrency": a.concurrency,
                    "workers": a.workers, "warmup": a.warmup,
                    "mix": {k: w for k, (w, _) in MIX.items() if not a.kinds or k in a.kinds},

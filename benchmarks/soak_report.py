@@ -14,6 +14,8 @@ import numpy as np
 QUANTITIES: dict[str, tuple[str, float]] = {"rss": ("resident memory, MiB", 2**20),
                                             "heap_in_use": ("C heap in use (server process), MiB", 2**20),
                                             "heap_free": ("C heap free, kept by the allocator, MiB", 2**20),
+                                            "working_set": ("working set of the server's control group, MiB",
+                                                            2**20),
                                             "threads": ("threads", 1.0), "fds": ("open descriptors", 1.0),
                                             "audit_bytes": ("audit log, MiB", 2**20)}
 

@@ -65,3 +65,8 @@ def test_a_short_soak_answers_every_call_as_its_kind_allows(repository_dir: Path
     assert r["growth"]["heap_in_use"]["samples"] == r["growth"]["rss"]["samples"]
     assert "| C heap in use (server process), MiB |" in markdown(r)
     assert "| resident memory, MiB |" in markdown(r)
+    # Where the server ran in a control group of its own (as root: CI), that group's working set, which the
+    # memory alerts read: the server's models and more, and within a few hundred MiB of the resident memory.
+    if "working_set" in r["samples"][0]:
+        assert all(100 * 2**20 < s["working_set"] < s["rss"] + 512 * 2**20 for s in r["samples"])
+        assert "| working set of the server's control group, MiB |" in markdown(r)
