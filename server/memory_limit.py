@@ -94,9 +94,10 @@ def memory_group(cgroup: str, mountinfo: str) -> MemoryGroup | None:
     mounts: dict[str, tuple[str, str]] = {}  # kind -> (the mount's root in the hierarchy, its mount point)
     for line in mountinfo.splitlines():
         fields = line.split()
-        if " - " not in line or len(fields) < 5:
+        after = line.split(" - ", 1)[1].split() if " - " in line else []  # file system type, source, options
+        if len(fields) < 5 or len(after) < 3:
             continue
-        kind, _, options = line.split(" - ", 1)[1].split()[:3]
+        kind, options = after[0], after[2]
         if kind == "cgroup" and "memory" in options.split(","):
             mounts.setdefault("v1", (fields[3], fields[4]))
         elif kind == "cgroup2":

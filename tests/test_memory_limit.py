@@ -59,6 +59,8 @@ def test_a_group_mounted_from_within_a_namespace_is_the_mount_itself(tmp_path: P
 def test_no_limit_and_no_group_export_the_families_without_a_sample(tmp_path: Path) -> None:
     mount = _files(tmp_path / "cg", memory_max="max\n", memory_current="1000\n", memory_stat="inactive_file 10\n")
     assert memory_group("0::/\n", V2.format(point=mount)) == MemoryGroup(mount, 2, mount)
+    # (lines of another form, as a future kernel might add, are passed over)
+    assert memory_group("odd\n0::/\n", "1 2 3\n9 9 0:1 / /x rw - cgroup2\n" + V2.format(point=mount)) is not None
     assert memory_group("0::/\n", "") is None  # no cgroup file system mounted
     for group in (MemoryGroup(mount, 2, mount), None):
         registry = CollectorRegistry()
