@@ -27,6 +27,19 @@ from prometheus_client.registry import Collector
 _UNLIMITED_V1 = 1 << 62
 
 
+def _number(text: str | None) -> int | None:
+    """A count as the kernel writes it; None for a missing file or anything else (a scrape must not fail on it:
+    one collector raising makes the whole /metrics page an error)."""
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _counts(text: str) -> dict[str, int | None]:
+    return {k: _number(v) for k, v in (line.split(maxsplit=1) for line in text.splitlines() if " " in line)}
+
+
 @dataclass(frozen=True)
 class MemoryGroup:
     """One process's memory control group: its directory, and the cgroup version it is of."""
@@ -42,8 +55,7 @@ class MemoryGroup:
             return None
 
     def usage(self) -> int | None:
-        text = self._read("memory.current" if self.version == 2 else "memory.usage_in_bytes")
-        return int(text) if text is not None else None
+        return _number(self._read("memory.current" if self.version == 2 else "memory.usage_in_bytes"))
 
     def working_set(self) -> int | None:
         """Usage less the inactive file pages (cAdvisor's container_memory_working_set_bytes), at least 0."""
@@ -52,16 +64,14 @@ class MemoryGroup:
         if usage is None or stat is None:
             return None
         key = "inactive_file" if self.version == 2 else "total_inactive_file"  # (v1: this group and its children)
-        counts = dict(line.split(maxsplit=1) for line in stat.splitlines() if " " in line)
-        return max(0, usage - int(counts.get(key, "0")))
+        return max(0, usage - (_counts(stat).get(key) or 0))
 
     def oom_kills(self) -> int | None:
         """Processes the kernel killed in this group for want of memory (a video decoder, a serving worker)."""
         text = self._read("memory.events" if self.version == 2 else "memory.oom_control")
         if text is None:
             return None
-        counts = dict(line.split(maxsplit=1) for line in text.splitlines() if " " in line)
-        return int(counts["oom_kill"]) if "oom_kill" in counts else None
+        return _counts(text).get("oom_kill")
 
     def limit(self) -> int | None:
         """The smallest memory limit set on this group or a group above it, in bytes; None when none is."""
@@ -69,9 +79,9 @@ class MemoryGroup:
         smallest: int | None = None
         directory = self.path
         while True:
-            text = self._read(name, directory)
-            if text is not None and text.strip() != "max" and int(text) < _UNLIMITED_V1:
-                smallest = int(text) if smallest is None else min(smallest, int(text))
+            value = _number(self._read(name, directory))  # (v2's "max" reads as None: no limit)
+            if value is not None and value < _UNLIMITED_V1:
+                smallest = value if smallest is None else min(smallest, value)
             if directory == self.root or directory.parent == directory:
                 return smallest
             directory = directory.parent

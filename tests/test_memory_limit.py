@@ -71,6 +71,16 @@ def test_no_limit_and_no_group_export_the_families_without_a_sample(tmp_path: Pa
         assert samples == (["facegate_memory_working_set_bytes 990.0"] if group else [])
 
 
+def test_files_of_another_form_give_no_sample_rather_than_a_failed_scrape(tmp_path: Path) -> None:
+    mount = _files(tmp_path / "cg", memory_max="lots\n", memory_current="\n", memory_stat="inactive_file x\n",
+                   memory_events="oom_kill ?\n")
+    group = MemoryGroup(mount, 2, mount)
+    assert (group.working_set(), group.limit(), group.oom_kills()) == (None, None, None)
+    registry = CollectorRegistry()
+    registry.register(MemoryLimitCollector(group))
+    assert [line for line in generate_latest(registry).decode().splitlines() if not line.startswith("#")] == []
+
+
 class _NoGroup(MemoryLimitCollector):
     def __init__(self) -> None:
         self._group = None
