@@ -73,12 +73,17 @@ def limited_group(limit_bytes: int, name: str = "facegate-bench") -> Iterator[Me
         yield None
         return
     try:
-        (path / ("memory.max" if version == 2 else "memory.limit_in_bytes")).write_text(str(limit_bytes))
-        # No swap beyond it, as in a pod: past the limit the kernel kills, rather than swapping out.
-        swap = path / ("memory.swap.max" if version == 2 else "memory.memsw.limit_in_bytes")
-        if swap.exists():
-            swap.write_text("0" if version == 2 else str(limit_bytes))
-        yield MemoryGroup(path, version, root)
+        try:
+            (path / ("memory.max" if version == 2 else "memory.limit_in_bytes")).write_text(str(limit_bytes))
+            # No swap beyond it, as in a pod: past the limit the kernel kills, rather than swapping out.
+            swap = path / ("memory.swap.max" if version == 2 else "memory.memsw.limit_in_bytes")
+            if swap.exists():
+                swap.write_text("0" if version == 2 else str(limit_bytes))
+        except OSError:  # (a group made, but its limit refused: run without one rather than fail)
+            group = None
+        else:
+            group = MemoryGroup(path, version, root)
+        yield group
     finally:
         for _ in range(50):  # (a process that was in it may take a moment to be reaped)
             try:
