@@ -42,7 +42,7 @@ import numpy as np
 
 from benchmarks.machine import machine_info, write_report
 from benchmarks.memory_group import deployment_limit, limited_group, mebibytes, pod_limit_bytes
-from benchmarks.server_process import descendants, facegate_process, free_port, metric_samples
+from benchmarks.server_process import descendants, facegate_process, free_port, metric_samples, wait_for_metrics
 from benchmarks.soak import add_inputs, clip_folders, inputs, settings
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
 from inference import grpc_service_pb2 as oip
@@ -127,10 +127,10 @@ class Sampler:
         self._thread.join()
 
 
-async def phase(calls: dict[str, Callable[[], Any]], kinds: tuple[str, ...], concurrency: int,
+async def phase(calls: list[dict[str, Callable[[], Any]]], kinds: tuple[str, ...], concurrency: int,
                 duration_s: float) -> Counter[str]:
     """``concurrency`` clients, each sending one kind (in turn over ``kinds``) again and again for
-    ``duration_s``; the statuses they got."""
+    ``duration_s`` over its channel's stubs (``calls``, in turn); the statuses they got."""
     got: Counter[str] = Counter()
     end = time.monotonic() + duration_s
 
@@ -138,7 +138,7 @@ async def phase(calls: dict[str, Callable[[], Any]], kinds: tuple[str, ...], con
         kind = kinds[i % len(kinds)]
         while time.monotonic() < end:
             try:
-                await calls[kind]()
+                await calls[i % len(calls)][kind]()
                 got[f"{kind} OK"] += 1
             except grpc.aio.AioRpcError as err:
                 got[f"{kind} {err.code().name}"] += 1
@@ -147,20 +147,21 @@ async def phase(calls: dict[str, Callable[[], Any]], kinds: tuple[str, ...], con
     return got
 
 
-def refusals(metrics_port: int) -> Counter[str]:
+def refusals(metrics_ports: range) -> Counter[str]:
     """What stopped calls so far, from the server's metrics: each budget's refusals for room, each pipeline's
     shedding of calls that would wait too long, and each video limit's stops (``busy``: the decode kept from a CPU
-    until the wall-clock limit, RESOURCE_EXHAUSTED)."""
+    until the wall-clock limit, RESOURCE_EXHAUSTED); summed over the server's workers."""
     families = {"facegate_budget_refused_total": "budget", "facegate_admission_shed_total": "pipeline",
                 "facegate_video_decodes_stopped_total": "reason"}
-    return Counter({f"{families[s.name].replace('reason', 'video')} {s.labels[families[s.name]]}": int(s.value)
-                    for s in metric_samples(metrics_port, families)})
+    counts: Counter[str] = Counter()
+    for port in metrics_ports:
+        counts.update({f"{families[s.name].replace('reason', 'video')} {s.labels[families[s.name]]}": int(s.value)
+                       for s in metric_samples(port, families)})
+    return counts
 
 
-async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, concurrency: int,
-              duration_s: float, metrics_port: int, group: MemoryGroup | None) -> list[dict[str, Any]]:
-    md = (("authorization", f"Bearer {token}"),)
-    channel = grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+def _calls(channel: grpc.aio.Channel, m: dict[str, Any], md: tuple[tuple[str, str], ...],
+           rng: random.Random) -> dict[str, Callable[[], Any]]:
     live = liveness_pb2_grpc.LivenessServiceStub(channel)
     ident = identification_pb2_grpc.IdentificationServiceStub(channel)
     infer = oip_grpc.GRPCInferenceServiceStub(channel)
@@ -168,12 +169,7 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
     def clip(**kw: Any) -> identification_pb2.Clip:
         return identification_pb2.Clip(fps=200.0, **kw)
 
-    await ident.CreateCollection(identification_pb2.CreateCollectionRequest(collection="m"), metadata=md)
-    await ident.EnrollFromClip(identification_pb2.EnrollFromClipRequest(
-        collection="m", person_id="p", clips=[clip(frames=[common_pb2.Image(data=f) for f in m["enrol"]])]),
-        metadata=md)
-    rng = random.Random(14)
-    calls: dict[str, Callable[[], Any]] = {
+    return {
         "big_image": lambda: live.CheckLiveness(liveness_pb2.CheckLivenessRequest(
             image=common_pb2.Image(data=m["big_image"])), metadata=md, timeout=60),
         "big_frames": lambda: ident.IdentifyFromClip(identification_pb2.IdentifyFromClipRequest(
@@ -188,15 +184,31 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
         "normal": lambda: live.CheckLiveness(liveness_pb2.CheckLivenessRequest(
             image=common_pb2.Image(data=rng.choice(m["normal"]))), metadata=md, timeout=60),
     }
+
+
+async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, concurrency: int,
+              duration_s: float, metrics_ports: range, group: MemoryGroup | None) -> list[dict[str, Any]]:
+    md = (("authorization", f"Bearer {token}"),)
+    # One channel, or with several workers one a client: the kernel spreads connections, not calls, over the
+    # workers. (A pool of its own for each, or gRPC would share one connection among channels alike.)
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(address, options=options)
+                for _ in range(concurrency if len(metrics_ports) > 1 else 1)]
+    ident = identification_pb2_grpc.IdentificationServiceStub(channels[0])
+    await ident.CreateCollection(identification_pb2.CreateCollectionRequest(collection="m"), metadata=md)
+    await ident.EnrollFromClip(identification_pb2.EnrollFromClipRequest(collection="m", person_id="p", clips=[
+        identification_pb2.Clip(fps=200.0, frames=[common_pb2.Image(data=f) for f in m["enrol"]])]), metadata=md)
+    rng = random.Random(14)
+    calls = [_calls(channel, m, md, rng) for channel in channels]
     out = []
     for kinds in [(k,) for k in KINDS] + [KINDS]:
         await asyncio.sleep(2)  # (what the last phase left in flight ends)
         sampler.reset()
-        before = refusals(metrics_port)
+        before = refusals(metrics_ports)
         kills = group.oom_kills() if group is not None else None
         got = await phase(calls, kinds, concurrency, duration_s)
         peak, procs = sampler.peak()
-        stopped = +(refusals(metrics_port) - before)  # (+: only what rose)
+        stopped = +(refusals(metrics_ports) - before)  # (+: only what rose)
         out.append({"kinds": list(kinds), "peak_pss_mib": peak / 2**20, "processes": procs,
                     "statuses": dict(sorted(got.items())), "stopped_by": dict(sorted(stopped.items())),
                     **({"peak_working_set_mib": sampler.peak_working_set() / 2**20,
@@ -204,14 +216,16 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
         print(f"[bench-memory] {'+'.join(kinds)}: peak {peak / 2**20:.0f} MiB (working set "
               f"{sampler.peak_working_set() / 2**20:.0f} MiB), {dict(got)}, stopped by {dict(stopped)}",
               file=sys.stderr)
-    await channel.close()
+    for channel in channels:
+        await channel.close()
     return out
 
 
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     limit = f"{r['deployment_limit']} ({r['deployment_limit_mib']:.0f} MiB)" if r["deployment_limit"] else "none"
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['date']}. One server, default limits, token auth; "
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['date']}. One server (`--workers "
+             f"{r.get('workers', 1)}`), default limits, token auth; "
              f"{r['concurrency']} clients retrying at once, {r['duration_s']:.0f} s a phase. The Deployment's memory "
              f"limit: {limit}. Before the first phase: **{r['base_pss_mib']:.0f} MiB** (PSS of the server and "
              "the processes under it). The phases run in this order in one server, so a phase's peak includes "
@@ -252,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     add_inputs(p)
     p.add_argument("--duration", type=float, default=30.0, help="seconds of each phase")
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1, help="the server's --workers")
     a = p.parse_args(argv)
-    if not 0 < a.duration <= 600 or not 1 <= a.concurrency <= 64:
-        p.error("--duration in (0, 600], --concurrency in [1, 64]")
+    if not 0 < a.duration <= 600 or not 1 <= a.concurrency <= 64 or not 1 <= a.workers <= 8:
+        p.error("--duration in (0, 600], --concurrency in [1, 64], --workers in [1, 8]")
     samples, work = inputs(a, "memory-work")
     token = new_token()
     config = settings(work, token, new_token(), 5.0)
@@ -262,19 +277,23 @@ def main(argv: list[str] | None = None) -> int:
     metrics_port = free_port()
     limit = deployment_limit()
     with (limited_group(pod_limit_bytes() or 1 << 62) as group,  # (without a limit: a group all the same)
-          facegate_process(a.repository, ["--config", str(config), "--metrics-port", str(metrics_port)],
-                           work / "server.log", group) as (address, proc)):
+          facegate_process(a.repository, ["--config", str(config), "--metrics-port", str(metrics_port),
+                                           "--workers", str(a.workers)], work / "server.log", group)
+          as (address, proc)):
+        ports = range(metrics_port, metrics_port + a.workers)  # (worker i serves its metrics on port + i)
+        for port in ports:
+            wait_for_metrics(port)
         time.sleep(2)
         base = tree_pss(proc.pid)[0] / 2**20
         reported = {s.name: s.value for s in metric_samples(metrics_port, {"facegate_memory_limit_bytes"})}
         sampler = Sampler(proc.pid, group)
         try:
-            phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration, metrics_port, group))
+            phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration, ports, group))
         finally:
             sampler.stop()
         held = {"version": group.version, "limit_mib": (group.limit() or 0) / 2**20,
                 "reported_limit_mib": reported.get("facegate_memory_limit_bytes", 0) / 2**20} if group else None
-    result = {"machine": machine_info(), "duration_s": a.duration, "concurrency": a.concurrency,
+    result = {"machine": machine_info(), "duration_s": a.duration, "concurrency": a.concurrency, "workers": a.workers,
               "base_pss_mib": base, "deployment_limit": limit,
               "deployment_limit_mib": mebibytes(limit) if limit else None, "memory_group": held, "phases": phases,
               "inputs_bytes": {k: len(v) if isinstance(v, bytes) else sum(map(len, v)) for k, v in m.items()}}
