@@ -66,7 +66,9 @@ class ServerConfig:
     max_inflight_request_bytes: int = 256 * 1024 * 1024
     """Encoded request bytes all calls in flight may hold together; over it -> RESOURCE_EXHAUSTED (RetryInfo)."""
     max_inflight_pixels: int = 250_000_000
-    """Decoded pixels all calls in flight may hold together (3 bytes each); over it -> RESOURCE_EXHAUSTED."""
+    """Decoded pixels all calls in flight may hold together (3 bytes each); over it -> RESOURCE_EXHAUSTED. With
+    ``workers``, this and the two other memory budgets hold for the set: each worker gets 1/N of each, and at
+    least one largest request (server.workers.memory_budget_share)."""
     max_inflight_infer_bytes: int = 64 * 1024 * 1024
     """Input tensor bytes all ModelInfer calls in flight may hold together; over it -> RESOURCE_EXHAUSTED. The
     pixel budget does not cover them, and a model's activations grow with its inputs: the detector at its largest

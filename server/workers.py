@@ -49,13 +49,26 @@ def caller_table() -> Path | None:
     return Path(value) if value else None
 
 
+def memory_budget_share(config: ServerConfig) -> ServerConfig:
+    """Each worker's part of the memory budgets, which hold for the whole set: 1/workers of each, and at least
+    what one largest request needs (the settings' own floors). Each worker held the whole budgets until
+    2026-12-07: with two workers and load over several connections, the set reached the Deployment's 4 GiB limit
+    and the kernel killed a video decoder (benchmarks/README.md, *Memory at the limits*)."""
+    n = max(1, config.workers)
+    return replace(config,
+                   max_inflight_pixels=max(config.max_inflight_pixels // n, config.clip_limits.max_request_pixels),
+                   max_inflight_request_bytes=max(config.max_inflight_request_bytes // n, config.max_message_bytes),
+                   max_inflight_infer_bytes=max(config.max_inflight_infer_bytes // n, config.max_message_bytes))
+
+
 def for_worker(config: ServerConfig, index: int) -> ServerConfig:
-    """Worker ``index``'s own settings: metrics on metrics_port + index, and (past the first) its own audit file,
-    since rotating one file from several processes would lose lines."""
+    """Worker ``index``'s own settings: its share of the memory budgets; metrics on metrics_port + index; and
+    (past the first) its own audit file, since rotating one file from several processes would lose lines."""
     audit = config.audit
     if index > 0 and audit.path is not None:
         audit = replace(audit, path=audit.path.with_name(f"{audit.path.stem}.w{index}{audit.path.suffix}"))
-    return replace(config, metrics_port=config.metrics_port + index if config.metrics_port else 0, audit=audit)
+    return replace(memory_budget_share(config), metrics_port=config.metrics_port + index if config.metrics_port
+                   else 0, audit=audit)
 
 
 def supervise(argv: list[str], config: ServerConfig) -> int:

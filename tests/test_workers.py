@@ -143,3 +143,19 @@ def test_each_worker_has_its_own_metrics_port_and_audit_file(tmp_path: Path) -> 
     assert (first.audit.path, third.audit.path) == (tmp_path / "a.jsonl", tmp_path / "a.w2.jsonl")
     with pytest.raises(ValueError, match="workers > 1 needs a fixed port"):
         ServerConfig(port=0, workers=2)
+
+
+def test_the_memory_budgets_hold_for_the_set_of_workers() -> None:
+    """Each of N workers gets 1/N of each memory budget, and never less than one largest request needs; one
+    worker keeps the whole budgets."""
+    from server.config import ServerConfig
+
+    one = ServerConfig(port=50051)
+    assert for_worker(one, 0).max_inflight_pixels == one.max_inflight_pixels == 250_000_000
+    two = [for_worker(ServerConfig(port=50051, workers=2), i) for i in (0, 1)]
+    assert all((w.max_inflight_pixels, w.max_inflight_request_bytes, w.max_inflight_infer_bytes)
+               == (125_000_000, 128 << 20, 32 << 20) for w in two)
+    # Three: a third of the pixels (83 MP) would refuse every largest clip (122.9 MP), so each holds one.
+    three = for_worker(ServerConfig(port=50051, workers=3), 2)
+    assert three.max_inflight_pixels == three.clip_limits.max_request_pixels == 122_880_000
+    assert (three.max_inflight_request_bytes, three.max_inflight_infer_bytes) == ((256 << 20) // 3, (64 << 20) // 3)
