@@ -74,16 +74,16 @@ def limited_group(limit_bytes: int, name: str = "facegate-bench") -> Iterator[Me
         return
     try:
         try:
-            (path / ("memory.max" if version == 2 else "memory.limit_in_bytes")).write_text(str(limit_bytes))
+            made = MemoryGroup(path, version, root)
+            (path / made.limit_file).write_text(str(limit_bytes))
             # No swap beyond it, as in a pod: past the limit the kernel kills, rather than swapping out.
             swap = path / ("memory.swap.max" if version == 2 else "memory.memsw.limit_in_bytes")
             if swap.exists():
                 swap.write_text("0" if version == 2 else str(limit_bytes))
         except OSError:  # (a group made, but its limit refused: run without one rather than fail)
-            group = None
+            yield None
         else:
-            group = MemoryGroup(path, version, root)
-        yield group
+            yield made
     finally:
         for _ in range(50):  # (a process that was in it may take a moment to be reaped)
             try:

@@ -54,6 +54,10 @@ class MemoryGroup:
         except OSError:
             return None
 
+    @property
+    def limit_file(self) -> str:
+        return "memory.max" if self.version == 2 else "memory.limit_in_bytes"
+
     def usage(self) -> int | None:
         return _number(self._read("memory.current" if self.version == 2 else "memory.usage_in_bytes"))
 
@@ -75,11 +79,10 @@ class MemoryGroup:
 
     def limit(self) -> int | None:
         """The smallest memory limit set on this group or a group above it, in bytes; None when none is."""
-        name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
         smallest: int | None = None
         directory = self.path
         while True:
-            value = _number(self._read(name, directory))  # (v2's "max" reads as None: no limit)
+            value = _number(self._read(self.limit_file, directory))  # (v2's "max" reads as None: no limit)
             if value is not None and value < _UNLIMITED_V1:
                 smallest = value if smallest is None else min(smallest, value)
             if directory == self.root or directory.parent == directory:
@@ -118,11 +121,9 @@ def memory_group(cgroup: str, mountinfo: str) -> MemoryGroup | None:
             continue
         root, point = mount
         relative = group[len(root):] if group.startswith(root) else group
-        path = Path(point) / relative.lstrip("/")
-        if version == 2 and not (path / "memory.current").exists():
-            path = Path(point)  # (the memory controller not enabled in the group: read what the mount shows)
-        if (path / ("memory.current" if version == 2 else "memory.usage_in_bytes")).exists():
-            return MemoryGroup(path, version, Path(point))
+        found = MemoryGroup(Path(point) / relative.lstrip("/"), version, Path(point))
+        if found.usage() is not None:  # (none where the memory controller is not enabled for the group)
+            return found
     return None
 
 
