@@ -119,14 +119,16 @@ class BudgetCollector(Collector):
 
 class VideoStopCollector(Collector):
     """Video decodes a limit stopped, by which: a rise of ``busy`` says the server is short of CPU for the videos
-    it admits; ``cpu`` and ``stalled`` are callers' videos."""
+    it admits, of ``memory`` that its memory control group reached its limit; ``cpu`` and ``stalled`` are callers'
+    videos."""
 
     def collect(self) -> Iterable[Any]:
         stops = CounterMetricFamily("facegate_video_decodes_stopped", "Video decodes stopped at a limit: cpu (the "
                                     "video cost more than video_cpu_s; INVALID_ARGUMENT), busy (video_timeout_s "
                                     "passed while the server kept the decode from a CPU; RESOURCE_EXHAUSTED), "
                                     "stalled (video_timeout_s passed while the decoder neither ran nor waited for a "
-                                    "CPU; INVALID_ARGUMENT)", labels=["reason"])
+                                    "CPU; INVALID_ARGUMENT), memory (the kernel killed the decoder under its CPU "
+                                    "limit: out of memory; RESOURCE_EXHAUSTED)", labels=["reason"])
         for why, n in STOPS.snapshot().items():
             stops.add_metric([why.value], n)
         yield stops

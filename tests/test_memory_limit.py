@@ -14,7 +14,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from benchmarks.memory_group import limited_group, run_in
 from server.memory_limit import MemoryGroup, MemoryLimitCollector, memory_group
+from tests.bad_inputs import video
 from tests.conftest import ROOT
+from tests.images import gradient
 
 MIB = 2**20
 # Lines as the kernel writes them (fields: id, parent, device, root in the hierarchy, mount point, ...).
@@ -81,6 +83,7 @@ def test_files_of_another_form_give_no_sample_rather_than_a_failed_scrape(tmp_pa
     assert [line for line in generate_latest(registry).decode().splitlines() if not line.startswith("#")] == []
 
 
+
 class _NoGroup(MemoryLimitCollector):
     def __init__(self) -> None:
         self._group = None
@@ -136,3 +139,43 @@ def test_a_process_killed_at_the_limit_is_counted() -> None:
         run = subprocess.run(run_in(group, [sys.executable, "-c", touch]), timeout=60)
         assert run.returncode == -9
         assert group.oom_kills() == 1
+
+
+# Run in a group too small for the big video's frames: decodes it, then a small one, in one process.
+DECODER = """
+import json, sys
+from engines.vision.video import VideoLimits, decode_video
+from engines.vision.video_watch import STOPS, Stop
+from server.memory_limit import own_memory_group
+big, small = (open(p, "rb").read() for p in sys.argv[1:3])
+out = {}
+try:
+    out["big"] = len(decode_video(big, VideoLimits(), "clip"))
+except Exception as exc:
+    out["big"] = [type(exc).__name__, str(exc), getattr(exc, "retry_after_s", None)]
+out["small"] = len(decode_video(small, VideoLimits(), "clip"))
+out["memory_stops"] = STOPS.snapshot()[Stop.MEMORY]
+out["kills"] = own_memory_group().oom_kills()
+print(json.dumps(out))
+"""
+
+
+def test_a_decoder_killed_for_memory_is_resource_exhausted_and_the_next_video_decodes(tmp_path: Path) -> None:
+    """A video decoder the kernel kills when the server's group reaches its limit (it offers itself first) makes
+    its call RESOURCE_EXHAUSTED, which a caller may send again. Until 2026-12-07 it was INVALID_ARGUMENT, "could
+    not be decoded", as if the video were bad (seen in ``make bench-memory --workers 2``). Here 400 frames of
+    640x480 (352 MiB) cannot fit in a 256 MiB group beside the interpreter."""
+    big = video(tmp_path / "big.avi", [gradient(640, 480)], repeat=400)
+    video(tmp_path / "small.avi", [gradient(640, 480)], repeat=10)
+    with limited_group(256 * MIB, "facegate-test") as group:
+        if group is None:
+            pytest.skip("no memory control group this process may make (cgroup v1 or v2, as root)")
+        command = [sys.executable, "-c", DECODER, str(tmp_path / "big.avi"), str(tmp_path / "small.avi")]
+        run = subprocess.run(run_in(group, command), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             check=True)
+    got = json.loads(run.stdout)
+    assert got["big"] == ["ResourceExhaustedError", "clip.video: the server ran short of memory to decode it", 1.0]
+    assert got["small"] == 10  # the process that asked was spared, and decodes the next video
+    assert got["memory_stops"] == 1  # facegate_video_decodes_stopped_total{reason="memory"}
+    assert got["kills"] >= 1
+    assert len(big) < 2 * MIB  # (the frames, not the file, are what the group cannot hold)

@@ -32,6 +32,7 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -319,6 +320,9 @@ def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, s
             except InvalidArgumentError:
                 if (error := watch.error(where)) is not None:  # the read ended because the watch killed the worker
                     raise error from None
+                proc.join(timeout=1)  # (a worker that broke the pipe has ended, or is about to)
+                if proc.exitcode == -signal.SIGKILL:  # killed, and not by this process: by the kernel
+                    raise watch.killed(where) from None
                 raise
     finally:
         if proc.is_alive():

@@ -15,6 +15,10 @@ from a CPU, or was too slow to read what it sent: RESOURCE_EXHAUSTED, and the ca
 version asked whether the reader was waiting on the worker instead. Under the same flood with a 3 s limit it called
 3 of 10 late videos stalled: the reader, short of the GIL between the pipe's 64 KiB reads, was "waiting" while the
 worker slept on a full pipe.)
+
+A worker that died of a SIGKILL the watch did not send, under its CPU limit, was killed by the kernel for want of
+memory (it offers itself first, ``oom_score_adj``): RESOURCE_EXHAUSTED as well. Until 2026-12-07 it was "could not
+be decoded", INVALID_ARGUMENT, as for a video that crashed its decoder.
 """
 
 from __future__ import annotations
@@ -67,6 +71,17 @@ def usage(pid: int) -> Usage | None:
         cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime and stime: the 14th and 15th fields
     except (OSError, ValueError, IndexError):
         return None
+
+    def killed(self, where: str) -> FacegateError:
+        """What the caller is told when the worker died of a SIGKILL this watch did not send (counted in
+        ``STOPS``). Under its CPU limit, that is the kernel's out-of-memory killer, and the video may decode once
+        memory is free again: RESOURCE_EXHAUSTED, not the INVALID_ARGUMENT of a video that broke its decoder.
+        (The kernel's own CPU limit, a second over the watch's, kills with SIGKILL too, in case the watch lagged.)"""
+        if self.seen is not None and self.seen.cpu_s >= self.cpu_s:
+            STOPS.add(Stop.CPU)
+            return InvalidArgumentError(FieldViolation(where, f"took more than {self.cpu_s:g} s of CPU to decode"))
+        STOPS.add(Stop.MEMORY)
+        return ResourceExhaustedError(f"{where}: the server ran short of memory to decode it", retry_after_s=1.0)
     if fields[0] in ("Z", "X"):
         return Usage(cpu, 0.0, exited=True)
     active, runnable = 0, False
@@ -98,6 +113,9 @@ class Stop(enum.Enum):
     CPU = "cpu"
     BUSY = "busy"
     STALLED = "stalled"
+    MEMORY = "memory"
+    """Not the watch's stop: the worker was killed (SIGKILL) under its CPU limit, as the kernel kills the process
+    it picks when the server's memory control group reaches its limit (the worker offers itself first)."""
 
 
 def late(seen: Usage | None, stalled_s: float, elapsed_s: float) -> Stop:
@@ -133,6 +151,7 @@ class Watch:
     def __init__(self, pid: int, kill: Callable[[], None], cpu_s: float, wall_s: float, pipe: int) -> None:
         self.pid, self._kill, self.cpu_s, self.wall_s, self._pipe = pid, kill, cpu_s, wall_s, pipe
         self.stopped: Stop | None = None
+        self.seen: Usage | None = None  # the last reading of the worker before it ended
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="video-watch", daemon=True)
 
@@ -151,6 +170,7 @@ class Watch:
             seen, now = usage(self.pid), time.monotonic()
             if _PROC and (seen is None or seen.exited):
                 return  # it has ended: what it sent, or its end of the pipe closing, answers the reader
+            self.seen = seen
             if seen is not None and seen.cpu_s >= self.cpu_s:
                 return self._stop(Stop.CPU)
             if stalled(last, seen, unread_bytes(self._pipe)):
@@ -176,3 +196,14 @@ class Watch:
             return ResourceExhaustedError(f"{where}: the server was too busy to decode it within {self.wall_s:g} s",
                                           retry_after_s=1.0)
         return None
+
+    def killed(self, where: str) -> FacegateError:
+        """What the caller is told when the worker died of a SIGKILL this watch did not send (counted in
+        ``STOPS``). Under its CPU limit, that is the kernel's out-of-memory killer, and the video may decode once
+        memory is free again: RESOURCE_EXHAUSTED, not the INVALID_ARGUMENT of a video that broke its decoder.
+        (The kernel's own CPU limit, a second over the watch's, kills with SIGKILL too, in case the watch lagged.)"""
+        if self.seen is not None and self.seen.cpu_s >= self.cpu_s:
+            STOPS.add(Stop.CPU)
+            return InvalidArgumentError(FieldViolation(where, f"took more than {self.cpu_s:g} s of CPU to decode"))
+        STOPS.add(Stop.MEMORY)
+        return ResourceExhaustedError(f"{where}: the server ran short of memory to decode it", retry_after_s=1.0)
