@@ -77,6 +77,21 @@ class MemoryGroup:
             return None
         return _counts(text).get("oom_kill")
 
+    def kills_together(self) -> bool:
+        """Whether an out-of-memory kill in this group ends all its processes at once: cgroup v2's
+        ``memory.oom.group`` set on it or a group above it, as the kubelet sets it on every container's group since
+        Kubernetes 1.28 (unless its ``singleProcessOOMKill`` is on). Then a video decoder offering itself first
+        (``oom_score_adj``) does not spare the server: the whole container restarts."""
+        if self.version != 2:
+            return False  # (v1 kills one process, the one with the highest score)
+        directory = self.path
+        while True:
+            if _number(self._read("memory.oom.group", directory)) == 1:
+                return True
+            if directory == self.root or directory.parent == directory:
+                return False
+            directory = directory.parent
+
     def limit(self) -> int | None:
         """The smallest memory limit set on this group or a group above it, in bytes; None when none is."""
         smallest: int | None = None
@@ -132,6 +147,17 @@ def own_memory_group() -> MemoryGroup | None:
         return memory_group(Path("/proc/self/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
     except OSError:
         return None
+
+
+def describe(group: MemoryGroup | None) -> str:
+    """The group the server's memory is counted in, as its start-up log says it."""
+    if group is None:
+        return "no memory control group found: facegate_memory_* have no samples"
+    limit = group.limit()
+    held = f"held to {limit / 2**20:.0f} MiB" if limit is not None else "no limit"
+    kill = ("an out-of-memory kill ends every process in it (memory.oom.group)" if group.kills_together() else
+            "an out-of-memory kill takes one process, a video decoder first")
+    return f"memory: cgroup v{group.version} {group.path}, {held}; {kill}"
 
 
 class MemoryLimitCollector(Collector):

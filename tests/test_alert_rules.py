@@ -50,6 +50,7 @@ SYNCS = "facegate_deployment_rate_syncs_total"
 VIDEO_STOPS = "facegate_video_decodes_stopped_total"
 WORKING_SET = "facegate_memory_working_set_bytes"
 LIMIT = "facegate_memory_limit_bytes"
+OOM_KILLS = "facegate_memory_oom_kills_total"
 GIB = 2**30
 MIB = 2**20
 
@@ -220,6 +221,23 @@ CASES: list[dict[str, Any]] = [
                                 "(facegate_heap_free_bytes) levels off."})),
         ],
     },
+    {   # p-1 (two workers, the same group) has a decoder killed at 5 minutes; p-2 never has one
+        "interval": "1m",
+        "input_series": [series(OOM_KILLS, "0x4 1x40", pod="p-1", instance="w0"),
+                         series(OOM_KILLS, "0x4 1x40", pod="p-1", instance="w1"),
+                         series(OOM_KILLS, "0x44", pod="p-2", instance="w0")],
+        "alert_rule_test": [
+            alert("FacegateMemoryProcessKilled", "4m"),
+            alert("FacegateMemoryProcessKilled", "6m", (
+                {"pod": "p-1", "severity": "warning"},
+                {"summary": "the kernel killed a process of facegate's container for want of memory",
+                 "description": "ns/p-1 reached its memory limit in the last 10 minutes, and the kernel killed a "
+                                "process in it (a video decoder first: its call was answered RESOURCE_EXHAUSTED). "
+                                "See FacegateMemoryNearLimit; raise the limit or lower the budgets "
+                                "(max_inflight_*)."})),
+            alert("FacegateMemoryProcessKilled", "20m"),  # (10 minutes on, quiet again)
+        ],
+    },
 ]
 
 
@@ -227,7 +245,7 @@ def test_the_rules_are_valid_promql_and_fire_as_meant(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
     check = subprocess.run([promtool(), "check", "rules", "rules.yaml"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=60)
-    assert check.returncode == 0 and "SUCCESS: 11 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 12 rules found" in check.stdout, check.stdout + check.stderr
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(
         {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": CASES}, sort_keys=False))
     run = subprocess.run([promtool(), "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True,

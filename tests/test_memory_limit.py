@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from benchmarks.memory_group import limited_group, run_in
-from server.memory_limit import MemoryGroup, MemoryLimitCollector, memory_group
+from server.memory_limit import MemoryGroup, MemoryLimitCollector, describe, memory_group
 from tests.bad_inputs import video
 from tests.conftest import ROOT
 from tests.images import gradient
@@ -83,6 +83,21 @@ def test_files_of_another_form_give_no_sample_rather_than_a_failed_scrape(tmp_pa
     assert [line for line in generate_latest(registry).decode().splitlines() if not line.startswith("#")] == []
 
 
+
+def test_the_start_up_log_says_whether_an_out_of_memory_kill_ends_the_whole_container(tmp_path: Path) -> None:
+    """cgroup v2's memory.oom.group, on the group or above it (the kubelet sets it on each container's group since
+    Kubernetes 1.28), makes the kernel kill every process in it together: the decoders offering themselves first
+    then spares nothing, and the operator is told so."""
+    pod = _files(tmp_path / "cg" / "pod", memory_max=f"{4 * 2**30}\n", memory_oom_group="0\n")
+    container = MemoryGroup(_files(pod / "ctr", memory_max="max\n", memory_current="1\n"), 2, tmp_path / "cg")
+    assert not container.kills_together()
+    assert describe(container) == (f"memory: cgroup v2 {container.path}, held to 4096 MiB; an out-of-memory kill "
+                                   "takes one process, a video decoder first")
+    (pod / "memory.oom.group").write_text("1\n")
+    assert container.kills_together()
+    assert describe(container).endswith("an out-of-memory kill ends every process in it (memory.oom.group)")
+    assert not MemoryGroup(container.path, 1, tmp_path / "cg").kills_together()  # (v1 has no such setting)
+    assert describe(None) == "no memory control group found: facegate_memory_* have no samples"
 
 class _NoGroup(MemoryLimitCollector):
     def __init__(self) -> None:
