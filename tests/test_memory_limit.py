@@ -84,20 +84,28 @@ def test_files_of_another_form_give_no_sample_rather_than_a_failed_scrape(tmp_pa
 
 
 
-def test_the_start_up_log_says_whether_an_out_of_memory_kill_ends_the_whole_container(tmp_path: Path) -> None:
+def test_the_start_up_log_says_whom_an_out_of_memory_kill_takes(tmp_path: Path) -> None:
     """cgroup v2's memory.oom.group, on the group or above it (the kubelet sets it on each container's group since
-    Kubernetes 1.28), makes the kernel kill every process in it together: the decoders offering themselves first
-    then spares nothing, and the operator is told so."""
+    Kubernetes 1.28), makes the kernel kill every process in it together. Otherwise it kills the process of the
+    highest resident memory plus its oom_score_adj in thousandths of the limit: a decoder (1000) goes before a
+    server at -997 (a Guaranteed pod) until the server holds 1.997 times the limit, before one at 0 until it holds
+    the limit, and before one at 953 (a Burstable pod asking 3 GiB of a 64 GiB node) only while the server holds
+    under 193 MiB of a 4 GiB limit, which it never does: the operator is told so."""
     pod = _files(tmp_path / "cg" / "pod", memory_max=f"{4 * 2**30}\n", memory_oom_group="0\n")
     container = MemoryGroup(_files(pod / "ctr", memory_max="max\n", memory_current="1\n"), 2, tmp_path / "cg")
     assert not container.kills_together()
-    assert describe(container) == (f"memory: cgroup v2 {container.path}, held to 4096 MiB; an out-of-memory kill "
-                                   "takes one process, a video decoder first")
+    head = f"memory: cgroup v2 {container.path}, held to 4096 MiB; an out-of-memory kill takes one process"
+    assert describe(container, -997) == head + (": a video decoder before the server (oom_score_adj -997) while the "
+                                                "server's resident memory is under 8180 MiB")
+    assert describe(container, 0).endswith("(oom_score_adj 0) while the server's resident memory is under 4096 MiB")
+    assert describe(container, 953).endswith("under 193 MiB")
+    assert describe(container, None) == head
     (pod / "memory.oom.group").write_text("1\n")
     assert container.kills_together()
-    assert describe(container).endswith("an out-of-memory kill ends every process in it (memory.oom.group)")
+    assert describe(container, 0).endswith("an out-of-memory kill ends every process in it (memory.oom.group)")
     assert not MemoryGroup(container.path, 1, tmp_path / "cg").kills_together()  # (v1 has no such setting)
-    assert describe(None) == "no memory control group found: facegate_memory_* have no samples"
+    assert describe(None, 0) == "no memory control group found: facegate_memory_* have no samples"
+
 
 class _NoGroup(MemoryLimitCollector):
     def __init__(self) -> None:

@@ -437,3 +437,4 @@ def test_the_shared_files_go_with_their_frames(tmp_path: Path) -> None:
     del frames
     gc.collect()
     assert (len(os.listdir("/proc/self/fd")), mapped()) == (fds, maps)
+

@@ -41,13 +41,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import numpy as np
 
 from engines.errors import FieldViolation, InvalidArgumentError
 from engines.vision.frame_buffer import FrameBuffer, FrameWriter, SharedFd
 from engines.vision.jpeg_header import jpeg_frame, too_many_scans
+from engines.vision.oom_score import volunteer
 from engines.vision.video_watch import Watch
 
 _CONTROL_BYTES = 4096  # the longest control message the parent reads from a worker
@@ -225,8 +225,7 @@ def _worker(data: bytes, limits: VideoLimits, spool_dir: str, placement: _Placem
     # one line per bad packet: a hostile video chose how much the server's log got. What was wrong reaches the
     # caller as one status instead. (Read by OpenCV when it first opens a capture, so before any is opened.)
     os.environ["OPENCV_FFMPEG_LOGLEVEL"] = "-8"  # AV_LOG_QUIET
-    with contextlib.suppress(OSError):  # under memory pressure the kernel kills a decoder before the server
-        Path("/proc/self/oom_score_adj").write_text("1000")
+    volunteer()  # under memory pressure the kernel kills a decoder before the server (oom_score)
     try:
         with _spooled(data, spool_dir) as path:  # OpenCV reads containers only from a path
             _stream(path, limits, out, FrameWriter(frames))
