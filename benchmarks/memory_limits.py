@@ -41,7 +41,7 @@ import grpc
 import numpy as np
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.memory_group import deployment_limit, limited_group, mebibytes, pod_limit_bytes
+from benchmarks.memory_group import deployment_limit, limited_group, mebibytes
 from benchmarks.server_process import descendants, facegate_process, free_port, metric_samples, wait_for_metrics
 from benchmarks.soak import add_inputs, clip_folders, inputs, settings
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
@@ -187,7 +187,8 @@ def _calls(channel: grpc.aio.Channel, m: dict[str, Any], md: tuple[tuple[str, st
 
 
 async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, concurrency: int,
-              duration_s: float, metrics_ports: range, group: MemoryGroup | None) -> list[dict[str, Any]]:
+              duration_s: float, metrics_ports: range, group: MemoryGroup | None,
+              phases: list[tuple[str, ...]]) -> list[dict[str, Any]]:
     md = (("authorization", f"Bearer {token}"),)
     # One channel, or with several workers one a client: the kernel spreads connections, not calls, over the
     # workers. (A pool of its own for each, or gRPC would share one connection among channels alike.)
@@ -201,7 +202,7 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
     rng = random.Random(14)
     calls = [_calls(channel, m, md, rng) for channel in channels]
     out = []
-    for kinds in [(k,) for k in KINDS] + [KINDS]:
+    for kinds in phases:
         await asyncio.sleep(2)  # (what the last phase left in flight ends)
         sampler.reset()
         before = refusals(metrics_ports)
@@ -226,14 +227,15 @@ def markdown(r: dict[str, Any]) -> str:
     limit = f"{r['deployment_limit']} ({r['deployment_limit_mib']:.0f} MiB)" if r["deployment_limit"] else "none"
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['date']}. One server (`--workers "
              f"{r.get('workers', 1)}`), default limits, token auth; "
-             f"{r['concurrency']} clients retrying at once, {r['duration_s']:.0f} s a phase. The Deployment's memory "
-             f"limit: {limit}. Before the first phase: **{r['base_pss_mib']:.0f} MiB** (PSS of the server and "
-             "the processes under it). The phases run in this order in one server, so a phase's peak includes "
-             "what the allocator kept from those before it.", "",
+             f"{r['concurrency']} clients retrying at once, {r['duration_s']:.0f} s a phase. The memory limit "
+             f"({r.get('limit_from', 'Deployment')}): {limit}. Before the first phase: "
+             f"**{r['base_pss_mib']:.0f} MiB** (PSS of the server and the processes under it). The phases run in "
+             "this order in one server, so a phase's peak includes what the allocator kept from those before it.", "",
              "", "*Stopped by*: the server's own count of what refused or stopped the calls: a budget without room "
              "(`facegate_budget_refused_total`), a pipeline shedding calls that would wait too long "
              "(`facegate_admission_shed_total`), or a video decode's limit (`facegate_video_decodes_stopped_total`: "
-             "`busy` is RESOURCE_EXHAUSTED, `cpu` and `stalled` INVALID_ARGUMENT).", "", _group_line(r), "",
+             "`busy` and `memory`, a decoder the kernel killed, are RESOURCE_EXHAUSTED, `cpu` and `stalled` "
+             "INVALID_ARGUMENT).", "", _group_line(r), "",
              "| sent | peak PSS | over the start | share of the limit | peak working set (its group), OOM kills | "
              "processes | statuses | stopped by |",
              "|---|---|---|---|---|---|---|---|"]
@@ -255,8 +257,8 @@ def _group_line(r: dict[str, Any]) -> str:
     if not g:
         return ("The server ran without a memory limit: this process could not make a memory control group (it "
                 "needs root and cgroup v1 or v2).")
-    return (f"The server ran in a memory control group (cgroup v{g['version']}) held to the Deployment's limit, "
-            f"{g['limit_mib']:.0f} MiB, as in its pod; the limit the server itself reported "
+    return (f"The server ran in a memory control group (cgroup v{g['version']}) held to {g['limit_mib']:.0f} MiB "
+            f"({r.get('limit_from', 'Deployment')}), as in its pod; the limit the server itself reported "
             f"(`facegate_memory_limit_bytes`): {g['reported_limit_mib']:.0f} MiB. *Working set*: the group's usage "
             "less its inactive file pages, what the kernel kills on; *OOM kills*: processes the kernel killed in it.")
 
@@ -267,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of each phase")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--workers", type=int, default=1, help="the server's --workers")
+    p.add_argument("--limit", help="the memory limit to hold the server to, as a Kubernetes quantity (e.g. 2560Mi): "
+                   "a tighter one shows what happens at the limit (default: the Deployment's)")
+    p.add_argument("--only", action="append", choices=KINDS, help="run only this kind's phase (repeatable; "
+                   "default: each kind alone, then all at once)")
     a = p.parse_args(argv)
     if not 0 < a.duration <= 600 or not 1 <= a.concurrency <= 64 or not 1 <= a.workers <= 8:
         p.error("--duration in (0, 600], --concurrency in [1, 64], --workers in [1, 8]")
@@ -275,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     config = settings(work, token, new_token(), 5.0)
     m = materials(samples, a.synthetic)
     metrics_port = free_port()
-    limit = deployment_limit()
-    with (limited_group(pod_limit_bytes() or 1 << 62) as group,  # (without a limit: a group all the same)
+    limit = a.limit or deployment_limit()
+    held_to = int(mebibytes(limit) * 2**20) if limit else 1 << 62  # (without a limit: a group all the same)
+    with (limited_group(held_to) as group,
           facegate_process(a.repository, ["--config", str(config), "--metrics-port", str(metrics_port),
                                            "--workers", str(a.workers)], work / "server.log", group)
           as (address, proc)):
@@ -288,13 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         reported = {s.name: s.value for s in metric_samples(metrics_port, {"facegate_memory_limit_bytes"})}
         sampler = Sampler(proc.pid, group)
         try:
-            phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration, ports, group))
+            phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration, ports, group,
+                                     [(k,) for k in a.only] if a.only else [(k,) for k in KINDS] + [KINDS]))
         finally:
             sampler.stop()
         held = {"version": group.version, "limit_mib": (group.limit() or 0) / 2**20,
                 "reported_limit_mib": reported.get("facegate_memory_limit_bytes", 0) / 2**20} if group else None
     result = {"machine": machine_info(), "duration_s": a.duration, "concurrency": a.concurrency, "workers": a.workers,
-              "base_pss_mib": base, "deployment_limit": limit,
+              "base_pss_mib": base, "deployment_limit": limit, "limit_from": "--limit" if a.limit else "Deployment",
               "deployment_limit_mib": mebibytes(limit) if limit else None, "memory_group": held, "phases": phases,
               "inputs_bytes": {k: len(v) if isinstance(v, bytes) else sum(map(len, v)) for k, v in m.items()}}
     write_report(a.out, "memory_limits", result, markdown)
