@@ -225,8 +225,10 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     limit = f"{r['deployment_limit']} ({r['deployment_limit_mib']:.0f} MiB)" if r["deployment_limit"] else "none"
+    changed = ", ".join(f"`{kv}`" for kv in r.get("settings", []))
+    limits = f"default limits but {changed}" if changed else "default limits"
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['date']}. One server (`--workers "
-             f"{r.get('workers', 1)}`), default limits, token auth; "
+             f"{r.get('workers', 1)}`), {limits}, token auth; "
              f"{r['concurrency']} clients retrying at once, {r['duration_s']:.0f} s a phase. The memory limit "
              f"({r.get('limit_from', 'Deployment')}): {limit}. Before the first phase: "
              f"**{r['base_pss_mib']:.0f} MiB** (PSS of the server and the processes under it). The phases run in "
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="the server's --workers")
     p.add_argument("--limit", help="the memory limit to hold the server to, as a Kubernetes quantity (e.g. 2560Mi): "
                    "a tighter one shows what happens at the limit (default: the Deployment's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [server] setting for the server, as TOML (e.g. max_inflight_pixels=125000000; repeatable)")
     p.add_argument("--only", action="append", choices=KINDS, help="run only this kind's phase (repeatable; "
                    "default: each kind alone, then all at once)")
     a = p.parse_args(argv)
@@ -279,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     samples, work = inputs(a, "memory-work")
     token = new_token()
     config = settings(work, token, new_token(), 5.0)
+    if a.set:  # (the server refuses a key it does not know, or a value of the wrong type)
+        extra = "".join(f"{kv}\n" for kv in a.set)
+        config.write_text(config.read_text().replace("[server]\n", "[server]\n" + extra, 1))
     m = materials(samples, a.synthetic)
     metrics_port = free_port()
     limit = a.limit or deployment_limit()
@@ -302,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         held = {"version": group.version, "limit_mib": (group.limit() or 0) / 2**20,
                 "reported_limit_mib": reported.get("facegate_memory_limit_bytes", 0) / 2**20} if group else None
     result = {"machine": machine_info(), "duration_s": a.duration, "concurrency": a.concurrency, "workers": a.workers,
-              "base_pss_mib": base, "deployment_limit": limit, "limit_from": "--limit" if a.limit else "Deployment",
+              "base_pss_mib": base, "deployment_limit": limit, "settings": a.set,
+              "limit_from": "--limit" if a.limit else "Deployment",
               "deployment_limit_mib": mebibytes(limit) if limit else None, "memory_group": held, "phases": phases,
               "inputs_bytes": {k: len(v) if isinstance(v, bytes) else sum(map(len, v)) for k, v in m.items()}}
     write_report(a.out, "memory_limits", result, markdown)
