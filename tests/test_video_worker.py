@@ -3,9 +3,12 @@ failed or was killed; and the worker runs on the CPUs, and at the priority, of t
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import multiprocessing
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -165,17 +168,39 @@ def _huge_control(data: bytes, limits: VideoLimits, spool_dir: str, placement: o
     out.send_bytes(b'{"error": "' + b"x" * 50_000_000 + b'"}')  # type: ignore[attr-defined]
 
 
+def _another_file(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object,
+                  frames: SharedFd) -> None:
+    # Frames of its own choosing, in a file of the same size that the server never sealed, in place of the buffer.
+    own = os.memfd_create("facegate-frames")
+    os.ftruncate(own, os.fstat(frames.fd).st_size)
+    out.send_bytes(b'{"size": [64, 48]}')  # type: ignore[attr-defined]
+    out.send_bytes(b'{"end": 1}')  # type: ignore[attr-defined]
+    video_mod.send_back(out.fileno(), SharedFd(own))  # type: ignore[attr-defined]
+
+
+def _many_files(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object,
+                frames: SharedFd) -> None:
+    out.send_bytes(b'{"size": [64, 48]}')  # type: ignore[attr-defined]
+    out.send_bytes(b'{"end": 1}')  # type: ignore[attr-defined]
+    with socket.socket(fileno=os.dup(out.fileno())) as sock:  # type: ignore[attr-defined]
+        socket.send_fds(sock, [b"F"], [frames.fd] * 50)
+
+
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method")
 @pytest.mark.parametrize(("worker", "expected"), [
     (_half_a_message, "did not decode within 0.5 s"),
     (_pickle_sender, "could not be decoded"),
     (_too_many, "could not be decoded"),
     (_huge_control, "could not be decoded"),
+    (_another_file, "could not be decoded"),
+    (_many_files, "could not be decoded"),
 ])
 def test_a_hostile_worker_gets_no_further_than_a_refusal(worker, expected: str, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
                                                          tmp_path: Path) -> None:
     marker = Path(tempfile.gettempdir()) / "facegate-pickle-ran"
     marker.unlink(missing_ok=True)
+    gc.collect()
+    fds = len(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(video_mod, "_worker", worker)  # a forked child runs the patched module
     # Only the stalled worker must meet the time limit. The others are refused for what they send, and a child forked
     # from this large test process can take over a second to send it: _huge_control once took 1.15 s, so a 0.5 s
@@ -185,9 +210,56 @@ def test_a_hostile_worker_gets_no_further_than_a_refusal(worker, expected: str, 
     with pytest.raises(InvalidArgumentError) as info:
         video_mod._run_worker(multiprocessing.get_context("fork"), b"", limits, str(tmp_path), "clip.video")
     assert info.value.violations[0].description == expected
+    del info  # (its traceback holds the worker's process object, and that a descriptor, until collected)
     # The time limit holds: the read never waits on the worker for long.
     assert time.monotonic() - started < limits.timeout_s + 4.5
     assert not marker.exists()  # nothing it sent was unpickled
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds  # nor any descriptor it sent kept
+
+
+def _writes_then_waits(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object,
+                       frames: SharedFd) -> None:
+    FrameWriter(frames).write(0, np.full((48, 64, 3), 7, np.uint8))
+    out.send_bytes(b'{"size": [64, 48]}')  # type: ignore[attr-defined]
+    time.sleep(60)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods() or not Path("/proc/self/fd").exists(),
+                    reason="needs the fork start method, and reads this process's descriptors and mappings")
+def test_while_the_worker_decodes_only_it_holds_the_frames(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The server holds neither the frames' file nor a mapping of it until the worker sends it back, so a worker the
+    kernel kills for want of memory frees the frames it wrote with its own memory. Until 2026-12-07 the server held
+    the file throughout: the killed worker freed 34 MiB, and the kernel, still at the limit, killed the server next
+    (``make bench-memory --limit 2048Mi --only big_video``)."""
+    monkeypatch.setattr(video_mod, "_worker", _writes_then_waits)
+    abandon = threading.Event()
+    outcome: list[BaseException] = []
+
+    def decode() -> None:
+        try:
+            video_mod._run_worker(multiprocessing.get_context("fork"), b"", VideoLimits(), str(tmp_path),
+                                  "clip.video", abandon)
+        except BaseException as exc:  # (handed to the test's thread)
+            outcome.append(exc)
+
+    def frames_held() -> list[str]:
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        return [x for x in links + maps if "facegate-frames" in x]
+
+    t = threading.Thread(target=decode)
+    t.start()
+    try:
+        time.sleep(1.0)  # (the worker has written its frame and sent the size)
+        assert t.is_alive() and frames_held() == []
+    finally:
+        abandon.set()
+        t.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], video_mod.DecodeAbandonedError)
 
 
 def test_a_motion_jpeg_frame_of_too_many_scans_is_refused_before_it_is_decoded() -> None:
@@ -388,6 +460,7 @@ def test_the_shared_file_cannot_be_grown_by_the_worker(tmp_path: Path) -> None:
         frame = np.full((48, 64, 3), 7, np.uint8)
         assert writer.write(2, frame)  # the last that fits
         assert not writer.write(3, frame)
+        assert buffer.adopt(os.dup(fd))  # as the worker sends it back
         assert np.array_equal(buffer.frames(3, 64, 48)[2], frame)
         assert not buffer.frames(3, 64, 48)[1].any()  # a frame never written reads as zeros
     finally:

@@ -10,6 +10,12 @@ as the worker writes them), the worker writes each frame into it, and the server
 worker says how many there are: 0.82-1.19 s with the two spinning threads, 0.46-0.51 s idle (Zen 5). A worker an
 exploit took over can write only within that file (sealed: it cannot grow it), and whatever it writes is pixels, as
 it could send before. It is killed before the server uses the frames, so it cannot change them after.
+
+While the worker decodes, the server holds neither the file nor a mapping of it: the worker sends the file back with
+its last message (``SCM_RIGHTS``), and the server checks that it is the file it made before it maps it. Until
+2026-12-07 the server held the file from the start, so a worker the kernel killed for want of memory freed only its
+own 34 MiB, not the frames it had written: the kernel, still at the limit, killed the server 24 ms later
+(``make bench-memory --limit 2048Mi --only big_video``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import contextlib
 import fcntl
 import mmap
 import os
+import socket
 import tempfile
 from multiprocessing import reduction
 
@@ -39,39 +46,88 @@ def _rebuilt(dup: object) -> SharedFd:
 
 
 class FrameBuffer:
-    """The server's side: a memory file of ``size`` bytes, mapped read-only; the worker gets ``shared()``."""
+    """The server's side: a memory file of ``size`` bytes that the worker gets (``shared()``) and sends back when it
+    is done (``adopt``), mapped read-only only then."""
 
     def __init__(self, size: int, spool_dir: str) -> None:
         size = max(size, mmap.PAGESIZE)  # (an empty file cannot be mapped; a budget that small holds no frame)
         try:
-            self._fd = os.memfd_create("facegate-frames", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            fd = os.memfd_create("facegate-frames", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except (AttributeError, OSError):  # not Linux: an unlinked file in the parent's private directory
             with tempfile.TemporaryFile(dir=spool_dir) as f:
-                self._fd = os.dup(f.fileno())
+                fd = os.dup(f.fileno())
         try:
-            os.ftruncate(self._fd, size)  # sparse: no page is given until written
+            os.ftruncate(fd, size)  # sparse: no page is given until written
             with contextlib.suppress(AttributeError, OSError):  # its size is final: the worker cannot grow it
-                fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            stat = os.fstat(fd)
         except BaseException:
-            os.close(self._fd)
+            os.close(fd)
             raise
+        self._fd: int | None = fd
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._map: mmap.mmap | None = None
         self.size = size
 
     def shared(self) -> SharedFd:
+        if self._fd is None:
+            raise ValueError("the frame buffer was released")
         return SharedFd(self._fd)
+
+    def release(self) -> None:
+        """The server's descriptor closed: call it once the worker has its copy (its start has returned). The file
+        then lives only as long as the worker, or until it is sent back."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def adopt(self, fd: int) -> bool:
+        """The descriptor the worker sent back, mapped if it is the file this buffer made (always closed here):
+        False for any other file, which a worker an exploit took over might send instead."""
+        try:
+            stat = os.fstat(fd)
+            if (stat.st_dev, stat.st_ino) != self._identity or stat.st_size != self.size or self._map is not None:
+                return False
+            self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            return True
+        finally:
+            os.close(fd)
 
     def frames(self, n: int, width: int, height: int) -> list[np.ndarray]:
         """The first ``n`` frames, read-only views of the mapping (which lives as long as any of them)."""
+        if self._map is None:
+            raise ValueError("the frame buffer has not been sent back")
         whole = np.frombuffer(self._map, np.uint8, count=n * height * width * 3)
         return list(whole.reshape(n, height, width, 3))
 
     def close(self) -> None:
-        """The descriptor closed (the worker has its own copy while it lives); the mapping too unless frames were
-        taken from it."""
-        os.close(self._fd)
-        with contextlib.suppress(BufferError):  # frames hold it: freed with the last of them
-            self._map.close()
+        """The descriptor closed, if still held; the mapping too unless frames were taken from it."""
+        self.release()
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # frames hold it: freed with the last of them
+                self._map.close()
+
+
+def send_back(connection_fd: int, shared: SharedFd) -> None:
+    """In the worker: the file sent back over its connection (a Unix socket) to the server, as one marker byte with
+    the descriptor attached."""
+    with socket.socket(fileno=os.dup(connection_fd)) as sock:
+        socket.send_fds(sock, [b"F"], [shared.fd])
+
+
+def received(connection_fd: int) -> int | None:
+    """In the server: the one descriptor the worker sent back, or None if it sent anything else (every descriptor
+    that came with it closed, so that a worker cannot fill the server's table)."""
+    with socket.socket(fileno=os.dup(connection_fd)) as sock:
+        try:
+            marker, fds, flags, _ = socket.recv_fds(sock, 1, 1)
+        except OSError:
+            return None
+    if marker == b"F" and len(fds) == 1 and not flags & socket.MSG_CTRUNC:
+        return fds[0]
+    for fd in fds:
+        os.close(fd)
+    return None
 
 
 class FrameWriter:
@@ -80,6 +136,7 @@ class FrameWriter:
     0.62-0.70 s against 0.74-0.82 s, side by side on a machine with another process spinning on one core)."""
 
     def __init__(self, shared: SharedFd) -> None:
+        self.shared = shared
         self._fd = shared.fd
         self.size = os.fstat(self._fd).st_size
 

@@ -45,7 +45,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from engines.errors import FieldViolation, InvalidArgumentError
-from engines.vision.frame_buffer import FrameBuffer, FrameWriter, SharedFd
+from engines.vision.frame_buffer import FrameBuffer, FrameWriter, SharedFd, received, send_back
 from engines.vision.jpeg_header import jpeg_frame, too_many_scans
 from engines.vision.oom_score import volunteer
 from engines.vision.video_watch import Watch
@@ -114,7 +114,10 @@ def _stream(path: str, limits: VideoLimits, out: Connection, target: FrameWriter
             if not target.write(n, frame):
                 return _send(out, error=f"decodes to more than {target.size // 3} pixels")
             n += 1
-        return _send(out, end=n) if n else _send(out, error="holds no decodable frame")
+        if not n:
+            return _send(out, error="holds no decodable frame")
+        _send(out, end=n)
+        send_back(out.fileno(), target.shared)  # (the server held no reference to it while it was written)
     finally:
         cap.release()
 
@@ -262,7 +265,7 @@ def _receive(receive: Connection, buffer: FrameBuffer, limits: VideoLimits, wher
     def garbled() -> InvalidArgumentError:  # whatever the worker got wrong, the caller learns only this
         return InvalidArgumentError(FieldViolation(where, "could not be decoded"))
 
-    def message(max_bytes: int) -> bytes:
+    def wait() -> None:
         while not receive.poll(min(_ABANDON_POLL_S, max(0.0, deadline - time.monotonic()))):
             if abandon is not None and abandon.is_set():
                 raise DecodeAbandonedError(where)
@@ -270,6 +273,9 @@ def _receive(receive: Connection, buffer: FrameBuffer, limits: VideoLimits, wher
                 raise InvalidArgumentError(FieldViolation(where, f"did not decode within {limits.timeout_s:g} s"))
         if abandon is not None and abandon.is_set():  # (a worker streaming steadily never makes poll wait)
             raise DecodeAbandonedError(where)
+
+    def message(max_bytes: int) -> bytes:
+        wait()
         try:
             return receive.recv_bytes(max_bytes)
         except (EOFError, OSError) as exc:  # the worker died (a crash inside the decoder), or sent nonsense
@@ -294,13 +300,17 @@ def _receive(receive: Connection, buffer: FrameBuffer, limits: VideoLimits, wher
     n = control().get("end")
     if type(n) is not int or n < 1 or _count_error(n, w, h, limits) or n * w * h * 3 > buffer.size:
         raise garbled()
+    wait()
+    fd = received(receive.fileno())  # the frames' file, back from the worker
+    if fd is None or not buffer.adopt(fd):
+        raise garbled()
     return buffer.frames(n, w, h)  # (the worker is killed before the caller gets them: it cannot change them)
 
 
 def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, spool_dir: str,
                 where: str, abandon: threading.Event | None = None) -> list[np.ndarray]:
     """The decoded frames; the worker is dead when this returns or raises."""
-    receive, send = ctx.Pipe(duplex=False)
+    receive, send = ctx.Pipe(duplex=True)  # (a Unix socket pair: the frames' file comes back over it)
     buffer = FrameBuffer(limits.max_total_pixels * 3, spool_dir)
     args = (data, limits, spool_dir, _Placement.of_this_thread(), send, buffer.shared())
     proc = ctx.Process(target=_worker, args=args, daemon=True)  # type: ignore[attr-defined]
@@ -310,6 +320,7 @@ def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, s
         buffer.close()
         raise
     send.close()
+    buffer.release()  # the worker has its copy: killed, it takes the frames it wrote with it
     # poll() says only that some bytes wait: a worker that sent half a message and stalled would hold recv_bytes
     # past the limit. Killed at a limit, it closes its end and the read ends.
     try:
