@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-FIRST = 1000  # the highest score: ahead of any process at a lower one that holds less than the limit more
+# The highest score: ahead of a process at score s unless that one holds (1000 - s) thousandths of the limit more.
+FIRST = 1000
 
 
 def volunteer() -> None:

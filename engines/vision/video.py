@@ -330,7 +330,7 @@ def _run_worker(ctx: mp.context.BaseContext, data: bytes, limits: VideoLimits, s
             except InvalidArgumentError:
                 if (error := watch.error(where)) is not None:  # the read ended because the watch killed the worker
                     raise error from None
-                proc.join(timeout=1)  # (a worker that broke the pipe has ended, or is about to)
+                proc.join(timeout=0.2)  # (a worker whose end of the socket closed has ended, or is ending)
                 if proc.exitcode == -signal.SIGKILL:  # killed, and not by this process: by the kernel
                     raise watch.killed(where) from None
                 raise

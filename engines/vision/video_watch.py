@@ -71,17 +71,6 @@ def usage(pid: int) -> Usage | None:
         cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime and stime: the 14th and 15th fields
     except (OSError, ValueError, IndexError):
         return None
-
-    def killed(self, where: str) -> FacegateError:
-        """What the caller is told when the worker died of a SIGKILL this watch did not send (counted in
-        ``STOPS``). Under its CPU limit, that is the kernel's out-of-memory killer, and the video may decode once
-        memory is free again: RESOURCE_EXHAUSTED, not the INVALID_ARGUMENT of a video that broke its decoder.
-        (The kernel's own CPU limit, a second over the watch's, kills with SIGKILL too, in case the watch lagged.)"""
-        if self.seen is not None and self.seen.cpu_s >= self.cpu_s:
-            STOPS.add(Stop.CPU)
-            return InvalidArgumentError(FieldViolation(where, f"took more than {self.cpu_s:g} s of CPU to decode"))
-        STOPS.add(Stop.MEMORY)
-        return ResourceExhaustedError(f"{where}: the server ran short of memory to decode it", retry_after_s=1.0)
     if fields[0] in ("Z", "X"):
         return Usage(cpu, 0.0, exited=True)
     active, runnable = 0, False
