@@ -99,6 +99,41 @@ def test_the_identification_component_names_the_ensemble_bundle_for_the_entrypoi
     assert all(f'"${{{e["name"]}:' in entrypoint for e in added)
 
 
+def qos_class(pod: dict[str, Any]) -> str:
+    """The QoS class the kubelet gives a pod, by Kubernetes' rules: Guaranteed when every container (init ones too)
+    sets CPU and memory limits and its requests equal them (a request left out is the limit), BestEffort when none
+    sets either, else Burstable. The kubelet sets the containers' oom_score_adj by it."""
+    containers = [*pod.get("initContainers", []), *pod["containers"]]
+    resources = [c.get("resources", {}) for c in containers]
+    if not any(r.get(k, {}).get(m) for r in resources for k in ("requests", "limits") for m in ("cpu", "memory")):
+        return "BestEffort"
+    for r in resources:
+        limits, requests = r.get("limits", {}), r.get("requests", {})
+        if any(m not in limits or str(requests.get(m, limits[m])) != str(limits[m]) for m in ("cpu", "memory")):
+            return "Burstable"
+    return "Guaranteed"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_guaranteed_component_makes_the_pod_guaranteed_at_the_same_limits(overlay: str, tmp_path: Path) -> None:
+    """Each overlay is Burstable as shipped (no CPU limit, a memory request under the limit), and the kubelet then
+    gives the server a score at which it, not a video decoder, is killed at the memory limit (README, *Whom the
+    kernel kills*). The opt-in component makes it Guaranteed (-997) without changing its memory limit or the CPUs it
+    asks for; every resource still validates."""
+    (plain,) = by_kind(render(overlay), "Deployment")["spec"]["template"]["spec"]["containers"]
+    docs = with_component(overlay, "guaranteed", tmp_path)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    assert qos_class(by_kind(render(overlay), "Deployment")["spec"]["template"]["spec"]) == "Burstable"
+    assert qos_class(pod) == "Guaranteed"
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["memory"] == plain["resources"]["limits"]["memory"]
+    assert container["resources"]["limits"]["cpu"] == plain["resources"]["requests"]["cpu"]
+    assert {k: v for k, v in container.items() if k != "resources"} == {k: v for k, v in plain.items()
+                                                                         if k != "resources"}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_tls_component_serves_its_certificate_and_probes_the_health_port(overlay: str, tmp_path: Path) -> None:
     """The opt-in component: a cert-manager Certificate whose Secret is mounted as a folder and named to the
