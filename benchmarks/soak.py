@@ -27,7 +27,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,10 +292,11 @@ def inputs(a: argparse.Namespace, work_name: str) -> tuple[list[Path], Path]:
     return paths, work
 
 
-def settings(work: Path, token: str, limited: str, rate_per_s: float) -> Path:
+def settings(work: Path, token: str, limited: str, rate_per_s: float, server: Sequence[str] = ()) -> Path:
+    """The server's settings file; ``server``: more ``[server]`` lines (``key = value``, as TOML)."""
     config = work / "soak.toml"
     config.write_text(
-        f'[server]\ngallery_path = "{work / "gallery.sqlite"}"\n'
+        f'[server]\ngallery_path = "{work / "gallery.sqlite"}"\n' + "".join(f"{line}\n" for line in server) +
         f'[audit]\npath = "{work / "audit.jsonl"}"\nmax_bytes = 4194304\nbackups = 2\n'
         f'[[auth.callers]]\nname = "soak"\nscopes = ["liveness", "identify", "enrol", "operator"]\n'
         f'token_hashes = ["{hash_token(token)}"]\n'

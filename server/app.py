@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from engines.identify.ensemble import find_ensemble
 from engines.repository import ModelRepository
 from engines.specs import DETECTOR, LIVENESS_SPECS
+from engines.vision.oom_score import own_score
 from facegate.v1 import (
     common_pb2,
     identification_pb2,
@@ -37,7 +38,7 @@ from server.auth.reload import CredentialReloader
 from server.config import ServerConfig
 from server.gallery.store import GalleryStore
 from server.health_port import HealthPort
-from server.memory_limit import describe, own_memory_group, own_oom_score_adj
+from server.memory_limit import describe, own_memory_group
 from server.metrics import Metrics, MetricsInterceptor
 from server.model_registry import ModelRegistry
 from server.pipelines.identification import ClipPipeline
@@ -188,7 +189,7 @@ class FacegateServer:
             except OSError as exc:  # serving matters more than its metrics
                 log.error("metrics endpoint %s:%d not started: %s", self.config.metrics_host,
                           self.config.metrics_port, exc)
-        log.info("%s", describe(own_memory_group(), own_oom_score_adj()))
+        log.info("%s", describe(own_memory_group(), own_score()))
         auth = self.config.auth
         log.info("listening on %s:%d (%s; authentication %s; %s)", self.config.host,
                  self.port, "mutual TLS" if auth.client_ca else "TLS" if self.config.tls_cert else "plaintext",

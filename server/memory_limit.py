@@ -15,7 +15,7 @@ Linux): the limit's family is exported without a sample. Read at scrape time, a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,24 +86,20 @@ class MemoryGroup:
         (``oom_score_adj``) does not spare the server: the whole container restarts."""
         if self.version != 2:
             return False  # (v1 kills one process, the one with the highest score)
-        directory = self.path
-        while True:
-            if _number(self._read("memory.oom.group", directory)) == 1:
-                return True
-            if directory == self.root or directory.parent == directory:
-                return False
-            directory = directory.parent
+        return any(_number(self._read("memory.oom.group", d)) == 1 for d in self._upwards())
 
     def limit(self) -> int | None:
         """The smallest memory limit set on this group or a group above it, in bytes; None when none is."""
-        smallest: int | None = None
+        values = (_number(self._read(self.limit_file, d)) for d in self._upwards())  # (v2's "max": None, no limit)
+        return min((v for v in values if v is not None and v < _UNLIMITED_V1), default=None)
+
+    def _upwards(self) -> Iterator[Path]:
+        """This group's directory, then each above it up to the hierarchy's mount point."""
         directory = self.path
         while True:
-            value = _number(self._read(self.limit_file, directory))  # (v2's "max" reads as None: no limit)
-            if value is not None and value < _UNLIMITED_V1:
-                smallest = value if smallest is None else min(smallest, value)
+            yield directory
             if directory == self.root or directory.parent == directory:
-                return smallest
+                return
             directory = directory.parent
 
 
@@ -148,15 +144,6 @@ def own_memory_group() -> MemoryGroup | None:
     try:
         return memory_group(Path("/proc/self/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
     except OSError:
-        return None
-
-
-def own_oom_score_adj() -> int | None:
-    """This process's ``oom_score_adj`` (-1000 to 1000; the kubelet sets -997 for a Guaranteed pod, 1000 for a
-    BestEffort one, and between for a Burstable one); None where there is none (not Linux)."""
-    try:
-        return int(Path("/proc/self/oom_score_adj").read_text())
-    except (OSError, ValueError):
         return None
 
 

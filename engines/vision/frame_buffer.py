@@ -137,8 +137,7 @@ class FrameWriter:
 
     def __init__(self, shared: SharedFd) -> None:
         self.shared = shared
-        self._fd = shared.fd
-        self.size = os.fstat(self._fd).st_size
+        self.size = os.fstat(shared.fd).st_size
 
     def write(self, index: int, frame: np.ndarray) -> bool:
         """``frame`` written as the ``index``-th of its size, or False if it does not fit."""
@@ -147,6 +146,6 @@ class FrameWriter:
         if at + len(pixels) > self.size:
             return False
         while pixels:
-            done = os.pwrite(self._fd, pixels, at)
+            done = os.pwrite(self.shared.fd, pixels, at)
             pixels, at = pixels[done:], at + done
         return True

@@ -16,7 +16,19 @@ from pathlib import Path
 FIRST = 1000
 
 
+_OWN = Path("/proc/self/oom_score_adj")
+
+
+def own_score() -> int | None:
+    """This process's score (-1000 to 1000; the kubelet sets -997 for a Guaranteed pod, 1000 for a BestEffort one,
+    and between for a Burstable one); None where there is none (not Linux)."""
+    try:
+        return int(_OWN.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def volunteer() -> None:
     """Make this process the kernel's first choice (only ever upwards: no privilege needed)."""
     with contextlib.suppress(OSError):  # (not Linux, or a sandbox without /proc: the kernel's own choice holds)
-        Path("/proc/self/oom_score_adj").write_text(str(FIRST))
+        _OWN.write_text(str(FIRST))

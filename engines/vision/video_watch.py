@@ -173,8 +173,8 @@ class Watch:
         self._kill()
 
     def error(self, where: str) -> FacegateError | None:
-        """What the caller is told, if this watch stopped the worker (counted in ``STOPS``: call it once, when the
-        stop ended the read)."""
+        """What the caller is told, if this watch stopped the worker or ``killed`` said why it died (counted in
+        ``STOPS``: call it once, when the stop ended the read)."""
         if self.stopped is not None:
             STOPS.add(self.stopped)
         if self.stopped is Stop.CPU:
@@ -184,6 +184,8 @@ class Watch:
         if self.stopped is Stop.BUSY:  # (a second, not the default 100 ms: the decode waited the whole limit)
             return ResourceExhaustedError(f"{where}: the server was too busy to decode it within {self.wall_s:g} s",
                                           retry_after_s=1.0)
+        if self.stopped is Stop.MEMORY:
+            return ResourceExhaustedError(f"{where}: the server ran short of memory to decode it", retry_after_s=1.0)
         return None
 
     def killed(self, where: str) -> FacegateError:
@@ -191,8 +193,7 @@ class Watch:
         ``STOPS``). Under its CPU limit, that is the kernel's out-of-memory killer, and the video may decode once
         memory is free again: RESOURCE_EXHAUSTED, not the INVALID_ARGUMENT of a video that broke its decoder.
         (The kernel's own CPU limit, a second over the watch's, kills with SIGKILL too, in case the watch lagged.)"""
-        if self.seen is not None and self.seen.cpu_s >= self.cpu_s:
-            STOPS.add(Stop.CPU)
-            return InvalidArgumentError(FieldViolation(where, f"took more than {self.cpu_s:g} s of CPU to decode"))
-        STOPS.add(Stop.MEMORY)
-        return ResourceExhaustedError(f"{where}: the server ran short of memory to decode it", retry_after_s=1.0)
+        self.stopped = Stop.CPU if self.seen is not None and self.seen.cpu_s >= self.cpu_s else Stop.MEMORY
+        error = self.error(where)
+        assert error is not None  # (every stop has its answer)
+        return error
