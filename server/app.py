@@ -38,6 +38,8 @@ from server.auth.reload import CredentialReloader
 from server.config import ServerConfig
 from server.gallery.store import GalleryStore
 from server.health_port import HealthPort
+from server.memory_budgets import Budgets, budget_floors, fit, resident_bytes
+from server.memory_budgets import describe as describe_budgets
 from server.memory_limit import describe, own_memory_group
 from server.metrics import Metrics, MetricsInterceptor
 from server.model_registry import ModelRegistry
@@ -210,6 +212,7 @@ class FacegateServer:
             self.config.liveness, self.cpu_pool, pixels=self.pixels, gate=self.gates["liveness"],
         )
         await self._load_identification()
+        self._fit_memory_budgets()
         # The runtimes' own thread pools exist now (made while loading): they compute, so they yield to the loop.
         lowered = lower_compute_threads(self.config.compute_nice, keep={threading.get_native_id()})
         log.info("%d compute threads at nice %d (the event loop, grpc.aio's poller and gRPC I/O at 0)", lowered,
@@ -219,6 +222,20 @@ class FacegateServer:
             if service != IDENTIFICATION_SERVICE or self.identification is not None:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("models warm; SERVING")
+
+    def _fit_memory_budgets(self) -> None:
+        """Once warm (what the models hold is known), the memory budgets sized to the memory limit."""
+        budgets = (self.pixels, self.request_bytes, self.infer_bytes)
+        settings = Budgets(*(b.capacity for b in budgets))
+        group = own_memory_group()
+        limit = group.limit() if group is not None and self.config.fit_memory_budgets else None
+        held, workers = resident_bytes(), max(1, self.config.workers)
+        fitted = fit(settings, budget_floors(self.config), limit, held, workers)
+        for budget, size in zip(budgets, (fitted.budgets.pixels, fitted.budgets.request_bytes,
+                                          fitted.budgets.infer_bytes), strict=True):
+            budget.capacity = size
+        line = describe_budgets(fitted, limit, held, workers, off=not self.config.fit_memory_budgets)
+        (log.warning if fitted.at_floor else log.info)("%s", line)
 
     async def _load_identification(self) -> None:
         ensemble = find_ensemble(self.config.model_repository, self.config.identification_ensemble)

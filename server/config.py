@@ -75,6 +75,11 @@ class ServerConfig:
     inputs (640x640) took about 37 MB an input, and 16 callers of its largest requests took the server to 77 % of
     the Deployment's memory limit with only the request bytes to hold them (benchmarks/README.md, *Memory at the
     limits*). 64 MiB is 13 such inputs, or 838 of a liveness model's."""
+    fit_memory_budgets: bool = True
+    """Lower the three max_inflight_* budgets at start, once the models are warm, so that the worst load measured
+    stays 10 % under the memory limit the server's control group runs under (server/memory_budgets.py): never above
+    their settings, never below one largest request. The start-up log and facegate_budget_capacity say what they
+    became. Default budgets under the Deployment's 4 GiB are not changed. False keeps them as set."""
     max_queue_wait_s: float = 0.5
     """Longest a liveness or identification call is expected to take (calls in flight over the measured
     completion rate) before new calls are refused at once with RESOURCE_EXHAUSTED and RetryInfo: overload is

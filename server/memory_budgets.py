@@ -1,0 +1,120 @@
+"""The three memory budgets (decoded pixels, request bytes, ModelInfer input bytes) lowered at start, once the
+models are warm, to fit the memory limit the server runs under.
+
+The defaults were sized for the Deployment's 4 GiB: the worst load ``make bench-memory`` makes (clients each
+sending the largest requests the limits let through, retrying at once) took one worker to a working set of 2,643
+MiB. Under a smaller limit the same budgets let that load reach it, and the kernel killed the server with every call
+in it (2,304 MiB: 4 runs of 4, benchmarks/README.md, *Under a smaller limit than the budgets were sized for*); a
+memory-share gate at admission came too late (a phase crossed from 90 % to the limit within one 50 ms reading).
+What held was budgets sized to the limit. So the server sizes them itself, by a line over four runs of that
+benchmark on one worker (Zen 5 EPYC, 2026-12-07): its slope from the two held to 4 GiB at the default budgets and
+at half, its height from the run that grew most beyond it:
+
+    peak working set = workers x held when warm + GROWTH_BYTES + BUDGET_COST x what the budgets admit (bytes)
+
+``held when warm`` is a worker's resident memory once its models are loaded and warmed (932-949 MiB in those
+runs); GROWTH_BYTES what the set grew beyond that and its budgets under the load (runtimes' arenas, the allocator's
+free heap, decoders, page cache); BUDGET_COST the bytes the group gained per byte the budgets admit (a decoded
+pixel is 3 bytes). Each run's peak is under the line, by 9 to 85 MiB for one worker given 0.5 to 1.0 of the
+budgets, by 226-278 MiB under a tight limit, where the kernel reclaims file pages (2,304 MiB, 0.37 of the
+budgets: 1,870 MiB), and by 133 MiB for two workers at 4 GiB, each with half the budgets (3,528 MiB; the load is
+split between them, not doubled).
+
+The budgets are scaled by one factor to keep HEADROOM of the limit free, never raised above their settings, and
+never below one largest request (the settings' own floors), so every request the limits accept can still be
+served; where a floor holds a budget above its fitted size, the start-up log warns with the estimate.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.config import ServerConfig
+
+MIB = 2**20
+GROWTH_BYTES = 740 * MIB
+"""The most a run grew beyond what its worker held when warm and BUDGET_COST x its budgets: 2,375 MiB at 2,560 MiB
+with 0.69 of the budgets (712 MiB admitted), less 932 MiB held; rounded up. (The default-budget run: 659 MiB.)"""
+BUDGET_COST = 1.0
+"""Halving the budgets (1,035 -> 518 MiB admitted) took the peak from 2,643 to 2,121 MiB: 522 MiB for 518."""
+HEADROOM = 0.10
+"""Of the limit, kept free: the page cache, a scrape, and what two runs could not show."""
+BYTES_PER_PIXEL = 3
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """One worker's three memory budgets."""
+
+    pixels: int
+    request_bytes: int
+    infer_bytes: int
+
+    def admitted_bytes(self) -> int:
+        return self.pixels * BYTES_PER_PIXEL + self.request_bytes + self.infer_bytes
+
+
+@dataclass(frozen=True)
+class Fit:
+    budgets: Budgets
+    scale: float  # of the settings; 1.0 where they fit as set
+    at_floor: bool  # a budget is held at one largest request, above its fitted size: the estimate is over the aim
+    peak_bytes: int  # the estimate of the worst load's working set with these budgets
+
+
+def fit(settings: Budgets, floors: Budgets, limit: int | None, held: int, workers: int = 1) -> Fit:
+    """``settings`` (one worker's share) scaled to fit ``limit`` for ``workers`` such workers each holding
+    ``held`` bytes when warm; unchanged where there is no limit or they fit."""
+    n = max(1, workers)
+
+    def peak(budgets: Budgets) -> int:
+        return n * held + GROWTH_BYTES + round(BUDGET_COST * n * budgets.admitted_bytes())
+
+    if limit is None:
+        return Fit(settings, 1.0, False, peak(settings))
+    room = (limit * (1 - HEADROOM) - n * held - GROWTH_BYTES) / n  # (for one worker's share)
+    scale = min(1.0, max(0.0, room / (BUDGET_COST * settings.admitted_bytes())))
+    scaled = Budgets(*(max(floor, int(value * scale)) for value, floor in (
+        (settings.pixels, floors.pixels), (settings.request_bytes, floors.request_bytes),
+        (settings.infer_bytes, floors.infer_bytes))))
+    # (a budget already at its floor as set, as a worker's share can be, is not held there by the fit)
+    at_floor = scale < 1.0 and any(
+        new == floor and int(old * scale) < floor
+        for new, old, floor in zip((scaled.pixels, scaled.request_bytes, scaled.infer_bytes),
+                                   (settings.pixels, settings.request_bytes, settings.infer_bytes),
+                                   (floors.pixels, floors.request_bytes, floors.infer_bytes), strict=True))
+    return Fit(scaled, scale, at_floor, peak(scaled))
+
+
+def budget_floors(config: ServerConfig) -> Budgets:
+    """The least each budget may be: what one largest request the limits accept needs."""
+    return Budgets(config.clip_limits.max_request_pixels, config.max_message_bytes, config.max_message_bytes)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (0 where /proc cannot say)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def describe(result: Fit, limit: int | None, held: int, workers: int, off: bool = False) -> str:
+    """The start-up log's line on the budgets: what they are, and why."""
+    sizes = (f"decoded pixels {result.budgets.pixels:,}, request bytes {result.budgets.request_bytes:,}, "
+             f"ModelInfer input bytes {result.budgets.infer_bytes:,}")
+    if limit is None:
+        return f"memory budgets as set ({sizes}): {'fit_memory_budgets is off' if off else 'no memory limit to fit'}"
+    workers_text = f" x {workers} workers" if workers > 1 else ""
+    estimate = (f"the worst load measured would reach about {result.peak_bytes / MIB:,.0f} MiB "
+                f"({result.peak_bytes / limit:.0%}) of the {limit / MIB:,.0f} MiB limit (held when warm: "
+                f"{held / MIB:,.0f} MiB{workers_text})")
+    if result.scale >= 1.0:
+        return f"memory budgets as set ({sizes}): {estimate}"
+    lowered = f"memory budgets lowered to {result.scale:.2f} of their settings ({sizes}) to fit the limit: {estimate}"
+    if result.at_floor:
+        return (f"{lowered}, over the {1 - HEADROOM:.0%} aimed for: a budget is held at one largest request. Give "
+                f"the server more memory, or lower identification.max_request_pixels and max_message_bytes")
+    return lowered
