@@ -53,6 +53,10 @@ def test_a_short_run_serves_or_refuses_every_largest_request(repository_dir: Pat
     assert set(r["phases"][4]["statuses"]) == {"normal OK"}
     assert r["phases"][2]["processes"] >= 2  # the video workers were counted
     assert all(r["base_pss_mib"] < p["peak_pss_mib"] < r["deployment_limit_mib"] for p in r["phases"]), r
+    # Under the Deployment's limit (or none) the server keeps its memory budgets as set (server/memory_budgets.py),
+    # and the report says what they were and what the server held when warm, which their fit starts from.
+    assert r["budgets"] == {"decoded_pixels": 250_000_000, "request_bytes": 256 << 20, "infer_input_bytes": 64 << 20}
+    assert 300 < r["resident_mib_at_start"] < r["deployment_limit_mib"] / 2
     group = r["memory_group"]
     if group is not None:  # (run in a control group held to the Deployment's limit where one could be made)
         # The server found the limit of the group it was started in, and nothing in it was killed for memory.
