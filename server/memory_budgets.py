@@ -4,9 +4,9 @@ models are warm, to fit the memory limit the server runs under.
 The defaults were sized for the Deployment's 4 GiB: the worst load ``make bench-memory`` makes (clients each
 sending the largest requests the limits let through, retrying at once) took one worker to a working set of 2,643
 MiB. Under a smaller limit the same budgets let that load reach it, and the kernel killed the server with every call
-in it (2,304 MiB: 4 runs of 4, benchmarks/README.md, *Under a smaller limit than the budgets were sized for*); a
+in it (2,304 MiB: 5 runs of 5, benchmarks/README.md, *Under a smaller limit than the budgets were sized for*); a
 memory-share gate at admission came too late (a phase crossed from 90 % to the limit within one 50 ms reading).
-What held was budgets sized to the limit. So the server sizes them itself, by a line over four runs of that
+What held was budgets sized to the limit. So the server sizes them itself, by a line drawn from runs of that
 benchmark on one worker (Zen 5 EPYC, 2026-12-07): its slope from the two held to 4 GiB at the default budgets and
 at half, its height from the run that grew most beyond it:
 
@@ -28,7 +28,7 @@ served; where a floor holds a budget above its fitted size, the start-up log war
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from server.config import ServerConfig
@@ -40,7 +40,7 @@ with 0.69 of the budgets (712 MiB admitted), less 932 MiB held; rounded up. (The
 BUDGET_COST = 1.0
 """Halving the budgets (1,035 -> 518 MiB admitted) took the peak from 2,643 to 2,121 MiB: 522 MiB for 518."""
 HEADROOM = 0.10
-"""Of the limit, kept free: the page cache, a scrape, and what two runs could not show."""
+"""Of the limit, kept free: the page cache, a scrape, and what the runs could not show."""
 BYTES_PER_PIXEL = 3
 
 
@@ -76,15 +76,11 @@ def fit(settings: Budgets, floors: Budgets, limit: int | None, held: int, worker
         return Fit(settings, 1.0, False, peak(settings))
     room = (limit * (1 - HEADROOM) - n * held - GROWTH_BYTES) / n  # (for one worker's share)
     scale = min(1.0, max(0.0, room / (BUDGET_COST * settings.admitted_bytes())))
-    scaled = Budgets(*(max(floor, int(value * scale)) for value, floor in (
-        (settings.pixels, floors.pixels), (settings.request_bytes, floors.request_bytes),
-        (settings.infer_bytes, floors.infer_bytes))))
-    # (a budget already at its floor as set, as a worker's share can be, is not held there by the fit)
-    at_floor = scale < 1.0 and any(
-        new == floor and int(old * scale) < floor
-        for new, old, floor in zip((scaled.pixels, scaled.request_bytes, scaled.infer_bytes),
-                                   (settings.pixels, settings.request_bytes, settings.infer_bytes),
-                                   (floors.pixels, floors.request_bytes, floors.infer_bytes), strict=True))
+    pairs = list(zip(astuple(settings), astuple(floors), strict=True))
+    scaled = Budgets(*(max(floor, int(value * scale)) for value, floor in pairs))
+    # A floor above a budget's fitted size (also one a worker's share was already held at) keeps the estimate over
+    # the aim: the log warns.
+    at_floor = any(int(value * scale) < floor for value, floor in pairs)
     return Fit(scaled, scale, at_floor, peak(scaled))
 
 

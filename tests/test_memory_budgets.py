@@ -79,6 +79,8 @@ def test_no_budget_goes_below_one_largest_request_and_the_log_warns_when_one_is_
         "(94%) of the 2,304 MiB limit (held when warm: 949 MiB), over the 90% aimed for: a budget is held at one "
         "largest request. Give the server more memory, or lower identification.max_request_pixels and "
         "max_message_bytes")
+    # A budget set at its floor already (as a worker's share can be) is held there too, and warned of.
+    assert fit(Budgets(FLOORS.pixels, 64 * MIB, FLOORS.infer_bytes), FLOORS, limit, WARM).at_floor
     nothing = fit(SETTINGS, FLOORS, 512 * MIB, WARM)  # (less than the models: every budget at its floor)
     assert (nothing.scale, nothing.budgets) == (0.0, FLOORS)
 
