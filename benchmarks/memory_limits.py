@@ -299,11 +299,12 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_metrics(port)
         time.sleep(2)
         base = tree_pss(proc.pid)[0] / 2**20
-        reported = {s.name: s.value for s in metric_samples(metrics_port, {"facegate_memory_limit_bytes",
-                                                                            "process_resident_memory_bytes"})}
+        scraped = metric_samples(metrics_port, {"facegate_memory_limit_bytes", "process_resident_memory_bytes",
+                                                "facegate_budget_capacity"})
+        reported = {s.name: s.value for s in scraped if not s.labels}
         # The memory budgets the server (worker 0) runs with: their settings, or lowered to fit the limit.
-        budgets = {s.labels["budget"]: int(s.value) for s in metric_samples(metrics_port, {"facegate_budget_capacity"})
-                   if s.labels["budget"] in ("decoded_pixels", "request_bytes", "infer_input_bytes")}
+        budgets = {s.labels["budget"]: int(s.value) for s in scraped if s.name == "facegate_budget_capacity"
+                   and s.labels["budget"] in ("decoded_pixels", "request_bytes", "infer_input_bytes")}
         sampler = Sampler(proc.pid, group)
         try:
             phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration, ports, group,

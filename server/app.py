@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple
 from functools import partial
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class FacegateServer:
         self._versions: list[common_pb2.ModelVersion] = []
         self._identify_versions: list[common_pb2.ModelVersion] = []
         self.audit = AuditLog(config.audit)
+        self.memory_group = own_memory_group()  # (for the start-up log and the budgets' fit to its limit)
         self.request_bytes = Budget("in-flight request bytes", config.max_inflight_request_bytes, "bytes")
         self.pixels = Budget("decoded pixels", config.max_inflight_pixels, "pixels")
         self.infer_bytes = Budget("ModelInfer input bytes", config.max_inflight_infer_bytes, "bytes")
@@ -191,7 +193,7 @@ class FacegateServer:
             except OSError as exc:  # serving matters more than its metrics
                 log.error("metrics endpoint %s:%d not started: %s", self.config.metrics_host,
                           self.config.metrics_port, exc)
-        log.info("%s", describe(own_memory_group(), own_score()))
+        log.info("%s", describe(self.memory_group, own_score()))
         auth = self.config.auth
         log.info("listening on %s:%d (%s; authentication %s; %s)", self.config.host,
                  self.port, "mutual TLS" if auth.client_ca else "TLS" if self.config.tls_cert else "plaintext",
@@ -225,14 +227,12 @@ class FacegateServer:
 
     def _fit_memory_budgets(self) -> None:
         """Once warm (what the models hold is known), the memory budgets sized to the memory limit."""
-        budgets = (self.pixels, self.request_bytes, self.infer_bytes)
-        settings = Budgets(*(b.capacity for b in budgets))
-        group = own_memory_group()
+        budgets = (self.pixels, self.request_bytes, self.infer_bytes)  # (in the order of Budgets' fields)
+        group = self.memory_group
         limit = group.limit() if group is not None and self.config.fit_memory_budgets else None
         held, workers = resident_bytes(), max(1, self.config.workers)
-        fitted = fit(settings, budget_floors(self.config), limit, held, workers)
-        for budget, size in zip(budgets, (fitted.budgets.pixels, fitted.budgets.request_bytes,
-                                          fitted.budgets.infer_bytes), strict=True):
+        fitted = fit(Budgets(*(b.capacity for b in budgets)), budget_floors(self.config), limit, held, workers)
+        for budget, size in zip(budgets, astuple(fitted.budgets), strict=True):
             budget.capacity = size
         line = describe_budgets(fitted, limit, held, workers, off=not self.config.fit_memory_budgets)
         (log.warning if fitted.at_floor else log.info)("%s", line)

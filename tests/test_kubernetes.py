@@ -120,12 +120,13 @@ def test_the_guaranteed_component_makes_the_pod_guaranteed_at_the_same_limits(ov
     gives the server a score at which it, not a video decoder, is killed at the memory limit (README, *Whom the
     kernel kills*). The opt-in component makes it Guaranteed (-997) without changing its memory limit or the CPUs it
     asks for; every resource still validates."""
-    (plain,) = by_kind(render(overlay), "Deployment")["spec"]["template"]["spec"]["containers"]
+    shipped = by_kind(render(overlay), "Deployment")["spec"]["template"]["spec"]
+    (plain,) = shipped["containers"]
     docs = with_component(overlay, "guaranteed", tmp_path)
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
-    assert qos_class(by_kind(render(overlay), "Deployment")["spec"]["template"]["spec"]) == "Burstable"
+    assert qos_class(shipped) == "Burstable"
     assert qos_class(pod) == "Guaranteed"
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["memory"] == plain["resources"]["limits"]["memory"]
