@@ -58,6 +58,20 @@ def _parent() -> tuple[Path, int] | None:
     return group.root, group.version
 
 
+def set_limit(group: MemoryGroup, limit_bytes: int) -> None:
+    """Holds ``group`` to ``limit_bytes``, as at its making or as an in-place resize does to a running pod's."""
+    limit = group.path / group.limit_file
+    # No swap beyond it, as in a pod: past the limit the kernel kills, rather than swapping out. (v1's memory and
+    # swap limit may never be under its memory limit: raised first when the limit rises, lowered after it falls.)
+    swap = group.path / ("memory.swap.max" if group.version == 2 else "memory.memsw.limit_in_bytes")
+    rising = group.version == 1 and int(limit.read_text()) < limit_bytes  # (v1 writes a number even for none)
+    if swap.exists() and rising:
+        swap.write_text(str(limit_bytes))
+    limit.write_text(str(limit_bytes))
+    if swap.exists() and not rising:
+        swap.write_text("0" if group.version == 2 else str(limit_bytes))
+
+
 @contextmanager
 def limited_group(limit_bytes: int, name: str = "facegate-bench") -> Iterator[MemoryGroup | None]:
     """A new group held to ``limit_bytes``, removed once its processes have ended; None where none can be made."""
@@ -75,11 +89,7 @@ def limited_group(limit_bytes: int, name: str = "facegate-bench") -> Iterator[Me
     try:
         try:
             made = MemoryGroup(path, version, root)
-            (path / made.limit_file).write_text(str(limit_bytes))
-            # No swap beyond it, as in a pod: past the limit the kernel kills, rather than swapping out.
-            swap = path / ("memory.swap.max" if version == 2 else "memory.memsw.limit_in_bytes")
-            if swap.exists():
-                swap.write_text("0" if version == 2 else str(limit_bytes))
+            set_limit(made, limit_bytes)
         except OSError:  # (a group made, but its limit refused: run without one rather than fail)
             yield None
         else:

@@ -222,6 +222,15 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
     return out
 
 
+def _at_start(port: int) -> tuple[dict[str, float], dict[str, int]]:
+    """One worker's unlabelled figures (its memory limit, resident memory) and its three memory budgets."""
+    scraped = metric_samples(port, {"facegate_memory_limit_bytes", "process_resident_memory_bytes",
+                                    "facegate_budget_capacity"})
+    budgets = {s.labels["budget"]: int(s.value) for s in scraped if s.name == "facegate_budget_capacity"
+               and s.labels["budget"] in ("decoded_pixels", "request_bytes", "infer_input_bytes")}
+    return {s.name: s.value for s in scraped if not s.labels}, budgets
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     limit = f"{r['deployment_limit']} ({r['deployment_limit_mib']:.0f} MiB)" if r["deployment_limit"] else "none"
@@ -233,9 +242,10 @@ def markdown(r: dict[str, Any]) -> str:
              f"({r.get('limit_from', 'Deployment')}): {limit}. Before the first phase: "
              f"**{r['base_pss_mib']:.0f} MiB** (PSS of the server and the processes under it). The phases run in "
              "this order in one server, so a phase's peak includes what the allocator kept from those before it. "
-             f"Its memory budgets{' (worker 0)' if r.get('workers', 1) > 1 else ''}: "
-             + (", ".join(f"{k} {v:,}" for k, v in r.get("budgets", {}).items()) or "not read")
-             + f"; worker 0's resident memory at the start: {r.get('resident_mib_at_start', 0):.0f} MiB.", "",
+             + " ".join(f"Worker {i}'s memory budgets: "
+                        + (", ".join(f"{k} {v:,}" for k, v in w["budgets"].items()) or "not read")
+                        + f"; its resident memory at the start: {w['resident_mib']:.0f} MiB."
+                        for i, w in enumerate(r.get("workers_at_start", []))), "",
              "", "*Stopped by*: the server's own count of what refused or stopped the calls: a budget without room "
              "(`facegate_budget_refused_total`), a pipeline shedding calls that would wait too long "
              "(`facegate_admission_shed_total`), or a video decode's limit (`facegate_video_decodes_stopped_total`: "
@@ -299,12 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_metrics(port)
         time.sleep(2)
         base = tree_pss(proc.pid)[0] / 2**20
-        scraped = metric_samples(metrics_port, {"facegate_memory_limit_bytes", "process_resident_memory_bytes",
-                                                "facegate_budget_capacity"})
-        reported = {s.name: s.value for s in scraped if not s.labels}
-        # The memory budgets the server (worker 0) runs with: their settings, or lowered to fit the limit.
-        budgets = {s.labels["budget"]: int(s.value) for s in scraped if s.name == "facegate_budget_capacity"
-                   and s.labels["budget"] in ("decoded_pixels", "request_bytes", "infer_input_bytes")}
+        # Each worker's memory budgets (their settings, or lowered to fit the limit: each fits its own, from what
+        # it holds when warm) and resident memory, warm: what server/memory_budgets.py's estimate starts from.
+        at_start = [_at_start(port) for port in ports]
+        reported = at_start[0][0]
         sampler = Sampler(proc.pid, group)
         try:
             phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration, ports, group,
@@ -314,9 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         held = {"version": group.version, "limit_mib": (group.limit() or 0) / 2**20,
                 "reported_limit_mib": reported.get("facegate_memory_limit_bytes", 0) / 2**20} if group else None
     result = {"machine": machine_info(), "duration_s": a.duration, "concurrency": a.concurrency, "workers": a.workers,
-              "base_pss_mib": base, "deployment_limit": limit, "settings": a.set, "budgets": budgets,
-              # (worker 0's, warm: what server/memory_budgets.py's estimate starts from)
-              "resident_mib_at_start": reported.get("process_resident_memory_bytes", 0) / 2**20,
+              "base_pss_mib": base, "deployment_limit": limit, "settings": a.set, "budgets": at_start[0][1],
+              "resident_mib_at_start": reported.get("process_resident_memory_bytes", 0) / 2**20,  # (worker 0's)
+              "workers_at_start": [{"budgets": budgets, "resident_mib": scraped.get("process_resident_memory_bytes",
+                                                                                    0) / 2**20}
+                                   for scraped, budgets in at_start],
               "limit_from": "--limit" if a.limit else "Deployment",
               "deployment_limit_mib": mebibytes(limit) if limit else None, "memory_group": held, "phases": phases,
               "inputs_bytes": {k: len(v) if isinstance(v, bytes) else sum(map(len, v)) for k, v in m.items()}}

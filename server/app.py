@@ -8,7 +8,6 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple
 from functools import partial
 from pathlib import Path
 
@@ -39,8 +38,7 @@ from server.auth.reload import CredentialReloader
 from server.config import ServerConfig
 from server.gallery.store import GalleryStore
 from server.health_port import HealthPort
-from server.memory_budgets import Budgets, budget_floors, fit, resident_bytes
-from server.memory_budgets import describe as describe_budgets
+from server.memory_budgets import BudgetFit, budget_floors
 from server.memory_limit import describe, own_memory_group
 from server.metrics import Metrics, MetricsInterceptor
 from server.model_registry import ModelRegistry
@@ -93,6 +91,9 @@ class FacegateServer:
         self.request_bytes = Budget("in-flight request bytes", config.max_inflight_request_bytes, "bytes")
         self.pixels = Budget("decoded pixels", config.max_inflight_pixels, "pixels")
         self.infer_bytes = Budget("ModelInfer input bytes", config.max_inflight_infer_bytes, "bytes")
+        self.budget_fit = BudgetFit((self.pixels, self.request_bytes, self.infer_bytes), budget_floors(config),
+                                    self.memory_group, config.fit_memory_budgets, config.workers)
+        self._limit_task: asyncio.Task[None] | None = None
         # Threads that wait on video decodes in worker processes: compute work at the compute threads' priority, not
         # placed on one CPU, and never the CPU pool's threads (waiting there stalled every other call's decoding).
         # A worker process takes its CPUs and nice value from its waiting thread.
@@ -214,7 +215,10 @@ class FacegateServer:
             self.config.liveness, self.cpu_pool, pixels=self.pixels, gate=self.gates["liveness"],
         )
         await self._load_identification()
-        self._fit_memory_budgets()
+        self.budget_fit.start()  # (once warm: what the models hold is known)
+        if self.config.memory_limit_check_s > 0 and self.memory_group is not None and self.config.fit_memory_budgets:
+            self._limit_task = asyncio.get_running_loop().create_task(
+                self.budget_fit.watch(self.config.memory_limit_check_s))
         # The runtimes' own thread pools exist now (made while loading): they compute, so they yield to the loop.
         lowered = lower_compute_threads(self.config.compute_nice, keep={threading.get_native_id()})
         log.info("%d compute threads at nice %d (the event loop, grpc.aio's poller and gRPC I/O at 0)", lowered,
@@ -224,18 +228,6 @@ class FacegateServer:
             if service != IDENTIFICATION_SERVICE or self.identification is not None:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("models warm; SERVING")
-
-    def _fit_memory_budgets(self) -> None:
-        """Once warm (what the models hold is known), the memory budgets sized to the memory limit."""
-        budgets = (self.pixels, self.request_bytes, self.infer_bytes)  # (in the order of Budgets' fields)
-        group = self.memory_group
-        limit = group.limit() if group is not None and self.config.fit_memory_budgets else None
-        held, workers = resident_bytes(), max(1, self.config.workers)
-        fitted = fit(Budgets(*(b.capacity for b in budgets)), budget_floors(self.config), limit, held, workers)
-        for budget, size in zip(budgets, astuple(fitted.budgets), strict=True):
-            budget.capacity = size
-        line = describe_budgets(fitted, limit, held, workers, off=not self.config.fit_memory_budgets)
-        (log.warning if fitted.at_floor else log.info)("%s", line)
 
     async def _load_identification(self) -> None:
         ensemble = find_ensemble(self.config.model_repository, self.config.identification_ensemble)
@@ -298,9 +290,10 @@ class FacegateServer:
         await self.registry.stop()
         if self.identification is not None:
             await self.identification.close()
-        if self._rates_task is not None:
-            self._rates_task.cancel()
-            await asyncio.gather(self._rates_task, return_exceptions=True)
+        for task in (self._rates_task, self._limit_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.rates is not None:
             await asyncio.get_running_loop().run_in_executor(self.db_pool, self.rates.close)
         self.db_pool.shutdown(wait=True)

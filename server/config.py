@@ -78,8 +78,12 @@ class ServerConfig:
     fit_memory_budgets: bool = True
     """Lower the three max_inflight_* budgets at start, once the models are warm, so that the worst load measured
     stays 10 % under the memory limit the server's control group runs under (server/memory_budgets.py): never above
-    their settings, never below one largest request. The start-up log and facegate_budget_capacity say what they
-    became. Default budgets under the Deployment's 4 GiB are not changed. False keeps them as set."""
+    their settings, never below one largest request; fitted again when the limit changes (memory_limit_check_s).
+    The log and facegate_budget_capacity say what they became. Default budgets under the Deployment's 4 GiB are not
+    changed. False keeps them as set."""
+    memory_limit_check_s: float = 5.0
+    """How often the server reads its group's memory limit again, to fit the budgets anew when it has changed (a
+    Kubernetes in-place resize changes it under a running container); 0 fits them once, at start."""
     max_queue_wait_s: float = 0.5
     """Longest a liveness or identification call is expected to take (calls in flight over the measured
     completion rate) before new calls are refused at once with RESOURCE_EXHAUSTED and RetryInfo: overload is
@@ -197,6 +201,9 @@ class ServerConfig:
                 f"loopback address, or pass --insecure-public if the network itself is trusted")
         if self.auth.client_ca is not None and self.tls_cert is None:
             raise ValueError(f"client_ca ({self.auth.client_ca}) needs tls_cert and tls_key: mutual TLS is TLS")
+        if self.memory_limit_check_s < 0:
+            raise ValueError(f"memory_limit_check_s must be >= 0 (0: fit the budgets once), got "
+                             f"{self.memory_limit_check_s}")
         if self.max_queue_wait_s <= 0 or self.admit_min_in_flight < 1:
             raise ValueError(f"max_queue_wait_s must be > 0 and admit_min_in_flight >= 1, got "
                              f"{self.max_queue_wait_s}, {self.admit_min_in_flight}")

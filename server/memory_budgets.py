@@ -1,5 +1,5 @@
 """The three memory budgets (decoded pixels, request bytes, ModelInfer input bytes) lowered at start, once the
-models are warm, to fit the memory limit the server runs under.
+models are warm, to fit the memory limit the server runs under, and fitted again whenever that limit changes.
 
 The defaults were sized for the Deployment's 4 GiB: the worst load ``make bench-memory`` makes (clients each
 sending the largest requests the limits let through, retrying at once) took one worker to a working set of 2,643
@@ -27,11 +27,18 @@ served; where a floor holds a budget above its fitted size, the start-up log war
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from server.admission import Budget
 from server.config import ServerConfig
+from server.memory_limit import MemoryGroup
+
+log = logging.getLogger(__name__)
 
 MIB = 2**20
 GROWTH_BYTES = 740 * MIB
@@ -114,3 +121,58 @@ def describe(result: Fit, limit: int | None, held: int, workers: int, off: bool 
         return (f"{lowered}, over the {1 - HEADROOM:.0%} aimed for: a budget is held at one largest request. Give "
                 f"the server more memory, or lower identification.max_request_pixels and max_message_bytes")
     return lowered
+
+
+class BudgetFit:
+    """The server's three memory budgets, fitted to its group's limit once the models are warm, and fitted again
+    whenever that limit changes while it serves (a Kubernetes in-place resize rewrites the group's limit under a
+    running container: budgets fitted to the old limit would let the worst load past a lowered one, or leave a
+    raised one unused). A refit starts from the settings and the resident memory measured when warm (what the
+    process holds later includes the growth the estimate adds), so a limit put back gives back the same budgets.
+    Lowering a budget below what calls in flight hold refuses new calls until they finish; none is cut short."""
+
+    def __init__(self, budgets: Sequence[Budget], floors: Budgets, group: MemoryGroup | None, enabled: bool,
+                 workers: int) -> None:
+        self._budgets = budgets  # (in the order of Budgets' fields)
+        self.settings = Budgets(*(b.capacity for b in budgets))
+        self._floors, self._group, self._enabled, self._workers = floors, group, enabled, max(1, workers)
+        self.held = 0
+        self.limit: int | None = None
+        self.refits = 0  # limit changes followed
+
+    def _read_limit(self) -> int | None:
+        return self._group.limit() if self._group is not None and self._enabled else None
+
+    def _apply(self, limit: int | None) -> Fit:
+        fitted = fit(self.settings, self._floors, limit, self.held, self._workers)
+        for budget, size in zip(self._budgets, astuple(fitted.budgets), strict=True):
+            budget.capacity = size
+        self.limit = limit
+        return fitted
+
+    def start(self, held: int | None = None) -> None:
+        """Once warm: what this process holds (``held``, where given), and the budgets fitted to the limit, logged."""
+        self.held = resident_bytes() if held is None else held
+        fitted = self._apply(self._read_limit())
+        line = describe(fitted, self.limit, self.held, self._workers, off=not self._enabled)
+        (log.warning if fitted.at_floor else log.info)("%s", line)
+
+    def follow(self) -> bool:
+        """Fits the budgets again if the limit is not the one they were fitted to; True if it changed."""
+        limit = self._read_limit()
+        if limit == self.limit:
+            return False
+        was = self.limit
+        fitted = self._apply(limit)
+        self.refits += 1
+        change = (f"memory limit now {limit / MIB:,.0f} MiB" if limit is not None else "no memory limit now") + (
+            f" (was {was / MIB:,.0f} MiB)" if was is not None else " (was none)")
+        line = describe(fitted, limit, self.held, self._workers)
+        (log.warning if fitted.at_floor else log.info)("%s; %s", change, line)
+        return True
+
+    async def watch(self, every_s: float) -> None:
+        """Reads the limit every ``every_s`` seconds (one small file) until cancelled."""
+        while True:
+            await asyncio.sleep(every_s)
+            self.follow()

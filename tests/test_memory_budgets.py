@@ -3,15 +3,21 @@ does under smaller limits, and a real server in a real group with a limit smalle
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.memory_group import limited_group
+from benchmarks.memory_group import limited_group, set_limit
 from benchmarks.server_process import facegate_process, free_port
+from engines.errors import ResourceExhaustedError
+from server.admission import Budget
 from server.config import ServerConfig
-from server.memory_budgets import Budgets, budget_floors, describe, fit
+from server.memory_budgets import BudgetFit, Budgets, budget_floors, describe, fit
+from server.memory_limit import MemoryGroup
 from tests.conftest import scrape
 
 MIB = 2**20
@@ -94,6 +100,91 @@ def test_budgets_are_never_raised_and_without_a_limit_they_stay_as_set() -> None
     assert describe(unlimited, None, WARM, 1, off=True).endswith("): fit_memory_budgets is off")
 
 
+UNLIMITED_V1 = "9223372036854771712"  # (what cgroup v1 writes for no limit)
+
+
+def _group(tmp_path: Path, limit: int | str) -> MemoryGroup:
+    """A cgroup v1 memory group's files, written as the kernel writes them."""
+    (tmp_path / "memory.limit_in_bytes").write_text(f"{limit}\n")
+    return MemoryGroup(tmp_path, 1, tmp_path)
+
+
+def _budgets() -> tuple[Budget, Budget, Budget]:
+    return (Budget("decoded pixels", SETTINGS.pixels, "pixels"),
+            Budget("in-flight request bytes", SETTINGS.request_bytes, "bytes"),
+            Budget("ModelInfer input bytes", SETTINGS.infer_bytes, "bytes"))
+
+
+def _sizes(budgets: tuple[Budget, ...]) -> Budgets:
+    return Budgets(*(b.capacity for b in budgets))
+
+
+def test_a_changed_limit_fits_the_budgets_again_from_their_settings(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """An in-place resize rewrites the group's limit under the running server: the budgets follow it down and
+    back up, each time from the settings and what the server held when warm, and the log says what changed."""
+    group, budgets = _group(tmp_path, 4096 * MIB), _budgets()
+    fitter = BudgetFit(budgets, FLOORS, group, True, 1)
+    fitter.start(WARM)
+    assert _sizes(budgets) == SETTINGS and not fitter.follow()  # (unchanged: nothing to do)
+    caplog.set_level(logging.INFO, logger="server.memory_budgets")
+    _group(tmp_path, 2560 * MIB)
+    lowered = fit(SETTINGS, FLOORS, 2560 * MIB, WARM)
+    assert fitter.follow() and _sizes(budgets) == lowered.budgets and lowered.scale < 1
+    assert (f"memory limit now 2,560 MiB (was 4,096 MiB); memory budgets lowered to {lowered.scale:.2f} of "
+            "their settings") in caplog.text
+    _group(tmp_path, UNLIMITED_V1)
+    assert fitter.follow() and _sizes(budgets) == SETTINGS
+    assert "no memory limit now (was 2,560 MiB); memory budgets as set (" in caplog.text
+    _group(tmp_path, 2560 * MIB)
+    assert fitter.follow() and _sizes(budgets) == lowered.budgets
+    assert "memory limit now 2,560 MiB (was none)" in caplog.text
+    assert fitter.refits == 3
+
+
+def test_calls_in_flight_over_a_lowered_budget_finish_and_new_ones_wait_for_room(tmp_path: Path) -> None:
+    group, budgets = _group(tmp_path, 4096 * MIB), _budgets()
+    fitter = BudgetFit(budgets, FLOORS, group, True, 1)
+    fitter.start(WARM)
+    request_bytes = budgets[1]
+    with request_bytes.hold(200 * MIB):
+        _group(tmp_path, 2304 * MIB)
+        assert fitter.follow() and request_bytes.capacity < 200 * MIB  # (the call in flight goes on)
+        with pytest.raises(ResourceExhaustedError, match="server busy"), request_bytes.hold(1):
+            pass
+    assert request_bytes.in_use == 0
+    with request_bytes.hold(16 * MIB):  # (one largest request fits the lowered budget)
+        pass
+
+
+def test_with_the_fit_off_a_changed_limit_changes_nothing(tmp_path: Path) -> None:
+    group, budgets = _group(tmp_path, 4096 * MIB), _budgets()
+    fitter = BudgetFit(budgets, FLOORS, group, False, 1)
+    fitter.start(WARM)
+    _group(tmp_path, 2304 * MIB)
+    assert not fitter.follow() and _sizes(budgets) == SETTINGS and fitter.refits == 0
+
+
+def test_the_watch_reads_the_limit_until_cancelled(tmp_path: Path) -> None:
+    group, budgets = _group(tmp_path, 4096 * MIB), _budgets()
+    fitter = BudgetFit(budgets, FLOORS, group, True, 1)
+    fitter.start(WARM)
+
+    async def resize() -> None:
+        task = asyncio.get_running_loop().create_task(fitter.watch(0.01))
+        _group(tmp_path, 2304 * MIB)
+        for _ in range(200):
+            if fitter.refits:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled()
+
+    asyncio.run(resize())
+    assert fitter.refits == 1 and _sizes(budgets).pixels == FLOORS.pixels
+
+
 def _capacities(port: int) -> dict[str, float]:
     return {dict(labels)["budget"]: value for (name, labels), value in scrape(port).items()
             if name == "facegate_budget_capacity"}
@@ -102,18 +193,26 @@ def _capacities(port: int) -> dict[str, float]:
 def test_a_server_in_a_smaller_group_lowers_its_budgets_and_says_so(repository_dir: Path, tmp_path: Path) -> None:
     """The real server, models and all, in a control group held to 2,304 MiB (as root; skipped elsewhere): once warm
     its memory budgets are lower than their settings, above one largest request, as facegate_budget_capacity and
-    the start-up log say; with ``fit_memory_budgets = false`` they stay as set."""
-    off = tmp_path / "off.toml"
+    the start-up log say. Its group's limit raised while it serves (an in-place resize), they go back to their
+    settings; lowered again, to what they were. With ``fit_memory_budgets = false`` they stay as set."""
+    follow, off = tmp_path / "follow.toml", tmp_path / "off.toml"
+    follow.write_text(f'[server]\nmemory_limit_check_s = 0.2\ngallery_path = "{tmp_path / "gallery.sqlite"}"\n')
     off.write_text(f'[server]\nfit_memory_budgets = false\ngallery_path = "{tmp_path / "gallery.sqlite"}"\n')
     found: list[tuple[dict[str, float], str]] = []
+    resized: list[dict[str, float]] = []
     with limited_group(2304 * MIB, "facegate-test") as group:
         if group is None:
             pytest.skip("no memory control group this process may make (cgroup v1 or v2, as root)")
-        for extra in ([], ["--config", str(off)]):
+        for config in (follow, off):
             port, log = free_port(), tmp_path / f"server{len(found)}.log"
-            with facegate_process(repository_dir, ["--metrics-port", str(port), "--log-level", "INFO", *extra], log,
-                                  group):
-                found.append((_capacities(port), log.read_text()))  # (fitted before SERVING, which it waits for)
+            with facegate_process(repository_dir, ["--metrics-port", str(port), "--log-level", "INFO", "--config",
+                                                   str(config)], log, group):
+                fitted = _capacities(port)  # (fitted before SERVING, which it waits for)
+                if config == follow:
+                    for limit, pixels in ((4096 * MIB, SETTINGS.pixels), (2304 * MIB, fitted["decoded_pixels"])):
+                        set_limit(group, limit)
+                        resized.append(_capacities_once(port, pixels))
+                found.append((fitted, log.read_text()))
     (sizes, text), (as_set, off_text) = found
     assert FLOORS.pixels <= sizes["decoded_pixels"] < SETTINGS.pixels
     assert FLOORS.request_bytes <= sizes["request_bytes"] < SETTINGS.request_bytes
@@ -123,6 +222,20 @@ def test_a_server_in_a_smaller_group_lowers_its_budgets_and_says_so(repository_d
     assert line is not None, text[-2000:]
     assert int(line[2].replace(",", "")) == sizes["decoded_pixels"]
     assert "the 2,304 MiB limit" in text
+    raised, lowered = resized
+    assert (raised["decoded_pixels"], raised["request_bytes"], raised["infer_input_bytes"]) == (
+        SETTINGS.pixels, SETTINGS.request_bytes, SETTINGS.infer_bytes)
+    assert lowered == sizes
+    assert "memory limit now 4,096 MiB (was 2,304 MiB); memory budgets as set (" in text
+    assert "memory limit now 2,304 MiB (was 4,096 MiB); memory budgets lowered to " in text
     assert (as_set["decoded_pixels"], as_set["request_bytes"], as_set["infer_input_bytes"]) == (
         SETTINGS.pixels, SETTINGS.request_bytes, SETTINGS.infer_bytes)
     assert "): fit_memory_budgets is off" in off_text
+
+
+def _capacities_once(port: int, pixels: float, within_s: float = 10.0) -> dict[str, float]:
+    """The budgets, once the pixel budget reads ``pixels`` (the server reads its limit every 0.2 s here)."""
+    deadline = time.monotonic() + within_s
+    while (sizes := _capacities(port))["decoded_pixels"] != pixels and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return sizes

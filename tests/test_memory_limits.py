@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,10 @@ def test_a_short_run_serves_or_refuses_every_largest_request(repository_dir: Pat
     # and the report says what they were and what the server held when warm, which their fit starts from.
     assert r["budgets"] == {"decoded_pixels": 250_000_000, "request_bytes": 256 << 20, "infer_input_bytes": 64 << 20}
     assert 300 < r["resident_mib_at_start"] < r["deployment_limit_mib"] / 2
+    assert [w["budgets"] for w in r["workers_at_start"]] == [r["budgets"]]  # (one a worker: --workers 1 here)
+    assert r["workers_at_start"][0]["resident_mib"] == r["resident_mib_at_start"]
+    assert re.search(r"Worker 0's memory budgets: [^;]*decoded_pixels 250,000,000",
+                     (tmp_path / "memory_limits.md").read_text())
     group = r["memory_group"]
     if group is not None:  # (run in a control group held to the Deployment's limit where one could be made)
         # The server found the limit of the group it was started in, and nothing in it was killed for memory.
