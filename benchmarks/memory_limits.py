@@ -41,7 +41,7 @@ import grpc
 import numpy as np
 
 from benchmarks.machine import machine_info, write_report
-from benchmarks.memory_group import deployment_limit, limited_group, mebibytes
+from benchmarks.memory_group import deployment_limit, limited_group, mebibytes, set_limit
 from benchmarks.server_process import descendants, facegate_process, free_port, metric_samples, wait_for_metrics
 from benchmarks.soak import add_inputs, clip_folders, inputs, settings
 from facegate.v1 import common_pb2, identification_pb2, identification_pb2_grpc, liveness_pb2, liveness_pb2_grpc
@@ -188,7 +188,7 @@ def _calls(channel: grpc.aio.Channel, m: dict[str, Any], md: tuple[tuple[str, st
 
 async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, concurrency: int,
               duration_s: float, metrics_ports: range, group: MemoryGroup | None,
-              phases: list[tuple[str, ...]]) -> list[dict[str, Any]]:
+              phases: list[tuple[str, ...]], resize: tuple[float, int] | None = None) -> list[dict[str, Any]]:
     md = (("authorization", f"Bearer {token}"),)
     # One channel, or with several workers one a client: the kernel spreads connections, not calls, over the
     # workers. (A pool of its own for each, or gRPC would share one connection among channels alike.)
@@ -202,6 +202,16 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
     rng = random.Random(14)
     calls = [_calls(channel, m, md, rng) for channel in channels]
     out = []
+    resizing = None
+    if resize is not None and group is not None:  # the group's limit changed under the serving server, as a
+        after_s, to = resize                       # Kubernetes in-place resize changes a running pod's
+
+        async def resized() -> None:
+            await asyncio.sleep(after_s)
+            set_limit(group, to)
+            print(f"[bench-memory] the group's limit set to {to / 2**20:.0f} MiB", file=sys.stderr)
+
+        resizing = asyncio.get_running_loop().create_task(resized())
     for kinds in phases:
         await asyncio.sleep(2)  # (what the last phase left in flight ends)
         sampler.reset()
@@ -212,17 +222,21 @@ async def run(address: str, token: str, m: dict[str, Any], sampler: Sampler, con
         stopped = +(refusals(metrics_ports) - before)  # (+: only what rose)
         out.append({"kinds": list(kinds), "peak_pss_mib": peak / 2**20, "processes": procs,
                     "statuses": dict(sorted(got.items())), "stopped_by": dict(sorted(stopped.items())),
+                    "budgets_at_end": _worker_figures(metrics_ports[0])[1],  # (worker 0's, as the phase ended)
                     **({"peak_working_set_mib": sampler.peak_working_set() / 2**20,
+                        "limit_mib_at_end": (group.limit() or 0) / 2**20,
                         "oom_kills": (group.oom_kills() or 0) - (kills or 0)} if group is not None else {})})
         print(f"[bench-memory] {'+'.join(kinds)}: peak {peak / 2**20:.0f} MiB (working set "
               f"{sampler.peak_working_set() / 2**20:.0f} MiB), {dict(got)}, stopped by {dict(stopped)}",
               file=sys.stderr)
+    if resizing is not None:
+        resizing.cancel()
     for channel in channels:
         await channel.close()
     return out
 
 
-def _at_start(port: int) -> tuple[dict[str, float], dict[str, int]]:
+def _worker_figures(port: int) -> tuple[dict[str, float], dict[str, int]]:
     """One worker's unlabelled figures (its memory limit, resident memory) and its three memory budgets."""
     scraped = metric_samples(port, {"facegate_memory_limit_bytes", "process_resident_memory_bytes",
                                     "facegate_budget_capacity"})
@@ -239,7 +253,9 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['date']}. One server (`--workers "
              f"{r.get('workers', 1)}`), {limits}, token auth; "
              f"{r['concurrency']} clients retrying at once, {r['duration_s']:.0f} s a phase. The memory limit "
-             f"({r.get('limit_from', 'Deployment')}): {limit}. Before the first phase: "
+             f"({r.get('limit_from', 'Deployment')}): {limit}"
+             + (f", set to {r['resize']['to_mib']:.0f} MiB {r['resize']['after_s']:.0f} s into the phases while the "
+                "server served (an in-place resize)" if r.get("resize") else "") + ". Before the first phase: "
              f"**{r['base_pss_mib']:.0f} MiB** (PSS of the server and the processes under it). The phases run in "
              "this order in one server, so a phase's peak includes what the allocator kept from those before it. "
              + " ".join(f"Worker {i}'s memory budgets: "
@@ -252,19 +268,27 @@ def markdown(r: dict[str, Any]) -> str:
              "`busy` and `memory`, a decoder the kernel killed, are RESOURCE_EXHAUSTED, `cpu` and `stalled` "
              "INVALID_ARGUMENT).", "", _group_line(r), "",
              "| sent | peak PSS | over the start | share of the limit | peak working set (its group), OOM kills | "
-             "processes | statuses | stopped by |",
-             "|---|---|---|---|---|---|---|---|"]
+             "processes | statuses | stopped by | worker 0's budgets at its end: pixels, request bytes, ModelInfer "
+             "bytes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in r["phases"]:
-        share = f"{p['peak_pss_mib'] / r['deployment_limit_mib']:.0%}" if r["deployment_limit"] else "-"
-        working = (f"{p['peak_working_set_mib']:.0f} MiB ({p['peak_working_set_mib'] / r['deployment_limit_mib']:.0%}"
+        held = p.get("limit_mib_at_end") or r["deployment_limit_mib"]  # (what the group was held to, resized or not)
+        share = f"{p['peak_pss_mib'] / held:.0%}" if r["deployment_limit"] else "-"
+        working = (f"{p['peak_working_set_mib']:.0f} MiB ({p['peak_working_set_mib'] / held:.0%}"
                    f"), {p['oom_kills']}") if "oom_kills" in p else "-"
         statuses = ", ".join(f"{k} {v}" for k, v in p["statuses"].items())
         stopped = ", ".join(f"{k} {v}" for k, v in p.get("stopped_by", {}).items()) or "-"
         lines.append(f"| {' + '.join(p['kinds'])} | {p['peak_pss_mib']:.0f} MiB | "
                      f"+{p['peak_pss_mib'] - r['base_pss_mib']:.0f} MiB | {share} | {working} | {p['processes']} | "
-                     f"{statuses} | "
-                     f"{stopped} |")
+                     f"{statuses} | {stopped} | {_budgets_text(p.get('budgets_at_end', {}))} |")
     return "\n".join(lines) + "\n"
+
+
+def _budgets_text(b: dict[str, int]) -> str:
+    if not b:
+        return "-"
+    return (f"{b.get('decoded_pixels', 0) / 1e6:.1f} MP, {b.get('request_bytes', 0) / 2**20:.0f} MiB, "
+            f"{b.get('infer_input_bytes', 0) / 2**20:.0f} MiB")
 
 
 def _group_line(r: dict[str, Any]) -> str:
@@ -288,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                    "a tighter one shows what happens at the limit (default: the Deployment's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a [server] setting for the server, as TOML (e.g. max_inflight_pixels=125000000; repeatable)")
+    p.add_argument("--resize-to", help="a memory limit to set on the server's group while it serves, as a Kubernetes "
+                   "in-place resize does (e.g. 2560Mi), --resize-after seconds into the phases")
+    p.add_argument("--resize-after", type=float, default=20.0)
     p.add_argument("--only", action="append", choices=KINDS, help="run only this kind's phase (repeatable; "
                    "default: each kind alone, then all at once)")
     a = p.parse_args(argv)
@@ -311,12 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         base = tree_pss(proc.pid)[0] / 2**20
         # Each worker's memory budgets (their settings, or lowered to fit the limit: each fits its own, from what
         # it holds when warm) and resident memory, warm: what server/memory_budgets.py's estimate starts from.
-        at_start = [_at_start(port) for port in ports]
+        at_start = [_worker_figures(port) for port in ports]
         reported = at_start[0][0]
         sampler = Sampler(proc.pid, group)
         try:
             phases = asyncio.run(run(address, token, m, sampler, a.concurrency, a.duration, ports, group,
-                                     [(k,) for k in a.only] if a.only else [(k,) for k in KINDS] + [KINDS]))
+                                     [(k,) for k in a.only] if a.only else [(k,) for k in KINDS] + [KINDS],
+                                     (a.resize_after, int(mebibytes(a.resize_to) * 2**20)) if a.resize_to else None))
         finally:
             sampler.stop()
         held = {"version": group.version, "limit_mib": (group.limit() or 0) / 2**20,
@@ -328,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                     0) / 2**20}
                                    for scraped, budgets in at_start],
               "limit_from": "--limit" if a.limit else "Deployment",
+              "resize": {"to_mib": mebibytes(a.resize_to), "after_s": a.resize_after} if a.resize_to else None,
               "deployment_limit_mib": mebibytes(limit) if limit else None, "memory_group": held, "phases": phases,
               "inputs_bytes": {k: len(v) if isinstance(v, bytes) else sum(map(len, v)) for k, v in m.items()}}
     write_report(a.out, "memory_limits", result, markdown)

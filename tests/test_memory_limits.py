@@ -67,4 +67,29 @@ def test_a_short_run_serves_or_refuses_every_largest_request(repository_dir: Pat
         # The server found the limit of the group it was started in, and nothing in it was killed for memory.
         assert group["limit_mib"] == group["reported_limit_mib"] == r["deployment_limit_mib"], group
         assert all(p["oom_kills"] == 0 and 0 < p["peak_working_set_mib"] < group["limit_mib"] for p in r["phases"])
+        assert {p["limit_mib_at_end"] for p in r["phases"]} == {group["limit_mib"]}
+    assert all(p["budgets_at_end"] == r["budgets"] for p in r["phases"])  # (the limit did not change)
     assert "| big_video |" in (tmp_path / "memory_limits.md").read_text()
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+def test_a_limit_lowered_while_it_serves_lowers_the_budgets(repository_dir: Path, samples: Path,
+                                                            tmp_path: Path) -> None:
+    """``--resize-to``: the group's limit lowered under the serving server, as an in-place resize does; the server
+    fits its budgets to it (server/memory_budgets.py) within its memory_limit_check_s, and the report shows both."""
+    if not SYNTH.is_dir():
+        pytest.fail(f"the synthetic clips are missing in {SYNTH} (make identify-models)")
+    assert memory_limits.main(["--repository", str(repository_dir), "--synthetic", str(SYNTH), "--images",
+                               *map(str, sorted(samples.glob("*.jpg"))), "--out", str(tmp_path), "--duration", "8",
+                               "--concurrency", "4", "--only", "normal", "--resize-to", "2560Mi",
+                               "--resize-after", "1", "--set", "memory_limit_check_s=0.5"]) == 0
+    r = json.loads((tmp_path / "memory_limits.json").read_text())
+    if r["memory_group"] is None:
+        pytest.skip("no memory control group this process may make (cgroup v1 or v2, as root)")
+    (phase,) = r["phases"]
+    assert phase["limit_mib_at_end"] == 2560 and r["resize"] == {"to_mib": 2560, "after_s": 1}
+    assert r["budgets"]["decoded_pixels"] == 250_000_000  # (as set under the Deployment's limit, at the start)
+    assert all(phase["budgets_at_end"][k] < v for k, v in r["budgets"].items()), (phase, r["budgets"])
+    assert phase["statuses"].get("normal OK", 0) > 0 and phase["oom_kills"] == 0
+    assert "set to 2560 MiB 1 s into the phases" in (tmp_path / "memory_limits.md").read_text()
