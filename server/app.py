@@ -30,6 +30,7 @@ from facegate.v1 import (
 )
 from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.admission import Budget, PerCaller, WaitGate
+from server.admission_reload import adjust as adjust_admission
 from server.audit import AuditLog
 from server.auth.callers import Authenticator
 from server.auth.deployment_rates import DeploymentRates, DeploymentShare, replica_id
@@ -129,7 +130,7 @@ class FacegateServer:
             config, self.auth.install, load, config_path, on_outcome=self._reloaded,
             audit=lambda why, outcome, reason: self.audit.record(rpc="ReloadCredentials", caller=f"operator ({why})",
                                                                  outcome=outcome, reason=reason),
-            adjust=lambda new: self.tracing.adjust(new.tracing) if self.tracing is not None else "")
+            adjust=self._adjust)
         self.metrics.credentials_loaded.set(self.reloader.loaded_at)
         self.metrics.gallery_templates.set_function(
             lambda: self.identification.gallery.templates() if self.identification is not None else 0)
@@ -253,6 +254,12 @@ class FacegateServer:
             for caller in set(self.rates.callers) - self._shares_shown:
                 self.metrics.rate_share.labels(caller).set_function(partial(self.rates.fraction, caller))
                 self._shares_shown.add(caller)
+
+    def _adjust(self, new: ServerConfig) -> str:
+        """What a reload applies beyond the credentials; says what changed, for its log line."""
+        parts = [("admission", adjust_admission(new, self.calls, self.gates, self.budget_fit)),
+                 ("tracing", self.tracing.adjust(new.tracing) if self.tracing is not None else "")]
+        return "; ".join(f"{name}: {changed}" for name, changed in parts if changed)
 
     def _reloaded(self, outcome: str) -> None:
         self.metrics.credential_reloads.labels(outcome).inc()

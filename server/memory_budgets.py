@@ -143,32 +143,37 @@ class BudgetFit:
     def _read_limit(self) -> int | None:
         return self._group.limit() if self._group is not None and self._enabled else None
 
-    def _apply(self, limit: int | None) -> Fit:
+    def _fit(self, limit: int | None, change: str = "") -> None:
+        """The budgets fitted to ``limit`` from the settings, and logged (after ``change``, what prompted it)."""
         fitted = fit(self.settings, self._floors, limit, self.held, self._workers)
         for budget, size in zip(self._budgets, astuple(fitted.budgets), strict=True):
             budget.capacity = size
         self.limit = limit
-        return fitted
+        line = describe(fitted, limit, self.held, self._workers, off=not self._enabled)
+        (log.warning if fitted.at_floor else log.info)("%s%s", f"{change}; " if change else "", line)
 
     def start(self, held: int | None = None) -> None:
-        """Once warm: what this process holds (``held``, where given), and the budgets fitted to the limit, logged."""
+        """Once warm: what this process holds (``held``, where given), and the budgets fitted to the limit."""
         self.held = resident_bytes() if held is None else held
-        fitted = self._apply(self._read_limit())
-        line = describe(fitted, self.limit, self.held, self._workers, off=not self._enabled)
-        (log.warning if fitted.at_floor else log.info)("%s", line)
+        self._fit(self._read_limit())
+
+    def resettle(self, settings: Budgets) -> bool:
+        """New settings (a reload's), fitted to the limit; False where they are the same."""
+        if settings == self.settings:
+            return False
+        self.settings = settings
+        self._fit(self._read_limit())
+        return True
 
     def follow(self) -> bool:
         """Fits the budgets again if the limit is not the one they were fitted to; True if it changed."""
         limit = self._read_limit()
         if limit == self.limit:
             return False
-        was = self.limit
-        fitted = self._apply(limit)
+        was = f"{self.limit / MIB:,.0f} MiB" if self.limit is not None else "none"
+        now = f"memory limit now {limit / MIB:,.0f} MiB" if limit is not None else "no memory limit now"
+        self._fit(limit, f"{now} (was {was})")
         self.refits += 1
-        change = (f"memory limit now {limit / MIB:,.0f} MiB" if limit is not None else "no memory limit now") + (
-            f" (was {was / MIB:,.0f} MiB)" if was is not None else " (was none)")
-        line = describe(fitted, limit, self.held, self._workers)
-        (log.warning if fitted.at_floor else log.info)("%s; %s", change, line)
         return True
 
     async def watch(self, every_s: float) -> None:

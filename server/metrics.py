@@ -87,12 +87,15 @@ class GateCollector(Collector):
         wait = GaugeMetricFamily("facegate_admission_expected_wait_seconds", "Expected time in the pipeline of a "
                                  "call arriving now (calls in flight over the measured completion rate; 0 before "
                                  "a rate is measured); over max_queue_wait_s new calls are shed", labels=["pipeline"])
+        most = GaugeMetricFamily("facegate_admission_max_wait_seconds", "The expected time over which new calls are "
+                                 "shed (max_queue_wait_s; a reload changes it)", labels=["pipeline"])
         shed = CounterMetricFamily("facegate_admission_shed", "Calls refused because they would have waited too "
                                    "long", labels=["pipeline"])
         for name, gate in self._gates.items():
             wait.add_metric([name], gate.expected_wait_s() or 0.0)
+            most.add_metric([name], gate.max_wait_s)
             shed.add_metric([name], gate.refused)
-        yield from (wait, shed)
+        yield from (wait, most, shed)
 
 
 class BudgetCollector(Collector):

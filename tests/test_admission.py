@@ -145,10 +145,10 @@ def test_call_costs_are_applied_by_a_credentials_reload(tmp_path: Path) -> None:
     from server.auth.reload import restart_needed
 
     (tmp_path / "a.toml").write_text("[auth.call_costs]\nIdentifyFromClip = 5\n")
-    (tmp_path / "b.toml").write_text("[server]\nmax_queue_wait_s = 0.25\n\n[auth.call_costs]\nIdentifyFromClip = 2\n")
+    (tmp_path / "b.toml").write_text("[server]\ncpu_workers = 3\n\n[auth.call_costs]\nIdentifyFromClip = 2\n")
     old, new = load_config(tmp_path / "a.toml"), load_config(tmp_path / "b.toml")
     assert new.auth.call_costs != old.auth.call_costs
-    assert restart_needed(old, new) == ["max_queue_wait_s"]
+    assert restart_needed(old, new) == ["cpu_workers"]
 
 
 def test_a_rates_retry_time_is_sent_as_it_is_and_an_estimate_bounded() -> None:

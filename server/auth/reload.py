@@ -7,9 +7,11 @@ certificate the same way, so a server that read its files only at start-up went 
 until it expired. A reload goes through the same loader and checks as a start, and is applied whole or not at
 all: on any error the credentials in force stay, and the error is logged, counted and audited (file names and the
 reason; never a token, a hash or a key). Whether TLS and mutual TLS are on is fixed at start-up (it decides how the
-port listens). A reload also applies the trace sampling (``[tracing] sample_ratio`` and ``stage_spans``, through
-``adjust``), so that every call can be traced through an incident and no longer after it; everything else the new
-settings change is reported as needing a restart.
+port listens). A reload also applies, through ``adjust``, the trace sampling (``[tracing] sample_ratio`` and
+``stage_spans``), so that every call can be traced through an incident and no longer after it, and the admission
+limits (server.admission_reload: calls in flight, the memory budgets, the wait before shedding); everything else
+the new settings change is reported as needing a restart. The settings in force after a reload (those of the start
+with what a reload applies) are checked as a whole, as a start's are.
 
 New TLS material reaches gRPC through its dynamic server credentials: gRPC asks for it at each new handshake, so
 connections already open keep their session and new ones get the new certificate.
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from server.admission_reload import RELOADED as _RELOADED_ADMISSION
 from server.auth.callers import AuthConfig, Authenticator
 from server.auth.certificates import TlsFilesError, Validity, validity
 from server.auth.chain import check_chain
@@ -42,7 +45,8 @@ log = logging.getLogger(__name__)
 # What a reload applies; every other setting takes effect at the next start.
 _RELOADED_AUTH = frozenset({"callers", "token_file", "token_file_caller", "token_file_scopes",
                             "token_file_max_in_flight", "client_ca", "call_costs"})
-_RELOADED_SERVER = frozenset({"auth", "tracing", "tls_cert", "tls_key", "tls_server_names", "tls_trust_roots"})
+_RELOADED_SERVER = frozenset({"auth", "tracing", "tls_cert", "tls_key", "tls_server_names", "tls_trust_roots",
+                              *_RELOADED_ADMISSION})
 _RELOADED_TRACING = frozenset({"sample_ratio", "stage_spans"})
 
 
@@ -200,6 +204,9 @@ class CredentialReloader:
             raise ValueError("turning TLS on or off needs a restart")
         if (old.auth.client_ca is None) != (new.auth.client_ca is None):
             raise ValueError("turning mutual TLS on or off needs a restart")
+        # What will be in force: the start's settings, with what a reload applies. Checked whole (a reload's
+        # max_inflight_calls against the start's max_concurrent_rpcs, say), as a start's are; raises ValueError.
+        replace(self._started, **{name: getattr(new, name) for name in _RELOADED_SERVER})
         authenticator = Authenticator(new.auth)
         tls = None
         if new.tls_cert is not None and new.tls_key is not None:
@@ -219,7 +226,7 @@ class CredentialReloader:
         self.loaded_at = time.time()
         log.info("credentials reloaded (%s): %d caller(s)%s%s%s", why, len(prepared.authenticator.caller_names),
                  "; TLS files read again" if prepared.tls is not None else "",
-                 f"; tracing: {adjusted}" if adjusted else "",
+                 f"; {adjusted}" if adjusted else "",
                  f"; these changed settings take effect at the next start: {', '.join(later)}" if later else "")
         self._on_outcome("applied")
         self._audit(why, "applied", "")
