@@ -129,7 +129,8 @@ class BudgetFit:
     running container: budgets fitted to the old limit would let the worst load past a lowered one, or leave a
     raised one unused). A refit starts from the settings and the resident memory measured when warm (what the
     process holds later includes the growth the estimate adds), so a limit put back gives back the same budgets.
-    Lowering a budget below what calls in flight hold refuses new calls until they finish; none is cut short."""
+    Lowering a budget below what calls in flight hold refuses new calls until they finish; none is cut short. A
+    limit that can no longer be read keeps the budgets fitted to the last one read."""
 
     def __init__(self, budgets: Sequence[Budget], floors: Budgets, group: MemoryGroup | None, enabled: bool,
                  workers: int) -> None:
@@ -139,6 +140,7 @@ class BudgetFit:
         self.held = 0
         self.limit: int | None = None
         self.refits = 0  # limit changes followed
+        self._unread = False  # the limit was known, and the last reading found none
 
     def _read_limit(self) -> int | None:
         return self._group.limit() if self._group is not None and self._enabled else None
@@ -168,11 +170,19 @@ class BudgetFit:
     def follow(self) -> bool:
         """Fits the budgets again if the limit is not the one they were fitted to; True if it changed."""
         limit = self._read_limit()
-        if limit == self.limit:
+        if limit is None and self.limit is not None:
+            # Not read (or taken away, which a resize does not do): the budgets stay fitted to the last limit read.
+            # Raising them on a file that could not be read would be the mistake that costs the server.
+            if not self._unread:
+                log.warning("memory limit not read (was %s MiB): the memory budgets stay fitted to it",
+                            f"{self.limit / MIB:,.0f}")
+            self._unread = True
+            return False
+        self._unread = False
+        if limit is None or limit == self.limit:
             return False
         was = f"{self.limit / MIB:,.0f} MiB" if self.limit is not None else "none"
-        now = f"memory limit now {limit / MIB:,.0f} MiB" if limit is not None else "no memory limit now"
-        self._fit(limit, f"{now} (was {was})")
+        self._fit(limit, f"memory limit now {limit / MIB:,.0f} MiB (was {was})")
         self.refits += 1
         return True
 

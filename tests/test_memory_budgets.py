@@ -133,13 +133,21 @@ def test_a_changed_limit_fits_the_budgets_again_from_their_settings(tmp_path: Pa
     assert fitter.follow() and _sizes(budgets) == lowered.budgets and lowered.scale < 1
     assert (f"memory limit now 2,560 MiB (was 4,096 MiB); memory budgets lowered to {lowered.scale:.2f} of "
             "their settings") in caplog.text
-    _group(tmp_path, UNLIMITED_V1)
+    _group(tmp_path, 4096 * MIB)
     assert fitter.follow() and _sizes(budgets) == SETTINGS
-    assert "no memory limit now (was 2,560 MiB); memory budgets as set (" in caplog.text
+    assert "memory limit now 4,096 MiB (was 2,560 MiB); memory budgets as set (" in caplog.text
     _group(tmp_path, 2560 * MIB)
     assert fitter.follow() and _sizes(budgets) == lowered.budgets
-    assert "memory limit now 2,560 MiB (was none)" in caplog.text
     assert fitter.refits == 3
+    # A limit that cannot be read (or no limit) after one was known: the budgets stay fitted to the last, said once.
+    for _ in range(2):
+        _group(tmp_path, UNLIMITED_V1)
+        assert not fitter.follow() and _sizes(budgets) == lowered.budgets
+    (tmp_path / "memory.limit_in_bytes").unlink()
+    assert not fitter.follow() and _sizes(budgets) == lowered.budgets
+    assert caplog.text.count("memory limit not read (was 2,560 MiB): the memory budgets stay fitted to it") == 1
+    _group(tmp_path, 2560 * MIB)
+    assert not fitter.follow() and fitter.refits == 3  # (the same limit again: nothing to do)
 
 
 def test_calls_in_flight_over_a_lowered_budget_finish_and_new_ones_wait_for_room(tmp_path: Path) -> None:
@@ -155,6 +163,17 @@ def test_calls_in_flight_over_a_lowered_budget_finish_and_new_ones_wait_for_room
     assert request_bytes.in_use == 0
     with request_bytes.hold(16 * MIB):  # (one largest request fits the lowered budget)
         pass
+
+
+def test_a_limit_set_where_there_was_none_is_followed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    group, budgets = _group(tmp_path, UNLIMITED_V1), _budgets()
+    fitter = BudgetFit(budgets, FLOORS, group, True, 1)
+    fitter.start(WARM)
+    assert fitter.limit is None and _sizes(budgets) == SETTINGS
+    caplog.set_level(logging.INFO, logger="server.memory_budgets")
+    _group(tmp_path, 2304 * MIB)
+    assert fitter.follow() and _sizes(budgets).pixels == FLOORS.pixels
+    assert "memory limit now 2,304 MiB (was none); memory budgets lowered to " in caplog.text
 
 
 def test_with_the_fit_off_a_changed_limit_changes_nothing(tmp_path: Path) -> None:
