@@ -186,6 +186,21 @@ def _many_files(data: bytes, limits: VideoLimits, spool_dir: str, placement: obj
         socket.send_fds(sock, [b"F"], [frames.fd] * 50)
 
 
+def _descriptors_back_to(count: int, within_s: float = 2.0) -> None:
+    """This process holds ``count`` descriptors again. Other threads of the test process (gRPC's, a server's from an
+    earlier test) open and close their own at any moment, and one was once open as this counted (CI, 90 for 89):
+    one let go within ``within_s`` is waited for; one kept fails, named."""
+    deadline = time.monotonic() + within_s
+    while len(fds := os.listdir("/proc/self/fd")) != count and time.monotonic() < deadline:  # (as ``count`` was)
+        gc.collect()
+        time.sleep(0.05)
+    held = []
+    for fd in fds:
+        with contextlib.suppress(OSError):  # (the listing's own, closed by now)
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert len(fds) == count, sorted(held)
+
+
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method")
 @pytest.mark.parametrize(("worker", "expected"), [
     (_half_a_message, "did not decode within 0.5 s"),
@@ -215,7 +230,7 @@ def test_a_hostile_worker_gets_no_further_than_a_refusal(worker, expected: str, 
     assert time.monotonic() - started < limits.timeout_s + 4.5
     assert not marker.exists()  # nothing it sent was unpickled
     gc.collect()
-    assert len(os.listdir("/proc/self/fd")) == fds  # nor any descriptor it sent kept
+    _descriptors_back_to(fds)  # nor any descriptor it sent kept
 
 
 def _writes_then_waits(data: bytes, limits: VideoLimits, spool_dir: str, placement: object, out: object,
@@ -511,5 +526,6 @@ def test_the_shared_files_go_with_their_frames(tmp_path: Path) -> None:
     assert mapped() == maps + 1  # the last decode's frames hold theirs
     del frames
     gc.collect()
-    assert (len(os.listdir("/proc/self/fd")), mapped()) == (fds, maps)
+    assert mapped() == maps
+    _descriptors_back_to(fds)
 
