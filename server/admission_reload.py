@@ -1,13 +1,13 @@
 """The admission limits a reload (SIGHUP, or the ``--config`` file changed) applies to a running server.
 
 Under an incident the first lever is admission: fewer calls in flight, a shorter wait before shedding, smaller
-memory budgets. A restart to change them cost the warm models (minutes on a CPU, while the replica serves nothing),
-so a reload applies them to the calls admitted from then on. Calls in flight keep what they hold: a budget lowered
-under what they hold refuses new calls until enough of them finish. With ``--workers``, each worker applies its own
-share of the memory budgets (``server.workers.memory_budget_share``), as at start, and fits them again to the
-memory limit (``server.memory_budgets``). The video decoders' threads stay as many as the start's pixel budget
-has room for (``ClipLimits.videos_at_once``): a pixel budget raised above it admits more videos than decode at once,
-and those wait for a thread, their pixels held.
+memory budgets. A restart to change them drains the calls in flight, closes every connection and serves nothing
+until the models are warm again, so a reload applies them to the calls admitted from then on. Calls in flight keep
+what they hold: a budget lowered under what they hold refuses new calls until enough of them finish. With
+``--workers``, each worker applies its own share of the memory budgets (``server.workers.memory_budget_share``), as
+at start, and fits them again to the memory limit (``server.memory_budgets``). The video decoders' threads stay as
+many as the start's pixel budget has room for (``ClipLimits.videos_at_once``): a pixel budget raised above it admits
+more videos than decode at once, and those wait for a thread, their pixels held.
 """
 
 from __future__ import annotations
