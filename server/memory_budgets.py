@@ -171,7 +171,7 @@ class BudgetFit:
         """Fits the budgets again if the limit is not the one they were fitted to; True if it changed."""
         limit = self._read_limit()
         if limit is None and self.limit is not None:
-            # Not read (or taken away, which a resize does not do): the budgets stay fitted to the last limit read.
+            # Not read, or taken away: the budgets stay fitted to the last limit read (the safe side of the two).
             # Raising them on a file that could not be read would be the mistake that costs the server.
             if not self._unread:
                 log.warning("memory limit not read (was %s MiB): the memory budgets stay fitted to it",
