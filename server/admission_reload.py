@@ -17,7 +17,7 @@ from dataclasses import astuple
 
 from server.admission import Budget, WaitGate
 from server.config import ServerConfig
-from server.memory_budgets import BudgetFit, Budgets
+from server.memory_budgets import SETTING_NAMES, BudgetFit, budget_settings
 
 RELOADED = frozenset({"max_inflight_calls", "max_inflight_request_bytes", "max_inflight_pixels",
                       "max_inflight_infer_bytes", "max_queue_wait_s", "admit_min_in_flight"})
@@ -37,10 +37,9 @@ def adjust(new: ServerConfig, calls: Budget, gates: Mapping[str, WaitGate], fit:
         changed.append(f"admit_min_in_flight {first.min_in_flight} -> {new.admit_min_in_flight}")
     for gate in gates.values():
         gate.max_wait_s, gate.min_in_flight = new.max_queue_wait_s, new.admit_min_in_flight
-    settings = Budgets(new.max_inflight_pixels, new.max_inflight_request_bytes, new.max_inflight_infer_bytes)
-    old = fit.settings
+    old, settings = fit.settings, budget_settings(new)
     if fit.resettle(settings):  # (fitted again to the limit, and logged, as at start)
-        names = ("max_inflight_pixels", "max_inflight_request_bytes", "max_inflight_infer_bytes")  # (Budgets' order)
-        changed += [f"{name} {was:,} -> {now:,}" for name, was, now in zip(names, astuple(old), astuple(settings),
-                                                                          strict=True) if was != now]
+        changed += [f"{name} {was:,} -> {now:,}" for name, was, now in zip(SETTING_NAMES, astuple(old),
+                                                                          astuple(settings), strict=True)
+                    if was != now]
     return ", ".join(changed)

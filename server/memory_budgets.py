@@ -91,6 +91,15 @@ def fit(settings: Budgets, floors: Budgets, limit: int | None, held: int, worker
     return Fit(scaled, scale, at_floor, peak(scaled))
 
 
+SETTING_NAMES = ("max_inflight_pixels", "max_inflight_request_bytes", "max_inflight_infer_bytes")
+"""The settings of the three budgets, in the order of Budgets' fields."""
+
+
+def budget_settings(config: ServerConfig) -> Budgets:
+    """The three budgets as ``config`` sets them."""
+    return Budgets(*(getattr(config, name) for name in SETTING_NAMES))
+
+
 def budget_floors(config: ServerConfig) -> Budgets:
     """The least each budget may be: what one largest request the limits accept needs."""
     return Budgets(config.clip_limits.max_request_pixels, config.max_message_bytes, config.max_message_bytes)

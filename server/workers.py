@@ -24,13 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import astuple, replace
 from pathlib import Path
 from types import FrameType
 
 from server.auth.deployment_rates import REPLICA_ENV, replica_id
 from server.config import ServerConfig
-from server.memory_budgets import budget_floors
+from server.memory_budgets import SETTING_NAMES, budget_floors, budget_settings
 from server.shared_admission import create_table
 
 WORKER_ENV = "FACEGATE_WORKER"
@@ -56,11 +56,8 @@ def memory_budget_share(config: ServerConfig) -> ServerConfig:
     2026-12-07: with two workers and load over several connections, the set reached the Deployment's 4 GiB limit
     and the kernel killed a video decoder (benchmarks/README.md, *Memory at the limits*)."""
     n = max(1, config.workers)
-    floors = budget_floors(config)
-    return replace(config,
-                   max_inflight_pixels=max(config.max_inflight_pixels // n, floors.pixels),
-                   max_inflight_request_bytes=max(config.max_inflight_request_bytes // n, floors.request_bytes),
-                   max_inflight_infer_bytes=max(config.max_inflight_infer_bytes // n, floors.infer_bytes))
+    pairs = zip(SETTING_NAMES, astuple(budget_settings(config)), astuple(budget_floors(config)), strict=True)
+    return replace(config, **{name: max(value // n, floor) for name, value, floor in pairs})
 
 
 def for_worker(config: ServerConfig, index: int) -> ServerConfig:
