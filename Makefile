@@ -12,6 +12,8 @@ export FACEGATE_WEIGHTS_DIR
 HOST ?= 127.0.0.1
 PORT ?= 50051
 SERVE_ARGS ?=
+# make bench-memory BENCH_MEMORY_ARGS="--limit 2560Mi --resize-to 2304Mi --workers 2" (python -m benchmarks.memory_limits -h)
+BENCH_MEMORY_ARGS ?=
 PROTOS := $(shell find proto -name '*.proto')
 
 # Identification: no SlowFast weights or micro-expression data exist here, so the CPU ensemble is trained on
@@ -251,7 +253,7 @@ bench-soak: models identify-models
 # memory limit (about 3 minutes).
 bench-memory: models identify-models
 	$(PY) -m benchmarks.memory_limits --repository $(REPOSITORY) --synthetic $(SYNTH_DIR)/CASME2_RAW \
-		--out benchmarks/results
+		--out benchmarks/results $(BENCH_MEMORY_ARGS)
 
 # TensorRT for RTX (PyPI wheels, about 90 MB): its builder needs no GPU, so CI builds real engines with it.
 $(VENV)/.tensorrt-rtx: $(VENV)/.deps
