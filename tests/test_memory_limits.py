@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks import memory_limits
+from tests.conftest import ROOT
 from tests.test_server_auth import SYNTH
 
 
@@ -80,10 +83,14 @@ def test_a_limit_lowered_while_it_serves_lowers_the_budgets(repository_dir: Path
     fits its budgets to it (server/memory_budgets.py) within its memory_limit_check_s, and the report shows both."""
     if not SYNTH.is_dir():
         pytest.fail(f"the synthetic clips are missing in {SYNTH} (make identify-models)")
-    assert memory_limits.main(["--repository", str(repository_dir), "--synthetic", str(SYNTH), "--images",
-                               *map(str, sorted(samples.glob("*.jpg"))), "--out", str(tmp_path), "--duration", "8",
-                               "--concurrency", "4", "--only", "normal", "--resize-to", "2560Mi",
-                               "--resize-after", "1", "--set", "memory_limit_check_s=0.5"]) == 0
+    # (In a process of its own. Run in this one, as a second in-process run of gRPC's asyncio client, it came with
+    # tests/test_video_worker.py's descriptor count finding one more in 2 of 4 CI runs; the cause was not found.)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.memory_limits", "--repository", str(repository_dir),
+                          "--synthetic", str(SYNTH), "--images", *map(str, sorted(samples.glob("*.jpg"))), "--out",
+                          str(tmp_path), "--duration", "8", "--concurrency", "4", "--only", "normal", "--resize-to",
+                          "2560Mi", "--resize-after", "1", "--set", "memory_limit_check_s=0.5"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
     r = json.loads((tmp_path / "memory_limits.json").read_text())
     if r["memory_group"] is None:
         pytest.skip("no memory control group this process may make (cgroup v1 or v2, as root)")
